@@ -1,0 +1,101 @@
+"""Trace-time validation at the public boundary: errors name the shapes and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def fmt(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def as_array(name: str, x) -> jax.Array:
+    try:
+        return jnp.asarray(x)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+
+
+def check_float(name: str, x: jax.Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, t) for a, t in zip(shape[::-1], target[::-1], strict=False))
+
+
+def check_broadcast(name: str, x: jax.Array, target: Sequence[int], letters: str) -> None:
+    if not broadcasts_to(x.shape, target):
+        raise ValueError(
+            f"{name} of shape {fmt(x.shape)} does not broadcast to {letters} = {fmt(target)}"
+        )
+
+
+def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array, *, same_head_dim: bool):
+    """Checks ``query [..., T, N, H]``, ``key [..., S, K, H']``, ``value [..., S, K, Hv]``."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim < 3:
+            letters = "[..., T, N, H]" if name == "query" else "[..., S, K, H]"
+            raise ValueError(f"{name} must have shape {letters} (rank >= 3), got {fmt(x.shape)}")
+        check_float(name, x)
+    if not (query.ndim == key.ndim == value.ndim):
+        raise ValueError(
+            "query, key and value must have the same rank, got query "
+            f"{fmt(query.shape)}, key {fmt(key.shape)}, value {fmt(value.shape)}"
+        )
+    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        raise ValueError(
+            "query, key and value batch dimensions differ: query "
+            f"{fmt(query.shape)}, key {fmt(key.shape)}, value {fmt(value.shape)}"
+        )
+    if key.shape[-3] != value.shape[-3]:
+        raise ValueError(
+            f"key and value lengths differ: key {fmt(key.shape)}, value {fmt(value.shape)}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value head counts differ: key {fmt(key.shape)}, value {fmt(value.shape)}"
+        )
+    n, k = query.shape[-2], key.shape[-2]
+    if k == 0 or n % k != 0:
+        raise ValueError(
+            f"the number of query heads N={n} must be a multiple of the number of key/value "
+            f"heads K={k}: query {fmt(query.shape)}, key {fmt(key.shape)}"
+        )
+    if same_head_dim and query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            "query and key head dims differ: query "
+            f"{fmt(query.shape)}, key {fmt(key.shape)} (the last axis H must match)"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            f"query, key and value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+
+
+def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array | None:
+    if x is None:
+        return None
+    x = as_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    if not broadcasts_to(x.shape, batch_shape) or (x.ndim == 1 and not batch_shape):
+        raise ValueError(
+            f"{name} of shape {fmt(x.shape)} must have the batch shape of query "
+            f"{fmt(batch_shape)} (one length per example)"
+        )
+    return x
+
+
+def check_dropout(rate, rng) -> float:
+    if not isinstance(rate, int | float) or not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"dropout_rate must be a float in [0, 1), got {rate!r}")
+    if rate > 0.0 and rng is None:
+        raise ValueError(f"dropout_rate={rate} needs a dropout_rng (a PRNG key)")
+    return float(rate)

@@ -1,0 +1,358 @@
+"""Batched multi-head attention: the single-head math, vmapped over groups, heads and batch.
+
+Shape letters (as in ``jax.nn``): B batch (any number of leading dims), T query
+length, S key/value length, N query heads, K key/value heads, G = N // K groups,
+H query/key head dim, Hv value head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jattn.functional import _checks
+from jattn.functional.masks import _as_window, causal_mask, sliding_window_mask
+from jattn.functional.pooling import attention_pooling
+from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
+from jattn.functional.softmax import FullyMasked, check_fully_masked, masked_softmax_with_lse
+
+__all__ = ["attention", "dot_product_attention", "single_head_attention"]
+
+DENSE_IMPLEMENTATIONS = (None, "dense", "xla")
+
+
+def single_head_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    score_fn: ScoreFn = scaled_dot_product_scores,
+    score_params: Any = None,
+    fully_masked: FullyMasked = "zeros",
+    dropout_keep: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One head: ``softmax(score_fn(q, k) + bias, mask) @ v``.
+
+    Args:
+      query: ``[T, H]``.
+      key: ``[S, H']``.
+      value: ``[S, Hv]``.
+      bias: optional, broadcasts to ``[T, S]`` (same rank).
+      mask: optional boolean, broadcasts to ``[T, S]`` (True = attend).
+      score_fn: ``(query, key, params) -> [T, S]``.
+      score_params: the ``params`` passed to ``score_fn``.
+      fully_masked: ``'zeros'`` or ``'uniform'`` weights for a row with no key.
+      dropout_keep: optional boolean ``[T, S]``; dropped weights are zeroed and the
+        kept ones scaled by ``1 / (1 - dropout_rate)``.
+      dropout_rate: the rate that produced ``dropout_keep``.
+
+    Returns:
+      ``(output [T, Hv], weights [T, S] float32, lse [T] float32)``. The weights are
+      the softmax before dropout.
+    """
+    t, s = query.shape[0], key.shape[0]
+    logits = score_fn(query, key, score_params)  # [T, S]
+    if logits.shape != (t, s):
+        raise ValueError(
+            f"score_fn returned logits of shape {_checks.fmt(logits.shape)}, "
+            f"expected [T, S] = [{t}, {s}]"
+        )
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    weights, lse = masked_softmax_with_lse(logits, mask, fully_masked=fully_masked)
+    probs = weights
+    if dropout_keep is not None:
+        probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
+    out = attention_pooling(probs.astype(value.dtype), value)
+    return out, weights, lse
+
+
+def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+    return x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape) :])
+
+
+def _grouped(x, name, batch_shape, n, k, t, s):
+    """Brings a bias or mask that broadcasts to ``[..., N, T, S]`` to a compact grouped form.
+
+    Returns ``(array, batch_axis, head_axis)``: the array is ``[B?, (K, G)?, T|1, S|1]``
+    where the batch and head dims are present only when the input had them.
+    """
+    if x is None:
+        return None, False, False
+    nb = len(batch_shape)
+    x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
+    has_batch = any(d != 1 for d in x.shape[:nb])
+    has_heads = x.shape[nb] != 1
+    if has_batch:
+        x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
+        x = _flatten_batch(x, batch_shape)  # [B, N|1, T|1, S|1]
+    else:
+        x = x.reshape(x.shape[nb:])  # [N|1, T|1, S|1]
+    lead = x.shape[:-3]
+    if has_heads:
+        x = x.reshape(lead + (k, n // k) + x.shape[-2:])
+    else:
+        x = x.reshape(lead + x.shape[-2:])
+    return x, has_batch, has_heads
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    score_fn: ScoreFn = scaled_dot_product_scores,
+    score_params: Any = None,
+    per_head_params: bool = False,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    fully_masked: FullyMasked = "zeros",
+    return_weights: bool = False,
+    return_residual: bool = False,
+):
+    """Multi-head attention with any score function.
+
+    The single-head math (:func:`single_head_attention`) is vmapped over the G
+    query heads that share a key/value head, over the K key/value heads and over
+    the batch, so grouped-query (``K < N``) and multi-query (``K == 1``) attention
+    need no copies of keys and values.
+
+    Args:
+      query: ``[..., T, N, H]`` (any number of leading batch dims, or none).
+      key: ``[..., S, K, H']``; H' may differ from H when ``score_fn`` allows it.
+      value: ``[..., S, K, Hv]``; Hv may differ from H.
+      bias: optional float array added to the logits; broadcasts to ``[..., N, T, S]``.
+      mask: optional boolean array (True = attend); broadcasts to ``[..., N, T, S]``.
+      score_fn: single-head score ``(query [T, H], key [S, H'], params) -> [T, S]``.
+      score_params: pytree passed to ``score_fn``; shared by every head, unless
+        ``per_head_params`` is True, in which case every leaf has a leading axis N.
+      per_head_params: see ``score_params``.
+      is_causal: top-left aligned causal mask (query i sees keys j <= i).
+      query_seq_lengths: optional int ``[...]`` (batch shape); queries at or past
+        the length get zero output.
+      key_value_seq_lengths: optional int ``[...]``; keys at or past it are masked.
+      local_window_size: ``w`` or ``(left, right)``: query i sees keys
+        ``i - left <= j <= i + right``.
+      dropout_rate: dropout on the attention weights (needs ``dropout_rng``).
+      dropout_rng: PRNG key for dropout.
+      fully_masked: weights of a query with no visible key: ``'zeros'`` (default,
+        output 0, as PyTorch SDPA) or ``'uniform'`` (as ``jax.nn.dot_product_attention``).
+      return_weights: also return the float32 softmax weights ``[..., N, T, S]``
+        (before dropout). Asking for them does not change the output.
+      return_residual: also return the float32 log-sum-exp ``[..., T, N]`` of the
+        masked logits.
+
+    Returns:
+      ``output [..., T, N, Hv]`` in the value dtype, or a tuple
+      ``(output, weights?, residual?)`` with the requested extras in that order.
+    """
+    query = _checks.as_array("query", query)
+    key = _checks.as_array("key", key)
+    value = _checks.as_array("value", value)
+    _checks.check_qkv(query, key, value, same_head_dim=False)
+    check_fully_masked(fully_masked)
+    dropout_rate = _checks.check_dropout(dropout_rate, dropout_rng)
+    if local_window_size is not None:
+        local_window_size = _as_window(local_window_size)
+
+    batch_shape = tuple(query.shape[:-3])
+    t, n, _ = query.shape[-3:]
+    s, k, _ = key.shape[-3:]
+    g = n // k
+    target = batch_shape + (n, t, s)
+    letters = "[..., N, T, S]"
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(
+                f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
+                "pass additive float masks as bias"
+            )
+        _checks.check_broadcast("mask", mask, target, letters)
+    if bias is not None:
+        bias = _checks.as_array("bias", bias)
+        _checks.check_float("bias", bias)
+        _checks.check_broadcast("bias", bias, target, letters)
+    q_len = _checks.check_seq_lengths("query_seq_lengths", query_seq_lengths, batch_shape)
+    kv_len = _checks.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch_shape)
+    if per_head_params:
+        for leaf in jax.tree.leaves(score_params):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
+                raise ValueError(
+                    f"per_head_params=True needs every score_params leaf to have a leading "
+                    f"axis N={n}, got a leaf of shape {_checks.fmt(jnp.shape(leaf))}"
+                )
+
+    nb = math.prod(batch_shape)
+    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, query.shape[-1])  # [B,T,K,G,H]
+    kk = _flatten_batch(key, batch_shape)  # [B, S, K, H']
+    v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
+    bias_g, bias_b, bias_h = _grouped(bias, "bias", batch_shape, n, k, t, s)
+    mask_g, mask_b, mask_h = _grouped(mask, "mask", batch_shape, n, k, t, s)
+    lens = []
+    for length in (q_len, kv_len):
+        if length is not None:
+            length = _flatten_batch(jnp.broadcast_to(length, batch_shape), batch_shape)
+            length = length.astype(jnp.int32)
+        lens.append(length)
+    q_len, kv_len = lens
+    keep = None
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
+    params = score_params
+    if per_head_params:
+        params = jax.tree.map(lambda p: p.reshape((k, g) + p.shape[1:]), score_params)
+
+    head = functools.partial(
+        single_head_attention,
+        score_fn=score_fn,
+        fully_masked=fully_masked,
+        dropout_rate=dropout_rate,
+    )
+
+    def one_head(q1, k1, v1, b1, m1, keep1, p1, structural):
+        m1 = structural if m1 is None else (m1 if structural is None else m1 & structural)
+        return head(q1, k1, v1, b1, m1, score_params=p1, dropout_keep=keep1)
+
+    hp = 0 if per_head_params else None
+    # Over the G query heads of one key/value head: q [T, G, H].
+    over_g = jax.vmap(
+        one_head,
+        in_axes=(1, None, None, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
+        out_axes=(1, 0, 1),
+    )
+    # Over the K key/value heads: q [T, K, G, H], k [S, K, H'], v [S, K, Hv].
+    over_k = jax.vmap(
+        over_g,
+        in_axes=(1, 1, 1, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
+        out_axes=(1, 0, 1),
+    )
+
+    def one_example(q1, k1, v1, b1, m1, keep1, ql, kvl):
+        structural = None
+        if is_causal:
+            structural = causal_mask(t, s)
+        if local_window_size is not None:
+            w = sliding_window_mask(t, s, local_window_size)
+            structural = w if structural is None else structural & w
+        if ql is not None or kvl is not None:
+            qm = jnp.ones((t, 1), bool) if ql is None else (jnp.arange(t) < ql)[:, None]
+            km = jnp.ones((1, s), bool) if kvl is None else (jnp.arange(s) < kvl)[None, :]
+            pad = qm & km
+            structural = pad if structural is None else structural & pad
+        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, structural)
+        if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
+            out = jnp.where((jnp.arange(t) < ql)[:, None, None, None], out, 0)
+        return out, w, lse
+
+    over_b = jax.vmap(
+        one_example,
+        in_axes=(
+            0,
+            0,
+            0,
+            0 if bias_b else None,
+            0 if mask_b else None,
+            0,
+            None if q_len is None else 0,
+            None if kv_len is None else 0,
+        ),
+    )
+    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, kv_len)
+    # out [B, T, K, G, Hv], weights [B, K, G, T, S], lse [B, T, K, G]
+    out = out.reshape(batch_shape + (t, n, value.shape[-1]))
+    extras = []
+    if return_weights:
+        extras.append(weights.reshape(batch_shape + (n, t, s)))
+    if return_residual:
+        extras.append(lse.reshape(batch_shape + (t, n)))
+    return (out, *extras) if extras else out
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    fully_masked: FullyMasked = "zeros",
+    return_weights: bool = False,
+    return_residual: bool = False,
+):
+    """Scaled dot-product attention, a drop-in replacement for ``jax.nn.dot_product_attention``.
+
+    ``softmax(q k^T * scale + bias, mask) v`` per head, with the argument names,
+    ``[B, T, N, H]`` layout and semantics of ``jax.nn.dot_product_attention``, plus:
+    a value head dim that may differ from H, dropout, a choice of result for
+    fully masked rows (zeros by default, where jax.nn gives uniform weights), any
+    number of leading batch dims, and the attention weights on request.
+
+    Args:
+      query: ``[..., T, N, H]``.
+      key: ``[..., S, K, H]``; N must be a multiple of K (GQA/MQA).
+      value: ``[..., S, K, Hv]``.
+      bias, mask, is_causal, query_seq_lengths, key_value_seq_lengths,
+      local_window_size, dropout_rate, dropout_rng, fully_masked,
+      return_weights, return_residual: see :func:`attention`.
+      scale: logit scale; ``None`` means ``1 / sqrt(H)``.
+      implementation: ``None`` (the fastest correct path), ``'dense'`` (alias
+        ``'xla'``): the materialised ``[B, N, T, S]`` path.
+
+    Returns:
+      ``output [..., T, N, Hv]``, or ``(output, weights?, residual?)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q = k = v = jnp.ones((2, 5, 4, 8))
+    >>> dot_product_attention(q, k, v, is_causal=True).shape
+    (2, 5, 4, 8)
+    """
+    query = _checks.as_array("query", query)
+    key = _checks.as_array("key", key)
+    value = _checks.as_array("value", value)
+    _checks.check_qkv(query, key, value, same_head_dim=True)
+    if scale is not None and not isinstance(scale, int | float):
+        raise TypeError(f"scale must be a Python number or None, got {type(scale).__name__}")
+    if implementation not in DENSE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; expected one of {DENSE_IMPLEMENTATIONS}"
+        )
+    return attention(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        score_fn=functools.partial(scaled_dot_product_scores, scale=scale),
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        fully_masked=fully_masked,
+        return_weights=return_weights,
+        return_residual=return_residual,
+    )

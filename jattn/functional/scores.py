@@ -1,0 +1,165 @@
+"""Compatibility (score) functions between one head's queries and keys.
+
+Every score function has the same signature, so any of them plugs into
+:func:`jattn.attention` or a layer::
+
+    score_fn(query: [T, H], key: [S, H'], params) -> logits: [T, S]  (float32)
+
+``params`` is a pytree of parameters (``None`` for the parameter-free scores).
+Options such as ``scale`` are keyword-only and bound with ``functools.partial``.
+Logits are accumulated and returned in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ScoreFn",
+    "AdditiveParams",
+    "MLPParams",
+    "dot_product_scores",
+    "scaled_dot_product_scores",
+    "additive_scores",
+    "bilinear_scores",
+    "mlp_scores",
+]
+
+ScoreFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def _f32_dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def dot_product_scores(query: jax.Array, key: jax.Array, params: None = None) -> jax.Array:
+    """Plain dot product ``q . k``.
+
+    Args:
+      query: ``[T, H]``.
+      key: ``[S, H]``.
+      params: unused (``None``).
+
+    Returns:
+      ``[T, S]`` float32 logits.
+    """
+    del params
+    return _f32_dot(query, key, "th,sh->ts")
+
+
+def scaled_dot_product_scores(
+    query: jax.Array, key: jax.Array, params: None = None, *, scale: float | None = None
+) -> jax.Array:
+    """Scaled dot product ``q . k * scale`` (Vaswani et al.).
+
+    Args:
+      query: ``[T, H]``.
+      key: ``[S, H]``.
+      params: unused (``None``).
+      scale: multiplies the dot product; ``None`` means ``1 / sqrt(H)``.
+
+    Returns:
+      ``[T, S]`` float32 logits.
+    """
+    del params
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return _f32_dot(query, key, "th,sh->ts") * jnp.float32(scale)
+
+
+class AdditiveParams(NamedTuple):
+    """Parameters of the additive (Bahdanau) score ``w_v^T tanh(W_q q + W_k k)``.
+
+    Attributes:
+      w_query: ``[H, A]`` projects queries to the hidden size A.
+      w_key: ``[H', A]`` projects keys; H' may differ from H.
+      w_value: ``[A]`` reduces the hidden tanh activation to a scalar score.
+    """
+
+    w_query: jax.Array
+    w_key: jax.Array
+    w_value: jax.Array
+
+
+def additive_scores(query: jax.Array, key: jax.Array, params: AdditiveParams) -> jax.Array:
+    """Additive attention (Bahdanau et al. 2015): ``w_v^T tanh(W_q q + W_k k)``.
+
+    Works when the query and key sizes differ. Memory is ``O(T * S * A)``.
+
+    Args:
+      query: ``[T, H]``.
+      key: ``[S, H']``.
+      params: :class:`AdditiveParams`.
+
+    Returns:
+      ``[T, S]`` float32 logits.
+    """
+    q = _f32_dot(query, params.w_query, "th,ha->ta")  # [T, A]
+    k = _f32_dot(key, params.w_key, "sh,ha->sa")  # [S, A]
+    hidden = jnp.tanh(q[:, None, :] + k[None, :, :])  # [T, S, A]
+    return jnp.einsum("tsa,a->ts", hidden, params.w_value.astype(jnp.float32))
+
+
+def bilinear_scores(query: jax.Array, key: jax.Array, params: jax.Array) -> jax.Array:
+    """General / bilinear score (Luong et al. 2015): ``q^T W k``.
+
+    Args:
+      query: ``[T, H]``.
+      key: ``[S, H']``.
+      params: ``W`` of shape ``[H, H']``.
+
+    Returns:
+      ``[T, S]`` float32 logits.
+    """
+    qw = _f32_dot(query, params, "th,hk->tk")  # [T, H']
+    return _f32_dot(qw, key.astype(jnp.float32), "tk,sk->ts")
+
+
+class MLPParams(NamedTuple):
+    """Parameters of the higher-order MLP score over ``[q, k, q * k]`` features.
+
+    Attributes:
+      w_query: ``[H, A]``.
+      w_key: ``[H, A]``.
+      w_product: ``[H, A]``, applied to the elementwise product ``q * k``
+        (this term makes the score a nonlinear function of bilinear features).
+      bias: ``[A]``.
+      w_out: ``[A]``.
+    """
+
+    w_query: jax.Array
+    w_key: jax.Array
+    w_product: jax.Array
+    bias: jax.Array
+    w_out: jax.Array
+
+
+def mlp_scores(query: jax.Array, key: jax.Array, params: MLPParams) -> jax.Array:
+    """Higher-order score: a one-hidden-layer GELU network of ``q``, ``k`` and ``q * k``.
+
+    ``score(q, k) = w_out^T gelu(W_q q + W_k k + W_p (q * k) + b)``. It generalises
+    the additive score (``W_p = 0``) and can represent bilinear interactions.
+    Memory is ``O(T * S * max(A, H))``.
+
+    Args:
+      query: ``[T, H]``.
+      key: ``[S, H]``.
+      params: :class:`MLPParams`.
+
+    Returns:
+      ``[T, S]`` float32 logits.
+    """
+    q32 = query.astype(jnp.float32)
+    k32 = key.astype(jnp.float32)
+    q = _f32_dot(q32, params.w_query, "th,ha->ta")  # [T, A]
+    k = _f32_dot(k32, params.w_key, "sh,ha->sa")  # [S, A]
+    prod = q32[:, None, :] * k32[None, :, :]  # [T, S, H]
+    p = _f32_dot(prod, params.w_product, "tsh,ha->tsa")  # [T, S, A]
+    bias = params.bias.astype(jnp.float32)[None, None, :]  # [1, 1, A]
+    hidden = jax.nn.gelu(q[:, None, :] + k[None, :, :] + p + bias)
+    return jnp.einsum("tsa,a->ts", hidden, params.w_out.astype(jnp.float32))

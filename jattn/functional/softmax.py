@@ -1,0 +1,78 @@
+"""Masked softmax in float32 with a finite fill and a documented fully-masked-row result."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["FullyMasked", "MASK_FILL", "masked_softmax", "masked_softmax_with_lse"]
+
+FullyMasked = Literal["zeros", "uniform"]
+
+#: Finite logit given to masked entries (the same value jax.nn uses for float32).
+MASK_FILL = float(-0.7 * np.finfo(np.float32).max)
+
+_POLICIES = ("zeros", "uniform")
+
+
+def check_fully_masked(fully_masked: str) -> None:
+    if fully_masked not in _POLICIES:
+        raise ValueError(f"fully_masked must be one of {_POLICIES}, got {fully_masked!r}")
+
+
+def masked_softmax_with_lse(
+    logits: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    fully_masked: FullyMasked = "zeros",
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the last axis, in float32, and the log-sum-exp of the masked logits.
+
+    Args:
+      logits: ``[..., S]``, any float dtype; computed in float32.
+      mask: optional boolean array that broadcasts to ``logits`` (True = attend).
+      fully_masked: result for a row whose keys are all masked: ``'zeros'``
+        (default; as PyTorch's ``scaled_dot_product_attention`` and
+        ``jax.nn.softmax(where=...)``) or ``'uniform'`` (``1 / S`` everywhere, as
+        ``jax.nn.dot_product_attention``).
+
+    Returns:
+      ``(weights, lse)``: float32 weights ``[..., S]`` and float32 ``lse``
+      ``[...]``, the log-sum-exp of the logits after masked entries were set to
+      :data:`MASK_FILL` (the residual of ``jax.nn.dot_product_attention``).
+      Entries with ``-inf`` logits get weight 0; a row of only ``-inf`` logits
+      gets zeros. No NaN or inf reaches the weights or their gradients.
+    """
+    check_fully_masked(fully_masked)
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), logits.shape)
+        logits = jnp.where(mask, logits, jnp.float32(MASK_FILL))
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
+    unnormalized = jnp.exp(logits - row_max)
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    safe_denom = jnp.where(denom > 0, denom, jnp.float32(1.0))
+    weights = unnormalized / safe_denom
+    if mask is not None and fully_masked == "zeros":
+        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, jnp.float32(0.0))
+    lse = (row_max + jnp.log(safe_denom))[..., 0]
+    return weights, lse
+
+
+def masked_softmax(
+    logits: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    fully_masked: FullyMasked = "zeros",
+) -> jax.Array:
+    """Float32 masked softmax over the last axis; see :func:`masked_softmax_with_lse`.
+
+    >>> import jax.numpy as jnp
+    >>> masked_softmax(jnp.array([[0.0, 0.0, 5.0]]), jnp.array([[True, True, False]]))
+    Array([[0.5, 0.5, 0. ]], dtype=float32)
+    """
+    return masked_softmax_with_lse(logits, mask, fully_masked=fully_masked)[0]

@@ -1,0 +1,218 @@
+"""Multi-head attention as a thin NNX layer: project, call one pure function, project back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.functional.attention import attention, dot_product_attention
+from jattn.layers.scores import Score
+
+__all__ = ["MultiHeadAttention"]
+
+_DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
+_DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention (self, cross and multi-modal) over :mod:`jattn.functional`.
+
+    Parameters have the layout of ``flax.nnx.MultiHeadAttention``: ``query``,
+    ``key``, ``value`` are ``nnx.LinearGeneral`` with kernels ``[D, N|K, H]`` and
+    ``out`` has kernel ``[N, Hv, D_out]``, so weights copy across one to one.
+
+    Args:
+      num_heads: N, the number of query heads.
+      in_features: D, the width of the query input.
+      qkv_features: N * H, the total query/key width (default ``in_features``).
+      out_features: width of the output (default ``in_features``).
+      num_kv_heads: K (default N); N must be a multiple of K (GQA, or MQA with K=1).
+      in_kv_features: width of the key input (and of the value input unless
+        ``in_value_features`` is given); default ``in_features``.
+      in_value_features: width of the value input, for multi-modal attention.
+      v_head_dim: Hv, the value head dim (default H).
+      dropout_rate: dropout on the attention weights.
+      use_bias: biases in the four projections.
+      dtype: computation dtype of the projections (default: inferred from inputs).
+      param_dtype: dtype of the parameters.
+      score: a :class:`jattn.layers.Score` module (additive, bilinear, MLP) or
+        ``None`` for scaled dot product.
+      attention_fn: the pure attention function; default
+        :func:`jattn.dot_product_attention` (or :func:`jattn.attention` with a
+        ``score``). It is called as ``attention_fn(q, k, v, bias, mask, *,
+        dropout_rate, dropout_rng, return_weights, is_causal[, score_fn,
+        score_params, per_head_params])``.
+      rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` when
+        ``dropout_rate > 0``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        in_value_features: int | None = None,
+        v_head_dim: int | None = None,
+        dropout_rate: float = 0.0,
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        kernel_init=_DEFAULT_KERNEL_INIT,
+        out_kernel_init=None,
+        bias_init=_DEFAULT_BIAS_INIT,
+        score: Score | None = None,
+        attention_fn: Callable | None = None,
+        rngs: nnx.Rngs,
+    ):
+        num_heads = _positive_int("num_heads", num_heads)
+        in_features = _positive_int("in_features", in_features)
+        qkv_features = _positive_int("qkv_features", qkv_features or in_features)
+        out_features = _positive_int("out_features", out_features or in_features)
+        num_kv_heads = _positive_int("num_kv_heads", num_kv_heads or num_heads)
+        in_kv_features = _positive_int("in_kv_features", in_kv_features or in_features)
+        in_value_features = _positive_int("in_value_features", in_value_features or in_kv_features)
+        if qkv_features % num_heads:
+            raise ValueError(
+                f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}"
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+        head_dim = qkv_features // num_heads
+        v_head_dim = _positive_int("v_head_dim", v_head_dim or head_dim)
+
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.v_head_dim = v_head_dim
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dropout_rate = dropout_rate
+        self.score = score
+        self.attention_fn = attention_fn
+
+        def proj(din, heads, dim):
+            return nnx.LinearGeneral(
+                din,
+                (heads, dim),
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=kernel_init,
+                bias_init=bias_init,
+                rngs=rngs,
+            )
+
+        self.query = proj(in_features, num_heads, head_dim)
+        self.key = proj(in_kv_features, num_kv_heads, head_dim)
+        self.value = proj(in_value_features, num_kv_heads, v_head_dim)
+        self.out = nnx.LinearGeneral(
+            (num_heads, v_head_dim),
+            out_features,
+            axis=(-2, -1),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=out_kernel_init or kernel_init,
+            bias_init=bias_init,
+            rngs=rngs,
+        )
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else nnx.data(None)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        is_causal: bool = False,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        return_weights: bool = False,
+        sow_weights: bool = False,
+    ):
+        """Attends from ``inputs_q`` to ``inputs_k``/``inputs_v``.
+
+        Args:
+          inputs_q: ``[..., T, D]``.
+          inputs_k: ``[..., S, Dk]``; defaults to ``inputs_q`` (self-attention).
+          inputs_v: ``[..., S, Dv]``; defaults to ``inputs_k``.
+          mask: boolean, True = attend, broadcasts to ``[..., N, T, S]``.
+          bias: additive float bias, broadcasts to ``[..., N, T, S]``.
+          is_causal: causal self-attention mask.
+          deterministic: disables dropout when True (the default).
+          rngs: dropout randomness for this call (default: the layer's own stream).
+          return_weights: also return the float32 weights ``[..., N, T, S]``.
+          sow_weights: store the weights as ``nnx.Intermediate`` ``attention_weights``.
+
+        Returns:
+          ``[..., T, out_features]``, or ``(output, weights)`` with ``return_weights``.
+        """
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError("inputs_v was given without inputs_k")
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        for name, x, width in (
+            ("inputs_q", inputs_q, self.query.in_features[0]),
+            ("inputs_k", inputs_k, self.key.in_features[0]),
+            ("inputs_v", inputs_v, self.value.in_features[0]),
+        ):
+            if jnp.ndim(x) < 2 or jnp.shape(x)[-1] != width:
+                raise ValueError(
+                    f"{name} must have shape [..., L, {width}], got {list(jnp.shape(x))}"
+                )
+        if jnp.shape(inputs_k)[:-1] != jnp.shape(inputs_v)[:-1]:
+            raise ValueError(
+                f"inputs_k {list(jnp.shape(inputs_k))} and inputs_v {list(jnp.shape(inputs_v))} "
+                "must agree on all but the feature axis"
+            )
+
+        query = self.query(inputs_q)  # [..., T, N, H]
+        key = self.key(inputs_k)  # [..., S, K, H]
+        value = self.value(inputs_v)  # [..., S, K, Hv]
+
+        dropout_rate, dropout_rng = 0.0, None
+        if self.dropout_rate > 0.0 and not deterministic:
+            stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else (rngs or self.rngs)
+            if stream is None:
+                raise ValueError("dropout needs rngs: pass rngs=nnx.Rngs(dropout=...)")
+            dropout_rate, dropout_rng = self.dropout_rate, stream()
+
+        want_weights = return_weights or sow_weights
+        kwargs = dict(
+            is_causal=is_causal,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            return_weights=want_weights,
+        )
+        if self.score is not None:
+            kwargs.update(
+                score_fn=self.score.score_fn, score_params=self.score.params(), per_head_params=True
+            )
+        fn = self.attention_fn or (attention if self.score is not None else dot_product_attention)
+        result = fn(query, key, value, bias, mask, **kwargs)
+        x, weights = result if want_weights else (result, None)
+        if sow_weights:
+            self.sow(nnx.Intermediate, "attention_weights", weights)
+        out = self.out(x)
+        return (out, weights) if return_weights else out
