@@ -1,0 +1,208 @@
+"""Positional encodings as pure functions: sinusoidal, rotary, ALiBi and T5 buckets.
+
+Absolute encodings (sinusoidal) are added to the embeddings; relative ones act inside
+attention: rotary rotates queries and keys, ALiBi and the T5 bias are additive
+``bias=`` arguments of :func:`jattn.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jattn.functional._checks import fmt
+
+__all__ = [
+    "sinusoidal_encoding",
+    "rotary_embedding",
+    "alibi_slopes",
+    "alibi_bias",
+    "relative_position_buckets",
+]
+
+
+def _relative_positions(num_queries: int, num_keys: int, offset) -> jax.Array:
+    """``key_position - query_position``: ``[T, S]``, or ``[B, T, S]`` for ``offset [B]``."""
+    offset = jnp.asarray(offset, dtype=jnp.int32)
+    q = offset[..., None] + jnp.arange(num_queries, dtype=jnp.int32)  # [..., T]
+    k = jnp.arange(num_keys, dtype=jnp.int32).reshape((1,) * offset.ndim + (1, num_keys))
+    return k - q[..., None]
+
+
+def sinusoidal_encoding(positions: jax.Array, features: int) -> jax.Array:
+    """Vaswani et al.'s sinusoidal encoding, with d2l's exact formula.
+
+    ``P[i, 2j] = sin(i / 10000^(2j/D))`` and ``P[i, 2j+1] = cos(i / 10000^(2j/D))``.
+
+    Args:
+      positions: integer (or float) positions ``[...]``, e.g. ``jnp.arange(T)``.
+      features: D, even.
+
+    Returns:
+      ``[..., D]`` float32.
+    """
+    if not isinstance(features, int) or features <= 0 or features % 2:
+        raise ValueError(f"sinusoidal_encoding needs an even positive features, got {features!r}")
+    positions = jnp.asarray(positions, dtype=jnp.float32)
+    inv = jnp.power(10000.0, jnp.arange(0, features, 2, dtype=jnp.float32) / features)  # [D/2]
+    angles = positions[..., None] / inv.reshape((1,) * positions.ndim + (features // 2,))
+    # interleave: sin at even, cos at odd indices
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+        positions.shape + (features,)
+    )
+
+
+def rotary_embedding(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    max_wavelength: float = 10000.0,
+    interleaved: bool = False,
+) -> jax.Array:
+    """Rotary position embedding (RoPE, Su et al. 2021) of queries or keys.
+
+    Feature pairs are rotated by the angle ``position * max_wavelength^(-2i/H)``, so
+    that ``<rope(q, m), rope(k, n)>`` depends on ``m - n`` only. Pairs are
+    ``(x[i], x[i + H/2])`` (half-split, as GPT-NeoX and Llama in Hugging Face) or, with
+    ``interleaved=True``, ``(x[2i], x[2i+1])`` (as the RoFormer paper and GPT-J).
+
+    Args:
+      x: ``[..., T, N, H]`` with even H.
+      positions: ``[T]`` or ``[..., T]`` integer positions (broadcast over N).
+      max_wavelength: the base (10000 in the paper).
+      interleaved: the pairing of features, see above.
+
+    Returns:
+      ``[..., T, N, H]`` in the dtype of ``x`` (computed in float32).
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 3 or x.shape[-1] % 2:
+        raise ValueError(
+            f"rotary_embedding needs x of shape [..., T, N, H] with even H, got {fmt(x.shape)}"
+        )
+    positions = jnp.asarray(positions)
+    if positions.ndim == 0 or positions.shape[-1] != x.shape[-3] or positions.ndim > x.ndim - 2:
+        raise ValueError(
+            f"positions {fmt(positions.shape)} must be [T] or [..., T] with T={x.shape[-3]} "
+            f"for x {fmt(x.shape)}"
+        )
+    half = x.shape[-1] // 2
+    freqs = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * freqs.reshape(
+        (1,) * positions.ndim + (half,)
+    )  # [..., T, H/2]
+    sin = jnp.sin(angles)[..., None, :]  # [..., T, 1, H/2]
+    cos = jnp.cos(angles)[..., None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        pairs = xf.reshape(x.shape[:-1] + (half, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+    else:
+        a, b = xf[..., :half], xf[..., half:]
+    lead = x.ndim - sin.ndim
+    sin = sin.reshape((1,) * lead + sin.shape)
+    cos = cos.reshape((1,) * lead + cos.shape)
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    if interleaved:
+        out = jnp.stack([ra, rb], axis=-1).reshape(x.shape)
+    else:
+        out = jnp.concatenate([ra, rb], axis=-1)
+    return out.astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+    """ALiBi head slopes (Press et al. 2022), ``[N]`` float32.
+
+    For N a power of two the slopes are the geometric sequence ``2^(-8/N), 2^(-16/N), ...``
+    (N=8: 1/2, 1/4, ..., 1/256). Otherwise, with P the largest power of two below N,
+    the P slopes of P heads followed by every other slope of 2P heads, as the
+    paper's reference code does.
+    """
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(p)
+    if p != num_heads:
+        slopes += power_of_two(2 * p)[0::2][: num_heads - p]
+    return jnp.asarray(slopes, dtype=jnp.float32)
+
+
+def alibi_bias(
+    slopes: jax.Array,
+    num_queries: int,
+    num_keys: int,
+    *,
+    offset=0,
+    bidirectional: bool = False,
+) -> jax.Array:
+    """ALiBi attention bias: ``slope_n * (j - i)`` (causal) or ``-slope_n * |j - i|``.
+
+    The causal form is the paper's: key ``j`` of query ``i`` gets ``-slope * (i - j)``;
+    keys after the query get a positive bias, so combine it with a causal mask.
+
+    Args:
+      slopes: ``[N]``, e.g. :func:`alibi_slopes`.
+      num_queries: T; query ``i`` sits at position ``offset + i``.
+      num_keys: S.
+      offset: int or ``[B]`` (as :func:`jattn.causal_mask`).
+      bidirectional: symmetric distance penalty (for encoders).
+
+    Returns:
+      ``[N, T, S]`` float32, or ``[B, N, T, S]`` for ``offset [B]``; usable as ``bias=``.
+    """
+    slopes = jnp.asarray(slopes, dtype=jnp.float32)
+    if slopes.ndim != 1:
+        raise ValueError(f"slopes must have shape [N], got {fmt(slopes.shape)}")
+    rel = _relative_positions(num_queries, num_keys, offset).astype(jnp.float32)  # [..., T, S]
+    if bidirectional:
+        rel = -jnp.abs(rel)
+    rel = jnp.expand_dims(rel, -3)  # [..., 1, T, S]
+    return slopes.reshape((1,) * (rel.ndim - 3) + (-1, 1, 1)) * rel
+
+
+def relative_position_buckets(
+    relative_position: jax.Array,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> jax.Array:
+    """T5's bucketing of relative positions ``key_position - query_position``.
+
+    Half of the buckets (per direction when ``bidirectional``) hold exact small
+    distances; the rest grow logarithmically up to ``max_distance``, beyond which
+    everything shares the last bucket. The causal form puts all future keys in bucket 0.
+
+    Returns:
+      int32 buckets in ``[0, num_buckets)``, same shape as ``relative_position``.
+    """
+    if bidirectional and num_buckets % 2:
+        raise ValueError(f"bidirectional buckets need an even num_buckets, got {num_buckets}")
+    if num_buckets < 2 or max_distance <= num_buckets // (4 if bidirectional else 2):
+        raise ValueError(
+            f"need num_buckets >= 2 and max_distance > the exact range, got "
+            f"num_buckets={num_buckets}, max_distance={max_distance}"
+        )
+    n = -jnp.asarray(relative_position, dtype=jnp.int32)
+    ret = jnp.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    scaled = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / math.log(
+        max_distance / max_exact
+    )
+    large = max_exact + (scaled * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)

@@ -1,0 +1,135 @@
+"""Positional encodings as thin NNX layers over :mod:`jattn.functional.positional`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.functional.positional import (
+    _relative_positions,
+    alibi_bias,
+    alibi_slopes,
+    relative_position_buckets,
+    rotary_embedding,
+    sinusoidal_encoding,
+)
+
+__all__ = [
+    "SinusoidalEncoding",
+    "LearnedPositionalEmbedding",
+    "RotaryEmbedding",
+    "ALiBi",
+    "RelativePositionBias",
+]
+
+
+def _check_positions(positions, max_len: int):
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
+    return positions
+
+
+class SinusoidalEncoding(nnx.Module):
+    """Fixed sinusoidal encodings (no parameters): ``__call__(positions [...]) -> [..., D]``."""
+
+    def __init__(self, features: int, max_len: int = 10_000):
+        if not isinstance(features, int) or features <= 0 or features % 2:
+            raise ValueError(
+                f"sinusoidal encoding needs an even positive features, got {features!r}"
+            )
+        self.features = features
+        self.max_len = max_len
+
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        return sinusoidal_encoding(_check_positions(positions, self.max_len), self.features)
+
+
+class LearnedPositionalEmbedding(nnx.Module):
+    """A learned table ``[max_len, D]``: ``__call__(positions [...]) -> [..., D]``.
+
+    Positions at or beyond ``max_len`` are clipped to the last row (jit cannot raise).
+    """
+
+    def __init__(self, max_len: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.max_len = max_len
+        self.embedding = nnx.Embed(
+            max_len,
+            features,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        positions = _check_positions(positions, self.max_len)
+        return self.embedding(jnp.clip(positions, 0, self.max_len - 1))
+
+
+class RotaryEmbedding(nnx.Module):
+    """RoPE with fixed options: ``__call__(x [..., T, N, H], positions [T] | [..., T])``."""
+
+    def __init__(self, *, max_wavelength: float = 10000.0, interleaved: bool = False):
+        self.max_wavelength = max_wavelength
+        self.interleaved = interleaved
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        return rotary_embedding(
+            x, positions, max_wavelength=self.max_wavelength, interleaved=self.interleaved
+        )
+
+
+class ALiBi(nnx.Module):
+    """ALiBi bias with the paper's slopes: ``__call__(T, S, *, offset=0) -> [1|B, N, T, S]``."""
+
+    def __init__(self, num_heads: int, *, bidirectional: bool = False):
+        self.num_heads = num_heads
+        self.bidirectional = bidirectional
+        self.slopes = nnx.data(alibi_slopes(num_heads))
+
+    def __call__(self, num_queries: int, num_keys: int, *, offset=0) -> jax.Array:
+        bias = alibi_bias(
+            self.slopes, num_queries, num_keys, offset=offset, bidirectional=self.bidirectional
+        )
+        return bias if bias.ndim == 4 else bias[None]
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned relative position bias: a table ``[num_buckets, N]`` over bucketed distances.
+
+    ``__call__(T, S, *, offset=0) -> [1, N, T, S]`` (``[B, N, T, S]`` for ``offset [B]``),
+    usable as ``bias=`` of the attention layers. ``bidirectional=False`` for decoders.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = True,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        relative_position_buckets(
+            jnp.zeros((), jnp.int32),
+            bidirectional=bidirectional,
+            num_buckets=num_buckets,
+            max_distance=max_distance,
+        )  # validates the options
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.embedding = nnx.Embed(num_buckets, num_heads, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, num_queries: int, num_keys: int, *, offset=0) -> jax.Array:
+        rel = _relative_positions(num_queries, num_keys, offset)  # [..., T, S]
+        buckets = relative_position_buckets(
+            rel,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        bias = jnp.moveaxis(self.embedding(buckets), -1, -3)  # [..., N, T, S]
+        return bias if bias.ndim == 4 else bias[None]

@@ -1,0 +1,41 @@
+"""Transformer models built from :mod:`jattn.layers`: blocks, stacks, models and decoding."""
+
+from jattn.models.blocks import (
+    DecoderBlock,
+    EncoderBlock,
+    FeedForward,
+    RotaryAttention,
+    TransformerDecoder,
+    TransformerEncoder,
+)
+from jattn.models.decoding import (
+    KVCache,
+    beam_search,
+    cached_cross_attention,
+    cached_self_attention,
+    cross_attention_kv,
+    greedy_search,
+    init_cache,
+    length_penalty_fn,
+)
+from jattn.models.transformer import DecoderLM, EncoderClassifier, Transformer
+
+__all__ = [
+    "DecoderBlock",
+    "DecoderLM",
+    "EncoderBlock",
+    "EncoderClassifier",
+    "FeedForward",
+    "KVCache",
+    "RotaryAttention",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerEncoder",
+    "beam_search",
+    "cached_cross_attention",
+    "cached_self_attention",
+    "cross_attention_kv",
+    "greedy_search",
+    "init_cache",
+    "length_penalty_fn",
+]

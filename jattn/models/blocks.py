@@ -1,0 +1,426 @@
+"""Transformer blocks: feed-forward, encoder and decoder blocks, and their stacks.
+
+Residual order follows ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``:
+post-norm (Vaswani et al., d2l) ``x = norm(x + drop(sublayer(x)))`` or, with
+``pre_norm=True`` (torch's ``norm_first``), ``x = x + drop(sublayer(norm(x)))``.
+
+Every attention layer is a :class:`jattn.layers.MultiHeadAttention`; ``attention_fn``
+and ``score`` reach all of them. ``score`` is either one shared
+:class:`jattn.layers.Score` module or a factory ``score(num_heads, head_dim, *, rngs)``
+called once per attention layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.functional.attention import attention, dot_product_attention
+from jattn.functional.positional import rotary_embedding
+from jattn.layers.multihead import MultiHeadAttention
+from jattn.layers.scores import Score
+from jattn.models.decoding import (
+    KVCache,
+    cached_cross_attention,
+    cached_self_attention,
+    cross_attention_kv,
+    init_cache,
+)
+
+__all__ = [
+    "FeedForward",
+    "EncoderBlock",
+    "DecoderBlock",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "RotaryAttention",
+]
+
+_ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
+    for name, value in (
+        ("features", features),
+        ("num_heads", num_heads),
+        ("mlp_features", mlp_features),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if features % num_heads:
+        raise ValueError(f"features={features} must be divisible by num_heads={num_heads}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryAttention:
+    """An ``attention_fn`` that applies RoPE to queries and keys at positions ``0..T-1``.
+
+    Wraps ``inner`` (the attention function otherwise used); for self-attention over a
+    whole sequence. Cached decoding applies RoPE at the cache positions instead.
+    """
+
+    inner: Callable
+    max_wavelength: float = 10000.0
+
+    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
+        q_pos = jnp.arange(query.shape[-3], dtype=jnp.int32)
+        k_pos = jnp.arange(key.shape[-3], dtype=jnp.int32)
+        query = rotary_embedding(query, q_pos, max_wavelength=self.max_wavelength)
+        key = rotary_embedding(key, k_pos, max_wavelength=self.max_wavelength)
+        return self.inner(query, key, value, bias, mask, **kwargs)
+
+
+def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs):
+    if score is not None and not isinstance(score, Score):
+        score = score(num_heads, features // num_heads, rngs=rngs)
+    if rotary:
+        inner = attention_fn or (attention if score is not None else dot_product_attention)
+        attention_fn = RotaryAttention(inner)
+    return MultiHeadAttention(
+        num_heads,
+        features,
+        dropout_rate=dropout_rate,
+        score=score,
+        attention_fn=attention_fn,
+        rngs=rngs,
+    )
+
+
+class FeedForward(nnx.Module):
+    """Position-wise feed-forward network ``linear2(drop(act(linear1(x))))``.
+
+    Args:
+      features: D (input and output width).
+      mlp_features: F, the hidden width.
+      activation: ``'relu'`` or ``'gelu'`` (exact, as torch's default gelu).
+      dropout_rate: dropout after the activation (as torch).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        mlp_features: int,
+        *,
+        activation: str = "relu",
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        _check_config(features, 1, mlp_features, dropout_rate, activation)
+        self.activation = activation
+        self.linear1 = nnx.Linear(features, mlp_features, rngs=rngs)
+        self.linear2 = nnx.Linear(mlp_features, features, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
+        """``x: [..., D] -> [..., D]``."""
+        h = _ACTIVATIONS[self.activation](self.linear1(x))
+        h = self.dropout(h, deterministic=deterministic, rngs=rngs)
+        return self.linear2(h)
+
+
+class _Block(nnx.Module):
+    """Shared residual wiring of the encoder and decoder blocks."""
+
+    def _init_common(self, features, num_heads, mlp_features, num_norms, *, dropout_rate,
+                     pre_norm, activation, layer_norm_eps, rngs):  # fmt: skip
+        _check_config(features, num_heads, mlp_features, dropout_rate, activation)
+        self.features = features
+        self.pre_norm = pre_norm
+        for i in range(1, num_norms + 1):
+            setattr(self, f"norm{i}", nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs))
+        self.mlp = FeedForward(
+            features, mlp_features, activation=activation, dropout_rate=dropout_rate, rngs=rngs
+        )
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def _residual(self, x, norm, sublayer, deterministic, rngs):
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)), deterministic=deterministic, rngs=rngs)
+        return norm(x + self.dropout(sublayer(x), deterministic=deterministic, rngs=rngs))
+
+    def _mlp(self, x, norm, deterministic, rngs):
+        return self._residual(
+            x, norm, lambda h: self.mlp(h, deterministic=deterministic, rngs=rngs),
+            deterministic, rngs,
+        )  # fmt: skip
+
+
+class EncoderBlock(_Block):
+    """Self-attention + feed-forward block (``torch.nn.TransformerEncoderLayer``).
+
+    Submodules: ``self_attention`` (MultiHeadAttention), ``norm1``, ``norm2``
+    (LayerNorm), ``mlp`` (FeedForward). With ``rotary=True`` the self-attention
+    applies RoPE to queries and keys. Used causally it is a decoder-only (GPT) block.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        num_heads: int,
+        mlp_features: int,
+        *,
+        dropout_rate: float = 0.1,
+        pre_norm: bool = False,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        attention_fn: Callable | None = None,
+        score=None,
+        rotary: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self._init_common(
+            features, num_heads, mlp_features, 2, dropout_rate=dropout_rate,
+            pre_norm=pre_norm, activation=activation, layer_norm_eps=layer_norm_eps, rngs=rngs,
+        )  # fmt: skip
+        self.rotary = rotary
+        self.self_attention = _attention_layer(
+            features, num_heads, dropout_rate, attention_fn, score, rotary, rngs
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        is_causal: bool = False,
+        deterministic: bool = True,
+        rngs=None,
+        sow_weights: bool = False,
+    ) -> jax.Array:
+        """``x: [B, S, D] -> [B, S, D]``; ``mask`` broadcasts to ``[B, N, S, S]``."""
+
+        def attend(h):
+            return self.self_attention(
+                h, mask=mask, is_causal=is_causal, deterministic=deterministic, rngs=rngs,
+                sow_weights=sow_weights,
+            )  # fmt: skip
+
+        x = self._residual(x, self.norm1, attend, deterministic, rngs)
+        return self._mlp(x, self.norm2, deterministic, rngs)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        return init_cache(self.self_attention, batch_size, max_len, dtype)
+
+    def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Causal, cached forward of new tokens ``x [B, T, D]`` (deterministic)."""
+        new_cache = cache
+
+        def attend(h):
+            nonlocal new_cache
+            out, new_cache = cached_self_attention(
+                self.self_attention, h, cache, rotary=self.rotary
+            )
+            return out
+
+        x = self._residual(x, self.norm1, attend, True, None)
+        return self._mlp(x, self.norm2, True, None), new_cache
+
+
+class DecoderBlock(_Block):
+    """Causal self-attention, cross-attention, feed-forward (``torch.nn.TransformerDecoderLayer``).
+
+    Submodules: ``self_attention``, ``cross_attention`` (MultiHeadAttention),
+    ``norm1``, ``norm2``, ``norm3`` (LayerNorm), ``mlp`` (FeedForward).
+    ``rotary=True`` applies RoPE in the self-attention only.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        num_heads: int,
+        mlp_features: int,
+        *,
+        dropout_rate: float = 0.1,
+        pre_norm: bool = False,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        attention_fn: Callable | None = None,
+        score=None,
+        rotary: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self._init_common(
+            features, num_heads, mlp_features, 3, dropout_rate=dropout_rate,
+            pre_norm=pre_norm, activation=activation, layer_norm_eps=layer_norm_eps, rngs=rngs,
+        )  # fmt: skip
+        self.rotary = rotary
+        self.self_attention = _attention_layer(
+            features, num_heads, dropout_rate, attention_fn, score, rotary, rngs
+        )
+        self.cross_attention = _attention_layer(
+            features, num_heads, dropout_rate, attention_fn, score, False, rngs
+        )
+
+    def __call__(
+        self,
+        y: jax.Array,
+        memory: jax.Array,
+        *,
+        self_mask: jax.Array | None = None,
+        cross_mask: jax.Array | None = None,
+        is_causal: bool = True,
+        deterministic: bool = True,
+        rngs=None,
+        sow_weights: bool = False,
+    ) -> jax.Array:
+        """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]``.
+
+        ``self_mask`` broadcasts to ``[B, N, T, T]`` (combined with the causal mask when
+        ``is_causal``), ``cross_mask`` to ``[B, N, T, S]``; True = attend.
+        """
+        kw = dict(deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
+
+        def self_attend(h):
+            return self.self_attention(h, mask=self_mask, is_causal=is_causal, **kw)
+
+        def cross_attend(h):
+            return self.cross_attention(h, memory, mask=cross_mask, **kw)
+
+        y = self._residual(y, self.norm1, self_attend, deterministic, rngs)
+        y = self._residual(y, self.norm2, cross_attend, deterministic, rngs)
+        return self._mlp(y, self.norm3, deterministic, rngs)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        return init_cache(self.self_attention, batch_size, max_len, dtype)
+
+    def cross_kv(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The cross-attention keys/values of ``memory [B, S, D]``, computed once per source."""
+        return cross_attention_kv(self.cross_attention, memory)
+
+    def step(self, y, cache: KVCache, cross_kv, cross_mask=None) -> tuple[jax.Array, KVCache]:
+        """Cached forward of new tokens ``y [B, T, D]`` (deterministic)."""
+        new_cache = cache
+
+        def self_attend(h):
+            nonlocal new_cache
+            out, new_cache = cached_self_attention(
+                self.self_attention, h, cache, rotary=self.rotary
+            )
+            return out
+
+        def cross_attend(h):
+            return cached_cross_attention(self.cross_attention, h, cross_kv, cross_mask)
+
+        y = self._residual(y, self.norm1, self_attend, True, None)
+        y = self._residual(y, self.norm2, cross_attend, True, None)
+        return self._mlp(y, self.norm3, True, None), new_cache
+
+
+def _stack_kwargs(kw):
+    return {k: kw[k] for k in ("dropout_rate", "pre_norm", "activation", "layer_norm_eps",
+                               "attention_fn", "score", "rotary", "rngs")}  # fmt: skip
+
+
+class TransformerEncoder(nnx.Module):
+    """A stack of :class:`EncoderBlock` (``layers``) and an optional final ``norm``.
+
+    ``final_norm=True`` adds a LayerNorm after the last block (needed with pre-norm;
+    ``torch.nn.Transformer`` has one in both orders); ``norm`` is ``None`` otherwise.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        features: int,
+        num_heads: int,
+        mlp_features: int,
+        *,
+        dropout_rate: float = 0.1,
+        pre_norm: bool = False,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        final_norm: bool = False,
+        attention_fn: Callable | None = None,
+        score=None,
+        rotary: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        kw = _stack_kwargs(locals())
+        self.layers = nnx.List(
+            [EncoderBlock(features, num_heads, mlp_features, **kw) for _ in range(num_layers)]
+        )
+        self.norm = (
+            nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
+        )
+
+    def __call__(self, x, *, mask=None, is_causal=False, deterministic=True, rngs=None,
+                 sow_weights=False):  # fmt: skip
+        """``x: [B, S, D] -> [B, S, D]``."""
+        for layer in self.layers:
+            x = layer(x, mask=mask, is_causal=is_causal, deterministic=deterministic, rngs=rngs,
+                      sow_weights=sow_weights)  # fmt: skip
+        return x if self.norm is None else self.norm(x)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+        return [layer.init_cache(batch_size, max_len, dtype) for layer in self.layers]
+
+    def step(self, x, caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+        """Causal cached forward (decoder-only use): ``x [B, T, D]``, one cache per layer."""
+        new = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, cache = layer.step(x, cache)
+            new.append(cache)
+        return (x if self.norm is None else self.norm(x)), new
+
+
+class TransformerDecoder(nnx.Module):
+    """A stack of :class:`DecoderBlock` (``layers``) and an optional final ``norm``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        features: int,
+        num_heads: int,
+        mlp_features: int,
+        *,
+        dropout_rate: float = 0.1,
+        pre_norm: bool = False,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        final_norm: bool = False,
+        attention_fn: Callable | None = None,
+        score=None,
+        rotary: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        kw = _stack_kwargs(locals())
+        self.layers = nnx.List(
+            [DecoderBlock(features, num_heads, mlp_features, **kw) for _ in range(num_layers)]
+        )
+        self.norm = (
+            nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
+        )
+
+    def __call__(self, y, memory, *, self_mask=None, cross_mask=None, is_causal=True,
+                 deterministic=True, rngs=None, sow_weights=False):  # fmt: skip
+        """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]``."""
+        for layer in self.layers:
+            y = layer(y, memory, self_mask=self_mask, cross_mask=cross_mask, is_causal=is_causal,
+                      deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)  # fmt: skip
+        return y if self.norm is None else self.norm(y)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+        return [layer.init_cache(batch_size, max_len, dtype) for layer in self.layers]
+
+    def cross_kv(self, memory: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        return [layer.cross_kv(memory) for layer in self.layers]
+
+    def step(self, y, caches, cross_kvs, cross_mask=None):
+        """Cached forward of new tokens ``y [B, T, D]``; returns ``(y, caches)``."""
+        new = []
+        for layer, cache, kv in zip(self.layers, caches, cross_kvs, strict=True):
+            y, cache = layer.step(y, cache, kv, cross_mask)
+            new.append(cache)
+        return (y if self.norm is None else self.norm(y)), new

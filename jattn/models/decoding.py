@@ -1,0 +1,231 @@
+"""Fast autoregressive decoding: a fixed-size key/value cache, greedy and beam search.
+
+The cache is an explicit pytree (:class:`KVCache`) threaded through the model's
+``step`` methods, so decoding loops are plain ``lax.while_loop`` over arrays and the
+whole search compiles once under ``jax.jit``. The cached attention reuses the
+projections of a :class:`jattn.layers.MultiHeadAttention` (``query``, ``key``,
+``value``, ``out``) and its attention function.
+
+Search functions are model-agnostic: they take a ``step_fn(tokens [B, 1], state) ->
+(log_probs [B, V] float32, state)`` where every leaf of ``state`` has a leading
+batch axis (beam search reorders it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jattn.functional.attention import attention, dot_product_attention
+from jattn.functional.masks import causal_mask
+from jattn.functional.positional import rotary_embedding
+
+__all__ = [
+    "KVCache",
+    "init_cache",
+    "cached_self_attention",
+    "cross_attention_kv",
+    "cached_cross_attention",
+    "length_penalty_fn",
+    "greedy_search",
+    "beam_search",
+]
+
+_NEG = -1.0e9  # finite "impossible" log-probability
+
+
+class KVCache(NamedTuple):
+    """Keys ``[B, S_max, K, H]``, values ``[B, S_max, K, Hv]`` and the next write index ``[B]``.
+
+    ``index[b]`` is the number of positions of example ``b`` already in the cache; the
+    next tokens are written there and sit at absolute positions ``index[b] + t``.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+
+
+def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of ``max_len`` positions for the self-attention layer ``mha``."""
+    return KVCache(
+        key=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.head_dim), dtype),
+        value=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.v_head_dim), dtype),
+        index=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def _attention_fn(mha) -> Callable:
+    """The pure attention function ``mha`` calls (unwrapping a rotary wrapper)."""
+    fn = getattr(mha.attention_fn, "inner", mha.attention_fn)
+    return fn or (attention if mha.score is not None else dot_product_attention)
+
+
+def _attend(mha, q, k, v, mask):
+    kwargs = dict(is_causal=False, dropout_rate=0.0, dropout_rng=None, return_weights=False)
+    if mha.score is not None:
+        kwargs.update(
+            score_fn=mha.score.score_fn, score_params=mha.score.params(), per_head_params=True
+        )
+    return mha.out(_attention_fn(mha)(q, k, v, None, mask, **kwargs))
+
+
+def _write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes ``new [B, T, ...]`` into ``buffer [B, S_max, ...]`` at ``index [B]``."""
+
+    def one(b, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), i, axis=0)
+
+    return jax.vmap(one)(buffer, new, index)
+
+
+def cached_self_attention(
+    mha, x: jax.Array, cache: KVCache, *, rotary: bool = False
+) -> tuple[jax.Array, KVCache]:
+    """Causal self-attention of new tokens ``x [B, T, D]`` against the cache.
+
+    The T tokens of example b sit at positions ``cache.index[b] + t``: their keys and
+    values are written there and each query sees the cache up to its own position
+    (``jattn.causal_mask(T, S_max, offset=index)``). Works for a multi-token prefill
+    and for single-token steps. The caller must keep ``index + T <= S_max``.
+
+    Returns:
+      ``([B, T, D_out], cache)`` with ``index`` advanced by T.
+    """
+    num_new, max_len = x.shape[-2], cache.key.shape[1]
+    q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
+    if rotary:
+        positions = cache.index[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+        q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+    keys = _write(cache.key, k, cache.index)
+    values = _write(cache.value, v, cache.index)
+    mask = causal_mask(num_new, max_len, offset=cache.index)[:, None]  # [B, 1, T, S_max]
+    out = _attend(mha, q, keys, values, mask)
+    return out, KVCache(keys, values, cache.index + num_new)
+
+
+def cross_attention_kv(mha, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Projects the encoder memory ``[B, S, D]`` once: keys ``[B, S, K, H]``, values."""
+    return mha.key(memory), mha.value(memory)
+
+
+def cached_cross_attention(mha, y: jax.Array, kv, mask: jax.Array | None) -> jax.Array:
+    """Cross-attention of ``y [B, T, D]`` to precomputed memory keys/values ``kv``."""
+    return _attend(mha, mha.query(y), kv[0], kv[1], mask)
+
+
+def length_penalty_fn(length: jax.Array, alpha: float) -> jax.Array:
+    """GNMT's length penalty ``((5 + length) / 6) ** alpha``."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def greedy_search(
+    step_fn: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    state: Any,
+    first_tokens: jax.Array,
+    *,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+) -> jax.Array:
+    """Greedy decoding as a ``lax.while_loop``.
+
+    Args:
+      step_fn: ``(tokens [B, 1], state) -> (log_probs [B, V], state)``.
+      state: the decoder state (caches), leaves with a leading batch axis B.
+      first_tokens: ``[B]`` the token fed first (BOS, or the last prompt token).
+      max_len: number of tokens to generate.
+
+    Returns:
+      ``[B, max_len]`` int32: argmax tokens up to and including EOS, then PAD.
+    """
+    batch = first_tokens.shape[0]
+    out = jnp.full((batch, max_len), pad_id, jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done = carry
+        return (i < max_len) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, state, out, done = carry
+        log_probs, state = step_fn(tokens[:, None], state)
+        nxt = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
+        return i + 1, nxt, state, out, done | (nxt == eos_id)
+
+    init = (jnp.int32(0), first_tokens.astype(jnp.int32), state, out, jnp.zeros((batch,), bool))
+    return jax.lax.while_loop(cond, body, init)[3]
+
+
+def beam_search(
+    step_fn: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    state: Any,
+    first_tokens: jax.Array,
+    *,
+    beam_size: int,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+    length_penalty: float = 0.6,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search with GNMT's length penalty, as a ``lax.while_loop``.
+
+    Beams are ranked by ``log P(y) / ((5 + |y|) / 6) ** length_penalty`` where ``|y|``
+    counts the generated tokens including EOS. A beam that emitted EOS is finished: it
+    keeps its score, continues only with PAD at no cost and competes with the live
+    beams for the ``beam_size`` slots. The loop stops when every beam is finished or
+    after ``max_len`` tokens. With ``beam_size=1`` this is exactly greedy search.
+
+    Args:
+      step_fn, state, first_tokens: as :func:`greedy_search` (state has batch B; it is
+        repeated to ``B * beam_size`` and reordered along axis 0 as beams move).
+
+    Returns:
+      ``(tokens [B, max_len] int32, scores [B] float32)`` of the best beam.
+    """
+    batch, width = first_tokens.shape[0], beam_size
+    state = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), state)
+    tokens = jnp.repeat(first_tokens.astype(jnp.int32), width)  # [B*W]
+    seqs = jnp.full((batch, width, max_len), pad_id, jnp.int32)
+    first = jnp.arange(width) == 0
+    log_p = jnp.broadcast_to(jnp.where(first, 0.0, _NEG)[None, :], (batch, width))
+    finished = jnp.zeros((batch, width), bool)
+    lengths = jnp.zeros((batch, width), jnp.int32)
+
+    def cond(carry):
+        i, *_, finished, _ = carry
+        return (i < max_len) & ~jnp.all(finished)
+
+    def body(carry):
+        i, tokens, state, seqs, log_p, finished, lengths = carry
+        step_lp, state = step_fn(tokens[:, None], state)
+        vocab = step_lp.shape[-1]
+        step_lp = step_lp.astype(jnp.float32).reshape(batch, width, vocab)
+        pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, _NEG)  # [V]
+        step_lp = jnp.where(finished[..., None], pad_only[None, None, :], step_lp)
+        cand = log_p[..., None] + step_lp  # [B, W, V]
+        cand_len = jnp.where(finished, lengths, i + 1)  # [B, W]
+        score = cand / length_penalty_fn(cand_len, length_penalty)[..., None]
+        _, idx = jax.lax.top_k(score.reshape(batch, width * vocab), width)  # [B, W]
+        beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+        log_p = jnp.take_along_axis(cand.reshape(batch, -1), idx, axis=1)
+        was_finished = jnp.take_along_axis(finished, beam, axis=1)
+        lengths = jnp.where(was_finished, jnp.take_along_axis(lengths, beam, axis=1), i + 1)
+        tok = jnp.where(was_finished, pad_id, tok)
+        seqs = jnp.take_along_axis(seqs, beam[..., None], axis=1)
+        seqs = jax.lax.dynamic_update_slice_in_dim(seqs, tok[..., None], i, axis=2)
+        flat = (jnp.arange(batch)[:, None] * width + beam).reshape(-1)
+        state = jax.tree.map(lambda x: x[flat], state)
+        return i + 1, tok.reshape(-1), state, seqs, log_p, was_finished | (tok == eos_id), lengths
+
+    init = (jnp.int32(0), tokens, state, seqs, log_p, finished, lengths)
+    i, _, _, seqs, log_p, finished, lengths = jax.lax.while_loop(cond, body, init)
+    lengths = jnp.where(finished, lengths, i)
+    scores = log_p / length_penalty_fn(lengths, length_penalty)
+    best = jnp.argmax(scores, axis=1)  # [B]
+    tokens = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
+    return tokens, jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]

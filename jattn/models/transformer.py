@@ -1,0 +1,408 @@
+"""Transformer models: encoder-decoder, decoder-only language model, encoder classifier.
+
+Tokens are embedded, scaled by ``sqrt(D)``, added to a positional encoding and passed
+through dropout (Vaswani et al.). ``positional`` is ``'sinusoidal'`` (d2l's formula),
+``'learned'`` (a table of ``max_len`` rows) or ``'rotary'`` (no additive encoding;
+RoPE in every self-attention layer). Padding masks come from the token ids
+(``pad_id``); sequences are right-padded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.functional.masks import key_padding_mask
+from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
+from jattn.models.blocks import TransformerDecoder, TransformerEncoder
+from jattn.models.decoding import beam_search, greedy_search
+
+__all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
+
+_POSITIONAL = ("sinusoidal", "learned", "rotary")
+
+
+class _Embedding(nnx.Module):
+    """Token embedding * sqrt(D) + positional encoding, then dropout."""
+
+    def __init__(self, vocab_size, features, max_len, positional, dropout_rate, *, rngs):
+        if positional not in _POSITIONAL:
+            raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        self.features = features
+        self.max_len = max_len
+        self.token = nnx.Embed(vocab_size, features, rngs=rngs)
+        if positional == "sinusoidal":
+            self.position = SinusoidalEncoding(features, max_len)
+        elif positional == "learned":
+            self.position = LearnedPositionalEmbedding(max_len, features, rngs=rngs)
+        else:
+            self.position = None
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, tokens, positions=None, *, deterministic=True, rngs=None):
+        """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``."""
+        x = self.token(tokens) * math.sqrt(self.features)
+        if self.position is not None:
+            if positions is None:
+                positions = jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None, :]
+            x = x + self.position(positions).astype(x.dtype)
+        return self.dropout(x, deterministic=deterministic, rngs=rngs)
+
+
+def _check_tokens(name, tokens, max_len=None):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} must be integer tokens [B, L], got {tokens.dtype}{list(tokens.shape)}"
+        )
+    if max_len is not None and tokens.shape[1] > max_len:
+        raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
+    return tokens
+
+
+def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
+                   layer_norm_eps, final_norm, attention_fn, score, positional):  # fmt: skip
+    return dict(
+        features=features,
+        num_heads=num_heads,
+        mlp_features=mlp_features or 4 * features,
+        dropout_rate=dropout_rate,
+        pre_norm=pre_norm,
+        activation=activation,
+        layer_norm_eps=layer_norm_eps,
+        final_norm=pre_norm if final_norm is None else final_norm,
+        attention_fn=attention_fn,
+        score=score,
+        rotary=positional == "rotary",
+    )
+
+
+class Transformer(nnx.Module):
+    """The encoder-decoder Transformer (Vaswani et al. 2017).
+
+    Submodules: ``src_embed``, ``tgt_embed`` (token ``.token`` + ``.position``),
+    ``encoder`` (:class:`TransformerEncoder`), ``decoder`` (:class:`TransformerDecoder`),
+    ``output`` (``nnx.Linear`` to the target vocabulary, ``None`` with
+    ``share_embeddings``, which ties source, target and output embeddings).
+
+    Args:
+      src_vocab_size, tgt_vocab_size: vocabulary sizes.
+      num_layers: layers of encoder and decoder, unless ``num_encoder_layers`` /
+        ``num_decoder_layers`` are given.
+      features: D. num_heads: N (D % N == 0). mlp_features: F (default 4 D).
+      dropout_rate: on embeddings, attention weights, sublayer outputs and FFN hidden.
+      max_len: longest sequence (size of the learned position table; cache size bound).
+      pre_norm: pre-LN blocks; final_norm: LayerNorm after each stack (default: pre_norm).
+      positional: ``'sinusoidal'``, ``'learned'`` or ``'rotary'``.
+      activation: ``'relu'`` or ``'gelu'``.
+      pad_id, bos_id, eos_id: special token ids.
+      attention_fn, score: passed to every attention layer (see :mod:`jattn.models.blocks`).
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        *,
+        num_layers: int = 2,
+        num_encoder_layers: int | None = None,
+        num_decoder_layers: int | None = None,
+        features: int = 128,
+        num_heads: int = 4,
+        mlp_features: int | None = None,
+        dropout_rate: float = 0.1,
+        max_len: int = 256,
+        pre_norm: bool = False,
+        final_norm: bool | None = None,
+        positional: str = "sinusoidal",
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        share_embeddings: bool = False,
+        attention_fn: Callable | None = None,
+        score=None,
+        rngs: nnx.Rngs,
+    ):
+        if share_embeddings and src_vocab_size != tgt_vocab_size:
+            raise ValueError(
+                f"share_embeddings needs src_vocab_size == tgt_vocab_size, "
+                f"got {src_vocab_size} and {tgt_vocab_size}"
+            )
+        opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
+                              activation, layer_norm_eps, final_norm, attention_fn, score,
+                              positional)  # fmt: skip
+        self.src_embed = _Embedding(
+            src_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
+        )
+        if share_embeddings:
+            self.tgt_embed = _Embedding(
+                tgt_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
+            )
+            self.tgt_embed.token = self.src_embed.token
+            self.output = None
+        else:
+            self.tgt_embed = _Embedding(
+                tgt_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
+            )
+            self.output = nnx.Linear(features, tgt_vocab_size, rngs=rngs)
+        self.encoder = TransformerEncoder(num_encoder_layers or num_layers, rngs=rngs, **opts)
+        self.decoder = TransformerDecoder(num_decoder_layers or num_layers, rngs=rngs, **opts)
+        self.max_len = max_len
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+
+    def _logits(self, y):
+        if self.output is None:
+            return self.tgt_embed.token.attend(y).astype(jnp.float32)
+        return self.output(y).astype(jnp.float32)
+
+    def encode(self, src, *, deterministic=True, rngs=None, sow_weights=False) -> jax.Array:
+        """``src [B, S]`` -> memory ``[B, S, D]`` (padding keys masked)."""
+        src = _check_tokens("src", src, self.max_len)
+        x = self.src_embed(src, deterministic=deterministic, rngs=rngs)
+        mask = key_padding_mask(src != self.pad_id)
+        return self.encoder(x, mask=mask, deterministic=deterministic, rngs=rngs,
+                            sow_weights=sow_weights)  # fmt: skip
+
+    def decode(self, tgt_in, memory, src, *, deterministic=True, rngs=None, sow_weights=False):
+        """Teacher-forced decoder: ``tgt_in [B, T]``, ``memory [B, S, D]``, ``src [B, S]``
+        (for its padding mask) -> logits ``[B, T, V]`` float32 (causal self-attention)."""
+        tgt_in = _check_tokens("tgt_in", tgt_in, self.max_len)
+        y = self.tgt_embed(tgt_in, deterministic=deterministic, rngs=rngs)
+        y = self.decoder(y, memory, cross_mask=key_padding_mask(src != self.pad_id),
+                         deterministic=deterministic, rngs=rngs,
+                         sow_weights=sow_weights)  # fmt: skip
+        return self._logits(y)
+
+    def __call__(self, src, tgt_in, *, deterministic=True, rngs=None, sow_weights=False):
+        """``src [B, S]``, ``tgt_in [B, T]`` (starting with BOS) -> logits ``[B, T, V]`` float32."""
+        kw = dict(deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
+        memory = self.encode(src, **kw)
+        return self.decode(tgt_in, memory, src, **kw)
+
+    def generate(self, src, *, max_len: int, beam_size: int = 1, length_penalty: float = 0.6):
+        """Greedy (``beam_size=1``) or beam search: ``src [B, S]`` -> tokens ``[B, max_len]``.
+
+        Output has no BOS; tokens after EOS are PAD. Compiled once per shape and options.
+        """
+        src = _check_tokens("src", src, self.max_len)
+        if not isinstance(max_len, int) or not 0 < max_len <= self.max_len:
+            raise ValueError(f"max_len must be an int in [1, {self.max_len}], got {max_len!r}")
+        if not isinstance(beam_size, int) or beam_size <= 0:
+            raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+        return _generate_seq2seq(self, src, max_len, beam_size, float(length_penalty))
+
+    def _step_fn(self, cross_kvs, cross_mask):
+        def step(tokens, caches):
+            positions = caches[0].index[:, None]  # [B, 1]
+            y = self.tgt_embed(tokens, positions)
+            y, caches = self.decoder.step(y, caches, cross_kvs, cross_mask)
+            return jax.nn.log_softmax(self._logits(y)[:, -1]), caches
+
+        return step
+
+
+@functools.partial(nnx.jit, static_argnums=(2, 3, 4))
+def _generate_seq2seq(model: Transformer, src, max_len, beam_size, length_penalty):
+    batch = src.shape[0]
+    memory = model.encode(src)
+    src_valid = src != model.pad_id
+    if beam_size > 1:
+        memory = jnp.repeat(memory, beam_size, axis=0)
+        src_valid = jnp.repeat(src_valid, beam_size, axis=0)
+    cross_kvs = model.decoder.cross_kv(memory)
+    step = model._step_fn(cross_kvs, key_padding_mask(src_valid))
+    caches = model.decoder.init_cache(batch, max_len, memory.dtype)
+    first = jnp.full((batch,), model.bos_id, jnp.int32)
+    ids = dict(eos_id=model.eos_id, pad_id=model.pad_id)
+    if beam_size == 1:
+        return greedy_search(step, caches, first, max_len=max_len, **ids)
+    tokens, _ = beam_search(step, caches, first, beam_size=beam_size, max_len=max_len,
+                            length_penalty=length_penalty, **ids)  # fmt: skip
+    return tokens
+
+
+class DecoderLM(nnx.Module):
+    """A decoder-only (GPT-style) language model: causal self-attention blocks, no cross-attention.
+
+    Submodules: ``embed`` (token ``.token`` + ``.position``), ``decoder`` (a
+    :class:`TransformerEncoder` run with a causal mask), ``output`` (``nnx.Linear``, or
+    ``None`` with ``tie_embeddings``). Options as :class:`Transformer`. Sequences are
+    right-padded; causality alone keeps real positions from seeing the padding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        num_layers: int = 2,
+        features: int = 128,
+        num_heads: int = 4,
+        mlp_features: int | None = None,
+        dropout_rate: float = 0.1,
+        max_len: int = 256,
+        pre_norm: bool = True,
+        final_norm: bool | None = None,
+        positional: str = "sinusoidal",
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        tie_embeddings: bool = False,
+        attention_fn: Callable | None = None,
+        score=None,
+        rngs: nnx.Rngs,
+    ):
+        opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
+                              activation, layer_norm_eps, final_norm, attention_fn, score,
+                              positional)  # fmt: skip
+        self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
+        self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
+        self.output = None if tie_embeddings else nnx.Linear(features, vocab_size, rngs=rngs)
+        self.max_len = max_len
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+
+    def _logits(self, y):
+        if self.output is None:
+            return self.embed.token.attend(y).astype(jnp.float32)
+        return self.output(y).astype(jnp.float32)
+
+    def __call__(self, tokens, *, deterministic=True, rngs=None, sow_weights=False):
+        """``tokens [B, T]`` -> next-token logits ``[B, T, V]`` float32."""
+        tokens = _check_tokens("tokens", tokens, self.max_len)
+        x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
+        x = self.decoder(x, is_causal=True, deterministic=deterministic, rngs=rngs,
+                         sow_weights=sow_weights)  # fmt: skip
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """One empty :class:`KVCache` per layer, ``max_len`` positions each."""
+        return self.decoder.init_cache(batch_size, max_len)
+
+    def step(self, tokens, caches):
+        """Cached forward of ``tokens [B, T]`` at positions ``caches[0].index + t``.
+
+        A multi-token prefill or single-token steps; returns ``(logits [B, T, V], caches)``.
+        """
+        positions = caches[0].index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        x = self.embed(tokens, positions)
+        x, caches = self.decoder.step(x, caches)
+        return self._logits(x), caches
+
+    def generate(self, prompt_tokens, prompt_lengths, *, max_new_tokens: int, beam_size: int = 1,
+                 length_penalty: float = 0.6):  # fmt: skip
+        """Continues right-padded prompts ``[B, P]`` of ``prompt_lengths [B]`` (each >= 1).
+
+        The prompts are prefilled into the cache in one pass, then tokens are generated
+        greedily (or by beam search) in a compiled loop.
+
+        Returns:
+          ``[B, max_new_tokens]`` int32: the continuation only, PAD after EOS.
+        """
+        prompt_tokens = _check_tokens("prompt_tokens", prompt_tokens)
+        prompt_lengths = jnp.asarray(prompt_lengths)
+        if prompt_lengths.shape != prompt_tokens.shape[:1]:
+            raise ValueError(
+                f"prompt_lengths must have shape [B] = [{prompt_tokens.shape[0]}], "
+                f"got {list(prompt_lengths.shape)}"
+            )
+        total = prompt_tokens.shape[1] + max_new_tokens
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0 or total > self.max_len:
+            raise ValueError(
+                f"max_new_tokens must be a positive int with prompt length + max_new_tokens <= "
+                f"max_len={self.max_len}, got {max_new_tokens!r} for prompts of length "
+                f"{prompt_tokens.shape[1]}"
+            )
+        return _generate_lm(self, prompt_tokens, prompt_lengths.astype(jnp.int32), max_new_tokens,
+                            beam_size, float(length_penalty))  # fmt: skip
+
+
+@functools.partial(nnx.jit, static_argnums=(3, 4, 5))
+def _generate_lm(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
+    batch, plen = prompt.shape
+    caches = model.init_cache(batch, plen + max_new)
+    _, caches = model.step(prompt, caches)
+    # re-feed each prompt's last token at its own position: the cache beyond it is masked
+    caches = [c._replace(index=lengths - 1) for c in caches]
+    last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
+
+    def step(tokens, caches):
+        logits, caches = model.step(tokens, caches)
+        return jax.nn.log_softmax(logits[:, -1]), caches
+
+    ids = dict(eos_id=model.eos_id, pad_id=model.pad_id)
+    if beam_size == 1:
+        return greedy_search(step, caches, last, max_len=max_new, **ids)
+    tokens, _ = beam_search(step, caches, last, beam_size=beam_size, max_len=max_new,
+                            length_penalty=length_penalty, **ids)  # fmt: skip
+    return tokens
+
+
+class EncoderClassifier(nnx.Module):
+    """An encoder-only classifier: encoder stack, pooling over real tokens, linear head.
+
+    Submodules: ``embed``, ``encoder`` (:class:`TransformerEncoder`), ``classifier``
+    (``nnx.Linear``). ``pooling='mean'`` averages the non-pad positions; ``'cls'``
+    takes position 0 (put a CLS token there).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        *,
+        num_layers: int = 2,
+        features: int = 128,
+        num_heads: int = 4,
+        mlp_features: int | None = None,
+        dropout_rate: float = 0.1,
+        max_len: int = 256,
+        pre_norm: bool = False,
+        final_norm: bool | None = None,
+        positional: str = "sinusoidal",
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        pooling: str = "mean",
+        pad_id: int = 0,
+        attention_fn: Callable | None = None,
+        score=None,
+        rngs: nnx.Rngs,
+    ):
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        if not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
+                              activation, layer_norm_eps, final_norm, attention_fn, score,
+                              positional)  # fmt: skip
+        self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
+        self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
+        self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
+        self.pooling = pooling
+        self.max_len = max_len
+        self.pad_id = pad_id
+
+    def __call__(self, tokens, *, deterministic=True, rngs=None, sow_weights=False):
+        """``tokens [B, T]`` -> class logits ``[B, num_classes]`` float32."""
+        tokens = _check_tokens("tokens", tokens, self.max_len)
+        valid = tokens != self.pad_id  # [B, T]
+        x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, mask=key_padding_mask(valid), deterministic=deterministic, rngs=rngs,
+                         sow_weights=sow_weights)  # fmt: skip
+        if self.pooling == "cls":
+            pooled = x[:, 0]
+        else:
+            w = valid.astype(x.dtype)[..., None]  # [B, T, 1]
+            pooled = (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+        return self.classifier(pooled).astype(jnp.float32)
