@@ -79,10 +79,15 @@ def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
     return x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape) :])
 
 
+def _head_shape(n: int, k: int) -> tuple[int, ...]:
+    """Query heads as ``(K, G)``, or ``(K,)`` without grouping (size-1 axes cost copies)."""
+    return (k, n // k) if n != k else (k,)
+
+
 def _grouped(x, name, batch_shape, n, k, t, s):
     """Brings a bias or mask that broadcasts to ``[..., N, T, S]`` to a compact grouped form.
 
-    Returns ``(array, batch_axis, head_axis)``: the array is ``[B?, (K, G)?, T|1, S|1]``
+    Returns ``(array, batch_axis, head_axis)``: the array is ``[B?, (K, G?)?, T|1, S|1]``
     where the batch and head dims are present only when the input had them.
     """
     if x is None:
@@ -98,7 +103,7 @@ def _grouped(x, name, batch_shape, n, k, t, s):
         x = x.reshape(x.shape[nb:])  # [N|1, T|1, S|1]
     lead = x.shape[:-3]
     if has_heads:
-        x = x.reshape(lead + (k, n // k) + x.shape[-2:])
+        x = x.reshape(lead + _head_shape(n, k) + x.shape[-2:])
     else:
         x = x.reshape(lead + x.shape[-2:])
     return x, has_batch, has_heads
@@ -198,7 +203,10 @@ def attention(
                 )
 
     nb = math.prod(batch_shape)
-    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, query.shape[-1])  # [B,T,K,G,H]
+    heads = _head_shape(n, k)
+    q = _flatten_batch(query, batch_shape).reshape(
+        (nb, t) + heads + query.shape[-1:]
+    )  # [B,T,K,G?,H]
     kk = _flatten_batch(key, batch_shape)  # [B, S, K, H']
     v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
     bias_g, bias_b, bias_h = _grouped(bias, "bias", batch_shape, n, k, t, s)
@@ -213,9 +221,10 @@ def attention(
     keep = None
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
+        keep = keep.reshape((nb,) + heads + (t, s))
     params = score_params
     if per_head_params:
-        params = jax.tree.map(lambda p: p.reshape((k, g) + p.shape[1:]), score_params)
+        params = jax.tree.map(lambda p: p.reshape(heads + p.shape[1:]), score_params)
 
     head = functools.partial(
         single_head_attention,
@@ -229,13 +238,14 @@ def attention(
         return head(q1, k1, v1, b1, m1, score_params=p1, dropout_keep=keep1)
 
     hp = 0 if per_head_params else None
-    # Over the G query heads of one key/value head: q [T, G, H].
-    over_g = jax.vmap(
-        one_head,
-        in_axes=(1, None, None, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
-        out_axes=(1, 0, 1),
-    )
-    # Over the K key/value heads: q [T, K, G, H], k [S, K, H'], v [S, K, Hv].
+    over_g = one_head
+    if g > 1:  # Over the G query heads of one key/value head: q [T, G, H].
+        over_g = jax.vmap(
+            one_head,
+            in_axes=(1, None, None, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
+            out_axes=(1, 0, 1),
+        )
+    # Over the K key/value heads: q [T, K, G?, H], k [S, K, H'], v [S, K, Hv].
     over_k = jax.vmap(
         over_g,
         in_axes=(1, 1, 1, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
@@ -256,7 +266,8 @@ def attention(
             structural = pad if structural is None else structural & pad
         out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, structural)
         if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
-            out = jnp.where((jnp.arange(t) < ql)[:, None, None, None], out, 0)
+            valid = (jnp.arange(t) < ql).reshape((t,) + (1,) * (out.ndim - 1))
+            out = jnp.where(valid, out, 0)
         return out, w, lse
 
     over_b = jax.vmap(
@@ -273,7 +284,7 @@ def attention(
         ),
     )
     out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, kv_len)
-    # out [B, T, K, G, Hv], weights [B, K, G, T, S], lse [B, T, K, G]
+    # out [B, T, K, G?, Hv], weights [B, K, G?, T, S], lse [B, T, K, G?]
     out = out.reshape(batch_shape + (t, n, value.shape[-1]))
     extras = []
     if return_weights:

@@ -23,6 +23,35 @@ def check_fully_masked(fully_masked: str) -> None:
         raise ValueError(f"fully_masked must be one of {_POLICIES}, got {fully_masked!r}")
 
 
+def _max_and_denominator(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row max (0 for rows of only -inf) and the sum of ``exp(x - max)`` (1 where it is 0)."""
+    row_max = jnp.max(x, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
+    denom = jnp.sum(jnp.exp(x - row_max), axis=-1, keepdims=True)
+    return row_max, jnp.where(denom > 0, denom, jnp.float32(1.0))
+
+
+@jax.custom_jvp
+def _softmax_last(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis; a row of only ``-inf`` gives zeros instead of NaN.
+
+    The custom JVP (as ``jax.nn.softmax``) makes the backward pass keep only the
+    output, not the exponentials, which halves the memory of attention's backward.
+    """
+    row_max = jnp.max(x, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(row_max))
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / jnp.where(denom > 0, denom, jnp.float32(1.0))
+
+
+@_softmax_last.defjvp
+def _softmax_last_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _softmax_last(x)
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
 def masked_softmax_with_lse(
     logits: jax.Array,
     mask: jax.Array | None = None,
@@ -51,15 +80,11 @@ def masked_softmax_with_lse(
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), logits.shape)
         logits = jnp.where(mask, logits, jnp.float32(MASK_FILL))
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
-    unnormalized = jnp.exp(logits - row_max)
-    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    safe_denom = jnp.where(denom > 0, denom, jnp.float32(1.0))
-    weights = unnormalized / safe_denom
+    weights = _softmax_last(logits)
     if mask is not None and fully_masked == "zeros":
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, jnp.float32(0.0))
-    lse = (row_max + jnp.log(safe_denom))[..., 0]
+    row_max, denom = _max_and_denominator(jax.lax.stop_gradient(logits))
+    lse = (row_max + jnp.log(denom))[..., 0]
     return weights, lse
 
 
