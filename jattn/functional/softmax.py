@@ -16,6 +16,7 @@ FullyMasked = Literal["zeros", "uniform"]
 MASK_FILL = float(-0.7 * np.finfo(np.float32).max)
 
 _POLICIES = ("zeros", "uniform")
+_TINY = np.float32(np.finfo(np.float32).tiny)
 
 
 def check_fully_masked(fully_masked: str) -> None:
@@ -41,8 +42,10 @@ def _softmax_last(x: jax.Array) -> jax.Array:
     row_max = jnp.max(x, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
     unnormalized = jnp.exp(x - jax.lax.stop_gradient(row_max))
-    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    return unnormalized / jnp.where(denom > 0, denom, jnp.float32(1.0))
+    # The sum is >= 1 unless the row is all -inf; adding the smallest normal float32
+    # changes no sum >= 1 and turns 0 / 0 into 0 (a select here costs XLA a buffer).
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True) + _TINY
+    return unnormalized / denom
 
 
 @_softmax_last.defjvp
