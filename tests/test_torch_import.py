@@ -262,3 +262,40 @@ def test_extra_key_and_bad_options():
     with pytest.raises(ValueError, match=r"nn.Transformer: state dict has no key "
                        r"'decoder.layers.1.norm3.weight'"):  # fmt: skip
         load_transformer(sd, num_heads=4, norm_first=False, activation="relu")
+
+
+def test_inconsistent_sizes_are_named():
+    sd, *_ = load_fixture("transformer_post_relu")
+    bad = dict(sd, **{"encoder.layers.1.self_attn.in_proj_weight": np.zeros((96, 32), np.float32)})
+    with pytest.raises(ValueError, match=r"encoder.layers.1.self_attn. has embed_dim=32, kdim=32, "
+                       r"vdim=32; the jattn layer has qkv width 16"):  # fmt: skip
+        load_transformer(bad, num_heads=4, norm_first=False, activation="relu")
+    bad = dict(sd, **{"encoder.layers.0.linear1.weight": np.zeros((32, 8), np.float32)})
+    with pytest.raises(ValueError, match=r"'encoder.layers.0.linear1.weight' has shape \[32, 8\], "
+                       r"expected \[dim_feedforward, 16\]"):  # fmt: skip
+        load_transformer(bad, num_heads=4, norm_first=False, activation="relu")
+    bad = {k: v for k, v in sd.items() if not k.startswith("decoder.layers.0.")}
+    with pytest.raises(ValueError, match=r"layer indices under 'decoder.layers.' are \[1\]"):
+        load_transformer(bad, num_heads=4, norm_first=False, activation="relu")
+    bad = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
+    with pytest.raises(ValueError, match=r"no keys 'decoder.layers.0.'"):
+        load_transformer(bad, num_heads=4, norm_first=False, activation="relu")
+    bad = dict(sd, **{"encoder.norm.bias": np.zeros(16, np.int32)})
+    with pytest.raises(TypeError, match=r"'encoder.norm.bias' must be a float array"):
+        load_transformer(bad, num_heads=4, norm_first=False, activation="relu")
+
+
+def test_separate_projection_errors():
+    sd, *_ = load_fixture("mha_separate_seq_first")
+    with pytest.raises(ValueError, match=r"'q_proj_weight' has shape \[16\], expected "
+                       r"\[embed_dim, embed_dim\]"):  # fmt: skip
+        load_multihead_attention({**sd, "q_proj_weight": np.zeros(16, np.float32)}, num_heads=4)
+    bad = {**sd, "k_proj_weight": np.zeros((8, 12), np.float32)}  # rows must be embed_dim
+    with pytest.raises(ValueError, match=r"'k_proj_weight' has shape \[8, 12\], expected "
+                       r"\[16, 12\]"):  # fmt: skip
+        load_multihead_attention(bad, num_heads=4)
+    layer_sd, *_ = load_fixture("encoder_layer_post_relu")
+    layer_sd = {k: v for k, v in layer_sd.items() if k != "self_attn.in_proj_weight"}
+    layer_sd.update({f"self_attn.{c}_proj_weight": sd[f"{c}_proj_weight"] for c in "qkv"})
+    with pytest.raises(ValueError, match="self_attn must be a packed nn.MultiheadAttention"):
+        load_transformer_encoder_layer(layer_sd, num_heads=4, norm_first=False, activation="relu")
