@@ -1,0 +1,268 @@
+"""Nadaraya-Watson kernel regression as attention pooling (d2l 11.2).
+
+A prediction at a query ``q`` is a weighted average of the training targets
+``y_i``, weighted by how close ``q`` is to each training input ``x_i``::
+
+    f(q) = sum_i  K(q - x_i) / sum_j K(q - x_j)  *  y_i
+
+This is attention: the queries are the points to predict, the keys are the
+training inputs, the values are the training targets, and the weights are a
+softmax over ``log K``. Kernels are therefore written in log space: each kernel
+returns the logits ``log K(d)`` (``-inf`` where ``K(d) = 0``), so a narrow
+Gaussian never underflows to an all-zero row, and the Gaussian kernel is exactly
+the softmax of ``-d^2 / 2``. ``jnp.exp(kernel(d))`` gives the kernel itself.
+
+Shapes: queries ``[T]`` (or ``[T, F]`` for F input features), keys ``[S]``
+(or ``[S, F]``), values ``[S]`` or ``[S, Hv]``, weights ``[T, S]``.
+A query whose kernel is zero on every key (a boxcar or Epanechikov window with
+no training point inside) gets all-zero weights and a zero prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jattn.functional import _checks
+from jattn.functional.pooling import attention_pooling
+from jattn.functional.softmax import masked_softmax
+
+__all__ = [
+    "Kernel",
+    "boxcar_kernel",
+    "constant_kernel",
+    "epanechikov_kernel",
+    "gaussian_kernel",
+    "leave_one_out_mask",
+    "nadaraya_watson",
+    "nadaraya_watson_weights",
+    "parametric_nadaraya_watson",
+    "parametric_nadaraya_watson_weights",
+]
+
+#: ``kernel(distances, width) -> log K(distances / width)``, float32, ``-inf`` where K = 0.
+Kernel = Callable[[jax.Array, float], jax.Array]
+
+_NEG_INF = float("-inf")
+
+
+def gaussian_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """Log of the Gaussian kernel ``exp(-d^2 / (2 width^2))``: ``-d^2 / (2 width^2)``."""
+    d = jnp.asarray(distances, jnp.float32)
+    return -jnp.square(d / width) / 2
+
+
+def boxcar_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """Log of the boxcar kernel ``1[|d| < width]``: 0 inside the window, ``-inf`` outside."""
+    d = jnp.asarray(distances, jnp.float32)
+    return jnp.where(jnp.abs(d) < width, jnp.float32(0.0), jnp.float32(_NEG_INF))
+
+
+def constant_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """Log of the constant kernel ``1``: every key gets the same weight (plain averaging)."""
+    del width
+    return jnp.zeros(jnp.shape(distances), jnp.float32)
+
+
+def epanechikov_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """Log of the Epanechikov kernel ``max(0, 1 - |d| / width)``; ``-inf`` outside the window."""
+    d = jnp.asarray(distances, jnp.float32)
+    k = 1.0 - jnp.abs(d) / width
+    inside = k > 0
+    # log of a safe positive value inside, so no NaN reaches a gradient through the where.
+    return jnp.where(inside, jnp.log(jnp.where(inside, k, 1.0)), jnp.float32(_NEG_INF))
+
+
+def _points(name: str, x, letters: str) -> jax.Array:
+    x = _checks.as_array(name, x)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape {letters}, got {_checks.fmt(x.shape)}")
+    _checks.check_float(name, x)
+    return x
+
+
+def _check_inputs(queries, keys, values=None, mask=None):
+    queries = _points("queries", queries, "[T] or [T, F]")
+    keys = _points("keys", keys, "[S] or [S, F]")
+    if queries.ndim != keys.ndim or queries.shape[1:] != keys.shape[1:]:
+        raise ValueError(
+            f"queries {_checks.fmt(queries.shape)} and keys {_checks.fmt(keys.shape)} must both "
+            "be [T], [S] (scalar inputs) or [T, F], [S, F] with the same F"
+        )
+    t, s = queries.shape[0], keys.shape[0]
+    if values is not None:
+        values = _points("values", values, "[S] or [S, Hv]")
+        if values.shape[0] != s:
+            raise ValueError(
+                f"keys {_checks.fmt(keys.shape)} and values {_checks.fmt(values.shape)} must "
+                "have the same length S"
+            )
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
+        _checks.check_broadcast("mask", mask, (t, s), "[T, S]")
+    return queries, keys, values, mask
+
+
+def _differences(queries: jax.Array, keys: jax.Array) -> jax.Array:
+    """``q - k`` for every pair: ``[T, S]`` for scalar inputs, ``[T, S, F]`` otherwise."""
+    q = queries.astype(jnp.float32)
+    k = keys.astype(jnp.float32)
+    if q.ndim == 1:
+        return q[:, None] - k[None, :]
+    return q[:, None, :] - k[None, :, :]
+
+
+def _pool(weights: jax.Array, values: jax.Array) -> jax.Array:
+    if values.ndim == 1:
+        return attention_pooling(weights, values[:, None])[:, 0]
+    return attention_pooling(weights, values)
+
+
+def nadaraya_watson_weights(
+    queries: jax.Array,
+    keys: jax.Array,
+    *,
+    kernel: Kernel = gaussian_kernel,
+    width: float = 1.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Non-parametric attention weights ``K(q - k) / sum K``.
+
+    Args:
+      queries: ``[T]`` or ``[T, F]``.
+      keys: ``[S]`` or ``[S, F]``; with F features the distance is the Euclidean norm.
+      kernel: a log-kernel (:func:`gaussian_kernel`, :func:`boxcar_kernel`,
+        :func:`constant_kernel`, :func:`epanechikov_kernel` or your own).
+      width: the kernel width (bandwidth).
+      mask: optional boolean ``[T, S]`` (True = attend), e.g. :func:`leave_one_out_mask`.
+
+    Returns:
+      float32 ``[T, S]`` weights; each row sums to 1, or is all zero when no key
+      lies inside the kernel's support.
+    """
+    queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
+    diff = _differences(queries, keys)
+    dist = diff if diff.ndim == 2 else jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))  # [T, S]
+    logits = kernel(dist, width)
+    if logits.shape != dist.shape:
+        raise ValueError(
+            f"kernel returned shape {_checks.fmt(logits.shape)} for distances "
+            f"{_checks.fmt(dist.shape)}; a kernel must act elementwise"
+        )
+    return masked_softmax(logits, mask)
+
+
+def nadaraya_watson(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    *,
+    kernel: Kernel = gaussian_kernel,
+    width: float = 1.0,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Non-parametric Nadaraya-Watson regression: attention pooling with a fixed kernel.
+
+    >>> import jax.numpy as jnp
+    >>> x, y = jnp.array([0.0, 1.0, 2.0]), jnp.array([0.0, 1.0, 4.0])
+    >>> nadaraya_watson(jnp.array([1.0]), x, y, kernel=constant_kernel)[0]
+    Array([1.6666666], dtype=float32)
+
+    Args:
+      queries: ``[T]`` or ``[T, F]`` points to predict at.
+      keys: ``[S]`` or ``[S, F]`` training inputs.
+      values: ``[S]`` or ``[S, Hv]`` training targets.
+      kernel, width, mask: see :func:`nadaraya_watson_weights`.
+
+    Returns:
+      ``(predictions, weights)``: ``[T]`` (or ``[T, Hv]``) in the values' dtype,
+      and the float32 weights ``[T, S]``.
+    """
+    queries, keys, values, mask = _check_inputs(queries, keys, values, mask)
+    weights = nadaraya_watson_weights(queries, keys, kernel=kernel, width=width, mask=mask)
+    return _pool(weights, values), weights
+
+
+def _check_w(w, queries: jax.Array) -> jax.Array:
+    w = _checks.as_array("w", w)
+    _checks.check_float("w", w)
+    n_features = 1 if queries.ndim == 1 else queries.shape[1]
+    if w.ndim > 1 or (w.ndim == 1 and w.shape[0] not in (1, n_features)):
+        raise ValueError(
+            f"w must be a scalar [] or one width per feature [F] = [{n_features}], got "
+            f"{_checks.fmt(w.shape)}; for several heads jax.vmap over w's head axis"
+        )
+    return w
+
+
+def parametric_nadaraya_watson_weights(
+    queries: jax.Array,
+    keys: jax.Array,
+    w: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Weights of parametric (learnable-width) kernel regression: ``softmax(-((q - k) w)^2 / 2)``.
+
+    This is d2l's ``NWKernelRegression``: a Gaussian kernel of width ``1 / w``.
+
+    Args:
+      queries: ``[T]`` or ``[T, F]``.
+      keys: ``[S]`` or ``[S, F]``.
+      w: ``[]`` (one width) or ``[F]`` (one per feature: ``-sum_f ((q_f - k_f) w_f)^2 / 2``).
+        For one width per head, ``jax.vmap`` over a leading head axis of ``w``.
+      mask: optional boolean ``[T, S]`` (True = attend).
+
+    Returns:
+      float32 ``[T, S]`` weights.
+    """
+    queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
+    w = _check_w(w, queries).astype(jnp.float32)
+    diff = _differences(queries, keys)  # [T, S] or [T, S, F]
+    if diff.ndim == 2:
+        logits = -jnp.square(diff * w.reshape(())) / 2
+    else:
+        scaled = diff * w.reshape((1, 1, -1))  # [T, S, F]
+        logits = -jnp.sum(jnp.square(scaled), axis=-1) / 2
+    return masked_softmax(logits, mask)
+
+
+def parametric_nadaraya_watson(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    w: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Parametric Nadaraya-Watson regression with a learnable width ``w`` (differentiable in w).
+
+    Args:
+      queries: ``[T]`` or ``[T, F]``.
+      keys: ``[S]`` or ``[S, F]``.
+      values: ``[S]`` or ``[S, Hv]``.
+      w: ``[]`` or ``[F]``; see :func:`parametric_nadaraya_watson_weights`.
+      mask: optional boolean ``[T, S]``, e.g. :func:`leave_one_out_mask` for training.
+
+    Returns:
+      ``(predictions [T] or [T, Hv], weights [T, S])``.
+    """
+    queries, keys, values, mask = _check_inputs(queries, keys, values, mask)
+    weights = parametric_nadaraya_watson_weights(queries, keys, w, mask=mask)
+    return _pool(weights, values), weights
+
+
+def leave_one_out_mask(num_points: int) -> jax.Array:
+    """``[S, S]`` boolean mask that hides each training point from itself (False on the diagonal).
+
+    Training a kernel's width on the training set with queries = keys would
+    let every point attend to itself (and learn ``w -> inf``); with this mask each
+    point is predicted from all the others, as d2l's leave-one-out keys do.
+    """
+    if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
+        raise ValueError(f"leave_one_out_mask needs an int num_points >= 2, got {num_points!r}")
+    return ~jnp.eye(num_points, dtype=bool)
