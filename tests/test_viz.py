@@ -1,0 +1,190 @@
+"""Heatmaps checked by content (image data, labels, axes, masks) and weight collection."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.image  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jattn.layers import MultiHeadAttention  # noqa: E402
+from jattn.viz import (  # noqa: E402
+    collect_attention_weights,
+    plot_attention,
+    plot_attention_grid,
+    save_figure,
+)
+
+
+def _weights(*shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(np.float32)
+
+
+def _ticks(labels):
+    return [t.get_text() for t in labels]
+
+
+def test_plot_attention_content():
+    w = _weights(3, 4)
+    mask = np.tril(np.ones((3, 4), bool))
+    fig = plot_attention(
+        w, row_labels=["a", "b", "c"], col_labels=list("WXYZ"), mask=mask, title="one head"
+    )
+    ax, cbar = fig.axes  # the heatmap and its colorbar
+    arr = ax.images[0].get_array()
+    np.testing.assert_array_equal(arr.data, w)
+    np.testing.assert_array_equal(np.ma.getmaskarray(arr), ~mask)
+    assert _ticks(ax.get_yticklabels()) == ["a", "b", "c"]
+    assert _ticks(ax.get_xticklabels()) == list("WXYZ")
+    assert ax.get_title() == "one head"
+    assert ax.images[0].get_clim() == (0.0, pytest.approx(float(w[mask].max())))  # visible max
+    # masked cells are transparent, so the hatched grey background shows through
+    assert ax.images[0].get_cmap().get_bad()[3] == 0.0 and ax.patch.get_hatch()
+    assert cbar.get_label() == "<colorbar>"
+
+
+def test_plot_attention_into_given_axes_and_long_labels():
+    import matplotlib.pyplot as plt
+
+    fig, (a0, a1) = plt.subplots(1, 2)
+    plt.close(fig)
+    labels = [f"t{i}" for i in range(100)]
+    out = plot_attention(_weights(100, 100), row_labels=labels, col_labels=labels, ax=a1)
+    assert out is fig and len(a1.images) == 1 and not a0.images
+    shown = _ticks(a1.get_xticklabels())
+    assert shown == labels[::3]  # thinned to at most 40 ticks, in order
+
+
+def test_plot_attention_grid_array():
+    w = _weights(2, 3, 4, 5)  # [L, N, T, S]
+    mask = np.tril(np.ones((4, 5), bool))
+    fig = plot_attention_grid(
+        w,
+        row_labels=list("abcd"),
+        col_labels=list("VWXYZ"),
+        layer_names=["enc 0", "enc 1"],
+        head_names=["h0", "h1", "h2"],
+        mask=mask,
+        title="all heads",
+    )
+    assert len(fig.axes) == 2 * 3 + 1  # L * N heatmaps and one shared colorbar
+    heat = fig.axes[:6]
+    for idx, ax in enumerate(heat):
+        layer, head = divmod(idx, 3)
+        arr = ax.images[0].get_array()
+        np.testing.assert_array_equal(arr.data, w[layer, head])
+        np.testing.assert_array_equal(np.ma.getmaskarray(arr), ~mask)
+        assert ax.get_title() == f"h{head}"
+        assert _ticks(ax.get_xticklabels()) == list("VWXYZ")
+        top = float(np.max(np.where(mask, w, 0)))
+        assert ax.images[0].get_clim() == (0.0, pytest.approx(top))  # one shared scale
+    assert heat[0].get_ylabel() == "enc 0" and heat[3].get_ylabel() == "enc 1"
+    assert _ticks(heat[0].get_yticklabels()) == list("abcd")
+    assert _ticks(heat[1].get_yticklabels()) == [""] * 4  # row labels on the first column only
+    assert fig.get_suptitle() == "all heads"
+
+
+def test_plot_attention_grid_dict_with_batch_and_mixed_shapes():
+    enc = _weights(2, 2, 3, 3, seed=1)  # [B, N, S, S]
+    cross = _weights(2, 2, 4, 3, seed=2)  # [B, N, T, S]
+    pad = np.array([True, True, False])
+    fig = plot_attention_grid(
+        {"encoder": enc, "cross": cross},
+        batch_index=1,
+        row_labels={"encoder": ["x", "y", "<pad>"], "cross": ["p", "q", "r", "s"]},
+        col_labels=["x", "y", "<pad>"],
+        mask={"cross": pad},
+    )
+    assert len(fig.axes) == 4 + 1
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array().data, enc[1, 1])
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array().data, cross[1, 0])
+    assert not np.ma.getmaskarray(fig.axes[0].images[0].get_array()).any()
+    np.testing.assert_array_equal(
+        np.ma.getmaskarray(fig.axes[3].images[0].get_array()), np.broadcast_to(~pad, (4, 3))
+    )
+    assert _ticks(fig.axes[2].get_yticklabels()) == ["p", "q", "r", "s"]
+    assert fig.axes[0].get_ylabel() == "encoder" and fig.axes[0].get_title() == "head 0"
+
+
+def test_grid_with_fewer_heads_in_a_layer():
+    fig = plot_attention_grid({"a": _weights(3, 2, 2), "b": _weights(1, 2, 2)})
+    assert len(fig.axes) == 3 + 1 + 1
+
+
+def test_save_figure_png(tmp_path):
+    fig = plot_attention_grid(_weights(1, 2, 3, 3), cell_size=2.0)
+    path = save_figure(fig, tmp_path / "sub" / "grid.png", dpi=50)
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[2] in (3, 4)
+    w_in, h_in = fig.get_size_inches()
+    assert img.shape[:2] == (round(h_in * 50), round(w_in * 50))  # the figure's size at 50 dpi
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temp file left
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"weights must have shape \[T, S\], got \[2, 3, 4\]"):
+        plot_attention(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="row_labels has 2 labels but the weights have 3"):
+        plot_attention(np.zeros((3, 4)), row_labels=["a", "b"])
+    with pytest.raises(ValueError, match=r"mask of shape \[2\] does not broadcast .* \[3, 4\]"):
+        plot_attention(np.zeros((3, 4)), mask=np.ones(2, bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        plot_attention(np.zeros((3, 4)), mask=np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"\[L, B, N, T, S\] = \[1, 2, 1, 3, 3\] .* batch_index"):
+        plot_attention_grid(np.zeros((1, 2, 1, 3, 3)))
+    with pytest.raises(ValueError, match="has a batch axis"):
+        plot_attention_grid({"a": np.zeros((2, 1, 3, 3))})
+    with pytest.raises(ValueError, match="got 1 layer_names for 2 layers"):
+        plot_attention_grid(np.zeros((2, 1, 3, 3)), layer_names=["x"])
+
+
+class _Stack(nnx.Module):
+    """Two self-attention layers and a cross-attention layer, sown as the models do."""
+
+    def __init__(self, rngs):
+        self.layers = nnx.List([MultiHeadAttention(2, 8, rngs=rngs) for _ in range(2)])
+        self.cross = MultiHeadAttention(2, 8, in_kv_features=4, rngs=rngs)
+
+    def __call__(self, x, memory, *, sow_weights=False):
+        for layer in self.layers:
+            x = x + layer(x, is_causal=True, sow_weights=sow_weights)
+        return self.cross(x, memory, sow_weights=sow_weights)
+
+
+def test_collect_attention_weights_leaves_output_and_model_unchanged():
+    model = _Stack(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    memory = jax.random.normal(jax.random.key(2), (2, 3, 4))
+    expected = model(x, memory)
+    weights = collect_attention_weights(model, x, memory)
+    assert list(weights) == ["cross", "layers/0", "layers/1"]
+    assert weights["cross"].shape == (2, 2, 5, 3) and weights["layers/1"].shape == (2, 2, 5, 5)
+    assert not nnx.state(model, nnx.Intermediate)  # nothing left behind
+    np.testing.assert_array_equal(model(x, memory), expected)  # model unchanged
+    # the outputs of a sowing call equal a normal call bitwise, and the weights are the layer's
+    h = x + model.layers[0](x, is_causal=True)
+    _, w1 = model.layers[1](h, is_causal=True, return_weights=True)
+    np.testing.assert_allclose(weights["layers/1"], w1, rtol=1e-6, atol=1e-7)
+    assert np.all(np.triu(np.asarray(weights["layers/0"]), k=1) == 0)  # causal
+    sown = nnx.capture(lambda m: m(x, memory, sow_weights=True), nnx.Intermediate)(model)[0]
+    np.testing.assert_array_equal(sown, expected)
+
+
+def test_collect_layer_called_twice():
+    layer = MultiHeadAttention(1, 4, rngs=nnx.Rngs(0))
+
+    class Twice(nnx.Module):
+        def __init__(self):
+            self.attn = layer
+
+        def __call__(self, x, *, sow_weights=False):
+            return self.attn(self.attn(x, sow_weights=sow_weights), sow_weights=sow_weights)
+
+    w = collect_attention_weights(Twice(), jnp.ones((1, 3, 4)))
+    assert list(w) == ["attn/0", "attn/1"]
