@@ -26,7 +26,8 @@ __all__ = [
 def _relative_positions(num_queries: int, num_keys: int, offset) -> jax.Array:
     """``key_position - query_position``: ``[T, S]``, or ``[B, T, S]`` for ``offset [B]``."""
     offset = jnp.asarray(offset, dtype=jnp.int32)
-    q = offset[..., None] + jnp.arange(num_queries, dtype=jnp.int32)  # [..., T]
+    q = jnp.arange(num_queries, dtype=jnp.int32).reshape((1,) * offset.ndim + (num_queries,))
+    q = offset[..., None] + q  # [..., T]
     k = jnp.arange(num_keys, dtype=jnp.int32).reshape((1,) * offset.ndim + (1, num_keys))
     return k - q[..., None]
 

@@ -295,7 +295,7 @@ class DecoderLM(nnx.Module):
 
         A multi-token prefill or single-token steps; returns ``(logits [B, T, V], caches)``.
         """
-        positions = caches[0].index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = caches[0].index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
         x = self.embed(tokens, positions)
         x, caches = self.decoder.step(x, caches)
         return self._logits(x), caches

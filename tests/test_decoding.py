@@ -1,0 +1,254 @@
+"""KV-cache decoding equals the full forward; greedy and beam search against references."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jattn.functional.masks import key_padding_mask
+from jattn.models import DecoderLM, Transformer, beam_search, greedy_search, length_penalty_fn
+
+PAD, BOS, EOS = 0, 1, 2
+SMALL = dict(features=16, num_heads=2, mlp_features=32, dropout_rate=0.0, max_len=16)
+
+
+def _log_softmax(x):
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(x)), np.float64)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@pytest.mark.parametrize("positional,pre_norm", [("sinusoidal", False), ("rotary", True)])
+def test_seq2seq_cache_matches_full_forward(positional, pre_norm):
+    model = Transformer(9, 7, positional=positional, pre_norm=pre_norm, rngs=nnx.Rngs(0), **SMALL)
+    src = jnp.array([[3, 4, 5, 6, 2], [7, 8, 2, 0, 0]])
+    tgt = jnp.array([[1, 3, 4, 5, 6, 3], [1, 6, 5, 4, 2, 0]])
+    full = model(src, tgt)  # [B, T, V]
+
+    @nnx.jit
+    def incremental(model, src, tgt):
+        memory = model.encode(src)
+        kvs = model.decoder.cross_kv(memory)
+        step = model._step_fn(kvs, key_padding_mask(src != PAD))
+        caches = model.decoder.init_cache(2, 8)
+        # multi-token prefill of the first 3 tokens, then single-token steps
+        y = model.tgt_embed(tgt[:, :3], jnp.arange(3)[None, :])
+        y, caches = model.decoder.step(y, caches, kvs, key_padding_mask(src != PAD))
+        outs = [jax.nn.log_softmax(model._logits(y))]
+        for t in range(3, tgt.shape[1]):
+            lp, caches = step(tgt[:, t : t + 1], caches)
+            outs.append(lp[:, None])
+        return jnp.concatenate(outs, axis=1), caches[0].index
+
+    got, index = incremental(model, src, tgt)
+    np.testing.assert_allclose(np.asarray(got), _log_softmax(full), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(index), [6, 6])
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_lm_cache_with_different_prompt_lengths(positional):
+    model = DecoderLM(11, positional=positional, rngs=nnx.Rngs(1), **SMALL)
+    lengths = jnp.array([2, 5, 3])
+    prompt = jnp.array([[1, 4, 0, 0, 0], [1, 5, 6, 7, 8], [1, 9, 3, 0, 0]])
+    cont = jnp.array([[3, 4, 5], [6, 7, 8], [9, 10, 3]])  # fed after each prompt
+
+    @nnx.jit
+    def incremental(model, prompt, lengths, cont):
+        caches = model.init_cache(3, 10)
+        prefill, caches = model.step(prompt, caches)
+        caches = [c._replace(index=lengths) for c in caches]
+        outs = []
+        for j in range(cont.shape[1]):
+            logits, caches = model.step(cont[:, j : j + 1], caches)
+            outs.append(logits[:, 0])
+        return prefill, jnp.stack(outs, axis=1)
+
+    prefill, steps = incremental(model, prompt, lengths, cont)
+    for b, n in enumerate(np.asarray(lengths)):
+        seq = jnp.concatenate([prompt[b, :n], cont[b]])[None]
+        full = np.asarray(model(seq)[0])
+        np.testing.assert_allclose(np.asarray(prefill[b, :n]), full[:n], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(steps[b]), full[n:], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _stepwise_argmax(forward, prefix, lengths, max_new):
+    """Greedy by full forwards: ``forward(tokens [B, L]) -> logits [B, L, V]`` (causal).
+
+    ``prefix [B, P]`` right-padded with ``lengths``; one fixed shape, so one compile.
+    """
+    batch = prefix.shape[0]
+    seq = np.zeros((batch, prefix.shape[1] + max_new), np.int32)
+    seq[:, : prefix.shape[1]] = np.asarray(prefix)
+    out = np.full((batch, max_new), PAD, np.int32)
+    done = np.zeros(batch, bool)
+    for j in range(max_new):
+        logits = np.asarray(forward(jnp.asarray(seq)))
+        for b in range(batch):
+            pos = int(lengths[b]) + j
+            nxt = int(np.argmax(logits[b, pos - 1]))
+            seq[b, pos] = nxt
+            if not done[b]:
+                out[b, j] = nxt
+                done[b] = nxt == EOS
+    return out
+
+
+def test_seq2seq_greedy_equals_stepwise_argmax_and_beam1():
+    model = Transformer(9, 6, rngs=nnx.Rngs(3), **SMALL)
+    # make EOS likely enough to appear, so PAD-after-EOS is exercised
+    model.output.bias[...] = model.output.bias[...].at[EOS].set(3.0)
+    src = jnp.array([[3, 4, 5, 2, 0], [6, 7, 8, 5, 2], [5, 2, 0, 0, 0]])
+    got = np.asarray(model.generate(src, max_len=6))
+    forward = nnx.jit(lambda m, tgt: m(src, tgt))
+    want = _stepwise_argmax(lambda t: forward(model, t), jnp.full((3, 1), BOS), [1, 1, 1], 6)
+    np.testing.assert_array_equal(got, want)
+    assert (got == EOS).any() and (got[:, -1] != PAD).any(), "exercise EOS and no EOS"
+    np.testing.assert_array_equal(np.asarray(model.generate(src, max_len=6, beam_size=1)), got)
+
+
+def _seq_score(log_probs, tokens, alpha):
+    """Length-penalised score of generated ``tokens`` (up to EOS) under teacher forcing."""
+    total, n = 0.0, 0
+    for t, tok in enumerate(tokens):
+        total += log_probs[t, tok]
+        n += 1
+        if tok == EOS:
+            break
+    return total / ((5 + n) / 6) ** alpha
+
+
+def test_seq2seq_beam_equals_brute_force():
+    vocab, max_len, alpha = 4, 3, 0.6
+    model = Transformer(9, vocab, rngs=nnx.Rngs(5), **SMALL)
+    model.output.bias[...] = model.output.bias[...].at[EOS].set(1.0)
+    src = jnp.array([[3, 4, 5, 2, 0], [6, 7, 2, 0, 0], [8, 3, 6, 5, 2]])
+    # every output: tokens ending in EOS, or max_len tokens without EOS
+    cands = [
+        seq
+        for n in range(1, max_len + 1)
+        for seq in itertools.product(range(vocab), repeat=n)
+        if (seq[-1] == EOS or n == max_len) and EOS not in seq[:-1]
+    ]
+    beam = np.asarray(model.generate(src, max_len=max_len, beam_size=16, length_penalty=alpha))
+    greedy = np.asarray(model.generate(src, max_len=max_len))
+    forward = nnx.jit(lambda m, s, t: m(s, t))
+    tgt = jnp.array([[BOS, *seq] + [PAD] * (max_len - len(seq)) for seq in cands])
+    for b in range(src.shape[0]):
+        lp = _log_softmax(forward(model, jnp.repeat(src[b : b + 1], len(cands), axis=0), tgt))
+        scores = [_seq_score(lp[i], seq, alpha) for i, seq in enumerate(cands)]
+        best = cands[int(np.argmax(scores))]
+        np.testing.assert_array_equal(beam[b], list(best) + [PAD] * (max_len - len(best)))
+        # greedy is never better
+        lp_g = _log_softmax(forward(model, src[b : b + 1], jnp.array([[BOS, *greedy[b, :-1]]]))[0])
+        assert _seq_score(lp_g, greedy[b], alpha) <= max(scores) + 1e-6
+
+
+def test_lm_generate_equals_stepwise_argmax():
+    model = DecoderLM(8, positional="rotary", rngs=nnx.Rngs(2), **SMALL)
+    prompt = jnp.array([[1, 4, 5, 0], [1, 3, 0, 0], [1, 6, 7, 4]])
+    lengths = jnp.array([3, 2, 4])
+    got = np.asarray(model.generate(prompt, lengths, max_new_tokens=5))
+    forward = nnx.jit(lambda m, t: m(t))
+    want = _stepwise_argmax(lambda t: forward(model, t), prompt, np.asarray(lengths), 5)
+    np.testing.assert_array_equal(got, want)
+    assert (got == EOS).any() and (got[:, -1] != PAD).any(), "exercise EOS and no EOS"
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        model.generate(prompt, lengths, max_new_tokens=20)
+    with pytest.raises(ValueError, match=r"prompt_lengths must have shape \[B\]"):
+        model.generate(prompt, lengths[:2], max_new_tokens=2)
+
+
+def test_generate_inside_jit_and_errors():
+    model = Transformer(9, 6, rngs=nnx.Rngs(3), **SMALL)
+    src = jnp.array([[3, 4, 5, 2, 0]])
+    out = nnx.jit(lambda m, s: m.generate(s, max_len=4))(model, src)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(model.generate(src, max_len=4)))
+    with pytest.raises(ValueError, match=r"max_len must be an int in \[1, 16\]"):
+        model.generate(src, max_len=17)
+    with pytest.raises(ValueError, match="beam_size must be a positive int"):
+        model.generate(src, max_len=3, beam_size=0)
+
+
+# ------------------------------------------------------------- search on a bigram model
+
+
+def _bigram(rows):
+    """A Markov 'model': log-probs of the next token depend on the last token only."""
+    table = np.full((5, 5), 1e-6)
+    for prev, probs in rows.items():
+        for tok, p in probs.items():
+            table[prev, tok] = p
+    table /= table.sum(1, keepdims=True)
+    return np.log(table)
+
+
+# PAD=0 BOS=1 EOS=2 A=3 B=4. Greedy takes A (0.55) then wanders; B EOS has probability 0.43.
+TABLE = _bigram(
+    {
+        1: {3: 0.55, 4: 0.45},
+        3: {3: 0.36, 4: 0.34, 2: 0.30},
+        4: {2: 0.95, 3: 0.05},
+        0: {0: 1.0},
+        2: {0: 1.0},
+    }
+)
+
+
+def _step(tokens, state):
+    return jnp.asarray(TABLE, jnp.float32)[tokens[:, 0]], state + 1
+
+
+def _brute_force(max_len, alpha):
+    best, best_seq = -np.inf, None
+    for n in range(1, max_len + 1):
+        for seq in itertools.product(range(5), repeat=n):
+            if EOS in seq[:-1] or (seq[-1] != EOS and n < max_len):
+                continue
+            lp = sum(TABLE[a, b] for a, b in zip((BOS, *seq[:-1]), seq, strict=True))
+            score = lp / ((5 + n) / 6) ** alpha
+            if score > best:
+                best, best_seq = score, list(seq)
+    return best, best_seq + [PAD] * (max_len - len(best_seq))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_beam_search_beats_greedy_on_bigram(alpha):
+    max_len = 4
+    state = jnp.zeros((2,), jnp.int32)
+    first = jnp.full((2,), BOS, jnp.int32)
+    ids = dict(eos_id=EOS, pad_id=PAD)
+    search = jax.jit(
+        lambda w: beam_search(
+            _step, state, first, beam_size=w, max_len=max_len, length_penalty=alpha, **ids
+        ),
+        static_argnums=0,
+    )
+    greedy = np.asarray(jax.jit(lambda: greedy_search(_step, state, first, max_len=4, **ids))())
+    np.testing.assert_array_equal(greedy, [[3, 3, 3, 3]] * 2)
+    tokens, scores = search(1)
+    np.testing.assert_array_equal(np.asarray(tokens), greedy)  # beam 1 == greedy
+    want_score, want_seq = _brute_force(max_len, alpha)
+    tokens, scores = search(3)
+    np.testing.assert_array_equal(np.asarray(tokens), [want_seq] * 2)
+    np.testing.assert_allclose(np.asarray(scores), want_score, rtol=1e-5)
+    assert want_seq[:2] == [4, EOS]  # B EOS beats greedy's A A A A
+    lp = length_penalty_fn(jnp.array([1, 4]), 0.6)
+    np.testing.assert_allclose(np.asarray(lp), [1.0, (9 / 6) ** 0.6], rtol=1e-6)
+
+
+def test_greedy_pads_after_eos():
+    table = _bigram({1: {4: 1.0}, 4: {2: 1.0}, 2: {3: 1.0}, 3: {3: 1.0}, 0: {0: 1.0}})
+
+    def step(tokens, state):
+        return jnp.asarray(table, jnp.float32)[tokens[:, 0]], state
+
+    first = jnp.array([BOS, 3], jnp.int32)
+    out = greedy_search(step, jnp.zeros((2,)), first, max_len=4, eos_id=EOS, pad_id=PAD)
+    np.testing.assert_array_equal(np.asarray(out), [[4, 2, 0, 0], [3, 3, 3, 3]])
