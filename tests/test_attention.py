@@ -1,0 +1,415 @@
+"""jattn.dot_product_attention and jattn.attention vs jax.nn and NumPy float64 references.
+
+Float32 tolerance (the issue's acceptance bound): 1e-6 against jax.nn on outputs and
+gradients. NumPy float64 references get 1e-5 (float32 accumulation of O(1) terms).
+Low precision vs the float32 result on the same (rounded) inputs: a fixed multiple of the
+dtype's epsilon, see LOW_PRECISION_TOL.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+
+import jattn
+
+B, T, S, N, K, H = 2, 4, 5, 4, 2, 8
+JAX_NN_TOL = dict(rtol=1e-6, atol=1e-6)
+F64_TOL = dict(rtol=1e-5, atol=1e-5)
+# bfloat16 has 8 significant bits (eps 2^-7), float16 11 (eps 2^-10). Inputs, probabilities
+# and outputs are each rounded once, so we allow 4 eps on O(1) outputs.
+LOW_PRECISION_TOL = {jnp.bfloat16: 4 * 2.0**-7, jnp.float16: 4 * 2.0**-10}
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+    """Test data from NumPy: jax.random would compile a kernel for every new shape."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _qkv(t=T, s=S, n=N, k=K, h=H, hv=None, batch=(B,)):
+    return (
+        _normal(0, batch + (t, n, h)),
+        _normal(1, batch + (s, k, h)),
+        _normal(2, batch + (s, k, h if hv is None else hv)),
+    )
+
+
+def _random_mask(shape, seed=3, p=0.7, keep_rows_alive=True):
+    m = np.random.default_rng(seed).random(shape) < p
+    if keep_rows_alive:
+        m[..., 0] = True  # every query sees at least key 0
+    return jnp.asarray(m)
+
+
+# ------------------------------------------------------------------ vs jax.nn
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "window", "fully_masked"))
+def _ours_and_jax_nn(q, k, v, bias, mask, q_len, kv_len, cot, *, is_causal, window, fully_masked):
+    """Outputs and gradients (w.r.t. q, k, v and bias) of jattn and of jax.nn."""
+
+    def run(fn, **extra):
+        def loss(q, k, v, bias):
+            out = fn(
+                q,
+                k,
+                v,
+                bias,
+                mask,
+                is_causal=is_causal,
+                query_seq_lengths=q_len,
+                key_value_seq_lengths=kv_len,
+                local_window_size=window,
+                **extra,
+            )
+            return jnp.sum(out * cot), out
+
+        argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+        (_, out), grads = jax.value_and_grad(loss, argnums, has_aux=True)(q, k, v, bias)
+        return out, grads
+
+    return run(jattn.dot_product_attention, fully_masked=fully_masked), run(
+        jax.nn.dot_product_attention
+    )
+
+
+def _check_vs_jax_nn(
+    q, k, v, bias=None, mask=None, q_len=None, kv_len=None, *, is_causal=False, window=None,
+    fully_masked="zeros",
+):  # fmt: skip
+    cot = _normal(9, q.shape[:-1] + v.shape[-1:])
+    (out, grads), (want, want_grads) = _ours_and_jax_nn(
+        q, k, v, bias, mask, q_len, kv_len, cot,
+        is_causal=is_causal, window=window, fully_masked=fully_masked,
+    )  # fmt: skip
+    np.testing.assert_allclose(out, want, **JAX_NN_TOL)
+    for name, g, w in zip("qkvb"[: len(grads)], grads, want_grads, strict=True):
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, w, **JAX_NN_TOL, err_msg=f"gradient w.r.t. {name}")
+    return out
+
+
+def test_no_mask():
+    _check_vs_jax_nn(*_qkv())
+
+
+@pytest.mark.parametrize("mask_shape", [(B, 1, T, S), (1, N, T, S), (1, 1, 1, S)])
+def test_boolean_mask_broadcasts(mask_shape):
+    _check_vs_jax_nn(*_qkv(), mask=_random_mask(mask_shape))
+
+
+@pytest.mark.parametrize("bias_shape", [(B, N, T, S), (B, 1, 1, S)])
+def test_bias_and_its_gradient(bias_shape):
+    bias = _normal(4, bias_shape)
+    _check_vs_jax_nn(*_qkv(), bias=bias, mask=_random_mask((B, 1, T, S)))
+
+
+@pytest.mark.parametrize("t,s", [(4, 4), (3, 5), (5, 3)])
+def test_causal(t, s):
+    _check_vs_jax_nn(*_qkv(t=t, s=s), is_causal=True)
+
+
+@pytest.mark.parametrize("window", [1, (0, 2)])
+def test_local_window(window):
+    _check_vs_jax_nn(*_qkv(), window=window)
+
+
+def test_seq_lengths():
+    q_len = jnp.array([2, 4], jnp.int32)
+    kv_len = jnp.array([5, 1], jnp.int32)
+    out = _check_vs_jax_nn(*_qkv(), q_len=q_len, kv_len=kv_len)
+    np.testing.assert_array_equal(out[0, 2:], 0.0)  # padded queries give zeros
+
+
+def test_everything_at_once():
+    """Mask, bias, causal, window and sequence lengths together, GQA."""
+    _check_vs_jax_nn(
+        *_qkv(t=5, s=5),
+        bias=_normal(4, (1, N, 5, 5)),
+        mask=_random_mask((B, 1, 5, 5)),
+        q_len=jnp.array([5, 3], jnp.int32),
+        kv_len=jnp.array([4, 5], jnp.int32),
+        is_causal=True,
+        window=(2, 1),
+    )
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 4], ids=["mqa", "mha"])  # K=2 everywhere else
+def test_grouped_heads(num_kv_heads):
+    _check_vs_jax_nn(*_qkv(k=num_kv_heads), mask=_random_mask((1, N, T, S)))
+
+
+def test_unbatched_inputs():
+    q, k, v = _qkv(batch=())
+    mask = _random_mask((N, T, S))
+    _check_vs_jax_nn(q, k, v, bias=_normal(4, (N, T, S)), mask=mask, is_causal=True)
+
+
+def test_fully_masked_rows_uniform_matches_jax_nn():
+    mask = np.array(_random_mask((B, N, T, S)))
+    mask[0, 1, 2] = False
+    mask[1, :, 0] = False
+    _check_vs_jax_nn(
+        *_qkv(), bias=_normal(4, (B, N, T, S)), mask=jnp.asarray(mask), fully_masked="uniform"
+    )
+
+
+def test_eager_matches_jax_nn():
+    q, k, v = _qkv()
+    mask = _random_mask((B, 1, T, S))
+    got = jattn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=0.3)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=0.3)
+    np.testing.assert_allclose(got, want, **JAX_NN_TOL)
+
+
+# ------------------------------------------------------------------ vs NumPy float64
+
+
+@functools.partial(
+    jax.jit, static_argnames=("is_causal", "window", "fully_masked", "return_residual")
+)
+def _dpa_with_weights(q, k, v, bias=None, mask=None, q_len=None, kv_len=None, **kw):
+    return jattn.dot_product_attention(
+        q, k, v, bias, mask, query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+        return_weights=True, **kw,
+    )  # fmt: skip
+
+
+def _check_vs_numpy(q, k, v, bias=None, mask=None, q_len=None, kv_len=None, **kw):
+    out, weights = _dpa_with_weights(q, k, v, bias, mask, q_len, kv_len, **kw)
+    want, want_w, _ = ref.attention(
+        np.asarray(q), np.asarray(k), np.asarray(v), bias, mask, q_len=q_len, kv_len=kv_len,
+        is_causal=kw.get("is_causal", False), window=kw.get("window"),
+    )  # fmt: skip
+    np.testing.assert_allclose(out, want, **F64_TOL)
+    np.testing.assert_allclose(weights, want_w, **F64_TOL)
+    return out, weights
+
+
+def test_value_head_dim_differs():
+    q, k, v = _qkv(hv=3)
+    out, _ = _check_vs_numpy(q, k, v, mask=_random_mask((B, 1, T, S)), is_causal=True)
+    assert out.shape == (B, T, N, 3)
+
+
+def test_leading_batch_dims():
+    q, k, v = _qkv(batch=(2, 3), hv=6)
+    mask = _random_mask((3, 1, T, S))  # broadcasts over the first batch dim
+    bias = _normal(4, (2, 1, N, T, S))
+    q_len = jnp.array([[4, 3, 1], [2, 4, 4]])
+    out, weights = jax.jit(
+        lambda *a: jattn.dot_product_attention(
+            *a[:5], query_seq_lengths=a[5], is_causal=True, return_weights=True
+        )
+    )(q, k, v, bias, mask, q_len)
+    assert out.shape == (2, 3, T, N, 6) and weights.shape == (2, 3, N, T, S)
+    flat = lambda x: np.asarray(x).reshape((6,) + x.shape[2:])  # noqa: E731
+    want, want_w, _ = ref.attention(
+        flat(q), flat(k), flat(v),
+        flat(jnp.broadcast_to(bias, (2, 3, N, T, S))),
+        flat(jnp.broadcast_to(mask, (2, 3, 1, T, S))),
+        q_len=flat(q_len), is_causal=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(flat(out), want, **F64_TOL)
+    np.testing.assert_allclose(flat(weights), want_w, **F64_TOL)
+
+
+def test_fully_masked_rows_are_zero_like_torch_sdpa():
+    """PyTorch SDPA (and our default) returns exactly 0 for a query that sees no key."""
+    q, k, v = _qkv()
+    mask = np.array(_random_mask((B, N, T, S)))
+    mask[0, 1, 2] = False
+    mask[1, :, 0] = False
+    dead = ~mask.any(-1)  # [B, N, T]
+    out, weights = _check_vs_numpy(q, k, v, mask=jnp.asarray(mask))
+    out_bnt = np.moveaxis(np.asarray(out), 2, 1)  # [B, N, T, H]
+    np.testing.assert_array_equal(out_bnt[dead], 0.0)
+    np.testing.assert_array_equal(np.asarray(weights)[dead], 0.0)
+    assert np.all(np.abs(out_bnt[~dead]).sum(-1) > 0)
+    grads = jax.jit(
+        jax.grad(lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, mask=mask) ** 2),
+                 argnums=(0, 1, 2))
+    )(q, k, v)  # fmt: skip
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    gq = np.moveaxis(np.asarray(grads[0]), 2, 1)  # [B, N, T, H]
+    np.testing.assert_array_equal(gq[dead], 0.0)
+
+
+# ------------------------------------------------------------------ weights and residual
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_return_weights_and_residual_leave_output_bitwise_unchanged(use_jit):
+    q, k, v = _qkv()
+    bias = _normal(4, (1, N, T, S))
+    mask = np.array(_random_mask((B, 1, T, S)))
+    mask[1, 0, 3] = False  # one fully masked row
+    kw = dict(is_causal=True, local_window_size=(3, 1))
+
+    def f(q, k, v, bias, mask, rw, rr):
+        return jattn.dot_product_attention(
+            q, k, v, bias, mask, return_weights=rw, return_residual=rr, **kw
+        )
+
+    if use_jit:
+        f = jax.jit(f, static_argnums=(5, 6))
+    plain = f(q, k, v, bias, mask, False, False)
+    out_w, weights = f(q, k, v, bias, mask, True, False)
+    out_r, lse = f(q, k, v, bias, mask, False, True)
+    out_wr, weights2, lse2 = f(q, k, v, bias, mask, True, True)
+    for other in (out_w, out_r, out_wr):
+        np.testing.assert_array_equal(other, plain)
+    np.testing.assert_array_equal(weights2, weights)
+    np.testing.assert_array_equal(lse2, lse)
+    assert weights.dtype == lse.dtype == jnp.float32
+    assert weights.shape == (B, N, T, S) and lse.shape == (B, T, N)
+
+    # Independent reference: the masked softmax of the float64 scores.
+    want, want_w, want_lse = ref.attention(
+        np.asarray(q), np.asarray(k), np.asarray(v), bias, mask, is_causal=True, window=(3, 1)
+    )
+    np.testing.assert_allclose(plain, want, **F64_TOL)
+    np.testing.assert_allclose(weights, want_w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-6)
+
+    # And the residual of jax.nn (which defines it), on the same inputs.
+    _, nn_lse = jax.nn.dot_product_attention(
+        q, k, v, bias, jnp.asarray(mask), return_residual=True, is_causal=True,
+        local_window_size=(3, 1),
+    )  # fmt: skip
+    np.testing.assert_allclose(lse, nn_lse, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ generic attention
+
+
+def _additive_params(n, h, h2, a):
+    return jattn.AdditiveParams(
+        _normal(10, (n, h, a)), _normal(11, (n, h2, a)), _normal(12, (n, a))
+    )
+
+
+@pytest.mark.parametrize("score", ["additive", "bilinear"])
+def test_generic_attention_per_head_params(score):
+    h2, hv = 6, 3  # key head dim and value head dim both differ from H
+    q, k, v = _normal(0, (B, T, N, H)), _normal(1, (B, S, K, h2)), _normal(2, (B, S, K, hv))
+    if score == "additive":
+        fn, np_fn, params = jattn.additive_scores, ref.additive, _additive_params(N, H, h2, 7)
+    else:
+        fn, np_fn, params = jattn.bilinear_scores, ref.bilinear, 0.3 * _normal(13, (N, H, h2))
+    mask = _random_mask((B, 1, T, S))
+    out, weights = jax.jit(
+        lambda q, k, v, m, p: jattn.attention(
+            q, k, v, mask=m, score_fn=fn, score_params=p, per_head_params=True,
+            is_causal=True, return_weights=True,
+        )
+    )(q, k, v, mask, params)  # fmt: skip
+    want, want_w, _ = ref.attention(
+        np.asarray(q), np.asarray(k), np.asarray(v), mask=mask, score=np_fn, params=params,
+        per_head_params=True, is_causal=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(out, want, **F64_TOL)
+    np.testing.assert_allclose(weights, want_w, **F64_TOL)
+
+
+def test_generic_attention_shared_params_mlp():
+    q, k, v = _qkv()
+    params = jattn.MLPParams(*(0.5 * _normal(20 + i, (H, 5)) for i in range(3)),
+                             _normal(23, (5,)), _normal(24, (5,)))  # fmt: skip
+    out = jax.jit(
+        lambda q, k, v, p: jattn.attention(q, k, v, score_fn=jattn.mlp_scores, score_params=p)
+    )(q, k, v, params)
+    want, _, _ = ref.attention(
+        np.asarray(q), np.asarray(k), np.asarray(v), score=ref.mlp, params=params
+    )
+    np.testing.assert_allclose(out, want, **F64_TOL)
+
+
+# ------------------------------------------------------------------ dropout
+
+
+@functools.partial(jax.jit, static_argnames="rate")
+def _dropout_run(q, k, v, rng, rate):
+    return jattn.dot_product_attention(
+        q, k, v, dropout_rate=rate, dropout_rng=rng, return_weights=True
+    )
+
+
+def _one_hot_values(s=S):
+    """Values = identity, so that output[t, n, :] is the (dropped-out) weight row itself."""
+    return jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (B, s, K, s))
+
+
+def test_dropout_structure():
+    q, k, _ = _qkv()
+    v = _one_hot_values()
+    rate = 0.5
+    out, weights = _dropout_run(q, k, v, jax.random.key(0), rate)
+    probs = np.moveaxis(np.asarray(out), 2, 1)  # [B, N, T, S]: the dropped-out weights
+    kept = probs != 0
+    # Every entry is either dropped (0) or the softmax weight scaled by 1 / (1 - rate).
+    np.testing.assert_allclose(
+        probs[kept], np.asarray(weights)[kept] / (1 - rate), rtol=1e-6, atol=1e-7
+    )
+    # The returned weights are the softmax before dropout (rows sum to one).
+    np.testing.assert_allclose(np.asarray(weights, np.float64).sum(-1), 1.0, rtol=1e-6)
+    frac = kept.mean()
+    assert 0.35 < frac < 0.65, frac  # 160 Bernoulli(0.5) draws: 4.4 sigma bounds
+    # Deterministic given the key, different with another key.
+    again, _ = _dropout_run(q, k, v, jax.random.key(0), rate)
+    np.testing.assert_array_equal(again, out)
+    other, _ = _dropout_run(q, k, v, jax.random.key(1), rate)
+    assert not np.array_equal(other, out)
+
+
+def test_dropout_rate_zero_is_no_dropout():
+    q, k, v = _qkv()
+    out, weights = _dropout_run(q, k, v, jax.random.key(0), 0.0)
+    plain, plain_weights = jax.jit(
+        lambda q, k, v: jattn.dot_product_attention(q, k, v, return_weights=True)
+    )(q, k, v)
+    np.testing.assert_array_equal(out, plain)
+    np.testing.assert_array_equal(weights, plain_weights)
+
+
+def test_dropout_is_unbiased():
+    """The mean over many keys approaches the no-dropout output (inverted dropout)."""
+    q, k, _ = _qkv()
+    v = _one_hot_values()
+    keys = jax.random.split(jax.random.key(0), 2000)
+    outs = jax.jit(jax.vmap(lambda r: _dropout_run(q, k, v, r, 0.3)[0]))(keys)
+    mean = np.asarray(outs, np.float64).mean(0)
+    exact = np.asarray(jattn.dot_product_attention(q, k, v))
+    # Each entry is w * Bernoulli(0.7) / 0.7: std per draw <= w * 0.66, w <= 1; 2000 draws
+    # give a standard error <= 0.015, and 0.07 is > 4.5 standard errors.
+    np.testing.assert_allclose(mean, exact, atol=0.07)
+    assert np.abs(mean - exact).mean() < 0.01
+
+
+# ------------------------------------------------------------------ low precision
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_low_precision_close_to_float32(dtype):
+    q, k, v = (x.astype(dtype) for x in _qkv())
+    mask = np.array(_random_mask((B, 1, T, S)))
+    mask[0, 0, 1] = False  # a fully masked row
+    bias = _normal(4, (1, N, T, S)).astype(dtype)
+
+    def f(q, k, v, bias):
+        return jattn.dot_product_attention(q, k, v, bias, mask, is_causal=True)
+
+    fg = jax.jit(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b)), argnums=(0, 1, 2, 3))(*a)))
+    out, grads = fg(q, k, v, bias)
+    assert out.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    for g in grads:
+        assert g.dtype == dtype and np.all(np.isfinite(np.asarray(g, np.float32)))
+    # The float32 result on the same rounded inputs.
+    want = f(*(x.astype(jnp.float32) for x in (q, k, v, bias)))
+    tol = LOW_PRECISION_TOL[dtype]
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
