@@ -1,0 +1,66 @@
+"""Date translation ("Saturday, March 3rd 2021" -> "2021-03-03") with a small Transformer.
+
+    python -m jattn.train --config configs/dates.py --workdir /tmp/dates
+    python -m jattn.train --config configs/dates.py:small --workdir /tmp/dates_small
+
+The default setting reaches >= 99% exact match on the held-out split in under
+10 minutes on a 2-core CPU; ``small`` is a seconds-long smoke setting for tests.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.compilation_cache_dir = "~/.cache/jattn/jax"
+
+    config.task = ml_collections.ConfigDict(dict(name="dates", num_train=50000, num_test=1000))
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "transformer"
+    config.model.num_encoder_layers = 2
+    config.model.num_decoder_layers = 2
+    config.model.features = 128
+    config.model.num_heads = 4
+    config.model.mlp_features = 256
+    config.model.dropout_rate = 0.0
+    config.model.max_len = 32
+    config.model.pre_norm = True
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 1500
+    config.train.batch_size = 128
+    config.train.learning_rate = 2e-3
+    config.train.warmup_steps = 100
+    config.train.decay = "cosine"
+    config.train.end_lr_factor = 0.01
+    config.train.weight_decay = 0.01
+    config.train.clip_norm = 1.0
+    config.train.label_smoothing = 0.0
+    config.train.log_every = 50
+    config.train.checkpoint_every = 500
+    config.train.max_to_keep = 2
+    config.train.eval_every = 0
+    config.train.stop_after_steps = 0
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 500
+    config.eval.beam_size = 1
+    config.eval.length_penalty = 0.6
+    config.eval.num_samples = 8
+    config.eval.num_heatmaps = 2
+    config.eval.bleu_tokenize = "char"
+
+    if arg == "small":
+        config.task.num_train, config.task.num_test = 512, 32
+        config.model.update(
+            num_encoder_layers=1, num_decoder_layers=1, features=16, num_heads=2, mlp_features=32
+        )
+        config.train.update(
+            num_steps=6, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=3
+        )
+        config.eval.update(batch_size=16, num_samples=2, num_heatmaps=1)
+    elif arg is not None:
+        raise ValueError(f"unknown config argument {arg!r}; expected None or 'small'")
+    return config

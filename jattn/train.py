@@ -1,0 +1,381 @@
+"""Train and evaluate a sequence-to-sequence model on a built-in task.
+
+    python -m jattn.train --config configs/dates.py --workdir /tmp/dates
+    python -m jattn.train --config configs/copy.py:small --workdir /tmp/copy \\
+        --config.train.num_steps=100
+
+Running the same command again resumes from the last checkpoint in ``workdir``;
+Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jattn.data import BOS, EOS, PAD, TASKS, Seq2SeqDataset, make_task
+from jattn.training import validate
+from jattn.training.checkpoint import Checkpointer, MetricsLog
+from jattn.training.heatmaps import plot_attention_grid
+from jattn.training.metrics import bleu, exact_match
+from jattn.training.optim import learning_rate_schedule, make_optimizer
+from jattn.training.state import create_train_state, make_eval_step, make_train_step
+
+__all__ = ["MODELS", "build_model", "main", "train_and_evaluate", "validate_config"]
+
+# name -> class or "module:attribute", imported on first use.
+MODELS = {
+    "transformer": "jattn.models:Transformer",
+    "bahdanau": "jattn.models.seq2seq:BahdanauSeq2Seq",
+}
+_FEATURE_KEYS = ("features", "d_model", "embed_dim", "model_dim", "qkv_features", "hidden_size")
+
+
+def model_class(name: str):
+    """The model class registered as ``name`` in :data:`MODELS`."""
+    if name not in MODELS:
+        raise ValueError(
+            f"config.model.name: unknown model {name!r}; expected one of {sorted(MODELS)}"
+        )
+    entry = MODELS[name]
+    if isinstance(entry, str):
+        module, attr = entry.split(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field and the reason for a config that cannot train."""
+    cfg = config.to_dict()
+    top = {"seed", "compilation_cache_dir", "task", "model", "train", "eval"}
+    for key in cfg:
+        if key not in top:
+            raise ValueError(f"config.{key} is not a known field; known: {sorted(top)}")
+    for key in top - set(cfg):
+        raise ValueError(f"config.{key} is missing")
+    if not validate._ok(validate._NONNEG_INT, cfg["seed"]):
+        raise ValueError(f"config.seed must be an int >= 0, got {cfg['seed']!r}")
+    validate.check_fields("train", cfg["train"], validate.SCHEMAS["train"])
+    validate.check_fields("eval", cfg["eval"], validate.SCHEMAS["eval"])
+    task = dict(cfg["task"])
+    name = task.pop("name", None)
+    if name not in TASKS:
+        raise ValueError(
+            f"config.task.name: unknown task {name!r}; expected one of {sorted(TASKS)}"
+        )
+    validate.check_sizes("task", task)
+    model_class(cfg["model"].get("name"))
+    validate.check_sizes("model", cfg["model"])
+    validate.check_heads_divide(cfg["model"], features_keys=_FEATURE_KEYS, heads_key="num_heads")
+
+
+def build_model(model_config: dict, *, src_vocab_size: int, tgt_vocab_size: int, seed: int):
+    """``MODELS[name](**options, src_vocab_size=, tgt_vocab_size=, rngs=)``."""
+    options = dict(model_config)
+    cls = model_class(options.pop("name"))
+    try:
+        return cls(
+            **options,
+            src_vocab_size=src_vocab_size,
+            tgt_vocab_size=tgt_vocab_size,
+            rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from e
+
+
+class _StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum  # only set a flag: printing here could deadlock on tqdm's lock
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _eval_batches(ds: Seq2SeqDataset, batch_size: int):
+    """Fixed-size batches (one compiled shape); padded rows have all-PAD targets."""
+    for start in range(0, len(ds), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(ds)))
+        n = len(idx)
+        batch = ds.batch(np.concatenate([idx, np.zeros(batch_size - n, idx.dtype)]))
+        batch["tgt"][n:] = PAD
+        yield n, batch
+
+
+def evaluate(eval_step, state, ds: Seq2SeqDataset, *, batch_size: int, bleu_tokenize: str):
+    """Teacher-forced loss/token accuracy and exact match/BLEU of generated outputs."""
+    loss_sum = correct = tokens = 0.0
+    predictions = []
+    for n, batch in _eval_batches(ds, batch_size):
+        ls, c, t, generated = jax.device_get(eval_step(state.params, state.rest, batch))
+        loss_sum, correct, tokens = loss_sum + ls, correct + c, tokens + t
+        predictions += [ds.decode(row) for row in generated[:n]]
+    metrics = {
+        "loss": float(loss_sum / tokens),
+        "token_accuracy": float(correct / tokens),
+        "exact_match": exact_match(predictions, ds.tgt_texts),
+        "bleu": bleu(predictions, ds.tgt_texts, tokenize=bleu_tokenize),
+    }
+    return metrics, predictions
+
+
+def _label(tokenizer, i: int) -> str:
+    if i == EOS:
+        return "</s>"
+    if i == BOS:
+        return "<s>"
+    c = tokenizer.token(i)
+    return "␣" if c == " " else c
+
+
+def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, count):
+    """Runs the model with ``sow_weights=True`` on ``count`` test inputs (decoder fed its own
+    predictions) and writes ``cross_attention_{i}.png``: layers x heads with character axes."""
+    paths = []
+    idx = np.arange(min(count, len(ds)))
+    src = ds.src[idx]
+    pred = ds.tgt_tokenizer.encode_batch([predictions[i] for i in idx], ds.tgt.shape[1] + 1)
+    tgt_in = np.concatenate([np.full_like(pred[:, :1], BOS), pred[:, :-1]], axis=1)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    model(src, tgt_in, deterministic=True, sow_weights=True)
+    sown = jax.tree_util.tree_flatten_with_path(nnx.pop(model, nnx.Intermediate))[0]
+    t_len, s_len = tgt_in.shape[1], src.shape[1]
+    cross = [
+        (jax.tree_util.keystr(p), np.asarray(w))
+        for p, w in sown
+        if np.ndim(w) >= 3 and np.shape(w)[-2:] == (t_len, s_len)
+    ]
+    if any("cross" in name for name, _ in cross):
+        cross = [(name, w) for name, w in cross if "cross" in name]
+    if not cross:
+        return paths
+    layers = np.stack([w if w.ndim == 4 else w[:, None] for _, w in cross], axis=1)  # [B,L,N,T,S]
+    for i in range(len(idx)):
+        s_n = int(np.sum(src[i] != PAD))
+        t_n = len(predictions[i]) + 1  # the predicted characters and EOS
+        path = Path(workdir) / f"cross_attention_{i}.png"
+        plot_attention_grid(
+            layers[i, :, :, :t_n, :s_n],
+            [_label(ds.src_tokenizer, j) for j in src[i, :s_n]],
+            [_label(ds.tgt_tokenizer, j) for j in pred[i, :t_n]],
+            path,
+            row_names=[f"cross-attention {k}" for k in range(layers.shape[1])],
+            title=f"{ds.src_texts[i]!r} -> {predictions[i]!r}",
+        )
+        paths.append(str(path))
+    return paths
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains ``config.model`` on ``config.task``, resuming from ``workdir`` if it holds a
+    checkpoint; then evaluates on the held-out split and writes samples and heatmaps.
+
+    Returns a dict with ``step``, ``interrupted`` (``None``, ``'stop_after_steps'`` or the
+    signal number), the final ``eval`` metrics, ``train_step_compiles`` and output paths.
+    """
+    validate_config(config)
+    cfg = config.to_dict()
+    tcfg, ecfg = cfg["train"], cfg["eval"]
+    task_options = {k: v for k, v in cfg["task"].items() if k != "name"}
+    try:
+        train_ds, test_ds = make_task(cfg["task"]["name"], seed=cfg["seed"], **task_options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.task: {e}") from e
+    model = build_model(
+        cfg["model"],
+        src_vocab_size=train_ds.src_vocab_size,
+        tgt_vocab_size=train_ds.tgt_vocab_size,
+        seed=cfg["seed"],
+    )
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    num_steps = tcfg["num_steps"]
+    schedule = learning_rate_schedule(
+        tcfg["learning_rate"],
+        num_steps=num_steps,
+        warmup_steps=tcfg["warmup_steps"],
+        decay=tcfg["decay"],
+        end_factor=tcfg["end_lr_factor"],
+    )
+    tx = make_optimizer(weight_decay=tcfg["weight_decay"], clip_norm=tcfg["clip_norm"])
+    graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(cfg["seed"]))
+    del model
+    train_step = make_train_step(graphdef, tx, label_smoothing=tcfg["label_smoothing"])
+    eval_step = make_eval_step(
+        graphdef,
+        max_len=test_ds.tgt.shape[1],
+        beam_size=ecfg["beam_size"],
+        length_penalty=ecfg["length_penalty"],
+    )
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, state)
+        tqdm.write(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    # fresh and restored states get the same placement, hence the same compiled step
+    state = jax.device_put(state, jax.devices()[0])
+    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+    start = start or 0
+    stop = num_steps
+    if tcfg["stop_after_steps"]:
+        stop = min(stop, max(start, tcfg["stop_after_steps"]))
+
+    batch_size, seed = tcfg["batch_size"], cfg["seed"]
+    tokens_per_step = batch_size * (train_ds.src.shape[1] + train_ds.tgt.shape[1])
+    step, saved, interrupted = start, start, None
+    bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    window_start, window_steps = time.perf_counter(), 0
+    with _StopOnSignal() as stopper:
+        while step < stop and stopper.signum is None:
+            lr = np.float32(schedule(step))
+            state, metrics = train_step(state, train_ds.sample_batch(seed, step, batch_size), lr)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step % tcfg["log_every"] == 0 or step == stop:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                window_start, window_steps = now, 0
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "learning_rate": float(lr),
+                    "tokens_per_s": rate,
+                    **metrics,
+                }
+                log.write(record)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    acc=f"{metrics['accuracy']:.3f}",
+                    tok_s=f"{rate:,.0f}",
+                )
+            if step % tcfg["checkpoint_every"] == 0 and step < stop:
+                ckpt.save(step, state)
+                saved = step
+            if tcfg["eval_every"] and step % tcfg["eval_every"] == 0 and step < num_steps:
+                m, _ = evaluate(
+                    eval_step,
+                    state,
+                    test_ds,
+                    batch_size=ecfg["batch_size"],
+                    bleu_tokenize=ecfg["bleu_tokenize"],
+                )
+                log.write({"step": step, "split": "eval", **m})
+                tqdm.write(f"step {step}: eval {m}")
+        interrupted = stopper.signum
+    bar.close()
+    if interrupted is not None:
+        tqdm.write(f"signal {interrupted}: saving a checkpoint at step {step}")
+    if saved != step or ckpt.latest_step() is None:
+        ckpt.save(step, state)
+    ckpt.wait()
+    result = {
+        "step": step,
+        "interrupted": interrupted,
+        "workdir": str(workdir),
+        "train_step_compiles": train_step._cache_size(),
+    }
+    if interrupted is None and step < num_steps:
+        result["interrupted"] = "stop_after_steps"
+    if result["interrupted"] is not None:
+        tqdm.write(f"stopped at step {step}; run the same command to resume")
+        log.close()
+        ckpt.close()
+        return result
+
+    metrics, predictions = evaluate(
+        eval_step,
+        state,
+        test_ds,
+        batch_size=ecfg["batch_size"],
+        bleu_tokenize=ecfg["bleu_tokenize"],
+    )
+    log.write({"step": step, "split": "eval", **metrics})
+    log.close()
+    ckpt.close()
+    print(
+        f"held-out ({len(test_ds)} examples) after {step} steps: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
+    for i in range(min(ecfg["num_samples"], len(test_ds))):
+        mark = "ok " if predictions[i] == test_ds.tgt_texts[i] else "BAD"
+        print(
+            f"  {mark} {test_ds.src_texts[i]!r:34} -> {predictions[i]!r}"
+            f"  (reference {test_ds.tgt_texts[i]!r})"
+        )
+    result["eval"] = metrics
+    result["heatmaps"] = save_cross_attention_heatmaps(
+        graphdef, state, test_ds, predictions, workdir, count=ecfg["num_heatmaps"]
+    )
+    return result
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``directory`` (``''`` disables)."""
+    if not directory:
+        return
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main() -> None:
+    """Console entry point: ``jattn-train --config configs/dates.py --workdir DIR``."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "A configs/*.py file (optionally file.py:arg).", lock_config=True
+    )
+    workdir_flag = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and plots.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        config = config_flag.value
+        validate_config(config)
+        enable_compilation_cache(config.compilation_cache_dir)
+        result = train_and_evaluate(config, workdir_flag.value)
+        if isinstance(result["interrupted"], int):
+            sys.exit(128 + result["interrupted"])
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Training utilities at the edge of the library: losses, metrics, optimizer, state,
+checkpoints and config checks. ``jattn.train`` puts them together."""
+
+from jattn.training.checkpoint import Checkpointer, MetricsLog, read_metrics
+from jattn.training.losses import masked_cross_entropy
+from jattn.training.metrics import bleu, exact_match, token_accuracy_counts
+from jattn.training.optim import learning_rate_schedule, make_optimizer
+from jattn.training.state import TrainState, create_train_state, make_eval_step, make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "MetricsLog",
+    "TrainState",
+    "bleu",
+    "create_train_state",
+    "exact_match",
+    "learning_rate_schedule",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "masked_cross_entropy",
+    "read_metrics",
+    "token_accuracy_counts",
+]

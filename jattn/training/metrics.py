@@ -1,0 +1,43 @@
+"""Evaluation metrics: token accuracy, exact match and BLEU."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import sacrebleu
+
+__all__ = ["bleu", "exact_match", "token_accuracy_counts"]
+
+
+def token_accuracy_counts(
+    logits: jax.Array, labels: jax.Array, *, pad_id: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """``(correct, total)``: argmax hits and count over non-padding positions.
+
+    Args:
+      logits: ``[B, T, V]``.
+      labels: ``[B, T]``.
+    """
+    mask = labels != pad_id
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask)
+    return correct, jnp.sum(mask)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of predictions equal to their reference string."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("exact_match needs at least one reference")
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str], *, tokenize: str = "char") -> float:
+    """Corpus BLEU (sacrebleu, 0..100); ``tokenize='char'`` suits character tasks."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return float(
+        sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize).score
+    )

@@ -1,0 +1,123 @@
+"""Config checks that run before any training: each error names the field and the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["check_fields", "check_heads_divide", "check_sizes"]
+
+_POS_INT = "a positive int"
+_NONNEG_INT = "an int >= 0"
+_POS_FLOAT = "a positive number"
+_NONNEG_FLOAT = "a number >= 0"
+_UNIT = "a number in [0, 1)"
+
+
+def _ok(kind: str, value: Any) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = is_int or isinstance(value, float)
+    if kind == _POS_INT:
+        return is_int and value > 0
+    if kind == _NONNEG_INT:
+        return is_int and value >= 0
+    if kind == _POS_FLOAT:
+        return is_num and value > 0
+    if kind == _NONNEG_FLOAT:
+        return is_num and value >= 0
+    if kind == _UNIT:
+        return is_num and 0 <= value < 1
+    if isinstance(kind, tuple):  # one of the allowed strings
+        return value in kind
+    if kind is str:
+        return isinstance(value, str)
+    raise AssertionError(kind)
+
+
+def check_fields(section: str, values: dict, schema: dict) -> None:
+    """Every key of ``values`` is known to ``schema`` and every value has its kind."""
+    for key in values:
+        if key not in schema:
+            raise ValueError(
+                f"config.{section}.{key} is not a known field; known: {sorted(schema)}"
+            )
+    for key, kind in schema.items():
+        if key not in values:
+            raise ValueError(f"config.{section}.{key} is missing")
+        value = values[key]
+        if not _ok(kind, value):
+            want = f"one of {list(kind)}" if isinstance(kind, tuple) else kind
+            if kind is str:
+                want = "a string"
+            raise ValueError(
+                f"config.{section}.{key} must be {want}, got {value!r} ({type(value).__name__})"
+            )
+
+
+SCHEMAS = {
+    "train": {
+        "num_steps": _POS_INT,
+        "batch_size": _POS_INT,
+        "learning_rate": _POS_FLOAT,
+        "warmup_steps": _NONNEG_INT,
+        "decay": ("cosine", "linear"),
+        "end_lr_factor": _NONNEG_FLOAT,
+        "weight_decay": _NONNEG_FLOAT,
+        "clip_norm": _POS_FLOAT,
+        "label_smoothing": _UNIT,
+        "log_every": _POS_INT,
+        "checkpoint_every": _POS_INT,
+        "max_to_keep": _POS_INT,
+        "eval_every": _NONNEG_INT,
+        "stop_after_steps": _NONNEG_INT,
+    },
+    "eval": {
+        "batch_size": _POS_INT,
+        "beam_size": _POS_INT,
+        "length_penalty": _NONNEG_FLOAT,
+        "num_samples": _NONNEG_INT,
+        "num_heatmaps": _NONNEG_INT,
+        "bleu_tokenize": ("char", "13a", "none"),
+    },
+}
+
+# Model options whose value is a size: they must be positive ints.
+_SIZE_SUFFIXES = (
+    "features",
+    "layers",
+    "heads",
+    "dim",
+    "size",
+    "_len",
+    "hidden",
+    "hiddens",
+    "digits",
+    "symbols",
+)
+
+
+def check_sizes(section: str, options: dict) -> None:
+    """Size-like options (``*features``, ``num_*``, ``*_dim`` ...) are positive ints."""
+    for key, value in options.items():
+        if key == "name":
+            continue
+        if key.startswith("num_") or key.endswith(_SIZE_SUFFIXES):
+            if not _ok(_POS_INT, value):
+                raise ValueError(
+                    f"config.{section}.{key} must be a positive int, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+        if "dropout" in key and not _ok(_UNIT, value):
+            raise ValueError(f"config.{section}.{key} must be a number in [0, 1), got {value!r}")
+
+
+def check_heads_divide(model: dict, *, features_keys: tuple[str, ...], heads_key: str) -> None:
+    """Each feature width in ``model`` is divisible by its number of heads."""
+    if heads_key not in model:
+        return
+    heads = model[heads_key]
+    for key in features_keys:
+        if key in model and model[key] % heads:
+            raise ValueError(
+                f"config.model.{key}={model[key]} must be divisible by "
+                f"config.model.{heads_key}={heads}"
+            )

@@ -1,0 +1,113 @@
+"""Interrupted runs resume from their last checkpoint and reproduce the same losses."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from _train_utils import ROOT, load_config, train_losses
+
+import jattn.train as train_lib
+from jattn.training import read_metrics
+
+# A long schedule (the runs below stop early): every run shares one compiled train step.
+OVERRIDES = {"num_steps": 5000, "checkpoint_every": 3, "log_every": 1}
+
+
+def config(stop_after_steps=0):
+    cfg = load_config("dates", "small")
+    cfg.train.update(**OVERRIDES, stop_after_steps=stop_after_steps)
+    return cfg
+
+
+def run(workdir, stop_after_steps):
+    return train_lib.train_and_evaluate(config(stop_after_steps), str(workdir))
+
+
+def losses(workdir):
+    return train_losses(read_metrics(workdir / "metrics.jsonl"))
+
+
+def checkpoints(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_stop_and_resume_gives_the_same_losses(tmp_path):
+    ref = run(tmp_path / "ref", 10)
+    assert ref["interrupted"] == "stop_after_steps" and ref["step"] == 10
+    first = run(tmp_path / "run", 4)  # stops at 4 (checkpoints at 3 and 4)
+    assert first["step"] == 4 and checkpoints(tmp_path / "run")[-1] == 4
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    second = run(tmp_path / "run", 10)
+    assert second["step"] == 10
+    assert second["train_step_compiles"] == 1
+    expected = losses(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 11))
+    assert losses(tmp_path / "run") == expected  # exact float equality, each step once
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    metrics = workdir / "metrics.jsonl"
+
+    def send_sigterm_after_step_5():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=send_sigterm_after_step_5, daemon=True)
+    watcher.start()
+    result = run(workdir, 0)
+    watcher.join()
+    stopped = result["step"]
+    assert result["interrupted"] == signal.SIGTERM and 5 <= stopped < 5000
+    assert checkpoints(workdir)[-1] == stopped  # saved where it stopped
+    assert max(losses(workdir)) == stopped
+    run(workdir, stopped + 4)
+    run(tmp_path / "ref", stopped + 4)
+    assert losses(workdir) == losses(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_command_line_run_resumes_from_the_last_periodic_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    args = [f"--config.train.{k}={v}" for k, v in OVERRIDES.items()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jattn.train",
+        "--config",
+        "configs/dates.py:small",
+        "--workdir",
+        str(workdir),
+        "--config.compilation_cache_dir=",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logged = max(losses(workdir))
+    assert logged >= 7 and checkpoints(workdir), "a periodic checkpoint should exist"
+    assert checkpoints(workdir)[-1] <= logged
+    # the same run started again resumes; here in-process, stopping a bit later
+    result = run(workdir, logged + 3)
+    assert result["step"] == logged + 3
+    run(tmp_path / "ref", logged + 3)
+    assert losses(workdir) == losses(tmp_path / "ref")

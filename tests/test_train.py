@@ -1,0 +1,135 @@
+"""The training program: end-to-end small run, loss and metrics vs references, config errors."""
+
+import numpy as np
+import pytest
+from _train_utils import load_config, train_losses
+from ml_collections import ConfigDict
+
+import jattn.train as train_lib
+from jattn.training import bleu, exact_match, masked_cross_entropy, read_metrics
+from jattn.training.metrics import token_accuracy_counts
+
+
+def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys):
+    config = load_config("dates", "small")
+    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    n = config.train.num_steps
+    assert result["step"] == n and result["interrupted"] is None
+    assert result["train_step_compiles"] == 1  # one compile, no recompiles after step 1
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert sorted(train_losses(records)) == list(range(1, n + 1))
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+    (final,) = [r for r in records if r["split"] == "eval"]
+    assert final["step"] == n and 0.0 <= final["exact_match"] <= 1.0
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"3", "6"}
+    (png,) = result["heatmaps"]
+    assert png.endswith("cross_attention_0.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "held-out (32 examples)" in out and "reference" in out
+
+
+def numpy_smoothed_ce(logits, labels, smoothing, pad_id=0):
+    logits = logits.astype(np.float64)
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    v = logits.shape[-1]
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            if labels[b, t] == pad_id:
+                continue
+            target = np.full(v, smoothing / v)
+            target[labels[b, t]] += 1.0 - smoothing
+            total += -(target * logp[b, t]).sum()
+            count += 1
+    return total / count, count
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_masked_label_smoothed_loss_matches_numpy(smoothing):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32) * 3
+    labels = rng.integers(1, 7, size=(3, 5)).astype(np.int32)
+    labels[0, 3:] = 0
+    labels[2, 1:] = 0
+    loss, count = masked_cross_entropy(logits, labels, label_smoothing=smoothing)
+    ref, ref_count = numpy_smoothed_ce(logits, labels, smoothing)
+    assert int(count) == ref_count == 9
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    # padding logits do not matter
+    logits2 = logits.copy()
+    logits2[labels == 0] = 100.0
+    np.testing.assert_allclose(
+        float(masked_cross_entropy(logits2, labels, label_smoothing=smoothing)[0]), float(loss)
+    )
+    with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] and labels \[B, T\]"):
+        masked_cross_entropy(logits, labels[:, :4])
+
+
+def test_token_accuracy_exact_match_and_bleu_by_hand():
+    logits = np.zeros((2, 3, 4), np.float32)
+    # predictions: [[1, 2, 3], [3, 3, 0]]
+    for b, row in enumerate([[1, 2, 3], [3, 3, 0]]):
+        for t, k in enumerate(row):
+            logits[b, t, k] = 1.0
+    labels = np.array([[1, 2, 1], [3, 0, 0]], np.int32)  # 4 real tokens, 3 right
+    correct, total = token_accuracy_counts(logits, labels)
+    assert (int(correct), int(total)) == (3, 4)
+    assert exact_match(["a", "bc", "d"], ["a", "bd", "d"]) == pytest.approx(2 / 3)
+    assert bleu(["2021-03-03", "1999-12-31"], ["2021-03-03", "1999-12-31"]) == pytest.approx(100.0)
+    assert bleu(["xyz"], ["2021-03-03"]) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        exact_match(["a", "b"], ["a"])
+
+
+def _config_with(section, key, value):
+    cfg = load_config("copy", "small").to_dict()
+    cfg[section][key] = value
+    return ConfigDict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "num_stepz", 3, r"config.train.num_stepz is not a known field"),
+        ("train", "num_steps", "ten", r"config.train.num_steps must be a positive int, got 'ten'"),
+        ("train", "batch_size", 0, r"config.train.batch_size must be a positive int, got 0"),
+        ("train", "learning_rate", -1.0, r"config.train.learning_rate must be a positive number"),
+        ("train", "decay", "step", r"config.train.decay must be one of \['cosine', 'linear'\]"),
+        ("train", "label_smoothing", 1.0, r"config.train.label_smoothing must be a number in"),
+        ("eval", "beam_size", 0, r"config.eval.beam_size must be a positive int"),
+        ("model", "features", 17, r"features=17 must be divisible by config.model.num_heads=2"),
+        ("model", "num_heads", -2, r"config.model.num_heads must be a positive int, got -2"),
+        ("model", "mlp_features", 2.5, r"config.model.mlp_features must be a positive int"),
+        ("model", "dropout_rate", 1.5, r"config.model.dropout_rate must be a number in \[0, 1\)"),
+        ("model", "name", "lstm", r"config.model.name: unknown model 'lstm'"),
+        ("task", "name", "dates2", r"config.task.name: unknown task 'dates2'"),
+        ("task", "num_train", 0, r"config.task.num_train must be a positive int, got 0"),
+    ],
+)
+def test_bad_configs_fail_with_the_field_and_reason(tmp_path, section, key, value, message):
+    config = _config_with(section, key, value)
+    with pytest.raises(ValueError, match=message):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_options_the_model_or_task_rejects_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"config.model: .*unexpected keyword argument 'heads'"):
+        train_lib.train_and_evaluate(_config_with("model", "heads", 2), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"config.task: task 'copy' has no option 'digits'"):
+        train_lib.train_and_evaluate(_config_with("task", "digits", 2), str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_locked_config_rejects_unknown_fields_and_wrong_types():
+    # config files are loaded locked (config_flags lock_config=True), so command-line
+    # overrides of unknown fields or with the wrong type fail before training
+    config = load_config("dates", "small")
+    with pytest.raises(AttributeError, match="num_stepz"):
+        config.train.num_stepz = 3
+    with pytest.raises(TypeError, match="int"):
+        config.train.num_steps = "ten"
