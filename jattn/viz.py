@@ -299,11 +299,9 @@ def save_figure(fig, path, *, dpi: int = 100) -> str:
     return path
 
 
-def _path_name(path) -> str:
-    parts = [str(p) for p in path]
-    if parts and parts[-1] == _SOWN_NAME:
-        parts = parts[:-1]
-    return "/".join(parts)
+def _path_name(path, root: str) -> str:
+    parts = [str(p) for p in path[:-1]]  # drop the sown name
+    return "/".join(parts) if parts else root
 
 
 def collect_attention_weights(model, *args, **kwargs) -> dict:
@@ -320,7 +318,8 @@ def collect_attention_weights(model, *args, **kwargs) -> dict:
       ``{'path/to/layer': weights}`` with the layer's weights (``[B, N, T, S]``
       for :class:`jattn.layers.MultiHeadAttention`), in the model's path order.
       A layer called k > 1 times in one forward pass gives ``'path/to/layer/0'``
-      ... ``'path/to/layer/{k-1}'``.
+      ... ``'path/to/layer/{k-1}'``; weights sown by ``model`` itself (a bare
+      attention layer) are keyed by its class name.
     """
     from flax import nnx
 
@@ -332,7 +331,7 @@ def collect_attention_weights(model, *args, **kwargs) -> dict:
     for path, var in nnx.to_flat_state(sown):
         if not path or path[-1] != _SOWN_NAME:
             continue  # other sown intermediates
-        name = _path_name(path)
+        name = _path_name(path, type(model).__name__)
         values = var.get_value()
         values = values if isinstance(values, tuple) else (values,)
         if len(values) == 1:

@@ -188,3 +188,29 @@ def test_collect_layer_called_twice():
 
     w = collect_attention_weights(Twice(), jnp.ones((1, 3, 4)))
     assert list(w) == ["attn/0", "attn/1"]
+    assert list(collect_attention_weights(layer, jnp.ones((1, 3, 4)))) == ["MultiHeadAttention"]
+
+
+def test_collect_transformer_encoder_decoder_and_cross_weights():
+    from jattn.models import Transformer
+
+    model = Transformer(
+        7, 9, num_layers=1, features=8, num_heads=2, max_len=8, dropout_rate=0.0, rngs=nnx.Rngs(0)
+    )
+    src = jnp.array([[3, 4, 5, 2, 0]])  # one PAD key at the end
+    tgt = jnp.array([[1, 5, 6, 7]])
+    expected = model(src, tgt)
+    weights = collect_attention_weights(model, src, tgt)
+    assert {k: v.shape for k, v in weights.items()} == {
+        "decoder/layers/0/cross_attention": (1, 2, 4, 5),
+        "decoder/layers/0/self_attention": (1, 2, 4, 4),
+        "encoder/layers/0/self_attention": (1, 2, 5, 5),
+    }
+    np.testing.assert_array_equal(model(src, tgt), expected)
+    assert not nnx.state(model, nnx.Intermediate)
+    dec = np.asarray(weights["decoder/layers/0/self_attention"])
+    assert np.all(np.triu(dec, k=1) == 0)  # causal decoder
+    np.testing.assert_array_equal(weights["decoder/layers/0/cross_attention"][..., 4], 0.0)  # PAD
+    np.testing.assert_allclose(np.sum(weights["encoder/layers/0/self_attention"], -1), 1.0, 1e-6)
+    fig = plot_attention_grid(weights, batch_index=0)
+    assert len(fig.axes) == 3 * 2 + 1
