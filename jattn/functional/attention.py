@@ -346,10 +346,23 @@ def dot_product_attention(
     _checks.check_qkv(query, key, value, same_head_dim=True)
     if scale is not None and not isinstance(scale, int | float):
         raise TypeError(f"scale must be a Python number or None, got {type(scale).__name__}")
-    if implementation not in DENSE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown implementation {implementation!r}; expected one of {DENSE_IMPLEMENTATIONS}"
-        )
+    from jattn.functional import dispatch  # blocked / cuDNN / Pallas paths, chosen by shape
+
+    options = dict(
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        fully_masked=fully_masked,
+        return_weights=return_weights,
+        return_residual=return_residual,
+    )
+    impl = dispatch.select(implementation, query, key, value, bias, mask, **options)
+    if impl != "dense":
+        return dispatch.run(impl, query, key, value, bias, mask, **options)
     return attention(
         query,
         key,

@@ -1,0 +1,303 @@
+"""Blocked exact attention against jax.nn.dot_product_attention on CPU (issue 4 targets).
+
+Every comparison is interleaved in one process (A, B, GEMM, A, B, GEMM, ...) and
+reports medians, so that a machine shared with other jobs hurts both sides alike;
+the float32 GEMM rate is measured in the same rounds. Memory is measured in a
+fresh subprocess per case (peak RSS from ``ru_maxrss``).
+
+    python benchmarks/bench_blocked.py                 # everything but T=65536
+    python benchmarks/bench_blocked.py --only fwd      # fwd | fwdbwd | short | causal | window
+                                                       # | memory | accuracy | huge
+    python benchmarks/bench_blocked.py --only fwd --lengths 1024 4096 --repeats 3
+    python benchmarks/bench_blocked.py --block-sizes 256 512
+
+Shapes: B=1, N=8, H=64, float32, unit-normal inputs; FLOPs counted as 4*B*N*T*S*H.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jattn
+from jattn.functional.blocked import blocked_attention
+
+B, N, H = 1, 8, 64
+
+
+def inputs(t, s=None, n=N, seed=0):
+    s = t if s is None else s
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(ks[0], (B, t, n, H), jnp.float32)
+    k = jax.random.normal(ks[1], (B, s, n, H), jnp.float32)
+    v = jax.random.normal(ks[2], (B, s, n, H), jnp.float32)
+    return q, k, v
+
+
+def gemm_fn():
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 2048)), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    return (lambda: f(a).block_until_ready()), 2 * 2048**3
+
+
+def interleave(fns: dict, repeats: int, flops: float | None = None):
+    """Runs every function (after a warm-up) in rounds; returns median seconds and GEMM GF/s."""
+    gemm, gemm_flops = gemm_fn()
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    gemm_times = []
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        gemm()
+        gemm_times.append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return med, gemm_flops / statistics.median(gemm_times) / 1e9
+
+
+def ready(f, *args):
+    return lambda: jax.block_until_ready(f(*args))
+
+
+def attn_fns(t, block_sizes, *, grad=False, jaxnn=True, **kw):
+    q, k, v = inputs(t)
+    fns = {
+        "jattn": lambda q, k, v: jattn.dot_product_attention(q, k, v, **kw),
+        "blocked": lambda q, k, v: blocked_attention(q, k, v, block_sizes=block_sizes, **kw),
+    }
+    if jaxnn:
+        fns["jax.nn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw)
+    if grad:
+        fns = {
+            name: jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * v), argnums=(0, 1, 2))
+            for name, f in fns.items()
+        }
+    return {name: ready(jax.jit(f), q, k, v) for name, f in fns.items()}
+
+
+def row(**kw):
+    print(json.dumps(kw), flush=True)
+    return kw
+
+
+def bench_forward(lengths, repeats, block_sizes):
+    print("## forward, non-causal")
+    for t in lengths:
+        big = t >= 16384
+        fns = attn_fns(t, block_sizes, jaxnn=not big)
+        if big:  # N=8 would need 16 GiB of scores: jax.nn runs head by head (N=1) here
+            q1, k1, v1 = inputs(t, n=1)
+            f1 = jax.jit(jax.nn.dot_product_attention)
+            one = ready(f1, q1, k1, v1)
+            fns["jax.nn"] = lambda one=one: [one() for _ in range(N)]
+        med, gemm = interleave(fns, repeats)
+        flops = 4 * B * N * t * t * H
+        row(
+            case="fwd",
+            T=t,
+            ms={k: round(v * 1e3, 1) for k, v in med.items()},
+            speedup_default=round(med["jax.nn"] / med["jattn"], 2),
+            speedup_blocked=round(med["jax.nn"] / med["blocked"], 2),
+            gflops_blocked=round(flops / med["blocked"] / 1e9, 1),
+            gemm_gflops=round(gemm, 1),
+            gemm_fraction=round(flops / med["blocked"] / 1e9 / gemm, 2),
+            jaxnn_note="8 single-head calls" if big else "",
+        )
+
+
+def bench_fwdbwd(lengths, repeats, block_sizes):
+    print("## forward + backward, non-causal")
+    for t in lengths:
+        med, gemm = interleave(attn_fns(t, block_sizes, grad=True), repeats)
+        row(
+            case="fwd+bwd",
+            T=t,
+            ms={k: round(v * 1e3, 1) for k, v in med.items()},
+            speedup_default=round(med["jax.nn"] / med["jattn"], 2),
+            speedup_blocked=round(med["jax.nn"] / med["blocked"], 2),
+            gemm_gflops=round(gemm, 1),
+        )
+
+
+def bench_short(lengths, repeats, block_sizes):
+    print("## short sequences: jattn default vs best of dense and jax.nn")
+    for t in lengths:
+        q, k, v = inputs(t)
+        fns = attn_fns(t, block_sizes)
+        dense = jax.jit(
+            lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="dense")
+        )
+        fns["dense"] = ready(dense, q, k, v)
+        med, _ = interleave(fns, repeats)
+        best = min(med["dense"], med["jax.nn"])
+        row(
+            case="short",
+            T=t,
+            ms={k: round(v * 1e3, 3) for k, v in med.items()},
+            default_over_best=round(med["jattn"] / best, 2),
+        )
+
+
+def bench_causal(t, repeats, block_sizes):
+    print("## causal vs non-causal (blocked, default path)")
+    q, k, v = inputs(t)
+    fns = {}
+    for causal in (False, True):
+        f = jax.jit(lambda q, k, v, c=causal: jattn.dot_product_attention(q, k, v, is_causal=c))
+        fns["causal" if causal else "full"] = ready(f, q, k, v)
+    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    fns["jax.nn causal"] = ready(f, q, k, v)
+    med, _ = interleave(fns, repeats)
+    row(
+        case="causal",
+        T=t,
+        ms={k: round(v * 1e3, 1) for k, v in med.items()},
+        full_over_causal=round(med["full"] / med["causal"], 2),
+    )
+
+
+def bench_window(t, window, repeats, block_sizes):
+    print(f"## sliding window {window} (left = right = {window // 2}) vs jax.nn local_window_size")
+    q, k, v = inputs(t)
+    w = (window // 2, window // 2)
+    f1 = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, local_window_size=w))
+    f2 = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, local_window_size=w))
+    med, _ = interleave({"jattn": ready(f1, q, k, v), "jax.nn": ready(f2, q, k, v)}, repeats)
+    row(
+        case="window",
+        T=t,
+        window=w,
+        ms={k: round(v * 1e3, 1) for k, v in med.items()},
+        speedup=round(med["jax.nn"] / med["jattn"], 2),
+    )
+
+
+def _memory_child(t, grad):
+    """Runs in a subprocess: one jattn (blocked) call at length t; prints time and peak RSS."""
+    q, k, v = inputs(t)
+
+    def f(q, k, v):
+        return jattn.dot_product_attention(q, k, v, implementation="blocked")
+
+    if grad:
+        f = jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * v), argnums=(0, 1, 2))
+    f = jax.jit(f)
+    compiled = f.lower(q, k, v).compile()
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(q, k, v))
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": rss}))
+
+
+def bench_memory(t, grad=True):
+    kind = "fwd+bwd" if grad else "fwd"
+    print(f"## memory: jattn blocked {kind} at T={t} (subprocess, peak RSS)")
+    cmd = [sys.executable, __file__, "--child", str(t), "--child-grad", str(int(grad))]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        row(case="memory", T=t, kind=kind, error=result.stderr[-2000:])
+        return
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    row(
+        case="memory",
+        T=t,
+        kind=kind,
+        seconds=round(data["seconds"], 1),
+        peak_rss_gib=round(data["peak_rss_gib"], 3),
+    )
+
+
+def bench_accuracy(t=256, s=384):
+    print("## accuracy vs a float64 NumPy reference (unit-normal inputs)")
+    q, k, v = inputs(t, s)
+    qd, kd, vd = (np.asarray(x, np.float64) for x in (q, k, v))
+    cot = np.asarray(jax.random.normal(jax.random.PRNGKey(9), (B, t, N, H)), np.float64)
+    scale = 1.0 / np.sqrt(H)
+
+    def ref(qd, kd, vd):
+        logits = np.einsum("btnh,bsnh->bnts", qd, kd) * scale
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        out = np.einsum("bnts,bsnh->btnh", w, vd)
+        # backward by hand: d out -> dw -> dlogits
+        dw = np.einsum("btnh,bsnh->bnts", cot, vd)
+        dl = w * (dw - np.sum(dw * w, -1, keepdims=True))
+        dq = np.einsum("bnts,bsnh->btnh", dl, kd) * scale
+        dk = np.einsum("bnts,btnh->bsnh", dl, qd) * scale
+        dv = np.einsum("bnts,btnh->bsnh", w, cot)
+        return out, (dq, dk, dv)
+
+    out_ref, grads_ref = ref(qd, kd, vd)
+    for impl in ("blocked", "dense"):
+
+        def f(q, k, v, impl=impl):
+            return jattn.dot_product_attention(q, k, v, implementation=impl)
+
+        out = jax.jit(f)(q, k, v)
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot), argnums=(0, 1, 2)))(
+            q, k, v
+        )
+        row(
+            case="accuracy",
+            implementation=impl,
+            T=t,
+            S=s,
+            out_max_abs=float(np.abs(np.asarray(out, np.float64) - out_ref).max()),
+            grad_max_abs=max(
+                float(np.abs(np.asarray(g, np.float64) - r).max())
+                for g, r in zip(grads, grads_ref, strict=True)
+            ),
+        )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--lengths", nargs="*", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--short-lengths", nargs="*", type=int, default=[128, 256, 512])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--block-sizes", nargs=2, type=int, default=None)
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-grad", type=int, default=1, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child is not None:
+        _memory_child(a.child, bool(a.child_grad))
+        return
+    bsz = None if a.block_sizes is None else tuple(a.block_sizes)
+    only = set(a.only or ["fwd", "fwdbwd", "short", "causal", "window", "memory", "accuracy"])
+    print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}, block_sizes={bsz}")
+    if "accuracy" in only:
+        bench_accuracy()
+    if "short" in only:
+        bench_short(a.short_lengths, max(a.repeats, 20), bsz)
+    if "fwd" in only:
+        bench_forward(a.lengths, a.repeats, bsz)
+    if "fwdbwd" in only:
+        bench_fwdbwd([4096], a.repeats, bsz)
+    if "causal" in only:
+        bench_causal(4096, a.repeats, bsz)
+    if "window" in only:
+        bench_window(4096, 256, a.repeats, bsz)
+    if "memory" in only:
+        bench_memory(16384)
+    if "huge" in only:
+        bench_memory(65536)
+
+
+if __name__ == "__main__":
+    main()

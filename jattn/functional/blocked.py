@@ -1,0 +1,477 @@
+"""Blocked exact attention: online softmax over key blocks, O(T * H) memory both ways.
+
+The algorithm of Rabe & Staats (2021, "Self-attention Does Not Need O(n^2)
+Memory") and FlashAttention-2: queries are cut into blocks of ``bt`` rows, keys and
+values into blocks of ``bs``; for one query block a loop over key blocks keeps the
+running row max ``m``, the running denominator ``l`` and the unnormalised output
+``acc`` in float32, so no ``[T, S]`` matrix ever exists. The backward pass (a
+``jax.custom_vjp``) recomputes each block's probabilities from the saved
+log-sum-exp instead of storing them.
+
+Layout (what makes it fast on CPU): all heads of a block go through one batched
+matrix product. Grouped query heads become rows: a query block is
+``[B*K, G*bt, H]`` against a key block ``[B*K, bs, H]``, so keys and values are
+never copied per query head. Causal and windowed attention only visit the key
+blocks a query block can see (``fori_loop`` bounds computed per block), and only
+blocks that cross a mask boundary pay for building the structural mask.
+
+Semantics are those of :func:`jattn.functional.attention.dot_product_attention`
+(masked logits get :data:`MASK_FILL`, ``fully_masked`` decides a row without any
+visible key, the returned log-sum-exp is that of the filled logits and carries no
+gradient), with two documented differences:
+
+* dropout draws its keep-mask per block (``fold_in(dropout_rng, block)``), a
+  different random stream from the dense path (same distribution, still an
+  inverted dropout); with ``fully_masked='uniform'`` the uniform weights of a
+  fully masked row are not dropped out.
+* a row is "fully masked" when its largest logit is the mask fill: a visible
+  logit at or below ``MASK_FILL`` (about ``-2.4e38``) counts as masked.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jattn.functional import _checks
+from jattn.functional.masks import _as_window
+from jattn.functional.softmax import MASK_FILL, FullyMasked, check_fully_masked
+
+__all__ = ["blocked_attention"]
+
+_FILL = jnp.float32(MASK_FILL)
+_NEG_INF = jnp.float32(-jnp.inf)
+
+
+class _Geometry(NamedTuple):
+    """Static description of one blocked call (hashable: a ``nondiff_argnum``)."""
+
+    b: int  # flattened batch
+    k: int  # key/value heads
+    g: int  # query heads per key/value head
+    t: int  # real query length
+    s: int  # real key length
+    bt: int  # query block
+    bs: int  # key block
+    scale: float
+    causal: bool
+    window: tuple[int, int] | None
+    dropout_rate: float
+    fully_masked: str
+
+
+def _nblocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def _dot(a, b, contract):
+    """Batched matmul over axis 0, float32 accumulation."""
+    return lax.dot_general(a, b, (contract, ((0,), (0,))), preferred_element_type=jnp.float32)
+
+
+def _block(x, geo: _Geometry, i, j):
+    """The ``[B|1, K|1, G|1, bt|1, bs|1]`` tile (i, j) of a broadcastable bias or mask."""
+    starts = (0, 0, 0, i * geo.bt if x.shape[3] > 1 else 0, j * geo.bs if x.shape[4] > 1 else 0)
+    sizes = x.shape[:3] + (geo.bt if x.shape[3] > 1 else 1, geo.bs if x.shape[4] > 1 else 1)
+    return lax.dynamic_slice(x, starts, sizes)
+
+
+def _visible(geo: _Geometry, i, j, q_len, kv_len):
+    """Structural visibility of tile (i, j): causal, window, lengths, key padding.
+
+    Returns ``(visible, real_key)``: booleans that broadcast to ``[B, K, G, bt, bs]``.
+    """
+    qpos = (i * geo.bt + jnp.arange(geo.bt, dtype=jnp.int32)).reshape(geo.bt, 1)
+    kpos = (j * geo.bs + jnp.arange(geo.bs, dtype=jnp.int32)).reshape(1, geo.bs)
+    vis = jnp.ones((geo.bt, geo.bs), bool)
+    if geo.causal:
+        vis = vis & (kpos <= qpos)
+    if geo.window is not None:
+        left, right = geo.window
+        vis = vis & (kpos >= qpos - left) & (kpos <= qpos + right)
+    vis = vis.reshape(1, 1, 1, geo.bt, geo.bs)
+    if q_len is not None:
+        vis = vis & (qpos.reshape(1, 1, 1, geo.bt, 1) < q_len.reshape(geo.b, 1, 1, 1, 1))
+    if kv_len is not None:
+        vis = vis & (kpos.reshape(1, 1, 1, 1, geo.bs) < kv_len.reshape(geo.b, 1, 1, 1, 1))
+    return vis, (kpos < geo.s).reshape(1, 1, 1, 1, geo.bs)
+
+
+def _needs_structure(geo: _Geometry, i, j, q_len, kv_len):
+    """Whether tile (i, j) crosses a structural mask boundary (else it is fully visible)."""
+    q_min, q_max = i * geo.bt, (i + 1) * geo.bt - 1
+    k_min, k_max = j * geo.bs, (j + 1) * geo.bs - 1
+    needs = jnp.asarray(geo.s % geo.bs != 0) & (k_max >= geo.s)
+    if geo.causal:
+        needs = needs | (k_max > q_min)
+    if geo.window is not None:
+        left, right = geo.window
+        needs = needs | (k_max > q_min + right) | (k_min < q_max - left)
+    if q_len is not None:
+        needs = needs | (q_max >= jnp.min(q_len))
+    if kv_len is not None:
+        needs = needs | (k_max >= jnp.min(kv_len))
+    return needs
+
+
+def _has_structure(geo: _Geometry, q_len, kv_len) -> bool:
+    return (
+        geo.causal
+        or geo.window is not None
+        or q_len is not None
+        or kv_len is not None
+        or geo.s % geo.bs != 0
+    )
+
+
+def _kv_range(geo: _Geometry, i, kv_len):
+    """Key blocks ``[lo, hi)`` that query block i can see (at least one)."""
+    nk = _nblocks(geo.s, geo.bs)
+    q_min = i * geo.bt
+    q_max = jnp.minimum((i + 1) * geo.bt, geo.t) - 1
+    lo, hi = jnp.int32(0), jnp.int32(nk)
+    if geo.causal:
+        hi = jnp.minimum(hi, q_max // geo.bs + 1)
+    if geo.window is not None:
+        left, right = geo.window
+        lo = jnp.maximum(lo, (q_min - left) // geo.bs)
+        hi = jnp.minimum(hi, (q_max + right) // geo.bs + 1)
+    if kv_len is not None:
+        hi = jnp.minimum(hi, _nblocks_traced(jnp.max(kv_len), geo.bs))
+    # One visited block keeps a fully masked row recognisable (its max is MASK_FILL).
+    lo = jnp.clip(lo, 0, nk - 1)
+    return lo, jnp.maximum(hi, lo + 1)
+
+
+def _q_range(geo: _Geometry, j, q_len, kv_len):
+    """Query blocks ``[lo, hi)`` that see some key of key block j (may be empty)."""
+    nq = _nblocks(geo.t, geo.bt)
+    k_min = j * geo.bs
+    k_max = jnp.minimum((j + 1) * geo.bs, geo.s) - 1
+    lo, hi = jnp.int32(0), jnp.int32(nq)
+    if geo.causal:
+        lo = jnp.maximum(lo, k_min // geo.bt)
+    if geo.window is not None:
+        left, right = geo.window
+        lo = jnp.maximum(lo, (k_min - right) // geo.bt)
+        hi = jnp.minimum(hi, (k_max + left) // geo.bt + 1)
+    if q_len is not None:
+        hi = jnp.minimum(hi, _nblocks_traced(jnp.max(q_len), geo.bt))
+    if kv_len is not None:
+        hi = jnp.where(k_min >= jnp.max(kv_len), lo, hi)
+    return lo, jnp.maximum(hi, lo)
+
+
+def _nblocks_traced(n, block: int):
+    return (n + block - 1) // block
+
+
+def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool):
+    """Float32 logits ``[B*K, G*bt, bs]`` of tile (i, j), masked entries filled."""
+    s = _dot(qi, kj, ((2,), (2,))) * jnp.float32(geo.scale)
+    if bias is None and mask is None and not structured:
+        return s
+    s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
+    if bias is not None:
+        s = s + _block(bias, geo, i, j).astype(jnp.float32)
+    if mask is not None:
+        s = jnp.where(_block(mask, geo, i, j), s, _FILL)
+    if structured:
+        vis, real = _visible(geo, i, j, q_len, kv_len)
+        s = jnp.where(vis, s, _FILL)
+        if geo.s % geo.bs:
+            s = jnp.where(real, s, _NEG_INF)  # padding keys count for nothing
+    return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
+
+
+def _tile_logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j):
+    """:func:`_logits`, paying for the structural mask only on boundary tiles."""
+    args = (geo, qi, kj, bias, mask, q_len, kv_len, i, j)
+    if not _has_structure(geo, q_len, kv_len):
+        return _logits(*args, structured=False)
+    return lax.cond(
+        _needs_structure(geo, i, j, q_len, kv_len),
+        lambda: _logits(*args, structured=True),
+        lambda: _logits(*args, structured=False),
+    )
+
+
+def _keep(geo: _Geometry, rng, i, j):
+    nk = _nblocks(geo.s, geo.bs)
+    key = jax.random.fold_in(rng, i * nk + j)
+    shape = (geo.b * geo.k, geo.g * geo.bt, geo.bs)
+    return jax.random.bernoulli(key, 1.0 - geo.dropout_rate, shape)
+
+
+def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
+    """Returns ``out [nq, B*K, G*bt, Hv]``, ``lse`` and ``fully`` ``[nq, B*K, G*bt]``."""
+    rows, hv = qb.shape[2], vb.shape[-1]
+    inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
+
+    def query_block(args):
+        i, qi = args
+
+        def body(j, carry):
+            m, l, acc = carry
+            s = _tile_logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(m_new == _NEG_INF, jnp.float32(0.0), m_new)
+            corr = jnp.exp(m - m_safe)
+            p = jnp.exp(s - m_safe[..., None])
+            l = l * corr + jnp.sum(p, axis=-1)
+            if geo.dropout_rate > 0.0:
+                p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
+            acc = acc * corr[..., None] + _dot(p.astype(vb.dtype), vb[j], ((2,), (1,)))
+            return m_new, l, acc
+
+        lo, hi = _kv_range(geo, i, kv_len)
+        init = (
+            jnp.full((qi.shape[0], rows), _NEG_INF),
+            jnp.zeros((qi.shape[0], rows), jnp.float32),
+            jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
+        )
+        m, l, acc = lax.fori_loop(lo, hi, body, init)
+        fully = m == _FILL
+        l_safe = jnp.where(l > 0, l, jnp.float32(1.0))
+        out = acc / l_safe[..., None]
+        lse = jnp.where(m == _NEG_INF, jnp.float32(0.0), m) + jnp.log(l_safe)
+        return out, lse, fully
+
+    nq = qb.shape[0]
+    out, lse, fully = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
+    if geo.fully_masked == "uniform":
+        v_mean = jnp.sum(vb.astype(jnp.float32), axis=(0, 2)) / jnp.float32(geo.s)  # [B*K, Hv]
+        out = jnp.where(fully[..., None], v_mean[None, :, None, :], out)
+    else:
+        out = jnp.where(fully[..., None], jnp.float32(0.0), out)
+    return out.astype(vb.dtype), lse, fully
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
+    out, lse, _ = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    return out, lse
+
+
+def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
+    out, lse, fully = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, lse, fully)
+    return (out, lse), res
+
+
+def _flash_bwd(geo, res, cotangents):
+    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, lse, fully = res
+    dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
+    # Fully masked rows contribute nothing inside the loop: exp(s - inf) = 0.
+    lse_bwd = jnp.where(fully, jnp.float32(jnp.inf), lse)
+    delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
+    inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
+    scale = jnp.float32(geo.scale)
+    nk = kb.shape[0]
+    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+
+    def key_block(carry, j):
+        dq, dbias = carry
+        kj, vj = kb[j], vb[j]
+
+        def body(i, c):
+            dk, dv, dq, dbias = c
+            qi, doi = qb[i], dout[i]
+            s = _tile_logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j)
+            p = jnp.exp(s - lse_bwd[i][..., None])  # [B*K, G*bt, bs]
+            dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
+            p_drop = p
+            if geo.dropout_rate > 0.0:
+                keep = _keep(geo, rng, i, j)
+                p_drop = jnp.where(keep, p * inv_keep, jnp.float32(0.0))
+                dp = jnp.where(keep, dp * inv_keep, jnp.float32(0.0))
+            dv = dv + _dot(p_drop.astype(vj.dtype), doi.astype(vj.dtype), ((1,), (1,)))
+            ds = p * (dp - delta[i][..., None])  # d logits, [B*K, G*bt, bs]
+            dsc = ds.astype(qi.dtype)
+            dk = dk + _dot(dsc, qi, ((1,), (1,)))
+            dq = dq.at[i].add(_dot(dsc, kj, ((2,), (1,))) * scale)
+            if dbias is not None:
+                blk = ds.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
+                axes = tuple(a for a in range(5) if bias.shape[a] == 1)
+                blk = jnp.sum(blk, axis=axes, keepdims=True)
+                start = (0, 0, 0, i * geo.bt if bias.shape[3] > 1 else 0)
+                start = start + (j * geo.bs if bias.shape[4] > 1 else 0,)
+                cur = lax.dynamic_slice(dbias, start, blk.shape)
+                dbias = lax.dynamic_update_slice(dbias, cur + blk, start)
+            return dk, dv, dq, dbias
+
+        lo, hi = _q_range(geo, j, q_len, kv_len)
+        dk0 = jnp.zeros(kj.shape, jnp.float32)
+        dv0 = jnp.zeros(vj.shape, jnp.float32)
+        dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias))
+        return (dq, dbias), (dk * scale, dv)
+
+    dq0 = jnp.zeros(qb.shape, jnp.float32)
+    (dq, dbias), (dk, dv) = lax.scan(key_block, (dq0, dbias0), jnp.arange(nk, dtype=jnp.int32))
+    if geo.fully_masked == "uniform":  # each fully masked row averages every real value
+        dsum = jnp.sum(jnp.where(fully[..., None], dout, 0.0), axis=(0, 2))  # [B*K, Hv]
+        dv = dv + dsum[None, :, None, :] / jnp.float32(geo.s)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    return (
+        dq.astype(qb.dtype),
+        dk.astype(kb.dtype),
+        dv.astype(vb.dtype),
+        dbias,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _to_5d(x, batch_shape, n, k, t_pad, s_pad):
+    """A bias/mask broadcasting to ``[..., N, T, S]`` as ``[B|1, K|1, G|1, Tp|1, Sp|1]``."""
+    nb = len(batch_shape)
+    x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
+    if any(d != 1 for d in x.shape[:nb]):
+        x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
+        x = x.reshape((math.prod(batch_shape),) + x.shape[nb:])
+    else:
+        x = x.reshape((1,) + x.shape[nb:])
+    heads = (k, n // k) if x.shape[1] != 1 else (1, 1)
+    x = x.reshape((x.shape[0],) + heads + x.shape[2:])
+    pads = [(0, 0)] * 3
+    pads += [(0, t_pad - x.shape[3] if x.shape[3] > 1 else 0)]
+    pads += [(0, s_pad - x.shape[4] if x.shape[4] > 1 else 0)]
+    return jnp.pad(x, pads)
+
+
+def blocked_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    fully_masked: FullyMasked = "zeros",
+    return_residual: bool = False,
+    block_sizes: tuple[int, int] | None = None,
+):
+    """Exact scaled dot-product attention in blocks (flash-style), O(T * H) memory.
+
+    Same arguments and results as :func:`jattn.dot_product_attention` (see the
+    module docstring for the two documented differences), without
+    ``return_weights`` (the weights are the ``[T, S]`` matrix this avoids).
+
+    Args:
+      query: ``[..., T, N, H]``.
+      key: ``[..., S, K, H]``; N must be a multiple of K (no copies are made).
+      value: ``[..., S, K, Hv]``.
+      bias: optional float, broadcasts to ``[..., N, T, S]``.
+      mask: optional boolean (True = attend), broadcasts to ``[..., N, T, S]``.
+      scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+      local_window_size, dropout_rate, dropout_rng, fully_masked,
+      return_residual: as in :func:`jattn.dot_product_attention`.
+      block_sizes: ``(block_q, block_kv)``; ``None`` picks them from the shape
+        and device (:func:`jattn.functional.dispatch.default_block_sizes`).
+
+    Returns:
+      ``output [..., T, N, Hv]`` in the value dtype, or ``(output, lse [..., T, N])``.
+    """
+    from jattn.functional.dispatch import default_block_sizes
+
+    query = _checks.as_array("query", query)
+    key = _checks.as_array("key", key)
+    value = _checks.as_array("value", value)
+    _checks.check_qkv(query, key, value, same_head_dim=True)
+    check_fully_masked(fully_masked)
+    dropout_rate = _checks.check_dropout(dropout_rate, dropout_rng)
+    window = None if local_window_size is None else _as_window(local_window_size)
+    batch_shape = tuple(query.shape[:-3])
+    t, n, h = query.shape[-3:]
+    s, k, hv = value.shape[-3:]
+    target = batch_shape + (n, t, s)
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(
+                f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
+                "pass additive float masks as bias"
+            )
+        _checks.check_broadcast("mask", mask, target, "[..., N, T, S]")
+    if bias is not None:
+        bias = _checks.as_array("bias", bias)
+        _checks.check_float("bias", bias)
+        _checks.check_broadcast("bias", bias, target, "[..., N, T, S]")
+    q_len = _checks.check_seq_lengths("query_seq_lengths", query_seq_lengths, batch_shape)
+    kv_len = _checks.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch_shape)
+    if block_sizes is None:
+        block_sizes = default_block_sizes(t, s, h, query.dtype)
+    if (
+        not isinstance(block_sizes, tuple | list)
+        or len(block_sizes) != 2
+        or not all(isinstance(x, int) and x > 0 for x in block_sizes)
+    ):
+        raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
+    if t == 0 or s == 0:
+        raise ValueError(f"blocked attention needs T > 0 and S > 0, got T={t}, S={s}")
+
+    bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
+    nq, nk = _nblocks(t, bt), _nblocks(s, bs)
+    b, g = math.prod(batch_shape), n // k
+    geo = _Geometry(
+        b=b,
+        k=k,
+        g=g,
+        t=t,
+        s=s,
+        bt=bt,
+        bs=bs,
+        scale=float(1.0 / math.sqrt(h) if scale is None else scale),
+        causal=bool(is_causal),
+        window=window,
+        dropout_rate=dropout_rate,
+        fully_masked=fully_masked,
+    )
+    # [B, T, K, G, H] -> [nq, B*K, G*bt, H]: one query block of every head is one slab.
+    q = query.reshape(b, t, k, g, h)
+    q = jnp.pad(q, ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
+    qb = q.reshape(b, nq, bt, k, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b * k, g * bt, h)
+
+    def kv_blocks(x):  # [B, S, K, D] -> [nk, B*K, bs, D]
+        d = x.shape[-1]
+        x = jnp.pad(x.reshape(b, s, k, d), ((0, 0), (0, nk * bs - s), (0, 0), (0, 0)))
+        return x.reshape(b, nk, bs, k, d).transpose(1, 0, 3, 2, 4).reshape(nk, b * k, bs, d)
+
+    kb, vb = kv_blocks(key), kv_blocks(value)
+    bias5 = None if bias is None else _to_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
+    mask5 = None if mask is None else _to_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
+    lens = []
+    for length in (q_len, kv_len):
+        if length is not None:
+            length = jnp.broadcast_to(length, batch_shape).reshape(b).astype(jnp.int32)
+        lens.append(length)
+    q_len, kv_len = lens
+    rng = dropout_rng if dropout_rate > 0.0 else None
+
+    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng)
+    out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
+    out = out[:, :t]
+    if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)
+        valid = jnp.arange(t, dtype=jnp.int32).reshape(1, t, 1, 1) < q_len.reshape(b, 1, 1, 1)
+        out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+    out = out.reshape(batch_shape + (t, n, hv))
+    if not return_residual:
+        return out
+    lse = lse.reshape(nq, b, k, g, bt).transpose(1, 0, 4, 2, 3).reshape(b, nq * bt, n)
+    return out, lse[:, :t].reshape(batch_shape + (t, n))

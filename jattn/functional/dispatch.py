@@ -1,0 +1,253 @@
+"""Choosing an attention implementation from the shape, dtype and device.
+
+``dot_product_attention(..., implementation=None)`` asks :func:`select` for the
+fastest path that gives the library's results for the inputs:
+
+* ``'dense'`` (alias ``'xla'``): materialises ``[B, N, T, S]``; fastest for short
+  sequences and the only path that returns the weights.
+* ``'blocked'``: :func:`jattn.functional.blocked.blocked_attention`, exact online
+  softmax in O(T * H) memory; the default for long sequences on CPU and GPU.
+* ``'cudnn'``: ``jax.nn.dot_product_attention(implementation='cudnn')`` on NVIDIA
+  GPUs, for float16/bfloat16 inputs that it supports.
+* ``'pallas'``: the TPU flash-attention Pallas kernel shipped in
+  ``jax.experimental.pallas.ops.tpu.flash_attention``.
+
+An explicit implementation that cannot honour the inputs raises a ``ValueError``
+naming the unsupported feature, dtype or device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["IMPLEMENTATIONS", "DENSE_MAX_ELEMENTS", "default_block_sizes", "select"]
+
+IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas")
+
+#: Below this many score elements per head (T * S) the dense path wins on CPU.
+DENSE_MAX_ELEMENTS = 512 * 1024
+
+
+def default_block_sizes(t: int, s: int, h: int, dtype=jnp.float32) -> tuple[int, int]:
+    """``(block_q, block_kv)`` for the blocked path: tiles that stay in cache on CPU."""
+    del dtype
+    if jax.default_backend() == "cpu":
+        bq, bk = (256, 512) if h <= 128 else (128, 256)
+    else:
+        bq, bk = 128, 128
+    return min(bq, t), min(bk, s)
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def _cudnn_problems(query, key, value, bias, mask, o) -> list[str]:
+    """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot give our results."""
+    problems = []
+    if _platform() != "gpu":
+        problems.append(f"device {_platform()!r} (cuDNN needs an NVIDIA GPU)")
+    if query.dtype not in (jnp.float16, jnp.bfloat16):
+        problems.append(f"dtype {query.dtype} (cuDNN takes float16 or bfloat16)")
+    h, hv = query.shape[-1], value.shape[-1]
+    if h != hv:
+        problems.append(f"value head dim Hv={hv} != H={h}")
+    if h > 128 or h % 8:
+        problems.append(f"head dim H={h} (cuDNN needs a multiple of 8, at most 128)")
+    if o["dropout_rate"] > 0.0:
+        problems.append("dropout")
+    if o["return_weights"]:
+        problems.append("return_weights")
+    if o["return_residual"]:
+        problems.append("return_residual (cuDNN returns it in the input dtype, not float32)")
+    if mask is not None:
+        # cuDNN turns a boolean mask into a finite bias, so a fully masked row gets
+        # softmax(logits) instead of fully_masked's zeros/uniform weights.
+        problems.append("boolean masks (fully masked rows differ from fully_masked)")
+    if o["local_window_size"] is not None:
+        problems.append("local_window_size (cuDNN windows differ: left only, exclusive)")
+    if o["is_causal"] and query.shape[-3] > key.shape[-3]:
+        problems.append("is_causal with T > S")
+    return problems
+
+
+def _pallas_block(n: int) -> int | None:
+    for b in (512, 256, 128):
+        if n % b == 0:
+            return b
+    return None
+
+
+def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = False) -> list[str]:
+    """Why the TPU Pallas flash-attention kernel cannot give our results."""
+    problems = []
+    if _platform() != "tpu" and not interpret:
+        problems.append(f"device {_platform()!r} (the Pallas flash-attention kernel needs a TPU)")
+    h, hv = query.shape[-1], value.shape[-1]
+    if h != hv:
+        problems.append(f"value head dim Hv={hv} != H={h}")
+    t, s = query.shape[-3], key.shape[-3]
+    if _pallas_block(t) is None or _pallas_block(s) is None:
+        problems.append(f"lengths T={t}, S={s} (the kernel needs multiples of 128)")
+    for name in ("query_seq_lengths", "key_value_seq_lengths", "local_window_size"):
+        if o[name] is not None:
+            problems.append(name)
+    if mask is not None:
+        problems.append("boolean masks")
+    if o["dropout_rate"] > 0.0:
+        problems.append("dropout")
+    if o["return_weights"]:
+        problems.append("return_weights")
+    if o["return_residual"]:
+        problems.append("return_residual")
+    if o["is_causal"] and t > s:
+        problems.append("is_causal with T > S")
+    return problems
+
+
+def select(implementation, query, key, value, bias=None, mask=None, **options) -> str:
+    """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas'`` to run.
+
+    ``implementation=None`` picks the fastest path that gives the library's results:
+    cuDNN on GPU and Pallas on TPU where they support the inputs, the dense path
+    for short sequences (``T * S <= DENSE_MAX_ELEMENTS``) or when the weights are
+    asked for, the blocked path otherwise. An explicit choice that cannot honour
+    the inputs raises a ``ValueError`` that lists what it does not support.
+
+    ``options`` are the keyword arguments of ``dot_product_attention``.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}"
+        )
+    if implementation in ("dense", "xla"):
+        return "dense"
+    if implementation == "blocked":
+        if options["return_weights"]:
+            raise ValueError(
+                "implementation='blocked' cannot return the attention weights (they are the "
+                "[..., N, T, S] matrix it never builds); use implementation='dense' or None"
+            )
+        return "blocked"
+    checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems}
+    if implementation is not None:
+        problems = checks[implementation](query, key, value, bias, mask, options)
+        if problems:
+            raise ValueError(
+                f"implementation={implementation!r} does not support: " + "; ".join(problems)
+            )
+        return implementation
+    if options["return_weights"]:
+        return "dense"
+    platform = _platform()
+    if platform == "gpu" and options["key_value_seq_lengths"] is None:
+        if not _cudnn_problems(query, key, value, bias, mask, options):
+            return "cudnn"
+    if platform == "tpu" and not _pallas_problems(query, key, value, bias, mask, options):
+        return "pallas"
+    if query.shape[-3] * key.shape[-3] <= DENSE_MAX_ELEMENTS:
+        return "dense"
+    return "blocked"
+
+
+def _flatten(x, nb):
+    return x.reshape((-1,) + x.shape[nb:])
+
+
+def cudnn_attention(query, key, value, bias=None, mask=None, **o):
+    """``jax.nn.dot_product_attention(implementation='cudnn')`` with jattn's argument set."""
+    nb = query.ndim - 3
+    batch = query.shape[:nb]
+    q, k, v = (_flatten(x, nb) if nb != 1 else x for x in (query, key, value))
+    if nb == 0:
+        q, k, v = q[None], k[None], v[None]
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        bias = bias.reshape((1,) * (nb + 3 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, batch + bias.shape[nb:]).reshape((-1,) + bias.shape[nb:])
+    lens = []
+    for name in ("query_seq_lengths", "key_value_seq_lengths"):
+        x = o[name]
+        lens.append(None if x is None else jnp.broadcast_to(x, batch).reshape(-1).astype(jnp.int32))
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias,
+        scale=o["scale"],
+        is_causal=o["is_causal"],
+        query_seq_lengths=lens[0],
+        key_value_seq_lengths=lens[1],
+        implementation="cudnn",
+    )
+    return out.reshape(query.shape[:-1] + value.shape[-1:])
+
+
+def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False, **o):
+    """The TPU Pallas flash-attention kernel with jattn's ``[..., T, N, H]`` layout.
+
+    Grouped heads are repeated to N (the kernel takes N == K). ``interpret=True``
+    runs the kernel in the Pallas TPU interpreter (for tests on CPU).
+    """
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    nb = query.ndim - 3
+    batch = query.shape[:nb]
+    t, n, h = query.shape[-3:]
+    s, kh = key.shape[-3], key.shape[-2]
+
+    def bnth(x):  # [..., T, N, H] -> [B, N, T, H]
+        return jnp.swapaxes(x.reshape((-1,) + x.shape[nb:]), 1, 2)
+
+    q = bnth(query)
+    k, v = (jnp.repeat(bnth(x), n // kh, axis=1) for x in (key, value))
+    ab = None
+    if bias is not None:
+        ab = jnp.asarray(bias)
+        ab = ab.reshape((1,) * (nb + 3 - ab.ndim) + ab.shape)
+        ab = jnp.broadcast_to(ab, batch + (n, t, s)).reshape(-1, n, t, s).astype(jnp.float32)
+    bq, bk = _pallas_block(t), _pallas_block(s)
+    sizes = fa.BlockSizes(
+        block_q=bq,
+        block_k_major=bk,
+        block_k=bk,
+        block_b=1,
+        block_q_major_dkv=bq,
+        block_k_major_dkv=bk,
+        block_k_dkv=bk,
+        block_q_dkv=bq,
+        block_k_major_dq=bk,
+        block_k_dq=bk,
+        block_q_dq=bq,
+    )
+    scale = o["scale"]
+    scale = 1.0 / (h**0.5) if scale is None else float(scale)
+
+    def call():
+        return fa.flash_attention(
+            q, k, v, ab, causal=o["is_causal"], sm_scale=scale, block_sizes=sizes
+        )
+
+    if interpret:
+        with pltpu.force_tpu_interpret_mode():
+            out = call()
+    else:
+        out = call()
+    return jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:])
+
+
+def run(implementation: str, query, key, value, bias=None, mask=None, **options):
+    """Runs a non-dense implementation chosen by :func:`select`."""
+    from jattn.functional.blocked import blocked_attention
+
+    if implementation == "blocked":
+        options = dict(options)
+        del options["return_weights"]
+        return blocked_attention(query, key, value, bias, mask, **options)
+    if implementation == "cudnn":
+        return cudnn_attention(query, key, value, bias, mask, **options)
+    if implementation == "pallas":
+        return pallas_attention(query, key, value, bias, mask, **options)
+    raise ValueError(f"no runner for implementation {implementation!r}")
