@@ -75,6 +75,8 @@ def masked_softmax(logits, mask=None, fully_masked="zeros"):
             flat_o[r] = 0.0 if fully_masked == "zeros" else 1.0 / logits.shape[-1]
             continue
         z = flat_l[r][m]
+        if not np.isfinite(z).any():  # every visible logit is -inf: documented zeros
+            continue
         e = np.exp(z - z.max())
         flat_o[r][m] = e / e.sum()
     return out

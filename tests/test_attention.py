@@ -146,6 +146,9 @@ def test_unbatched_inputs():
     q, k, v = _qkv(batch=())
     mask = _random_mask((N, T, S))
     _check_vs_jax_nn(q, k, v, bias=_normal(4, (N, T, S)), mask=mask, is_causal=True)
+    # jax.nn takes sequence lengths of shape [B] = [1] for unbatched inputs.
+    q_len, kv_len = jnp.array([3], jnp.int32), jnp.array([4], jnp.int32)
+    _check_vs_jax_nn(q, k, v, mask=mask, q_len=q_len, kv_len=kv_len)
 
 
 def test_fully_masked_rows_uniform_matches_jax_nn():

@@ -109,3 +109,15 @@ def test_no_nan_or_inf_in_low_precision(dtype, fully_masked):
     assert np.all(np.isfinite(w)) and np.all(np.isfinite(grad)) and np.all(np.isfinite(lse))
     # The inputs are exactly representable in every dtype, so the float64 reference applies.
     np.testing.assert_allclose(w, ref.masked_softmax(logits, mask, fully_masked), atol=1e-6)
+
+
+@pytest.mark.parametrize("fully_masked", ["zeros", "uniform"])
+def test_masked_key_never_wins_over_neg_inf_logits(fully_masked):
+    """Regression: visible keys all at -inf (e.g. a -inf bias) must not hand the weight to a
+    masked key, whose finite fill used to be the row maximum."""
+    logits = jnp.array([[0.0, -jnp.inf, -jnp.inf], [2.0, -jnp.inf, 1.0]])
+    mask = jnp.array([[False, True, True], [False, True, True]])
+    w, lse, grad = _softmax_lse_and_grad(logits, mask, jnp.ones((2, 3)), fully_masked)
+    np.testing.assert_array_equal(w[0], 0.0)
+    np.testing.assert_array_equal(w[1], [0.0, 0.0, 1.0])
+    assert np.all(np.isfinite(grad)) and np.all(np.isfinite(lse))

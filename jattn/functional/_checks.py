@@ -15,7 +15,7 @@ def fmt(shape: Sequence[int]) -> str:
 def as_array(name: str, x) -> jax.Array:
     try:
         return jnp.asarray(x)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # e.g. a str, a dict, or None
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
 
 
@@ -85,6 +85,8 @@ def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array |
     x = as_array(name, x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    if not batch_shape and x.shape == (1,):  # jax.nn's [B] = [1] for unbatched [T, N, H] inputs
+        x = x.reshape(())
     if not broadcasts_to(x.shape, batch_shape) or (x.ndim == 1 and not batch_shape):
         raise ValueError(
             f"{name} of shape {fmt(x.shape)} must have the batch shape of query "

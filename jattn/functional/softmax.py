@@ -75,17 +75,23 @@ def masked_softmax_with_lse(
       ``(weights, lse)``: float32 weights ``[..., S]`` and float32 ``lse``
       ``[...]``, the log-sum-exp of the logits after masked entries were set to
       :data:`MASK_FILL` (the residual of ``jax.nn.dot_product_attention``).
-      Entries with ``-inf`` logits get weight 0; a row of only ``-inf`` logits
-      gets zeros. No NaN or inf reaches the weights or their gradients.
+      Entries with ``-inf`` logits get weight 0; a row whose visible logits are
+      all ``-inf`` gets zeros (and ``lse`` 0). No NaN or inf reaches the weights
+      or their gradients.
     """
     check_fully_masked(fully_masked)
     logits = logits.astype(jnp.float32)
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), logits.shape)
-        logits = jnp.where(mask, logits, jnp.float32(MASK_FILL))
+        any_visible = jnp.any(mask, axis=-1, keepdims=True)
+        # Masked keys get -inf, so they get weight 0 even when every visible logit is
+        # -inf (a finite fill would then win); a fully masked row gets the finite fill,
+        # which gives the 'uniform' 1 / S. Elsewhere both fills give exp(...) = 0.
+        fill = jnp.where(any_visible, jnp.float32(-jnp.inf), jnp.float32(MASK_FILL))
+        logits = jnp.where(mask, logits, fill)
     weights = _softmax_last(logits)
     if mask is not None and fully_masked == "zeros":
-        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, jnp.float32(0.0))
+        weights = jnp.where(any_visible, weights, jnp.float32(0.0))
     row_max, denom = _max_and_denominator(jax.lax.stop_gradient(logits))
     lse = (row_max + jnp.log(denom))[..., 0]
     return weights, lse
