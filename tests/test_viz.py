@@ -161,19 +161,24 @@ def test_collect_attention_weights_leaves_output_and_model_unchanged():
     model = _Stack(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
     memory = jax.random.normal(jax.random.key(2), (2, 3, 4))
-    expected = model(x, memory)
-    weights = collect_attention_weights(model, x, memory)
+
+    @nnx.jit  # one compile for everything (collect_attention_weights works under jit)
+    def run(model, x, memory):
+        expected = model(x, memory)
+        weights = collect_attention_weights(model, x, memory)
+        h = x + model.layers[0](x, is_causal=True)
+        _, w1 = model.layers[1](h, is_causal=True, return_weights=True)
+        sown = nnx.capture(lambda m: m(x, memory, sow_weights=True), nnx.Intermediate)(model)[0]
+        return expected, weights, w1, sown
+
+    expected, weights, w1, sown = run(model, x, memory)
     assert list(weights) == ["cross", "layers/0", "layers/1"]
     assert weights["cross"].shape == (2, 2, 5, 3) and weights["layers/1"].shape == (2, 2, 5, 5)
     assert not nnx.state(model, nnx.Intermediate)  # nothing left behind
-    np.testing.assert_array_equal(model(x, memory), expected)  # model unchanged
-    # the outputs of a sowing call equal a normal call bitwise, and the weights are the layer's
-    h = x + model.layers[0](x, is_causal=True)
-    _, w1 = model.layers[1](h, is_causal=True, return_weights=True)
     np.testing.assert_allclose(weights["layers/1"], w1, rtol=1e-6, atol=1e-7)
     assert np.all(np.triu(np.asarray(weights["layers/0"]), k=1) == 0)  # causal
-    sown = nnx.capture(lambda m: m(x, memory, sow_weights=True), nnx.Intermediate)(model)[0]
-    np.testing.assert_array_equal(sown, expected)
+    np.testing.assert_array_equal(sown, expected)  # a sowing call's output equals a normal call's
+    np.testing.assert_array_equal(run(model, x, memory)[0], expected)  # model unchanged
 
 
 def test_collect_layer_called_twice():
@@ -199,15 +204,20 @@ def test_collect_transformer_encoder_decoder_and_cross_weights():
     )
     src = jnp.array([[3, 4, 5, 2, 0]])  # one PAD key at the end
     tgt = jnp.array([[1, 5, 6, 7]])
-    expected = model(src, tgt)
-    weights = collect_attention_weights(model, src, tgt)
+
+    @nnx.jit
+    def run(model):
+        sown = nnx.capture(lambda m: m(src, tgt, sow_weights=True), nnx.Intermediate)(model)[0]
+        return model(src, tgt), collect_attention_weights(model, src, tgt), sown
+
+    expected, weights, sown = run(model)
     assert {k: v.shape for k, v in weights.items()} == {
         "decoder/layers/0/cross_attention": (1, 2, 4, 5),
         "decoder/layers/0/self_attention": (1, 2, 4, 4),
         "encoder/layers/0/self_attention": (1, 2, 5, 5),
     }
-    np.testing.assert_array_equal(model(src, tgt), expected)
     assert not nnx.state(model, nnx.Intermediate)
+    np.testing.assert_array_equal(sown, expected)  # bitwise: weights do not change the output
     dec = np.asarray(weights["decoder/layers/0/self_attention"])
     assert np.all(np.triu(dec, k=1) == 0)  # causal decoder
     np.testing.assert_array_equal(weights["decoder/layers/0/cross_attention"][..., 4], 0.0)  # PAD
