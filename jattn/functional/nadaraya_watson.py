@@ -170,7 +170,7 @@ def nadaraya_watson(
     >>> import jax.numpy as jnp
     >>> x, y = jnp.array([0.0, 1.0, 2.0]), jnp.array([0.0, 1.0, 4.0])
     >>> nadaraya_watson(jnp.array([1.0]), x, y, kernel=constant_kernel)[0]
-    Array([1.6666666], dtype=float32)
+    Array([1.6666667], dtype=float32)
 
     Args:
       queries: ``[T]`` or ``[T, F]`` points to predict at.
