@@ -194,7 +194,7 @@ def _per_layer(weights, layer_names, batch_index):
     return list(names), list(arr)
 
 
-def _for_layer(value, name, i):
+def _for_layer(value, name):
     """Labels or masks given once for all layers, or as a dict keyed by layer name."""
     if isinstance(value, Mapping):
         return value.get(name)
@@ -246,8 +246,8 @@ def plot_attention_grid(
     if len(heads) < num_cols:
         raise ValueError(f"got {len(heads)} head_names for {num_cols} heads")
     datas = []
-    for i, (name, w) in enumerate(zip(names, layers, strict=True)):
-        m = _for_layer(mask, name, i)
+    for name, w in zip(names, layers, strict=True):
+        m = _for_layer(mask, name)
         if m is not None:
             m = np.asarray(m)
             if m.ndim == 4:
@@ -263,7 +263,7 @@ def plot_attention_grid(
     gs = fig.add_gridspec(len(layers), num_cols)
     images, axes = [], []
     for i, (name, data) in enumerate(zip(names, datas, strict=True)):
-        rl, cl = _for_layer(row_labels, name, i), _for_layer(col_labels, name, i)
+        rl, cl = _for_layer(row_labels, name), _for_layer(col_labels, name)
         for j in range(data.shape[0]):
             ax = fig.add_subplot(gs[i, j])
             images.append(_heatmap(ax, data[j], cm, norm, rl, cl, show_rows=j == 0))
