@@ -161,10 +161,13 @@ def test_fully_masked_rows_uniform_matches_jax_nn():
 
 
 def test_eager_matches_jax_nn():
+    """Without jit: the jax.nn result (computed under jit, the same math) to 1e-6."""
     q, k, v = _qkv()
     mask = _random_mask((B, 1, T, S))
     got = jattn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=0.3)
-    want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=0.3)
+    want = jax.jit(
+        lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=True, scale=0.3)
+    )(q, k, v, mask)
     np.testing.assert_allclose(got, want, **JAX_NN_TOL)
 
 
@@ -336,61 +339,61 @@ def test_generic_attention_shared_params_mlp():
 
 
 @functools.partial(jax.jit, static_argnames="rate")
-def _dropout_run(q, k, v, rng, rate):
-    return jattn.dot_product_attention(
-        q, k, v, dropout_rate=rate, dropout_rng=rng, return_weights=True
-    )
+def _dropout_many(q, k, v, keys, rate):
+    """The output and weights for each PRNG key in ``keys`` (one compilation for all)."""
+
+    def one(rng):
+        return jattn.dot_product_attention(
+            q, k, v, dropout_rate=rate, dropout_rng=rng, return_weights=True
+        )
+
+    return jax.vmap(one)(keys)
 
 
-def _one_hot_values(s=S):
-    """Values = identity, so that output[t, n, :] is the (dropped-out) weight row itself."""
-    return jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (B, s, K, s))
+def _keys(n, seed=0):
+    """PRNG keys from NumPy bits (jax.random.split would compile for every new shape)."""
+    bits = np.random.default_rng(seed).integers(0, 2**32, (n, 2), dtype=np.uint32)
+    return jax.random.wrap_key_data(jnp.asarray(bits))
 
 
-def test_dropout_structure():
+def test_dropout():
     q, k, _ = _qkv()
-    v = _one_hot_values()
-    rate = 0.5
-    out, weights = _dropout_run(q, k, v, jax.random.key(0), rate)
-    probs = np.moveaxis(np.asarray(out), 2, 1)  # [B, N, T, S]: the dropped-out weights
+    v = jnp.broadcast_to(jnp.eye(S)[None, :, None, :], (B, S, K, S))  # output row = probs row
+    rate, draws = 0.5, 2000
+    keys = _keys(draws)
+    outs, weights = _dropout_many(q, k, v, keys, rate)
+    probs = np.moveaxis(np.asarray(outs), 3, 2)  # [draws, B, N, T, S]: dropped-out weights
+    weights = np.asarray(weights)
     kept = probs != 0
     # Every entry is either dropped (0) or the softmax weight scaled by 1 / (1 - rate).
-    np.testing.assert_allclose(
-        probs[kept], np.asarray(weights)[kept] / (1 - rate), rtol=1e-6, atol=1e-7
-    )
-    # The returned weights are the softmax before dropout (rows sum to one).
-    np.testing.assert_allclose(np.asarray(weights, np.float64).sum(-1), 1.0, rtol=1e-6)
-    frac = kept.mean()
-    assert 0.35 < frac < 0.65, frac  # 160 Bernoulli(0.5) draws: 4.4 sigma bounds
-    # Deterministic given the key, different with another key.
-    again, _ = _dropout_run(q, k, v, jax.random.key(0), rate)
-    np.testing.assert_array_equal(again, out)
-    other, _ = _dropout_run(q, k, v, jax.random.key(1), rate)
-    assert not np.array_equal(other, out)
+    np.testing.assert_allclose(probs[kept], (weights / (1 - rate))[kept], rtol=1e-6, atol=1e-7)
+    # The returned weights are the softmax before dropout, the same for every key.
+    np.testing.assert_allclose(weights.astype(np.float64).sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(weights, np.broadcast_to(weights[:1], weights.shape))
+    # The kept fraction is 1 - rate (320k Bernoulli(0.5) draws: 0.005 is > 5 sigma).
+    assert abs(kept.mean() - (1 - rate)) < 0.005
+    # Deterministic given the key, different for different keys.
+    np.testing.assert_array_equal(_dropout_many(q, k, v, keys, rate)[0], outs)
+    assert not np.array_equal(outs[0], outs[1])
+    # Unbiased (inverted dropout): the mean over the keys approaches the exact output.
+    # Each entry is w * Bernoulli(0.5) / 0.5 with w <= 1: standard error <= 1 / sqrt(2000)
+    # = 0.022 per entry, and 0.11 is 5 standard errors.
+    exact = np.asarray(jattn.dot_product_attention(q, k, v))
+    mean = np.asarray(outs, np.float64).mean(0)
+    np.testing.assert_allclose(mean, exact, atol=0.11)
+    assert np.abs(mean - exact).mean() < 0.02
 
 
 def test_dropout_rate_zero_is_no_dropout():
     q, k, v = _qkv()
-    out, weights = _dropout_run(q, k, v, jax.random.key(0), 0.0)
+    keys = _keys(2)
+    outs, weights = _dropout_many(q, k, v, keys, 0.0)
     plain, plain_weights = jax.jit(
         lambda q, k, v: jattn.dot_product_attention(q, k, v, return_weights=True)
     )(q, k, v)
-    np.testing.assert_array_equal(out, plain)
-    np.testing.assert_array_equal(weights, plain_weights)
-
-
-def test_dropout_is_unbiased():
-    """The mean over many keys approaches the no-dropout output (inverted dropout)."""
-    q, k, _ = _qkv()
-    v = _one_hot_values()
-    keys = jax.random.split(jax.random.key(0), 2000)
-    outs = jax.jit(jax.vmap(lambda r: _dropout_run(q, k, v, r, 0.3)[0]))(keys)
-    mean = np.asarray(outs, np.float64).mean(0)
-    exact = np.asarray(jattn.dot_product_attention(q, k, v))
-    # Each entry is w * Bernoulli(0.7) / 0.7: std per draw <= w * 0.66, w <= 1; 2000 draws
-    # give a standard error <= 0.015, and 0.07 is > 4.5 standard errors.
-    np.testing.assert_allclose(mean, exact, atol=0.07)
-    assert np.abs(mean - exact).mean() < 0.01
+    np.testing.assert_allclose(outs[0], plain, rtol=1e-6, atol=1e-6)  # vmapped: not bitwise
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(weights[1], plain_weights, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------ low precision
@@ -416,3 +419,22 @@ def test_low_precision_close_to_float32(dtype):
     want = f(*(x.astype(jnp.float32) for x in (q, k, v, bias)))
     tol = LOW_PRECISION_TOL[dtype]
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="implementation=None runs the blocked path without return_weights and the dense "
+    "path with it (dispatch.select), so for T * S > DENSE_MAX_ELEMENTS asking for the "
+    "weights changes the output bits; reported to the lead",
+)
+def test_return_weights_bitwise_unchanged_on_long_sequences(monkeypatch):
+    from jattn.functional import dispatch
+
+    monkeypatch.setattr(dispatch, "DENSE_MAX_ELEMENTS", 0)  # as if T * S were large
+    q, k, v = _qkv()
+    f = jax.jit(
+        lambda q, k, v, rw: jattn.dot_product_attention(q, k, v, is_causal=True, return_weights=rw),
+        static_argnums=3,
+    )
+    out, _ = f(q, k, v, True)
+    np.testing.assert_array_equal(f(q, k, v, False), out)

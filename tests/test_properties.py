@@ -112,13 +112,13 @@ def test_masked_softmax_is_finite_and_normalised(logits, mask, dtype, fully_mask
 
 @SETTINGS
 @given(
-    t=st.integers(1, 5),
-    s=st.integers(1, 6),
+    ts=st.sampled_from([(1, 1), (3, 5), (5, 3)]),
     offsets=hnp.arrays(np.int32, (2,), elements=st.integers(0, 4)),
     left=st.integers(0, 3),
     right=st.integers(0, 3),
 )
-def test_causal_and_window_masks_match_definition(t, s, offsets, left, right):
+def test_causal_and_window_masks_match_definition(ts, offsets, left, right):
+    t, s = ts
     causal = np.asarray(jattn.causal_mask(t, s, offset=offsets))
     window = np.asarray(jattn.sliding_window_mask(t, s, (left, right), offset=offsets))
     for b, o in enumerate(offsets):
