@@ -19,7 +19,7 @@ from flax import nnx
 
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
-from jattn.models.blocks import TransformerDecoder, TransformerEncoder
+from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
 from jattn.models.decoding import beam_search, greedy_search
 
 __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
@@ -71,10 +71,17 @@ def _check_tokens(name, tokens, max_len=None):
 
 def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
                    layer_norm_eps, final_norm, attention_fn, score, positional):  # fmt: skip
+    """Validates the options (before any parameter is created) and returns the stack kwargs."""
+    mlp_features = mlp_features or 4 * features if isinstance(features, int) else mlp_features
+    _check_config(features, num_heads, mlp_features, dropout_rate, activation)
+    if positional not in _POSITIONAL:
+        raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
+    if positional == "sinusoidal" and features % 2:
+        raise ValueError(f"sinusoidal encoding needs an even positive features, got {features!r}")
     return dict(
         features=features,
         num_heads=num_heads,
-        mlp_features=mlp_features or 4 * features,
+        mlp_features=mlp_features,
         dropout_rate=dropout_rate,
         pre_norm=pre_norm,
         activation=activation,
