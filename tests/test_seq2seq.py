@@ -29,7 +29,21 @@ def _randomize(model: nnx.Module, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for _, p in nnx.iter_graph(model):
         if isinstance(p, nnx.Param):
-            p[...] = jnp.asarray(rng.normal(0.0, 0.6, p.shape), jnp.float32)
+            p.set_value(jnp.asarray(rng.normal(0.0, 0.6, p.shape), jnp.float32))
+
+
+def _build(make, seed):
+    """``make()`` with random parameters, built abstractly (``nnx.eval_shape``): eager
+    initializers would only cost compiles, as every parameter is replaced. RNG streams
+    get concrete keys and zero counts."""
+    model = nnx.eval_shape(make)
+    for i, (_, v) in enumerate(nnx.iter_graph(model)):
+        if isinstance(v, nnx.RngKey):
+            v.set_value(jax.random.key(seed + i))
+        elif isinstance(v, nnx.RngCount):
+            v.set_value(jnp.zeros(v.shape, v.dtype))
+    _randomize(model, seed)
+    return model
 
 
 @nnx.jit(static_argnames=("sow_weights", "deterministic"))
@@ -41,9 +55,7 @@ def _fwd(model, src, tgt_in, *, sow_weights=False, deterministic=True, rngs=None
 def _model(seed=0, **kw):
     """Additive attention, two layers, bidirectional unless ``kw`` says otherwise."""
     kw = dict(dict(embed_dim=3, hidden=4, num_layers=2), **kw)
-    model = BahdanauSeq2Seq(SRC_V, TGT_V, rngs=nnx.Rngs(seed), **kw)
-    _randomize(model, seed)
-    return model
+    return _build(lambda: BahdanauSeq2Seq(SRC_V, TGT_V, rngs=nnx.Rngs(seed), **kw), seed)
 
 
 # Source rows: right padding, interior padding, no padding, a single token.
@@ -162,11 +174,10 @@ def test_projected_key_additive_score_equals_additive_scores():
 
 
 def test_gru_cell_matches_flax_gru_cell():
-    ours = GRUCell(3, 4, rngs=nnx.Rngs(0))
-    theirs = nnx.GRUCell(3, 4, rngs=nnx.Rngs(1))
+    ours = _build(lambda: GRUCell(3, 4, rngs=nnx.Rngs(0)), 0)
+    theirs = _build(lambda: nnx.GRUCell(3, 4, rngs=nnx.Rngs(1)), 1)
     ours.w_input[...] = theirs.dense_i.kernel[...]
-    ours.b_input[...] = theirs.dense_i.bias[...] + 0.3  # flax's input bias, made non-zero
-    theirs.dense_i.bias[...] = ours.b_input[...]
+    ours.b_input[...] = theirs.dense_i.bias[...]  # random, non-zero
     ours.w_hidden[...] = theirs.dense_h.kernel[...]
     ours.b_hidden[...] = jnp.zeros(12)  # flax's hidden projection has no bias
     x = jax.random.normal(jax.random.key(0), (2, 3))
@@ -178,8 +189,7 @@ def test_gru_cell_matches_flax_gru_cell():
 
 
 def test_bidirectional_encoder_respects_lengths():
-    enc = GRUEncoder(3, 4, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
-    _randomize(enc, 2)
+    enc = _build(lambda: GRUEncoder(3, 4, num_layers=2, rngs=nnx.Rngs(0)), 2)
     run = nnx.jit(lambda enc, x, valid: enc(x, valid))
     x = jax.random.normal(jax.random.key(0), (2, 6, 3))
     lengths = [4, 2]
