@@ -366,3 +366,29 @@ def test_bad_inputs():
         model.generate(SRC, max_len=3, length_penalty=-1)
     with pytest.raises(ValueError, match=r"src must have shape \[B, L\]"):
         model.generate(SRC[None], max_len=3)
+
+
+# --------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("arg", [None, "small"])
+def test_config_builds_the_model_through_the_training_program(arg):
+    import importlib.util
+    import pathlib
+
+    from jattn.train import build_model, validate_config
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "bahdanau_dates.py"
+    spec = importlib.util.spec_from_file_location("bahdanau_dates", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    validate_config(config)
+    options = config.model.to_dict()
+    model = nnx.eval_shape(
+        lambda: build_model(options, src_vocab_size=SRC_V, tgt_vocab_size=TGT_V, seed=0)
+    )
+    assert isinstance(model, BahdanauSeq2Seq)
+    assert model.hidden == options["hidden"] and model.score_name == options["score"]
+    with pytest.raises(ValueError, match=r"config.model: unknown score 'cosine'"):
+        build_model(dict(options, score="cosine"), src_vocab_size=9, tgt_vocab_size=6, seed=0)
