@@ -21,7 +21,7 @@ def get_config(arg=None):
     config.model.name = "transformer"
     config.model.num_encoder_layers = 2
     config.model.num_decoder_layers = 2
-    config.model.features = 128
+    config.model.features = 64
     config.model.num_heads = 4
     config.model.mlp_features = 256
     config.model.dropout_rate = 0.0
@@ -29,9 +29,9 @@ def get_config(arg=None):
     config.model.pre_norm = True
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 1500
+    config.train.num_steps = 1000
     config.train.batch_size = 128
-    config.train.learning_rate = 2e-3
+    config.train.learning_rate = 3e-3
     config.train.warmup_steps = 100
     config.train.decay = "cosine"
     config.train.end_lr_factor = 0.01
@@ -55,7 +55,12 @@ def get_config(arg=None):
     if arg == "small":
         config.task.num_train, config.task.num_test = 512, 32
         config.model.update(
-            num_encoder_layers=1, num_decoder_layers=1, features=16, num_heads=2, mlp_features=32
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            features=16,
+            num_heads=2,
+            mlp_features=32,
+            dropout_rate=0.1,
         )
         config.train.update(
             num_steps=6, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=3

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from jattn.data import BOS, EOS, PAD, TASKS, Seq2SeqDataset, make_task
 from jattn.training import validate
 from jattn.training.checkpoint import Checkpointer, MetricsLog
-from jattn.training.heatmaps import plot_attention_grid
 from jattn.training.metrics import bleu, exact_match
 from jattn.training.optim import learning_rate_schedule, make_optimizer
 from jattn.training.state import create_train_state, make_eval_step, make_train_step
@@ -155,40 +154,36 @@ def _label(tokenizer, i: int) -> str:
 
 
 def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, count):
-    """Runs the model with ``sow_weights=True`` on ``count`` test inputs (decoder fed its own
-    predictions) and writes ``cross_attention_{i}.png``: layers x heads with character axes."""
-    paths = []
+    """Writes ``cross_attention_{i}.png`` for the first ``count`` test inputs: every
+    cross-attention layer (rows) and head (columns), input characters on x, output
+    characters on y. The decoder is fed the model's own predictions, so the plot shows
+    the alignment behind what the model wrote."""
+    from jattn.viz import collect_attention_weights, plot_attention_grid, save_figure
+
     idx = np.arange(min(count, len(ds)))
     src = ds.src[idx]
     pred = ds.tgt_tokenizer.encode_batch([predictions[i] for i in idx], ds.tgt.shape[1] + 1)
     tgt_in = np.concatenate([np.full_like(pred[:, :1], BOS), pred[:, :-1]], axis=1)
     model = nnx.merge(graphdef, state.params, state.rest)
-    model(src, tgt_in, deterministic=True, sow_weights=True)
-    sown = jax.tree_util.tree_flatten_with_path(nnx.pop(model, nnx.Intermediate))[0]
-    t_len, s_len = tgt_in.shape[1], src.shape[1]
-    cross = [
-        (jax.tree_util.keystr(p), np.asarray(w))
-        for p, w in sown
-        if np.ndim(w) >= 3 and np.shape(w)[-2:] == (t_len, s_len)
-    ]
-    if any("cross" in name for name, _ in cross):
-        cross = [(name, w) for name, w in cross if "cross" in name]
-    if not cross:
-        return paths
-    layers = np.stack([w if w.ndim == 4 else w[:, None] for _, w in cross], axis=1)  # [B,L,N,T,S]
-    for i in range(len(idx)):
+    sown = collect_attention_weights(model, src, tgt_in, deterministic=True)
+    # cross-attention: named so, or else every layer whose weights are [.., T_out, S_in]
+    shape = (tgt_in.shape[1], src.shape[1])
+    cross = {k: np.asarray(w) for k, w in sown.items() if np.shape(w)[-2:] == shape}
+    if any("cross" in k for k in cross):
+        cross = {k: w for k, w in cross.items() if "cross" in k}
+    paths = []
+    for i in range(len(idx) if cross else 0):
         s_n = int(np.sum(src[i] != PAD))
         t_n = len(predictions[i]) + 1  # the predicted characters and EOS
-        path = Path(workdir) / f"cross_attention_{i}.png"
-        plot_attention_grid(
-            layers[i, :, :, :t_n, :s_n],
-            [_label(ds.src_tokenizer, j) for j in src[i, :s_n]],
-            [_label(ds.tgt_tokenizer, j) for j in pred[i, :t_n]],
-            path,
-            row_names=[f"cross-attention {k}" for k in range(layers.shape[1])],
-            title=f"{ds.src_texts[i]!r} -> {predictions[i]!r}",
+        layers = {k: (w[i] if w.ndim == 4 else w[i][None])[:, :t_n, :s_n] for k, w in cross.items()}
+        fig = plot_attention_grid(
+            layers,
+            row_labels=[_label(ds.tgt_tokenizer, j) for j in pred[i, :t_n]],
+            col_labels=[_label(ds.src_tokenizer, j) for j in src[i, :s_n]],
+            title=f"cross-attention: {ds.src_texts[i]!r} -> {predictions[i]!r}",
+            vmax=1.0,
         )
-        paths.append(str(path))
+        paths.append(save_figure(fig, Path(workdir) / f"cross_attention_{i}.png", dpi=110))
     return paths
 
 

@@ -1,0 +1,181 @@
+"""Train-step throughput: jattn's attention vs flax.nnx's, in one encoder-decoder.
+
+    python benchmarks/bench_train_step.py [--batch 16 --src-len 32 --tgt-len 32 --rounds 7]
+
+Both models are the same jattn ``Transformer`` (4+4 layers, D=256, 8 heads, F=1024,
+dropout 0.1, same initial weights); in one every ``MultiHeadAttention`` gets an
+``attention_fn`` that calls ``flax.nnx.dot_product_attention`` instead of jattn's
+``dot_product_attention``. The jitted, donated train step of ``jattn.train`` runs for
+both, interleaved round by round in one process; tokens/s are ``B * (S + T)`` per
+step, medians over rounds. Then the cold compile time of the jattn train step, and
+the warm start with JAX's persistent compilation cache (a subprocess run twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jattn.models import Transformer
+from jattn.training import create_train_state, make_optimizer, make_train_step
+
+MODEL = dict(num_layers=4, features=256, num_heads=8, mlp_features=1024, dropout_rate=0.1)
+VOCAB = 64
+
+
+def flax_attention_fn(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    is_causal=False,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    return_weights=False,
+    **unused,
+):
+    """jattn's ``attention_fn`` calling convention over ``flax.nnx.dot_product_attention``."""
+    if is_causal:
+        t, s = query.shape[-3], key.shape[-3]
+        causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    kw = dict(
+        bias=bias,
+        mask=mask,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        deterministic=dropout_rate == 0.0,
+    )
+    if return_weights:
+        weights = nnx.dot_product_attention_weights(query, key, **kw)
+        return jnp.einsum("...NTS,...SNH->...TNH", weights, value), weights
+    return nnx.dot_product_attention(query, key, value, **kw)
+
+
+def setup(attention_fn, args):
+    model = Transformer(
+        VOCAB,
+        VOCAB,
+        **MODEL,
+        max_len=max(args.src_len, args.tgt_len),
+        attention_fn=attention_fn,
+        rngs=nnx.Rngs(params=0, dropout=1),
+    )
+    tx = make_optimizer(weight_decay=0.01, clip_norm=1.0)
+    graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    src = rng.integers(3, VOCAB, (args.batch, args.src_len)).astype(np.int32)
+    tgt = rng.integers(3, VOCAB, (args.batch, args.tgt_len)).astype(np.int32)
+    batch = {
+        "src": src,
+        "tgt_in": np.concatenate([np.ones_like(tgt[:, :1]), tgt[:, :-1]], 1),
+        "tgt": tgt,
+    }
+    step = make_train_step(graphdef, tx, label_smoothing=0.1)
+    return step, jax.device_put(state), batch
+
+
+def compile_only(args) -> None:
+    """Child process: time the first lowering + compile of the jattn train step."""
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    step, state, batch = setup(None, args)
+    t0 = time.perf_counter()
+    step.lower(state, batch, np.float32(1e-3)).compile()
+    print(json.dumps({"compile_s": time.perf_counter() - t0}))
+
+
+def measure(args) -> dict:
+    fns = {"jattn": setup(None, args), "flax.nnx": setup(flax_attention_fn, args)}
+    lr = np.float32(1e-3)
+    states = {}
+    for name, (step, state, batch) in fns.items():  # compile + warm up
+        state, m = step(state, batch, lr)
+        state, m = step(state, batch, lr)
+        jax.block_until_ready(m)
+        states[name] = state
+    times = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, (step, _, batch) in fns.items():
+            state = states[name]
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = step(state, batch, lr)
+            jax.block_until_ready(m)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+            states[name] = state
+    tokens = args.batch * (args.src_len + args.tgt_len)
+    return {name: tokens / float(np.median(t)) for name, t in times.items()}
+
+
+def child_compile(args, cache_dir) -> tuple[float, float]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--compile-only",
+        "--batch",
+        str(args.batch),
+        "--src-len",
+        str(args.src_len),
+        "--tgt-len",
+        str(args.tgt_len),
+    ]
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - t0
+    return json.loads(out.strip().splitlines()[-1])["compile_s"], wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--src-len", type=int, default=32)
+    p.add_argument("--tgt-len", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="steps per round and model")
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.compile_only:
+        return compile_only(args)
+
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    print(f"model {MODEL}, batch {args.batch}, S={args.src_len}, T={args.tgt_len}")
+    rates = measure(args)
+    for name, rate in rates.items():
+        print(f"train step, {name:8} attention: {rate:10,.0f} tokens/s (median of {args.rounds})")
+    print(f"jattn / flax.nnx: {rates['jattn'] / rates['flax.nnx']:.2f}x")
+    cold, cold_wall = child_compile(args, "")
+    with tempfile.TemporaryDirectory() as cache:
+        first, first_wall = child_compile(args, cache)
+        warm, warm_wall = child_compile(args, cache)
+    print(f"cold compile of the train step: {cold:.2f} s (process {cold_wall:.1f} s)")
+    print(
+        f"persistent cache: first run {first:.2f} s (process {first_wall:.1f} s), "
+        f"second run {warm:.2f} s (process {warm_wall:.1f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
