@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jattn
+from jattn.layers import BilinearScore
 from jattn.models import DecoderLM, EncoderClassifier, Transformer
 
 SMALL = dict(features=16, num_heads=2, mlp_features=32, dropout_rate=0.0, max_len=16)
@@ -128,6 +130,43 @@ def test_encoder_classifier_pools_real_tokens(pooling):
     want = clf.classifier(pooled)
     rows = slice(None) if pooling == "cls" else slice(1, 2)
     np.testing.assert_allclose(np.asarray(logits[rows]), np.asarray(want), atol=1e-5)
+
+
+def test_attention_fn_and_score_reach_every_attention_layer():
+    calls = []
+
+    def attention_fn(q, k, v, bias, mask, **kw):
+        calls.append((q.shape, k.shape, sorted(kw)))
+        return jattn.attention(q, k, v, bias, mask, **kw)
+
+    def score(n, h, *, rngs):
+        return BilinearScore(n, h, h, rngs=rngs)
+
+    m = Transformer(
+        9, 7, num_layers=1, positional="rotary", attention_fn=attention_fn, score=score,
+        rngs=nnx.Rngs(0), **SMALL,
+    )  # fmt: skip
+    mhas = [m.encoder.layers[0].self_attention, m.decoder.layers[0].self_attention,
+            m.decoder.layers[0].cross_attention]  # fmt: skip
+    assert all(isinstance(a.score, BilinearScore) for a in mhas)
+    assert len({id(a.score) for a in mhas}) == 3
+    m(SRC, TGT)
+    # encoder self, decoder self, cross: each with the score function's kwargs
+    assert [c[:2] for c in calls] == [
+        ((2, 7, 2, 8), (2, 7, 2, 8)),
+        ((2, 5, 2, 8), (2, 5, 2, 8)),
+        ((2, 5, 2, 8), (2, 7, 2, 8)),
+    ]
+    assert all("score_fn" in c[2] for c in calls)
+    # the cached decoder uses the same function and score
+    calls.clear()
+    m.generate(SRC, max_len=2)
+    # encoder, then one traced step: self-attention over the cache (2 slots), cross
+    assert [c[:2] for c in calls] == [
+        ((2, 7, 2, 8), (2, 7, 2, 8)),
+        ((2, 1, 2, 8), (2, 2, 2, 8)),
+        ((2, 1, 2, 8), (2, 7, 2, 8)),
+    ]
 
 
 @pytest.mark.parametrize(

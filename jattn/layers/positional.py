@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def _check_positions(positions, max_len: int):
+def _check_positions(positions):
     positions = jnp.asarray(positions)
     if not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
@@ -43,7 +43,7 @@ class SinusoidalEncoding(nnx.Module):
         self.max_len = max_len
 
     def __call__(self, positions: jax.Array) -> jax.Array:
-        return sinusoidal_encoding(_check_positions(positions, self.max_len), self.features)
+        return sinusoidal_encoding(_check_positions(positions), self.features)
 
 
 class LearnedPositionalEmbedding(nnx.Module):
@@ -63,7 +63,7 @@ class LearnedPositionalEmbedding(nnx.Module):
         )
 
     def __call__(self, positions: jax.Array) -> jax.Array:
-        positions = _check_positions(positions, self.max_len)
+        positions = _check_positions(positions)
         return self.embedding(jnp.clip(positions, 0, self.max_len - 1))
 
 
