@@ -55,18 +55,16 @@ def interleave(fns: dict, repeats: int, flops: float | None = None):
     gemm, gemm_flops = gemm_fn()
     for f in fns.values():
         f()
-    times = {name: [] for name in fns}
-    gemm_times = []
-    for _ in range(repeats):
-        for name, f in fns.items():
+    runs = dict(fns, gemm=gemm)
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):  # rotate the order, so no function always follows the GEMM
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            f()
+            runs[name]()
             times[name].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        gemm()
-        gemm_times.append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    return med, gemm_flops / statistics.median(gemm_times) / 1e9
+    return med, gemm_flops / med.pop("gemm") / 1e9
 
 
 def ready(f, *args):

@@ -172,10 +172,19 @@ def _nblocks_traced(n, block: int):
 
 
 def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool):
-    """Float32 logits ``[B*K, G*bt, bs]`` of tile (i, j), masked entries filled."""
-    s = _dot(qi, kj, ((2,), (2,))) * jnp.float32(geo.scale)
+    """Logits ``[B*K, G*bt, bs]`` of tile (i, j) and the factor still to multiply them by.
+
+    Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. A
+    plain tile (no bias, mask or structure) is returned unscaled with factor
+    ``scale``: the caller folds the scale into its ``exp`` (one pass fewer over the
+    tile; ``max(x) * scale == max(x * scale)`` exactly for ``scale > 0``).
+    """
+    s = _dot(qi, kj, ((2,), (2,)))
+    if bias is None and mask is None and not structured and geo.scale > 0:
+        return s, jnp.float32(geo.scale)
+    s = s * jnp.float32(geo.scale)
     if bias is None and mask is None and not structured:
-        return s
+        return s, jnp.float32(1.0)
     s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
     if bias is not None:
         s = s + _block(bias, geo, i, j).astype(jnp.float32)
@@ -186,18 +195,18 @@ def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured:
         s = jnp.where(vis, s, _FILL)
         if geo.s % geo.bs:
             s = jnp.where(real, s, _NEG_INF)  # padding keys count for nothing
-    return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
+    return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs), jnp.float32(1.0)
 
 
-def _tile_logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j):
-    """:func:`_logits`, paying for the structural mask only on boundary tiles."""
-    args = (geo, qi, kj, bias, mask, q_len, kv_len, i, j)
+def _per_tile(geo: _Geometry, i, j, q_len, kv_len, step, carry):
+    """``step(structured, carry)``, structured only on tiles that cross a mask boundary."""
     if not _has_structure(geo, q_len, kv_len):
-        return _logits(*args, structured=False)
+        return step(False, carry)
     return lax.cond(
         _needs_structure(geo, i, j, q_len, kv_len),
-        lambda: _logits(*args, structured=True),
-        lambda: _logits(*args, structured=False),
+        functools.partial(step, True),
+        functools.partial(step, False),
+        carry,
     )
 
 
@@ -216,18 +225,21 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
     def query_block(args):
         i, qi = args
 
-        def body(j, carry):
+        def step(structured, j, carry):
             m, l, acc = carry
-            s = _tile_logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1) * f)
             m_safe = jnp.where(m_new == _NEG_INF, jnp.float32(0.0), m_new)
             corr = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[..., None])
+            p = jnp.exp(s * f - m_safe[..., None])
             l = l * corr + jnp.sum(p, axis=-1)
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
             acc = acc * corr[..., None] + _dot(p.astype(vb.dtype), vb[j], ((2,), (1,)))
-            return m_new, l, acc
+            return j, (m_new, l, acc)
+
+        def body(j, carry):
+            return _per_tile(geo, i, j, q_len, kv_len, lambda st, c: step(st, *c), (j, carry))[1]
 
         lo, hi = _kv_range(geo, i, kv_len)
         init = (
@@ -279,11 +291,11 @@ def _flash_bwd(geo, res, cotangents):
         dq, dbias = carry
         kj, vj = kb[j], vb[j]
 
-        def body(i, c):
+        def step(structured, i, c):
             dk, dv, dq, dbias = c
             qi, doi = qb[i], dout[i]
-            s = _tile_logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j)
-            p = jnp.exp(s - lse_bwd[i][..., None])  # [B*K, G*bt, bs]
+            s, f = _logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured)
+            p = jnp.exp(s * f - lse_bwd[i][..., None])  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
             if geo.dropout_rate > 0.0:
@@ -303,7 +315,10 @@ def _flash_bwd(geo, res, cotangents):
                 start = start + (j * geo.bs if bias.shape[4] > 1 else 0,)
                 cur = lax.dynamic_slice(dbias, start, blk.shape)
                 dbias = lax.dynamic_update_slice(dbias, cur + blk, start)
-            return dk, dv, dq, dbias
+            return i, (dk, dv, dq, dbias)
+
+        def body(i, c):
+            return _per_tile(geo, i, j, q_len, kv_len, lambda st, a: step(st, *a), (i, c))[1]
 
         lo, hi = _q_range(geo, j, q_len, kv_len)
         dk0 = jnp.zeros(kj.shape, jnp.float32)
@@ -416,7 +431,8 @@ def blocked_attention(
     q_len = _checks.check_seq_lengths("query_seq_lengths", query_seq_lengths, batch_shape)
     kv_len = _checks.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch_shape)
     if block_sizes is None:
-        block_sizes = default_block_sizes(t, s, h, query.dtype)
+        band = bool(is_causal) or window is not None
+        block_sizes = default_block_sizes(t, s, h, query.dtype, masked_band=band)
     if (
         not isinstance(block_sizes, tuple | list)
         or len(block_sizes) != 2

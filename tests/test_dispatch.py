@@ -1,0 +1,164 @@
+"""Implementation selection: which path runs for which shape, dtype and device, and the errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattn.functional import dispatch
+from jattn.functional.attention import dot_product_attention
+
+
+def _spec(b, t, n, h, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct((b, t, n, h), dtype)
+
+
+def _options(**kw):
+    o = dict(
+        scale=None,
+        is_causal=False,
+        query_seq_lengths=None,
+        key_value_seq_lengths=None,
+        local_window_size=None,
+        dropout_rate=0.0,
+        dropout_rng=None,
+        fully_masked="zeros",
+        return_weights=False,
+        return_residual=False,
+    )
+    o.update(kw)
+    return o
+
+
+def _select(
+    impl, t=1024, s=None, *, n=8, k=8, h=64, hv=None, dtype=jnp.float32, bias=None, mask=None, **kw
+):
+    s = t if s is None else s
+    q, key = _spec(1, t, n, h, dtype), _spec(1, s, k, h, dtype)
+    v = _spec(1, s, k, h if hv is None else hv, dtype)
+    return dispatch.select(impl, q, key, v, bias, mask, **_options(**kw))
+
+
+@pytest.fixture
+def platform(monkeypatch):
+    def set_platform(name):
+        monkeypatch.setattr(dispatch, "_platform", lambda: name)
+
+    return set_platform
+
+
+def test_cpu_selection():
+    assert _select(None, t=64) == "dense"
+    assert _select(None, t=4096) == "blocked"
+    assert _select(None, t=4096, return_weights=True) == "dense"
+    assert _select("xla", t=4096) == "dense"
+    assert _select("dense", t=8) == "dense"
+    assert _select("blocked", t=8) == "blocked"
+
+
+def test_gpu_selection(platform):
+    platform("gpu")
+    assert _select(None, dtype=jnp.bfloat16) == "cudnn"
+    assert _select(None, dtype=jnp.float16, is_causal=True, bias=True) == "cudnn"
+    assert _select(None, dtype=jnp.float32) == "blocked"  # cuDNN takes 16-bit inputs only
+    assert _select(None, t=64, dtype=jnp.float32) == "dense"
+    for kw in (
+        dict(mask=True),
+        dict(dropout_rate=0.1),
+        dict(hv=32),
+        dict(h=256),
+        dict(local_window_size=(8, 8)),
+        dict(key_value_seq_lengths=True),
+        dict(return_residual=True),
+    ):
+        assert _select(None, dtype=jnp.bfloat16, **kw) == "blocked", kw
+
+
+def test_tpu_selection(platform):
+    platform("tpu")
+    assert _select(None, t=256) == "pallas"
+    assert _select(None, t=256, s=512, n=8, k=2, is_causal=True) == "pallas"
+    assert _select(None, t=1000) == "blocked"  # not a multiple of 128
+    assert _select(None, t=256, mask=True) == "blocked"
+
+
+def test_explicit_errors(platform):
+    with pytest.raises(ValueError, match="unknown implementation 'fast'"):
+        _select("fast")
+    with pytest.raises(ValueError, match="'blocked' cannot return the attention weights"):
+        _select("blocked", return_weights=True)
+    with pytest.raises(ValueError, match=r"'cudnn' does not support: device 'cpu'.*dtype float32"):
+        _select("cudnn")
+    with pytest.raises(ValueError, match=r"'pallas' does not support: device 'cpu'"):
+        _select("pallas")
+    platform("gpu")
+    with pytest.raises(ValueError, match=r"'cudnn' does not support: dropout; boolean masks"):
+        _select("cudnn", dtype=jnp.bfloat16, mask=True, dropout_rate=0.1)
+    with pytest.raises(ValueError, match=r"head dim H=256"):
+        _select("cudnn", dtype=jnp.bfloat16, h=256)
+    platform("tpu")
+    with pytest.raises(ValueError, match=r"'pallas' does not support: lengths T=100, S=100"):
+        _select("pallas", t=100)
+    with pytest.raises(ValueError, match=r"query_seq_lengths"):
+        _select("pallas", t=128, query_seq_lengths=True)
+    with pytest.raises(ValueError, match=r"unknown implementation 'fast'"):
+        dot_product_attention(
+            jnp.ones((1, 4, 1, 8)), *(jnp.ones((1, 4, 1, 8)),) * 2, implementation="fast"
+        )
+
+
+def test_default_block_sizes():
+    assert dispatch.default_block_sizes(4096, 4096, 64) == (256, 512)
+    assert dispatch.default_block_sizes(4096, 4096, 64, masked_band=True) == (256, 256)
+    assert dispatch.default_block_sizes(100, 300, 64) == (100, 300)
+
+
+def test_default_path_runs_blocked_and_matches_dense(monkeypatch):
+    """implementation=None above the threshold runs the blocked path, with dense results."""
+    monkeypatch.setattr(dispatch, "DENSE_MAX_ELEMENTS", 0)
+    ran = []
+    run = dispatch.run
+
+    def spy(impl, *a, **kw):
+        ran.append(impl)
+        return run(impl, *a, **kw)
+
+    monkeypatch.setattr(dispatch, "run", spy)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 24, 2, 8)), jnp.float32) for _ in range(3))
+    lens = jnp.array([20, 3], jnp.int32)
+
+    @jax.jit
+    def both(q, k, v):
+        fast = dot_product_attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=lens, return_residual=True
+        )
+        dense = dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            key_value_seq_lengths=lens,
+            return_residual=True,
+            implementation="dense",
+        )
+        return fast, dense
+
+    (out, lse), (out_d, lse_d) = both(q, k, v)
+    assert ran == ["blocked"]
+    np.testing.assert_allclose(out, out_d, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(lse, lse_d, rtol=0, atol=1e-6)
+
+
+def test_pallas_kernel_in_interpret_mode():
+    """The TPU flash-attention kernel, run by the Pallas interpreter on CPU, equals dense."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 128, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 128, 1, 8)), jnp.float32) for _ in range(2))
+    bias = jnp.asarray(rng.standard_normal((1, 1, 128, 128)), jnp.float32)
+    opts = _options(is_causal=True, scale=0.3)
+    out = dispatch.pallas_attention(q, k, v, bias, interpret=True, **opts)
+    ref = dot_product_attention(q, k, v, bias, is_causal=True, scale=0.3)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
