@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jattn.functional.positional import alibi_bias, alibi_slopes
 from jattn.layers import BilinearScore
 from jattn.models import (
     DecoderBlock,
@@ -28,12 +29,14 @@ def _layer_norm(x, ln, eps=1e-5):
     return (x - mu) / np.sqrt(var + eps) * _np(ln.scale) + _np(ln.bias)
 
 
-def _mha(mha, xq, xkv, mask):
+def _mha(mha, xq, xkv, mask, bias=None):
     """NumPy multi-head attention with the layer's weights; mask [B, 1|N, T, S] True = attend."""
     q = np.einsum("btd,dnh->btnh", xq, _np(mha.query.kernel)) + _np(mha.query.bias)
     k = np.einsum("bsd,dnh->bsnh", xkv, _np(mha.key.kernel)) + _np(mha.key.bias)
     v = np.einsum("bsd,dnh->bsnh", xkv, _np(mha.value.kernel)) + _np(mha.value.bias)
     logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
     if mask is not None:
         logits = np.where(mask, logits, -np.inf)
     w = np.exp(logits - logits.max(-1, keepdims=True))
@@ -53,8 +56,8 @@ def _ffn(mlp, x, gelu=False):
     return h @ _np(mlp.linear2.kernel) + _np(mlp.linear2.bias)
 
 
-def _encoder_ref(block, x, mask, pre_norm, gelu):
-    sa = lambda h: _mha(block.self_attention, h, h, mask)  # noqa: E731
+def _encoder_ref(block, x, mask, pre_norm, gelu, bias=None):
+    sa = lambda h: _mha(block.self_attention, h, h, mask, bias)  # noqa: E731
     if pre_norm:
         x = x + sa(_layer_norm(x, block.norm1))
         return x + _ffn(block.mlp, _layer_norm(x, block.norm2), gelu)
@@ -80,8 +83,15 @@ def test_encoder_block_matches_numpy(pre_norm, activation):
     x = jax.random.normal(jax.random.key(2), (2, 5, D))
     valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
     mask = valid[:, None, None, :]
-    got = block(x, mask=jnp.asarray(mask))
-    want = _encoder_ref(block, np.asarray(x, np.float64), mask, pre_norm, activation == "gelu")
+    # the pre-norm case also takes an additive bias (bidirectional ALiBi)
+    bias = (
+        np.asarray(alibi_bias(alibi_slopes(N), 5, 5, bidirectional=True))[None]
+        if pre_norm
+        else None
+    )
+    got = block(x, mask=jnp.asarray(mask), bias=None if bias is None else jnp.asarray(bias))
+    x = np.asarray(x, np.float64)
+    want = _encoder_ref(block, x, mask, pre_norm, activation == "gelu", bias)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 

@@ -190,23 +190,29 @@ class EncoderBlock(_Block):
         x: jax.Array,
         *,
         mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
         is_causal: bool = False,
         deterministic: bool = True,
         rngs=None,
         sow_weights: bool = False,
     ) -> jax.Array:
-        """``x: [B, S, D] -> [B, S, D]``; ``mask`` broadcasts to ``[B, N, S, S]``."""
+        """``x: [B, S, D] -> [B, S, D]``.
+
+        ``mask`` (True = attend) and ``bias`` (e.g. ALiBi or a T5 relative position bias)
+        broadcast to ``[B, N, S, S]``.
+        """
 
         def attend(h):
             return self.self_attention(
-                h, mask=mask, is_causal=is_causal, deterministic=deterministic, rngs=rngs,
-                sow_weights=sow_weights,
+                h, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
+                rngs=rngs, sow_weights=sow_weights,
             )  # fmt: skip
 
         x = self._residual(x, self.norm1, attend, deterministic, rngs)
         return self._mlp(x, self.norm2, deterministic, rngs)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty self-attention :class:`KVCache` of ``max_len`` positions."""
         return init_cache(self.self_attention, batch_size, max_len, dtype)
 
     def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -266,6 +272,7 @@ class DecoderBlock(_Block):
         *,
         self_mask: jax.Array | None = None,
         cross_mask: jax.Array | None = None,
+        self_bias: jax.Array | None = None,
         is_causal: bool = True,
         deterministic: bool = True,
         rngs=None,
@@ -274,12 +281,13 @@ class DecoderBlock(_Block):
         """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]``.
 
         ``self_mask`` broadcasts to ``[B, N, T, T]`` (combined with the causal mask when
-        ``is_causal``), ``cross_mask`` to ``[B, N, T, S]``; True = attend.
+        ``is_causal``), ``cross_mask`` to ``[B, N, T, S]``; True = attend. ``self_bias``
+        is an additive bias of the self-attention (e.g. causal ALiBi), ``[B, N, T, T]``.
         """
         kw = dict(deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
 
         def self_attend(h):
-            return self.self_attention(h, mask=self_mask, is_causal=is_causal, **kw)
+            return self.self_attention(h, mask=self_mask, bias=self_bias, is_causal=is_causal, **kw)
 
         def cross_attend(h):
             return self.cross_attention(h, memory, mask=cross_mask, **kw)
@@ -289,6 +297,7 @@ class DecoderBlock(_Block):
         return self._mlp(y, self.norm3, deterministic, rngs)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty self-attention :class:`KVCache` of ``max_len`` positions."""
         return init_cache(self.self_attention, batch_size, max_len, dtype)
 
     def cross_kv(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -353,15 +362,16 @@ class TransformerEncoder(nnx.Module):
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
 
-    def __call__(self, x, *, mask=None, is_causal=False, deterministic=True, rngs=None,
-                 sow_weights=False):  # fmt: skip
-        """``x: [B, S, D] -> [B, S, D]``."""
+    def __call__(self, x, *, mask=None, bias=None, is_causal=False, deterministic=True,
+                 rngs=None, sow_weights=False):  # fmt: skip
+        """``x: [B, S, D] -> [B, S, D]``; ``mask``/``bias`` as :class:`EncoderBlock`."""
         for layer in self.layers:
-            x = layer(x, mask=mask, is_causal=is_causal, deterministic=deterministic, rngs=rngs,
-                      sow_weights=sow_weights)  # fmt: skip
+            x = layer(x, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
+                      rngs=rngs, sow_weights=sow_weights)  # fmt: skip
         return x if self.norm is None else self.norm(x)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+        """One empty :class:`KVCache` per layer."""
         return [layer.init_cache(batch_size, max_len, dtype) for layer in self.layers]
 
     def step(self, x, caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
@@ -403,18 +413,21 @@ class TransformerDecoder(nnx.Module):
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
 
-    def __call__(self, y, memory, *, self_mask=None, cross_mask=None, is_causal=True,
-                 deterministic=True, rngs=None, sow_weights=False):  # fmt: skip
-        """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]``."""
+    def __call__(self, y, memory, *, self_mask=None, cross_mask=None, self_bias=None,
+                 is_causal=True, deterministic=True, rngs=None, sow_weights=False):  # fmt: skip
+        """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]`` (as :class:`DecoderBlock`)."""
         for layer in self.layers:
-            y = layer(y, memory, self_mask=self_mask, cross_mask=cross_mask, is_causal=is_causal,
-                      deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)  # fmt: skip
+            y = layer(y, memory, self_mask=self_mask, cross_mask=cross_mask, self_bias=self_bias,
+                      is_causal=is_causal, deterministic=deterministic, rngs=rngs,
+                      sow_weights=sow_weights)  # fmt: skip
         return y if self.norm is None else self.norm(y)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+        """One empty :class:`KVCache` per layer."""
         return [layer.init_cache(batch_size, max_len, dtype) for layer in self.layers]
 
     def cross_kv(self, memory: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """Per layer, the cross-attention keys/values of ``memory [B, S, D]``."""
         return [layer.cross_kv(memory) for layer in self.layers]
 
     def step(self, y, caches, cross_kvs, cross_mask=None):
