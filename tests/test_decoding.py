@@ -181,6 +181,19 @@ def test_lm_generate_equals_stepwise_argmax():
     want = _stepwise_argmax(lambda t: forward(model, t), prompt, np.asarray(lengths), 5)
     np.testing.assert_array_equal(got, want)
     assert (got == EOS).any() and (got[:, -1] != PAD).any(), "exercise EOS and no EOS"
+    # beam search through the prefilled caches scores at least as well as greedy
+    beam = np.asarray(model.generate(prompt, lengths, max_new_tokens=5, beam_size=3))
+
+    def score(new):
+        seq = np.zeros((3, 9), np.int32)
+        for b, n in enumerate(np.asarray(lengths)):
+            seq[b, :n], seq[b, n : n + 5] = prompt[b, :n], new[b]
+        lp = _log_softmax(forward(model, jnp.asarray(seq)))
+        return [
+            _seq_score(lp[b, n - 1 : n + 4], new[b], 0.6) for b, n in enumerate(np.asarray(lengths))
+        ]
+
+    assert all(s_b >= s_g - 1e-5 for s_b, s_g in zip(score(beam), score(got), strict=True))
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         model.generate(prompt, lengths, max_new_tokens=20)
     with pytest.raises(ValueError, match=r"prompt_lengths must have shape \[B\]"):
