@@ -226,7 +226,7 @@ def test_bad_window(window):
         jattn.sliding_window_mask(4, 5, window)
 
 
-@pytest.mark.parametrize("rate", [1.0, -0.1, 2])
+@pytest.mark.parametrize("rate", [1.0, -0.1, 2, True, "0.1"])
 def test_bad_dropout_rate(rate):
     _raises(
         ValueError,
@@ -238,6 +238,16 @@ def test_bad_dropout_rate(rate):
         dropout_rate=rate,
         dropout_rng=jax.random.key(0),
     )
+
+
+def test_dropout_rate_may_be_a_numpy_number():
+    out = jax.eval_shape(
+        lambda q, k, v: dpa(q, k, v, dropout_rate=np.float32(0.25), dropout_rng=jax.random.key(0)),
+        Q,
+        KV,
+        KV,
+    )
+    assert out.shape == Q.shape
 
 
 def test_dropout_needs_rng():

@@ -200,7 +200,10 @@ def test_learned_scores(kind):
         score = BilinearScore(n, h, h, rngs=nnx.Rngs(0))
     else:
         score = MLPScore(n, h, 5, rngs=nnx.Rngs(0))
-    layer = _randomize(MultiHeadAttention(n, 8, score=score, rngs=nnx.Rngs(0)))
+    kv_heads = 2 if kind == "additive" else 1  # per-head score params with G = 1 and G = 2
+    layer = _randomize(
+        MultiHeadAttention(n, 8, num_kv_heads=kv_heads, score=score, rngs=nnx.Rngs(0))
+    )
     xq, xk = _normal(1, (B, T, 8)), _normal(2, (B, S, 8))
     mask = np.random.default_rng(3).random((B, 1, T, S)) < 0.6
     out, weights = _call(layer, xq, xk, mask=mask, return_weights=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -96,7 +97,8 @@ def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array |
 
 
 def check_dropout(rate, rng) -> float:
-    if not isinstance(rate, int | float) or not 0.0 <= float(rate) < 1.0:
+    # A static Python or NumPy number (np.float32 is not a float subclass); not a bool.
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be a float in [0, 1), got {rate!r}")
     if rate > 0.0 and rng is None:
         raise ValueError(f"dropout_rate={rate} needs a dropout_rng (a PRNG key)")
