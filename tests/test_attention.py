@@ -96,7 +96,7 @@ def test_no_mask():
     _check_vs_jax_nn(*_qkv())
 
 
-@pytest.mark.parametrize("mask_shape", [(B, 1, T, S), (1, N, T, S), (1, 1, 1, S)])
+@pytest.mark.parametrize("mask_shape", [(B, 1, T, S), (1, N, T, S), (1, 1, T, S)])
 def test_boolean_mask_broadcasts(mask_shape):
     _check_vs_jax_nn(*_qkv(), mask=_random_mask(mask_shape))
 
