@@ -144,15 +144,20 @@ dec = {k: np.asarray(v)[i, :, :t_len, :t_len] for k, v in layers_of("decoder", "
 cross = {k: np.asarray(v)[i, :, :t_len, :s_len] for k, v in layers_of("decoder", "cross_attention")}
 
 translation = f"{texts[i]!r} -> {test_ds.decode(pred[i])!r}"
-for title, layers, rows, cols in [
-    ("encoder self-attention", enc, src_labels, src_labels),
-    ("decoder causal self-attention", dec, out_labels, in_labels),
-    ("cross-attention", cross, out_labels, src_labels),
-]:
-    fig = plot_attention_grid(
-        layers, row_labels=rows, col_labels=cols, title=f"{title}: {translation}"
-    )
-    plt.show()
+# The figures are returned, not drawn on pyplot's canvas: a cell shows its last one.
+plot_attention_grid(
+    enc, row_labels=src_labels, col_labels=src_labels, title=f"encoder self-attention: {texts[i]!r}"
+)
+
+# %%
+plot_attention_grid(
+    dec, row_labels=out_labels, col_labels=in_labels, title="decoder causal self-attention"
+)
+
+# %%
+plot_attention_grid(
+    cross, row_labels=out_labels, col_labels=src_labels, title=f"cross-attention: {translation}"
+)
 
 # %% [markdown]
 # In a trained model some cross-attention heads align output digits with the input
@@ -205,10 +210,9 @@ plt.show()
 # %%
 encoder_stack = jnp.stack([w for k, w in weights.items() if k.startswith("encoder")])
 rollout = attention_rollout(encoder_stack)  # [B, S, S]
-fig = plot_attention(
+plot_attention(
     np.asarray(rollout)[i, :s_len, :s_len],
     row_labels=src_labels,
     col_labels=src_labels,
     title=f"encoder attention rollout: {texts[i]!r}",
 )
-plt.show()
