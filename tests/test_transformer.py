@@ -82,10 +82,15 @@ def test_positional_variants_and_shared_embeddings(positional):
     )  # fmt: skip
     assert m.output is None and m.tgt_embed.token is m.src_embed.token
     assert m.encoder.norm is not None  # pre-norm gets a final norm by default
-    logits = m(SRC, TGT)
+    logits = _forward(m, SRC, TGT)
     assert logits.shape == (2, 5, 9)
-    y = m.decoder(m.tgt_embed(TGT), m.encode(SRC), cross_mask=(SRC != 0)[:, None, None, :])
-    want = y @ m.src_embed.token.embedding[...].T
+
+    @nnx.jit
+    def reference(m):
+        y = m.decoder(m.tgt_embed(TGT), m.encode(SRC), cross_mask=(SRC != 0)[:, None, None, :])
+        return y @ m.src_embed.token.embedding[...].T
+
+    want = reference(m)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-5)
     if positional == "rotary":
         assert m.src_embed.position is None
@@ -122,12 +127,19 @@ def test_decoder_lm_is_causal_and_sows():
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_encoder_classifier_pools_real_tokens(pooling):
     clf = EncoderClassifier(9, 3, pooling=pooling, rngs=nnx.Rngs(0), **SMALL)
-    logits = clf(SRC)
+    forward = nnx.jit(lambda m, t: m(t))
+    logits = forward(clf, SRC)
     assert logits.shape == (2, 3) and logits.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(clf(SRC[1:, :3])), np.asarray(logits[1:]), atol=1e-5)
-    x = clf.encoder(clf.embed(SRC), mask=(SRC != 0)[:, None, None, :])
-    pooled = x[:, 0] if pooling == "cls" else x[1, :3].mean(0)[None]
-    want = clf.classifier(pooled)
+    np.testing.assert_allclose(
+        np.asarray(forward(clf, SRC[1:, :3])), np.asarray(logits[1:]), atol=1e-5
+    )
+
+    @nnx.jit
+    def reference(clf):
+        x = clf.encoder(clf.embed(SRC), mask=(SRC != 0)[:, None, None, :])
+        return clf.classifier(x[:, 0] if pooling == "cls" else x[1, :3].mean(0)[None])
+
+    want = reference(clf)
     rows = slice(None) if pooling == "cls" else slice(1, 2)
     np.testing.assert_allclose(np.asarray(logits[rows]), np.asarray(want), atol=1e-5)
 
@@ -150,7 +162,7 @@ def test_attention_fn_and_score_reach_every_attention_layer():
             m.decoder.layers[0].cross_attention]  # fmt: skip
     assert all(isinstance(a.score, BilinearScore) for a in mhas)
     assert len({id(a.score) for a in mhas}) == 3
-    m(SRC, TGT)
+    _forward(m, SRC, TGT)  # calls are recorded while tracing
     # encoder self, decoder self, cross: each with the score function's kwargs
     assert [c[:2] for c in calls] == [
         ((2, 7, 2, 8), (2, 7, 2, 8)),
