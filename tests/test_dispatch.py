@@ -81,7 +81,8 @@ def test_tpu_selection(platform):
     assert _select(None, t=256) == "pallas"
     assert _select(None, t=256, s=512, n=8, k=2, is_causal=True) == "pallas"
     assert _select(None, t=1000) == "blocked"  # not a multiple of 128
-    assert _select(None, t=256, mask=True) == "blocked"
+    assert _select(None, t=512, mask=True) == "blocked"
+    assert _select(None, t=256, mask=True) == "dense"
 
 
 def test_explicit_errors(platform):
