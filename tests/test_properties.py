@@ -4,7 +4,6 @@ Shapes are drawn from a small fixed set, and the static options from small sets,
 that jit compilations (the real cost here) are shared across examples.
 """
 
-import contextlib
 import functools
 
 import jax
@@ -129,23 +128,6 @@ def test_causal_and_window_masks_match_definition(ts, offsets, left, right):
         np.testing.assert_array_equal(window[b], (j >= i - left) & (j <= i + right))
 
 
-@contextlib.contextmanager
-def jax_softmax_custom_jvp():
-    """jax.nn.softmax with its custom-JVP derivative ``y * (dx - sum(y * dx))``, as jattn's.
-
-    JAX's default (``jax_softmax_custom_jvp=False``) differentiates the softmax
-    expression op by op instead. The two rules round differently in float32: where
-    the gradient cancels (peaked softmax) they differ by a few 1e-6, so the 1e-6
-    comparison of arbitrary inputs is made against the same rule.
-    """
-    old = jax.config.jax_softmax_custom_jvp
-    jax.config.update("jax_softmax_custom_jvp", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_softmax_custom_jvp", old)
-
-
 @jax.jit
 def _grads_vs_jax_nn(q, k, v, bias, mask, kv_len, cot):
     """Gradients w.r.t. q, k, v, bias of jattn ('uniform') and of jax.nn."""
@@ -165,14 +147,12 @@ def _grads_vs_jax_nn(q, k, v, bias, mask, kv_len, cot):
 @settings(max_examples=6, deadline=None)
 @given(attention_cases())
 def test_gradients_match_jax_nn(case):
-    """Any mask (fully masked rows included): gradients equal jax.nn's to 1e-6 (jax.nn
-    with the softmax derivative rule jattn uses, see ``jax_softmax_custom_jvp``)."""
+    """Any mask (fully masked rows included): gradients equal jax.nn's to 1e-6."""
     q, k, _, bias, mask, _, kv_len, _, _ = case
     v = np.flip(k, axis=-1).copy()  # jax.nn needs Hv = H
     kv_len = np.maximum(kv_len, 1)
     cot = np.ones(q.shape, np.float32)
-    with jax_softmax_custom_jvp():
-        ours, theirs = _grads_vs_jax_nn(q, k, v, bias, mask, kv_len, cot)
+    ours, theirs = _grads_vs_jax_nn(q, k, v, bias, mask, kv_len, cot)
     for g, want in zip(ours, theirs, strict=True):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
