@@ -14,6 +14,7 @@ the warm start with JAX's persistent compilation cache (a subprocess run twice).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -45,9 +46,14 @@ def flax_attention_fn(
     dropout_rate=0.0,
     dropout_rng=None,
     return_weights=False,
+    broadcast_dropout=False,
     **unused,
 ):
-    """jattn's ``attention_fn`` calling convention over ``flax.nnx.dot_product_attention``."""
+    """jattn's ``attention_fn`` calling convention over ``flax.nnx.dot_product_attention``.
+
+    flax's default ``broadcast_dropout=True`` shares one dropout mask across batch and
+    heads (less work, different regularizer); jattn draws one per element.
+    """
     if is_causal:
         t, s = query.shape[-3], key.shape[-3]
         causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)
@@ -58,6 +64,7 @@ def flax_attention_fn(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         deterministic=dropout_rate == 0.0,
+        broadcast_dropout=broadcast_dropout,
     )
     if return_weights:
         weights = nnx.dot_product_attention_weights(query, key, **kw)
@@ -69,7 +76,7 @@ def setup(attention_fn, args):
     model = Transformer(
         VOCAB,
         VOCAB,
-        **MODEL,
+        **{**MODEL, "dropout_rate": args.dropout},
         max_len=max(args.src_len, args.tgt_len),
         attention_fn=attention_fn,
         rngs=nnx.Rngs(params=0, dropout=1),
@@ -95,13 +102,24 @@ def compile_only(args) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     step, state, batch = setup(None, args)
-    t0 = time.perf_counter()
-    step.lower(state, batch, np.float32(1e-3)).compile()
-    print(json.dumps({"compile_s": time.perf_counter() - t0}))
+    t0, c0 = time.perf_counter(), time.process_time()
+    lowered = step.lower(state, batch, np.float32(1e-3))
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2, c2 = time.perf_counter(), time.process_time()
+    print(
+        json.dumps({"trace_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0})
+    )
 
 
 def measure(args) -> dict:
-    fns = {"jattn": setup(None, args), "flax.nnx": setup(flax_attention_fn, args)}
+    fns = {
+        "jattn": setup(None, args),
+        "flax.nnx": setup(flax_attention_fn, args),
+        "flax.nnx, broadcast dropout": setup(
+            functools.partial(flax_attention_fn, broadcast_dropout=True), args
+        ),
+    }
     lr = np.float32(1e-3)
     states = {}
     for name, (step, state, batch) in fns.items():  # compile + warm up
@@ -123,7 +141,8 @@ def measure(args) -> dict:
     return {name: tokens / float(np.median(t)) for name, t in times.items()}
 
 
-def child_compile(args, cache_dir) -> tuple[float, float]:
+def child_compile(args, cache_dir) -> dict:
+    """Runs :func:`compile_only` in a fresh process; adds the process wall time."""
     cmd = [
         sys.executable,
         __file__,
@@ -139,8 +158,15 @@ def child_compile(args, cache_dir) -> tuple[float, float]:
         cmd += ["--cache-dir", cache_dir]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    wall = time.perf_counter() - t0
-    return json.loads(out.strip().splitlines()[-1])["compile_s"], wall
+    result = json.loads(out.strip().splitlines()[-1])
+    return {**result, "process_s": time.perf_counter() - t0}
+
+
+def _fmt(r: dict) -> str:
+    return (
+        f"trace {r['trace_s']:.2f} s + compile {r['compile_s']:.2f} s = {r['total_s']:.2f} s "
+        f"wall ({r['cpu_s']:.2f} s CPU); whole process {r['process_s']:.1f} s"
+    )
 
 
 def main() -> None:
@@ -150,6 +176,9 @@ def main() -> None:
     p.add_argument("--tgt-len", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="steps per round and model")
+    p.add_argument("--dropout", type=float, default=MODEL["dropout_rate"])
+    p.add_argument("--skip-compile-times", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -161,20 +190,26 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}; load average "
         f"{os.getloadavg()[0]:.1f}"
     )
-    print(f"model {MODEL}, batch {args.batch}, S={args.src_len}, T={args.tgt_len}")
-    rates = measure(args)
-    for name, rate in rates.items():
-        print(f"train step, {name:8} attention: {rate:10,.0f} tokens/s (median of {args.rounds})")
-    print(f"jattn / flax.nnx: {rates['jattn'] / rates['flax.nnx']:.2f}x")
-    cold, cold_wall = child_compile(args, "")
-    with tempfile.TemporaryDirectory() as cache:
-        first, first_wall = child_compile(args, cache)
-        warm, warm_wall = child_compile(args, cache)
-    print(f"cold compile of the train step: {cold:.2f} s (process {cold_wall:.1f} s)")
     print(
-        f"persistent cache: first run {first:.2f} s (process {first_wall:.1f} s), "
-        f"second run {warm:.2f} s (process {warm_wall:.1f} s)"
+        f"model {MODEL} (dropout {args.dropout}), batch {args.batch}, "
+        f"S={args.src_len}, T={args.tgt_len}"
     )
+    if args.skip_throughput:
+        rates = {}
+    else:
+        rates = measure(args)
+    for name, rate in rates.items():
+        print(f"train step, {name:28} attention: {rate:8,.0f} tokens/s (median of {args.rounds})")
+    for name in list(rates)[1:] if rates else []:
+        print(f"jattn / {name}: {rates['jattn'] / rates[name]:.2f}x")
+    if args.skip_compile_times:
+        return
+    print("cold compile of the jattn train step:", _fmt(child_compile(args, "")))
+    with tempfile.TemporaryDirectory() as cache:
+        first = child_compile(args, cache)
+        warm = child_compile(args, cache)
+    print("persistent cache, first run: ", _fmt(first))
+    print("persistent cache, second run:", _fmt(warm))
 
 
 if __name__ == "__main__":
