@@ -1,7 +1,15 @@
 """jattn: attention mechanisms for JAX and Flax NNX.
 
-The functional core (``jattn.functional``, re-exported here) imports only jax;
-the Flax NNX layers live in ``jattn.layers``.
+Layers of the design, from the inside out:
+
+- ``jattn.functional`` (re-exported here): the framework-free core, pure functions
+  that import only jax: scores, masks, masked softmax, pooling, attention (dense and
+  blocked), positional encodings, Nadaraya-Watson pooling.
+- ``jattn.layers``: Flax NNX layers over the core.
+- ``jattn.models``: Transformers, RNN seq2seq, decoding.
+- ``jattn.viz``, ``jattn.diagnostics``: heatmaps and what attention attends to.
+- ``jattn.train``, ``jattn.data``: the training program and its offline tasks.
+- ``jattn.interop``: weights from PyTorch.
 """
 
 from jattn.functional import *  # noqa: F403

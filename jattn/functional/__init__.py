@@ -9,7 +9,26 @@ from jattn.functional.masks import (
     sliding_window_mask,
     valid_lens_mask,
 )
+from jattn.functional.nadaraya_watson import (
+    Kernel,
+    boxcar_kernel,
+    constant_kernel,
+    epanechikov_kernel,
+    gaussian_kernel,
+    leave_one_out_mask,
+    nadaraya_watson,
+    nadaraya_watson_weights,
+    parametric_nadaraya_watson,
+    parametric_nadaraya_watson_weights,
+)
 from jattn.functional.pooling import attention_pooling
+from jattn.functional.positional import (
+    alibi_bias,
+    alibi_slopes,
+    relative_position_buckets,
+    rotary_embedding,
+    sinusoidal_encoding,
+)
 from jattn.functional.scores import (
     AdditiveParams,
     MLPParams,
@@ -23,25 +42,40 @@ from jattn.functional.scores import (
 from jattn.functional.softmax import MASK_FILL, masked_softmax, masked_softmax_with_lse
 
 __all__ = [
-    "MASK_FILL",
     "AdditiveParams",
+    "Kernel",
+    "MASK_FILL",
     "MLPParams",
     "ScoreFn",
     "additive_scores",
+    "alibi_bias",
+    "alibi_slopes",
     "attention",
     "attention_pooling",
     "bilinear_scores",
+    "boxcar_kernel",
     "causal_mask",
     "combine_masks",
+    "constant_kernel",
     "dot_product_attention",
     "dot_product_scores",
+    "epanechikov_kernel",
+    "gaussian_kernel",
     "key_padding_mask",
+    "leave_one_out_mask",
     "masked_softmax",
     "masked_softmax_with_lse",
     "mlp_scores",
+    "nadaraya_watson",
+    "nadaraya_watson_weights",
+    "parametric_nadaraya_watson",
+    "parametric_nadaraya_watson_weights",
+    "relative_position_buckets",
+    "rotary_embedding",
     "scaled_dot_product_scores",
     "sequence_mask",
     "single_head_attention",
+    "sinusoidal_encoding",
     "sliding_window_mask",
     "valid_lens_mask",
 ]

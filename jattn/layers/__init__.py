@@ -1,15 +1,29 @@
 """Flax NNX layers over the functional core."""
 
 from jattn.layers.multihead import MultiHeadAttention
+from jattn.layers.nadaraya_watson import NWKernelRegression
+from jattn.layers.positional import (
+    ALiBi,
+    LearnedPositionalEmbedding,
+    RelativePositionBias,
+    RotaryEmbedding,
+    SinusoidalEncoding,
+)
 from jattn.layers.scores import AdditiveScore, BilinearScore, MLPScore, Score
 from jattn.layers.single_head import AdditiveAttention, DotProductAttention
 
 __all__ = [
+    "ALiBi",
     "AdditiveAttention",
     "AdditiveScore",
     "BilinearScore",
     "DotProductAttention",
+    "LearnedPositionalEmbedding",
     "MLPScore",
     "MultiHeadAttention",
+    "NWKernelRegression",
+    "RelativePositionBias",
+    "RotaryEmbedding",
     "Score",
+    "SinusoidalEncoding",
 ]

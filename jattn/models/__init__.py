@@ -18,9 +18,14 @@ from jattn.models.decoding import (
     init_cache,
     length_penalty_fn,
 )
+from jattn.models.rnn import GRUCell, GRUEncoder
+from jattn.models.seq2seq import BahdanauSeq2Seq
 from jattn.models.transformer import DecoderLM, EncoderClassifier, Transformer
 
 __all__ = [
+    "BahdanauSeq2Seq",
+    "GRUCell",
+    "GRUEncoder",
     "DecoderBlock",
     "DecoderLM",
     "EncoderBlock",

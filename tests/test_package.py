@@ -1,0 +1,25 @@
+"""The package's shape: the functional core imports only jax, and every export exists."""
+
+import subprocess
+import sys
+
+import jattn
+import jattn.interop
+import jattn.layers
+import jattn.models
+
+
+def test_functional_core_imports_only_jax():
+    code = (
+        "import sys, jattn, jattn.functional\n"
+        "heavy = ('flax', 'optax', 'orbax', 'ml_collections', 'matplotlib', 'torch')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_export_exists():
+    for module in (jattn, jattn.layers, jattn.models, jattn.interop):
+        missing = [name for name in module.__all__ if not hasattr(module, name)]
+        assert not missing, (module.__name__, missing)
