@@ -92,3 +92,24 @@ def test_notebook_executes(path, tmp_path, jupyter_path, monkeypatch):
     assert not errors
     ran = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
     assert ran, "no code cell ran"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_paired_ipynb_is_in_sync_and_has_no_outputs(path):
+    """The committed .ipynb (what the Colab badge opens) has the .py's cells, without outputs.
+
+    Regenerate with ``jupytext --sync notebooks/*.py`` after editing a notebook.
+    """
+    import jupytext
+    import nbformat
+
+    paired = path.with_suffix(".ipynb")
+    assert paired.exists(), f"{paired.name} is missing: run jupytext --sync {path}"
+    text = jupytext.read(path)
+    nb = nbformat.read(paired, as_version=4)
+    assert [(c.cell_type, c.source) for c in nb.cells] == [
+        (c.cell_type, c.source) for c in text.cells
+    ], f"{paired.name} differs from {path.name}: run jupytext --sync {path}"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None
