@@ -443,13 +443,8 @@ def test_low_precision_close_to_float32(dtype):
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="implementation=None runs the blocked path without return_weights and the dense "
-    "path with it (dispatch.select), so for T * S > DENSE_MAX_ELEMENTS asking for the "
-    "weights changes the output bits; reported to the lead",
-)
 def test_return_weights_bitwise_unchanged_on_long_sequences(monkeypatch):
+    """Above the dense threshold the output comes from the blocked path either way."""
     from jattn.functional import dispatch
 
     monkeypatch.setattr(dispatch, "DENSE_MAX_ELEMENTS", 0)  # as if T * S were large
@@ -460,3 +455,27 @@ def test_return_weights_bitwise_unchanged_on_long_sequences(monkeypatch):
     )
     out, _ = f(q, k, v, True)
     np.testing.assert_array_equal(f(q, k, v, False), out)
+
+
+def test_weights_from_blocked_path_equal_dense_weights():
+    """Explicit 'blocked' with weights and residual: output and lse from the blocked path,
+    weights from the dense softmax, in the order (output, weights, residual)."""
+    q, k, v = _qkv()
+    f = jax.jit(
+        lambda q, k, v, impl: jattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=impl, return_weights=True,
+            return_residual=True,
+        ),
+        static_argnums=3,
+    )  # fmt: skip
+    out_b, w_b, lse_b = f(q, k, v, "blocked")
+    out_d, w_d, lse_d = f(q, k, v, "dense")
+    np.testing.assert_array_equal(w_b, w_d)
+    np.testing.assert_allclose(out_b, out_d, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(lse_b, lse_d, atol=1e-6, rtol=0)
+    only_out = jax.jit(
+        lambda q, k, v: jattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="blocked"
+        )
+    )(q, k, v)
+    np.testing.assert_array_equal(only_out, out_b)

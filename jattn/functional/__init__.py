@@ -1,6 +1,7 @@
 """The framework-free functional core of jattn: pure functions that import only jax."""
 
 from jattn.functional.attention import attention, dot_product_attention, single_head_attention
+from jattn.functional.blocked import blocked_attention
 from jattn.functional.masks import (
     causal_mask,
     combine_masks,
@@ -52,6 +53,7 @@ __all__ = [
     "alibi_slopes",
     "attention",
     "attention_pooling",
+    "blocked_attention",
     "bilinear_scores",
     "boxcar_kernel",
     "causal_mask",

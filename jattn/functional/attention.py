@@ -329,8 +329,20 @@ def dot_product_attention(
       local_window_size, dropout_rate, dropout_rng, fully_masked,
       return_weights, return_residual: see :func:`attention`.
       scale: logit scale; ``None`` means ``1 / sqrt(H)``.
-      implementation: ``None`` (the fastest correct path), ``'dense'`` (alias
-        ``'xla'``): the materialised ``[B, N, T, S]`` path.
+      implementation: which algorithm computes the output:
+
+        - ``None`` (default): the fastest path that gives these results for the
+          shape, dtype and device (see :func:`jattn.functional.dispatch.select`):
+          dense for short sequences, blocked for long ones on CPU, cuDNN on GPU and
+          the Pallas flash kernel on TPU where they support the inputs.
+        - ``'dense'`` (alias ``'xla'``): the materialised ``[B, N, T, S]`` path.
+        - ``'blocked'``: online-softmax blocks with a recomputing backward pass,
+          O(T * H) memory (:func:`jattn.functional.blocked.blocked_attention`).
+        - ``'cudnn'``, ``'pallas'``: the GPU / TPU kernels; a ``ValueError`` lists
+          what they do not support.
+
+        With ``return_weights`` the output still comes from the chosen path, and
+        the weights from the dense softmax.
 
     Returns:
       ``output [..., T, N, Hv]``, or ``(output, weights?, residual?)``.
@@ -361,9 +373,8 @@ def dot_product_attention(
         return_residual=return_residual,
     )
     impl = dispatch.select(implementation, query, key, value, bias, mask, **options)
-    if impl != "dense":
-        return dispatch.run(impl, query, key, value, bias, mask, **options)
-    return attention(
+    dense = functools.partial(
+        attention,
         query,
         key,
         value,
@@ -377,6 +388,15 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         fully_masked=fully_masked,
-        return_weights=return_weights,
-        return_residual=return_residual,
     )
+    if impl == "dense":
+        return dense(return_weights=return_weights, return_residual=return_residual)
+    result = dispatch.run(impl, query, key, value, bias, mask, **options)
+    if not return_weights:
+        return result
+    # The weights are the [..., N, T, S] matrix the other paths never build: take them
+    # from the dense softmax (its unused output is dropped by XLA), and keep the
+    # output of the chosen path, so asking for weights never changes the output.
+    weights = dense(return_weights=True)[1]
+    out, *residual = result if return_residual else (result,)
+    return (out, weights, *residual)

@@ -70,8 +70,6 @@ def _cudnn_problems(query, key, value, bias, mask, o) -> list[str]:
         problems.append(f"head dim H={h} (cuDNN needs a multiple of 8, at most 128)")
     if o["dropout_rate"] > 0.0:
         problems.append("dropout")
-    if o["return_weights"]:
-        problems.append("return_weights")
     if o["return_residual"]:
         problems.append("return_residual (cuDNN returns it in the input dtype, not float32)")
     if mask is not None:
@@ -110,8 +108,6 @@ def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = Fals
         problems.append("boolean masks")
     if o["dropout_rate"] > 0.0:
         problems.append("dropout")
-    if o["return_weights"]:
-        problems.append("return_weights")
     if o["return_residual"]:
         problems.append("return_residual")
     if o["is_causal"] and t > s:
@@ -124,9 +120,11 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
 
     ``implementation=None`` picks the fastest path that gives the library's results:
     cuDNN on GPU and Pallas on TPU where they support the inputs, the dense path
-    for short sequences (``T * S <= DENSE_MAX_ELEMENTS``) or when the weights are
-    asked for, the blocked path otherwise. An explicit choice that cannot honour
-    the inputs raises a ``ValueError`` that lists what it does not support.
+    for short sequences (``T * S <= DENSE_MAX_ELEMENTS``), the blocked path otherwise.
+    The choice does not depend on ``return_weights``: asking for the weights never
+    changes the output (:func:`jattn.dot_product_attention` computes them apart).
+    An explicit choice that cannot honour the inputs raises a ``ValueError`` that
+    lists what it does not support.
 
     ``options`` are the keyword arguments of ``dot_product_attention``.
     """
@@ -137,11 +135,6 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
     if implementation in ("dense", "xla"):
         return "dense"
     if implementation == "blocked":
-        if options["return_weights"]:
-            raise ValueError(
-                "implementation='blocked' cannot return the attention weights (they are the "
-                "[..., N, T, S] matrix it never builds); use implementation='dense' or None"
-            )
         return "blocked"
     checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems}
     if implementation is not None:
@@ -151,8 +144,6 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
                 f"implementation={implementation!r} does not support: " + "; ".join(problems)
             )
         return implementation
-    if options["return_weights"]:
-        return "dense"
     platform = _platform()
     if platform == "gpu" and options["key_value_seq_lengths"] is None:
         if not _cudnn_problems(query, key, value, bias, mask, options):
@@ -257,9 +248,9 @@ def run(implementation: str, query, key, value, bias=None, mask=None, **options)
     """Runs a non-dense implementation chosen by :func:`select`."""
     from jattn.functional.blocked import blocked_attention
 
+    options = dict(options)
+    del options["return_weights"]  # the caller computes the weights apart
     if implementation == "blocked":
-        options = dict(options)
-        del options["return_weights"]
         return blocked_attention(query, key, value, bias, mask, **options)
     if implementation == "cudnn":
         return cudnn_attention(query, key, value, bias, mask, **options)
