@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-import jattn.functional.nadaraya_watson as nw
-from jattn.layers.nadaraya_watson import NWKernelRegression
+import jattn.functional.kernel_regression as nw
+from jattn.layers.kernel_regression import NWKernelRegression
 
 NUM_TRAIN = 50
 LEARNING_RATE = 0.5

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -35,8 +37,8 @@ import matplotlib.pyplot as plt
 import optax
 from flax import nnx
 
-from jattn.functional import nadaraya_watson as nw
-from jattn.layers.nadaraya_watson import NWKernelRegression
+from jattn.functional import kernel_regression as nw
+from jattn.layers.kernel_regression import NWKernelRegression
 from jattn.viz import plot_attention
 
 SMALL = os.environ.get("JATTN_SMALL") == "1"  # test-suite switch (this notebook is small anyway)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jattn.functional.nadaraya_watson as nw
-from jattn.layers.nadaraya_watson import NWKernelRegression
+import jattn.functional.kernel_regression as nw
+from jattn.layers.kernel_regression import NWKernelRegression
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-6)

@@ -2,15 +2,7 @@
 
 from jattn.functional.attention import attention, dot_product_attention, single_head_attention
 from jattn.functional.blocked import blocked_attention
-from jattn.functional.masks import (
-    causal_mask,
-    combine_masks,
-    key_padding_mask,
-    sequence_mask,
-    sliding_window_mask,
-    valid_lens_mask,
-)
-from jattn.functional.nadaraya_watson import (
+from jattn.functional.kernel_regression import (
     Kernel,
     boxcar_kernel,
     constant_kernel,
@@ -21,6 +13,14 @@ from jattn.functional.nadaraya_watson import (
     nadaraya_watson_weights,
     parametric_nadaraya_watson,
     parametric_nadaraya_watson_weights,
+)
+from jattn.functional.masks import (
+    causal_mask,
+    combine_masks,
+    key_padding_mask,
+    sequence_mask,
+    sliding_window_mask,
+    valid_lens_mask,
 )
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.positional import (

@@ -1,7 +1,7 @@
 """Flax NNX layers over the functional core."""
 
+from jattn.layers.kernel_regression import NWKernelRegression
 from jattn.layers.multihead import MultiHeadAttention
-from jattn.layers.nadaraya_watson import NWKernelRegression
 from jattn.layers.positional import (
     ALiBi,
     LearnedPositionalEmbedding,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional.nadaraya_watson import parametric_nadaraya_watson
+from jattn.functional.kernel_regression import parametric_nadaraya_watson
 
 __all__ = ["NWKernelRegression"]
 
