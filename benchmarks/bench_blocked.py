@@ -3,7 +3,7 @@
 Every comparison is interleaved in one process (A, B, GEMM, A, B, GEMM, ...) and
 reports medians, so that a machine shared with other jobs hurts both sides alike;
 the float32 GEMM rate is measured in the same rounds. Memory is measured in a
-fresh subprocess per case (peak RSS from ``ru_maxrss``).
+fresh subprocess per case (peak RSS from /proc/self/status VmHWM).
 
     python benchmarks/bench_blocked.py                 # everything but T=65536
     python benchmarks/bench_blocked.py --only fwd      # fwd | fwdbwd | short | causal | window
