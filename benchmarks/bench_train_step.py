@@ -1,7 +1,6 @@
 """Train-step throughput: jattn's attention vs flax.nnx's, in one encoder-decoder.
 
     python benchmarks/bench_train_step.py [--batch 16 --src-len 32 --tgt-len 32 --rounds 7]
-                                          [--scan-layers]
 
 Both models are the same jattn ``Transformer`` (4+4 layers, D=256, 8 heads, F=1024,
 dropout 0.1, same initial weights); in one every ``MultiHeadAttention`` gets an
@@ -10,8 +9,6 @@ dropout 0.1, same initial weights); in one every ``MultiHeadAttention`` gets an
 both, interleaved round by round in one process; tokens/s are ``B * (S + T)`` per
 step, medians over rounds. Then the cold compile time of the jattn train step, and
 the warm start with JAX's persistent compilation cache (a subprocess run twice).
-``--scan-layers`` builds the models with ``scan_layers=True`` (one compiled block body
-per stack, :class:`jattn.models.TransformerEncoder`).
 """
 
 from __future__ import annotations
@@ -82,7 +79,6 @@ def setup(attention_fn, args):
         **{**MODEL, "dropout_rate": args.dropout},
         max_len=max(args.src_len, args.tgt_len),
         attention_fn=attention_fn,
-        scan_layers=args.scan_layers,
         rngs=nnx.Rngs(params=0, dropout=1),
     )
     tx = make_optimizer(weight_decay=0.01, clip_norm=1.0)
@@ -158,8 +154,6 @@ def child_compile(args, cache_dir) -> dict:
         "--tgt-len",
         str(args.tgt_len),
     ]
-    if args.scan_layers:
-        cmd.append("--scan-layers")
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
     t0 = time.perf_counter()
@@ -183,7 +177,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="steps per round and model")
     p.add_argument("--dropout", type=float, default=MODEL["dropout_rate"])
-    p.add_argument("--scan-layers", action="store_true", help="run each stack as one jax.lax.scan")
     p.add_argument("--skip-compile-times", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
@@ -198,8 +191,8 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}"
     )
     print(
-        f"model {MODEL} (dropout {args.dropout}, scan_layers={args.scan_layers}), "
-        f"batch {args.batch}, S={args.src_len}, T={args.tgt_len}"
+        f"model {MODEL} (dropout {args.dropout}), batch {args.batch}, "
+        f"S={args.src_len}, T={args.tgt_len}"
     )
     if args.skip_throughput:
         rates = {}

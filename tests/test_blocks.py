@@ -12,7 +12,6 @@ from jattn.models import (
     DecoderBlock,
     EncoderBlock,
     FeedForward,
-    Transformer,
     TransformerDecoder,
     TransformerEncoder,
 )
@@ -172,74 +171,3 @@ def test_score_factory_and_sown_weights():
 def test_config_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make(nnx.Rngs(0))
-
-
-# --- scan_layers: one jax.lax.scan over the stacked blocks -----------------------------
-
-
-def _transformer(scan_layers):
-    return Transformer(
-        11, 9, num_layers=2, features=D, num_heads=N, mlp_features=F, max_len=8,
-        dropout_rate=0.0, scan_layers=scan_layers, rngs=nnx.Rngs(0),
-    )  # fmt: skip
-
-
-def test_scanned_transformer_matches_unrolled_outputs_and_gradients():
-    src = jnp.array([[3, 4, 5, 6, 0], [7, 8, 9, 0, 0]], jnp.int32)
-    tgt = jnp.array([[1, 3, 4, 5], [1, 6, 7, 0]], jnp.int32)
-    w = jax.random.normal(jax.random.key(2), (2, 4, 9))
-    unrolled, scanned = _transformer(False), _transformer(True)
-    assert scanned.encoder.scan_layers and scanned.decoder.scan_layers
-    assert not unrolled.encoder.scan_layers
-
-    @jax.jit
-    def value_and_grad(model_state):
-        graphdef, params, rest = model_state
-
-        def loss(p):
-            logits = nnx.merge(graphdef, p, rest)(src, tgt)
-            return jnp.mean(logits * w), logits
-
-        return jax.value_and_grad(loss, has_aux=True)(params)
-
-    split = lambda m: nnx.split(m, nnx.Param, ...)  # noqa: E731
-    (want_loss, want_logits), want_grads = value_and_grad(split(unrolled))
-    (got_loss, got_logits), got_grads = value_and_grad(split(scanned))
-    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-6)
-    np.testing.assert_allclose(float(got_loss), float(want_loss), atol=1e-6)
-    want, got = jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)
-    assert len(got) == len(want) and max(float(jnp.abs(g).max()) for g in want) > 1e-3
-    for g, h in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(h), atol=1e-5)
-
-
-def test_scanned_dropout_is_reproducible_and_updates_own_streams():
-    enc = TransformerEncoder(2, D, N, F, dropout_rate=0.5, scan_layers=True, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (1, 4, D))
-
-    @nnx.jit
-    def run(m, rngs):  # given rngs, then each block's own streams (rngs=None)
-        return m(x, deterministic=False, rngs=rngs), m(x, deterministic=False)
-
-    (b, e), (c, f), (d, _) = (run(enc, nnx.Rngs(dropout=k)) for k in (1, 1, 2))
-    np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
-    assert not np.allclose(np.asarray(b), np.asarray(d))
-    assert not np.allclose(np.asarray(e), np.asarray(f))
-    # own streams advance as in the unrolled loop: per call, 2 draws of the residual
-    # dropout, 1 of the FFN's, 1 of the attention's; 3 calls
-    for layer in enc.layers:
-        assert int(layer.dropout.rngs.count[...]) == 6
-        assert int(layer.mlp.dropout.rngs.count[...]) == 3
-        assert int(layer.self_attention.rngs.count[...]) == 3
-
-
-def test_scanned_stack_sows_weights_unrolled():
-    enc = TransformerEncoder(2, D, N, F, dropout_rate=0.0, scan_layers=True, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (2, 3, D))
-    enc.scan_layers = False
-    want = enc(x)
-    enc.scan_layers = True
-    np.testing.assert_allclose(np.asarray(enc(x, sow_weights=True)), np.asarray(want), atol=1e-6)
-    sown = nnx.pop(enc, nnx.Intermediate)
-    for i in range(2):
-        assert sown["layers"][i]["self_attention"]["attention_weights"][0].shape == (2, N, 3, 3)

@@ -328,63 +328,11 @@ def _stack_kwargs(kw):
                                "attention_fn", "score", "rotary", "rngs")}  # fmt: skip
 
 
-def _dropout_key(rngs):
-    """One key drawn from ``rngs`` (``nnx.Rngs``, a stream or a key), for the whole stack."""
-    if isinstance(rngs, nnx.Rngs):
-        return rngs["dropout"]()
-    if isinstance(rngs, nnx.RngStream):
-        return rngs()
-    return rngs
-
-
-def _scan(layers, x, call, *, deterministic, rngs):
-    """``x = call(layer, x, layer_rngs)`` for each layer, as one ``jax.lax.scan``.
-
-    The layers' parameters (and other state) are stacked leaf-wise along a new leading
-    axis and the scan body merges one layer from its slice, so the program holds the
-    block body once instead of ``len(layers)`` times; gradients flow back through the
-    stack to each layer's own parameters. The state a block updates (the counts of its own dropout
-    streams, used with dropout when ``rngs`` is None) is carried out and written back.
-    With ``rngs`` given, one key is drawn from it and split into one key per layer, so
-    the dropout masks differ from those of the unrolled loop (same distribution).
-    """
-    splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
-    graphdef = splits[0][0]
-    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
-    params = jax.tree.map(stack, *(s[1] for s in splits))
-    rest = jax.tree.map(stack, *(s[2] for s in splits))
-    keys, own_streams = None, not deterministic and rngs is None
-    if not deterministic and rngs is not None:
-        keys = jax.random.split(_dropout_key(rngs), len(layers))
-
-    def body(x, slices):
-        params_i, rest_i, key = slices
-        layer = nnx.merge(graphdef, params_i, rest_i)
-        x = call(layer, x, None if key is None else nnx.Rngs(dropout=key))
-        return x, (nnx.state(layer, nnx.Not(nnx.Param)) if own_streams else None)
-
-    x, rest = jax.lax.scan(body, x, (params, rest, keys))
-    if own_streams:
-        for i, layer in enumerate(layers):
-            nnx.update(layer, jax.tree.map(lambda a, i=i: a[i], rest))
-    return x
-
-
 class TransformerEncoder(nnx.Module):
     """A stack of :class:`EncoderBlock` (``layers``) and an optional final ``norm``.
 
     ``final_norm=True`` adds a LayerNorm after the last block (needed with pre-norm;
     ``torch.nn.Transformer`` has one in both orders); ``norm`` is ``None`` otherwise.
-
-    ``scan_layers=True`` runs the blocks as one ``jax.lax.scan`` over their stacked
-    parameters, so the program holds one block body instead of ``num_layers`` (same
-    outputs and gradients up to float rounding; ``layers`` keeps one module per block).
-    It shortens tracing and HLO optimization, but on XLA:CPU not the whole compile:
-    XLA:CPU already compiles identical kernels of unrolled layers once, and the scan
-    adds its own (measured: a 4+4-layer train step compiles no faster, and runs ~5%
-    slower). With dropout and ``rngs`` given, each block gets a key split from one key
-    drawn from ``rngs``, so the masks differ from the unrolled loop's (same
-    distribution). ``sow_weights=True`` runs the unrolled loop (each layer sows).
     """
 
     def __init__(
@@ -402,7 +350,6 @@ class TransformerEncoder(nnx.Module):
         attention_fn: Callable | None = None,
         score=None,
         rotary: bool = False,
-        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if not isinstance(num_layers, int) or num_layers <= 0:
@@ -414,21 +361,13 @@ class TransformerEncoder(nnx.Module):
         self.norm = (
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
-        self.scan_layers = scan_layers
 
     def __call__(self, x, *, mask=None, bias=None, is_causal=False, deterministic=True,
                  rngs=None, sow_weights=False):  # fmt: skip
         """``x: [B, S, D] -> [B, S, D]``; ``mask``/``bias`` as :class:`EncoderBlock`."""
-
-        def call(layer, x, rngs):
-            return layer(x, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
-                         rngs=rngs, sow_weights=sow_weights)  # fmt: skip
-
-        if self.scan_layers and not sow_weights:
-            x = _scan(self.layers, x, call, deterministic=deterministic, rngs=rngs)
-        else:
-            for layer in self.layers:
-                x = call(layer, x, rngs)
+        for layer in self.layers:
+            x = layer(x, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
+                      rngs=rngs, sow_weights=sow_weights)  # fmt: skip
         return x if self.norm is None else self.norm(x)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
@@ -445,10 +384,7 @@ class TransformerEncoder(nnx.Module):
 
 
 class TransformerDecoder(nnx.Module):
-    """A stack of :class:`DecoderBlock` (``layers``) and an optional final ``norm``.
-
-    ``final_norm`` and ``scan_layers`` as :class:`TransformerEncoder`.
-    """
+    """A stack of :class:`DecoderBlock` (``layers``) and an optional final ``norm``."""
 
     def __init__(
         self,
@@ -465,7 +401,6 @@ class TransformerDecoder(nnx.Module):
         attention_fn: Callable | None = None,
         score=None,
         rotary: bool = False,
-        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if not isinstance(num_layers, int) or num_layers <= 0:
@@ -477,22 +412,14 @@ class TransformerDecoder(nnx.Module):
         self.norm = (
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
-        self.scan_layers = scan_layers
 
     def __call__(self, y, memory, *, self_mask=None, cross_mask=None, self_bias=None,
                  is_causal=True, deterministic=True, rngs=None, sow_weights=False):  # fmt: skip
         """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]`` (as :class:`DecoderBlock`)."""
-
-        def call(layer, y, rngs):
-            return layer(y, memory, self_mask=self_mask, cross_mask=cross_mask,
-                         self_bias=self_bias, is_causal=is_causal, deterministic=deterministic,
-                         rngs=rngs, sow_weights=sow_weights)  # fmt: skip
-
-        if self.scan_layers and not sow_weights:
-            y = _scan(self.layers, y, call, deterministic=deterministic, rngs=rngs)
-        else:
-            for layer in self.layers:
-                y = call(layer, y, rngs)
+        for layer in self.layers:
+            y = layer(y, memory, self_mask=self_mask, cross_mask=cross_mask, self_bias=self_bias,
+                      is_causal=is_causal, deterministic=deterministic, rngs=rngs,
+                      sow_weights=sow_weights)  # fmt: skip
         return y if self.norm is None else self.norm(y)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:

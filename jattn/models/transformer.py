@@ -113,8 +113,6 @@ class Transformer(nnx.Module):
       activation: ``'relu'`` or ``'gelu'``.
       pad_id, bos_id, eos_id: special token ids.
       attention_fn, score: passed to every attention layer (see :mod:`jattn.models.blocks`).
-      scan_layers: run each stack as one ``jax.lax.scan`` over its stacked blocks (see
-        :class:`jattn.models.TransformerEncoder`).
     """
 
     def __init__(
@@ -141,7 +139,6 @@ class Transformer(nnx.Module):
         share_embeddings: bool = False,
         attention_fn: Callable | None = None,
         score=None,
-        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if share_embeddings and src_vocab_size != tgt_vocab_size:
@@ -166,12 +163,8 @@ class Transformer(nnx.Module):
                 tgt_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
             )
             self.output = nnx.Linear(features, tgt_vocab_size, rngs=rngs)
-        self.encoder = TransformerEncoder(
-            num_encoder_layers or num_layers, scan_layers=scan_layers, rngs=rngs, **opts
-        )
-        self.decoder = TransformerDecoder(
-            num_decoder_layers or num_layers, scan_layers=scan_layers, rngs=rngs, **opts
-        )
+        self.encoder = TransformerEncoder(num_encoder_layers or num_layers, rngs=rngs, **opts)
+        self.decoder = TransformerDecoder(num_decoder_layers or num_layers, rngs=rngs, **opts)
         self.max_len = max_len
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
@@ -276,14 +269,13 @@ class DecoderLM(nnx.Module):
         tie_embeddings: bool = False,
         attention_fn: Callable | None = None,
         score=None,
-        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
                               positional)  # fmt: skip
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
-        self.decoder = TransformerEncoder(num_layers, scan_layers=scan_layers, rngs=rngs, **opts)
+        self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.output = None if tie_embeddings else nnx.Linear(features, vocab_size, rngs=rngs)
         self.max_len = max_len
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
@@ -392,7 +384,6 @@ class EncoderClassifier(nnx.Module):
         pad_id: int = 0,
         attention_fn: Callable | None = None,
         score=None,
-        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if pooling not in ("mean", "cls"):
@@ -403,7 +394,7 @@ class EncoderClassifier(nnx.Module):
                               activation, layer_norm_eps, final_norm, attention_fn, score,
                               positional)  # fmt: skip
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
-        self.encoder = TransformerEncoder(num_layers, scan_layers=scan_layers, rngs=rngs, **opts)
+        self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
         self.pooling = pooling
         self.max_len = max_len
