@@ -84,7 +84,7 @@ def _head_shape(n: int, k: int) -> tuple[int, ...]:
     return (k, n // k) if n != k else (k,)
 
 
-def _grouped(x, name, batch_shape, n, k, t, s):
+def _grouped(x, batch_shape, n, k):
     """Brings a bias or mask that broadcasts to ``[..., N, T, S]`` to a compact grouped form.
 
     Returns ``(array, batch_axis, head_axis)``: the array is ``[B?, (K, G?)?, T|1, S|1]``
@@ -209,8 +209,8 @@ def attention(
     )  # [B,T,K,G?,H]
     kk = _flatten_batch(key, batch_shape)  # [B, S, K, H']
     v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
-    bias_g, bias_b, bias_h = _grouped(bias, "bias", batch_shape, n, k, t, s)
-    mask_g, mask_b, mask_h = _grouped(mask, "mask", batch_shape, n, k, t, s)
+    bias_g, bias_b, bias_h = _grouped(bias, batch_shape, n, k)
+    mask_g, mask_b, mask_h = _grouped(mask, batch_shape, n, k)
     lens = []
     for length in (q_len, kv_len):
         if length is not None:
