@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jattn.functional.masks import _as_window
+from jattn.functional.softmax import check_fully_masked
 
 
 def fmt(shape: Sequence[int]) -> str:
@@ -103,3 +107,70 @@ def check_dropout(rate, rng) -> float:
     if rate > 0.0 and rng is None:
         raise ValueError(f"dropout_rate={rate} needs a dropout_rng (a PRNG key)")
     return float(rate)
+
+
+class AttentionInputs(NamedTuple):
+    """Validated batched attention inputs; lengths are flattened to ``[B]`` int32."""
+
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None
+    batch_shape: tuple[int, ...]
+    query_seq_lengths: jax.Array | None
+    key_value_seq_lengths: jax.Array | None
+    window: tuple[int, int] | None
+    dropout_rate: float
+
+
+def check_attention_inputs(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    *,
+    same_head_dim: bool,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    local_window_size,
+    dropout_rate,
+    dropout_rng,
+    fully_masked: str,
+) -> AttentionInputs:
+    """The checks every batched attention path (dense, blocked) makes at its boundary."""
+    query, key, value = (
+        as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value))
+    )
+    check_qkv(query, key, value, same_head_dim=same_head_dim)
+    check_fully_masked(fully_masked)
+    dropout_rate = check_dropout(dropout_rate, dropout_rng)
+    window = None if local_window_size is None else _as_window(local_window_size)
+    batch_shape = tuple(query.shape[:-3])
+    target = batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3])
+    letters = "[..., N, T, S]"
+    if mask is not None:
+        mask = as_array("mask", mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(
+                f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
+                "pass additive float masks as bias"
+            )
+        check_broadcast("mask", mask, target, letters)
+    if bias is not None:
+        bias = as_array("bias", bias)
+        check_float("bias", bias)
+        check_broadcast("bias", bias, target, letters)
+    lengths = []
+    for name, x in (
+        ("query_seq_lengths", query_seq_lengths),
+        ("key_value_seq_lengths", key_value_seq_lengths),
+    ):
+        x = check_seq_lengths(name, x, batch_shape)
+        if x is not None:
+            x = jnp.broadcast_to(x, batch_shape).reshape(-1).astype(jnp.int32)  # [B]
+        lengths.append(x)
+    return AttentionInputs(
+        query, key, value, bias, mask, batch_shape, *lengths, window, dropout_rate
+    )

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from jattn.functional import _checks
-from jattn.functional.masks import _as_window, causal_mask, sliding_window_mask
+from jattn.functional.masks import causal_mask, sliding_window_mask
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
-from jattn.functional.softmax import FullyMasked, check_fully_masked, masked_softmax_with_lse
+from jattn.functional.softmax import FullyMasked, masked_softmax_with_lse
 
 __all__ = ["attention", "dot_product_attention", "single_head_attention"]
 
@@ -165,35 +165,24 @@ def attention(
       ``output [..., T, N, Hv]`` in the value dtype, or a tuple
       ``(output, weights?, residual?)`` with the requested extras in that order.
     """
-    query = _checks.as_array("query", query)
-    key = _checks.as_array("key", key)
-    value = _checks.as_array("value", value)
-    _checks.check_qkv(query, key, value, same_head_dim=False)
-    check_fully_masked(fully_masked)
-    dropout_rate = _checks.check_dropout(dropout_rate, dropout_rng)
-    if local_window_size is not None:
-        local_window_size = _as_window(local_window_size)
-
-    batch_shape = tuple(query.shape[:-3])
+    inputs = _checks.check_attention_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        same_head_dim=False,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        fully_masked=fully_masked,
+    )
+    query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
     t, n, _ = query.shape[-3:]
     s, k, _ = key.shape[-3:]
     g = n // k
-    target = batch_shape + (n, t, s)
-    letters = "[..., N, T, S]"
-    if mask is not None:
-        mask = _checks.as_array("mask", mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(
-                f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
-                "pass additive float masks as bias"
-            )
-        _checks.check_broadcast("mask", mask, target, letters)
-    if bias is not None:
-        bias = _checks.as_array("bias", bias)
-        _checks.check_float("bias", bias)
-        _checks.check_broadcast("bias", bias, target, letters)
-    q_len = _checks.check_seq_lengths("query_seq_lengths", query_seq_lengths, batch_shape)
-    kv_len = _checks.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch_shape)
     if per_head_params:
         for leaf in jax.tree.leaves(score_params):
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
@@ -211,13 +200,6 @@ def attention(
     v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
     bias_g, bias_b, bias_h = _grouped(bias, batch_shape, n, k)
     mask_g, mask_b, mask_h = _grouped(mask, batch_shape, n, k)
-    lens = []
-    for length in (q_len, kv_len):
-        if length is not None:
-            length = _flatten_batch(jnp.broadcast_to(length, batch_shape), batch_shape)
-            length = length.astype(jnp.int32)
-        lens.append(length)
-    q_len, kv_len = lens
     keep = None
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
@@ -256,8 +238,8 @@ def attention(
         structural = None
         if is_causal:
             structural = causal_mask(t, s)
-        if local_window_size is not None:
-            w = sliding_window_mask(t, s, local_window_size)
+        if window is not None:
+            w = sliding_window_mask(t, s, window)
             structural = w if structural is None else structural & w
         if ql is not None or kvl is not None:
             qm = jnp.ones((t, 1), bool) if ql is None else (jnp.arange(t) < ql)[:, None]

@@ -39,8 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.functional import _checks
-from jattn.functional.masks import _as_window
-from jattn.functional.softmax import MASK_FILL, FullyMasked, check_fully_masked
+from jattn.functional.softmax import MASK_FILL, FullyMasked
 
 __all__ = ["blocked_attention"]
 
@@ -405,31 +404,23 @@ def blocked_attention(
     """
     from jattn.functional.dispatch import default_block_sizes
 
-    query = _checks.as_array("query", query)
-    key = _checks.as_array("key", key)
-    value = _checks.as_array("value", value)
-    _checks.check_qkv(query, key, value, same_head_dim=True)
-    check_fully_masked(fully_masked)
-    dropout_rate = _checks.check_dropout(dropout_rate, dropout_rng)
-    window = None if local_window_size is None else _as_window(local_window_size)
-    batch_shape = tuple(query.shape[:-3])
+    inputs = _checks.check_attention_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        same_head_dim=True,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        fully_masked=fully_masked,
+    )
+    query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
     t, n, h = query.shape[-3:]
     s, k, hv = value.shape[-3:]
-    target = batch_shape + (n, t, s)
-    if mask is not None:
-        mask = _checks.as_array("mask", mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(
-                f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
-                "pass additive float masks as bias"
-            )
-        _checks.check_broadcast("mask", mask, target, "[..., N, T, S]")
-    if bias is not None:
-        bias = _checks.as_array("bias", bias)
-        _checks.check_float("bias", bias)
-        _checks.check_broadcast("bias", bias, target, "[..., N, T, S]")
-    q_len = _checks.check_seq_lengths("query_seq_lengths", query_seq_lengths, batch_shape)
-    kv_len = _checks.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch_shape)
     if block_sizes is None:
         band = bool(is_causal) or window is not None
         block_sizes = default_block_sizes(t, s, h, query.dtype, masked_band=band)
@@ -472,12 +463,6 @@ def blocked_attention(
     kb, vb = kv_blocks(key), kv_blocks(value)
     bias5 = None if bias is None else _to_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
     mask5 = None if mask is None else _to_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
-    lens = []
-    for length in (q_len, kv_len):
-        if length is not None:
-            length = jnp.broadcast_to(length, batch_shape).reshape(b).astype(jnp.int32)
-        lens.append(length)
-    q_len, kv_len = lens
     rng = dropout_rng if dropout_rate > 0.0 else None
 
     ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng)
