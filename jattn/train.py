@@ -11,6 +11,7 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import signal
 import sys
@@ -187,6 +188,62 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
     return paths
 
 
+def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a ``configs/*.py`` file, as ``--config path:arg`` loads it."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"jattn_config_{path.stem}", path)
+    if spec is None or not path.exists():
+        raise FileNotFoundError(f"no config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def make_datasets(config: ml_collections.ConfigDict) -> tuple[Seq2SeqDataset, Seq2SeqDataset]:
+    """``(train, test)`` of ``config.task``, generated in-process from ``config.seed``."""
+    cfg = config.to_dict()
+    task_options = {k: v for k, v in cfg["task"].items() if k != "name"}
+    try:
+        return make_task(cfg["task"]["name"], seed=cfg["seed"], **task_options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.task: {e}") from e
+
+
+def _initial_train_state(cfg: dict, train_ds: Seq2SeqDataset):
+    """``(graphdef, state, tx)``: the model of ``cfg`` and its optimizer, freshly initialised."""
+    model = build_model(
+        cfg["model"],
+        src_vocab_size=train_ds.src_vocab_size,
+        tgt_vocab_size=train_ds.tgt_vocab_size,
+        seed=cfg["seed"],
+    )
+    tx = make_optimizer(
+        weight_decay=cfg["train"]["weight_decay"], clip_norm=cfg["train"]["clip_norm"]
+    )
+    graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(cfg["seed"]))
+    return graphdef, state, tx
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None):
+    """The model of ``config`` with the parameters of ``workdir``'s checkpoint (latest by default).
+
+    >>> model = restore_model(config, "workdir/dates")  # doctest: +SKIP
+    >>> model.generate(src, max_len=10)  # doctest: +SKIP
+    """
+    validate_config(config)
+    cfg = config.to_dict()
+    graphdef, like, _ = _initial_train_state(cfg, make_datasets(config)[0])
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", max_to_keep=cfg["train"]["max_to_keep"])
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+        state = ckpt.restore(step, like)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, state.params, state.rest)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``config.model`` on ``config.task``, resuming from ``workdir`` if it holds a
     checkpoint; then evaluates on the held-out split and writes samples and heatmaps.
@@ -197,17 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate_config(config)
     cfg = config.to_dict()
     tcfg, ecfg = cfg["train"], cfg["eval"]
-    task_options = {k: v for k, v in cfg["task"].items() if k != "name"}
-    try:
-        train_ds, test_ds = make_task(cfg["task"]["name"], seed=cfg["seed"], **task_options)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config.task: {e}") from e
-    model = build_model(
-        cfg["model"],
-        src_vocab_size=train_ds.src_vocab_size,
-        tgt_vocab_size=train_ds.tgt_vocab_size,
-        seed=cfg["seed"],
-    )
+    train_ds, test_ds = make_datasets(config)
+    graphdef, state, tx = _initial_train_state(cfg, train_ds)  # bad model options fail here
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -220,9 +268,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         decay=tcfg["decay"],
         end_factor=tcfg["end_lr_factor"],
     )
-    tx = make_optimizer(weight_decay=tcfg["weight_decay"], clip_norm=tcfg["clip_norm"])
-    graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(cfg["seed"]))
-    del model
     train_step = make_train_step(graphdef, tx, label_smoothing=tcfg["label_smoothing"])
     eval_step = make_eval_step(
         graphdef,

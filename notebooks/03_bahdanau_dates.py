@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -35,22 +37,16 @@
 # !git clone -q --depth 1 https://github.com/jattn/jattn /content/jattn-repo
 
 # %%
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
 
-import jax
 import matplotlib.pyplot as plt
 import numpy as np
-from flax import nnx
 
 import jattn
-from jattn.data import BOS, EOS, PAD, make_task
-from jattn.train import build_model, train_and_evaluate
-from jattn.training.checkpoint import Checkpointer
-from jattn.training.optim import make_optimizer
-from jattn.training.state import create_train_state
+from jattn.data import BOS, EOS, PAD
+from jattn.train import load_config, make_datasets, restore_model, train_and_evaluate
 from jattn.viz import collect_attention_weights, plot_attention
 
 SMALL = os.environ.get("JATTN_SMALL") == "1"  # the test suite runs a few-step tiny model
@@ -70,10 +66,7 @@ candidates = [
 config_file = next(
     p / "bahdanau_dates.py" for p in candidates if (p / "bahdanau_dates.py").exists()
 )
-spec = importlib.util.spec_from_file_location("bahdanau_dates", config_file)
-config_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config_module)
-config = config_module.get_config("small" if SMALL else None)
+config = load_config(config_file, "small" if SMALL else None)
 print(config.model)
 
 # %% [markdown]
@@ -83,9 +76,7 @@ print(config.model)
 # training.
 
 # %%
-cfg = config.to_dict()
-task = {k: v for k, v in cfg["task"].items() if k != "name"}
-train_ds, test_ds = make_task(cfg["task"]["name"], seed=cfg["seed"], **task)
+train_ds, test_ds = make_datasets(config)
 for src, tgt in zip(train_ds.src_texts[:6], train_ds.tgt_texts[:6], strict=True):
     print(f"{src!r:36} -> {tgt!r}")
 print("source ids [B, S]:", train_ds.src.shape, " target ids [B, T]:", train_ds.tgt.shape)
@@ -110,14 +101,7 @@ print(result["eval"])
 # model's graph.
 
 # %%
-vocab = dict(src_vocab_size=train_ds.src_vocab_size, tgt_vocab_size=train_ds.tgt_vocab_size)
-model = build_model(cfg["model"], **vocab, seed=cfg["seed"])
-tx = make_optimizer(weight_decay=cfg["train"]["weight_decay"], clip_norm=cfg["train"]["clip_norm"])
-graphdef, like = create_train_state(model, tx, jax.random.PRNGKey(cfg["seed"]))
-checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=cfg["train"]["max_to_keep"])
-state = checkpoints.restore(checkpoints.latest_step(), like)
-checkpoints.close()
-model = nnx.merge(graphdef, state.params, state.rest)
+model = restore_model(config, workdir)
 
 # %% [markdown]
 # ## Translate new dates

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -31,24 +33,18 @@
 # !git clone -q --depth 1 https://github.com/jattn/jattn /content/jattn-repo
 
 # %%
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from flax import nnx
 
 import jattn
-from jattn.data import BOS, EOS, PAD, make_task
+from jattn.data import BOS, EOS, PAD
 from jattn.diagnostics import attention_entropy, attention_rollout
-from jattn.train import build_model, train_and_evaluate
-from jattn.training.checkpoint import Checkpointer
-from jattn.training.optim import make_optimizer
-from jattn.training.state import create_train_state
+from jattn.train import load_config, make_datasets, restore_model, train_and_evaluate
 from jattn.viz import collect_attention_weights, plot_attention, plot_attention_grid
 
 SMALL = os.environ.get("JATTN_SMALL") == "1"  # the test suite runs a few-step tiny model
@@ -66,15 +62,10 @@ candidates = [
     Path("/content/jattn-repo/configs"),  # Colab, after the clone above
 ]
 config_file = next(p / "dates.py" for p in candidates if (p / "dates.py").exists())
-spec = importlib.util.spec_from_file_location("dates_config", config_file)
-config_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config_module)
-config = config_module.get_config("small" if SMALL else None)
+config = load_config(config_file, "small" if SMALL else None)
 print(config.model)
 
-cfg = config.to_dict()
-task = {k: v for k, v in cfg["task"].items() if k != "name"}
-train_ds, test_ds = make_task(cfg["task"]["name"], seed=cfg["seed"], **task)
+train_ds, test_ds = make_datasets(config)
 for src, tgt in zip(train_ds.src_texts[:4], train_ds.tgt_texts[:4], strict=True):
     print(f"{src!r:36} -> {tgt!r}")
 
@@ -93,14 +84,7 @@ print(result["eval"])
 # ## Load the trained model from its checkpoint
 
 # %%
-vocab = dict(src_vocab_size=train_ds.src_vocab_size, tgt_vocab_size=train_ds.tgt_vocab_size)
-model = build_model(cfg["model"], **vocab, seed=cfg["seed"])
-tx = make_optimizer(weight_decay=cfg["train"]["weight_decay"], clip_norm=cfg["train"]["clip_norm"])
-graphdef, like = create_train_state(model, tx, jax.random.PRNGKey(cfg["seed"]))
-checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=cfg["train"]["max_to_keep"])
-state = checkpoints.restore(checkpoints.latest_step(), like)
-checkpoints.close()
-model = nnx.merge(graphdef, state.params, state.rest)
+model = restore_model(config, workdir)
 
 # %% [markdown]
 # ## Every attention weight on a batch

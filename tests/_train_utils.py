@@ -1,18 +1,14 @@
 """Helpers shared by the training tests: load a configs/*.py file, read metrics."""
 
-import importlib.util
 from pathlib import Path
+
+import jattn.train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, arg=None):
-    spec = importlib.util.spec_from_file_location(
-        f"configs_{name}", ROOT / "configs" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = train_lib.load_config(ROOT / "configs" / f"{name}.py", arg)
     config.compilation_cache_dir = ""
     config.lock()
     return config

@@ -373,16 +373,12 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("arg", [None, "small"])
 def test_config_builds_the_model_through_the_training_program(arg):
-    import importlib.util
     import pathlib
 
-    from jattn.train import build_model, validate_config
+    from jattn.train import build_model, load_config, validate_config
 
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "bahdanau_dates.py"
-    spec = importlib.util.spec_from_file_location("bahdanau_dates", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config(path, arg)
     validate_config(config)
     options = config.model.to_dict()
     model = nnx.eval_shape(

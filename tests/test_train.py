@@ -1,8 +1,10 @@
 """The training program: end-to-end small run, loss and metrics vs references, config errors."""
 
+import jax
 import numpy as np
 import pytest
 from _train_utils import load_config, train_losses
+from flax import nnx
 from ml_collections import ConfigDict
 
 import jattn.train as train_lib
@@ -29,6 +31,23 @@ def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "held-out (32 examples)" in out and "reference" in out
+
+    # The checkpoint restores into a model that decodes as the final evaluation did.
+    model = train_lib.restore_model(config, str(tmp_path))
+    _, test_ds = train_lib.make_datasets(config)
+    generated = np.asarray(model.generate(test_ds.src, max_len=test_ds.tgt.shape[1]))
+    predictions = [test_ds.decode(row) for row in generated]
+    tokenize = config.eval.bleu_tokenize
+    assert bleu(predictions, test_ds.tgt_texts, tokenize=tokenize) == pytest.approx(
+        final["bleu"], abs=1e-9
+    )
+    assert exact_match(predictions, test_ds.tgt_texts) == final["exact_match"]
+    graphdef, fresh, _ = train_lib._initial_train_state(config.to_dict(), test_ds)
+    trained = nnx.state(model, nnx.Param)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(fresh.params), strict=True)
+    )
 
 
 def numpy_smoothed_ce(logits, labels, smoothing, pad_id=0):
