@@ -285,6 +285,46 @@ def test_dropout_is_inverted_dropout_with_a_consistent_backward():
         np.testing.assert_allclose(gb, gr, rtol=0, atol=GRAD_TOL)
 
 
+@pytest.mark.parametrize(
+    "b, t, s, n, kh, options",
+    [
+        (2, 37, 29, 4, 2, dict()),
+        (1, 40, 40, 2, 1, dict(is_causal=True)),
+        (2, 33, 33, 2, 2, dict(local_window_size=(5, 3), key_value_seq_lengths=[33, 20])),
+    ],
+)
+def test_dropout_equals_dense(b, t, s, n, kh, options):
+    """Both paths hash the same global (row, column) coordinates: same mask, same
+    output and gradients."""
+    q, k, v = _normal(1, (b, t, n, 8)), _normal(2, (b, s, kh, 8)), _normal(3, (b, s, kh, 6))
+    cot = _normal(4, (b, t, n, 6))
+    opts = dict(options, dropout_rate=0.3, dropout_rng=jax.random.key(11))
+    if "key_value_seq_lengths" in opts:
+        opts["key_value_seq_lengths"] = jnp.asarray(opts["key_value_seq_lengths"])
+
+    def loss(fn, *a):
+        return jnp.sum(fn(*a) * cot)
+
+    def f_blocked(q, k, v):
+        return blocked_attention(q, k, v, block_sizes=BLOCKS, **opts)
+
+    def f_dense(q, k, v):
+        return dot_product_attention(q, k, v, implementation="dense", **opts)
+
+    @jax.jit
+    def run(q, k, v):
+        grad = jax.grad(loss, argnums=(1, 2, 3))
+        return [(fn(q, k, v), grad(fn, q, k, v)) for fn in (f_blocked, f_dense)]
+
+    (out_b, g_b), (out_d, g_d) = run(q, k, v)
+    np.testing.assert_allclose(out_b, out_d, rtol=0, atol=OUT_TOL)
+    for gb, gd in zip(g_b, g_d, strict=True):
+        np.testing.assert_allclose(gb, gd, rtol=0, atol=GRAD_TOL)
+    # and dropout did something: without it the output differs
+    plain = dot_product_attention(q, k, v, **{**opts, "dropout_rate": 0.0})
+    assert np.max(np.abs(np.asarray(plain) - np.asarray(out_d))) > 1e-2
+
+
 def _count_tiles(monkeypatch, fn, *args):
     """Number of (query block, key block) tiles whose logits are computed at run time."""
     calls = []

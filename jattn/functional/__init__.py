@@ -41,6 +41,7 @@ from jattn.functional.scores import (
     scaled_dot_product_scores,
 )
 from jattn.functional.softmax import MASK_FILL, masked_softmax, masked_softmax_with_lse
+from jattn.functional.stochastic import dropout, keep_mask
 
 __all__ = [
     "AdditiveParams",
@@ -58,11 +59,13 @@ __all__ = [
     "boxcar_kernel",
     "causal_mask",
     "combine_masks",
+    "dropout",
     "constant_kernel",
     "dot_product_attention",
     "dot_product_scores",
     "epanechikov_kernel",
     "gaussian_kernel",
+    "keep_mask",
     "key_padding_mask",
     "leave_one_out_mask",
     "masked_softmax",

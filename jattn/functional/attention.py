@@ -19,6 +19,7 @@ from jattn.functional.masks import causal_mask, sliding_window_mask
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
 from jattn.functional.softmax import FullyMasked, masked_softmax_with_lse
+from jattn.functional.stochastic import keep_mask
 
 __all__ = ["attention", "dot_product_attention", "single_head_attention"]
 
@@ -153,7 +154,9 @@ def attention(
       local_window_size: ``w`` or ``(left, right)``: query i sees keys
         ``i - left <= j <= i + right``.
       dropout_rate: dropout on the attention weights (needs ``dropout_rng``).
-      dropout_rng: PRNG key for dropout.
+      dropout_rng: PRNG key for dropout. The keep-mask is
+        ``keep_mask(dropout_rng, 1 - dropout_rate, [B, N, T, S])`` (a hash of the key and
+        the coordinates, :mod:`jattn.functional.stochastic`), the same on every path.
       fully_masked: weights of a query with no visible key: ``'zeros'`` (default,
         output 0, as PyTorch SDPA) or ``'uniform'`` (as ``jax.nn.dot_product_attention``).
       return_weights: also return the float32 softmax weights ``[..., N, T, S]``
@@ -202,7 +205,7 @@ def attention(
     mask_g, mask_b, mask_h = _grouped(mask, batch_shape, n, k)
     keep = None
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
+        keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))  # rows: [B, N, T]
         keep = keep.reshape((nb,) + heads + (t, s))
     params = score_params
     if per_head_params:

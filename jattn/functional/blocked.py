@@ -20,10 +20,10 @@ Semantics are those of :func:`jattn.functional.attention.dot_product_attention`
 visible key, the returned log-sum-exp is that of the filled logits and carries no
 gradient), with two documented differences:
 
-* dropout draws its keep-mask per block (``fold_in(dropout_rng, block)``), a
-  different random stream from the dense path (same distribution, still an
-  inverted dropout); with ``fully_masked='uniform'`` the uniform weights of a
-  fully masked row are not dropped out.
+* with ``fully_masked='uniform'`` the uniform weights of a fully masked row are
+  not dropped out. Otherwise dropout draws the dense path's keep-mask
+  (:mod:`jattn.functional.stochastic` hashes global coordinates), so the two paths
+  drop the same weights.
 * a row is "fully masked" when its largest logit is the mask fill: a visible
   logit at or below ``MASK_FILL`` (about ``-2.4e38``) counts as masked.
 """
@@ -40,6 +40,7 @@ from jax import lax
 
 from jattn.functional import _checks
 from jattn.functional.softmax import MASK_FILL, FullyMasked
+from jattn.functional.stochastic import keep_bits
 
 __all__ = ["blocked_attention"]
 
@@ -210,10 +211,16 @@ def _per_tile(geo: _Geometry, i, j, q_len, kv_len, step, carry):
 
 
 def _keep(geo: _Geometry, rng, i, j):
-    nk = _nblocks(geo.s, geo.bs)
-    key = jax.random.fold_in(rng, i * nk + j)
-    shape = (geo.b * geo.k, geo.g * geo.bt, geo.bs)
-    return jax.random.bernoulli(key, 1.0 - geo.dropout_rate, shape)
+    """The dense path's keep-mask on tile (i, j): rows ``[B, N, T]``, columns ``S``."""
+    shape = (geo.b * geo.k, geo.g, geo.bt, 1)
+    bk, g, tl = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(3))
+    t0 = jnp.asarray(i * geo.bt).astype(jnp.uint32)
+    row = (bk * jnp.uint32(geo.g) + g) * jnp.uint32(geo.t) + t0 + tl
+    col = jnp.asarray(j * geo.bs).astype(jnp.uint32) + lax.broadcasted_iota(
+        jnp.uint32, (1, 1, 1, geo.bs), 3
+    )
+    keep = keep_bits(rng, 1.0 - geo.dropout_rate, row, col)
+    return keep.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
 def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):

@@ -1,5 +1,6 @@
 """Flax NNX layers over the functional core."""
 
+from jattn.layers.dropout import Dropout
 from jattn.layers.kernel_regression import NWKernelRegression
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.layers.positional import (
@@ -18,6 +19,7 @@ __all__ = [
     "AdditiveScore",
     "BilinearScore",
     "DotProductAttention",
+    "Dropout",
     "LearnedPositionalEmbedding",
     "MLPScore",
     "MultiHeadAttention",

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.positional import rotary_embedding
+from jattn.layers.dropout import Dropout
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.layers.scores import Score
 from jattn.models.decoding import (
@@ -117,7 +118,7 @@ class FeedForward(nnx.Module):
         self.activation = activation
         self.linear1 = nnx.Linear(features, mlp_features, rngs=rngs)
         self.linear2 = nnx.Linear(mlp_features, features, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
         """``x: [..., D] -> [..., D]``."""
@@ -139,7 +140,7 @@ class _Block(nnx.Module):
         self.mlp = FeedForward(
             features, mlp_features, activation=activation, dropout_rate=dropout_rate, rngs=rngs
         )
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, rngs=rngs)
 
     def _residual(self, x, norm, sublayer, deterministic, rngs):
         if self.pre_norm:

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.layers.dropout import Dropout
+
 __all__ = ["GRUCell", "GRUEncoder"]
 
 
@@ -141,7 +143,7 @@ class GRUEncoder(nnx.Module):
             if bidirectional
             else []
         )
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
+        self.dropout = Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
     def __call__(
         self,

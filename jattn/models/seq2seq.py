@@ -20,6 +20,7 @@ from flax import nnx
 
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
+from jattn.layers.dropout import Dropout
 from jattn.layers.scores import AdditiveScore, BilinearScore
 from jattn.models.decoding import beam_search, greedy_search
 from jattn.models.rnn import GRUCell, GRUEncoder
@@ -156,7 +157,7 @@ class BahdanauSeq2Seq(nnx.Module):
             ]
         )
         self.out = nnx.Linear(hidden + key_size, tgt_vocab_size, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
+        self.dropout = Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
     # -- pieces -----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional.masks import key_padding_mask
+from jattn.layers.dropout import Dropout
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
 from jattn.models.decoding import beam_search, greedy_search
@@ -46,7 +47,7 @@ class _Embedding(nnx.Module):
             self.position = LearnedPositionalEmbedding(max_len, features, rngs=rngs)
         else:
             self.position = None
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, tokens, positions=None, *, deterministic=True, rngs=None):
         """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``."""

@@ -1,0 +1,54 @@
+"""``nnx.Dropout`` with jattn's hashed keep-masks."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jattn.functional.stochastic import dropout
+
+__all__ = ["Dropout"]
+
+
+class Dropout(nnx.Dropout):
+    """Drop-in ``nnx.Dropout`` (same constructor, call, ``nnx.view`` and ``train()``/
+    ``eval()`` behaviour) whose masks come from :func:`jattn.functional.stochastic`: a
+    cheap counter-based hash instead of a Threefry draw per element, so a model with
+    many dropout sites compiles and runs faster. Keys still come from the ``rngs``
+    stream, one per call.
+    """
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+    ) -> jax.Array:
+        """Applies dropout unless ``deterministic`` (call argument, else the layer's).
+
+        Args:
+          inputs: any array.
+          deterministic: no dropout when True.
+          rngs: ``nnx.Rngs``, an ``RngStream`` or a key; defaults to the layer's stream.
+        """
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic is None:
+            raise ValueError(
+                "Dropout needs deterministic=True/False, in the constructor or the call"
+            )
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            key = rngs[self.rng_collection]()
+        elif isinstance(rngs, nnx.RngStream):
+            key = rngs()
+        elif isinstance(rngs, jax.Array):
+            key = rngs
+        else:
+            raise ValueError(
+                "Dropout with deterministic=False needs rngs (nnx.Rngs, an RngStream or a "
+                f"key) in the constructor or the call, got {type(rngs).__name__}"
+            )
+        return dropout(inputs, float(self.rate), key, broadcast_dims=self.broadcast_dims)
