@@ -109,7 +109,7 @@ def _same_path(t, block_sizes):
         return_weights=False,
         return_residual=False,
     )
-    default = dispatch.default_block_sizes(t, t, H)
+    default = dispatch.default_block_sizes(t, t, H, batch_heads=B * N)
     chosen = dispatch.select(None, q, q, q, **opts)
     return chosen == "blocked" and (block_sizes is None or tuple(block_sizes) == default)
 

@@ -110,8 +110,11 @@ def test_explicit_errors(platform):
 
 
 def test_default_block_sizes():
-    assert dispatch.default_block_sizes(4096, 4096, 64) == (256, 512)
-    assert dispatch.default_block_sizes(4096, 4096, 64, masked_band=True) == (256, 256)
+    assert dispatch.default_block_sizes(4096, 4096, 64) == (512, 512)
+    assert dispatch.default_block_sizes(4096, 4096, 64, masked_band=True) == (512, 256)
+    # Many heads: halved until B*N*bq*bk <= MAX_TILE_ELEMENTS, query block first.
+    assert dispatch.default_block_sizes(4096, 4096, 64, batch_heads=64) == (256, 512)
+    assert dispatch.default_block_sizes(4096, 4096, 64, batch_heads=4096) == (128, 128)
     assert dispatch.default_block_sizes(100, 300, 64) == (100, 300)
 
 

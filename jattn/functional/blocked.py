@@ -430,7 +430,9 @@ def blocked_attention(
     s, k, hv = value.shape[-3:]
     if block_sizes is None:
         band = bool(is_causal) or window is not None
-        block_sizes = default_block_sizes(t, s, h, query.dtype, masked_band=band)
+        block_sizes = default_block_sizes(
+            t, s, h, query.dtype, masked_band=band, batch_heads=math.prod(batch_shape) * n
+        )
     if (
         not isinstance(block_sizes, tuple | list)
         or len(block_sizes) != 2
