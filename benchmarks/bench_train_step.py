@@ -2,10 +2,12 @@
 
     python benchmarks/bench_train_step.py [--batch 16 --src-len 32 --tgt-len 32 --rounds 7]
 
-Both models are the same jattn ``Transformer`` (4+4 layers, D=256, 8 heads, F=1024,
-dropout 0.1, same initial weights); in one every ``MultiHeadAttention`` gets an
-``attention_fn`` that calls ``flax.nnx.dot_product_attention`` instead of jattn's
-``dot_product_attention``. The jitted, donated train step of ``jattn.train`` runs for
+All models are the same jattn ``Transformer`` (4+4 layers, D=256, 8 heads, F=1024,
+dropout 0.1, same initial weights). In two, every ``MultiHeadAttention`` gets an
+``attention_fn`` that calls ``flax.nnx.dot_product_attention`` (per-element or
+broadcast dropout) instead of jattn's ``dot_product_attention``; in the last, every
+attention layer is a ``flax.nnx.MultiHeadAttention`` with the same weights (flax's
+defaults: broadcast dropout). The jitted, donated train step of ``jattn.train`` runs for
 both, interleaved round by round in one process; tokens/s are ``B * (S + T)`` per
 step, medians over rounds. Then the cold compile time of the jattn train step, and
 the warm start with JAX's persistent compilation cache (a subprocess run twice).
@@ -72,7 +74,63 @@ def flax_attention_fn(
     return nnx.dot_product_attention(query, key, value, **kw)
 
 
-def setup(attention_fn, args):
+class FlaxMHA(nnx.Module):
+    """A ``flax.nnx.MultiHeadAttention`` holding the weights of a jattn
+    ``MultiHeadAttention``, called with jattn's keyword arguments (the causal mask is
+    built as a boolean mask, the only form flax's layer takes)."""
+
+    def __init__(self, layer, *, broadcast_dropout: bool, rngs: nnx.Rngs):
+        n, h = layer.num_heads, layer.head_dim
+        self.inner = nnx.MultiHeadAttention(
+            n,
+            layer.in_features,
+            n * h,
+            layer.out_features,
+            in_kv_features=layer.key.in_features[0],
+            dropout_rate=layer.dropout_rate,
+            broadcast_dropout=broadcast_dropout,
+            decode=False,
+            rngs=rngs,
+        )
+        for name in ("query", "key", "value", "out"):
+            src, dst = getattr(layer, name), getattr(self.inner, name)
+            dst.kernel[...] = src.kernel[...].reshape(dst.kernel[...].shape)
+            dst.bias[...] = src.bias[...].reshape(dst.bias[...].shape)
+
+    def __call__(
+        self, x, memory=None, *, mask=None, bias=None, is_causal=False, deterministic=True,
+        rngs=None, sow_weights=False,
+    ):  # fmt: skip
+        if bias is not None or sow_weights:
+            raise NotImplementedError("bias/sow_weights are not used by this benchmark")
+        if is_causal:
+            t = x.shape[-2]
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal if mask is None else jnp.logical_and(mask, causal)
+        return self.inner(x, memory, mask=mask, deterministic=deterministic, rngs=rngs)
+
+
+def with_flax_layers(model, broadcast_dropout: bool = True):
+    """Replaces every attention layer of ``model`` by :class:`FlaxMHA` (same weights)."""
+    rngs = nnx.Rngs(params=0, dropout=2)
+    for block in list(model.encoder.layers) + list(model.decoder.layers):
+        for name in ("self_attention", "cross_attention"):
+            if hasattr(block, name):
+                layer = getattr(block, name)
+                flax_layer = FlaxMHA(layer, broadcast_dropout=broadcast_dropout, rngs=rngs)
+                x = jax.random.normal(jax.random.key(0), (2, 5, layer.in_features))
+                mem = x if name == "self_attention" else x[:, :3]
+                causal = name == "self_attention" and block in model.decoder.layers
+                np.testing.assert_allclose(  # same function, same weights
+                    flax_layer(x, mem, is_causal=causal),
+                    layer(x, mem, is_causal=causal),
+                    atol=1e-5,
+                )
+                setattr(block, name, flax_layer)
+    return model
+
+
+def setup(attention_fn, args, flax_layers=False):
     model = Transformer(
         VOCAB,
         VOCAB,
@@ -81,6 +139,8 @@ def setup(attention_fn, args):
         attention_fn=attention_fn,
         rngs=nnx.Rngs(params=0, dropout=1),
     )
+    if flax_layers:
+        model = with_flax_layers(model)
     tx = make_optimizer(weight_decay=0.01, clip_norm=1.0)
     graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
@@ -119,6 +179,7 @@ def measure(args) -> dict:
         "flax.nnx, broadcast dropout": setup(
             functools.partial(flax_attention_fn, broadcast_dropout=True), args
         ),
+        "flax.nnx.MultiHeadAttention layers": setup(None, args, flax_layers=True),
     }
     lr = np.float32(1e-3)
     states = {}
@@ -199,7 +260,7 @@ def main() -> None:
     else:
         rates = measure(args)
     for name, rate in rates.items():
-        print(f"train step, {name:28} attention: {rate:8,.0f} tokens/s (median of {args.rounds})")
+        print(f"train step, {name:36} attention: {rate:8,.0f} tokens/s (median of {args.rounds})")
     for name in list(rates)[1:] if rates else []:
         print(f"jattn / {name}: {rates['jattn'] / rates[name]:.2f}x")
     if args.skip_compile_times:
