@@ -374,3 +374,36 @@ def test_errors():
         blocked_attention(q, jnp.ones((1, 8, 2, 5)), v)
     with pytest.raises(ValueError, match="window must be a non-negative int"):
         blocked_attention(q, k, v, local_window_size=(-1, 2))
+
+
+@pytest.mark.parametrize(
+    "t, s, bt, bs, causal, window, q_len, kv_len",
+    [
+        (64, 64, 16, 8, True, None, None, None),
+        (60, 50, 16, 16, True, None, None, None),
+        (64, 48, 8, 16, False, (5, 3), None, None),
+        (64, 64, 16, 16, True, (20, 0), None, None),
+        (50, 70, 16, 16, False, None, [50, 33], [70, 41]),
+        (64, 64, 16, 8, True, (9, 9), [64, 20], [40, 64]),
+    ],
+)
+def test_plain_block_ranges_are_the_tiles_without_structure(
+    t, s, bt, bs, causal, window, q_len, kv_len
+):
+    """The loops run the unmasked step exactly on the tiles `_needs_structure` clears."""
+    geo = blocked._Geometry(
+        b=2, k=1, g=1, t=t, s=s, bt=bt, bs=bs, scale=1.0, causal=causal, window=window,
+        dropout_rate=0.0, fully_masked="zeros",
+    )  # fmt: skip
+    ql = None if q_len is None else jnp.asarray(q_len)
+    kl = None if kv_len is None else jnp.asarray(kv_len)
+    nq, nk = -(-t // bt), -(-s // bs)
+    needs = np.array(
+        [[bool(blocked._needs_structure(geo, i, j, ql, kl)) for j in range(nk)] for i in range(nq)]
+    )
+    for i in range(nq):
+        a, b = (int(x) for x in blocked._plain_kv_blocks(geo, i, ql, kl))
+        assert [a <= j < b for j in range(nk)] == list(~needs[i]), (i, a, b)
+    for j in range(nk):
+        a, b = (int(x) for x in blocked._plain_q_blocks(geo, j, ql, kl))
+        assert [a <= i < b for i in range(nq)] == list(~needs[:, j]), (j, a, b)

@@ -103,7 +103,10 @@ def _visible(geo: _Geometry, i, j, q_len, kv_len):
 
 
 def _needs_structure(geo: _Geometry, i, j, q_len, kv_len):
-    """Whether tile (i, j) crosses a structural mask boundary (else it is fully visible)."""
+    """Whether tile (i, j) crosses a structural mask boundary (else it is fully visible).
+
+    The definition that :func:`_plain_kv_blocks` and :func:`_plain_q_blocks` solve for
+    ranges (tests check they agree tile by tile)."""
     q_min, q_max = i * geo.bt, (i + 1) * geo.bt - 1
     k_min, k_max = j * geo.bs, (j + 1) * geo.bs - 1
     needs = jnp.asarray(geo.s % geo.bs != 0) & (k_max >= geo.s)
@@ -198,16 +201,64 @@ def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured:
     return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs), jnp.float32(1.0)
 
 
-def _per_tile(geo: _Geometry, i, j, q_len, kv_len, step, carry):
-    """``step(structured, carry)``, structured only on tiles that cross a mask boundary."""
-    if not _has_structure(geo, q_len, kv_len):
-        return step(False, carry)
-    return lax.cond(
-        _needs_structure(geo, i, j, q_len, kv_len),
-        functools.partial(step, True),
-        functools.partial(step, False),
-        carry,
-    )
+def _cdiv(a, b: int):
+    return -((-a) // b)
+
+
+def _plain_kv_blocks(geo: _Geometry, i, q_len, kv_len):
+    """Key blocks ``[a, b)`` whose tile with query block i needs no structural mask
+    (exactly the complement of :func:`_needs_structure` along j; may be empty)."""
+    nk = _nblocks(geo.s, geo.bs)
+    q_min, q_max = i * geo.bt, (i + 1) * geo.bt - 1
+    a, b = jnp.int32(0), jnp.int32(nk - 1 if geo.s % geo.bs else nk)
+    if geo.causal:  # k_max <= q_min
+        b = jnp.minimum(b, (q_min + 1) // geo.bs)
+    if geo.window is not None:  # q_max - left <= k_min and k_max <= q_min + right
+        left, right = geo.window
+        a = jnp.maximum(a, _cdiv(q_max - left, geo.bs))
+        b = jnp.minimum(b, (q_min + right + 1) // geo.bs)
+    if kv_len is not None:  # k_max < min(kv_len)
+        b = jnp.minimum(b, jnp.min(kv_len) // geo.bs)
+    if q_len is not None:  # q_max < min(q_len), else no tile of this row is plain
+        b = jnp.where(q_max >= jnp.min(q_len), a, b)
+    return a, b
+
+
+def _plain_q_blocks(geo: _Geometry, j, q_len, kv_len):
+    """Query blocks ``[a, b)`` whose tile with key block j needs no structural mask."""
+    nq = _nblocks(geo.t, geo.bt)
+    k_min, k_max = j * geo.bs, (j + 1) * geo.bs - 1
+    a, b = jnp.int32(0), jnp.int32(nq)
+    if geo.s % geo.bs:  # the last key block holds padding
+        b = jnp.where(k_max >= geo.s, a, b)
+    if geo.causal:  # q_min >= k_max
+        a = jnp.maximum(a, _cdiv(k_max, geo.bt))
+    if geo.window is not None:  # q_min >= k_max - right and q_max <= k_min + left
+        left, right = geo.window
+        a = jnp.maximum(a, _cdiv(k_max - right, geo.bt))
+        b = jnp.minimum(b, (k_min + left + 1) // geo.bt)
+    if q_len is not None:  # q_max < min(q_len)
+        b = jnp.minimum(b, jnp.min(q_len) // geo.bt)
+    if kv_len is not None:  # k_max < min(kv_len)
+        b = jnp.where(k_max >= jnp.min(kv_len), a, b)
+    return a, b
+
+
+def _tiles(geo: _Geometry, lo, hi, plain, step, carry):
+    """``carry = step(structured, idx, carry)`` for idx in ``[lo, hi)``, in order.
+
+    ``plain = (a, b)``: the indices whose tile needs no structural mask, or None when
+    no tile does (no causal mask, window, lengths or key padding). Three loops
+    (structured, plain, structured) instead of a ``lax.cond`` per tile: on CPU a
+    conditional per tile cost as much as masking every tile.
+    """
+    if plain is None:
+        return lax.fori_loop(lo, hi, functools.partial(step, False), carry)
+    a = jnp.clip(plain[0], lo, hi)
+    b = jnp.clip(plain[1], a, hi)
+    carry = lax.fori_loop(lo, a, functools.partial(step, True), carry)
+    carry = lax.fori_loop(a, b, functools.partial(step, False), carry)
+    return lax.fori_loop(b, hi, functools.partial(step, True), carry)
 
 
 def _keep(geo: _Geometry, rng, i, j):
@@ -242,10 +293,7 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
             acc = acc * corr[..., None] + _dot(p.astype(vb.dtype), vb[j], ((2,), (1,)))
-            return j, (m_new, l, acc)
-
-        def body(j, carry):
-            return _per_tile(geo, i, j, q_len, kv_len, lambda st, c: step(st, *c), (j, carry))[1]
+            return m_new, l, acc
 
         lo, hi = _kv_range(geo, i, kv_len)
         init = (
@@ -253,7 +301,10 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
             jnp.zeros((qi.shape[0], rows), jnp.float32),
             jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
         )
-        m, l, acc = lax.fori_loop(lo, hi, body, init)
+        plain = None
+        if _has_structure(geo, q_len, kv_len):
+            plain = _plain_kv_blocks(geo, i, q_len, kv_len)
+        m, l, acc = _tiles(geo, lo, hi, plain, step, init)
         fully = m == _FILL
         l_safe = jnp.where(l > 0, l, jnp.float32(1.0))
         out = acc / l_safe[..., None]
@@ -321,15 +372,15 @@ def _flash_bwd(geo, res, cotangents):
                 start = start + (j * geo.bs if bias.shape[4] > 1 else 0,)
                 cur = lax.dynamic_slice(dbias, start, blk.shape)
                 dbias = lax.dynamic_update_slice(dbias, cur + blk, start)
-            return i, (dk, dv, dq, dbias)
-
-        def body(i, c):
-            return _per_tile(geo, i, j, q_len, kv_len, lambda st, a: step(st, *a), (i, c))[1]
+            return dk, dv, dq, dbias
 
         lo, hi = _q_range(geo, j, q_len, kv_len)
         dk0 = jnp.zeros(kj.shape, jnp.float32)
         dv0 = jnp.zeros(vj.shape, jnp.float32)
-        dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias))
+        plain = None
+        if _has_structure(geo, q_len, kv_len):
+            plain = _plain_q_blocks(geo, j, q_len, kv_len)
+        dk, dv, dq, dbias = _tiles(geo, lo, hi, plain, step, (dk0, dv0, dq, dbias))
         return (dq, dbias), (dk * scale, dv)
 
     dq0 = jnp.zeros(qb.shape, jnp.float32)
