@@ -155,3 +155,13 @@ def test_layer_is_a_drop_in_nnx_dropout():
     np.testing.assert_array_equal(layer(x), x)
     with pytest.raises(ValueError, match="needs rngs"):
         Dropout(0.5)(x)
+
+
+def test_wider_keys_fold_all_words():
+    """'rbg' keys carry four words: all of them change the mask."""
+    data = jax.random.key_data(jax.random.key(0, impl="rbg"))
+    base = keep_mask(jax.random.wrap_key_data(data, impl="rbg"), 0.5, (64, 64))
+    for word in range(4):
+        other = data.at[word].add(1)
+        mask = keep_mask(jax.random.wrap_key_data(other, impl="rbg"), 0.5, (64, 64))
+        assert 0.3 < np.mean(np.asarray(mask) != np.asarray(base)) < 0.7, word
