@@ -165,3 +165,39 @@ def test_wider_keys_fold_all_words():
         other = data.at[word].add(1)
         mask = keep_mask(jax.random.wrap_key_data(other, impl="rbg"), 0.5, (64, 64))
         assert 0.3 < np.mean(np.asarray(mask) != np.asarray(base)) < 0.7, word
+
+
+def test_fold_in_gives_distinct_keys_of_the_same_kind():
+    from jattn.functional.stochastic import fold_in
+
+    typed, raw = jax.random.key(3), jax.random.PRNGKey(3)
+    k0, k1 = fold_in(typed, 0), fold_in(typed, 1)
+    assert k0.dtype == typed.dtype and jax.random.key_impl(k0) == jax.random.key_impl(typed)
+    r0 = fold_in(raw, 0)
+    assert r0.dtype == jnp.uint32 and r0.shape == (2,)
+    np.testing.assert_array_equal(jax.random.key_data(k0), r0)  # same words either way
+    np.testing.assert_array_equal(jax.random.key_data(fold_in(typed, 1)), jax.random.key_data(k1))
+    words = {tuple(np.asarray(jax.random.key_data(fold_in(typed, c))).tolist()) for c in range(64)}
+    assert len(words) == 64  # distinct counters give distinct keys
+    # ...and masks that look independent of each other.
+    c, n = _corr(
+        np.asarray(keep_mask(k0, 0.5, (256, 256))), np.asarray(keep_mask(k1, 0.5, (256, 256)))
+    )
+    assert abs(c) < 5 / np.sqrt(n)
+
+
+def test_next_key_advances_the_stream_like_calling_it():
+    from jattn.functional.stochastic import fold_in
+    from jattn.layers.dropout import next_key
+
+    rngs = nnx.Rngs(dropout=5)
+    stream = rngs["dropout"]
+    key0 = stream.key[...]
+    a, b = next_key(stream), next_key(stream)
+    assert int(stream.count[...]) == 2
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(fold_in(key0, 0)))
+    np.testing.assert_array_equal(jax.random.key_data(b), jax.random.key_data(fold_in(key0, 1)))
+    # The layer draws with next_key: same seed, same masks; the stream moves on.
+    layer = Dropout(0.5, rngs=nnx.Rngs(dropout=5))
+    x = jnp.ones((16, 16))
+    np.testing.assert_array_equal(layer(x, rngs=nnx.Rngs(dropout=5)), dropout(x, 0.5, a))

@@ -5,17 +5,26 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jattn.functional.stochastic import dropout
+from jattn.functional.stochastic import dropout, fold_in
 
-__all__ = ["Dropout"]
+__all__ = ["Dropout", "next_key"]
+
+
+def next_key(stream: nnx.RngStream) -> jax.Array:
+    """The stream's next key, ``fold_in(key, count)`` with
+    :func:`jattn.functional.stochastic.fold_in` (a cheap integer mix, not Threefry),
+    advancing the count as ``stream()`` does."""
+    count = stream.count[...]
+    stream.count[...] = count + 1
+    return fold_in(stream.key[...], count)
 
 
 class Dropout(nnx.Dropout):
     """Drop-in ``nnx.Dropout`` (same constructor, call, ``nnx.view`` and ``train()``/
     ``eval()`` behaviour) whose masks come from :func:`jattn.functional.stochastic`: a
     cheap counter-based hash instead of a Threefry draw per element, so a model with
-    many dropout sites compiles and runs faster. Keys still come from the ``rngs``
-    stream, one per call.
+    many dropout sites compiles and runs faster. Keys come from the ``rngs`` stream,
+    one per call, folded with its counter by :func:`next_key`.
     """
 
     def __call__(
@@ -41,9 +50,9 @@ class Dropout(nnx.Dropout):
             return inputs
         rngs = self.rngs if rngs is None else rngs
         if isinstance(rngs, nnx.Rngs):
-            key = rngs[self.rng_collection]()
+            key = next_key(rngs[self.rng_collection])
         elif isinstance(rngs, nnx.RngStream):
-            key = rngs()
+            key = next_key(rngs)
         elif isinstance(rngs, jax.Array):
             key = rngs
         else:

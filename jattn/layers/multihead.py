@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional.attention import attention, dot_product_attention
+from jattn.layers.dropout import next_key
 from jattn.layers.scores import Score
 
 __all__ = ["MultiHeadAttention"]
@@ -196,7 +197,7 @@ class MultiHeadAttention(nnx.Module):
             stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else (rngs or self.rngs)
             if stream is None:
                 raise ValueError("dropout needs rngs: pass rngs=nnx.Rngs(dropout=...)")
-            dropout_rate, dropout_rng = self.dropout_rate, stream()
+            dropout_rate, dropout_rng = self.dropout_rate, next_key(stream)
 
         want_weights = return_weights or sow_weights
         kwargs = dict(
