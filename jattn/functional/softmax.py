@@ -16,6 +16,7 @@ FullyMasked = Literal["zeros", "uniform"]
 MASK_FILL = float(-0.7 * np.finfo(np.float32).max)
 
 _POLICIES = ("zeros", "uniform")
+_LOWEST = float(np.finfo(np.float32).min)
 
 
 def check_fully_masked(fully_masked: str) -> None:
@@ -35,18 +36,15 @@ def _softmax_last(x: jax.Array) -> jax.Array:
     """Softmax over the last axis; a row of only ``-inf`` gives zeros instead of NaN.
 
     Differentiated op by op, exactly as ``jax.nn.softmax`` is by default, so gradients
-    agree with ``jax.nn.dot_product_attention`` bit for bit in the common case; the
-    backward pass keeps the same residuals as jax.nn's.
+    agree with ``jax.nn.dot_product_attention`` in the common case; the backward pass
+    keeps the same residuals as jax.nn's. The guard costs no pass of its own: the row
+    max starts from the lowest finite float (so a row of only ``-inf`` has a finite
+    max and ``exp`` gives 0 there), and a zero sum divides by 1 instead.
     """
-    row_max = jnp.max(x, axis=-1, keepdims=True)
-    finite = jnp.isfinite(row_max)  # False only for a row of -inf
-    row_max = jnp.where(finite, row_max, jnp.float32(0.0))
+    row_max = jnp.max(x, axis=-1, keepdims=True, initial=_LOWEST)
     unnormalized = jnp.exp(x - jax.lax.stop_gradient(row_max))
-    # The sum is >= 1 unless the row is all -inf, where it is 0: adding 1 there (and
-    # 0 elsewhere) turns 0 / 0 into 0 with finite gradients.
-    empty = jnp.float32(1.0) - finite.astype(jnp.float32)
-    denom = jnp.sum(unnormalized, axis=-1, keepdims=True) + empty
-    return unnormalized / denom
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / jnp.where(denom > 0, denom, jnp.float32(1.0))
 
 
 def masked_softmax_with_lse(
