@@ -201,3 +201,16 @@ def test_next_key_advances_the_stream_like_calling_it():
     layer = Dropout(0.5, rngs=nnx.Rngs(dropout=5))
     x = jnp.ones((16, 16))
     np.testing.assert_array_equal(layer(x, rngs=nnx.Rngs(dropout=5)), dropout(x, 0.5, a))
+
+
+def test_fold_in_keeps_wider_keys_whole():
+    from jattn.functional.stochastic import fold_in
+
+    key = jax.random.key(0, impl="rbg")
+    a, b = fold_in(key, 0), fold_in(key, 1)
+    assert jax.random.key_data(a).shape == (4,) and jax.random.key_impl(a) == jax.random.key_impl(
+        key
+    )
+    assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    raw = jax.random.key_data(key)
+    np.testing.assert_array_equal(fold_in(raw, 1), jax.random.key_data(b))

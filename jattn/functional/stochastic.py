@@ -94,8 +94,13 @@ def fold_in(rng, data) -> jax.Array:
 def _fold_words(words: jax.Array, data: jax.Array) -> jax.Array:
     c = data.astype(jnp.uint32)
     w = words.astype(jnp.uint32)
-    out = jnp.stack([_mix(w[0] ^ _mix(c + jnp.uint32(_GOLDEN))), _mix(w[1] + c)])
-    return jax.lax.optimization_barrier(out)
+    out = [  # even words: xor a mixed counter in; odd words: add the counter
+        _mix(w[i] ^ _mix(c + jnp.uint32(_GOLDEN * (i // 2 + 1) % 2**32)))
+        if i % 2 == 0
+        else _mix(w[i] + c)
+        for i in range(w.shape[0])
+    ]
+    return jax.lax.optimization_barrier(jnp.stack(out))
 
 
 def _threshold(keep_prob: float) -> jax.Array:
