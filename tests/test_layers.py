@@ -166,6 +166,13 @@ def test_dropout():
     c = call(layer, x, deterministic=False, rngs=nnx.Rngs(dropout=7))
     d = call(layer, x, deterministic=False, rngs=nnx.Rngs(dropout=7))
     np.testing.assert_array_equal(c, d)
+    # A key is used as the dropout key itself: the attention with that dropout_rng.
+    key = jax.random.key(3)
+    e = call(layer, x, deterministic=False, rngs=key)
+    q, k, v = layer.query(x), layer.key(x), layer.value(x)
+    ref = jattn.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+    np.testing.assert_allclose(e, layer.out(ref), atol=1e-5)
+    assert not np.allclose(e, c)
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,8 @@ class MultiHeadAttention(nnx.Module):
           bias: additive float bias, broadcasts to ``[..., N, T, S]``.
           is_causal: causal self-attention mask.
           deterministic: disables dropout when True (the default).
-          rngs: dropout randomness for this call (default: the layer's own stream).
+          rngs: dropout randomness for this call: ``nnx.Rngs``, an ``RngStream`` or a key
+            (default: the layer's own stream).
           return_weights: also return the float32 weights ``[..., N, T, S]``.
           sow_weights: store the weights as ``nnx.Intermediate`` ``attention_weights``.
 
@@ -201,10 +202,12 @@ class MultiHeadAttention(nnx.Module):
 
         dropout_rate, dropout_rng = 0.0, None
         if self.dropout_rate > 0.0 and not deterministic:
-            stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else (rngs or self.rngs)
+            stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+            stream = self.rngs if stream is None else stream
             if stream is None:
                 raise ValueError("dropout needs rngs: pass rngs=nnx.Rngs(dropout=...)")
-            dropout_rate, dropout_rng = self.dropout_rate, next_key(stream)
+            rng = stream if isinstance(stream, jax.Array) else next_key(stream)
+            dropout_rate, dropout_rng = self.dropout_rate, rng
 
         want_weights = return_weights or sow_weights
         kwargs = dict(
