@@ -13,7 +13,9 @@ matrix product. Grouped query heads become rows: a query block is
 ``[B*K, G*bt, H]`` against a key block ``[B*K, bs, H]``, so keys and values are
 never copied per query head. Causal and windowed attention only visit the key
 blocks a query block can see (``fori_loop`` bounds computed per block), and only
-blocks that cross a mask boundary pay for building the structural mask.
+blocks that cross a mask boundary pay for building the structural mask: the range
+of blocks that need no mask is solved from the geometry, and each row of tiles runs
+as three loops (masked, plain, masked) rather than one loop with a ``lax.cond``.
 
 Semantics are those of :func:`jattn.functional.attention.dot_product_attention`
 (masked logits get :data:`MASK_FILL`, ``fully_masked`` decides a row without any
