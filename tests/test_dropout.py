@@ -155,6 +155,8 @@ def test_layer_is_a_drop_in_nnx_dropout():
     np.testing.assert_array_equal(layer(x), x)
     with pytest.raises(ValueError, match="needs rngs"):
         Dropout(0.5)(x)
+    with pytest.raises(TypeError, match="rngs must be nnx.Rngs, an nnx.RngStream, a PRNG key"):
+        Dropout(0.5, rngs=nnx.Rngs(dropout=0))(x, rngs=3)
     with pytest.raises(ValueError, match="needs deterministic=True/False"):
         Dropout(0.5, deterministic=None, rngs=nnx.Rngs(dropout=0))(x)
 

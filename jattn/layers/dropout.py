@@ -7,7 +7,7 @@ from flax import nnx
 
 from jattn.functional.stochastic import dropout, fold_in
 
-__all__ = ["Dropout", "next_key"]
+__all__ = ["Dropout", "dropout_key", "next_key"]
 
 
 def next_key(stream: nnx.RngStream) -> jax.Array:
@@ -17,6 +17,30 @@ def next_key(stream: nnx.RngStream) -> jax.Array:
     count = stream.count[...]
     stream.count[...] = count + 1
     return fold_in(stream.key[...], count)
+
+
+def dropout_key(rngs, default=None, collection: str = "dropout") -> jax.Array | None:
+    """The dropout key a layer uses for one call.
+
+    Args:
+      rngs: the call's ``nnx.Rngs`` (its ``collection`` stream), an ``RngStream``, a
+        key (used as is), or None.
+      default: the layer's own stream (or None), used when ``rngs`` is None.
+      collection: the stream name taken from ``nnx.Rngs``.
+
+    Returns:
+      A key, or None when neither ``rngs`` nor ``default`` gives one.
+    """
+    rngs = default if rngs is None else rngs
+    if isinstance(rngs, nnx.Rngs):
+        rngs = rngs[collection]
+    if isinstance(rngs, nnx.RngStream):
+        return next_key(rngs)
+    if rngs is None or isinstance(rngs, jax.Array):
+        return rngs
+    raise TypeError(
+        f"rngs must be nnx.Rngs, an nnx.RngStream, a PRNG key or None, got {type(rngs).__name__}"
+    )
 
 
 class Dropout(nnx.Dropout):
@@ -48,16 +72,10 @@ class Dropout(nnx.Dropout):
             )
         if self.rate == 0.0 or deterministic:
             return inputs
-        rngs = self.rngs if rngs is None else rngs
-        if isinstance(rngs, nnx.Rngs):
-            key = next_key(rngs[self.rng_collection])
-        elif isinstance(rngs, nnx.RngStream):
-            key = next_key(rngs)
-        elif isinstance(rngs, jax.Array):
-            key = rngs
-        else:
+        key = dropout_key(rngs, self.rngs, self.rng_collection)
+        if key is None:
             raise ValueError(
                 "Dropout with deterministic=False needs rngs (nnx.Rngs, an RngStream or a "
-                f"key) in the constructor or the call, got {type(rngs).__name__}"
+                "key) in the constructor or the call"
             )
         return dropout(inputs, float(self.rate), key, broadcast_dims=self.broadcast_dims)

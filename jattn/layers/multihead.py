@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional.attention import attention, dot_product_attention
-from jattn.layers.dropout import next_key
+from jattn.layers.dropout import dropout_key
 from jattn.layers.scores import Score
 
 __all__ = ["MultiHeadAttention"]
@@ -202,12 +202,10 @@ class MultiHeadAttention(nnx.Module):
 
         dropout_rate, dropout_rng = 0.0, None
         if self.dropout_rate > 0.0 and not deterministic:
-            stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
-            stream = self.rngs if stream is None else stream
-            if stream is None:
+            dropout_rng = dropout_key(rngs, self.rngs)
+            if dropout_rng is None:
                 raise ValueError("dropout needs rngs: pass rngs=nnx.Rngs(dropout=...)")
-            rng = stream if isinstance(stream, jax.Array) else next_key(stream)
-            dropout_rate, dropout_rng = self.dropout_rate, rng
+            dropout_rate = self.dropout_rate
 
         want_weights = return_weights or sow_weights
         kwargs = dict(

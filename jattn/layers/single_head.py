@@ -12,7 +12,7 @@ from flax import nnx
 from jattn.functional.attention import attention
 from jattn.functional.masks import valid_lens_mask
 from jattn.functional.scores import AdditiveParams, additive_scores, scaled_dot_product_scores
-from jattn.layers.dropout import next_key
+from jattn.layers.dropout import dropout_key
 
 __all__ = ["DotProductAttention", "AdditiveAttention"]
 
@@ -49,7 +49,7 @@ class _SingleHead(nnx.Module):
             mask = valid_lens_mask(valid_lens, t, s)[:, None, :, :]  # [B, 1, T, S]
         rate, rng = 0.0, None
         if self.dropout_rate > 0.0 and not deterministic:
-            rate, rng = self.dropout_rate, next_key(self.rngs)
+            rate, rng = self.dropout_rate, dropout_key(None, self.rngs)
         out, weights = attention(
             queries[:, :, None, :],
             keys[:, :, None, :],
