@@ -385,12 +385,15 @@ def test_errors():
         (64, 64, 16, 16, True, (20, 0), None, None),
         (50, 70, 16, 16, False, None, [50, 33], [70, 41]),
         (64, 64, 16, 8, True, (9, 9), [64, 20], [40, 64]),
+        (64, 64, 8, 8, False, (24, 17), None, None),  # windows with plain tiles inside
+        (72, 64, 8, 16, True, (40, 0), None, [64, 60]),
     ],
 )
 def test_plain_block_ranges_are_the_tiles_without_structure(
     t, s, bt, bs, causal, window, q_len, kv_len
 ):
-    """The loops run the unmasked step exactly on the tiles `_needs_structure` clears."""
+    """The loops run the unmasked step exactly on the tiles where the structural mask
+    that the masked step would apply (`_visible`, and real keys) is all True."""
     geo = blocked._Geometry(
         b=2, k=1, g=1, t=t, s=s, bt=bt, bs=bs, scale=1.0, causal=causal, window=window,
         dropout_rate=0.0, fully_masked="zeros",
@@ -398,9 +401,12 @@ def test_plain_block_ranges_are_the_tiles_without_structure(
     ql = None if q_len is None else jnp.asarray(q_len)
     kl = None if kv_len is None else jnp.asarray(kv_len)
     nq, nk = -(-t // bt), -(-s // bs)
-    needs = np.array(
-        [[bool(blocked._needs_structure(geo, i, j, ql, kl)) for j in range(nk)] for i in range(nq)]
-    )
+
+    def needs(i, j):
+        vis, real = blocked._visible(geo, jnp.int32(i), jnp.int32(j), ql, kl)
+        return not bool(jnp.all(vis & real))
+
+    needs = np.array([[needs(i, j) for j in range(nk)] for i in range(nq)])
     for i in range(nq):
         a, b = (int(x) for x in blocked._plain_kv_blocks(geo, i, ql, kl))
         assert [a <= j < b for j in range(nk)] == list(~needs[i]), (i, a, b)

@@ -104,26 +104,6 @@ def _visible(geo: _Geometry, i, j, q_len, kv_len):
     return vis, (kpos < geo.s).reshape(1, 1, 1, 1, geo.bs)
 
 
-def _needs_structure(geo: _Geometry, i, j, q_len, kv_len):
-    """Whether tile (i, j) crosses a structural mask boundary (else it is fully visible).
-
-    The definition that :func:`_plain_kv_blocks` and :func:`_plain_q_blocks` solve for
-    ranges (tests check they agree tile by tile)."""
-    q_min, q_max = i * geo.bt, (i + 1) * geo.bt - 1
-    k_min, k_max = j * geo.bs, (j + 1) * geo.bs - 1
-    needs = jnp.asarray(geo.s % geo.bs != 0) & (k_max >= geo.s)
-    if geo.causal:
-        needs = needs | (k_max > q_min)
-    if geo.window is not None:
-        left, right = geo.window
-        needs = needs | (k_max > q_min + right) | (k_min < q_max - left)
-    if q_len is not None:
-        needs = needs | (q_max >= jnp.min(q_len))
-    if kv_len is not None:
-        needs = needs | (k_max >= jnp.min(kv_len))
-    return needs
-
-
 def _has_structure(geo: _Geometry, q_len, kv_len) -> bool:
     return (
         geo.causal
@@ -209,7 +189,7 @@ def _cdiv(a, b: int):
 
 def _plain_kv_blocks(geo: _Geometry, i, q_len, kv_len):
     """Key blocks ``[a, b)`` whose tile with query block i needs no structural mask
-    (exactly the complement of :func:`_needs_structure` along j; may be empty)."""
+    (exactly the tiles on which :func:`_visible` is all True; may be empty)."""
     nk = _nblocks(geo.s, geo.bs)
     q_min, q_max = i * geo.bt, (i + 1) * geo.bt - 1
     a, b = jnp.int32(0), jnp.int32(nk - 1 if geo.s % geo.bs else nk)
