@@ -125,10 +125,7 @@ def keep_bits(rng, keep_prob: float, row: jax.Array, col: jax.Array) -> jax.Arra
 def _hash_bits(rng, row: jax.Array, col: jax.Array) -> jax.Array:
     """uint32 bits of ``(key, row, col)`` (see the module docstring)."""
     k0, k1 = _key_words(rng)
-    row, col = jnp.asarray(row), jnp.asarray(col)
-    shape = jnp.broadcast_shapes(row.shape, col.shape)
-    row = jnp.broadcast_to(row.reshape((1,) * (len(shape) - row.ndim) + row.shape), shape)
-    col = jnp.broadcast_to(col.reshape((1,) * (len(shape) - col.ndim) + col.shape), shape)
+    row, col = jnp.broadcast_arrays(row, col)
     r = _mix(row.astype(jnp.uint32) ^ k0)
     return _mix(_mix(r + col.astype(jnp.uint32) * jnp.uint32(_GOLDEN)) ^ k1)
 
