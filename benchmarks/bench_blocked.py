@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -29,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jattn
-from jattn.functional import dispatch
 from jattn.functional.blocked import blocked_attention
 
 B, N, H = 1, 8, 64
@@ -51,12 +51,11 @@ def gemm_fn():
     return (lambda: f(a).block_until_ready()), 2 * 2048**3
 
 
-def interleave(fns: dict, repeats: int, same_path: bool = False, pool=None):
+def interleave(fns: dict, repeats: int, pool=None):
     """Runs every function (after a warm-up) in rounds; returns median seconds and GEMM GF/s.
 
-    ``same_path``: "jattn" (the default path) and "blocked" compile to the same
-    program (checked by the caller), so their samples are also pooled as "pooled";
-    ``pool``: another pair of names that are one program.
+    ``pool``: two names that compile to one program (checked by the caller); their
+    samples are also pooled as "pooled".
     """
     gemm, gemm_flops = gemm_fn()
     for f in fns.values():
@@ -69,8 +68,6 @@ def interleave(fns: dict, repeats: int, same_path: bool = False, pool=None):
             t0 = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - t0)
-    if {"jattn", "blocked"} <= set(times) and same_path:  # one computation: pool its samples
-        pool = ("jattn", "blocked")
     if pool:
         times["pooled"] = times[pool[0]] + times[pool[1]]
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -94,27 +91,21 @@ def attn_fns(t, block_sizes, *, grad=False, jaxnn=True, **kw):
             name: jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * v), argnums=(0, 1, 2))
             for name, f in fns.items()
         }
-    return {name: ready(jax.jit(f), q, k, v) for name, f in fns.items()}
+    # The default path at these lengths is usually the blocked program itself: then the
+    # two sample the same computation and are also pooled.
+    pool = ("jattn", "blocked") if _same_program(fns["jattn"], fns["blocked"], q, k, v) else None
+    return {name: ready(jax.jit(f), q, k, v) for name, f in fns.items()}, pool
 
 
-def _same_path(t, block_sizes):
-    """Whether the default path at T=S=t is the blocked path with these block sizes."""
-    q = jax.ShapeDtypeStruct((B, t, N, H), jnp.float32)
-    opts = dict(
-        scale=None,
-        is_causal=False,
-        query_seq_lengths=None,
-        key_value_seq_lengths=None,
-        local_window_size=None,
-        dropout_rate=0.0,
-        dropout_rng=None,
-        fully_masked="zeros",
-        return_weights=False,
-        return_residual=False,
-    )
-    default = dispatch.default_block_sizes(t, t, H, batch_heads=B * N)
-    chosen = dispatch.select(None, q, q, q, **opts)
-    return chosen == "blocked" and (block_sizes is None or tuple(block_sizes) == default)
+def _same_program(f, g, *args) -> bool:
+    """Whether two functions compile to the same program (their samples can be pooled).
+
+    Compares the lowered StableHLO without the module's name (which is the function's)."""
+
+    def text(fn):
+        return re.sub(r"^module @\S+", "module", jax.jit(fn).lower(*args).as_text())
+
+    return text(f) == text(g)
 
 
 def row(**kw):
@@ -130,7 +121,7 @@ def bench_forward(lengths, repeats, block_sizes):
         # T=16384 that is 18 GiB peak, so it runs there only with enough free memory.
         scores_gib = 2 * B * N * t * t * 4 / 2**30
         fits = not big or _available_gib() > scores_gib + 3
-        fns = attn_fns(t, block_sizes, jaxnn=fits)
+        fns, pool = attn_fns(t, block_sizes, jaxnn=fits)
         if big:  # also jax.nn head by head (N=1 per call), its cheaper way at this size
             q1, k1, v1 = inputs(t, n=1)
             f1 = jax.jit(jax.nn.dot_product_attention)
@@ -138,7 +129,7 @@ def bench_forward(lengths, repeats, block_sizes):
             fns["jax.nn per head"] = lambda one=one: [one() for _ in range(N)]
             if not fits:
                 fns["jax.nn"] = fns.pop("jax.nn per head")
-        med, gemm = interleave(fns, repeats, same_path=_same_path(t, block_sizes))
+        med, gemm = interleave(fns, repeats, pool=pool)
         best = med.get("pooled", med["blocked"])
         flops = 4 * B * N * t * t * H
         row(
@@ -163,8 +154,8 @@ def bench_forward(lengths, repeats, block_sizes):
 def bench_fwdbwd(lengths, repeats, block_sizes):
     print("## forward + backward, non-causal")
     for t in lengths:
-        fns = attn_fns(t, block_sizes, grad=True)
-        med, gemm = interleave(fns, repeats, same_path=_same_path(t, block_sizes))
+        fns, pool = attn_fns(t, block_sizes, grad=True)
+        med, gemm = interleave(fns, repeats, pool=pool)
         row(
             case="fwd+bwd",
             T=t,
@@ -180,16 +171,16 @@ def bench_short(lengths, repeats, block_sizes):
     print("## short sequences: jattn default vs best of dense and jax.nn")
     for t in lengths:
         q, k, v = inputs(t)
-        fns = attn_fns(t, block_sizes)
-        dense = jax.jit(
-            lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="dense")
-        )
-        fns["dense"] = ready(dense, q, k, v)
-        default = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v))
+        fns, _ = attn_fns(t, block_sizes)
+
+        def dense(q, k, v):
+            return jattn.dot_product_attention(q, k, v, implementation="dense")
+
+        fns["dense"] = ready(jax.jit(dense), q, k, v)
         # When the default path is the dense program itself, their samples are pooled:
         # two compilations of one HLO differ here by up to 30% at T=128 (sub-ms calls),
         # in either direction from run to run.
-        same = default.lower(q, k, v).as_text() == dense.lower(q, k, v).as_text()
+        same = _same_program(lambda q, k, v: jattn.dot_product_attention(q, k, v), dense, q, k, v)
         med, _ = interleave(fns, repeats, pool=("jattn", "dense") if same else None)
         dense_ms = med["pooled"] if same else med["dense"]
         best = min(dense_ms, med["jax.nn"])

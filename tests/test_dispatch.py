@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,21 +17,17 @@ def _spec(b, t, n, h, dtype=jnp.float32):
     return jax.ShapeDtypeStruct((b, t, n, h), dtype)
 
 
+# dispatch.select takes dot_product_attention's keyword options; their defaults come
+# from its signature, so this list cannot drift from the function.
+_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(dot_product_attention).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "implementation"
+}
+
+
 def _options(**kw):
-    o = dict(
-        scale=None,
-        is_causal=False,
-        query_seq_lengths=None,
-        key_value_seq_lengths=None,
-        local_window_size=None,
-        dropout_rate=0.0,
-        dropout_rng=None,
-        fully_masked="zeros",
-        return_weights=False,
-        return_residual=False,
-    )
-    o.update(kw)
-    return o
+    return {**_DEFAULTS, **kw}
 
 
 def _select(
