@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jattn.functional import causal_mask
 from jattn.models import Transformer
 from jattn.training import create_train_state, make_optimizer, make_train_step
 
@@ -56,9 +57,8 @@ def flax_attention_fn(
     flax's default ``broadcast_dropout=True`` shares one dropout mask across batch and
     heads (less work, different regularizer); jattn draws one per element.
     """
-    if is_causal:
-        t, s = query.shape[-3], key.shape[-3]
-        causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)
+    if is_causal:  # jattn's is_causal (top-left, as jax.nn) as a boolean mask
+        causal = causal_mask(query.shape[-3], key.shape[-3])
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     kw = dict(
         bias=bias,
@@ -104,8 +104,7 @@ class FlaxMHA(nnx.Module):
         if bias is not None or sow_weights:
             raise NotImplementedError("bias/sow_weights are not used by this benchmark")
         if is_causal:
-            t = x.shape[-2]
-            causal = jnp.tril(jnp.ones((t, t), bool))
+            causal = causal_mask(x.shape[-2], x.shape[-2])
             mask = causal if mask is None else jnp.logical_and(mask, causal)
         return self.inner(x, memory, mask=mask, deterministic=deterministic, rngs=rngs)
 
