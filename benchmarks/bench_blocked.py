@@ -244,28 +244,27 @@ def _memory_child(t, grad):
     print(json.dumps({"seconds": seconds, "peak_rss_gib": _peak_rss_gib()}))
 
 
-def _available_gib() -> float:
+def _proc_kib_as_gib(path: str, field: str) -> float | None:
+    """A ``field: N kB`` line of a /proc file, in GiB (None where there is no /proc)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def _available_gib() -> float:
+    return _proc_kib_as_gib("/proc/meminfo", "MemAvailable") or 0.0
 
 
 def _peak_rss_gib() -> float:
     """This process's peak RSS: VmHWM, which (unlike ``ru_maxrss``) does not inherit
     the parent's high-water mark through fork + exec on Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # KiB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = _proc_kib_as_gib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench_memory(t, grad=True):
