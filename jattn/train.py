@@ -276,6 +276,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         length_penalty=ecfg["length_penalty"],
     )
 
+    def run_eval(state):
+        return evaluate(
+            eval_step,
+            state,
+            test_ds,
+            batch_size=ecfg["batch_size"],
+            bleu_tokenize=ecfg["bleu_tokenize"],
+        )
+
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
     start = ckpt.latest_step()
     if start is not None:
@@ -323,13 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ckpt.save(step, state)
                 saved = step
             if tcfg["eval_every"] and step % tcfg["eval_every"] == 0 and step < num_steps:
-                m, _ = evaluate(
-                    eval_step,
-                    state,
-                    test_ds,
-                    batch_size=ecfg["batch_size"],
-                    bleu_tokenize=ecfg["bleu_tokenize"],
-                )
+                m, _ = run_eval(state)
                 log.write({"step": step, "split": "eval", **m})
                 tqdm.write(f"step {step}: eval {m}")
         interrupted = stopper.signum
@@ -353,13 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         return result
 
-    metrics, predictions = evaluate(
-        eval_step,
-        state,
-        test_ds,
-        batch_size=ecfg["batch_size"],
-        bleu_tokenize=ecfg["bleu_tokenize"],
-    )
+    metrics, predictions = run_eval(state)
     log.write({"step": step, "split": "eval", **metrics})
     log.close()
     ckpt.close()
