@@ -149,10 +149,10 @@ def test_score_factory_and_sown_weights():
     assert block.self_attention.score is not block.cross_attention.score
     y = jax.random.normal(jax.random.key(0), (2, 3, D))
     mem = jax.random.normal(jax.random.key(1), (2, 5, D))
-    block(y, mem, sow_weights=True)
-    sown = nnx.pop(block, nnx.Intermediate)
-    self_w = sown["self_attention"]["attention_weights"][0]
-    cross_w = sown["cross_attention"]["attention_weights"][0]
+    capture = nnx.capture(lambda m, *a: m(*a, sow_weights=True), nnx.Intermediate)
+    _, sown = capture(block, y, mem)
+    (self_w,) = sown["self_attention"]["attention_weights"].get_value()
+    (cross_w,) = sown["cross_attention"]["attention_weights"].get_value()
     assert self_w.shape == (2, N, 3, 3) and cross_w.shape == (2, N, 3, 5)
     np.testing.assert_allclose(np.asarray(jnp.triu(self_w, 1)), 0.0)  # causal
     np.testing.assert_allclose(np.asarray(cross_w.sum(-1)), 1.0, rtol=1e-5)

@@ -5,6 +5,7 @@ Tiny sizes throughout: every distinct shape compiles, and this file must stay fa
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -147,8 +148,9 @@ def _reference(model, src_row, tgt_row):
 )
 def test_teacher_forced_logits_and_weights_match_numpy(kw):
     model = _model(1, **kw)
-    logits = _fwd(model, SRC, TGT_IN, sow_weights=True)
-    (weights,) = nnx.pop(model, nnx.Intermediate)["attention_weights"]
+    capture = nnx.capture(functools.partial(_fwd, sow_weights=True), nnx.Intermediate)
+    logits, sown = capture(model, SRC, TGT_IN)
+    (weights,) = sown["attention_weights"].get_value()
     assert logits.shape == (4, 3, TGT_V) and logits.dtype == jnp.float32
     assert weights.shape == (4, 3, 5)
     for b in range(SRC.shape[0]):

@@ -16,6 +16,7 @@ TGT = jnp.array([[1, 3, 4, 5, 6], [1, 6, 5, 2, 0]])
 
 
 _forward = nnx.jit(lambda m, s, t: m(s, t))
+_capture = nnx.capture(lambda m, *a: m(*a, sow_weights=True), nnx.Intermediate)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,7 @@ def test_decoder_is_causal(model):
 
 
 def test_every_attention_layer_sows_weights(model):
-    out = model(SRC, TGT, sow_weights=True)
-    sown = nnx.pop(model, nnx.Intermediate)
+    out, sown = _capture(model, SRC, TGT)
     weights = {
         path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(sown))
     }
@@ -71,7 +71,9 @@ def test_every_attention_layer_sows_weights(model):
     np.testing.assert_allclose(np.asarray(cross[0].sum(-1)), 1.0, rtol=1e-5)
     # sowing does not change the outputs, and nothing is sown without the flag
     np.testing.assert_allclose(np.asarray(_forward(model, SRC, TGT)), np.asarray(out), atol=1e-5)
-    assert not jax.tree_util.tree_leaves(nnx.pop(model, nnx.Intermediate))
+    _, none_sown = nnx.capture(lambda m, *a: m(*a), nnx.Intermediate)(model, SRC, TGT)
+    assert not jax.tree_util.tree_leaves(nnx.to_pure_dict(none_sown))
+    assert not jax.tree_util.tree_leaves(nnx.state(model, nnx.Intermediate))  # nothing stored
 
 
 @pytest.mark.parametrize("positional", ["learned", "rotary"])
@@ -114,9 +116,9 @@ def test_embedding_dropout_needs_not_deterministic():
 def test_decoder_lm_is_causal_and_sows():
     lm = DecoderLM(10, num_layers=2, rngs=nnx.Rngs(0), **SMALL)
     tokens = jnp.array([[1, 4, 5, 6, 7], [1, 3, 2, 0, 0]])
-    logits = lm(tokens, sow_weights=True)
+    logits, sown = _capture(lm, tokens)
     assert logits.shape == (2, 5, 10) and logits.dtype == jnp.float32
-    sown = jax.tree_util.tree_leaves(nnx.pop(lm, nnx.Intermediate))
+    sown = jax.tree_util.tree_leaves(nnx.to_pure_dict(sown))
     assert len(sown) == 2 and all(w.shape == (2, 2, 5, 5) for w in sown)
     np.testing.assert_allclose(np.asarray(jnp.triu(sown[0], 1)), 0.0)
     changed = lm(tokens.at[:, 3:].set(9))

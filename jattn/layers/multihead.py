@@ -170,7 +170,9 @@ class MultiHeadAttention(nnx.Module):
           rngs: dropout randomness for this call: ``nnx.Rngs``, an ``RngStream`` or a key
             (default: the layer's own stream).
           return_weights: also return the float32 weights ``[..., N, T, S]``.
-          sow_weights: store the weights as ``nnx.Intermediate`` ``attention_weights``.
+          sow_weights: sow the weights as ``nnx.Intermediate`` ``attention_weights``;
+            call under ``nnx.capture(fn, nnx.Intermediate)`` (or use
+            :func:`jattn.viz.collect_attention_weights`) to get them back.
 
         Returns:
           ``[..., T, out_features]``, or ``(output, weights)`` with ``return_weights``.

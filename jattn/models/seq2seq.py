@@ -237,7 +237,8 @@ class BahdanauSeq2Seq(nnx.Module):
           deterministic: disable dropout.
           rngs: dropout randomness (default: the model's own ``dropout`` stream).
           sow_weights: sow the alignment weights ``[B, T, S]`` as ``nnx.Intermediate``
-            ``attention_weights``.
+            ``attention_weights`` (collect them with ``nnx.capture`` or
+            :func:`jattn.viz.collect_attention_weights`).
 
         Returns:
           ``[B, T, V]`` float32 logits.
