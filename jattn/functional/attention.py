@@ -345,8 +345,7 @@ def dot_product_attention(
         raise TypeError(f"scale must be a Python number or None, got {type(scale).__name__}")
     from jattn.functional import dispatch  # blocked / cuDNN / Pallas paths, chosen by shape
 
-    options = dict(
-        scale=scale,
+    masking = dict(
         is_causal=is_causal,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
@@ -354,25 +353,14 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         fully_masked=fully_masked,
-        return_weights=return_weights,
-        return_residual=return_residual,
+    )
+    options = dict(
+        masking, scale=scale, return_weights=return_weights, return_residual=return_residual
     )
     impl = dispatch.select(implementation, query, key, value, bias, mask, **options)
+    score_fn = functools.partial(scaled_dot_product_scores, scale=scale)
     dense = functools.partial(
-        attention,
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        score_fn=functools.partial(scaled_dot_product_scores, scale=scale),
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        fully_masked=fully_masked,
+        attention, query, key, value, bias, mask, score_fn=score_fn, **masking
     )
     if impl == "dense":
         return dense(return_weights=return_weights, return_residual=return_residual)
