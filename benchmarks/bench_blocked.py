@@ -7,7 +7,7 @@ fresh subprocess per case (peak RSS from /proc/self/status VmHWM).
 
     python benchmarks/bench_blocked.py                 # everything but T=65536
     python benchmarks/bench_blocked.py --only fwd      # fwd | fwdbwd | short | causal | window
-                                                       # | memory | accuracy | huge
+                                                       # | memory | accuracy | huge | ceiling
     python benchmarks/bench_blocked.py --only fwd --lengths 1024 4096 --repeats 3
     python benchmarks/bench_blocked.py --block-sizes 256 512
 
@@ -193,6 +193,80 @@ def bench_short(lengths, repeats, block_sizes):
         )
 
 
+def _tile_loop(q, k, v, block, softmax: bool):
+    """The matrix products of the blocked forward at ``block x block`` tiles, nothing else
+    (``softmax=False``), or with the least softmax work any exact kernel needs
+    (``softmax=True``: one ``exp`` pass and a row sum per tile; the row maximum is
+    replaced by a fixed bound, ``|q||k|max * scale``, so no max pass and no rescaling).
+
+    A ceiling for a blocked kernel built from XLA's batched matrix products, used to
+    read the GEMM fraction; not exact attention for arbitrary inputs.
+    """
+    b, t, n, h = q.shape
+    nb, scale = t // block, np.float32(1 / np.sqrt(h))
+
+    def blocks(x):  # [B, T, N, H] -> [T/block, B*N, block, H]
+        return x.reshape(b, nb, block, n, h).transpose(1, 0, 3, 2, 4).reshape(nb, b * n, block, h)
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    dims = (((2,), (2,)), ((0,), (0,)))
+    k_max = jnp.max(jnp.linalg.norm(kb, axis=-1), axis=(0, 2))[:, None]  # [B*N, 1]
+
+    def query_block(qi):
+        bound = scale * jnp.linalg.norm(qi, axis=-1) * k_max  # [B*N, block]
+
+        def step(j, carry):
+            acc, den = carry
+            s = jax.lax.dot_general(qi, kb[j], dims)
+            if softmax:
+                s = jnp.exp(s * scale - bound[..., None])
+                den = den + jnp.sum(s, axis=-1)
+            acc = acc + jax.lax.dot_general(s, vb[j], (((2,), (1,)), ((0,), (0,))))
+            return acc, den
+
+        den0 = jnp.zeros if softmax else jnp.ones  # products only: nothing to divide by
+        init = (jnp.zeros(qi.shape, jnp.float32), den0(qi.shape[:2], jnp.float32))
+        acc, den = jax.lax.fori_loop(0, nb, step, init)
+        return acc / den[..., None]
+
+    out = jax.lax.map(query_block, qb)  # [T/block, B*N, block, H]
+    return out.reshape(nb, b, n, block, h).transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
+
+
+def bench_ceiling(lengths, repeats, block=512):
+    print(f"## GEMM-fraction ceiling: the products alone at {block}x{block} tiles")
+    for t in lengths:
+        q, k, v = inputs(t)
+        fns = {
+            "blocked": ready(
+                jax.jit(lambda q, k, v: blocked_attention(q, k, v, block_sizes=(block, block))),
+                q,
+                k,
+                v,
+            ),
+            "products only": ready(
+                jax.jit(lambda q, k, v: _tile_loop(q, k, v, block, softmax=False)), q, k, v
+            ),
+            "products + exp + sum": ready(
+                jax.jit(lambda q, k, v: _tile_loop(q, k, v, block, softmax=True)), q, k, v
+            ),
+        }
+        # The softmax variant does the real work: it equals attention on these inputs.
+        ref = jax.jit(lambda q, k, v: blocked_attention(q, k, v, block_sizes=(block, block)))
+        floor = jax.jit(lambda q, k, v: _tile_loop(q, k, v, block, softmax=True))
+        err = float(jnp.max(jnp.abs(floor(q, k, v) - ref(q, k, v))))
+        med, gemm = interleave(fns, repeats)
+        flops = 4 * B * N * t * t * H
+        row(
+            case="ceiling",
+            softmax_variant_max_abs_diff=float(f"{err:.1e}"),
+            T=t,
+            ms={name: round(m * 1e3, 1) for name, m in med.items()},
+            gemm_gflops=round(gemm, 1),
+            gemm_fraction={name: round(flops / m / 1e9 / gemm, 2) for name, m in med.items()},
+        )
+
+
 def bench_causal(t, repeats, block_sizes):
     print("## causal vs non-causal (blocked, default path)")
     q, k, v = inputs(t)
@@ -360,6 +434,8 @@ def main():
         bench_memory(16384)
     if "huge" in only:
         bench_memory(65536)
+    if "ceiling" in only:
+        bench_ceiling([t for t in a.lengths if t <= 4096], a.repeats)
 
 
 if __name__ == "__main__":
