@@ -129,6 +129,33 @@ def test_blocked_equals_dense(case, policy):
         np.testing.assert_allclose(gb, gd, rtol=0, atol=GRAD_TOL)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=[CASES[0][0], CASES[1][0]])
+def test_hessian_vector_products_equal_dense(case):
+    """Forward-over-reverse (jax.jvp of jax.grad) through the custom VJP equals dense.
+
+    Random tangents for q, k, v and the bias, grouped heads, padding of T and S; the
+    second case adds causal masking and a mask with dead rows. This once gave NaN: the
+    running max's JVP compared logits that XLA had rounded differently in two fusions.
+    """
+    args, mask, opts = _make(case, "zeros")
+    tangents = tuple(_normal(20 + i, a.shape) for i, a in enumerate(args))
+    cot = _normal(9, args[0].shape[:-1] + args[2].shape[-1:])
+
+    def hvp(fn):
+        def loss(q, k, v, bias):
+            return jnp.sum(fn(q, k, v, bias, mask, **opts) * cot)
+
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+        return jax.jit(lambda *a: jax.jvp(grad, a, tangents)[1])(*args)
+
+    def blocked_fn(*a, **kw):
+        return blocked_attention(*a, block_sizes=BLOCKS, **kw)
+
+    for hb, hd in zip(hvp(blocked_fn), hvp(dot_product_attention), strict=True):
+        assert np.all(np.isfinite(hb))
+        np.testing.assert_allclose(hb, hd, rtol=0, atol=GRAD_TOL)
+
+
 def test_fully_masked_rows_policies():
     """Dead rows: zeros gives 0, uniform gives the mean of every value (as dense/jax.nn)."""
     args, mask, opts = _make(CASES[4], "uniform")

@@ -329,6 +329,13 @@ def dot_product_attention(
         With ``return_weights`` the output still comes from the chosen path, and
         the weights from the dense softmax.
 
+        Differentiation: every path supports reverse mode (``jax.grad``,
+        ``jax.vjp``). Dense and blocked also support forward-over-reverse (Hessian-
+        vector products as ``jax.jvp`` of ``jax.grad``). Pure forward mode
+        (``jax.jvp``, ``jax.jacfwd`` of the output) needs ``'dense'``: the blocked,
+        cuDNN and Pallas paths are custom VJPs, which JAX cannot push tangents
+        through.
+
     Returns:
       ``output [..., T, N, Hv]``, or ``(output, weights?, residual?)``.
 

@@ -267,7 +267,12 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
         def step(structured, j, carry):
             m, l, acc = carry
             s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1) * f)
+            # The running max only stabilises exp; the results do not depend on it, so it
+            # carries no derivative (as in the dense softmax). Differentiating through
+            # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
+            # the max's JVP finds the maximum by equality with the logits, which XLA
+            # can recompute in another fusion with different rounding, giving 0 / 0.
+            m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1) * f))
             m_safe = jnp.where(m_new == _NEG_INF, jnp.float32(0.0), m_new)
             corr = jnp.exp(m - m_safe)
             p = jnp.exp(s * f - m_safe[..., None])
@@ -441,6 +446,10 @@ def blocked_attention(
 
     Returns:
       ``output [..., T, N, Hv]`` in the value dtype, or ``(output, lse [..., T, N])``.
+
+    Differentiable in reverse mode (a custom VJP that recomputes the blocks) and
+    forward-over-reverse (``jax.jvp`` of ``jax.grad``); not in pure forward mode
+    (``jax.jvp``, ``jax.jacfwd``), for which ``implementation='dense'`` is the path.
     """
     from jattn.functional.dispatch import default_block_sizes
 
