@@ -332,9 +332,10 @@ def dot_product_attention(
         Differentiation: every path supports reverse mode (``jax.grad``,
         ``jax.vjp``). Dense and blocked also support forward-over-reverse (Hessian-
         vector products as ``jax.jvp`` of ``jax.grad``). Pure forward mode
-        (``jax.jvp``, ``jax.jacfwd`` of the output) needs ``'dense'``: the blocked,
-        cuDNN and Pallas paths are custom VJPs, which JAX cannot push tangents
-        through.
+        (``jax.jvp``, ``jax.jacfwd`` of the output) and reverse-over-reverse
+        (``jax.grad`` of ``jax.grad``) need ``'dense'``: the blocked, cuDNN and
+        Pallas paths are custom VJPs, which JAX cannot push tangents through, and
+        the blocked backward loops over a traced number of blocks.
 
     Returns:
       ``output [..., T, N, Hv]``, or ``(output, weights?, residual?)``.

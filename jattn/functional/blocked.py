@@ -449,7 +449,9 @@ def blocked_attention(
 
     Differentiable in reverse mode (a custom VJP that recomputes the blocks) and
     forward-over-reverse (``jax.jvp`` of ``jax.grad``); not in pure forward mode
-    (``jax.jvp``, ``jax.jacfwd``), for which ``implementation='dense'`` is the path.
+    (``jax.jvp``, ``jax.jacfwd``) or reverse-over-reverse (``jax.grad`` of
+    ``jax.grad``: its loops have traced bounds), for which
+    ``jattn.dot_product_attention(..., implementation='dense')`` is the path.
     """
     from jattn.functional.dispatch import default_block_sizes
 
