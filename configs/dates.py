@@ -43,6 +43,7 @@ def get_config(arg=None):
     config.train.max_to_keep = 2
     config.train.eval_every = 0
     config.train.stop_after_steps = 0
+    config.train.num_devices = 0  # data parallel over this many local devices; 0: all
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 500

@@ -30,6 +30,7 @@ from jattn.training import validate
 from jattn.training.checkpoint import Checkpointer, MetricsLog
 from jattn.training.metrics import bleu, exact_match
 from jattn.training.optim import learning_rate_schedule, make_optimizer
+from jattn.training.parallel import data_parallel_mesh, replicated
 from jattn.training.state import create_train_state, make_eval_step, make_train_step
 
 __all__ = ["MODELS", "build_model", "main", "train_and_evaluate", "validate_config"]
@@ -68,6 +69,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.seed must be an int >= 0, got {cfg['seed']!r}")
     validate.check_fields("train", cfg["train"], validate.SCHEMAS["train"])
     validate.check_fields("eval", cfg["eval"], validate.SCHEMAS["eval"])
+    num_devices = _num_devices(cfg)
+    try:
+        mesh = data_parallel_mesh(num_devices)
+    except ValueError as e:
+        raise ValueError(f"config.train.{e}") from e
+    if cfg["train"]["batch_size"] % mesh.size:
+        which = "all local devices" if num_devices == 0 else "config.train.num_devices"
+        raise ValueError(
+            f"config.train.batch_size={cfg['train']['batch_size']} must be a multiple of the "
+            f"{mesh.size} devices it is split over ({which}); change it, or set "
+            "config.train.num_devices"
+        )
     task = dict(cfg["task"])
     name = task.pop("name", None)
     if name not in TASKS:
@@ -78,6 +91,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     model_class(cfg["model"].get("name"))
     validate.check_sizes("model", cfg["model"])
     validate.check_heads_divide(cfg["model"], features_keys=_FEATURE_KEYS, heads_key="num_heads")
+
+
+def _num_devices(cfg: dict) -> int:
+    return cfg["train"].get("num_devices", validate.DEFAULTS["train"]["num_devices"])
 
 
 def build_model(model_config: dict, *, src_vocab_size: int, tgt_vocab_size: int, seed: int):
@@ -268,20 +285,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         decay=tcfg["decay"],
         end_factor=tcfg["end_lr_factor"],
     )
-    train_step = make_train_step(graphdef, tx, label_smoothing=tcfg["label_smoothing"])
+    mesh = data_parallel_mesh(_num_devices(cfg))
+    if mesh.size > 1:
+        tqdm.write(f"data parallel over {mesh.size} {mesh.devices.flat[0].platform} devices")
+    train_step = make_train_step(graphdef, tx, label_smoothing=tcfg["label_smoothing"], mesh=mesh)
     eval_step = make_eval_step(
         graphdef,
         max_len=test_ds.tgt.shape[1],
         beam_size=ecfg["beam_size"],
         length_penalty=ecfg["length_penalty"],
+        mesh=mesh,
     )
+    # Evaluation batches are padded anyway: round their size up to split evenly.
+    eval_batch_size = -(-ecfg["batch_size"] // mesh.size) * mesh.size
 
     def run_eval(state):
         return evaluate(
             eval_step,
             state,
             test_ds,
-            batch_size=ecfg["batch_size"],
+            batch_size=eval_batch_size,
             bleu_tokenize=ecfg["bleu_tokenize"],
         )
 
@@ -291,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = ckpt.restore(start, state)
         tqdm.write(f"resumed from {workdir / 'checkpoints'} at step {start}")
     # fresh and restored states get the same placement, hence the same compiled step
-    state = jax.device_put(state, jax.devices()[0])
+    state = jax.device_put(state, replicated(mesh))
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
     start = start or 0
     stop = num_steps

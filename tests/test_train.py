@@ -127,6 +127,8 @@ def _config_with(section, key, value):
         ("model", "name", "lstm", r"config.model.name: unknown model 'lstm'"),
         ("task", "name", "dates2", r"config.task.name: unknown task 'dates2'"),
         ("task", "num_train", 0, r"config.task.num_train must be a positive int, got 0"),
+        ("train", "num_devices", -1, r"config.train.num_devices must be an int >= 0, got -1"),
+        ("train", "num_devices", 2, r"config.train.num_devices=2, but this process has only 1"),
     ],
 )
 def test_bad_configs_fail_with_the_field_and_reason(tmp_path, section, key, value, message):
@@ -134,6 +136,12 @@ def test_bad_configs_fail_with_the_field_and_reason(tmp_path, section, key, valu
     with pytest.raises(ValueError, match=message):
         train_lib.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_optional_fields_may_be_left_out():
+    cfg = load_config("copy", "small").to_dict()
+    del cfg["train"]["num_devices"]  # configs written before the field existed
+    train_lib.validate_config(ConfigDict(cfg))
 
 
 def test_options_the_model_or_task_rejects_fail_before_training(tmp_path):

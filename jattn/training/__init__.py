@@ -5,14 +5,17 @@ from jattn.training.checkpoint import Checkpointer, MetricsLog, read_metrics
 from jattn.training.losses import masked_cross_entropy
 from jattn.training.metrics import bleu, exact_match, token_accuracy_counts
 from jattn.training.optim import learning_rate_schedule, make_optimizer
+from jattn.training.parallel import batch_sharding, data_parallel_mesh, replicated
 from jattn.training.state import TrainState, create_train_state, make_eval_step, make_train_step
 
 __all__ = [
     "Checkpointer",
     "MetricsLog",
     "TrainState",
+    "batch_sharding",
     "bleu",
     "create_train_state",
+    "data_parallel_mesh",
     "exact_match",
     "learning_rate_schedule",
     "make_eval_step",
@@ -20,5 +23,6 @@ __all__ = [
     "make_train_step",
     "masked_cross_entropy",
     "read_metrics",
+    "replicated",
     "token_accuracy_counts",
 ]

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jattn.training.losses import masked_cross_entropy
 from jattn.training.metrics import token_accuracy_counts
+from jattn.training.parallel import batch_sharding, replicated
 
 __all__ = ["TrainState", "create_train_state", "make_eval_step", "make_train_step"]
 
@@ -43,7 +44,12 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
 
 @functools.lru_cache(maxsize=16)
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, *, label_smoothing: float, pad_id: int = 0
+    graphdef,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float,
+    pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """The jit-compiled ``(state, batch, learning_rate) -> (state, metrics)``; ``state`` is
     donated. ``tx`` runs at unit learning rate (:func:`make_optimizer`); the updates are
@@ -54,9 +60,13 @@ def make_train_step(
     and ``tgt [B,T]``. Dropout keys
     come from ``fold_in(state.rng, state.step)``, so a step is a pure function of
     the state and the batch.
+
+    With a ``mesh`` (:func:`jattn.training.parallel.data_parallel_mesh`) the step is
+    data parallel: the state (and the learning rate) replicated on every device, the
+    batch split along its first axis, the outputs replicated.
     """
 
-    def step(state: TrainState, batch, learning_rate):
+    def train_step(state: TrainState, batch, learning_rate):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
@@ -89,19 +99,31 @@ def make_train_step(
         new_state = TrainState(state.step + 1, params, rest, opt_state, state.rng)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(
+        train_step, donate_argnums=0, in_shardings=(rep, data, rep), out_shardings=(rep, rep)
+    )
 
 
 @functools.lru_cache(maxsize=16)
 def make_eval_step(
-    graphdef, *, max_len: int, beam_size: int, length_penalty: float, pad_id: int = 0
+    graphdef,
+    *,
+    max_len: int,
+    beam_size: int,
+    length_penalty: float,
+    pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """The jit-compiled ``(params, rest, batch) -> (loss_sum, correct, tokens, generated)``.
 
     Teacher-forced loss/accuracy sums and ``model.generate`` tokens ``[B, max_len]``.
+    With a ``mesh``, the batch (and ``generated``) is split over its ``'data'`` axis.
     """
 
-    def step(params, rest, batch):
+    def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         logits = model(batch["src"], batch["tgt_in"], deterministic=True)
         loss, num_tokens = masked_cross_entropy(logits, batch["tgt"], pad_id=pad_id)
@@ -111,4 +133,7 @@ def make_eval_step(
         )
         return loss * num_tokens, correct, num_tokens, generated
 
-    return jax.jit(step)
+    if mesh is None:
+        return jax.jit(eval_step)
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(eval_step, in_shardings=(rep, rep, data), out_shardings=(rep, rep, rep, data))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_fields", "check_heads_divide", "check_sizes"]
+__all__ = ["DEFAULTS", "check_fields", "check_heads_divide", "check_sizes"]
 
 _POS_INT = "a positive int"
 _NONNEG_INT = "an int >= 0"
@@ -34,7 +34,8 @@ def _ok(kind: str, value: Any) -> bool:
 
 
 def check_fields(section: str, values: dict, schema: dict) -> None:
-    """Every key of ``values`` is known to ``schema`` and every value has its kind."""
+    """Every key of ``values`` is known to ``schema`` and every value has its kind
+    (fields with a default in :data:`DEFAULTS` may be left out)."""
     for key in values:
         if key not in schema:
             raise ValueError(
@@ -42,6 +43,8 @@ def check_fields(section: str, values: dict, schema: dict) -> None:
             )
     for key, kind in schema.items():
         if key not in values:
+            if key in DEFAULTS.get(section, {}):
+                continue
             raise ValueError(f"config.{section}.{key} is missing")
         value = values[key]
         if not _ok(kind, value):
@@ -69,6 +72,7 @@ SCHEMAS = {
         "max_to_keep": _POS_INT,
         "eval_every": _NONNEG_INT,
         "stop_after_steps": _NONNEG_INT,
+        "num_devices": _NONNEG_INT,
     },
     "eval": {
         "batch_size": _POS_INT,
@@ -78,6 +82,11 @@ SCHEMAS = {
         "num_heatmaps": _NONNEG_INT,
         "bleu_tokenize": ("char", "13a", "none"),
     },
+}
+
+# Optional fields and their values when a config leaves them out.
+DEFAULTS = {
+    "train": {"num_devices": 0},  # data parallel over this many local devices; 0: all
 }
 
 # Model options whose value is a size: they must be positive ints.
