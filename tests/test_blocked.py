@@ -156,6 +156,42 @@ def test_hessian_vector_products_equal_dense(case):
         np.testing.assert_allclose(hb, hd, rtol=0, atol=GRAD_TOL)
 
 
+def test_bias_used_as_a_mask_gives_dense_gradients():
+    """A large negative bias as a mask (-1e9, as many codebases write it), some rows
+    masked entirely that way, and -inf entries. Weights recomputed from a log-sum-exp
+    near -1e9 lose log(l) in float32; the blocked backward must agree with dense."""
+    q, k, v = (_normal(i, (2, 24, 2, 8)) for i in (1, 2, 3))
+    rng = np.random.default_rng(4)
+    b = np.where(rng.random((2, 2, 24, 24)) < 0.4, -1e9, 0.0).astype(np.float32)
+    b[0, 1, 5] = -1e9  # every key of these rows
+    b[1, 0, 17] = -1e9
+    b[1, 1, 3, ::2] = -np.inf
+    bias = jnp.asarray(b)
+    cot = _normal(9, (2, 24, 2, 8))
+
+    def grads(fn):
+        loss = lambda *a: jnp.sum(fn(*a) * cot)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+
+    blocked_grads = grads(lambda *a: blocked_attention(*a, block_sizes=BLOCKS))
+    for gb, gd in zip(blocked_grads, grads(dot_product_attention), strict=True):
+        assert np.all(np.isfinite(gb))
+        np.testing.assert_allclose(gb, gd, rtol=0, atol=GRAD_TOL)
+
+
+def test_x64_mode_runs_and_equals_dense():
+    """Under jax_enable_x64 Python ints become int64: tile offsets must stay one type."""
+    args, mask, opts = _make(CASES[1], "zeros")  # bias, mask, causal, padding of T and S
+    with jax.enable_x64(True):
+        out_b, lse_b, grads_b = _outputs_and_grads(
+            lambda *a, **kw: blocked_attention(*a, block_sizes=BLOCKS, **kw), args, mask, opts
+        )
+        out_d, lse_d, grads_d = _outputs_and_grads(dot_product_attention, args, mask, opts)
+    np.testing.assert_allclose(out_b, out_d, rtol=0, atol=OUT_TOL)
+    for gb, gd in zip(grads_b, grads_d, strict=True):
+        np.testing.assert_allclose(gb, gd, rtol=0, atol=GRAD_TOL)
+
+
 def test_fully_masked_rows_policies():
     """Dead rows: zeros gives 0, uniform gives the mean of every value (as dense/jax.nn)."""
     args, mask, opts = _make(CASES[4], "uniform")
