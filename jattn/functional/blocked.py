@@ -265,9 +265,9 @@ def _keep(geo: _Geometry, rng, i, j):
 
 def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
     """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``lse``,
-    ``fully`` and the backward pass's row max ``m`` and ``1 / l`` (0 for a fully
-    masked row). The backward recomputes weights as ``exp(s - m) / l``, not
-    ``exp(s - lse)``: with logits near, say, -1e9 (a bias used as a mask) ``lse``
+    ``fully`` and the backward pass's row max ``m`` and ``log(l)`` (``inf`` for a
+    fully masked row). The backward recomputes weights as ``exp((s - m) - log(l))``,
+    not ``exp(s - lse)``: with logits near, say, -1e9 (a bias used as a mask) ``lse``
     cannot hold ``log(l)`` in float32."""
     rows, hv = qb.shape[2], vb.shape[-1]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
@@ -307,17 +307,17 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
         l_safe = jnp.where(l > 0, l, jnp.float32(1.0))
         out = acc / l_safe[..., None]
         m_res = jnp.where(m == _NEG_INF, jnp.float32(0.0), m)
-        inv_l = jnp.where(fully, jnp.float32(0.0), 1.0 / l_safe)
-        return out, m_res + jnp.log(l_safe), fully, m_res, inv_l
+        log_l = jnp.log(l_safe)
+        return out, m_res + log_l, fully, m_res, jnp.where(fully, jnp.float32(jnp.inf), log_l)
 
     nq = qb.shape[0]
-    out, lse, fully, m_res, inv_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
+    out, lse, fully, m_res, log_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
     if geo.fully_masked == "uniform":
         v_mean = jnp.sum(vb.astype(jnp.float32), axis=(0, 2)) / jnp.float32(geo.s)  # [B*K, Hv]
         out = jnp.where(fully[..., None], v_mean[None, :, None, :], out)
     else:
         out = jnp.where(fully[..., None], jnp.float32(0.0), out)
-    return out.astype(vb.dtype), lse, fully, m_res, inv_l
+    return out.astype(vb.dtype), lse, fully, m_res, log_l
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -327,15 +327,15 @@ def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
 
 
 def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, lse, fully, m_res, inv_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
-    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m_res, inv_l)
+    out, lse, fully, m_res, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m_res, log_l)
     return (out, lse), res
 
 
 def _flash_bwd(geo, res, cotangents):
-    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m_res, inv_l = res
+    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m_res, log_l = res
     dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
-    # Fully masked rows contribute nothing inside the loop: their 1 / l is 0.
+    # Fully masked rows contribute nothing inside the loop: their log(l) is inf.
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     scale = jnp.float32(geo.scale)
@@ -350,7 +350,7 @@ def _flash_bwd(geo, res, cotangents):
             dk, dv, dq, dbias = c
             qi, doi = qb[i], dout[i]
             s, f = _logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured)
-            p = jnp.exp(s * f - m_res[i][..., None]) * inv_l[i][..., None]  # [B*K, G*bt, bs]
+            p = jnp.exp((s * f - m_res[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
             if geo.dropout_rate > 0.0:
