@@ -369,6 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "step": step,
         "interrupted": interrupted,
         "workdir": str(workdir),
+        # Entries in the jitted step's dispatch cache: 1 means compiled once. With several
+        # devices JAX adds a second entry for the same executable once a checkpoint save
+        # has read the state's typed PRNG keys (no XLA recompile: tests/test_data_parallel).
         "train_step_compiles": train_step._cache_size(),
     }
     if interrupted is None and step < num_steps:
