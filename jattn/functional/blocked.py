@@ -5,8 +5,9 @@ Memory") and FlashAttention-2: queries are cut into blocks of ``bt`` rows, keys 
 values into blocks of ``bs``; for one query block a loop over key blocks keeps the
 running row max ``m``, the running denominator ``l`` and the unnormalised output
 ``acc`` in float32, so no ``[T, S]`` matrix ever exists. The backward pass (a
-``jax.custom_vjp``) recomputes each block's probabilities from the saved
-log-sum-exp instead of storing them.
+``jax.custom_vjp``) recomputes each block's probabilities from the saved row
+max and ``log(l)`` (kept apart, not summed into one log-sum-exp, whose float32
+cannot hold ``log(l)`` when the logits are near -1e9) instead of storing them.
 
 Layout (what makes it fast on CPU): all heads of a block go through one batched
 matrix product. Grouped query heads become rows: a query block is
