@@ -77,18 +77,17 @@ def _dot(a, b, contract):
     return lax.dot_general(a, b, (contract, ((0,), (0,))), preferred_element_type=jnp.float32)
 
 
-def _int32s(starts):
-    """Slice starts of one integer type (Python ints would be int64 under x64)."""
+def _tile_starts(shape, geo: _Geometry, i, j):
+    """Where tile (i, j) starts in a ``[B|1, K|1, G|1, Tp|1, Sp|1]`` bias or mask, as
+    int32 (Python ints would be int64 under x64, and the slice needs one type)."""
+    starts = (0, 0, 0, i * geo.bt if shape[3] > 1 else 0, j * geo.bs if shape[4] > 1 else 0)
     return tuple(jnp.asarray(s, jnp.int32) for s in starts)
 
 
 def _block(x, geo: _Geometry, i, j):
     """The ``[B|1, K|1, G|1, bt|1, bs|1]`` tile (i, j) of a broadcastable bias or mask."""
-    starts = _int32s(
-        (0, 0, 0, i * geo.bt if x.shape[3] > 1 else 0, j * geo.bs if x.shape[4] > 1 else 0)
-    )
     sizes = x.shape[:3] + (geo.bt if x.shape[3] > 1 else 1, geo.bs if x.shape[4] > 1 else 1)
-    return lax.dynamic_slice(x, starts, sizes)
+    return lax.dynamic_slice(x, _tile_starts(x.shape, geo, i, j), sizes)
 
 
 def _visible(geo: _Geometry, i, j, q_len, kv_len):
@@ -265,11 +264,10 @@ def _keep(geo: _Geometry, rng, i, j):
 
 
 def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``lse``,
-    ``fully`` and the backward pass's row max ``m`` and ``log(l)`` (``inf`` for a
-    fully masked row). The backward recomputes weights as ``exp((s - m) - log(l))``,
-    not ``exp(s - lse)``: with logits near, say, -1e9 (a bias used as a mask) ``lse``
-    cannot hold ``log(l)`` in float32."""
+    """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``,
+    the row max ``m`` and ``log(l)``; the log-sum-exp is ``m + log(l)``. The backward
+    recomputes weights as ``exp((s - m) - log(l))``, not ``exp(s - lse)``: with logits
+    near, say, -1e9 (a bias used as a mask) ``lse`` cannot hold ``log(l)`` in float32."""
     rows, hv = qb.shape[2], vb.shape[-1]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
 
@@ -307,36 +305,35 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
         fully = m == _FILL
         l_safe = jnp.where(l > 0, l, jnp.float32(1.0))
         out = acc / l_safe[..., None]
-        m_res = jnp.where(m == _NEG_INF, jnp.float32(0.0), m)
-        log_l = jnp.log(l_safe)
-        return out, m_res + log_l, fully, m_res, jnp.where(fully, jnp.float32(jnp.inf), log_l)
+        return out, fully, jnp.where(m == _NEG_INF, jnp.float32(0.0), m), jnp.log(l_safe)
 
     nq = qb.shape[0]
-    out, lse, fully, m_res, log_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
+    out, fully, m, log_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
     if geo.fully_masked == "uniform":
         v_mean = jnp.sum(vb.astype(jnp.float32), axis=(0, 2)) / jnp.float32(geo.s)  # [B*K, Hv]
         out = jnp.where(fully[..., None], v_mean[None, :, None, :], out)
     else:
         out = jnp.where(fully[..., None], jnp.float32(0.0), out)
-    return out.astype(vb.dtype), lse, fully, m_res, log_l
+    return out.astype(vb.dtype), fully, m, log_l
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, lse = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)[:2]
-    return out, lse
+    out, _, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    return out, m + log_l
 
 
 def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, lse, fully, m_res, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
-    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m_res, log_l)
-    return (out, lse), res
+    out, fully, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m, log_l)
+    return (out, m + log_l), res
 
 
 def _flash_bwd(geo, res, cotangents):
-    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m_res, log_l = res
+    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m, log_l = res
     dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
-    # Fully masked rows contribute nothing inside the loop: their log(l) is inf.
+    # Fully masked rows contribute nothing inside the loop: exp(... - inf) = 0.
+    log_l = jnp.where(fully, jnp.float32(jnp.inf), log_l)
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     scale = jnp.float32(geo.scale)
@@ -351,7 +348,7 @@ def _flash_bwd(geo, res, cotangents):
             dk, dv, dq, dbias = c
             qi, doi = qb[i], dout[i]
             s, f = _logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured)
-            p = jnp.exp((s * f - m_res[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
+            p = jnp.exp((s * f - m[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
             if geo.dropout_rate > 0.0:
@@ -367,8 +364,7 @@ def _flash_bwd(geo, res, cotangents):
                 blk = ds.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
                 axes = tuple(a for a in range(5) if bias.shape[a] == 1)
                 blk = jnp.sum(blk, axis=axes, keepdims=True)
-                start = (0, 0, 0, i * geo.bt if bias.shape[3] > 1 else 0)
-                start = _int32s(start + (j * geo.bs if bias.shape[4] > 1 else 0,))
+                start = _tile_starts(bias.shape, geo, i, j)
                 cur = lax.dynamic_slice(dbias, start, blk.shape)
                 dbias = lax.dynamic_update_slice(dbias, cur + blk, start)
             return dk, dv, dq, dbias
