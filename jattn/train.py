@@ -93,6 +93,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validate.check_heads_divide(cfg["model"], features_keys=_FEATURE_KEYS, heads_key="num_heads")
 
 
+def _eval_due(tcfg: dict, step: int) -> bool:
+    """Whether the periodic evaluation runs after ``step`` (the final one always runs)."""
+    return bool(tcfg["eval_every"]) and step % tcfg["eval_every"] == 0
+
+
 def _num_devices(cfg: dict) -> int:
     return cfg["train"].get("num_devices", validate.DEFAULTS["train"]["num_devices"])
 
@@ -315,8 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tqdm.write(f"resumed from {workdir / 'checkpoints'} at step {start}")
     # fresh and restored states get the same placement, hence the same compiled step
     state = jax.device_put(state, replicated(mesh))
-    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start, final_step=num_steps)
     start = start or 0
+    if 0 < start < num_steps and _eval_due(tcfg, start) and start not in log.eval_steps:
+        m, _ = run_eval(state)  # the run that saved this checkpoint stopped before its eval
+        log.write({"step": start, "split": "eval", **m})
     stop = num_steps
     if tcfg["stop_after_steps"]:
         stop = min(stop, max(start, tcfg["stop_after_steps"]))
@@ -354,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % tcfg["checkpoint_every"] == 0 and step < stop:
                 ckpt.save(step, state)
                 saved = step
-            if tcfg["eval_every"] and step % tcfg["eval_every"] == 0 and step < num_steps:
+            if _eval_due(tcfg, step) and step < num_steps:
                 m, _ = run_eval(state)
                 log.write({"step": step, "split": "eval", **m})
                 tqdm.write(f"step {step}: eval {m}")

@@ -1,5 +1,6 @@
 """Interrupted runs resume from their last checkpoint and reproduce the same losses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from _train_utils import ROOT, load_config, train_losses
 
 import jattn.train as train_lib
 from jattn.training import read_metrics
+from jattn.training.checkpoint import MetricsLog
 
 # A long schedule (the runs below stop early): every run shares one compiled train step.
 OVERRIDES = {"num_steps": 5000, "checkpoint_every": 3, "log_every": 1}
@@ -111,3 +113,43 @@ def test_sigkill_of_the_command_line_run_resumes_from_the_last_periodic_checkpoi
     assert result["step"] == logged + 3
     run(tmp_path / "ref", logged + 3)
     assert losses(workdir) == losses(tmp_path / "ref")
+
+
+def test_metrics_log_keeps_the_records_of_the_saved_states(tmp_path):
+    """On resume at step 4 the log keeps train and eval records up to 4 and drops later
+    ones and a torn line; an eval at the final step is dropped (the run evaluates again)."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "split": "train", "loss": s} for s in range(1, 7)]
+    lines += [{"step": 2, "split": "eval"}, {"step": 4, "split": "eval"}]
+    lines += [{"step": 6, "split": "eval"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 7, "spl')
+    log = MetricsLog(path, resume_step=4, final_step=10)
+    assert log.eval_steps == {2, 4}
+    log.write({"step": 5, "split": "train", "loss": 0.5})
+    log.close()
+    kept = [(r["step"], r["split"]) for r in read_metrics(path)]
+    assert kept == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (2, "eval")] + [
+        (4, "eval"),
+        (5, "train"),
+    ]
+    MetricsLog(path, resume_step=5, final_step=5).close()
+    assert [(r["step"], r["split"]) for r in read_metrics(path)][-2:] == [(4, "eval"), (5, "train")]
+    assert {r["split"] for r in read_metrics(path) if r["step"] == 5} == {"train"}
+
+
+def test_an_evaluation_cut_off_by_the_stop_runs_on_resume(tmp_path):
+    """A run stopped after its checkpoint at step 3 but before writing the eval due
+    there evaluates step 3 when it resumes; each eval is written once."""
+    cfg = load_config("dates", "small")
+    cfg.train.update(eval_every=3, stop_after_steps=3)
+    train_lib.train_and_evaluate(cfg, str(tmp_path))
+    path = tmp_path / "metrics.jsonl"
+    records = read_metrics(path)
+    (eval3,) = [r for r in records if r["split"] == "eval"]
+    assert eval3["step"] == 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in records if r["split"] == "train"))
+    cfg.train.update(stop_after_steps=0)
+    train_lib.train_and_evaluate(cfg, str(tmp_path))
+    evals = [r for r in read_metrics(path) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[0] == eval3  # the same state, the same metrics

@@ -55,23 +55,31 @@ class Checkpointer:
 class MetricsLog:
     """Appends one JSON object per line to ``path``; each write is flushed and fsynced.
 
-    On resume from ``resume_step`` (``None`` for a fresh run) the log keeps train
-    records up to that step and eval records before it, so no step is repeated; a
-    torn last line from a killed process is dropped.
+    On resume from ``resume_step`` (``None`` for a fresh run) the log keeps what
+    describes the states up to that step, so no record is lost or repeated: train
+    records up to ``resume_step`` and eval records up to it, except an eval at
+    ``resume_step == final_step`` (the run has nothing left to train and evaluates
+    again). A torn last line from a killed process is dropped.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None):
+    def __init__(
+        self, path: str | os.PathLike, *, resume_step: int | None, final_step: int | None = None
+    ):
         self.path = Path(path)
         kept = []
+        self.eval_steps: set[int] = set()  # steps of the kept eval records
         if resume_step is not None and self.path.exists():
+            eval_limit = resume_step - 1 if resume_step == final_step else resume_step
             for line in self.path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                limit = resume_step if record.get("split") == "train" else resume_step - 1
+                limit = resume_step if record.get("split") == "train" else eval_limit
                 if record.get("step", limit + 1) <= limit:
                     kept.append(line + "\n")
+                    if record.get("split") == "eval":
+                        self.eval_steps.add(record["step"])
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -81,6 +89,8 @@ class MetricsLog:
         self._file = open(self.path, "a")  # noqa: SIM115
 
     def write(self, record: dict) -> None:
+        if record.get("split") == "eval":
+            self.eval_steps.add(record["step"])
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
