@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.functional import _checks
+from jattn.functional import _checks, _sharding
 from jattn.functional.softmax import MASK_FILL, FullyMasked
 from jattn.functional.stochastic import keep_bits
 
@@ -463,6 +463,7 @@ def blocked_attention(
     """
     from jattn.functional.dispatch import default_block_sizes
 
+    arrays = (query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, dropout_rng)
     inputs = _checks.check_attention_inputs(
         query,
         key,
@@ -493,6 +494,20 @@ def blocked_attention(
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
     if t == 0 or s == 0:
         raise ValueError(f"blocked attention needs T > 0 and S > 0, got T={t}, S={s}")
+
+    mesh = _sharding.explicit_mesh(arrays)
+    if mesh is not None:  # explicit sharding cannot express the [B*K, ...] layout
+
+        def run(query, key, value, bias, mask, q_len, kv_len, rng):
+            return blocked_attention(
+                query, key, value, bias, mask,
+                scale=scale, is_causal=is_causal, query_seq_lengths=q_len,
+                key_value_seq_lengths=kv_len, local_window_size=local_window_size,
+                dropout_rate=dropout_rate, dropout_rng=rng, fully_masked=fully_masked,
+                return_residual=return_residual, block_sizes=tuple(block_sizes),
+            )  # fmt: skip
+
+        return _sharding.attention_in_auto_axes(run, mesh, arrays, return_residual=return_residual)
 
     bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
     nq, nk = _nblocks(t, bt), _nblocks(s, bs)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jattn.functional import _sharding
+
 __all__ = [
     "IMPLEMENTATIONS",
     "DENSE_MAX_ELEMENTS",
@@ -279,8 +281,25 @@ def run(implementation: str, query, key, value, bias=None, mask=None, **options)
     del options["return_weights"]  # the caller computes the weights apart
     if implementation == "blocked":
         return blocked_attention(query, key, value, bias, mask, **options)
-    if implementation == "cudnn":
-        return cudnn_attention(query, key, value, bias, mask, **options)
-    if implementation == "pallas":
-        return pallas_attention(query, key, value, bias, mask, **options)
-    raise ValueError(f"no runner for implementation {implementation!r}")
+    runners = {"cudnn": cudnn_attention, "pallas": pallas_attention}
+    if implementation not in runners:
+        raise ValueError(f"no runner for implementation {implementation!r}")
+    runner = runners[implementation]
+    arrays = {k: options.pop(k, None) for k in _ARRAY_OPTIONS}
+    mesh = _sharding.explicit_mesh((query, key, value, bias, mask, *arrays.values()))
+    if mesh is None:
+        return runner(query, key, value, bias, mask, **options, **arrays)
+
+    def call(query, key, value, bias, mask, arrays):
+        return runner(query, key, value, bias, mask, **options, **arrays)
+
+    return _sharding.attention_in_auto_axes(
+        call,
+        mesh,
+        (query, key, value, bias, mask, arrays),
+        return_residual=options.get("return_residual", False),
+    )
+
+
+#: Options of :func:`run` that hold arrays (passed through ``auto_axes`` as arguments).
+_ARRAY_OPTIONS = ("query_seq_lengths", "key_value_seq_lengths", "dropout_rng")

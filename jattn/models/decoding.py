@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from jattn.functional import _sharding
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.masks import causal_mask
 from jattn.functional.positional import rotary_embedding
@@ -229,3 +231,23 @@ def beam_search(
     best = jnp.argmax(scores, axis=1)  # [B]
     tokens = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
     return tokens, jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+
+
+def per_example(fn, model: nnx.Module, *arrays):
+    """``fn(model, *arrays)`` for decoding, which is independent per example.
+
+    With inputs sharded over explicit mesh axes (``jax.make_mesh``'s default) it runs
+    with those axes auto (``jax.sharding.auto_axes``: the searches gather, repeat and
+    vmap in ways a sharding type cannot always express) and the model passed in as
+    state, the output sharded like the first array's batch axis.
+    """
+    mesh = _sharding.explicit_mesh(arrays)
+    if mesh is None:
+        return fn(model, *arrays)
+    graphdef, state = nnx.split(model)
+    out = _sharding.sharding(mesh, _sharding.spec(arrays[0])[0])
+
+    def run(state, *arrays):
+        return fn(nnx.merge(graphdef, state), *arrays)
+
+    return jax.sharding.auto_axes(run, axes=mesh.explicit_axes, out_sharding=out)(state, *arrays)

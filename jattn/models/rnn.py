@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _sharding
 from jattn.layers.dropout import Dropout
 
 __all__ = ["GRUCell", "GRUEncoder"]
@@ -161,7 +162,7 @@ class GRUEncoder(nnx.Module):
           token, backward after the first), directions concatenated.
         """
         b = x.shape[0]
-        h0 = jnp.zeros((b, self.hidden), jnp.float32)
+        h0 = jnp.zeros((b, self.hidden), jnp.float32, out_sharding=_sharding.batch_like(x))
         finals = []
         for i in range(self.num_layers):
             if i > 0:

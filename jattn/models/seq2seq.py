@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _sharding
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
 from jattn.layers.dropout import Dropout
 from jattn.layers.scores import AdditiveScore, BilinearScore
-from jattn.models.decoding import beam_search, greedy_search
+from jattn.models.decoding import beam_search, greedy_search, per_example
 from jattn.models.rnn import GRUCell, GRUEncoder
 
 __all__ = ["BahdanauSeq2Seq", "SCORES"]
@@ -180,7 +181,11 @@ class BahdanauSeq2Seq(nnx.Module):
     def encode(self, src: jax.Array, *, deterministic: bool = True, rngs=None):
         """``src [B, S]`` -> ``(states [B, S, Hk], valid [B, S], h0 [L, B, H])``."""
         valid = src != self.pad_id
-        x = self.dropout(self.src_embed(src), deterministic=deterministic, rngs=rngs)
+        x = self.dropout(
+            self.src_embed(src, out_sharding=_sharding.like(src)),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
         states, finals = self.encoder(x, valid, deterministic=deterministic, rngs=rngs)
         h0 = jnp.tanh(self.bridge(finals))  # [L, B, H]
         return states, valid, h0
@@ -250,7 +255,11 @@ class BahdanauSeq2Seq(nnx.Module):
                 f"src {list(src.shape)} and tgt_in {list(tgt_in.shape)} have different batch sizes"
             )
         states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)
-        emb = self.dropout(self.tgt_embed(tgt_in), deterministic=deterministic, rngs=rngs)
+        emb = self.dropout(
+            self.tgt_embed(tgt_in, out_sharding=_sharding.like(tgt_in)),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
         *score, keys = self._score(states)
 
         def body(h, emb_t):
@@ -287,8 +296,11 @@ class BahdanauSeq2Seq(nnx.Module):
         _check_positive_int("beam_size", beam_size)
         if not isinstance(length_penalty, int | float) or length_penalty < 0:
             raise ValueError(f"length_penalty must be a float >= 0, got {length_penalty!r}")
-        return _generate(
-            self, src, jnp.float32(length_penalty), max_len=max_len, beam_size=beam_size
+        penalty = jnp.float32(length_penalty)
+        return per_example(
+            lambda model, src: _generate(model, src, penalty, max_len=max_len, beam_size=beam_size),
+            self,
+            src,
         )
 
     def _log_probs_step(self, score, tokens, state):

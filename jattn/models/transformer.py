@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _sharding
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.dropout import Dropout
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
-from jattn.models.decoding import beam_search, greedy_search
+from jattn.models.decoding import beam_search, greedy_search, per_example
 
 __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
 
@@ -51,7 +52,7 @@ class _Embedding(nnx.Module):
 
     def __call__(self, tokens, positions=None, *, deterministic=True, rngs=None):
         """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``."""
-        x = self.token(tokens) * math.sqrt(self.features)
+        x = self.token(tokens, out_sharding=_sharding.like(tokens)) * math.sqrt(self.features)
         if self.position is not None:
             if positions is None:
                 positions = jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None, :]
@@ -208,7 +209,12 @@ class Transformer(nnx.Module):
             raise ValueError(f"max_len must be an int in [1, {self.max_len}], got {max_len!r}")
         if not isinstance(beam_size, int) or beam_size <= 0:
             raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
-        return _generate_seq2seq(self, src, max_len, beam_size, float(length_penalty))
+        length_penalty = float(length_penalty)
+        return per_example(
+            lambda model, src: _generate_seq2seq(model, src, max_len, beam_size, length_penalty),
+            self,
+            src,
+        )
 
     def _step_fn(self, cross_kvs, cross_mask):
         def step(tokens, caches):
@@ -332,8 +338,15 @@ class DecoderLM(nnx.Module):
                 f"max_len={self.max_len}, got {max_new_tokens!r} for prompts of length "
                 f"{prompt_tokens.shape[1]}"
             )
-        return _generate_lm(self, prompt_tokens, prompt_lengths.astype(jnp.int32), max_new_tokens,
-                            beam_size, float(length_penalty))  # fmt: skip
+        length_penalty = float(length_penalty)
+        return per_example(
+            lambda model, prompt, lengths: _generate_lm(
+                model, prompt, lengths, max_new_tokens, beam_size, length_penalty
+            ),
+            self,
+            prompt_tokens,
+            prompt_lengths.astype(jnp.int32),
+        )
 
 
 @functools.partial(nnx.jit, static_argnums=(3, 4, 5))

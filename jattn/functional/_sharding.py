@@ -1,0 +1,60 @@
+"""Explicit sharding (``jax.make_mesh``'s default axis type) at jattn's boundaries."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def explicit_mesh(arrays):
+    """The mesh of the first array sharded over *explicit* mesh axes, else None."""
+    for x in arrays:
+        if x is None:
+            continue
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty or not mesh.explicit_axes:
+            continue
+        if any(p is not None for p in sharding.spec):
+            return mesh
+    return None
+
+
+def spec(x) -> tuple:
+    """``x``'s partition spec with one entry per axis."""
+    entries = tuple(jax.typeof(x).sharding.spec)
+    return entries + (None,) * (x.ndim - len(entries))
+
+
+def sharding(mesh, *entries) -> NamedSharding:
+    return NamedSharding(mesh, P(*entries))
+
+
+def like(x) -> NamedSharding | None:
+    """``x``'s sharding when it is sharded over explicit mesh axes, else None: the
+    ``out_sharding`` of a gather indexed by ``x`` (``nnx.Embed``), which explicit
+    sharding needs spelled out."""
+    mesh = explicit_mesh([x])
+    return None if mesh is None else sharding(mesh, *spec(x))
+
+
+def batch_like(x) -> NamedSharding | None:
+    """The sharding of ``x``'s leading (batch) axis alone, when ``x`` is sharded over
+    explicit mesh axes, else None: the ``out_sharding`` of a new ``[B, ...]`` array (a
+    scan's initial carry must have the sharding type of its updates)."""
+    mesh = explicit_mesh([x])
+    return None if mesh is None else sharding(mesh, spec(x)[0])
+
+
+def attention_in_auto_axes(fn, mesh, arrays, *, return_residual: bool):
+    """``fn(*arrays)`` for an attention path whose layout a sharding type cannot
+    express (batch and heads merged into one axis, a kernel that takes whole arrays),
+    with ``mesh``'s explicit axes auto inside (``jax.sharding.auto_axes``), so XLA
+    places the work as it does without explicit sharding. The output gets the query's
+    (``arrays[0]``) sharding, and the log-sum-exp its ``[..., T, N]`` part."""
+    qspec = spec(arrays[0])
+    out = sharding(mesh, *qspec[:-1], None)
+    if return_residual:
+        out = (out, sharding(mesh, *qspec[:-1]))
+    return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out)(*arrays)
