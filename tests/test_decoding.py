@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jattn.functional.attention import dot_product_attention
 from jattn.functional.masks import key_padding_mask
-from jattn.models import DecoderLM, Transformer, beam_search, greedy_search, length_penalty_fn
+from jattn.models import (
+    DecoderLM,
+    RotaryAttention,
+    Transformer,
+    beam_search,
+    greedy_search,
+    length_penalty_fn,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 SMALL = dict(features=16, num_heads=2, mlp_features=32, dropout_rate=0.0, max_len=16)
@@ -22,11 +30,19 @@ def _log_softmax(x):
 # ----------------------------------------------------------------------------- the cache
 
 
-@pytest.mark.parametrize("positional,pre_norm,layers", [("learned", False, 1), ("rotary", True, 2)])
-def test_seq2seq_cache_matches_full_forward(positional, pre_norm, layers):
+# A user's RotaryAttention reaches every attention layer, cross-attention included.
+USER_ROPE = RotaryAttention(dot_product_attention, max_wavelength=100.0)
+
+
+@pytest.mark.parametrize(
+    "positional,pre_norm,layers,attention_fn",
+    [("learned", False, 1, None), ("rotary", True, 2, None), ("learned", True, 1, USER_ROPE)],
+    ids=["learned", "rotary", "user-rotary-attention"],
+)
+def test_seq2seq_cache_matches_full_forward(positional, pre_norm, layers, attention_fn):
     model = Transformer(
         9, 7, num_layers=layers, positional=positional, pre_norm=pre_norm, rngs=nnx.Rngs(0),
-        **SMALL,
+        attention_fn=attention_fn, **SMALL,
     )  # fmt: skip
     src = jnp.array([[3, 4, 5, 6, 2], [7, 8, 2, 0, 0]])
     tgt = jnp.array([[1, 3, 4, 5, 6, 3], [1, 6, 5, 4, 2, 0]])
@@ -53,6 +69,21 @@ def test_seq2seq_cache_matches_full_forward(positional, pre_norm, layers):
     got, index = incremental(model, src, tgt)
     np.testing.assert_allclose(np.asarray(got), _log_softmax(full), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(index), [6, 6])
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_lm_cache_applies_a_user_rotary_attention(positional):
+    """RoPE from an ``attention_fn=RotaryAttention(...)`` (its own wavelength, and on top
+    of ``positional='rotary'``) is applied at the cache positions as in the forward."""
+    model = DecoderLM(11, positional=positional, attention_fn=USER_ROPE, rngs=nnx.Rngs(2), **SMALL)
+    tokens = jnp.array([[1, 3, 4, 5, 6, 7], [1, 9, 8, 7, 6, 5]])
+    full = model(tokens)
+    logits, caches = model.step(tokens[:, :3], model.init_cache(2, 8))
+    steps = [logits]
+    for t in range(3, 6):
+        logits, caches = model.step(tokens[:, t : t + 1], caches)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
 def test_lm_cache_with_different_prompt_lengths():

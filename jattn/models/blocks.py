@@ -12,7 +12,6 @@ called once per attention layer.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -20,12 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional.attention import attention, dot_product_attention
-from jattn.functional.positional import rotary_embedding
 from jattn.layers.dropout import Dropout
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.layers.scores import Score
 from jattn.models.decoding import (
     KVCache,
+    RotaryAttention,
     cached_cross_attention,
     cached_self_attention,
     cross_attention_kv,
@@ -58,25 +57,6 @@ def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RotaryAttention:
-    """An ``attention_fn`` that applies RoPE to queries and keys at positions ``0..T-1``.
-
-    Wraps ``inner`` (the attention function otherwise used); for self-attention over a
-    whole sequence. Cached decoding applies RoPE at the cache positions instead.
-    """
-
-    inner: Callable
-    max_wavelength: float = 10000.0
-
-    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
-        q_pos = jnp.arange(query.shape[-3], dtype=jnp.int32)
-        k_pos = jnp.arange(key.shape[-3], dtype=jnp.int32)
-        query = rotary_embedding(query, q_pos, max_wavelength=self.max_wavelength)
-        key = rotary_embedding(key, k_pos, max_wavelength=self.max_wavelength)
-        return self.inner(query, key, value, bias, mask, **kwargs)
 
 
 def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs):
@@ -181,7 +161,6 @@ class EncoderBlock(_Block):
             features, num_heads, mlp_features, 2, dropout_rate=dropout_rate,
             pre_norm=pre_norm, activation=activation, layer_norm_eps=layer_norm_eps, rngs=rngs,
         )  # fmt: skip
-        self.rotary = rotary
         self.self_attention = _attention_layer(
             features, num_heads, dropout_rate, attention_fn, score, rotary, rngs
         )
@@ -222,9 +201,7 @@ class EncoderBlock(_Block):
 
         def attend(h):
             nonlocal new_cache
-            out, new_cache = cached_self_attention(
-                self.self_attention, h, cache, rotary=self.rotary
-            )
+            out, new_cache = cached_self_attention(self.self_attention, h, cache)
             return out
 
         x = self._residual(x, self.norm1, attend, True, None)
@@ -258,7 +235,6 @@ class DecoderBlock(_Block):
             features, num_heads, mlp_features, 3, dropout_rate=dropout_rate,
             pre_norm=pre_norm, activation=activation, layer_norm_eps=layer_norm_eps, rngs=rngs,
         )  # fmt: skip
-        self.rotary = rotary
         self.self_attention = _attention_layer(
             features, num_heads, dropout_rate, attention_fn, score, rotary, rngs
         )
@@ -311,13 +287,15 @@ class DecoderBlock(_Block):
 
         def self_attend(h):
             nonlocal new_cache
-            out, new_cache = cached_self_attention(
-                self.self_attention, h, cache, rotary=self.rotary
-            )
+            out, new_cache = cached_self_attention(self.self_attention, h, cache)
             return out
 
+        positions = cache.index[:, None] + jnp.arange(y.shape[-2], dtype=jnp.int32)[None, :]
+
         def cross_attend(h):
-            return cached_cross_attention(self.cross_attention, h, cross_kv, cross_mask)
+            return cached_cross_attention(
+                self.cross_attention, h, cross_kv, cross_mask, positions=positions
+            )
 
         y = self._residual(y, self.norm1, self_attend, True, None)
         y = self._residual(y, self.norm2, cross_attend, True, None)

@@ -13,6 +13,7 @@ batch axis (beam search reorders it).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from jattn.functional.positional import rotary_embedding
 
 __all__ = [
     "KVCache",
+    "RotaryAttention",
     "init_cache",
     "cached_self_attention",
     "cross_attention_kv",
@@ -60,10 +62,40 @@ def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache
     )
 
 
-def _attention_fn(mha) -> Callable:
-    """The pure attention function ``mha`` calls (unwrapping a rotary wrapper)."""
-    fn = getattr(mha.attention_fn, "inner", mha.attention_fn)
-    return fn or (attention if mha.score is not None else dot_product_attention)
+@dataclasses.dataclass(frozen=True)
+class RotaryAttention:
+    """An ``attention_fn`` that applies RoPE to queries and keys at positions ``0..T-1``.
+
+    Wraps ``inner`` (the attention function otherwise used); for self-attention over a
+    whole sequence. Cached decoding (:func:`cached_self_attention`, :func:`cached_cross_attention`)
+    applies the same RoPE at the cache positions instead.
+    """
+
+    inner: Callable
+    max_wavelength: float = 10000.0
+
+    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
+        q_pos = jnp.arange(query.shape[-3], dtype=jnp.int32)
+        k_pos = jnp.arange(key.shape[-3], dtype=jnp.int32)
+        query = rotary_embedding(query, q_pos, max_wavelength=self.max_wavelength)
+        key = rotary_embedding(key, k_pos, max_wavelength=self.max_wavelength)
+        return self.inner(query, key, value, bias, mask, **kwargs)
+
+
+def _unwrap(mha) -> tuple[Callable, tuple[float, ...]]:
+    """``(fn, wavelengths)``: the pure attention function ``mha`` calls, and the
+    ``max_wavelength`` of each :class:`RotaryAttention` wrapped around it."""
+    fn, wavelengths = mha.attention_fn, []
+    while isinstance(fn, RotaryAttention):
+        wavelengths.append(fn.max_wavelength)
+        fn = fn.inner
+    return fn or (attention if mha.score is not None else dot_product_attention), tuple(wavelengths)
+
+
+def _rope(x, positions, wavelengths):
+    for w in wavelengths:  # rotations of the same pairs: their order does not matter
+        x = rotary_embedding(x, positions, max_wavelength=w)
+    return x
 
 
 def _attend(mha, q, k, v, mask):
@@ -72,7 +104,7 @@ def _attend(mha, q, k, v, mask):
         kwargs.update(
             score_fn=mha.score.score_fn, score_params=mha.score.params(), per_head_params=True
         )
-    return mha.out(_attention_fn(mha)(q, k, v, None, mask, **kwargs))
+    return mha.out(_unwrap(mha)[0](q, k, v, None, mask, **kwargs))
 
 
 def _write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -84,24 +116,24 @@ def _write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(one)(buffer, new, index)
 
 
-def cached_self_attention(
-    mha, x: jax.Array, cache: KVCache, *, rotary: bool = False
-) -> tuple[jax.Array, KVCache]:
+def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Causal self-attention of new tokens ``x [B, T, D]`` against the cache.
 
     The T tokens of example b sit at positions ``cache.index[b] + t``: their keys and
     values are written there and each query sees the cache up to its own position
     (``jattn.causal_mask(T, S_max, offset=index)``). Works for a multi-token prefill
-    and for single-token steps. The caller must keep ``index + T <= S_max``.
+    and for single-token steps. The caller must keep ``index + T <= S_max``. A layer
+    whose ``attention_fn`` is a :class:`RotaryAttention` gets its RoPE at those positions.
 
     Returns:
       ``([B, T, D_out], cache)`` with ``index`` advanced by T.
     """
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
-    if rotary:
+    wavelengths = _unwrap(mha)[1]
+    if wavelengths:
         positions = cache.index[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
-        q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+        q, k = _rope(q, positions, wavelengths), _rope(k, positions, wavelengths)
     keys = _write(cache.key, k, cache.index)
     values = _write(cache.value, v, cache.index)
     mask = causal_mask(num_new, max_len, offset=cache.index)[:, None]  # [B, 1, T, S_max]
@@ -110,13 +142,33 @@ def cached_self_attention(
 
 
 def cross_attention_kv(mha, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Projects the encoder memory ``[B, S, D]`` once: keys ``[B, S, K, H]``, values."""
-    return mha.key(memory), mha.value(memory)
+    """Projects the encoder memory ``[B, S, D]`` once: keys ``[B, S, K, H]``, values
+    (keys with the RoPE of a :class:`RotaryAttention` layer at positions ``0..S-1``)."""
+    k = mha.key(memory)
+    wavelengths = _unwrap(mha)[1]
+    if wavelengths:
+        k = _rope(k, jnp.arange(memory.shape[-2], dtype=jnp.int32), wavelengths)
+    return k, mha.value(memory)
 
 
-def cached_cross_attention(mha, y: jax.Array, kv, mask: jax.Array | None) -> jax.Array:
-    """Cross-attention of ``y [B, T, D]`` to precomputed memory keys/values ``kv``."""
-    return _attend(mha, mha.query(y), kv[0], kv[1], mask)
+def cached_cross_attention(
+    mha, y: jax.Array, kv, mask: jax.Array | None, *, positions: jax.Array | None = None
+) -> jax.Array:
+    """Cross-attention of ``y [B, T, D]`` to precomputed memory keys/values ``kv``.
+
+    ``positions [B, T]``: where the T new tokens sit, needed (only) when the layer's
+    ``attention_fn`` is a :class:`RotaryAttention`, which rotates the queries there.
+    """
+    q = mha.query(y)
+    wavelengths = _unwrap(mha)[1]
+    if wavelengths:
+        if positions is None:
+            raise ValueError(
+                "cached_cross_attention: this layer's attention_fn is a RotaryAttention; "
+                "pass positions=[B, T], the positions of the new tokens"
+            )
+        q = _rope(q, positions, wavelengths)
+    return _attend(mha, q, kv[0], kv[1], mask)
 
 
 def length_penalty_fn(length: jax.Array, alpha: float) -> jax.Array:
