@@ -350,6 +350,11 @@ def test_multihead_config_errors():
     )
     _raises_config("v_head_dim must be a positive int, got 2.5", MultiHeadAttention, 2, 8,
                    v_head_dim=2.5)  # fmt: skip
+    # 0 is a value, not "use the default"
+    for name in ("qkv_features", "out_features", "num_kv_heads", "in_kv_features",
+                 "in_value_features", "v_head_dim"):  # fmt: skip
+        _raises_config(f"{name} must be a positive int, got 0", MultiHeadAttention, 2, 8,
+                       **{name: 0})  # fmt: skip
 
 
 def test_multihead_call_errors():

@@ -229,6 +229,23 @@ def test_lm_generate_equals_stepwise_argmax():
         model.generate(prompt, lengths, max_new_tokens=20)
     with pytest.raises(ValueError, match=r"prompt_lengths must have shape \[B\]"):
         model.generate(prompt, lengths[:2], max_new_tokens=2)
+    for bad in ([0, 2, 3], [2, 5, 3]):  # each prompt holds 1..P tokens
+        with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 4\]"):
+            model.generate(prompt, jnp.array(bad), max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_lengths must be integers"):
+        model.generate(prompt, lengths.astype(jnp.float32), max_new_tokens=2)
+    with pytest.raises(ValueError, match="beam_size must be a positive int, got 0"):
+        model.generate(prompt, lengths, max_new_tokens=2, beam_size=0)
+    with pytest.raises(ValueError, match="length_penalty must be a float >= 0"):
+        model.generate(prompt, lengths, max_new_tokens=2, beam_size=2, length_penalty=-1.0)
+    same = model.generate(prompt, lengths, max_new_tokens=np.int64(5))  # NumPy ints are ints
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(got))
+    # a cache that is full refuses more tokens instead of overwriting its last slot
+    _, caches = model.step(prompt, model.init_cache(3, 4))
+    with pytest.raises(ValueError, match=r"the cache is full: writing 1 tokens at index"):
+        model.step(prompt[:, :1], caches)
+    with pytest.raises(ValueError, match="5 new tokens do not fit a cache of 4 positions"):
+        model.step(jnp.ones((3, 5), jnp.int32), model.init_cache(3, 4))
 
 
 def test_generate_inside_jit_and_errors(seq2seq):
@@ -238,6 +255,8 @@ def test_generate_inside_jit_and_errors(seq2seq):
         seq2seq.generate(SRC, max_len=17)
     with pytest.raises(ValueError, match="beam_size must be a positive int"):
         seq2seq.generate(SRC, max_len=3, beam_size=0)
+    with pytest.raises(ValueError, match="length_penalty must be a float >= 0, got -1"):
+        seq2seq.generate(SRC, max_len=3, beam_size=2, length_penalty=-1)
 
 
 # ------------------------------------------------------------- search on a bigram model

@@ -368,6 +368,10 @@ def test_bad_inputs():
         model.generate(SRC, max_len=3, length_penalty=-1)
     with pytest.raises(ValueError, match=r"src must have shape \[B, L\]"):
         model.generate(SRC[None], max_len=3)
+    with pytest.raises(ValueError, match=r"src holds token ids outside the vocabulary"):
+        model(SRC + SRC_V, TGT_IN)
+    with pytest.raises(ValueError, match=r"tgt_in holds token ids outside the vocabulary"):
+        model(SRC, TGT_IN - TGT_V)
 
 
 # --------------------------------------------------------------------------------- config

@@ -199,6 +199,14 @@ def test_attention_fn_and_score_reach_every_attention_layer():
         ),
         (lambda r: EncoderClassifier(9, 2, pooling="max", rngs=r), "pooling must be"),
         (lambda r: EncoderClassifier(9, 0, rngs=r), "num_classes must be a positive int"),
+        # 0 is a value, not "the default"
+        (lambda r: Transformer(9, 7, num_encoder_layers=0, rngs=r), "num_encoder_layers must"),
+        (lambda r: Transformer(9, 7, num_decoder_layers=0, rngs=r), "num_decoder_layers must"),
+        (lambda r: Transformer(9, 7, mlp_features=0, rngs=r), "mlp_features must be a positive"),
+        (lambda r: Transformer(9, 7, eos_id=7, rngs=r), r"eos_id=7 is outside the target"),
+        (lambda r: Transformer(9, 7, pad_id=-1, rngs=r), r"pad_id=-1 is outside the target"),
+        (lambda r: DecoderLM(9, bos_id=9, rngs=r), r"bos_id=9 is outside the vocabulary \[0, 9\)"),
+        (lambda r: EncoderClassifier(9, 2, pad_id=9, rngs=r), r"pad_id=9 is outside"),
     ],
 )
 def test_config_errors(make, match):
@@ -211,3 +219,8 @@ def test_input_errors(model):
         model(SRC[0], TGT)
     with pytest.raises(ValueError, match="tgt_in length 17 exceeds max_len=16"):
         model(SRC, jnp.ones((2, 17), jnp.int32))
+    # ids beyond the table would gather NaN, negative ones wrap around: both refused
+    with pytest.raises(ValueError, match=r"tokens holds token ids outside the vocabulary"):
+        model(SRC, TGT.at[0, 1].set(99))
+    with pytest.raises(ValueError, match=r"\[0, 9\): min -1"):
+        model(SRC.at[1, 0].set(-1), TGT)

@@ -25,6 +25,11 @@ _dot_product_attention = jax.jit(
 )
 
 
+def _default(value, default):
+    """``value``, or ``default`` when it is None (0 is a value, and is rejected)."""
+    return default if value is None else value
+
+
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -87,11 +92,13 @@ class MultiHeadAttention(nnx.Module):
     ):
         num_heads = _positive_int("num_heads", num_heads)
         in_features = _positive_int("in_features", in_features)
-        qkv_features = _positive_int("qkv_features", qkv_features or in_features)
-        out_features = _positive_int("out_features", out_features or in_features)
-        num_kv_heads = _positive_int("num_kv_heads", num_kv_heads or num_heads)
-        in_kv_features = _positive_int("in_kv_features", in_kv_features or in_features)
-        in_value_features = _positive_int("in_value_features", in_value_features or in_kv_features)
+        qkv_features = _positive_int("qkv_features", _default(qkv_features, in_features))
+        out_features = _positive_int("out_features", _default(out_features, in_features))
+        num_kv_heads = _positive_int("num_kv_heads", _default(num_kv_heads, num_heads))
+        in_kv_features = _positive_int("in_kv_features", _default(in_kv_features, in_features))
+        in_value_features = _positive_int(
+            "in_value_features", _default(in_value_features, in_kv_features)
+        )
         if qkv_features % num_heads:
             raise ValueError(
                 f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}"
@@ -103,7 +110,7 @@ class MultiHeadAttention(nnx.Module):
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
         head_dim = qkv_features // num_heads
-        v_head_dim = _positive_int("v_head_dim", v_head_dim or head_dim)
+        v_head_dim = _positive_int("v_head_dim", _default(v_head_dim, head_dim))
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

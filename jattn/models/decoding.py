@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jattn.functional import _sharding
@@ -129,6 +130,7 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
       ``([B, T, D_out], cache)`` with ``index`` advanced by T.
     """
     num_new, max_len = x.shape[-2], cache.key.shape[1]
+    _check_room(cache.index, num_new, max_len)
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
     wavelengths = _unwrap(mha)[1]
     if wavelengths:
@@ -139,6 +141,20 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     mask = causal_mask(num_new, max_len, offset=cache.index)[:, None]  # [B, 1, T, S_max]
     out = _attend(mha, q, keys, values, mask)
     return out, KVCache(keys, values, cache.index + num_new)
+
+
+def _check_room(index, num_new: int, max_len: int) -> None:
+    """A clear error instead of a clamped write when T new tokens overflow the cache
+    (always checked for T > S_max; for the index only when it is concrete)."""
+    if num_new > max_len:
+        raise ValueError(f"{num_new} new tokens do not fit a cache of {max_len} positions")
+    if not isinstance(index, jax.core.Tracer):
+        end = int(np.max(np.asarray(index))) + num_new if np.size(index) else 0
+        if end > max_len:
+            raise ValueError(
+                f"the cache is full: writing {num_new} tokens at index "
+                f"{np.asarray(index).tolist()} needs {end} positions, it has {max_len}"
+            )
 
 
 def cross_attention_kv(mha, memory: jax.Array) -> tuple[jax.Array, jax.Array]:

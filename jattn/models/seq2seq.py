@@ -23,6 +23,7 @@ from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
 from jattn.layers.dropout import Dropout
 from jattn.layers.scores import AdditiveScore, BilinearScore
+from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.decoding import beam_search, greedy_search, per_example
 from jattn.models.rnn import GRUCell, GRUEncoder
 
@@ -115,17 +116,9 @@ class BahdanauSeq2Seq(nnx.Module):
                 f"state size ({key_size} with bidirectional=True); use score='bilinear' "
                 "or bidirectional=False"
             )
-        for name, value in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-            if not 0 <= value < tgt_vocab_size:
-                raise ValueError(
-                    f"{name}={value} is outside the target vocabulary [0, {tgt_vocab_size})"
-                )
-        if not 0 <= pad_id < src_vocab_size:
-            raise ValueError(
-                f"pad_id={pad_id} is outside the source vocabulary [0, {src_vocab_size})"
-            )
+        check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
+                          eos_id=eos_id)  # fmt: skip
+        check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
 
         self.tgt_vocab_size = tgt_vocab_size
         self.hidden = hidden
@@ -180,6 +173,7 @@ class BahdanauSeq2Seq(nnx.Module):
 
     def encode(self, src: jax.Array, *, deterministic: bool = True, rngs=None):
         """``src [B, S]`` -> ``(states [B, S, Hk], valid [B, S], h0 [L, B, H])``."""
+        check_token_ids("src", src, self.src_embed.num_embeddings)
         valid = src != self.pad_id
         x = self.dropout(
             self.src_embed(src, out_sharding=_sharding.like(src)),
@@ -254,6 +248,7 @@ class BahdanauSeq2Seq(nnx.Module):
             raise ValueError(
                 f"src {list(src.shape)} and tgt_in {list(tgt_in.shape)} have different batch sizes"
             )
+        check_token_ids("tgt_in", tgt_in, self.tgt_embed.num_embeddings)
         states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)
         emb = self.dropout(
             self.tgt_embed(tgt_in, out_sharding=_sharding.like(tgt_in)),
@@ -293,9 +288,7 @@ class BahdanauSeq2Seq(nnx.Module):
         """
         src = _check_tokens("src", src)
         _check_positive_int("max_len", max_len)
-        _check_positive_int("beam_size", beam_size)
-        if not isinstance(length_penalty, int | float) or length_penalty < 0:
-            raise ValueError(f"length_penalty must be a float >= 0, got {length_penalty!r}")
+        beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         penalty = jnp.float32(length_penalty)
         return per_example(
             lambda model, src: _generate(model, src, penalty, max_len=max_len, beam_size=beam_size),

@@ -15,12 +15,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jattn.functional import _sharding
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.dropout import Dropout
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
+from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
 from jattn.models.decoding import beam_search, greedy_search, per_example
 
@@ -52,6 +54,7 @@ class _Embedding(nnx.Module):
 
     def __call__(self, tokens, positions=None, *, deterministic=True, rngs=None):
         """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``."""
+        check_token_ids("tokens", tokens, self.token.num_embeddings)
         x = self.token(tokens, out_sharding=_sharding.like(tokens)) * math.sqrt(self.features)
         if self.position is not None:
             if positions is None:
@@ -74,7 +77,8 @@ def _check_tokens(name, tokens, max_len=None):
 def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
                    layer_norm_eps, final_norm, attention_fn, score, positional):  # fmt: skip
     """Validates the options (before any parameter is created) and returns the stack kwargs."""
-    mlp_features = mlp_features or 4 * features if isinstance(features, int) else mlp_features
+    if mlp_features is None and isinstance(features, int):
+        mlp_features = 4 * features
     _check_config(features, num_heads, mlp_features, dropout_rate, activation)
     if positional not in _POSITIONAL:
         raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
@@ -165,8 +169,20 @@ class Transformer(nnx.Module):
                 tgt_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
             )
             self.output = nnx.Linear(features, tgt_vocab_size, rngs=rngs)
-        self.encoder = TransformerEncoder(num_encoder_layers or num_layers, rngs=rngs, **opts)
-        self.decoder = TransformerDecoder(num_decoder_layers or num_layers, rngs=rngs, **opts)
+        enc = ("num_layers", num_layers)
+        if num_encoder_layers is not None:
+            enc = ("num_encoder_layers", num_encoder_layers)
+        dec = ("num_layers", num_layers)
+        if num_decoder_layers is not None:
+            dec = ("num_decoder_layers", num_decoder_layers)
+        for name, value in (enc, dec):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
+                          eos_id=eos_id)  # fmt: skip
+        check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
+        self.encoder = TransformerEncoder(enc[1], rngs=rngs, **opts)
+        self.decoder = TransformerDecoder(dec[1], rngs=rngs, **opts)
         self.max_len = max_len
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
@@ -207,9 +223,7 @@ class Transformer(nnx.Module):
         src = _check_tokens("src", src, self.max_len)
         if not isinstance(max_len, int) or not 0 < max_len <= self.max_len:
             raise ValueError(f"max_len must be an int in [1, {self.max_len}], got {max_len!r}")
-        if not isinstance(beam_size, int) or beam_size <= 0:
-            raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
-        length_penalty = float(length_penalty)
+        beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         return per_example(
             lambda model, src: _generate_seq2seq(model, src, max_len, beam_size, length_penalty),
             self,
@@ -281,6 +295,7 @@ class DecoderLM(nnx.Module):
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
                               positional)  # fmt: skip
+        check_special_ids(vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.output = None if tie_embeddings else nnx.Linear(features, vocab_size, rngs=rngs)
@@ -308,6 +323,8 @@ class DecoderLM(nnx.Module):
         """Cached forward of ``tokens [B, T]`` at positions ``caches[0].index + t``.
 
         A multi-token prefill or single-token steps; returns ``(logits [B, T, V], caches)``.
+        The caches must have room: ``index + T <= `` their length (checked when the
+        index is concrete; :meth:`generate` sizes them itself).
         """
         positions = caches[0].index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
         x = self.embed(tokens, positions)
@@ -331,14 +348,26 @@ class DecoderLM(nnx.Module):
                 f"prompt_lengths must have shape [B] = [{prompt_tokens.shape[0]}], "
                 f"got {list(prompt_lengths.shape)}"
             )
-        total = prompt_tokens.shape[1] + max_new_tokens
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0 or total > self.max_len:
+        if not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+            raise ValueError(f"prompt_lengths must be integers, got dtype {prompt_lengths.dtype}")
+        plen = prompt_tokens.shape[1]
+        if not isinstance(prompt_lengths, jax.core.Tracer):
+            lengths = np.asarray(prompt_lengths)
+            if lengths.size and (lengths.min() < 1 or lengths.max() > plen):
+                raise ValueError(
+                    f"prompt_lengths must be in [1, {plen}] (the prompts' length), got "
+                    f"{lengths.tolist()}"
+                )
+        if isinstance(max_new_tokens, np.integer):
+            max_new_tokens = int(max_new_tokens)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if max_new_tokens <= 0 or plen + max_new_tokens > self.max_len:
             raise ValueError(
                 f"max_new_tokens must be a positive int with prompt length + max_new_tokens <= "
-                f"max_len={self.max_len}, got {max_new_tokens!r} for prompts of length "
-                f"{prompt_tokens.shape[1]}"
+                f"max_len={self.max_len}, got {max_new_tokens!r} for prompts of length {plen}"
             )
-        length_penalty = float(length_penalty)
+        beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         return per_example(
             lambda model, prompt, lengths: _generate_lm(
                 model, prompt, lengths, max_new_tokens, beam_size, length_penalty
@@ -407,6 +436,7 @@ class EncoderClassifier(nnx.Module):
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
                               positional)  # fmt: skip
+        check_special_ids(vocab_size, pad_id=pad_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
