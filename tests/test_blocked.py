@@ -206,6 +206,14 @@ def test_fully_masked_rows_policies():
     np.testing.assert_allclose(np.asarray(out_u)[b, t, n], mean_v[b], atol=OUT_TOL)
 
 
+def test_lengths_given_as_lists():
+    q, k, v = (_normal(i, (2, 20, 2, 8)) for i in (1, 2, 3))
+    lengths = dict(query_seq_lengths=[20, 3], key_value_seq_lengths=[9, 20])
+    lists = blocked_attention(q, k, v, block_sizes=BLOCKS, **lengths)
+    arrays = {name: jnp.array(x) for name, x in lengths.items()}
+    np.testing.assert_array_equal(lists, blocked_attention(q, k, v, block_sizes=BLOCKS, **arrays))
+
+
 def test_no_batch_dims_and_two_batch_dims():
     q, k, v = (
         _normal(1, (2, 3, 19, 2, 8)),

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
 
     # attention: batch over 'data', heads over 'model'; T*S > 256^2 -> the blocked path
     q, k = normal(4, 272, 4, 8), normal(4, 272, 2, 8)
-    lens = jnp.asarray([272, 100, 7, 200], jnp.int32)
+    lens = [272, 100, 7, 200]  # a list, as users write it
     bspec, hspec = P("data"), P("data", None, "model")
     compare("default", lambda q, k: jattn.dot_product_attention(q, k, k, is_causal=True),
             (q, k), (hspec, hspec))
@@ -53,9 +53,9 @@ SCRIPT = textwrap.dedent(
         lambda q, k: jnp.sum(jattn.dot_product_attention(q, k, k, is_causal=True) ** 2),
         argnums=(0, 1)), (q, k), (hspec, hspec))
     compare("blocked_residual_lengths",
-            lambda q, k, l: blocked_attention(q, k, k, key_value_seq_lengths=l,
+            lambda q, k: blocked_attention(q, k, k, key_value_seq_lengths=lens,
                                               return_residual=True, block_sizes=(64, 32)),
-            (q, k, lens), (bspec, bspec, bspec))
+            (q, k), (bspec, bspec))
 
     # the Pallas TPU kernel, interpreted on CPU, through the dispatcher
     dispatch.pallas_attention = functools.partial(dispatch.pallas_attention, interpret=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -10,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 def explicit_mesh(arrays):
     """The mesh of the first array sharded over *explicit* mesh axes, else None."""
     for x in arrays:
-        if x is None:
+        if not isinstance(x, jax.Array):  # None, Python and NumPy values: unsharded
             continue
         sharding = getattr(jax.typeof(x), "sharding", None)
         mesh = getattr(sharding, "mesh", None)
@@ -57,4 +58,14 @@ def attention_in_auto_axes(fn, mesh, arrays, *, return_residual: bool):
     out = sharding(mesh, *qspec[:-1], None)
     if return_residual:
         out = (out, sharding(mesh, *qspec[:-1]))
+    arrays = [as_array(a) for a in arrays]  # e.g. lengths given as lists
     return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out)(*arrays)
+
+
+def as_array(x):
+    """``x`` as a JAX array unless it is None, an array already, or a dict of them."""
+    if x is None or isinstance(x, jax.Array):
+        return x
+    if isinstance(x, dict):
+        return {k: as_array(v) for k, v in x.items()}
+    return jnp.asarray(x)
