@@ -7,6 +7,8 @@ Tolerances (fixed): outputs and log-sum-exp 1e-6, gradients 1e-5.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,6 +206,26 @@ def test_fully_masked_rows_policies():
     np.testing.assert_array_equal(np.asarray(out_z)[b, t, n], 0.0)
     mean_v = np.asarray(v).mean(axis=1)[:, 0]  # K = 1: [B, Hv]
     np.testing.assert_allclose(np.asarray(out_u)[b, t, n], mean_v[b], atol=OUT_TOL)
+
+
+@pytest.mark.parametrize("block_sizes", [(1, 1), (1, 2), (2, 3), (2, 8)])
+@pytest.mark.parametrize("policy", ["zeros", "uniform"])
+def test_a_row_of_minus_inf_logits_does_not_depend_on_the_blocks(block_sizes, policy):
+    """Row 1 sees keys, all with a -inf bias: zeros and lse 0 as dense, whichever tiles
+    (with or without masked entries) the row visits; row 0 is an ordinary row."""
+    q, k = _normal(1, (1, 2, 1, 4)), _normal(2, (1, 8, 1, 4))
+    v = jnp.arange(1.0, 9.0).reshape(1, 8, 1, 1)
+    bias = jnp.zeros((2, 8)).at[1].set(-jnp.inf)
+    mask = jnp.ones((2, 8), bool).at[1, 0].set(False)
+    for mask_i, opts in ((None, dict(local_window_size=1)), (mask, {})):
+        opts = dict(opts, fully_masked=policy)
+        dense = _outputs_and_grads(dot_product_attention, (q, k, v, bias), mask_i, opts)
+        blocked_fn = functools.partial(blocked_attention, block_sizes=block_sizes)
+        got = _outputs_and_grads(blocked_fn, (q, k, v, bias), mask_i, opts)
+        np.testing.assert_array_equal(got[0][0, 1], 0.0)
+        np.testing.assert_array_equal(got[1][0, 1], 0.0)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(dense), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_lengths_given_as_lists():

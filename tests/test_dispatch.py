@@ -163,3 +163,25 @@ def test_pallas_kernel_in_interpret_mode():
     out = dispatch.pallas_attention(q, k, v, bias, interpret=True, **opts)
     ref = dot_product_attention(q, k, v, bias, is_causal=True, scale=0.3)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+    # -inf biases: on some keys (weight 0), on every key a causal row sees (zeros, as
+    # dense; the kernel alone gives NaN there), and with a scale above 1
+    bias = bias.at[..., 5, :].set(-jnp.inf).at[..., 9, :10].set(-jnp.inf)
+    bias = bias.at[..., 20, 7:50].set(-jnp.inf)
+    for scale in (0.3, 4.0):
+        opts = _options(is_causal=True, scale=scale)
+        out = dispatch.pallas_attention(q, k, v, bias, interpret=True, **opts)
+        ref = dot_product_attention(q, k, v, bias, is_causal=True, scale=scale)
+        np.testing.assert_array_equal(out[0, 5], 0.0)
+        np.testing.assert_array_equal(out[0, 9], 0.0)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+def test_pallas_is_not_chosen_for_a_zero_scale_with_a_bias(monkeypatch):
+    monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
+    q = k = v = jnp.ones((1, 128, 1, 8))
+    bias = jnp.ones((128, 128))
+    assert dispatch.select(None, q, k, v, bias, **_options(scale=0.5)) == "pallas"
+    assert dispatch.select(None, q, k, v, bias, **_options(scale=0.0)) == "dense"
+    with pytest.raises(ValueError, match="scale=0 with a bias"):
+        dispatch.select("pallas", q, k, v, bias, **_options(scale=0.0))

@@ -27,8 +27,13 @@ gradient), with two documented differences:
   not dropped out. Otherwise dropout draws the dense path's keep-mask
   (:mod:`jattn.functional.stochastic` hashes global coordinates), so the two paths
   drop the same weights.
-* a row is "fully masked" when its largest logit is the mask fill: a visible
-  logit at or below ``MASK_FILL`` (about ``-2.4e38``) counts as masked.
+* a row whose visible logits are all at or below ``MASK_FILL`` (about
+  ``-2.4e38``) gives zeros and lse 0. For ``-inf`` (e.g. a ``-inf`` bias on every
+  visible key) that is the dense result too; dense still takes the softmax of
+  finite logits below the fill.
+
+Whether a row is fully masked (has no visible key) is tracked from the mask and the
+structure, never from the logits, so it does not depend on the block sizes.
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ def _kv_range(geo: _Geometry, i, kv_len):
         hi = jnp.minimum(hi, (q_max + right) // geo.bs + 1)
     if kv_len is not None:
         hi = jnp.minimum(hi, _nblocks_traced(jnp.max(kv_len), geo.bs))
-    # One visited block keeps a fully masked row recognisable (its max is MASK_FILL).
+    # At least one visited block: a fully masked row gets its fill (and lse) from it.
     lo = jnp.clip(lo, 0, nk - 1)
     return lo, jnp.maximum(hi, lo + 1)
 
@@ -188,6 +193,21 @@ def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured:
         if geo.s % geo.bs:
             s = jnp.where(real, s, _NEG_INF)  # padding keys count for nothing
     return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs), jnp.float32(1.0)
+
+
+def _seen(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool):
+    """Which rows ``[B*K, G*bt]`` of tile (i, j) see a real key through the mask and
+    the structure (None: all of them). Reduced before it is broadcast to the heads."""
+    if mask is None and not structured:
+        return None
+    visible = jnp.ones((1, 1, 1, 1, 1), bool)
+    if mask is not None:
+        visible = _block(mask, geo, i, j)
+    if structured:
+        vis, real = _visible(geo, i, j, q_len, kv_len)
+        visible = visible & vis & real
+    seen = jnp.broadcast_to(jnp.any(visible, axis=-1), (geo.b, geo.k, geo.g, geo.bt))
+    return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
 
 
 def _cdiv(a, b: int):
@@ -264,8 +284,10 @@ def _keep(geo: _Geometry, rng, i, j):
 
 
 def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``,
-    the row max ``m`` and ``log(l)``; the log-sum-exp is ``m + log(l)``. The backward
+    """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``
+    (no visible key), ``skip`` (rows the backward leaves out: fully masked, or all
+    visible logits -inf), the row max ``m`` and ``log(l)``; the log-sum-exp is
+    ``m + log(l)``. The backward
     recomputes weights as ``exp((s - m) - log(l))``, not ``exp(s - lse)``: with logits
     near, say, -1e9 (a bias used as a mask) ``lse`` cannot hold ``log(l)`` in float32."""
     rows, hv = qb.shape[2], vb.shape[-1]
@@ -275,8 +297,10 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
         i, qi = args
 
         def step(structured, j, carry):
-            m, l, acc = carry
+            m, l, acc, seen = carry
             s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured)
+            seen_j = _seen(geo, mask, q_len, kv_len, i, j, structured)
+            seen = jnp.ones_like(seen) if seen_j is None else seen | seen_j
             # The running max only stabilises exp; the results do not depend on it, so it
             # carries no derivative (as in the dense softmax). Differentiating through
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
@@ -290,50 +314,55 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
             acc = acc * corr[..., None] + _dot(p.astype(vb.dtype), vb[j], ((2,), (1,)))
-            return m_new, l, acc
+            return m_new, l, acc, seen
 
         lo, hi = _kv_range(geo, i, kv_len)
         init = (
             jnp.full((qi.shape[0], rows), _NEG_INF),
             jnp.zeros((qi.shape[0], rows), jnp.float32),
             jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
+            jnp.zeros((qi.shape[0], rows), bool),
         )
         plain = None
         if _has_structure(geo, q_len, kv_len):
             plain = _plain_kv_blocks(geo, i, q_len, kv_len)
-        m, l, acc = _tiles(geo, lo, hi, plain, step, init)
-        fully = m == _FILL
+        m, l, acc, seen = _tiles(geo, lo, hi, plain, step, init)
+        fully = ~seen  # no visible key: the fully_masked policy
+        # Visible keys whose logits are all -inf (at or below the fill): zeros and lse 0,
+        # as the dense softmax gives a row of -inf.
+        dead = seen & (m <= _FILL)
         l_safe = jnp.where(l > 0, l, jnp.float32(1.0))
-        out = acc / l_safe[..., None]
-        return out, fully, jnp.where(m == _NEG_INF, jnp.float32(0.0), m), jnp.log(l_safe)
+        out = jnp.where(dead[..., None], jnp.float32(0.0), acc / l_safe[..., None])
+        m = jnp.where((m == _NEG_INF) | dead, jnp.float32(0.0), m)
+        return out, fully, fully | dead, m, jnp.where(dead, jnp.float32(0.0), jnp.log(l_safe))
 
     nq = qb.shape[0]
-    out, fully, m, log_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
+    out, fully, skip, m, log_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
     if geo.fully_masked == "uniform":
         v_mean = jnp.sum(vb.astype(jnp.float32), axis=(0, 2)) / jnp.float32(geo.s)  # [B*K, Hv]
         out = jnp.where(fully[..., None], v_mean[None, :, None, :], out)
     else:
         out = jnp.where(fully[..., None], jnp.float32(0.0), out)
-    return out.astype(vb.dtype), fully, m, log_l
+    return out.astype(vb.dtype), fully, skip, m, log_l
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, _, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    out, _, _, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
     return out, m + log_l
 
 
 def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, fully, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
-    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m, log_l)
+    out, fully, skip, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, skip, m, log_l)
     return (out, m + log_l), res
 
 
 def _flash_bwd(geo, res, cotangents):
-    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, m, log_l = res
+    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, skip, m, log_l = res
     dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
-    # Fully masked rows contribute nothing inside the loop: exp(... - inf) = 0.
-    log_l = jnp.where(fully, jnp.float32(jnp.inf), log_l)
+    # Fully masked rows and rows of -inf logits contribute nothing: exp(... - inf) = 0.
+    log_l = jnp.where(skip, jnp.float32(jnp.inf), log_l)
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     scale = jnp.float32(geo.scale)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jattn.functional import _sharding
+from jattn.functional.masks import causal_mask
+from jattn.functional.softmax import MASK_FILL
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -141,6 +143,8 @@ def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = Fals
         problems.append("return_residual")
     if o["is_causal"] and t > s:
         problems.append("is_causal with T > S")
+    if bias is not None and o["scale"] == 0:
+        problems.append("scale=0 with a bias (the kernel divides the bias by the scale)")
     return problems
 
 
@@ -243,8 +247,17 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
         ab = jnp.broadcast_to(ab, batch + (n, t, s)).reshape(-1, n, t, s).astype(jnp.float32)
     scale = o["scale"]
     scale = 1.0 / (h**0.5) if scale is None else float(scale)
+    dead = None
     if ab is not None:  # the kernel computes (q.k + ab) * scale; ours is q.k * scale + bias
-        ab = ab / jnp.float32(scale)
+        # A row whose visible biases are all -inf gives zeros (as the dense path). The
+        # kernel gets finite biases, bounded so that (q.k + ab) * scale stays finite:
+        # a -inf row would otherwise give inf - inf = NaN in its softmax.
+        hidden = ab == -jnp.inf
+        if o["is_causal"]:
+            hidden = hidden | ~causal_mask(t, s)[None, None]
+        dead = jnp.all(hidden, axis=-1)  # [B, N, T]
+        bound = MASK_FILL / max(1.0, abs(scale))
+        ab = jnp.clip(ab / jnp.float32(scale), bound, -bound)
     bq, bk = _pallas_block(t), _pallas_block(s)
     sizes = fa.BlockSizes(
         block_q=bq,
@@ -270,6 +283,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
             out = call()
     else:
         out = call()
+    if dead is not None:
+        out = jnp.where(dead[..., None], jnp.zeros((), out.dtype), out)
     return jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:])
 
 
