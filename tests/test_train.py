@@ -1,6 +1,7 @@
 """The training program: end-to-end small run, loss and metrics vs references, config errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _train_utils import load_config, train_losses
@@ -86,6 +87,24 @@ def test_masked_label_smoothed_loss_matches_numpy(smoothing):
     )
     with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] and labels \[B, T\]"):
         masked_cross_entropy(logits, labels[:, :4])
+
+
+def test_loss_ignores_what_padding_holds_and_banned_classes():
+    """NaN/inf logits at padding positions and a -inf logit on a class that is not the
+    label (a banned token) leave the loss and its gradient finite and exact."""
+    labels = jnp.array([[3, 0, 1]])  # position 1 is PAD
+    logits = jnp.zeros((1, 3, 5)).at[0, 1].set(jnp.nan).at[0, 2, 4].set(-jnp.inf)
+    loss, grad = jax.value_and_grad(lambda x: masked_cross_entropy(x, labels)[0])(logits)
+    np.testing.assert_allclose(loss, (np.log(5.0) + np.log(4.0)) / 2, rtol=1e-6)
+    assert np.all(np.isfinite(grad)) and np.all(grad[0, 1] == 0) and grad[0, 2, 4] == 0
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\) or pad_id=0, got \[-1, 5\]"):
+        masked_cross_entropy(jnp.zeros((1, 3, 5)), jnp.array([[5, -1, 0]]))
+    with pytest.raises(ValueError, match=r"label_smoothing must be a float in \[0, 1\)"):
+        masked_cross_entropy(logits, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] and labels \[B, T\]"):
+        token_accuracy_counts(jnp.zeros((2, 3, 4)), jnp.ones((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match="bleu needs at least one reference"):
+        bleu([], [])
 
 
 def test_token_accuracy_exact_match_and_bleu_by_hand():

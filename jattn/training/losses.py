@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["masked_cross_entropy"]
@@ -32,9 +33,24 @@ def masked_cross_entropy(
             f"logits must be [B, T, V] and labels [B, T], got {list(logits.shape)} and "
             f"{list(labels.shape)}"
         )
+    if not isinstance(label_smoothing, int | float) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     num_classes = logits.shape[-1]
+    if not isinstance(labels, jax.core.Tracer):  # concrete labels: ids in [0, V)
+        values = np.asarray(labels)
+        bad = (values != pad_id) & ((values < 0) | (values >= num_classes))
+        if bad.any():
+            raise ValueError(
+                f"labels must be in [0, {num_classes}) or pad_id={pad_id}, got "
+                f"{sorted(set(values[bad].tolist()))[:5]}"
+            )
+    mask = labels != pad_id
+    # Padding positions may hold anything (NaN, inf): they are replaced before the loss,
+    # so neither the loss nor its gradient sees them.
+    logits = jnp.where(mask[..., None], logits.astype(jnp.float32), jnp.float32(0.0))
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-    per_token = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)  # [B, T]
-    mask = (labels != pad_id).astype(jnp.float32)
-    num_tokens = mask.sum()
-    return (per_token * mask).sum() / jnp.maximum(num_tokens, 1.0), num_tokens
+    # safe_: a -inf logit (a banned class) with target 0 contributes 0, not 0 * -inf
+    per_token = optax.safe_softmax_cross_entropy(logits, targets)  # [B, T]
+    per_token = jnp.where(mask, per_token, jnp.float32(0.0))
+    num_tokens = mask.astype(jnp.float32).sum()
+    return per_token.sum() / jnp.maximum(num_tokens, 1.0), num_tokens

@@ -20,6 +20,11 @@ def token_accuracy_counts(
       logits: ``[B, T, V]``.
       labels: ``[B, T]``.
     """
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits must be [B, T, V] and labels [B, T], got {list(logits.shape)} and "
+            f"{list(labels.shape)}"
+        )
     mask = labels != pad_id
     correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask)
     return correct, jnp.sum(mask)
@@ -38,6 +43,8 @@ def bleu(predictions: Sequence[str], references: Sequence[str], *, tokenize: str
     """Corpus BLEU (sacrebleu, 0..100); ``tokenize='char'`` suits character tasks."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("bleu needs at least one reference")
     return float(
         sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize).score
     )
