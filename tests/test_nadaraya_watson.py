@@ -190,7 +190,27 @@ def test_layer_per_head_and_feature():
     np.testing.assert_allclose(out[:, 1], r, **TOL)
 
 
+@pytest.mark.parametrize("kernel", [nw.gaussian_kernel, nw.epanechikov_kernel])
+def test_gradient_where_a_query_sits_on_a_key(kernel):
+    """[T, F] inputs: a query on a key (distance 0) has the gradient of the scalar
+    case, not the NaN of sqrt's derivative at 0."""
+    x, y = jnp.array([0.0, 1.0, 2.5]), jnp.array([0.0, 1.0, 4.0])
+    mask = nw.leave_one_out_mask(3)
+
+    def loss(keys, queries):
+        return nw.nadaraya_watson(queries, keys, y, kernel=kernel, width=2.0, mask=mask)[0].sum()
+
+    scalar = jax.grad(loss, argnums=(0, 1))(x, x)
+    vector = jax.grad(loss, argnums=(0, 1))(x[:, None], x[:, None])
+    for a, b in zip(vector, scalar, strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a[:, 0], b, rtol=1e-5, atol=1e-6)
+
+
 def test_errors_name_the_shapes():
+    for width in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"width must be > 0, got {width}"):
+            nw.nadaraya_watson_weights(jnp.zeros(2), jnp.zeros(3), width=width)
     q, k, v = _data()
     with pytest.raises(ValueError, match=r"keys \[9\] and values \[8\]"):
         nw.nadaraya_watson(q, k, v[:8])

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.functional import _checks
 from jattn.functional.pooling import attention_pooling
@@ -122,6 +123,14 @@ def _pool(weights: jax.Array, values: jax.Array) -> jax.Array:
     return attention_pooling(weights, values)
 
 
+def _norm(diff: jax.Array) -> jax.Array:
+    """Euclidean norm over the last axis, with a finite gradient (0) at 0, where a
+    query sits on a key (the derivative of sqrt is infinite there)."""
+    sq = jnp.sum(jnp.square(diff), axis=-1)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), jnp.float32(0.0))
+
+
 def nadaraya_watson_weights(
     queries: jax.Array,
     keys: jax.Array,
@@ -145,8 +154,10 @@ def nadaraya_watson_weights(
       lies inside the kernel's support.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
+    if not isinstance(width, jax.core.Tracer) and not np.all(np.asarray(width) > 0):
+        raise ValueError(f"width must be > 0, got {width!r}")
     diff = _differences(queries, keys)
-    dist = diff if diff.ndim == 2 else jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))  # [T, S]
+    dist = diff if diff.ndim == 2 else _norm(diff)  # [T, S]
     logits = kernel(dist, width)
     if logits.shape != dist.shape:
         raise ValueError(
