@@ -160,7 +160,7 @@ def _select_batch(name: str, x: np.ndarray, batch_index: int | None, ndim: int) 
             raise ValueError(
                 f"{name} has a batch axis ({list(x.shape)}); pass batch_index= to pick an example"
             )
-        return x[batch_index]
+        return x[batch_index if x.shape[0] > 1 else 0]  # a batch axis of 1 broadcasts
     if x.ndim != ndim:
         raise ValueError(f"{name} must have shape [N, T, S] or [B, N, T, S], got {list(x.shape)}")
     return x
@@ -168,6 +168,8 @@ def _select_batch(name: str, x: np.ndarray, batch_index: int | None, ndim: int) 
 
 def _per_layer(weights, layer_names, batch_index):
     if isinstance(weights, Mapping):
+        if not weights:
+            raise ValueError("weights is an empty dict: there is no layer to plot")
         names = list(weights) if layer_names is None else list(layer_names)
         if len(names) != len(weights):
             raise ValueError(f"got {len(names)} layer_names for {len(weights)} layers")
@@ -194,11 +196,22 @@ def _per_layer(weights, layer_names, batch_index):
     return list(names), list(arr)
 
 
-def _for_layer(value, name):
-    """Labels or masks given once for all layers, or as a dict keyed by layer name."""
+def _for_layer(value, key, name):
+    """Labels or masks given once for all layers, or as a dict keyed by layer (the
+    weights dict's key, or the layer's name in the figure)."""
     if isinstance(value, Mapping):
-        return value.get(name)
+        return value.get(key, value.get(name))
     return value
+
+
+def _check_layer_keys(what: str, value, keys, names) -> None:
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(keys) - set(names)
+        if unknown:
+            raise ValueError(
+                f"{what} has keys {sorted(map(str, unknown))} that name no layer; "
+                f"the layers are {list(keys)}"
+            )
 
 
 def plot_attention_grid(
@@ -241,13 +254,16 @@ def plot_attention_grid(
     import matplotlib.colors
 
     names, layers = _per_layer(weights, layer_names, batch_index)
+    keys = list(weights) if isinstance(weights, Mapping) else names
+    for what, value in (("mask", mask), ("row_labels", row_labels), ("col_labels", col_labels)):
+        _check_layer_keys(what, value, keys, names)
     num_cols = max(w.shape[0] for w in layers)
     heads = [f"head {j}" for j in range(num_cols)] if head_names is None else list(head_names)
     if len(heads) < num_cols:
         raise ValueError(f"got {len(heads)} head_names for {num_cols} heads")
     datas = []
-    for name, w in zip(names, layers, strict=True):
-        m = _for_layer(mask, name)
+    for key, name, w in zip(keys, names, layers, strict=True):
+        m = _for_layer(mask, key, name)
         if m is not None:
             m = np.asarray(m)
             if m.ndim == 4:
@@ -262,8 +278,8 @@ def plot_attention_grid(
     fig = _new_figure((cell_size * num_cols + 1.5, cell_size * len(layers) + 0.8))
     gs = fig.add_gridspec(len(layers), num_cols)
     images, axes = [], []
-    for i, (name, data) in enumerate(zip(names, datas, strict=True)):
-        rl, cl = _for_layer(row_labels, name), _for_layer(col_labels, name)
+    for i, (key, name, data) in enumerate(zip(keys, names, datas, strict=True)):
+        rl, cl = _for_layer(row_labels, key, name), _for_layer(col_labels, key, name)
         for j in range(data.shape[0]):
             ax = fig.add_subplot(gs[i, j])
             images.append(_heatmap(ax, data[j], cm, norm, rl, cl, show_rows=j == 0))

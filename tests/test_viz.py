@@ -111,6 +111,17 @@ def test_plot_attention_grid_dict_with_batch_and_mixed_shapes():
     assert fig.axes[0].get_ylabel() == "encoder" and fig.axes[0].get_title() == "head 0"
 
 
+def test_grid_masks_by_key_under_layer_names_and_broadcast_batch():
+    """A dict mask keyed by the weights' keys still applies when layer_names renames
+    the rows; a [1, 1, T, S] mask broadcasts over the batch with batch_index."""
+    causal = np.tril(np.ones((3, 3), bool))
+    fig = plot_attention_grid({"enc": _weights(1, 3, 3)}, mask={"enc": causal}, layer_names=["E"])
+    np.testing.assert_array_equal(np.ma.getmaskarray(fig.axes[0].images[0].get_array()), ~causal)
+    assert fig.axes[0].get_ylabel() == "E"
+    fig = plot_attention_grid(_weights(2, 3, 1, 3, 3), batch_index=2, mask=causal[None, None])
+    np.testing.assert_array_equal(np.ma.getmaskarray(fig.axes[1].images[0].get_array()), ~causal)
+
+
 def test_grid_with_fewer_heads_in_a_layer():
     fig = plot_attention_grid({"a": _weights(3, 2, 2), "b": _weights(1, 2, 2)})
     assert len(fig.axes) == 3 + 1 + 1
@@ -142,6 +153,12 @@ def test_errors():
         plot_attention_grid({"a": np.zeros((2, 1, 3, 3))})
     with pytest.raises(ValueError, match="got 1 layer_names for 2 layers"):
         plot_attention_grid(np.zeros((2, 1, 3, 3)), layer_names=["x"])
+    with pytest.raises(ValueError, match=r"mask has keys \['encc'\] that name no layer"):
+        plot_attention_grid({"enc": np.zeros((1, 3, 3))}, mask={"encc": np.ones((3, 3), bool)})
+    with pytest.raises(ValueError, match=r"row_labels has keys \['x'\] that name no layer"):
+        plot_attention_grid({"enc": np.zeros((1, 3, 3))}, row_labels={"x": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match="weights is an empty dict"):
+        plot_attention_grid({})
 
 
 class _Stack(nnx.Module):
