@@ -218,7 +218,7 @@ def test_seq_lengths():
 # ------------------------------------------------------------------ options
 
 
-@pytest.mark.parametrize("window", [-1, (1, -2), (1, 2, 3), 1.5, "2"])
+@pytest.mark.parametrize("window", [-1, (1, -2), (1, 2, 3), 1.5, "2", True, (1, False)])
 def test_bad_window(window):
     message = "window must be a non-negative int or a pair (left, right) of non-negative ints"
     _raises(ValueError, message, dpa, Q, KV, KV, local_window_size=window)
@@ -268,7 +268,35 @@ def test_bad_implementation():
 
 
 def test_bad_scale():
-    _raises(TypeError, "scale must be a Python number or None, got str", dpa, Q, KV, KV, scale="1")
+    _raises(TypeError, "scale must be a real number or None, got str", dpa, Q, KV, KV, scale="1")
+    _raises(TypeError, "scale must be a real number or None, got bool", dpa, Q, KV, KV, scale=True)
+
+
+def test_numpy_scalars_are_numbers():
+    """np.float32 scales and np.int64 windows (jax.nn accepts them) equal Python ones."""
+    np.testing.assert_array_equal(
+        dpa(Q, KV, KV, scale=np.float32(0.5), local_window_size=np.int64(1)),
+        dpa(Q, KV, KV, scale=0.5, local_window_size=1),
+    )
+
+
+def test_lengths_beyond_int32_do_not_wrap():
+    """uint32 lengths past 2**31 mean 'all of it', not a negative length."""
+    for big in (2**32 - 1, 2**31):
+        lengths = jnp.array([big, 3], jnp.uint32)
+        got = dpa(Q, KV, KV, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+        want = dpa(Q, KV, KV, query_seq_lengths=jnp.array([4, 3]), key_value_seq_lengths=[5, 3])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_no_keys_gives_zeros_as_jax_nn():
+    kv = _x(2, 0, 2, 8)
+    for impl in (None, "dense"):
+        out, weights = dpa(Q, kv, kv, implementation=impl, return_weights=True)
+        np.testing.assert_array_equal(out, jax.nn.dot_product_attention(Q, kv, kv))
+        assert weights.shape == (2, 4, 4, 0) and not np.any(np.isnan(out))
+    _raises(ValueError, "blocked attention needs T > 0 and S > 0, got T=4, S=0", dpa, Q, kv, kv,
+            implementation="blocked")  # fmt: skip
 
 
 def test_score_fn_wrong_shape():

@@ -169,7 +169,10 @@ def check_attention_inputs(
     ):
         x = check_seq_lengths(name, x, batch_shape)
         if x is not None:
-            x = jnp.broadcast_to(x, batch_shape).reshape(-1).astype(jnp.int32)  # [B]
+            # clipped to [0, T or S] before int32, so no length (uint32, int64) wraps around
+            bound = query.shape[-3] if name == "query_seq_lengths" else key.shape[-3]
+            x = jnp.clip(x, 0, min(bound, int(jnp.iinfo(x.dtype).max))).astype(jnp.int32)
+            x = jnp.broadcast_to(x, batch_shape).reshape(-1)  # [B]
         lengths.append(x)
     return AttentionInputs(
         query, key, value, bias, mask, batch_shape, *lengths, window, dropout_rate

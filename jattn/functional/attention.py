@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -349,8 +350,8 @@ def dot_product_attention(
     key = _checks.as_array("key", key)
     value = _checks.as_array("value", value)
     _checks.check_qkv(query, key, value, same_head_dim=True)
-    if scale is not None and not isinstance(scale, int | float):
-        raise TypeError(f"scale must be a Python number or None, got {type(scale).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     from jattn.functional import dispatch  # blocked / cuDNN / Pallas paths, chosen by shape
 
     masking = dict(

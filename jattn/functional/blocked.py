@@ -510,6 +510,8 @@ def blocked_attention(
     query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
     t, n, h = query.shape[-3:]
     s, k, hv = value.shape[-3:]
+    if t == 0 or s == 0:
+        raise ValueError(f"blocked attention needs T > 0 and S > 0, got T={t}, S={s}")
     if block_sizes is None:
         band = bool(is_causal) or window is not None
         block_sizes = default_block_sizes(
@@ -521,8 +523,6 @@ def blocked_attention(
         or not all(isinstance(x, int) and x > 0 for x in block_sizes)
     ):
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
-    if t == 0 or s == 0:
-        raise ValueError(f"blocked attention needs T > 0 and S > 0, got T={t}, S={s}")
 
     mesh = _sharding.explicit_mesh(arrays)
     if mesh is not None:  # explicit sharding cannot express the [B*K, ...] layout

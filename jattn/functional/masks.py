@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "sequence_mask",
@@ -20,13 +21,18 @@ __all__ = [
 ]
 
 
+def _is_int(w) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(w, int | np.integer) and not isinstance(w, bool | np.bool_)
+
+
 def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(window, int):
+    if _is_int(window):
         window = (window, window)
     if (
         not isinstance(window, tuple | list)
         or len(window) != 2
-        or not all(isinstance(w, int) and w >= 0 for w in window)
+        or not all(_is_int(w) and w >= 0 for w in window)
     ):
         raise ValueError(
             f"window must be a non-negative int or a pair (left, right) of non-negative ints, "

@@ -26,7 +26,7 @@ def check_fully_masked(fully_masked: str) -> None:
 
 def _max_and_denominator(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Row max (0 for rows of only -inf) and the sum of ``exp(x - max)`` (1 where it is 0)."""
-    row_max = jnp.max(x, axis=-1, keepdims=True)
+    row_max = jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf)  # S = 0: -inf, then 0
     row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
     denom = jnp.sum(jnp.exp(x - row_max), axis=-1, keepdims=True)
     return row_max, jnp.where(denom > 0, denom, jnp.float32(1.0))
