@@ -196,17 +196,36 @@ def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured:
 
 
 def _seen(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool):
-    """Which rows ``[B*K, G*bt]`` of tile (i, j) see a real key through the mask and
-    the structure (None: all of them). Reduced before it is broadcast to the heads."""
-    if mask is None and not structured:
-        return None
-    visible = jnp.ones((1, 1, 1, 1, 1), bool)
-    if mask is not None:
-        visible = _block(mask, geo, i, j)
+    """Which rows ``[B*K, G*bt]`` of tile (i, j) see a real key through the mask (and
+    the structure). Reduced before it is broadcast to the heads."""
+    visible = _block(mask, geo, i, j)
     if structured:
         vis, real = _visible(geo, i, j, q_len, kv_len)
         visible = visible & vis & real
     seen = jnp.broadcast_to(jnp.any(visible, axis=-1), (geo.b, geo.k, geo.g, geo.bt))
+    return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
+
+
+def _seen_by_structure(geo: _Geometry, i, q_len, kv_len):
+    """Which rows ``[B*K, G*bt]`` of query block i see a real key through the causal
+    mask, the window and the lengths (no boolean mask): those whose visible key range
+    ``[lo, hi]`` is not empty. Closed form, so the tiles need not reduce anything."""
+    q = i * geo.bt + jnp.arange(geo.bt, dtype=jnp.int32)  # [bt]
+    lo = jnp.zeros_like(q)
+    hi = jnp.full_like(q, geo.s - 1)
+    if geo.causal:
+        hi = jnp.minimum(hi, q)
+    if geo.window is not None:
+        left, right = geo.window
+        lo = jnp.maximum(lo, q - left)
+        hi = jnp.minimum(hi, q + right)
+    hi = hi[None, :]  # [B|1, bt]
+    if kv_len is not None:
+        hi = jnp.minimum(hi, kv_len[:, None] - 1)
+    seen = lo[None, :] <= hi
+    if q_len is not None:
+        seen = seen & (q[None, :] < q_len[:, None])
+    seen = jnp.broadcast_to(seen[:, None, None, :], (geo.b, geo.k, geo.g, geo.bt))
     return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
 
 
@@ -299,8 +318,8 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
         def step(structured, j, carry):
             m, l, acc, seen = carry
             s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured)
-            seen_j = _seen(geo, mask, q_len, kv_len, i, j, structured)
-            seen = jnp.ones_like(seen) if seen_j is None else seen | seen_j
+            if mask is not None:  # else seen is known from the structure alone
+                seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured)
             # The running max only stabilises exp; the results do not depend on it, so it
             # carries no derivative (as in the dense softmax). Differentiating through
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
@@ -321,7 +340,11 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
             jnp.full((qi.shape[0], rows), _NEG_INF),
             jnp.zeros((qi.shape[0], rows), jnp.float32),
             jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
-            jnp.zeros((qi.shape[0], rows), bool),
+            (
+                jnp.zeros((qi.shape[0], rows), bool)
+                if mask is not None
+                else _seen_by_structure(geo, i, q_len, kv_len)
+            ),
         )
         plain = None
         if _has_structure(geo, q_len, kv_len):
