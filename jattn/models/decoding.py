@@ -123,8 +123,10 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     The T tokens of example b sit at positions ``cache.index[b] + t``: their keys and
     values are written there and each query sees the cache up to its own position
     (``jattn.causal_mask(T, S_max, offset=index)``). Works for a multi-token prefill
-    and for single-token steps. The caller must keep ``index + T <= S_max``. A layer
-    whose ``attention_fn`` is a :class:`RotaryAttention` gets its RoPE at those positions.
+    and for single-token steps. ``index + T <= S_max`` is the caller's to keep: a
+    concrete index that overflows raises, a traced one (under ``jax.jit``) cannot be
+    checked and would be clamped. A layer whose ``attention_fn`` is a
+    :class:`RotaryAttention` gets its RoPE at those positions.
 
     Returns:
       ``([B, T, D_out], cache)`` with ``index`` advanced by T.
