@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.functional.masks import _as_window
 from jattn.functional.softmax import check_fully_masked
@@ -22,6 +23,12 @@ def as_array(name: str, x) -> jax.Array:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:  # e.g. a str, a dict, or None
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+
+
+def concrete(x) -> np.ndarray | None:
+    """``x``'s values when they are known (outside ``jax.jit``), else None: values can
+    only be checked on concrete inputs."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def check_float(name: str, x: jax.Array) -> None:

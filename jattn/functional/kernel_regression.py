@@ -154,7 +154,8 @@ def nadaraya_watson_weights(
       lies inside the kernel's support.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
-    if not isinstance(width, jax.core.Tracer) and not np.all(np.asarray(width) > 0):
+    values = _checks.concrete(width)
+    if values is not None and not np.all(values > 0):
         raise ValueError(f"width must be > 0, got {width!r}")
     diff = _differences(queries, keys)
     dist = diff if diff.ndim == 2 else _norm(diff)  # [T, S]

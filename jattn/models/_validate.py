@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
+
+from jattn.functional._checks import concrete
 
 
 def check_token_ids(name: str, tokens, vocab_size: int) -> None:
@@ -12,9 +13,9 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
     An out-of-range id would gather NaN (beyond the table) or wrap around (negative)
     in the embedding, silently. Traced tokens (inside ``jax.jit``) cannot be checked.
     """
-    if isinstance(tokens, jax.core.Tracer) or not np.size(tokens):
+    values = concrete(tokens)
+    if values is None or not values.size:
         return
-    values = np.asarray(tokens)
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(

@@ -19,10 +19,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jattn.functional import _sharding
+from jattn.functional import _checks, _sharding
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.masks import causal_mask
 from jattn.functional.positional import rotary_embedding
@@ -150,13 +149,12 @@ def _check_room(index, num_new: int, max_len: int) -> None:
     (always checked for T > S_max; for the index only when it is concrete)."""
     if num_new > max_len:
         raise ValueError(f"{num_new} new tokens do not fit a cache of {max_len} positions")
-    if not isinstance(index, jax.core.Tracer):
-        end = int(np.max(np.asarray(index))) + num_new if np.size(index) else 0
-        if end > max_len:
-            raise ValueError(
-                f"the cache is full: writing {num_new} tokens at index "
-                f"{np.asarray(index).tolist()} needs {end} positions, it has {max_len}"
-            )
+    values = _checks.concrete(index)
+    if values is not None and values.size and int(values.max()) + num_new > max_len:
+        raise ValueError(
+            f"the cache is full: writing {num_new} tokens at index {values.tolist()} needs "
+            f"{int(values.max()) + num_new} positions, it has {max_len}"
+        )
 
 
 def cross_attention_kv(mha, memory: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jattn.functional import _sharding
+from jattn.functional._checks import concrete
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.dropout import Dropout
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
@@ -351,8 +352,8 @@ class DecoderLM(nnx.Module):
         if not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
             raise ValueError(f"prompt_lengths must be integers, got dtype {prompt_lengths.dtype}")
         plen = prompt_tokens.shape[1]
-        if not isinstance(prompt_lengths, jax.core.Tracer):
-            lengths = np.asarray(prompt_lengths)
+        lengths = concrete(prompt_lengths)
+        if lengths is not None:
             if lengths.size and (lengths.min() < 1 or lengths.max() > plen):
                 raise ValueError(
                     f"prompt_lengths must be in [1, {plen}] (the prompts' length), got "

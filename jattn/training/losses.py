@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from jattn.functional._checks import concrete
 
 __all__ = ["masked_cross_entropy"]
 
@@ -36,8 +37,8 @@ def masked_cross_entropy(
     if not isinstance(label_smoothing, int | float) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     num_classes = logits.shape[-1]
-    if not isinstance(labels, jax.core.Tracer):  # concrete labels: ids in [0, V)
-        values = np.asarray(labels)
+    values = concrete(labels)
+    if values is not None:  # ids in [0, V) or padding
         bad = (values != pad_id) & ((values < 0) | (values >= num_classes))
         if bad.any():
             raise ValueError(
