@@ -69,3 +69,27 @@ def as_array(x):
     if isinstance(x, dict):
         return {k: as_array(v) for k, v in x.items()}
     return jnp.asarray(x)
+
+
+def attention_per_device(fn, mesh, query, key, value):
+    """``fn(query, key, value)`` on each device's shard (``jax.shard_map``, no
+    communication) when only batch and head axes are sharded, and alike in the three:
+    attention is independent per example and head. A kernel that XLA cannot partition
+    (Pallas) then runs once per shard instead of on gathered inputs. Returns None when
+    T, S or H is sharded, or the specs differ."""
+    nb = query.ndim - 3
+    specs = [spec(x) for x in (query, key, value)]
+    if any(x[nb] is not None or x[nb + 2] is not None for x in specs):
+        return None
+    qs, ks, vs = specs
+    if not (qs[:nb] == ks[:nb] == vs[:nb] and qs[nb + 1] == ks[nb + 1] == vs[nb + 1]):
+        return None
+    # check_vma=False: a pallas_call's outputs carry no per-axis variance annotation
+    run = jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(P(*qs), P(*ks), P(*vs)),
+        out_specs=P(*qs[:-1], None),
+        check_vma=False,
+    )
+    return run(query, key, value)

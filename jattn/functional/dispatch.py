@@ -304,6 +304,13 @@ def run(implementation: str, query, key, value, bias=None, mask=None, **options)
     mesh = _sharding.explicit_mesh((query, key, value, bias, mask, *arrays.values()))
     if mesh is None:
         return runner(query, key, value, bias, mask, **options, **arrays)
+    if implementation == "pallas" and bias is None:  # (masks, lengths: not for Pallas)
+        out = _sharding.attention_per_device(
+            lambda q, k, v: runner(q, k, v, None, None, **options, **arrays),
+            mesh, query, key, value,
+        )  # fmt: skip
+        if out is not None:
+            return out
 
     def call(query, key, value, bias, mask, arrays):
         return runner(query, key, value, bias, mask, **options, **arrays)
