@@ -73,6 +73,12 @@ def test_tokenizer_round_trip_and_specials():
         tok.encode("az")
     with pytest.raises(ValueError, match="needs 4 ids with EOS, more than 3"):
         tok.encode_batch(["abc"], 3)
+    # ids of no character: '?' in text, an error for one label (-1 is not '<eos>')
+    assert tok.decode([3, -1, 8, 4]) == "a??b"
+    assert tok.token(EOS) == "<eos>" and tok.token(3) == "a"
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary \[0, 8\)"):
+            tok.token(bad)
 
 
 def test_there_are_at_least_15_date_formats_and_the_checker_covers_them():

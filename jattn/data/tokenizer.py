@@ -63,10 +63,14 @@ class CharTokenizer:
         for i in np.asarray(ids).reshape(-1).tolist():
             if i == EOS:
                 break
-            if i >= len(_SPECIALS):
-                chars.append(self.chars[i - len(_SPECIALS)] if i < self.vocab_size else "?")
+            if not 0 <= i < self.vocab_size:  # not an id of this vocabulary
+                chars.append("?")
+            elif i >= len(_SPECIALS):
+                chars.append(self.chars[i - len(_SPECIALS)])
         return "".join(chars)
 
     def token(self, i: int) -> str:
         """The printable label of one id (specials as ``<eos>`` etc.)."""
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return _SPECIALS[i] if i < len(_SPECIALS) else self.chars[i - len(_SPECIALS)]
