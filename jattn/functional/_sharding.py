@@ -58,16 +58,16 @@ def attention_in_auto_axes(fn, mesh, arrays, *, return_residual: bool):
     out = sharding(mesh, *qspec[:-1], None)
     if return_residual:
         out = (out, sharding(mesh, *qspec[:-1]))
-    arrays = [as_array(a) for a in arrays]  # e.g. lengths given as lists
+    arrays = [_to_arrays(a) for a in arrays]  # e.g. lengths given as lists
     return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out)(*arrays)
 
 
-def as_array(x):
+def _to_arrays(x):
     """``x`` as a JAX array unless it is None, an array already, or a dict of them."""
     if x is None or isinstance(x, jax.Array):
         return x
     if isinstance(x, dict):
-        return {k: as_array(v) for k, v in x.items()}
+        return {k: _to_arrays(v) for k, v in x.items()}
     return jnp.asarray(x)
 
 

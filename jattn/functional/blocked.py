@@ -306,9 +306,9 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
     """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``
     (no visible key), ``skip`` (rows the backward leaves out: fully masked, or all
     visible logits -inf), the row max ``m`` and ``log(l)``; the log-sum-exp is
-    ``m + log(l)``. The backward
-    recomputes weights as ``exp((s - m) - log(l))``, not ``exp(s - lse)``: with logits
-    near, say, -1e9 (a bias used as a mask) ``lse`` cannot hold ``log(l)`` in float32."""
+    ``m + log(l)``. The backward recomputes weights as ``exp((s - m) - log(l))``, not
+    ``exp(s - lse)``: with logits near, say, -1e9 (a bias used as a mask) ``lse``
+    cannot hold ``log(l)`` in float32."""
     rows, hv = qb.shape[2], vb.shape[-1]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
 

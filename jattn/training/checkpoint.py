@@ -67,7 +67,7 @@ class MetricsLog:
     ):
         self.path = Path(path)
         kept = []
-        self.eval_steps: set[int] = set()  # steps of the kept eval records
+        self.eval_steps: set[int] = set()  # steps of the eval records kept on resume
         if resume_step is not None and self.path.exists():
             eval_limit = resume_step - 1 if resume_step == final_step else resume_step
             for line in self.path.read_text().splitlines():
@@ -89,8 +89,6 @@ class MetricsLog:
         self._file = open(self.path, "a")  # noqa: SIM115
 
     def write(self, record: dict) -> None:
-        if record.get("split") == "eval":
-            self.eval_steps.add(record["step"])
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

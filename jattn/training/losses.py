@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,7 +36,11 @@ def masked_cross_entropy(
             f"logits must be [B, T, V] and labels [B, T], got {list(logits.shape)} and "
             f"{list(labels.shape)}"
         )
-    if not isinstance(label_smoothing, int | float) or not 0.0 <= label_smoothing < 1.0:
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, numbers.Real)
+        or not 0.0 <= label_smoothing < 1.0
+    ):
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     num_classes = logits.shape[-1]
     values = concrete(labels)
