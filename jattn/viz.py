@@ -154,13 +154,23 @@ def plot_attention(
     return fig
 
 
-def _select_batch(name: str, x: np.ndarray, batch_index: int | None, ndim: int) -> np.ndarray:
+def _select_batch(
+    name: str, x: np.ndarray, batch_index: int | None, ndim: int, *, broadcast: bool = False
+) -> np.ndarray:
+    """Example ``batch_index`` of ``x`` when it has a batch axis. ``broadcast``: a batch
+    axis of 1 stands for every example (a mask); weights must hold the example."""
     if x.ndim == ndim + 1:
         if batch_index is None:
             raise ValueError(
                 f"{name} has a batch axis ({list(x.shape)}); pass batch_index= to pick an example"
             )
-        return x[batch_index if x.shape[0] > 1 else 0]  # a batch axis of 1 broadcasts
+        if broadcast and x.shape[0] == 1:
+            return x[0]
+        if not -x.shape[0] <= batch_index < x.shape[0]:
+            raise ValueError(
+                f"batch_index={batch_index} is out of range for {name} with a batch of {x.shape[0]}"
+            )
+        return x[batch_index]
     if x.ndim != ndim:
         raise ValueError(f"{name} must have shape [N, T, S] or [B, N, T, S], got {list(x.shape)}")
     return x
@@ -267,7 +277,7 @@ def plot_attention_grid(
         if m is not None:
             m = np.asarray(m)
             if m.ndim == 4:
-                m = _select_batch(f"mask for {name!r}", m, batch_index, 3)
+                m = _select_batch(f"mask for {name!r}", m, batch_index, 3, broadcast=True)
         datas.append(_masked(w, m))
     top = vmax
     if top is None:

@@ -159,6 +159,8 @@ def test_errors():
         plot_attention_grid({"enc": np.zeros((1, 3, 3))}, row_labels={"x": ["a", "b", "c"]})
     with pytest.raises(ValueError, match="weights is an empty dict"):
         plot_attention_grid({})
+    with pytest.raises(ValueError, match=r"batch_index=2 is out of range .* a batch of 1"):
+        plot_attention_grid({"a": np.zeros((1, 1, 3, 3))}, batch_index=2)
 
 
 class _Stack(nnx.Module):

@@ -170,20 +170,19 @@ class Transformer(nnx.Module):
                 tgt_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
             )
             self.output = nnx.Linear(features, tgt_vocab_size, rngs=rngs)
-        enc = ("num_layers", num_layers)
-        if num_encoder_layers is not None:
-            enc = ("num_encoder_layers", num_encoder_layers)
-        dec = ("num_layers", num_layers)
-        if num_decoder_layers is not None:
-            dec = ("num_decoder_layers", num_decoder_layers)
-        for name, value in (enc, dec):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        # num_layers is checked by the stacks; an override is checked here, by its name
+        for name, value in (("num_encoder_layers", num_encoder_layers),
+                            ("num_decoder_layers", num_decoder_layers)):  # fmt: skip
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):  # fmt: skip
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
                           eos_id=eos_id)  # fmt: skip
         check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
-        self.encoder = TransformerEncoder(enc[1], rngs=rngs, **opts)
-        self.decoder = TransformerDecoder(dec[1], rngs=rngs, **opts)
+        enc = num_layers if num_encoder_layers is None else num_encoder_layers
+        dec = num_layers if num_decoder_layers is None else num_decoder_layers
+        self.encoder = TransformerEncoder(enc, rngs=rngs, **opts)
+        self.decoder = TransformerDecoder(dec, rngs=rngs, **opts)
         self.max_len = max_len
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
