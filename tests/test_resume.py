@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -51,28 +50,30 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
     assert losses(tmp_path / "run") == expected  # exact float equality, each step once
 
 
-def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path):
+def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, monkeypatch):
+    """A real SIGTERM, sent to this process as step 5's record is logged, stops the run
+    after that step with a checkpoint there; the resumed run gives the same losses.
+
+    The signal is sent from the training loop itself (not from a timed watcher thread),
+    so the test cannot miss it and train the whole 5000-step schedule; the backstop of
+    40 steps bounds it even if the handler were broken.
+    """
     workdir = tmp_path / "run"
-    metrics = workdir / "metrics.jsonl"
+    write = MetricsLog.write
 
-    def send_sigterm_after_step_5():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.002)
+    def write_then_signal(self, record):
+        write(self, record)
+        if record["split"] == "train" and record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    watcher = threading.Thread(target=send_sigterm_after_step_5, daemon=True)
-    watcher.start()
-    result = run(workdir, 0)
-    watcher.join()
-    stopped = result["step"]
-    assert result["interrupted"] == signal.SIGTERM and 5 <= stopped < 5000
-    assert checkpoints(workdir)[-1] == stopped  # saved where it stopped
-    assert max(losses(workdir)) == stopped
-    run(workdir, stopped + 4)
-    run(tmp_path / "ref", stopped + 4)
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+    result = run(workdir, 40)
+    monkeypatch.undo()
+    assert result["interrupted"] == signal.SIGTERM and result["step"] == 5
+    assert checkpoints(workdir)[-1] == 5  # saved where it stopped
+    assert max(losses(workdir)) == 5
+    run(workdir, 9)
+    run(tmp_path / "ref", 9)
     assert losses(workdir) == losses(tmp_path / "ref")
 
 
@@ -91,20 +92,25 @@ def test_sigkill_of_the_command_line_run_resumes_from_the_last_periodic_checkpoi
         "--config.compilation_cache_dir=",
         *args,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe nobody reads (a full pipe would stall the child); the
+    # child's own backstop of 400 steps bounds it if this loop never kills it.
+    cmd.append("--config.train.stop_after_steps=400")
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        proc.kill()  # SIGKILL: no handler runs
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+                    break
+                time.sleep(0.002)
+            alive = proc.poll() is None
+            proc.kill()  # SIGKILL: no handler runs
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert alive, (tmp_path / "stderr.txt").read_text()[-3000:]
     logged = max(losses(workdir))
     assert logged >= 7 and checkpoints(workdir), "a periodic checkpoint should exist"
     assert checkpoints(workdir)[-1] <= logged
