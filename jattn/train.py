@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
+import os
 import signal
 import sys
 import threading
@@ -65,9 +67,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} is not a known field; known: {sorted(top)}")
     for key in top - set(cfg):
         raise ValueError(f"config.{key} is missing")
-    if not validate._ok(validate._NONNEG_INT, cfg["seed"]):
-        raise ValueError(f"config.seed must be an int >= 0, got {cfg['seed']!r}")
+    if not validate._ok(validate._NONNEG_INT, cfg["seed"]) or cfg["seed"] >= 2**32:
+        raise ValueError(f"config.seed must be an int in [0, 2**32), got {cfg['seed']!r}")
     validate.check_fields("train", cfg["train"], validate.SCHEMAS["train"])
+    tcfg = cfg["train"]
+    if tcfg["warmup_steps"] >= tcfg["num_steps"]:
+        raise ValueError(
+            f"config.train.warmup_steps={tcfg['warmup_steps']} must be less than "
+            f"config.train.num_steps={tcfg['num_steps']}: the learning rate would never "
+            "reach config.train.learning_rate"
+        )
     validate.check_fields("eval", cfg["eval"], validate.SCHEMAS["eval"])
     num_devices = _num_devices(cfg)
     try:
@@ -88,9 +97,70 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.task.name: unknown task {name!r}; expected one of {sorted(TASKS)}"
         )
     validate.check_sizes("task", task)
-    model_class(cfg["model"].get("name"))
+    cls = model_class(cfg["model"].get("name"))
     validate.check_sizes("model", cfg["model"])
+    _check_model_options(cls, cfg["model"])
     validate.check_heads_divide(cfg["model"], features_keys=_FEATURE_KEYS, heads_key="num_heads")
+
+
+def _check_model_options(cls, model: dict) -> None:
+    """Flags the model class declares as bools are bools, and special token ids are the
+    data's (the tasks always pad with PAD and frame targets with BOS ... EOS)."""
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in model.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(
+                f"config.model.{key} must be True or False, got {value!r} ({type(value).__name__})"
+            )
+    for key, data_id in (("pad_id", PAD), ("bos_id", BOS), ("eos_id", EOS)):
+        if key in model and model[key] != data_id:
+            raise ValueError(
+                f"config.model.{key}={model[key]!r} must be {data_id}, the id the data uses"
+            )
+
+
+def _check_lengths(cfg: dict, *datasets: Seq2SeqDataset) -> None:
+    """``config.model.max_len`` (where the model has one) covers the task's sequences."""
+    max_len = cfg["model"].get("max_len")
+    if max_len is None:
+        return
+    need = max(max(ds.src.shape[1], ds.tgt.shape[1]) for ds in datasets)
+    if max_len < need:
+        raise ValueError(
+            f"config.model.max_len={max_len} is shorter than the task's sequences: the "
+            f"model reads up to {need} tokens (source, or target with BOS); set it to at "
+            f"least {need}"
+        )
+
+
+def _check_resume(workdir: Path, cfg: dict, start: int) -> None:
+    """A checkpoint at ``start`` in ``workdir`` can continue under ``cfg``: the same model,
+    task and seed as the run that wrote it (``config.json``), and ``start <= num_steps``."""
+    saved_path = workdir / "config.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        now = json.loads(json.dumps(cfg))  # as config.json holds it (tuples as lists)
+        changed = []
+        if saved.get("seed") != now["seed"]:
+            changed.append(f"config.seed: {saved.get('seed')!r} -> {now['seed']!r}")
+        for section in ("task", "model"):
+            old, new = saved.get(section, {}), now[section]
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    changed.append(f"config.{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a checkpoint of a run with another config ("
+                + "; ".join(changed)
+                + "): resume with the same seed, task and model, or use a new workdir"
+            )
+    if start > cfg["train"]["num_steps"]:
+        raise ValueError(
+            f"{workdir / 'checkpoints'} holds step {start}, past "
+            f"config.train.num_steps={cfg['train']['num_steps']}: raise num_steps to continue "
+            "or use a new workdir"
+        )
 
 
 def _eval_due(tcfg: dict, step: int) -> bool:
@@ -185,8 +255,10 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
 
     idx = np.arange(min(count, len(ds)))
     src = ds.src[idx]
-    pred = ds.tgt_tokenizer.encode_batch([predictions[i] for i in idx], ds.tgt.shape[1] + 1)
-    tgt_in = np.concatenate([np.full_like(pred[:, :1], BOS), pred[:, :-1]], axis=1)
+    t = ds.tgt.shape[1]  # the decoder length the model was trained with
+    # (t + 1: a prediction of t characters, cut off by max_len, has its EOS past t)
+    pred = ds.tgt_tokenizer.encode_batch([predictions[i] for i in idx], t + 1)
+    tgt_in = np.concatenate([np.full_like(pred[:, :1], BOS), pred[:, : t - 1]], axis=1)
     model = nnx.merge(graphdef, state.params, state.rest)
     sown = collect_attention_weights(model, src, tgt_in, deterministic=True)
     # cross-attention: named so, or else every layer whose weights are [.., T_out, S_in]
@@ -197,7 +269,7 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
     paths = []
     for i in range(len(idx) if cross else 0):
         s_n = int(np.sum(src[i] != PAD))
-        t_n = len(predictions[i]) + 1  # the predicted characters and EOS
+        t_n = min(len(predictions[i]) + 1, t)  # the predicted characters and EOS
         layers = {k: (w[i] if w.ndim == 4 else w[i][None])[:, :t_n, :s_n] for k, w in cross.items()}
         fig = plot_attention_grid(
             layers,
@@ -255,11 +327,15 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int 
     validate_config(config)
     cfg = config.to_dict()
     graphdef, like, _ = _initial_train_state(cfg, make_datasets(config)[0])
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", max_to_keep=cfg["train"]["max_to_keep"])
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    ckpt = Checkpointer(directory, max_to_keep=cfg["train"]["max_to_keep"])
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+        steps = ckpt.all_steps()
+        step = (steps[-1] if steps else None) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has {steps}")
         state = ckpt.restore(step, like)
     finally:
         ckpt.close()
@@ -278,9 +354,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tcfg, ecfg = cfg["train"], cfg["eval"]
     train_ds, test_ds = make_datasets(config)
     graphdef, state, tx = _initial_train_state(cfg, train_ds)  # bad model options fail here
+    _check_lengths(cfg, train_ds, test_ds)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(cfg, indent=2))
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
+    start = ckpt.latest_step()
+    if start is not None:
+        try:
+            _check_resume(workdir, cfg, start)
+        except ValueError:
+            ckpt.close()
+            raise
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, workdir / "config.json")
 
     num_steps = tcfg["num_steps"]
     schedule = learning_rate_schedule(
@@ -313,8 +400,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             bleu_tokenize=ecfg["bleu_tokenize"],
         )
 
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
-    start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, state)
         tqdm.write(f"resumed from {workdir / 'checkpoints'} at step {start}")
@@ -341,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step += 1
             window_steps += 1
             bar.update(1)
-            if step % tcfg["log_every"] == 0 or step == stop:
+            if step % tcfg["log_every"] == 0 or step == num_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)

@@ -181,6 +181,8 @@ def test_addition_is_correct():
             assert ds.decode(ds.tgt_tokenizer.encode(tgt)) == tgt
     lengths = {len(s.split("+")[0]) for s in train.src_texts}
     assert lengths == {1, 2, 3}
+    with pytest.raises(ValueError, match="max_digits must be at most 18, got 19"):
+        addition_task(max_digits=19)  # operands are int64
 
 
 def test_copy_reverse_sort_targets():

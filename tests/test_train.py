@@ -1,5 +1,7 @@
 """The training program: end-to-end small run, loss and metrics vs references, config errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from ml_collections import ConfigDict
 
 import jattn.train as train_lib
 from jattn.training import bleu, exact_match, masked_cross_entropy, read_metrics
+from jattn.training.checkpoint import Checkpointer
 from jattn.training.metrics import token_accuracy_counts
 
 
@@ -135,7 +138,10 @@ def _config_with(section, key, value):
         ("train", "num_stepz", 3, r"config.train.num_stepz is not a known field"),
         ("train", "num_steps", "ten", r"config.train.num_steps must be a positive int, got 'ten'"),
         ("train", "batch_size", 0, r"config.train.batch_size must be a positive int, got 0"),
-        ("train", "learning_rate", -1.0, r"config.train.learning_rate must be a positive number"),
+        ("train", "learning_rate", -1.0, r"config.train.learning_rate must be a finite number > 0"),
+        ("train", "learning_rate", float("inf"), r"learning_rate must be a finite number > 0"),
+        ("train", "weight_decay", float("nan"), r"weight_decay must be a finite number >= 0"),
+        ("train", "warmup_steps", 6, r"warmup_steps=6 must be less than config.train.num_steps=6"),
         ("train", "decay", "step", r"config.train.decay must be one of \['cosine', 'linear'\]"),
         ("train", "label_smoothing", 1.0, r"config.train.label_smoothing must be a number in"),
         ("eval", "beam_size", 0, r"config.eval.beam_size must be a positive int"),
@@ -144,6 +150,10 @@ def _config_with(section, key, value):
         ("model", "mlp_features", 2.5, r"config.model.mlp_features must be a positive int"),
         ("model", "dropout_rate", 1.5, r"config.model.dropout_rate must be a number in \[0, 1\)"),
         ("model", "name", "lstm", r"config.model.name: unknown model 'lstm'"),
+        ("model", "layer_norm_eps", -1.0, r"layer_norm_eps must be a finite number > 0, got -1"),
+        ("model", "pre_norm", "yes", r"config.model.pre_norm must be True or False, got 'yes'"),
+        ("model", "pad_id", 5, r"config.model.pad_id=5 must be 0, the id the data uses"),
+        ("model", "max_len", 4, r"config.model.max_len=4 is shorter than the task's sequences"),
         ("task", "name", "dates2", r"config.task.name: unknown task 'dates2'"),
         ("task", "num_train", 0, r"config.task.num_train must be a positive int, got 0"),
         ("train", "num_devices", -1, r"config.train.num_devices must be an int >= 0, got -1"),
@@ -155,6 +165,63 @@ def test_bad_configs_fail_with_the_field_and_reason(tmp_path, section, key, valu
     with pytest.raises(ValueError, match=message):
         train_lib.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_a_seed_past_2_to_the_32_fails_with_the_field(tmp_path):
+    config = load_config("copy", "small")
+    config.seed = 2**63 - 1  # the dropout stream (seed + 1) would overflow int64
+    with pytest.raises(ValueError, match=r"config.seed must be an int in \[0, 2\*\*32\)"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def _workdir_with_a_checkpoint(path, config, step):
+    """A workdir as a run of ``config`` leaves it, with a (stand-in) checkpoint at ``step``."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    ckpt = Checkpointer(path / "checkpoints", max_to_keep=2)
+    ckpt.save(step, {"x": np.zeros(2, np.float32)})
+    ckpt.wait()
+    ckpt.close()
+
+
+def test_resuming_under_another_model_or_past_num_steps_fails_before_restoring(tmp_path):
+    config = load_config("copy", "small")
+    _workdir_with_a_checkpoint(tmp_path / "run", config, step=8)
+    saved = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"holds step 8, past config.train.num_steps=6"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    config.train.num_steps = 20
+    config.model.features = 32
+    config.seed = 1
+    with pytest.raises(
+        ValueError,
+        match=r"another config \(config.seed: 0 -> 1; config.model.features: 16 -> 32\): "
+        "resume with the same seed, task and model",
+    ):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert (tmp_path / "run" / "config.json").read_text() == saved  # still the saved run's
+
+
+def test_restore_model_names_the_missing_checkpoint(tmp_path):
+    config = load_config("copy", "small")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        train_lib.restore_model(config, str(tmp_path / "nowhere"))
+    assert not (tmp_path / "nowhere").exists()
+    _workdir_with_a_checkpoint(tmp_path / "run", config, step=8)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 in .*; it has \[8\]"):
+        train_lib.restore_model(config, str(tmp_path / "run"), step=5)
+
+
+def test_a_model_max_len_equal_to_the_targets_trains_and_draws_heatmaps(tmp_path):
+    """The decoder reads exactly ``tgt.shape[1]`` tokens (BOS + targets), also when the
+    heatmaps feed back the model's own predictions."""
+    config = load_config("copy", "small")
+    train_ds, test_ds = train_lib.make_datasets(config)
+    config.model.max_len = max(ds.shape[1] for ds in (train_ds.src, train_ds.tgt, test_ds.tgt))
+    config.train.update(num_steps=3)
+    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 3 and len(result["heatmaps"]) == 1
 
 
 def test_optional_fields_may_be_left_out():

@@ -69,6 +69,8 @@ def sort_task(*, num_train=10000, num_test=500, seed=0, min_len=1, max_len=10, n
 def addition_task(*, num_train=10000, num_test=500, seed=0, max_digits=3):
     """``"123+45" -> "168"``: operands with 1..``max_digits`` digits, digit counts uniform."""
     _check_sizes(num_train=num_train, num_test=num_test, max_digits=max_digits)
+    if max_digits > 18:  # operands are drawn as int64
+        raise ValueError(f"max_digits must be at most 18, got {max_digits}")
 
     def operand(rng):
         digits = int(rng.integers(1, max_digits + 1))

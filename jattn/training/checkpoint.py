@@ -34,6 +34,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state) -> None:
         """Saves ``state`` as ``step`` (asynchronously; :meth:`wait` blocks)."""
         self.manager.save(step, args=ocp.args.StandardSave(_flat(state)), force=True)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = ["DEFAULTS", "check_fields", "check_heads_divide", "check_sizes"]
 
 _POS_INT = "a positive int"
 _NONNEG_INT = "an int >= 0"
-_POS_FLOAT = "a positive number"
-_NONNEG_FLOAT = "a number >= 0"
+_POS_FLOAT = "a finite number > 0"
+_NONNEG_FLOAT = "a finite number >= 0"
 _UNIT = "a number in [0, 1)"
 
 
 def _ok(kind: str, value: Any) -> bool:
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    is_num = is_int or isinstance(value, float)
+    is_num = is_int or (isinstance(value, float) and math.isfinite(value))
     if kind == _POS_INT:
         return is_int and value > 0
     if kind == _NONNEG_INT:
@@ -117,6 +118,8 @@ def check_sizes(section: str, options: dict) -> None:
                 )
         if "dropout" in key and not _ok(_UNIT, value):
             raise ValueError(f"config.{section}.{key} must be a number in [0, 1), got {value!r}")
+        if key.endswith("eps") and not _ok(_POS_FLOAT, value):
+            raise ValueError(f"config.{section}.{key} must be {_POS_FLOAT}, got {value!r}")
 
 
 def check_heads_divide(model: dict, *, features_keys: tuple[str, ...], heads_key: str) -> None:
