@@ -118,7 +118,7 @@ def test_dropout_scales_kept_and_broadcasts():
 @pytest.mark.parametrize(
     "call, exc, msg",
     [
-        (lambda x: dropout(x, 1.5, jax.random.key(0)), ValueError, "rate must be a Python float"),
+        (lambda x: dropout(x, 1.5, jax.random.key(0)), ValueError, "must be a float in [0, 1]"),
         (
             lambda x: dropout(x, 0.5, jax.random.key(0), broadcast_dims=(3,)),
             ValueError,

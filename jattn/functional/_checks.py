@@ -14,6 +14,11 @@ from jattn.functional.masks import _as_window
 from jattn.functional.softmax import check_fully_masked
 
 
+def is_int(x) -> bool:
+    """A static Python or NumPy integer (``np.int64`` is not an ``int``), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def fmt(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
@@ -29,6 +34,24 @@ def concrete(x) -> np.ndarray | None:
     """``x``'s values when they are known (outside ``jax.jit``), else None: values can
     only be checked on concrete inputs."""
     return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def check_scale(scale):
+    """``scale`` as a static Python float (or None). A 0-d array is accepted when its
+    value is known, as ``jax.nn.dot_product_attention`` accepts one; the blocked and
+    kernel paths need the value at trace time, so a traced scale is a TypeError."""
+    if scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, bool)):
+        return scale
+    if isinstance(scale, jax.Array | np.ndarray) and scale.ndim == 0:
+        value = concrete(scale)
+        if value is None:
+            raise TypeError(
+                "scale must be known at trace time, got a traced array; scale the query "
+                "instead (dot_product_attention(query * s, ..., scale=1.0))"
+            )
+        if jnp.issubdtype(value.dtype, np.floating) or jnp.issubdtype(value.dtype, np.integer):
+            return float(value)
+    raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
 
 
 def check_float(name: str, x: jax.Array) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any
 
 import jax
@@ -350,8 +349,7 @@ def dot_product_attention(
     key = _checks.as_array("key", key)
     value = _checks.as_array("value", value)
     _checks.check_qkv(query, key, value, same_head_dim=True)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = _checks.check_scale(scale)
     from jattn.functional import dispatch  # blocked / cuDNN / Pallas paths, chosen by shape
 
     masking = dict(

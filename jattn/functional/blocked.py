@@ -543,9 +543,10 @@ def blocked_attention(
     if (
         not isinstance(block_sizes, tuple | list)
         or len(block_sizes) != 2
-        or not all(isinstance(x, int) and x > 0 for x in block_sizes)
+        or not all(_checks.is_int(x) and x > 0 for x in block_sizes)
     ):
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
+    block_sizes = tuple(int(x) for x in block_sizes)
 
     mesh = _sharding.explicit_mesh(arrays)
     if mesh is not None:  # explicit sharding cannot express the [B*K, ...] layout

@@ -9,7 +9,8 @@ This is attention: the queries are the points to predict, the keys are the
 training inputs, the values are the training targets, and the weights are a
 softmax over ``log K``. Kernels are therefore written in log space: each kernel
 returns the logits ``log K(d)`` (``-inf`` where ``K(d) = 0``), so a narrow
-Gaussian never underflows to an all-zero row, and the Gaussian kernel is exactly
+Gaussian does not underflow to an all-zero row (as long as ``(d / width)^2`` stays
+below float32's 3.4e38, i.e. d / width < 1.8e19), and the Gaussian kernel is exactly
 the softmax of ``-d^2 / 2``. ``jnp.exp(kernel(d))`` gives the kernel itself.
 
 Shapes: queries ``[T]`` (or ``[T, F]`` for F input features), keys ``[S]``

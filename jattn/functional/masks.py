@@ -51,6 +51,15 @@ def _positions(num_queries: int, num_keys: int, offset) -> tuple[jax.Array, jax.
     return q[..., None], k
 
 
+def check_bool_mask(name: str, mask, *, hint: str = "add float masks to the logits") -> jax.Array:
+    """``mask`` as a boolean array; a TypeError for other dtypes, whose 0/1 or 0/-inf
+    entries would otherwise be read as False/True (an additive mask turned inside out)."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be boolean (True = attend), got dtype {mask.dtype}; {hint}")
+    return mask
+
+
 def sequence_mask(lengths: jax.Array, length: int) -> jax.Array:
     """``mask[..., i] = i < lengths[...]``.
 
@@ -64,6 +73,8 @@ def sequence_mask(lengths: jax.Array, length: int) -> jax.Array:
     lengths = jnp.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.dtype.itemsize < 4:  # positions up to `length` must not wrap around
+        lengths = lengths.astype(jnp.int32)
     pos = jnp.arange(length, dtype=lengths.dtype).reshape((1,) * lengths.ndim + (length,))
     return pos < lengths[..., None]
 
@@ -133,7 +144,7 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 
     Masks of lower rank are aligned on the right, as NumPy broadcasting does.
     """
-    present = [jnp.asarray(m, dtype=bool) for m in masks if m is not None]
+    present = [check_bool_mask("mask", m) for m in masks if m is not None]
     if not present:
         return None
     ndim = max(m.ndim for m in present)

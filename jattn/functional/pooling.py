@@ -16,8 +16,12 @@ def attention_pooling(weights: jax.Array, values: jax.Array) -> jax.Array:
       values: ``[S, Hv]``; Hv is independent of the query/key head dim.
 
     Returns:
-      ``[T, Hv]`` in the dtype of ``values``.
+      ``[T, Hv]`` in the dtype of ``values`` (float32 for integer values: the
+      average of integers is not an integer).
     """
+    weights, values = jnp.asarray(weights), jnp.asarray(values)
+    if not jnp.issubdtype(values.dtype, jnp.inexact):
+        values = values.astype(jnp.float32)
     if weights.ndim != 2 or values.ndim != 2 or weights.shape[1] != values.shape[0]:
         raise ValueError(
             f"attention_pooling expects weights [T, S] and values [S, Hv], got weights "

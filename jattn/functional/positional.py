@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.functional._checks import fmt
+from jattn.functional._checks import fmt, is_int
 
 __all__ = [
     "sinusoidal_encoding",
@@ -44,8 +44,9 @@ def sinusoidal_encoding(positions: jax.Array, features: int) -> jax.Array:
     Returns:
       ``[..., D]`` float32.
     """
-    if not isinstance(features, int) or features <= 0 or features % 2:
+    if not is_int(features) or features <= 0 or features % 2:
         raise ValueError(f"sinusoidal_encoding needs an even positive features, got {features!r}")
+    features = int(features)
     positions = jnp.asarray(positions, dtype=jnp.float32)
     inv = jnp.power(10000.0, jnp.arange(0, features, 2, dtype=jnp.float32) / features)  # [D/2]
     angles = positions[..., None] / inv.reshape((1,) * positions.ndim + (features // 2,))
@@ -83,8 +84,16 @@ def rotary_embedding(
         raise ValueError(
             f"rotary_embedding needs x of shape [..., T, N, H] with even H, got {fmt(x.shape)}"
         )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"rotary_embedding needs a float x, got dtype {x.dtype}")
     positions = jnp.asarray(positions)
-    if positions.ndim == 0 or positions.shape[-1] != x.shape[-3] or positions.ndim > x.ndim - 2:
+    lead = x.shape[:-3]  # the batch dims positions [..., T] must broadcast to
+    if (
+        positions.ndim == 0
+        or positions.shape[-1] != x.shape[-3]
+        or positions.ndim > x.ndim - 2
+        or any(p not in (1, b) for p, b in zip(positions.shape[-2::-1], lead[::-1], strict=False))
+    ):
         raise ValueError(
             f"positions {fmt(positions.shape)} must be [T] or [..., T] with T={x.shape[-3]} "
             f"for x {fmt(x.shape)}"
@@ -121,8 +130,9 @@ def alibi_slopes(num_heads: int) -> jax.Array:
     the P slopes of P heads followed by every other slope of 2P heads, as the
     paper's reference code does.
     """
-    if not isinstance(num_heads, int) or num_heads <= 0:
+    if not is_int(num_heads) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = int(num_heads)
 
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)
@@ -186,9 +196,10 @@ def relative_position_buckets(
     """
     if bidirectional and num_buckets % 2:
         raise ValueError(f"bidirectional buckets need an even num_buckets, got {num_buckets}")
-    if num_buckets < 2 or max_distance <= num_buckets // (4 if bidirectional else 2):
+    least = 4 if bidirectional else 2  # each direction needs an exact and a log bucket
+    if num_buckets < least or max_distance <= num_buckets // (4 if bidirectional else 2):
         raise ValueError(
-            f"need num_buckets >= 2 and max_distance > the exact range, got "
+            f"need num_buckets >= {least} and max_distance > the exact range, got "
             f"num_buckets={num_buckets}, max_distance={max_distance}"
         )
     n = -jnp.asarray(relative_position, dtype=jnp.int32)

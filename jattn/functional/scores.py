@@ -37,6 +37,25 @@ def _f32_dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
+def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None) -> None:
+    """query ``[T, H]`` and key ``[S, H']`` (H' == H if ``same_dim``); ``params(H, H')``
+    gives ``{name: (array, expected shape)}`` to check too. A ValueError naming them."""
+    problems = []
+    if jnp.ndim(query) != 2 or jnp.ndim(key) != 2:
+        problems.append("query must be [T, H] and key [S, H'] (one head; vmap over heads)")
+    elif same_dim and query.shape[-1] != key.shape[-1]:
+        problems.append("query and key need the same head dim H")
+    elif params is not None:
+        for name, (array, want) in params(query.shape[-1], key.shape[-1]).items():
+            if jnp.shape(array) != want:
+                problems.append(f"{name} must be {list(want)}, got {list(jnp.shape(array))}")
+    if problems:
+        raise ValueError(
+            f"{fn}: query {list(jnp.shape(query))}, key {list(jnp.shape(key))}: "
+            + "; ".join(problems)
+        )
+
+
 def dot_product_scores(query: jax.Array, key: jax.Array, params: None = None) -> jax.Array:
     """Plain dot product ``q . k``.
 
@@ -49,6 +68,7 @@ def dot_product_scores(query: jax.Array, key: jax.Array, params: None = None) ->
       ``[T, S]`` float32 logits.
     """
     del params
+    _check_shapes("dot_product_scores", query, key, same_dim=True)
     return _f32_dot(query, key, "th,sh->ts")
 
 
@@ -67,6 +87,7 @@ def scaled_dot_product_scores(
       ``[T, S]`` float32 logits.
     """
     del params
+    _check_shapes("scaled_dot_product_scores", query, key, same_dim=True)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     return _f32_dot(query, key, "th,sh->ts") * jnp.float32(scale)
@@ -99,6 +120,18 @@ def additive_scores(query: jax.Array, key: jax.Array, params: AdditiveParams) ->
     Returns:
       ``[T, S]`` float32 logits.
     """
+    a = jnp.shape(params.w_value)[:1]  # (A,)
+    _check_shapes(
+        "additive_scores",
+        query,
+        key,
+        same_dim=False,
+        params=lambda h, h2: {
+            "w_query": (params.w_query, (h, *a)),
+            "w_key": (params.w_key, (h2, *a)),
+            "w_value": (params.w_value, a),
+        },
+    )
     q = _f32_dot(query, params.w_query, "th,ha->ta")  # [T, A]
     k = _f32_dot(key, params.w_key, "sh,ha->sa")  # [S, A]
     hidden = jnp.tanh(q[:, None, :] + k[None, :, :])  # [T, S, A]
@@ -116,6 +149,9 @@ def bilinear_scores(query: jax.Array, key: jax.Array, params: jax.Array) -> jax.
     Returns:
       ``[T, S]`` float32 logits.
     """
+    _check_shapes(
+        "bilinear_scores", query, key, same_dim=False, params=lambda h, h2: {"W": (params, (h, h2))}
+    )
     qw = _f32_dot(query, params, "th,hk->tk")  # [T, H']
     return _f32_dot(qw, key.astype(jnp.float32), "tk,sk->ts")
 
@@ -140,7 +176,8 @@ class MLPParams(NamedTuple):
 
 
 def mlp_scores(query: jax.Array, key: jax.Array, params: MLPParams) -> jax.Array:
-    """Higher-order score: a one-hidden-layer GELU network of ``q``, ``k`` and ``q * k``.
+    """Higher-order score: a one-hidden-layer GELU network of ``q``, ``k`` and ``q * k``
+    (``jax.nn.gelu``'s default tanh approximation).
 
     ``score(q, k) = w_out^T gelu(W_q q + W_k k + W_p (q * k) + b)``. It generalises
     the additive score (``W_p = 0``) and can represent bilinear interactions.
@@ -154,6 +191,7 @@ def mlp_scores(query: jax.Array, key: jax.Array, params: MLPParams) -> jax.Array
     Returns:
       ``[T, S]`` float32 logits.
     """
+    _check_shapes("mlp_scores", query, key, same_dim=True)
     q32 = query.astype(jnp.float32)
     k32 = key.astype(jnp.float32)
     q = _f32_dot(q32, params.w_query, "th,ha->ta")  # [T, A]

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn.functional.masks import check_bool_mask
+
 __all__ = ["FullyMasked", "MASK_FILL", "masked_softmax", "masked_softmax_with_lse"]
 
 FullyMasked = Literal["zeros", "uniform"]
@@ -68,13 +70,14 @@ def masked_softmax_with_lse(
       ``[...]``, the log-sum-exp of the logits after masked entries were set to
       :data:`MASK_FILL` (the residual of ``jax.nn.dot_product_attention``).
       Entries with ``-inf`` logits get weight 0; a row whose visible logits are
-      all ``-inf`` gets zeros (and ``lse`` 0). No NaN or inf reaches the weights
-      or their gradients.
+      all ``-inf`` gets zeros (and ``lse`` 0). Masking and fully masked rows give
+      no NaN or inf in the weights or their gradients (a ``+inf`` or NaN logit is
+      not a softmax input: it gives NaN, as in ``jax.nn.softmax``).
     """
     check_fully_masked(fully_masked)
     logits = logits.astype(jnp.float32)
     if mask is not None:
-        mask = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), logits.shape)
+        mask = jnp.broadcast_to(check_bool_mask("mask", mask), logits.shape)
         any_visible = jnp.any(mask, axis=-1, keepdims=True)
         # Masked keys get -inf, so they get weight 0 even when every visible logit is
         # -inf (a finite fill would then win); a fully masked row gets the finite fill,

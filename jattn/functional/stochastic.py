@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -155,13 +156,15 @@ def dropout(x: jax.Array, rate: float, rng, *, broadcast_dims: Sequence[int] = (
 
     Args:
       x: any array.
-      rate: a Python float in ``[0, 1]``; 0 returns ``x``, 1 returns zeros.
+      rate: a Python or NumPy float in ``[0, 1]``; 0 returns ``x``, 1 returns zeros.
       rng: a PRNG key.
       broadcast_dims: axes of ``x`` that share one mask (e.g. ``(0,)`` for one mask
         over the batch).
     """
-    if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
-        raise ValueError(f"dropout rate must be a Python float in [0, 1], got {rate!r}")
+    # a static Python or NumPy number (np.float32 is not a float subclass); not a bool
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"dropout rate must be a float in [0, 1], got {rate!r}")
+    rate = float(rate)
     if rate == 0.0:
         return x
     if rate == 1.0:
