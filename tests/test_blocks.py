@@ -140,6 +140,32 @@ def test_dropout_is_active_only_when_not_deterministic():
     assert not np.allclose(np.asarray(b), np.asarray(c))
 
 
+def test_a_bare_key_gives_every_dropout_site_its_own_key(monkeypatch):
+    """A PRNG key passed to a block is a stream, as nnx.Rngs(dropout=key) is: each site
+    (attention weights, two residuals, the MLP) draws a different key. Used as is, one
+    key dropped the same units at every site of the same shape."""
+    import jattn.layers.dropout as dropout_lib
+
+    drawn = []
+    original = dropout_lib.dropout_key
+
+    def record(*args, **kwargs):
+        key = original(*args, **kwargs)
+        if key is not None:
+            drawn.append(np.asarray(jax.random.key_data(key)).tobytes())
+        return key
+
+    monkeypatch.setattr(dropout_lib, "dropout_key", record)
+    block = EncoderBlock(D, N, F, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 4, D))
+    key = jax.random.key(7)
+    a = block(x, deterministic=False, rngs=key)
+    assert len(drawn) >= 3 and len(set(drawn)) == len(drawn)
+    monkeypatch.undo()
+    b = block(x, deterministic=False, rngs=nnx.Rngs(dropout=key))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_score_factory_and_sown_weights():
     def score(n, h, *, rngs):
         return BilinearScore(n, h, h, rngs=rngs)

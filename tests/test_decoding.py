@@ -11,6 +11,7 @@ from flax import nnx
 from jattn.functional.attention import dot_product_attention
 from jattn.functional.masks import key_padding_mask
 from jattn.models import (
+    BahdanauSeq2Seq,
     DecoderLM,
     RotaryAttention,
     Transformer,
@@ -253,10 +254,44 @@ def test_generate_inside_jit_and_errors(seq2seq):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(seq2seq.generate(SRC, max_len=6)))
     with pytest.raises(ValueError, match=r"max_len must be an int in \[1, 16\]"):
         seq2seq.generate(SRC, max_len=17)
+    np.testing.assert_array_equal(
+        np.asarray(seq2seq.generate(SRC, max_len=np.int64(6))), np.asarray(out)
+    )
     with pytest.raises(ValueError, match="beam_size must be a positive int"):
         seq2seq.generate(SRC, max_len=3, beam_size=0)
     with pytest.raises(ValueError, match="length_penalty must be a float >= 0, got -1"):
         seq2seq.generate(SRC, max_len=3, beam_size=2, length_penalty=-1)
+
+
+def test_generate_checks_token_ids_before_its_own_jit(seq2seq):
+    """generate runs the model under the library's own jit, where the forward pass's
+    check sees only tracers: ids outside the vocabulary (also int64 ones that an int32
+    conversion would wrap into range) are checked first."""
+    bad = jnp.asarray([[3, 4, 50, 2]])
+    with pytest.raises(ValueError, match=r"src holds token ids outside .*\[0, 9\): .*max 50"):
+        seq2seq.generate(bad, max_len=3)
+    lm = DecoderLM(11, rngs=nnx.Rngs(0), **SMALL)
+    with pytest.raises(ValueError, match=r"prompt_tokens holds token ids .*min -1"):
+        lm.generate(jnp.asarray([[3, 4, -1]]), jnp.asarray([3]), max_new_tokens=2)
+    huge = np.array([[2**32 + 3, 4]], np.int64)  # int32 would read it as 3
+    with pytest.raises(ValueError, match="max 4294967299"):
+        lm(huge)
+    rnn = BahdanauSeq2Seq(9, 6, embed_dim=8, hidden=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"src holds token ids outside the vocabulary \[0, 9\)"):
+        rnn.generate(bad, max_len=3)
+    with pytest.raises(ValueError, match=r"src \[1, 4\] and tgt_in \[2, 3\] have different"):
+        seq2seq(bad[:, :4] % 9, jnp.ones((2, 3), jnp.int32))
+
+
+def test_model_options_take_numpy_ints_and_reject_bools():
+    lm = DecoderLM(11, positional="learned", rngs=nnx.Rngs(0), **SMALL)
+    with pytest.raises(ValueError, match="a cache of 17 positions outruns the learned position"):
+        lm.init_cache(1, 17)  # positions past the table were clipped: wrong logits
+    for kw in ({"num_layers": True}, {"max_len": True}):
+        with pytest.raises(ValueError, match="must be a positive int, got True"):
+            DecoderLM(11, rngs=nnx.Rngs(0), **{**SMALL, **kw})
+    with pytest.raises(ValueError, match="the vocabulary size must be a positive int, got True"):
+        DecoderLM(True, rngs=nnx.Rngs(0), **SMALL)
 
 
 # ------------------------------------------------------------- search on a bigram model

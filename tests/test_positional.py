@@ -206,3 +206,7 @@ def test_relative_position_bias_layer():
     np.testing.assert_allclose(np.asarray(off[0, :, 0, 3:]), np.repeat(t[0][:, None], 3, 1))
     with pytest.raises(ValueError, match="even num_buckets"):
         RelativePositionBias(2, num_buckets=7, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
+        RelativePositionBias(0, rngs=nnx.Rngs(0))  # was a ZeroDivisionError in the init
+    with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
+        LearnedPositionalEmbedding(0, 6, rngs=nnx.Rngs(0))

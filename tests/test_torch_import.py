@@ -213,6 +213,8 @@ def test_mask_errors():
         torch_masks_to_jattn(attn_mask=np.zeros((1, 2, 4, 5), bool))
     with pytest.raises(ValueError, match="disagree on the key length S"):
         torch_masks_to_jattn(np.zeros((2, 5), bool), np.zeros((4, 6), bool))
+    with pytest.raises(ValueError, match=r"is for B=2 but the 3-D attn_mask \[6, 4, 5\]"):
+        torch_masks_to_jattn(np.zeros((2, 5), bool), np.zeros((6, 4, 5), bool), num_heads=2)
     with pytest.raises(TypeError, match="must be boolean or float"):
         torch_masks_to_jattn(np.zeros((2, 5), np.int32))
     with pytest.raises(ValueError, match=r"contains NaN or \+inf"):

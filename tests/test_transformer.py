@@ -220,7 +220,7 @@ def test_input_errors(model):
     with pytest.raises(ValueError, match="tgt_in length 17 exceeds max_len=16"):
         model(SRC, jnp.ones((2, 17), jnp.int32))
     # ids beyond the table would gather NaN, negative ones wrap around: both refused
-    with pytest.raises(ValueError, match=r"tokens holds token ids outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"tgt_in holds token ids outside the vocabulary"):
         model(SRC, TGT.at[0, 1].set(99))
-    with pytest.raises(ValueError, match=r"\[0, 9\): min -1"):
+    with pytest.raises(ValueError, match=r"src holds .*\[0, 9\): min -1"):
         model(SRC.at[1, 0].set(-1), TGT)

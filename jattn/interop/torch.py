@@ -468,6 +468,12 @@ def torch_masks_to_jattn(
                 f"key_padding_mask {_fmt(np.shape(key_padding_mask))} and attn_mask "
                 f"{_fmt(np.shape(attn_mask))} disagree on the key length S"
             )
+        if masks and am.shape[0] not in (1, masks[0].shape[0]):
+            raise ValueError(
+                f"key_padding_mask {_fmt(np.shape(key_padding_mask))} is for B="
+                f"{masks[0].shape[0]} but the 3-D attn_mask {_fmt(np.shape(attn_mask))} "
+                f"with num_heads={num_heads} is for B={am.shape[0]}"
+            )
         m, b = _split_torch_mask(am, "attn_mask")
         masks.append(m)
         if b is not None:

@@ -7,7 +7,7 @@ from flax import nnx
 
 from jattn.functional.stochastic import dropout, fold_in
 
-__all__ = ["Dropout", "dropout_key", "next_key"]
+__all__ = ["Dropout", "dropout_key", "next_key", "per_site_rngs"]
 
 
 def next_key(stream: nnx.RngStream) -> jax.Array:
@@ -24,7 +24,8 @@ def dropout_key(rngs, default=None, collection: str = "dropout") -> jax.Array | 
 
     Args:
       rngs: the call's ``nnx.Rngs`` (its ``collection`` stream), an ``RngStream``, a
-        key (used as is), or None.
+        key (used as is: modules with several sites first turn it into a stream with
+        :func:`per_site_rngs`), or None.
       default: the layer's own stream (or None), used when ``rngs`` is None.
       collection: the stream name taken from ``nnx.Rngs``.
 
@@ -41,6 +42,16 @@ def dropout_key(rngs, default=None, collection: str = "dropout") -> jax.Array | 
     raise TypeError(
         f"rngs must be nnx.Rngs, an nnx.RngStream, a PRNG key or None, got {type(rngs).__name__}"
     )
+
+
+def per_site_rngs(rngs):
+    """``rngs`` for a module with several random sites (blocks, stacks, models): a bare
+    key becomes ``nnx.Rngs(dropout=key)``, so each site draws its own key from that
+    stream. Passed on as is, one key would drop the same units at every site of the same
+    shape. ``nnx.Rngs``, streams and None pass through."""
+    if isinstance(rngs, jax.Array):
+        return nnx.Rngs(dropout=rngs)
+    return rngs
 
 
 class Dropout(nnx.Dropout):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional._checks import is_int
 from jattn.functional.positional import (
     _relative_positions,
     alibi_bias,
@@ -35,7 +36,7 @@ class SinusoidalEncoding(nnx.Module):
     """Fixed sinusoidal encodings (no parameters): ``__call__(positions [...]) -> [..., D]``."""
 
     def __init__(self, features: int, max_len: int = 10_000):
-        if not isinstance(features, int) or features <= 0 or features % 2:
+        if not is_int(features) or features <= 0 or features % 2:
             raise ValueError(
                 f"sinusoidal encoding needs an even positive features, got {features!r}"
             )
@@ -53,6 +54,9 @@ class LearnedPositionalEmbedding(nnx.Module):
     """
 
     def __init__(self, max_len: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        for name, value in (("max_len", max_len), ("features", features)):
+            if not is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.max_len = max_len
         self.embedding = nnx.Embed(
             max_len,
@@ -112,6 +116,8 @@ class RelativePositionBias(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if not is_int(num_heads) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         relative_position_buckets(
             jnp.zeros((), jnp.int32),
             bidirectional=bidirectional,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jattn.functional._checks import concrete
+from jattn.functional._checks import concrete, is_int
 
 
 def check_token_ids(name: str, tokens, vocab_size: int) -> None:
@@ -24,7 +24,10 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
 
 
 def check_special_ids(vocab_size: int, vocab: str = "vocabulary", **ids) -> None:
-    """Each of ``ids`` (e.g. ``pad_id=0``) must be an int in ``[0, vocab_size)``."""
+    """``vocab_size`` is a positive int and each of ``ids`` (e.g. ``pad_id=0``) an int in
+    ``[0, vocab_size)``."""
+    if not is_int(vocab_size) or vocab_size <= 0:
+        raise ValueError(f"the {vocab} size must be a positive int, got {vocab_size!r}")
     for name, value in ids.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an int, got {value!r}")

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional._checks import is_int
 from jattn.functional.attention import attention, dot_product_attention
-from jattn.layers.dropout import Dropout
+from jattn.layers.dropout import Dropout, per_site_rngs
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.layers.scores import Score
 from jattn.models.decoding import (
@@ -182,6 +183,8 @@ class EncoderBlock(_Block):
         broadcast to ``[B, N, S, S]``.
         """
 
+        rngs = per_site_rngs(rngs)
+
         def attend(h):
             return self.self_attention(
                 h, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
@@ -261,6 +264,7 @@ class DecoderBlock(_Block):
         ``is_causal``), ``cross_mask`` to ``[B, N, T, S]``; True = attend. ``self_bias``
         is an additive bias of the self-attention (e.g. causal ALiBi), ``[B, N, T, T]``.
         """
+        rngs = per_site_rngs(rngs)
         kw = dict(deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
 
         def self_attend(h):
@@ -331,7 +335,7 @@ class TransformerEncoder(nnx.Module):
         rotary: bool = False,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(num_layers, int) or num_layers <= 0:
+        if not is_int(num_layers) or num_layers <= 0:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         kw = _stack_kwargs(locals())
         self.layers = nnx.List(
@@ -344,6 +348,7 @@ class TransformerEncoder(nnx.Module):
     def __call__(self, x, *, mask=None, bias=None, is_causal=False, deterministic=True,
                  rngs=None, sow_weights=False):  # fmt: skip
         """``x: [B, S, D] -> [B, S, D]``; ``mask``/``bias`` as :class:`EncoderBlock`."""
+        rngs = per_site_rngs(rngs)
         for layer in self.layers:
             x = layer(x, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
                       rngs=rngs, sow_weights=sow_weights)  # fmt: skip
@@ -382,7 +387,7 @@ class TransformerDecoder(nnx.Module):
         rotary: bool = False,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(num_layers, int) or num_layers <= 0:
+        if not is_int(num_layers) or num_layers <= 0:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         kw = _stack_kwargs(locals())
         self.layers = nnx.List(
@@ -395,6 +400,7 @@ class TransformerDecoder(nnx.Module):
     def __call__(self, y, memory, *, self_mask=None, cross_mask=None, self_bias=None,
                  is_causal=True, deterministic=True, rngs=None, sow_weights=False):  # fmt: skip
         """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]`` (as :class:`DecoderBlock`)."""
+        rngs = per_site_rngs(rngs)
         for layer in self.layers:
             y = layer(y, memory, self_mask=self_mask, cross_mask=cross_mask, self_bias=self_bias,
                       is_causal=is_causal, deterministic=deterministic, rngs=rngs,

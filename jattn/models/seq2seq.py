@@ -21,7 +21,7 @@ from flax import nnx
 from jattn.functional import _sharding
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
-from jattn.layers.dropout import Dropout
+from jattn.layers.dropout import Dropout, per_site_rngs
 from jattn.layers.scores import AdditiveScore, BilinearScore
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.decoding import beam_search, greedy_search, per_example
@@ -49,7 +49,9 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_tokens(name: str, x) -> jax.Array:
+def _check_tokens(name: str, x, vocab_size: int | None = None) -> jax.Array:
+    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
+        check_token_ids(name, x, vocab_size)
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [B, L] (token ids), got {list(x.shape)}")
@@ -173,6 +175,7 @@ class BahdanauSeq2Seq(nnx.Module):
 
     def encode(self, src: jax.Array, *, deterministic: bool = True, rngs=None):
         """``src [B, S]`` -> ``(states [B, S, Hk], valid [B, S], h0 [L, B, H])``."""
+        rngs = per_site_rngs(rngs)
         check_token_ids("src", src, self.src_embed.num_embeddings)
         valid = src != self.pad_id
         x = self.dropout(
@@ -242,13 +245,13 @@ class BahdanauSeq2Seq(nnx.Module):
         Returns:
           ``[B, T, V]`` float32 logits.
         """
-        src = _check_tokens("src", src)
-        tgt_in = _check_tokens("tgt_in", tgt_in)
+        rngs = per_site_rngs(rngs)
+        src = _check_tokens("src", src, self.src_embed.num_embeddings)
+        tgt_in = _check_tokens("tgt_in", tgt_in, self.tgt_embed.num_embeddings)
         if src.shape[0] != tgt_in.shape[0]:
             raise ValueError(
                 f"src {list(src.shape)} and tgt_in {list(tgt_in.shape)} have different batch sizes"
             )
-        check_token_ids("tgt_in", tgt_in, self.tgt_embed.num_embeddings)
         states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)
         emb = self.dropout(
             self.tgt_embed(tgt_in, out_sharding=_sharding.like(tgt_in)),
@@ -286,7 +289,7 @@ class BahdanauSeq2Seq(nnx.Module):
         the best one (:func:`jattn.models.decoding.beam_search`). Runs as one
         jit-compiled ``lax.while_loop`` that stops when every sequence has ended.
         """
-        src = _check_tokens("src", src)
+        src = _check_tokens("src", src, self.src_embed.num_embeddings)
         _check_positive_int("max_len", max_len)
         beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         penalty = jnp.float32(length_penalty)

@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from jattn.functional import _sharding
-from jattn.functional._checks import concrete
+from jattn.functional._checks import concrete, is_int
 from jattn.functional.masks import key_padding_mask
-from jattn.layers.dropout import Dropout
+from jattn.layers.dropout import Dropout, per_site_rngs
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
@@ -38,9 +38,9 @@ class _Embedding(nnx.Module):
     def __init__(self, vocab_size, features, max_len, positional, dropout_rate, *, rngs):
         if positional not in _POSITIONAL:
             raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
-        if not isinstance(vocab_size, int) or vocab_size <= 0:
+        if not is_int(vocab_size) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if not isinstance(max_len, int) or max_len <= 0:
+        if not is_int(max_len) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
         self.features = features
         self.max_len = max_len
@@ -64,7 +64,9 @@ class _Embedding(nnx.Module):
         return self.dropout(x, deterministic=deterministic, rngs=rngs)
 
 
-def _check_tokens(name, tokens, max_len=None):
+def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
+    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
+        check_token_ids(name, tokens, vocab_size)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(
@@ -193,7 +195,10 @@ class Transformer(nnx.Module):
 
     def encode(self, src, *, deterministic=True, rngs=None, sow_weights=False) -> jax.Array:
         """``src [B, S]`` -> memory ``[B, S, D]`` (padding keys masked)."""
-        src = _check_tokens("src", src, self.max_len)
+        rngs = per_site_rngs(rngs)
+        src = _check_tokens(
+            "src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings
+        )
         x = self.src_embed(src, deterministic=deterministic, rngs=rngs)
         mask = key_padding_mask(src != self.pad_id)
         return self.encoder(x, mask=mask, deterministic=deterministic, rngs=rngs,
@@ -202,7 +207,10 @@ class Transformer(nnx.Module):
     def decode(self, tgt_in, memory, src, *, deterministic=True, rngs=None, sow_weights=False):
         """Teacher-forced decoder: ``tgt_in [B, T]``, ``memory [B, S, D]``, ``src [B, S]``
         (for its padding mask) -> logits ``[B, T, V]`` float32 (causal self-attention)."""
-        tgt_in = _check_tokens("tgt_in", tgt_in, self.max_len)
+        rngs = per_site_rngs(rngs)
+        tgt_in = _check_tokens(
+            "tgt_in", tgt_in, self.max_len, vocab_size=self.tgt_embed.token.num_embeddings
+        )
         y = self.tgt_embed(tgt_in, deterministic=deterministic, rngs=rngs)
         y = self.decoder(y, memory, cross_mask=key_padding_mask(src != self.pad_id),
                          deterministic=deterministic, rngs=rngs,
@@ -211,6 +219,12 @@ class Transformer(nnx.Module):
 
     def __call__(self, src, tgt_in, *, deterministic=True, rngs=None, sow_weights=False):
         """``src [B, S]``, ``tgt_in [B, T]`` (starting with BOS) -> logits ``[B, T, V]`` float32."""
+        rngs = per_site_rngs(rngs)
+        if jnp.ndim(src) == 2 == jnp.ndim(tgt_in) and jnp.shape(src)[0] != jnp.shape(tgt_in)[0]:
+            raise ValueError(
+                f"src {list(jnp.shape(src))} and tgt_in {list(jnp.shape(tgt_in))} have "
+                "different batch sizes"
+            )
         kw = dict(deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
         memory = self.encode(src, **kw)
         return self.decode(tgt_in, memory, src, **kw)
@@ -220,9 +234,12 @@ class Transformer(nnx.Module):
 
         Output has no BOS; tokens after EOS are PAD. Compiled once per shape and options.
         """
-        src = _check_tokens("src", src, self.max_len)
-        if not isinstance(max_len, int) or not 0 < max_len <= self.max_len:
+        src = _check_tokens(
+            "src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings
+        )
+        if not is_int(max_len) or not 0 < max_len <= self.max_len:
             raise ValueError(f"max_len must be an int in [1, {self.max_len}], got {max_len!r}")
+        max_len = int(max_len)
         beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         return per_example(
             lambda model, src: _generate_seq2seq(model, src, max_len, beam_size, length_penalty),
@@ -309,14 +326,23 @@ class DecoderLM(nnx.Module):
 
     def __call__(self, tokens, *, deterministic=True, rngs=None, sow_weights=False):
         """``tokens [B, T]`` -> next-token logits ``[B, T, V]`` float32."""
-        tokens = _check_tokens("tokens", tokens, self.max_len)
+        rngs = per_site_rngs(rngs)
+        tokens = _check_tokens(
+            "tokens", tokens, self.max_len, vocab_size=self.embed.token.num_embeddings
+        )
         x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
         x = self.decoder(x, is_causal=True, deterministic=deterministic, rngs=rngs,
                          sow_weights=sow_weights)  # fmt: skip
         return self._logits(x)
 
     def init_cache(self, batch_size: int, max_len: int):
-        """One empty :class:`KVCache` per layer, ``max_len`` positions each."""
+        """One empty :class:`KVCache` per layer, ``max_len`` positions each (at most the
+        model's ``max_len`` with learned positions, whose table ends there)."""
+        if isinstance(self.embed.position, LearnedPositionalEmbedding) and max_len > self.max_len:
+            raise ValueError(
+                f"a cache of {max_len} positions outruns the learned position table of "
+                f"max_len={self.max_len}"
+            )
         return self.decoder.init_cache(batch_size, max_len)
 
     def step(self, tokens, caches):
@@ -341,7 +367,9 @@ class DecoderLM(nnx.Module):
         Returns:
           ``[B, max_new_tokens]`` int32: the continuation only, PAD after EOS.
         """
-        prompt_tokens = _check_tokens("prompt_tokens", prompt_tokens)
+        prompt_tokens = _check_tokens(
+            "prompt_tokens", prompt_tokens, vocab_size=self.embed.token.num_embeddings
+        )
         prompt_lengths = jnp.asarray(prompt_lengths)
         if prompt_lengths.shape != prompt_tokens.shape[:1]:
             raise ValueError(
@@ -431,7 +459,7 @@ class EncoderClassifier(nnx.Module):
     ):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        if not isinstance(num_classes, int) or num_classes <= 0:
+        if not is_int(num_classes) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
@@ -446,7 +474,10 @@ class EncoderClassifier(nnx.Module):
 
     def __call__(self, tokens, *, deterministic=True, rngs=None, sow_weights=False):
         """``tokens [B, T]`` -> class logits ``[B, num_classes]`` float32."""
-        tokens = _check_tokens("tokens", tokens, self.max_len)
+        rngs = per_site_rngs(rngs)
+        tokens = _check_tokens(
+            "tokens", tokens, self.max_len, vocab_size=self.embed.token.num_embeddings
+        )
         valid = tokens != self.pad_id  # [B, T]
         x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
         x = self.encoder(x, mask=key_padding_mask(valid), deterministic=deterministic, rngs=rngs,
