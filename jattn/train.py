@@ -470,7 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if interrupted is None and step < num_steps:
         result["interrupted"] = "stop_after_steps"
     if result["interrupted"] is not None:
-        tqdm.write(f"stopped at step {step}; run the same command to resume")
+        again = "" if step > start else " with a larger config.train.stop_after_steps"
+        tqdm.write(f"stopped at step {step}; run the same command{again} to resume")
         log.close()
         ckpt.close()
         return result

@@ -137,6 +137,7 @@ def test_metrics_log_keeps_the_records_of_the_saved_states(tmp_path):
     lines = [{"step": s, "split": "train", "loss": s} for s in range(1, 7)]
     lines += [{"step": 2, "split": "eval"}, {"step": 4, "split": "eval"}]
     lines += [{"step": 6, "split": "eval"}]
+    lines.insert(3, [1, 2])  # valid JSON that is no record (a hand edit) is dropped too
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 7, "spl')
     log = MetricsLog(path, resume_step=4, final_step=10)
     assert log.eval_steps == {2, 4}

@@ -78,6 +78,8 @@ class MetricsLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(record, dict):  # not a record of ours (edited by hand)
+                    continue
                 limit = resume_step if record.get("split") == "train" else eval_limit
                 if record.get("step", limit + 1) <= limit:
                     kept.append(line + "\n")
