@@ -34,11 +34,13 @@ SCRIPT = textwrap.dedent(
 
     def compare(name, fn, args, specs):
         # fn under jit on sharded args vs fn on unsharded args; output specs recorded
-        ref = fn(*args)
+        # ready before the next dispatch: the Pallas interpreter's callbacks dispatch JAX
+        # operations, and other work dispatched meanwhile can deadlock the CPU runtime
+        ref = jax.block_until_ready(fn(*args))
         with jax.set_mesh(mesh):
             put = [a if s is None else jax.device_put(a, NamedSharding(mesh, s))
                    for a, s in zip(args, specs)]
-            out = jax.jit(fn)(*put)
+            out = jax.block_until_ready(jax.jit(fn)(*put))
         err = max(float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
                   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
         results[name] = {"err": err, "specs": [str(x.sharding.spec) for x in jax.tree.leaves(out)]}

@@ -225,7 +225,10 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
     """The TPU Pallas flash-attention kernel with jattn's ``[..., T, N, H]`` layout.
 
     Grouped heads are repeated to N (the kernel takes N == K). ``interpret=True``
-    runs the kernel in the Pallas TPU interpreter (for tests on CPU).
+    runs the kernel in the Pallas TPU interpreter (for tests on CPU). The interpreter
+    runs Python callbacks that dispatch JAX operations, and other work dispatched while
+    they run can deadlock the CPU runtime: called eagerly, an interpreted kernel returns
+    its result ready; a caller that jits it should block on the result likewise.
     """
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -285,7 +288,10 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
         out = call()
     if dead is not None:
         out = jnp.where(dead[..., None], jnp.zeros((), out.dtype), out)
-    return jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:])
+    out = jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:])
+    if interpret and not isinstance(out, jax.core.Tracer):
+        out = jax.block_until_ready(out)
+    return out
 
 
 def run(implementation: str, query, key, value, bias=None, mask=None, **options):
