@@ -333,7 +333,9 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int 
     ckpt = Checkpointer(directory, max_to_keep=cfg["train"]["max_to_keep"])
     try:
         steps = ckpt.all_steps()
-        step = (steps[-1] if steps else None) if step is None else step
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has {steps}")
         state = ckpt.restore(step, like)

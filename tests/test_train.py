@@ -246,3 +246,9 @@ def test_locked_config_rejects_unknown_fields_and_wrong_types():
         config.train.num_stepz = 3
     with pytest.raises(TypeError, match="int"):
         config.train.num_steps = "ten"
+
+
+def test_restore_model_from_a_workdir_with_an_empty_checkpoints_folder(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints$"):
+        train_lib.restore_model(load_config("copy", "small"), str(tmp_path / "run"))
