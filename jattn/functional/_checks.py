@@ -10,13 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional.masks import _as_window
+from jattn.functional.masks import _as_window, check_bool_mask
 from jattn.functional.softmax import check_fully_masked
 
 
 def is_int(x) -> bool:
     """A static Python or NumPy integer (``np.int64`` is not an ``int``), not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int; a ValueError naming ``name`` unless it is a positive int."""
+    if not is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def fmt(shape: Sequence[int]) -> str:
@@ -181,12 +188,8 @@ def check_attention_inputs(
     target = batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3])
     letters = "[..., N, T, S]"
     if mask is not None:
-        mask = as_array("mask", mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(
-                f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
-                "pass additive float masks as bias"
-            )
+        hint = "pass additive float masks as bias"
+        mask = check_bool_mask("mask", as_array("mask", mask), hint=hint)
         check_broadcast("mask", mask, target, letters)
     if bias is not None:
         bias = as_array("bias", bias)

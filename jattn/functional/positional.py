@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.functional._checks import fmt, is_int
+from jattn.functional._checks import check_positive_int, fmt, is_int
 
 __all__ = [
     "sinusoidal_encoding",
@@ -130,9 +130,7 @@ def alibi_slopes(num_heads: int) -> jax.Array:
     the P slopes of P heads followed by every other slope of 2P heads, as the
     paper's reference code does.
     """
-    if not is_int(num_heads) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    num_heads = int(num_heads)
+    num_heads = check_positive_int("num_heads", num_heads)
 
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)
@@ -197,7 +195,7 @@ def relative_position_buckets(
     if bidirectional and num_buckets % 2:
         raise ValueError(f"bidirectional buckets need an even num_buckets, got {num_buckets}")
     least = 4 if bidirectional else 2  # each direction needs an exact and a log bucket
-    if num_buckets < least or max_distance <= num_buckets // (4 if bidirectional else 2):
+    if num_buckets < least or max_distance <= num_buckets // least:
         raise ValueError(
             f"need num_buckets >= {least} and max_distance > the exact range, got "
             f"num_buckets={num_buckets}, max_distance={max_distance}"

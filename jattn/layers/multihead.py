@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.layers.dropout import dropout_key
 from jattn.layers.scores import Score
@@ -28,12 +29,6 @@ _dot_product_attention = jax.jit(
 def _default(value, default):
     """``value``, or ``default`` when it is None (0 is a value, and is rejected)."""
     return default if value is None else value
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class MultiHeadAttention(nnx.Module):
@@ -90,13 +85,13 @@ class MultiHeadAttention(nnx.Module):
         attention_fn: Callable | None = None,
         rngs: nnx.Rngs,
     ):
-        num_heads = _positive_int("num_heads", num_heads)
-        in_features = _positive_int("in_features", in_features)
-        qkv_features = _positive_int("qkv_features", _default(qkv_features, in_features))
-        out_features = _positive_int("out_features", _default(out_features, in_features))
-        num_kv_heads = _positive_int("num_kv_heads", _default(num_kv_heads, num_heads))
-        in_kv_features = _positive_int("in_kv_features", _default(in_kv_features, in_features))
-        in_value_features = _positive_int(
+        num_heads = check_positive_int("num_heads", num_heads)
+        in_features = check_positive_int("in_features", in_features)
+        qkv_features = check_positive_int("qkv_features", _default(qkv_features, in_features))
+        out_features = check_positive_int("out_features", _default(out_features, in_features))
+        num_kv_heads = check_positive_int("num_kv_heads", _default(num_kv_heads, num_heads))
+        in_kv_features = check_positive_int("in_kv_features", _default(in_kv_features, in_features))
+        in_value_features = check_positive_int(
             "in_value_features", _default(in_value_features, in_kv_features)
         )
         if qkv_features % num_heads:
@@ -110,7 +105,7 @@ class MultiHeadAttention(nnx.Module):
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
         head_dim = qkv_features // num_heads
-        v_head_dim = _positive_int("v_head_dim", _default(v_head_dim, head_dim))
+        v_head_dim = check_positive_int("v_head_dim", _default(v_head_dim, head_dim))
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional._checks import is_int
+from jattn.functional._checks import check_positive_int, is_int
 from jattn.functional.positional import (
     _relative_positions,
     alibi_bias,
@@ -54,9 +54,8 @@ class LearnedPositionalEmbedding(nnx.Module):
     """
 
     def __init__(self, max_len: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        for name, value in (("max_len", max_len), ("features", features)):
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("max_len", max_len)
+        check_positive_int("features", features)
         self.max_len = max_len
         self.embedding = nnx.Embed(
             max_len,
@@ -116,8 +115,7 @@ class RelativePositionBias(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not is_int(num_heads) or num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        check_positive_int("num_heads", num_heads)
         relative_position_buckets(
             jnp.zeros((), jnp.int32),
             bidirectional=bidirectional,

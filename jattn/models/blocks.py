@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional._checks import is_int
+from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.layers.dropout import Dropout, per_site_rngs
 from jattn.layers.multihead import MultiHeadAttention
@@ -50,8 +50,7 @@ def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
         ("num_heads", num_heads),
         ("mlp_features", mlp_features),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     if features % num_heads:
         raise ValueError(f"features={features} must be divisible by num_heads={num_heads}")
     if not 0.0 <= dropout_rate < 1.0:
@@ -335,8 +334,7 @@ class TransformerEncoder(nnx.Module):
         rotary: bool = False,
         rngs: nnx.Rngs,
     ):
-        if not is_int(num_layers) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        check_positive_int("num_layers", num_layers)
         kw = _stack_kwargs(locals())
         self.layers = nnx.List(
             [EncoderBlock(features, num_heads, mlp_features, **kw) for _ in range(num_layers)]
@@ -387,8 +385,7 @@ class TransformerDecoder(nnx.Module):
         rotary: bool = False,
         rngs: nnx.Rngs,
     ):
-        if not is_int(num_layers) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        check_positive_int("num_layers", num_layers)
         kw = _stack_kwargs(locals())
         self.layers = nnx.List(
             [DecoderBlock(features, num_heads, mlp_features, **kw) for _ in range(num_layers)]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional import _sharding
+from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
 from jattn.layers.dropout import Dropout, per_site_rngs
@@ -42,11 +43,6 @@ def _additive_scores_projected_keys(
     q = jnp.einsum("th,ha->ta", query, params.w_query, preferred_element_type=jnp.float32)
     hidden = jnp.tanh(q[:, None, :] + key_proj.astype(jnp.float32)[None, :, :])  # [T, S, A]
     return jnp.einsum("tsa,a->ts", hidden, params.w_value.astype(jnp.float32))
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_tokens(name: str, x, vocab_size: int | None = None) -> jax.Array:
@@ -106,7 +102,7 @@ class BahdanauSeq2Seq(nnx.Module):
             ("hidden", hidden),
             ("num_layers", num_layers),
         ):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if not isinstance(dropout_rate, int | float) or not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
         if score not in SCORES:
@@ -176,7 +172,7 @@ class BahdanauSeq2Seq(nnx.Module):
     def encode(self, src: jax.Array, *, deterministic: bool = True, rngs=None):
         """``src [B, S]`` -> ``(states [B, S, Hk], valid [B, S], h0 [L, B, H])``."""
         rngs = per_site_rngs(rngs)
-        check_token_ids("src", src, self.src_embed.num_embeddings)
+        src = _check_tokens("src", src, self.src_embed.num_embeddings)
         valid = src != self.pad_id
         x = self.dropout(
             self.src_embed(src, out_sharding=_sharding.like(src)),
@@ -246,13 +242,13 @@ class BahdanauSeq2Seq(nnx.Module):
           ``[B, T, V]`` float32 logits.
         """
         rngs = per_site_rngs(rngs)
-        src = _check_tokens("src", src, self.src_embed.num_embeddings)
         tgt_in = _check_tokens("tgt_in", tgt_in, self.tgt_embed.num_embeddings)
-        if src.shape[0] != tgt_in.shape[0]:
+        states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)  # checks src
+        if valid.shape[0] != tgt_in.shape[0]:
             raise ValueError(
-                f"src {list(src.shape)} and tgt_in {list(tgt_in.shape)} have different batch sizes"
+                f"src {list(valid.shape)} and tgt_in {list(tgt_in.shape)} have different batch "
+                "sizes"
             )
-        states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)
         emb = self.dropout(
             self.tgt_embed(tgt_in, out_sharding=_sharding.like(tgt_in)),
             deterministic=deterministic,
@@ -290,7 +286,7 @@ class BahdanauSeq2Seq(nnx.Module):
         jit-compiled ``lax.while_loop`` that stops when every sequence has ended.
         """
         src = _check_tokens("src", src, self.src_embed.num_embeddings)
-        _check_positive_int("max_len", max_len)
+        check_positive_int("max_len", max_len)
         beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         penalty = jnp.float32(length_penalty)
         return per_example(

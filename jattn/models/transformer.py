@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jattn.functional import _sharding
-from jattn.functional._checks import concrete, is_int
+from jattn.functional._checks import check_positive_int, concrete, is_int
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.dropout import Dropout, per_site_rngs
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
@@ -38,10 +38,8 @@ class _Embedding(nnx.Module):
     def __init__(self, vocab_size, features, max_len, positional, dropout_rate, *, rngs):
         if positional not in _POSITIONAL:
             raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
-        if not is_int(vocab_size) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if not is_int(max_len) or max_len <= 0:
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("max_len", max_len)
         self.features = features
         self.max_len = max_len
         self.token = nnx.Embed(vocab_size, features, rngs=rngs)
@@ -54,8 +52,9 @@ class _Embedding(nnx.Module):
         self.dropout = Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, tokens, positions=None, *, deterministic=True, rngs=None):
-        """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``."""
-        check_token_ids("tokens", tokens, self.token.num_embeddings)
+        """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``.
+
+        Token ids are checked by the models' entry points (``_check_tokens``)."""
         x = self.token(tokens, out_sharding=_sharding.like(tokens)) * math.sqrt(self.features)
         if self.position is not None:
             if positions is None:
@@ -175,9 +174,8 @@ class Transformer(nnx.Module):
         # num_layers is checked by the stacks; an override is checked here, by its name
         for name, value in (("num_encoder_layers", num_encoder_layers),
                             ("num_decoder_layers", num_decoder_layers)):  # fmt: skip
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):  # fmt: skip
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value is not None:
+                check_positive_int(name, value)
         check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
                           eos_id=eos_id)  # fmt: skip
         check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
@@ -352,6 +350,7 @@ class DecoderLM(nnx.Module):
         The caches must have room: ``index + T <= `` their length (checked when the
         index is concrete; :meth:`generate` sizes them itself).
         """
+        tokens = _check_tokens("tokens", tokens, vocab_size=self.embed.token.num_embeddings)
         positions = caches[0].index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
         x = self.embed(tokens, positions)
         x, caches = self.decoder.step(x, caches)
@@ -459,8 +458,7 @@ class EncoderClassifier(nnx.Module):
     ):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        if not is_int(num_classes) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_positive_int("num_classes", num_classes)
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
                               positional)  # fmt: skip
