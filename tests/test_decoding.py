@@ -276,6 +276,8 @@ def test_generate_checks_token_ids_before_its_own_jit(seq2seq):
     huge = np.array([[2**32 + 3, 4]], np.int64)  # int32 would read it as 3
     with pytest.raises(ValueError, match="max 4294967299"):
         lm(huge)
+    with pytest.raises(ValueError, match=r"tokens holds token ids .*max 11"):
+        lm.step(jnp.asarray([[11]]), lm.init_cache(1, 4))  # the cached path checks too
     rnn = BahdanauSeq2Seq(9, 6, embed_dim=8, hidden=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"src holds token ids outside the vocabulary \[0, 9\)"):
         rnn.generate(bad, max_len=3)
