@@ -17,26 +17,31 @@ def _spec(b, t, n, h, dtype=jnp.float32):
     return jax.ShapeDtypeStruct((b, t, n, h), dtype)
 
 
-# dispatch.select takes dot_product_attention's keyword options; their defaults come
-# from its signature, so this list cannot drift from the function.
-_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(dot_product_attention).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "implementation"
-}
-
-
-def _options(**kw):
-    return {**_DEFAULTS, **kw}
-
-
 def _select(
     impl, t=1024, s=None, *, n=8, k=8, h=64, hv=None, dtype=jnp.float32, bias=None, mask=None, **kw
 ):
     s = t if s is None else s
     q, key = _spec(1, t, n, h, dtype), _spec(1, s, k, h, dtype)
     v = _spec(1, s, k, h if hv is None else hv, dtype)
-    return dispatch.select(impl, q, key, v, bias, mask, **_options(**kw))
+    return dispatch.select(impl, q, key, v, bias, mask, **kw)
+
+
+def test_select_options_are_dot_product_attentions():
+    """select's defaults are dot_product_attention's (so they cannot drift), left-out
+    options take them on every platform, and a misspelt option is an error."""
+    signature = {
+        name: p.default
+        for name, p in inspect.signature(dot_product_attention).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "implementation"
+    }
+    assert dispatch.OPTION_DEFAULTS == signature
+    q = _spec(1, 1024, 8, 64, jnp.bfloat16)
+    for name, expected in (("cpu", "blocked"), ("gpu", "cudnn"), ("tpu", "pallas")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dispatch, "_platform", lambda name=name: name)
+            assert dispatch.select(None, q, q, q) == expected
+    with pytest.raises(TypeError, match=r"unknown options \['causal'\].*'is_causal'"):
+        dispatch.select(None, q, q, q, causal=True)
 
 
 @pytest.fixture
@@ -159,7 +164,7 @@ def test_pallas_kernel_in_interpret_mode():
     q = jnp.asarray(rng.standard_normal((1, 128, 2, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((1, 128, 1, 8)), jnp.float32) for _ in range(2))
     bias = jnp.asarray(rng.standard_normal((1, 1, 128, 128)), jnp.float32)
-    opts = _options(is_causal=True, scale=0.3)
+    opts = dict(is_causal=True, scale=0.3)
     out = dispatch.pallas_attention(q, k, v, bias, interpret=True, **opts)
     ref = dot_product_attention(q, k, v, bias, is_causal=True, scale=0.3)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
@@ -169,7 +174,7 @@ def test_pallas_kernel_in_interpret_mode():
     bias = bias.at[..., 5, :].set(-jnp.inf).at[..., 9, :10].set(-jnp.inf)
     bias = bias.at[..., 20, 7:50].set(-jnp.inf)
     for scale in (0.3, 4.0):
-        opts = _options(is_causal=True, scale=scale)
+        opts = dict(is_causal=True, scale=scale)
         out = dispatch.pallas_attention(q, k, v, bias, interpret=True, **opts)
         ref = dot_product_attention(q, k, v, bias, is_causal=True, scale=scale)
         np.testing.assert_array_equal(out[0, 5], 0.0)
@@ -181,7 +186,7 @@ def test_pallas_is_not_chosen_for_a_zero_scale_with_a_bias(monkeypatch):
     monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
     q = k = v = jnp.ones((1, 128, 1, 8))
     bias = jnp.ones((128, 128))
-    assert dispatch.select(None, q, k, v, bias, **_options(scale=0.5)) == "pallas"
-    assert dispatch.select(None, q, k, v, bias, **_options(scale=0.0)) == "dense"
+    assert dispatch.select(None, q, k, v, bias, **dict(scale=0.5)) == "pallas"
+    assert dispatch.select(None, q, k, v, bias, **dict(scale=0.0)) == "dense"
     with pytest.raises(ValueError, match="scale=0 with a bias"):
-        dispatch.select("pallas", q, k, v, bias, **_options(scale=0.0))
+        dispatch.select("pallas", q, k, v, bias, **dict(scale=0.0))

@@ -29,6 +29,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "DENSE_MAX_ELEMENTS",
     "MAX_TILE_ELEMENTS",
+    "OPTION_DEFAULTS",
     "default_block_sizes",
     "select",
 ]
@@ -148,6 +149,22 @@ def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = Fals
     return problems
 
 
+#: The keyword options of ``dot_product_attention`` that :func:`select` reads, with the
+#: function's defaults (tests check they match its signature).
+OPTION_DEFAULTS = {
+    "scale": None,
+    "is_causal": False,
+    "query_seq_lengths": None,
+    "key_value_seq_lengths": None,
+    "local_window_size": None,
+    "dropout_rate": 0.0,
+    "dropout_rng": None,
+    "fully_masked": "zeros",
+    "return_weights": False,
+    "return_residual": False,
+}
+
+
 def select(implementation, query, key, value, bias=None, mask=None, **options) -> str:
     """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas'`` to run.
 
@@ -159,8 +176,17 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
     An explicit choice that cannot honour the inputs raises a ``ValueError`` that
     lists what it does not support.
 
-    ``options`` are the keyword arguments of ``dot_product_attention``.
+    ``options`` are keyword arguments of ``dot_product_attention`` (the ones left out
+    take its defaults, :data:`OPTION_DEFAULTS`); arrays may be ``jax.ShapeDtypeStruct``,
+    e.g. ``select(None, q, k, v, is_causal=True)`` to see which path a call takes.
     """
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"select() got unknown options {unknown}; expected keyword arguments of "
+            f"dot_product_attention: {sorted(OPTION_DEFAULTS)}"
+        )
+    options = {**OPTION_DEFAULTS, **options}
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}"
@@ -193,7 +219,9 @@ def _flatten(x, nb):
 
 
 def cudnn_attention(query, key, value, bias=None, mask=None, **o):
-    """``jax.nn.dot_product_attention(implementation='cudnn')`` with jattn's argument set."""
+    """``jax.nn.dot_product_attention(implementation='cudnn')`` with jattn's argument set
+    (``o``: options of ``dot_product_attention``, defaults :data:`OPTION_DEFAULTS`)."""
+    o = {**OPTION_DEFAULTS, **o}
     nb = query.ndim - 3
     batch = query.shape[:nb]
     q, k, v = (_flatten(x, nb) if nb != 1 else x for x in (query, key, value))
@@ -230,6 +258,7 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
     they run can deadlock the CPU runtime: called eagerly, an interpreted kernel returns
     its result ready; a caller that jits it should block on the result likewise.
     """
+    o = {**OPTION_DEFAULTS, **o}
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
