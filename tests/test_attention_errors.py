@@ -226,6 +226,16 @@ def test_bad_window(window):
         jattn.sliding_window_mask(4, 5, window)
 
 
+def test_traced_window_names_the_fix():
+    """A window passed through jax.jit as an argument is traced: say it must be static."""
+    message = "window sizes set the shape of the computation, so they must be static"
+    for window in ((3, 0), 3):
+        with pytest.raises(TypeError, match=message):
+            jax.jit(lambda q, k, v, w: dpa(q, k, v, local_window_size=w))(Q, KV, KV, window)
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda w: jattn.sliding_window_mask(4, 5, w))(2)
+
+
 @pytest.mark.parametrize("rate", [1.0, -0.1, 2, True, "0.1"])
 def test_bad_dropout_rate(rate):
     _raises(

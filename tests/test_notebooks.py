@@ -45,6 +45,7 @@ def test_notebooks_exist():
         "02_nadaraya_watson",
         "04_multihead_and_positional",
         "06_colab_quickstart",
+        "07_long_sequences",
     ):
         assert stem in names
 

@@ -27,6 +27,13 @@ def _is_int(w) -> bool:
 
 
 def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
+    parts = window if isinstance(window, tuple | list) else (window,)
+    if any(isinstance(w, jax.core.Tracer) for w in parts):
+        raise TypeError(
+            "window sizes set the shape of the computation, so they must be static Python "
+            f"ints, got a traced value {window!r} (under jax.jit, close over the window or "
+            "mark it static_argnames)"
+        )
     if _is_int(window):
         window = (window, window)
     if (
