@@ -69,6 +69,29 @@ def _masked(weights: np.ndarray, mask) -> np.ndarray:
     return np.ma.masked_array(weights, mask=~mask)
 
 
+def _color_top(vmax, datas, names) -> float:
+    """Top of the colour scale: ``vmax`` (finite, > 0) or the largest weight shown.
+
+    Weights drawn (not masked) must be finite: one NaN or inf would otherwise
+    wreck the shared colour scale without a word, and a NaN is a bug to see."""
+    for data, name in zip(datas, names, strict=True):
+        bad = ~np.isfinite(data.filled(0.0))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name} has {int(bad.sum())} non-finite value(s) outside the mask (first: "
+                f"{data.data[where]} at index {list(where)}); attention weights are finite, "
+                "so look upstream (e.g. jnp.isnan on the scores), or mask those cells"
+            )
+    if vmax is None:
+        return max(float(np.max(d.filled(0.0), initial=0.0)) for d in datas) or 1.0
+    if isinstance(vmax, bool) or not isinstance(vmax, int | float | np.number):
+        raise TypeError(f"vmax must be a number, got {vmax!r}")
+    if not (np.isfinite(vmax) and vmax > 0):
+        raise ValueError(f"vmax must be finite and > 0 (the scale starts at 0), got {vmax!r}")
+    return float(vmax)
+
+
 def _set_ticks(ax, labels, n: int, axis: str, name: str, show: bool = True) -> None:
     setter = ax.set_xticks if axis == "x" else ax.set_yticks
     if labels is None:  # integer positions
@@ -125,7 +148,8 @@ def plot_attention(
       title: axes title.
       ax: draw into this axes (default: a new figure).
       cmap: colormap name or object.
-      vmax: top of the colour scale (default: the largest weight); the bottom is 0.
+      vmax: top of the colour scale, finite and > 0 (default: the largest weight);
+        the bottom is 0. A NaN or inf weight outside the mask is a ValueError.
       colorbar: add a colorbar.
 
     Returns:
@@ -134,6 +158,7 @@ def plot_attention(
     import matplotlib.colors
 
     data = _masked(_as_2d("weights", weights), mask)
+    top = _color_top(vmax, [data], ["weights"])
     t, s = data.shape
     if ax is None:
         fig = _new_figure(
@@ -142,7 +167,6 @@ def plot_attention(
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    top = vmax if vmax is not None else float(np.max(data.filled(0.0), initial=0.0)) or 1.0
     norm = matplotlib.colors.Normalize(vmin=0.0, vmax=top)
     im = _heatmap(ax, data, _cmap(cmap), norm, row_labels, col_labels)
     ax.set_xlabel("keys")
@@ -160,12 +184,12 @@ def _select_batch(
     """Example ``batch_index`` of ``x`` when it has a batch axis. ``broadcast``: a batch
     axis of 1 stands for every example (a mask); weights must hold the example."""
     if x.ndim == ndim + 1:
+        if broadcast and x.shape[0] == 1:
+            return x[0]
         if batch_index is None:
             raise ValueError(
                 f"{name} has a batch axis ({list(x.shape)}); pass batch_index= to pick an example"
             )
-        if broadcast and x.shape[0] == 1:
-            return x[0]
         if not -x.shape[0] <= batch_index < x.shape[0]:
             raise ValueError(
                 f"batch_index={batch_index} is out of range for {name} with a batch of {x.shape[0]}"
@@ -194,12 +218,19 @@ def _per_layer(weights, layer_names, batch_index):
             raise ValueError(
                 f"weights [L, B, N, T, S] = {list(arr.shape)} have a batch axis; pass batch_index="
             )
+        if not -arr.shape[1] <= batch_index < arr.shape[1]:
+            raise ValueError(
+                f"batch_index={batch_index} is out of range for weights with a batch of "
+                f"{arr.shape[1]}"
+            )
         arr = arr[:, batch_index]
     if arr.ndim != 4:
         raise ValueError(
             "weights must be [L, N, T, S], [L, B, N, T, S] (with batch_index) or a dict of "
             f"per-layer [N, T, S] / [B, N, T, S], got an array of shape {list(arr.shape)}"
         )
+    if arr.shape[0] == 0:
+        raise ValueError(f"weights of shape {list(arr.shape)} have no layer to plot (L=0)")
     names = [f"layer {i}" for i in range(arr.shape[0])] if layer_names is None else layer_names
     if len(names) != arr.shape[0]:
         raise ValueError(f"got {len(names)} layer_names for {arr.shape[0]} layers")
@@ -254,7 +285,8 @@ def plot_attention_grid(
         ``[B, N, T, S]`` with ``batch_index``), or a dict ``{layer name: mask}``.
       title: figure title.
       cmap: colormap.
-      vmax: top of the shared colour scale (default: the largest weight shown).
+      vmax: top of the shared colour scale, finite and > 0 (default: the largest
+        weight shown). A NaN or inf weight outside the mask is a ValueError.
       cell_size: inches per heatmap.
 
     Returns:
@@ -279,9 +311,7 @@ def plot_attention_grid(
             if m.ndim == 4:
                 m = _select_batch(f"mask for {name!r}", m, batch_index, 3, broadcast=True)
         datas.append(_masked(w, m))
-    top = vmax
-    if top is None:
-        top = max(float(np.max(d.filled(0.0), initial=0.0)) for d in datas) or 1.0
+    top = _color_top(vmax, datas, [f"weights of {name!r}" for name in names])
     norm = matplotlib.colors.Normalize(vmin=0.0, vmax=top)
     cm = _cmap(cmap)
 

@@ -161,6 +161,43 @@ def test_errors():
         plot_attention_grid({})
     with pytest.raises(ValueError, match=r"batch_index=2 is out of range .* a batch of 1"):
         plot_attention_grid({"a": np.zeros((1, 1, 3, 3))}, batch_index=2)
+    with pytest.raises(ValueError, match=r"batch_index=5 is out of range for weights .* of 2"):
+        plot_attention_grid(np.zeros((1, 2, 1, 3, 3)), batch_index=5)
+    with pytest.raises(ValueError, match=r"weights of shape \[0, 3, 4, 5\] have no layer"):
+        plot_attention_grid(np.zeros((0, 3, 4, 5)))
+    for vmax in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"vmax must be finite and > 0 .*got {vmax}"):
+            plot_attention(np.zeros((3, 4)), vmax=vmax)
+        with pytest.raises(ValueError, match="vmax must be finite and > 0"):
+            plot_attention_grid(np.zeros((1, 1, 3, 4)), vmax=vmax)
+    with pytest.raises(TypeError, match="vmax must be a number, got '1'"):
+        plot_attention(np.zeros((3, 4)), vmax="1")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_an_error_unless_masked(bad):
+    """One NaN/inf would silently wreck the (shared) colour scale: it is an error naming
+    where it is, except in masked cells, which are not drawn."""
+    w = np.full((1, 2, 2, 3), 0.5, np.float32)  # [L, N, T, S]
+    w[0, 1, 0, 2] = bad
+    with pytest.raises(ValueError, match=r"weights of 'layer 0' has 1 non-finite .*\[1, 0, 2\]"):
+        plot_attention_grid(w)
+    with pytest.raises(ValueError, match=r"weights has 1 non-finite value\(s\) .*\[0, 2\]"):
+        plot_attention(w[0, 1])
+    mask = np.ones((2, 2, 3), bool)
+    mask[1, 0, 2] = False
+    fig = plot_attention_grid(w, mask=mask)
+    assert fig.axes[0].images[0].get_clim() == (0.0, 0.5)
+    assert plot_attention(w[0, 1], mask=mask[1]).axes[0].images[0].get_clim() == (0.0, 0.5)
+
+
+def test_grid_mask_with_batch_axis_of_one_broadcasts_without_batch_index():
+    w = np.random.default_rng(0).random((2, 3, 4, 5)).astype(np.float32)  # [L, N, T, S]
+    mask = np.ones((1, 3, 4, 5), bool)
+    mask[..., -1] = False
+    fig = plot_attention_grid(w, mask=mask)
+    data = fig.axes[0].images[0].get_array()
+    assert data.mask[:, -1].all() and not data.mask[:, :-1].any()
 
 
 class _Stack(nnx.Module):
