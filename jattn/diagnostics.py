@@ -33,7 +33,8 @@ def attention_entropy(weights: jax.Array, mask: jax.Array | None = None) -> jax.
     result averages H over the valid queries. A query is valid when its weights
     do not all vanish and (with a mask) at least one key is visible: fully masked
     rows are excluded. A head with no valid query gets 0. Uniform attention over
-    S keys has entropy ``log S``; attending to one key has entropy 0.
+    S keys has entropy ``log S``; attending to one key has entropy 0. A NaN weight
+    (outside the mask) makes its head's entropy NaN, so it is not averaged away.
 
     Args:
       weights: ``[..., N, T, S]`` attention weights (rows sum to 1 or 0).
@@ -65,7 +66,9 @@ def attention_entropy(weights: jax.Array, mask: jax.Array | None = None) -> jax.
         valid = valid & jnp.any(mask, axis=-1)
     count = jnp.sum(valid, axis=-1)
     total = jnp.sum(jnp.where(valid, row_entropy, 0.0), axis=-1)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+    entropy = jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+    # A NaN weight would fail `p > 0` and vanish from the average: let it show instead.
+    return jnp.where(jnp.any(jnp.isnan(p), axis=(-2, -1)), jnp.float32(jnp.nan), entropy)
 
 
 def attention_rollout(weights, *, residual: bool = True) -> jax.Array:

@@ -209,7 +209,7 @@ def test_gradient_where_a_query_sits_on_a_key(kernel):
 
 def test_errors_name_the_shapes():
     for width in (0.0, -1.0):
-        with pytest.raises(ValueError, match=f"width must be > 0, got {width}"):
+        with pytest.raises(ValueError, match=f"width must be finite and > 0, got {width}"):
             nw.nadaraya_watson_weights(jnp.zeros(2), jnp.zeros(3), width=width)
     q, k, v = _data()
     with pytest.raises(ValueError, match=r"keys \[9\] and values \[8\]"):

@@ -21,6 +21,7 @@ no training point inside) gets all-zero weights and a zero prediction.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -32,6 +33,7 @@ from jattn.functional.pooling import attention_pooling
 from jattn.functional.softmax import masked_softmax
 
 __all__ = [
+    "KERNELS",
     "Kernel",
     "boxcar_kernel",
     "constant_kernel",
@@ -75,6 +77,17 @@ def epanechikov_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
     inside = k > 0
     # log of a safe positive value inside, so no NaN reaches a gradient through the where.
     return jnp.where(inside, jnp.log(jnp.where(inside, k, 1.0)), jnp.float32(_NEG_INF))
+
+
+#: The built-in kernels by name: ``kernel="gaussian"`` is ``kernel=gaussian_kernel``
+#: (Epanechnikov under both spellings).
+KERNELS: dict[str, Kernel] = {
+    "gaussian": gaussian_kernel,
+    "boxcar": boxcar_kernel,
+    "constant": constant_kernel,
+    "epanechikov": epanechikov_kernel,
+    "epanechnikov": epanechikov_kernel,
+}
 
 
 def _points(name: str, x, letters: str) -> jax.Array:
@@ -136,7 +149,7 @@ def nadaraya_watson_weights(
     queries: jax.Array,
     keys: jax.Array,
     *,
-    kernel: Kernel = gaussian_kernel,
+    kernel: Kernel | str = gaussian_kernel,
     width: float = 1.0,
     mask: jax.Array | None = None,
 ) -> jax.Array:
@@ -146,8 +159,10 @@ def nadaraya_watson_weights(
       queries: ``[T]`` or ``[T, F]``.
       keys: ``[S]`` or ``[S, F]``; with F features the distance is the Euclidean norm.
       kernel: a log-kernel (:func:`gaussian_kernel`, :func:`boxcar_kernel`,
-        :func:`constant_kernel`, :func:`epanechikov_kernel` or your own).
-      width: the kernel width (bandwidth).
+        :func:`constant_kernel`, :func:`epanechikov_kernel` or your own), or the
+        name of a built-in one (:data:`KERNELS`: ``"gaussian"``, ...).
+      width: the kernel width (bandwidth), a positive scalar. Under ``jax.jit`` a
+        traced width cannot be checked: a width <= 0 gives NaN weights.
       mask: optional boolean ``[T, S]`` (True = attend), e.g. :func:`leave_one_out_mask`.
 
     Returns:
@@ -155,9 +170,8 @@ def nadaraya_watson_weights(
       lies inside the kernel's support.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
-    values = _checks.concrete(width)
-    if values is not None and not np.all(values > 0):
-        raise ValueError(f"width must be > 0, got {width!r}")
+    kernel = _as_kernel(kernel)
+    width = _check_width(width)
     diff = _differences(queries, keys)
     dist = diff if diff.ndim == 2 else _norm(diff)  # [T, S]
     logits = kernel(dist, width)
@@ -166,7 +180,46 @@ def nadaraya_watson_weights(
             f"kernel returned shape {_checks.fmt(logits.shape)} for distances "
             f"{_checks.fmt(dist.shape)}; a kernel must act elementwise"
         )
-    return masked_softmax(logits, mask)
+    weights = masked_softmax(logits, mask)
+    if isinstance(width, jax.core.Tracer):  # cannot be checked: a bad width shows as NaN
+        weights = jnp.where(width > 0, weights, jnp.float32(jnp.nan))
+    return weights
+
+
+def _as_kernel(kernel) -> Kernel:
+    """A kernel function, or the name of a built-in one."""
+    if isinstance(kernel, str):
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
+        return KERNELS[kernel]
+    if not callable(kernel):
+        raise TypeError(
+            f"kernel must be a function kernel(distances, width) -> log K or one of "
+            f"{sorted(KERNELS)}, got {type(kernel).__name__}"
+        )
+    return kernel
+
+
+def _check_width(width):
+    """A positive scalar width: a number, or a 0-d float array (traced is allowed, for a
+    width learned or swept under jit; its value is then checked as NaN weights)."""
+    if isinstance(width, bool | np.bool_) or not (
+        isinstance(width, numbers.Real) or isinstance(width, jax.Array | np.ndarray)
+    ):
+        raise TypeError(f"width must be a positive number, got {type(width).__name__}")
+    if jnp.ndim(width) != 0:
+        raise ValueError(
+            f"width must be a scalar, got shape {list(jnp.shape(width))}; for one width "
+            "per feature use parametric_nadaraya_watson's w, for one per head jax.vmap"
+        )
+    if isinstance(width, jax.Array | np.ndarray) and not jnp.issubdtype(
+        width.dtype, np.floating
+    ) and not jnp.issubdtype(width.dtype, np.integer):
+        raise TypeError(f"width must be a real number, got dtype {width.dtype}")
+    value = _checks.concrete(width)
+    if value is not None and not (np.isfinite(value) and value > 0):
+        raise ValueError(f"width must be finite and > 0, got {width!r}")
+    return width
 
 
 def nadaraya_watson(
@@ -174,7 +227,7 @@ def nadaraya_watson(
     keys: jax.Array,
     values: jax.Array,
     *,
-    kernel: Kernel = gaussian_kernel,
+    kernel: Kernel | str = gaussian_kernel,
     width: float = 1.0,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -276,6 +329,6 @@ def leave_one_out_mask(num_points: int) -> jax.Array:
     let every point attend to itself (and learn ``w -> inf``); with this mask each
     point is predicted from all the others, as d2l's leave-one-out keys do.
     """
-    if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
+    if not _checks.is_int(num_points) or num_points < 2:
         raise ValueError(f"leave_one_out_mask needs an int num_points >= 2, got {num_points!r}")
-    return ~jnp.eye(num_points, dtype=bool)
+    return ~jnp.eye(int(num_points), dtype=bool)

@@ -12,12 +12,15 @@ Logits are accumulated and returned in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jattn.functional import _checks
 
 __all__ = [
     "ScoreFn",
@@ -37,9 +40,11 @@ def _f32_dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None) -> None:
+def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None):
     """query ``[T, H]`` and key ``[S, H']`` (H' == H if ``same_dim``); ``params(H, H')``
-    gives ``{name: (array, expected shape)}`` to check too. A ValueError naming them."""
+    gives ``{name: (array, expected shape)}`` to check too. A ValueError naming them.
+    Returns query and key as arrays."""
+    query, key = _checks.as_array("query", query), _checks.as_array("key", key)
     problems = []
     if jnp.ndim(query) != 2 or jnp.ndim(key) != 2:
         problems.append("query must be [T, H] and key [S, H'] (one head; vmap over heads)")
@@ -54,6 +59,14 @@ def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None) -> None:
             f"{fn}: query {list(jnp.shape(query))}, key {list(jnp.shape(key))}: "
             + "; ".join(problems)
         )
+    return query, key
+
+
+def _hidden_size(*candidates) -> tuple[int, ...]:
+    """The hidden size A most of ``(array, ndim, axis)`` agree on, as ``(A,)`` (``()``
+    when none has the expected rank), so a wrong parameter is the one named."""
+    sizes = [jnp.shape(x)[axis] for x, ndim, axis in candidates if jnp.ndim(x) == ndim]
+    return (collections.Counter(sizes).most_common(1)[0][0],) if sizes else ()
 
 
 def dot_product_scores(query: jax.Array, key: jax.Array, params: None = None) -> jax.Array:
@@ -68,7 +81,7 @@ def dot_product_scores(query: jax.Array, key: jax.Array, params: None = None) ->
       ``[T, S]`` float32 logits.
     """
     del params
-    _check_shapes("dot_product_scores", query, key, same_dim=True)
+    query, key = _check_shapes("dot_product_scores", query, key, same_dim=True)
     return _f32_dot(query, key, "th,sh->ts")
 
 
@@ -87,9 +100,16 @@ def scaled_dot_product_scores(
       ``[T, S]`` float32 logits.
     """
     del params
-    _check_shapes("scaled_dot_product_scores", query, key, same_dim=True)
+    query, key = _check_shapes("scaled_dot_product_scores", query, key, same_dim=True)
     if scale is None:
+        if query.shape[-1] == 0:
+            raise ValueError("scaled_dot_product_scores: the default scale 1/sqrt(H) needs H > 0")
         scale = 1.0 / math.sqrt(query.shape[-1])
+    elif isinstance(scale, bool) or jnp.ndim(scale) != 0:
+        raise ValueError(
+            "scaled_dot_product_scores: scale must be a scalar (a number or a 0-d array), got "
+            + (f"shape {list(jnp.shape(scale))}" if jnp.ndim(scale) else repr(scale))
+        )
     return _f32_dot(query, key, "th,sh->ts") * jnp.float32(scale)
 
 
@@ -120,8 +140,8 @@ def additive_scores(query: jax.Array, key: jax.Array, params: AdditiveParams) ->
     Returns:
       ``[T, S]`` float32 logits.
     """
-    a = jnp.shape(params.w_value)[:1]  # (A,)
-    _check_shapes(
+    a = _hidden_size((params.w_query, 2, 1), (params.w_key, 2, 1), (params.w_value, 1, 0))
+    query, key = _check_shapes(
         "additive_scores",
         query,
         key,
@@ -149,7 +169,7 @@ def bilinear_scores(query: jax.Array, key: jax.Array, params: jax.Array) -> jax.
     Returns:
       ``[T, S]`` float32 logits.
     """
-    _check_shapes(
+    query, key = _check_shapes(
         "bilinear_scores", query, key, same_dim=False, params=lambda h, h2: {"W": (params, (h, h2))}
     )
     qw = _f32_dot(query, params, "th,hk->tk")  # [T, H']
@@ -191,7 +211,24 @@ def mlp_scores(query: jax.Array, key: jax.Array, params: MLPParams) -> jax.Array
     Returns:
       ``[T, S]`` float32 logits.
     """
-    _check_shapes("mlp_scores", query, key, same_dim=True)
+    a = _hidden_size(
+        *((w, 2, 1) for w in (params.w_query, params.w_key, params.w_product)),
+        (params.bias, 1, 0),
+        (params.w_out, 1, 0),
+    )
+    query, key = _check_shapes(
+        "mlp_scores",
+        query,
+        key,
+        same_dim=True,
+        params=lambda h, _: {
+            "w_query": (params.w_query, (h, *a)),
+            "w_key": (params.w_key, (h, *a)),
+            "w_product": (params.w_product, (h, *a)),
+            "bias": (params.bias, a),
+            "w_out": (params.w_out, a),
+        },
+    )
     q32 = query.astype(jnp.float32)
     k32 = key.astype(jnp.float32)
     q = _f32_dot(q32, params.w_query, "th,ha->ta")  # [T, A]

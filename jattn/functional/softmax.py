@@ -75,9 +75,22 @@ def masked_softmax_with_lse(
       not a softmax input: it gives NaN, as in ``jax.nn.softmax``).
     """
     check_fully_masked(fully_masked)
-    logits = logits.astype(jnp.float32)
+    try:
+        logits = jnp.asarray(logits, jnp.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"logits must be a real array, got {type(logits).__name__}") from e
     if mask is not None:
-        mask = jnp.broadcast_to(check_bool_mask("mask", mask), logits.shape)
+        mask = check_bool_mask("mask", mask)
+        try:
+            fits = jnp.broadcast_shapes(mask.shape, logits.shape) == logits.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"mask of shape {list(mask.shape)} must broadcast to the logits' shape "
+                f"{list(logits.shape)}"
+            )
+        mask = jnp.broadcast_to(mask, logits.shape)
         any_visible = jnp.any(mask, axis=-1, keepdims=True)
         # Masked keys get -inf, so they get weight 0 even when every visible logit is
         # -inf (a finite fill would then win); a fully masked row gets the finite fill,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _checks
 from jattn.functional.kernel_regression import parametric_nadaraya_watson
 
 __all__ = ["NWKernelRegression"]
@@ -16,9 +17,9 @@ _UNIFORM_0_1 = nnx.initializers.uniform(scale=1.0)  # d2l's torch.rand
 def _optional_positive(name: str, value) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not _checks.is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
+    return int(value)
 
 
 class NWKernelRegression(nnx.Module):

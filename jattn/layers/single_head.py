@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _checks
 from jattn.functional.attention import attention
 from jattn.functional.masks import valid_lens_mask
 from jattn.functional.scores import AdditiveParams, additive_scores, scaled_dot_product_scores
@@ -27,10 +28,18 @@ class _SingleHead(nnx.Module):
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else nnx.data(None)
         self.attention_weights = nnx.Intermediate(jnp.zeros((0, 0, 0), jnp.float32))
 
-    def _attend(self, queries, keys, values, valid_lens, deterministic, score_fn, params):
+    @staticmethod
+    def _inputs(queries, keys, values):
+        """The three inputs as ``[B, L, F]`` arrays, or a ValueError naming the bad one."""
+        out = []
         for name, x in (("queries", queries), ("keys", keys), ("values", values)):
-            if jnp.ndim(x) != 3:
-                raise ValueError(f"{name} must have shape [B, L, F], got {list(jnp.shape(x))}")
+            x = _checks.as_array(name, x)
+            if x.ndim != 3:
+                raise ValueError(f"{name} must have shape [B, L, F], got {list(x.shape)}")
+            out.append(x)
+        return out
+
+    def _attend(self, queries, keys, values, valid_lens, deterministic, score_fn, params):
         b, t, _ = queries.shape
         s = keys.shape[1]
         if keys.shape[0] != b or values.shape[0] != b or values.shape[1] != s:
@@ -77,6 +86,7 @@ class DotProductAttention(_SingleHead):
         super().__init__(dropout_rate, rngs)
 
     def __call__(self, queries, keys, values, valid_lens=None, *, deterministic: bool = True):
+        queries, keys, values = self._inputs(queries, keys, values)
         if jnp.shape(queries)[-1:] != jnp.shape(keys)[-1:]:
             raise ValueError(
                 f"queries {list(jnp.shape(queries))} and keys {list(jnp.shape(keys))} "
@@ -116,6 +126,7 @@ class AdditiveAttention(_SingleHead):
         self.w_value = nnx.Param(init(rngs.params(), (num_hiddens, 1), param_dtype)[:, 0])
 
     def __call__(self, queries, keys, values, valid_lens=None, *, deterministic: bool = True):
+        queries, keys, values = self._inputs(queries, keys, values)
         q_size, k_size = self.w_query.shape[0], self.w_key.shape[0]
         if jnp.shape(queries)[-1] != q_size or jnp.shape(keys)[-1] != k_size:
             raise ValueError(
