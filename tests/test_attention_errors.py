@@ -196,8 +196,8 @@ def test_seq_lengths():
     )
     _raises(
         ValueError,
-        "key_value_seq_lengths of shape [3] must have the batch shape of query [2] "
-        "(one length per example)",
+        "key_value_seq_lengths of shape [3] must have (or broadcast to) the batch shape of "
+        "query [2] (one length per example)",
         lambda q, k, v, n: dpa(q, k, v, key_value_seq_lengths=n),
         Q,
         KV,
@@ -206,7 +206,8 @@ def test_seq_lengths():
     )
     _raises(
         ValueError,
-        "query_seq_lengths of shape [2, 2] must have the batch shape of query [2]",
+        "query_seq_lengths of shape [2, 2] must have (or broadcast to) the batch shape of "
+        "query [2]",
         lambda q, k, v, n: dpa(q, k, v, query_seq_lengths=n),
         Q,
         KV,
@@ -224,6 +225,38 @@ def test_bad_window(window):
     _raises(ValueError, message, dpa, Q, KV, KV, local_window_size=window)
     with pytest.raises(ValueError, match=re.escape(message)):
         jattn.sliding_window_mask(4, 5, window)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blocked"])
+def test_empty_heads_or_head_dim_are_named(impl):
+    """N=0 gave a score-function error on one path and an empty result on the other;
+    H=0 a ZeroDivisionError."""
+    _raises(
+        ValueError, "the number of query heads N=0 must be a multiple", dpa,
+        _x(2, 4, 0, 8), _x(2, 5, 1, 8), _x(2, 5, 1, 8), implementation=impl,
+    )  # fmt: skip
+    _raises(
+        ValueError, "the head dim H of query [2, 4, 2, 0] must be > 0", dpa,
+        _x(2, 4, 2, 0), _x(2, 5, 2, 0), _x(2, 5, 2, 8), implementation=impl,
+    )  # fmt: skip
+
+
+def test_flags_are_static_bools():
+    for name in ("is_causal", "return_weights", "return_residual"):
+        _raises(TypeError, f"{name} must be a bool, got 'yes'", dpa, Q, KV, KV, **{name: "yes"})
+        for fn in (dpa, jattn.attention):
+            with pytest.raises(TypeError, match=f"{name} must be a static Python bool"):
+                jax.jit(lambda q, k, v, c, fn=fn, name=name: fn(q, k, v, **{name: c}))(
+                    Q, KV, KV, True
+                )
+    with pytest.raises(TypeError, match="is_causal must be a bool, got 1"):
+        jattn.blocked_attention(Q, KV, KV, is_causal=1)
+    assert dpa(Q, KV, KV, is_causal=np.bool_(True)).shape == Q.shape
+
+
+def test_traced_dropout_rate_names_the_fix():
+    with pytest.raises(TypeError, match="dropout_rate must be a static Python float"):
+        jax.jit(lambda r: dpa(Q, KV, KV, dropout_rate=r, dropout_rng=jax.random.key(0)))(0.1)
 
 
 def test_traced_window_names_the_fix():

@@ -190,3 +190,91 @@ def test_pallas_is_not_chosen_for_a_zero_scale_with_a_bias(monkeypatch):
     assert dispatch.select(None, q, k, v, bias, **dict(scale=0.0)) == "dense"
     with pytest.raises(ValueError, match="scale=0 with a bias"):
         dispatch.select("pallas", q, k, v, bias, **dict(scale=0.0))
+
+
+def test_pallas_interpret_mode_gradients():
+    """Interpret mode covers the backward kernels too: gradients equal dense ones."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 128, 1, 8)), jnp.float32) for _ in range(3))
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+
+    def pallas(q, k, v):
+        return dispatch.pallas_attention(q, k, v, interpret=True, is_causal=True)
+
+    def dense(q, k, v):
+        return dot_product_attention(q, k, v, is_causal=True, implementation="dense")
+
+    # jitted and blocked on before anything else is dispatched (see pallas_attention)
+    grads = jax.block_until_ready(jax.jit(jax.grad(loss(pallas), argnums=(0, 1, 2)))(q, k, v))
+    ref = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=2e-5)
+
+
+BAD_INPUTS = [  # (keyword arguments, error) that every path must reject at the boundary
+    (dict(fully_masked="bogus"), (ValueError, "fully_masked")),
+    (dict(dropout_rate=-0.5), (ValueError, r"dropout_rate must be a float in \[0, 1\)")),
+    (dict(bias=jnp.zeros((1, 1, 256, 256), jnp.int32)), (TypeError, "bias must have a floating")),
+    (dict(bias=jnp.zeros((2, 1, 256, 256))), (ValueError, "bias of shape")),
+    (dict(query_seq_lengths=jnp.array([2.7])), (TypeError, "must be an integer array")),
+    (dict(is_causal="yes"), (TypeError, "is_causal must be a bool, got 'yes'")),
+]
+
+
+@pytest.mark.parametrize("platform_name", ["gpu", "tpu"])
+@pytest.mark.parametrize("kwargs, error", BAD_INPUTS)
+def test_every_path_checks_inputs_at_the_boundary(platform, platform_name, kwargs, error):
+    """The cuDNN and Pallas runners check nothing themselves: a call that raises on CPU
+    raises the same error where those paths would be chosen (simulated devices)."""
+    platform(platform_name)
+    dtype = jnp.bfloat16 if platform_name == "gpu" else jnp.float32
+    q = jnp.ones((1, 256, 2, 64), dtype)
+    kwargs = dict(kwargs)
+    bias = kwargs.pop("bias", None)
+    for impl in (None, "cudnn" if platform_name == "gpu" else "pallas"):
+        with pytest.raises(error[0], match=error[1]):
+            dot_product_attention(q, q, q, bias, implementation=impl, **kwargs)
+
+
+def test_cudnn_runner_gives_the_dense_results(platform, monkeypatch):
+    """cuDNN's wrapper, run with jax.nn's XLA path standing in for cuDNN (no GPU here):
+    rows whose biases are all -inf give zeros with finite gradients (the kernel alone
+    gives NaN), padded queries give zeros, lengths are checked and clipped (as dense)."""
+    platform("gpu")
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def stand_in(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.bfloat16) for _ in range(3))
+    bias = jnp.asarray(rng.standard_normal((2, 1, 16, 16)), jnp.bfloat16)
+    bias = bias.at[0, :, 3, :].set(-jnp.inf).at[1, :, 5, :6].set(-jnp.inf)
+    lengths = jnp.array([16, 2**20])  # clipped to T, as dense does
+    opts = dict(is_causal=True, query_seq_lengths=lengths)
+
+    def loss(impl):
+        def f(q, k, v):
+            out = dot_product_attention(q, k, v, bias, implementation=impl, **opts)
+            return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+
+    (_, out), grads = loss("cudnn")(q, k, v)
+    assert calls and set(calls) == {"cudnn"}
+    (_, ref), ref_grads = loss("dense")(q, k, v)
+    np.testing.assert_array_equal(out[0, 3], 0.0)
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), atol=2e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=5e-2)
+    short = dict(opts, query_seq_lengths=jnp.array([4, 16]))
+    out = dot_product_attention(q, k, v, bias, implementation="cudnn", **short)
+    np.testing.assert_array_equal(out[0, 4:], 0.0)  # padded queries: zeros, as dense
+    with pytest.raises(ValueError, match="key_value_seq_lengths"):
+        dot_product_attention(q, k, v, implementation="cudnn", key_value_seq_lengths=lengths)

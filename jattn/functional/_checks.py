@@ -105,11 +105,13 @@ def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array, *, same_head_d
             f"key and value head counts differ: key {fmt(key.shape)}, value {fmt(value.shape)}"
         )
     n, k = query.shape[-2], key.shape[-2]
-    if k == 0 or n % k != 0:
+    if n == 0 or k == 0 or n % k != 0:
         raise ValueError(
             f"the number of query heads N={n} must be a multiple of the number of key/value "
             f"heads K={k}: query {fmt(query.shape)}, key {fmt(key.shape)}"
         )
+    if query.shape[-1] == 0:
+        raise ValueError(f"the head dim H of query {fmt(query.shape)} must be > 0")
     if same_head_dim and query.shape[-1] != key.shape[-1]:
         raise ValueError(
             "query and key head dims differ: query "
@@ -131,19 +133,36 @@ def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array |
         x = x.reshape(())
     if not broadcasts_to(x.shape, batch_shape) or (x.ndim == 1 and not batch_shape):
         raise ValueError(
-            f"{name} of shape {fmt(x.shape)} must have the batch shape of query "
-            f"{fmt(batch_shape)} (one length per example)"
+            f"{name} of shape {fmt(x.shape)} must have (or broadcast to) the batch shape of "
+            f"query {fmt(batch_shape)} (one length per example)"
         )
     return x
 
 
 def check_dropout(rate, rng) -> float:
     # A static Python or NumPy number (np.float32 is not a float subclass); not a bool.
+    if isinstance(rate, jax.core.Tracer):
+        raise TypeError(
+            "dropout_rate must be a static Python float (it decides whether dropout runs), "
+            "got a traced value; under jax.jit close over it or mark it static"
+        )
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be a float in [0, 1), got {rate!r}")
     if rate > 0.0 and rng is None:
         raise ValueError(f"dropout_rate={rate} needs a dropout_rng (a PRNG key)")
     return float(rate)
+
+
+def check_flag(name: str, value) -> bool:
+    """A static bool option (``is_causal``): a TypeError for anything else, traced included."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python bool (it sets the shape of the computation), got "
+            "a traced value; under jax.jit close over it or mark it static"
+        )
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 class AttentionInputs(NamedTuple):

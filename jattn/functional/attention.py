@@ -168,6 +168,12 @@ def attention(
       ``output [..., T, N, Hv]`` in the value dtype, or a tuple
       ``(output, weights?, residual?)`` with the requested extras in that order.
     """
+    for name, flag in (
+        ("is_causal", is_causal),
+        ("return_weights", return_weights),
+        ("return_residual", return_residual),
+    ):
+        _checks.check_flag(name, flag)
     inputs = _checks.check_attention_inputs(
         query,
         key,
@@ -347,8 +353,28 @@ def dot_product_attention(
     """
     query = _checks.as_array("query", query)
     key = _checks.as_array("key", key)
-    value = _checks.as_array("value", value)
-    _checks.check_qkv(query, key, value, same_head_dim=True)
+    for name, flag in (
+        ("is_causal", is_causal),
+        ("return_weights", return_weights),
+        ("return_residual", return_residual),
+    ):
+        _checks.check_flag(name, flag)
+    # Every path gets the same boundary checks (the cuDNN and Pallas runners make none).
+    checked = _checks.check_attention_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        same_head_dim=True,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        fully_masked=fully_masked,
+    )
+    query, key, value = checked.query, checked.key, checked.value
     scale = _checks.check_scale(scale)
     from jattn.functional import dispatch  # blocked / cuDNN / Pallas paths, chosen by shape
 
@@ -371,6 +397,13 @@ def dot_product_attention(
     )
     if impl == "dense":
         return dense(return_weights=return_weights, return_residual=return_residual)
+    if impl in ("cudnn", "pallas"):  # the checked lengths: integer, clipped to [0, T or S]
+        for name, x in (
+            ("query_seq_lengths", checked.query_seq_lengths),
+            ("key_value_seq_lengths", checked.key_value_seq_lengths),
+        ):
+            options[name] = None if x is None else x.reshape(checked.batch_shape)
+        bias, mask = checked.bias, checked.mask
     result = dispatch.run(impl, query, key, value, bias, mask, **options)
     if not return_weights:
         return result

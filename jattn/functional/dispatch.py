@@ -110,6 +110,10 @@ def _cudnn_problems(query, key, value, bias, mask, o) -> list[str]:
         problems.append("boolean masks (fully masked rows differ from fully_masked)")
     if o["local_window_size"] is not None:
         problems.append("local_window_size (cuDNN windows differ: left only, exclusive)")
+    if o["key_value_seq_lengths"] is not None:
+        # a key length of 0 leaves rows fully masked, which cuDNN does not give as
+        # fully_masked's zeros/uniform weights
+        problems.append("key_value_seq_lengths (fully masked rows differ from fully_masked)")
     if o["is_causal"] and query.shape[-3] > key.shape[-3]:
         problems.append("is_causal with T > S")
     return problems
@@ -204,9 +208,8 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
             )
         return implementation
     platform = _platform()
-    if platform == "gpu" and options["key_value_seq_lengths"] is None:
-        if not _cudnn_problems(query, key, value, bias, mask, options):
-            return "cudnn"
+    if platform == "gpu" and not _cudnn_problems(query, key, value, bias, mask, options):
+        return "cudnn"
     if platform == "tpu" and not _pallas_problems(query, key, value, bias, mask, options):
         return "pallas"
     if query.shape[-3] * key.shape[-3] <= DENSE_MAX_ELEMENTS:
@@ -227,10 +230,19 @@ def cudnn_attention(query, key, value, bias=None, mask=None, **o):
     q, k, v = (_flatten(x, nb) if nb != 1 else x for x in (query, key, value))
     if nb == 0:
         q, k, v = q[None], k[None], v[None]
+    dead = None
     if bias is not None:
         bias = jnp.asarray(bias)
         bias = bias.reshape((1,) * (nb + 3 - bias.ndim) + bias.shape)
         bias = jnp.broadcast_to(bias, batch + bias.shape[nb:]).reshape((-1,) + bias.shape[nb:])
+        # A row whose biases are all -inf gives zeros (as the dense path). cuDNN gets a
+        # finite floor instead of -inf, so such a row is a finite softmax (zeroed below)
+        # and its gradients are zero, not the NaN of exp(-inf - -inf).
+        hidden = bias == -jnp.inf
+        if o["is_causal"]:
+            hidden = hidden | ~causal_mask(query.shape[-3], key.shape[-3])[None, None]
+        dead = jnp.all(hidden, axis=-1)  # [B|1, N|1, T|1]
+        bias = jnp.maximum(bias, jnp.asarray(jnp.finfo(bias.dtype).min / 2, bias.dtype))
     lens = []
     for name in ("query_seq_lengths", "key_value_seq_lengths"):
         x = o[name]
@@ -245,7 +257,12 @@ def cudnn_attention(query, key, value, bias=None, mask=None, **o):
         query_seq_lengths=lens[0],
         key_value_seq_lengths=lens[1],
         implementation="cudnn",
-    )
+    )  # [B, T, N, Hv]
+    if dead is not None:
+        out = jnp.where(jnp.swapaxes(dead, 1, 2)[..., None], jnp.zeros((), out.dtype), out)
+    if lens[0] is not None:  # padded queries give zeros whatever cuDNN writes there (as dense)
+        valid = jnp.arange(out.shape[1])[None, :] < lens[0][:, None]  # [B, T]
+        out = jnp.where(valid[..., None, None], out, jnp.zeros((), out.dtype))
     return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
@@ -259,7 +276,6 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
     its result ready; a caller that jits it should block on the result likewise.
     """
     o = {**OPTION_DEFAULTS, **o}
-    from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     nb = query.ndim - 3
@@ -305,22 +321,41 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
         block_q_dq=bq,
     )
 
-    def call():
+    def call(q, k, v, ab):
         return fa.flash_attention(
             q, k, v, ab, causal=o["is_causal"], sm_scale=scale, block_sizes=sizes
         )
 
-    if interpret:
-        with pltpu.force_tpu_interpret_mode():
-            out = call()
-    else:
-        out = call()
+    out = _interpreted(call, q, k, v, ab) if interpret else call(q, k, v, ab)
     if dead is not None:
         out = jnp.where(dead[..., None], jnp.zeros((), out.dtype), out)
     out = jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:])
     if interpret and not isinstance(out, jax.core.Tracer):
         out = jax.block_until_ready(out)
     return out
+
+
+def _interpreted(f, *args):
+    """``f(*args)`` with its Pallas kernels run by the TPU interpreter, in the forward
+    and in the backward pass (the interpret-mode context only covers what is traced
+    inside it, and JAX traces the backward kernels when it differentiates)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    @jax.custom_vjp
+    def g(*a):
+        with pltpu.force_tpu_interpret_mode():
+            return f(*a)
+
+    def g_fwd(*a):
+        with pltpu.force_tpu_interpret_mode():
+            return jax.vjp(f, *a)  # the VJP function is a pytree of residuals
+
+    def g_bwd(vjp, cotangent):
+        with pltpu.force_tpu_interpret_mode():
+            return vjp(cotangent)
+
+    g.defvjp(g_fwd, g_bwd)
+    return g(*args)
 
 
 def run(implementation: str, query, key, value, bias=None, mask=None, **options):
