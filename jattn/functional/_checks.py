@@ -153,6 +153,12 @@ def check_dropout(rate, rng) -> float:
     return float(rate)
 
 
+def check_flags(**flags) -> None:
+    """:func:`check_flag` on each keyword argument."""
+    for name, value in flags.items():
+        check_flag(name, value)
+
+
 def check_flag(name: str, value) -> bool:
     """A static bool option (``is_causal``): a TypeError for anything else, traced included."""
     if isinstance(value, jax.core.Tracer):

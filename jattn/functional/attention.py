@@ -168,12 +168,9 @@ def attention(
       ``output [..., T, N, Hv]`` in the value dtype, or a tuple
       ``(output, weights?, residual?)`` with the requested extras in that order.
     """
-    for name, flag in (
-        ("is_causal", is_causal),
-        ("return_weights", return_weights),
-        ("return_residual", return_residual),
-    ):
-        _checks.check_flag(name, flag)
+    _checks.check_flags(
+        is_causal=is_causal, return_weights=return_weights, return_residual=return_residual
+    )
     inputs = _checks.check_attention_inputs(
         query,
         key,
@@ -353,12 +350,9 @@ def dot_product_attention(
     """
     query = _checks.as_array("query", query)
     key = _checks.as_array("key", key)
-    for name, flag in (
-        ("is_causal", is_causal),
-        ("return_weights", return_weights),
-        ("return_residual", return_residual),
-    ):
-        _checks.check_flag(name, flag)
+    _checks.check_flags(
+        is_causal=is_causal, return_weights=return_weights, return_residual=return_residual
+    )
     # Every path gets the same boundary checks (the cuDNN and Pallas runners make none).
     checked = _checks.check_attention_inputs(
         query,

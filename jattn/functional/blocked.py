@@ -516,8 +516,7 @@ def blocked_attention(
     from jattn.functional.dispatch import default_block_sizes
 
     arrays = (query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, dropout_rng)
-    _checks.check_flag("is_causal", is_causal)
-    _checks.check_flag("return_residual", return_residual)
+    _checks.check_flags(is_causal=is_causal, return_residual=return_residual)
     inputs = _checks.check_attention_inputs(
         query,
         key,

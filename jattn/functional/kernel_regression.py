@@ -212,9 +212,11 @@ def _check_width(width):
             f"width must be a scalar, got shape {list(jnp.shape(width))}; for one width "
             "per feature use parametric_nadaraya_watson's w, for one per head jax.vmap"
         )
-    if isinstance(width, jax.Array | np.ndarray) and not jnp.issubdtype(
-        width.dtype, np.floating
-    ) and not jnp.issubdtype(width.dtype, np.integer):
+    if (
+        isinstance(width, jax.Array | np.ndarray)
+        and not jnp.issubdtype(width.dtype, np.floating)
+        and not jnp.issubdtype(width.dtype, np.integer)
+    ):
         raise TypeError(f"width must be a real number, got dtype {width.dtype}")
     value = _checks.concrete(width)
     if value is not None and not (np.isfinite(value) and value > 0):
