@@ -65,8 +65,11 @@ def test_gpu_selection(platform):
     platform("gpu")
     assert _select(None, dtype=jnp.bfloat16) == "cudnn"
     assert _select(None, dtype=jnp.float16, is_causal=True, bias=True) == "cudnn"
-    assert _select(None, dtype=jnp.float32) == "blocked"  # cuDNN takes 16-bit inputs only
-    assert _select(None, t=64, dtype=jnp.float32) == "dense"
+    # cuDNN takes 16-bit inputs only; float32 runs dense while its float32 scores
+    # [B, N, T, S] fit in ACCELERATOR_DENSE_MAX_BYTES (1 GiB), blocked beyond
+    assert _select(None, dtype=jnp.float32) == "dense"  # 8 x 1024^2 x 4 B = 32 MiB
+    assert _select(None, t=8192, dtype=jnp.float32) == "blocked"  # 2 GiB
+    assert _select(None, t=8192, n=2, k=2, dtype=jnp.float32) == "dense"  # 512 MiB
     for kw in (
         dict(mask=True),
         dict(dropout_rate=0.1),
@@ -76,16 +79,18 @@ def test_gpu_selection(platform):
         dict(key_value_seq_lengths=True),
         dict(return_residual=True),
     ):
-        assert _select(None, dtype=jnp.bfloat16, **kw) == "blocked", kw
+        assert _select(None, dtype=jnp.bfloat16, **kw) == "dense", kw
+        assert _select(None, t=16384, dtype=jnp.bfloat16, **kw) == "blocked", kw
 
 
 def test_tpu_selection(platform):
     platform("tpu")
     assert _select(None, t=256) == "pallas"
     assert _select(None, t=256, s=512, n=8, k=2, is_causal=True) == "pallas"
-    assert _select(None, t=1000) == "blocked"  # not a multiple of 128
-    assert _select(None, t=512, mask=True) == "blocked"
-    assert _select(None, t=256, mask=True) == "dense"
+    assert _select(None, t=1000) == "dense"  # not a multiple of 128; scores 32 MiB
+    assert _select(None, t=10000) == "blocked"  # scores 3 GiB
+    assert _select(None, t=512, mask=True) == "dense"
+    assert _select(None, t=16384, mask=True) == "blocked"
 
 
 def test_explicit_errors(platform):

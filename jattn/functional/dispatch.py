@@ -6,7 +6,8 @@ fastest path that gives the library's results for the inputs:
 * ``'dense'`` (alias ``'xla'``): materialises ``[B, N, T, S]``; fastest for short
   sequences and the only path that returns the weights.
 * ``'blocked'``: :func:`jattn.functional.blocked.blocked_attention`, exact online
-  softmax in O(T * H) memory; the default for long sequences on CPU and GPU.
+  softmax in O(T * H) memory; the default for long sequences on CPU, and on GPU/TPU
+  for inputs cuDNN/Pallas do not take once the dense scores would be large.
 * ``'cudnn'``: ``jax.nn.dot_product_attention(implementation='cudnn')`` on NVIDIA
   GPUs, for float16/bfloat16 inputs that it supports.
 * ``'pallas'``: the TPU flash-attention Pallas kernel shipped in
@@ -18,6 +19,8 @@ naming the unsupported feature, dtype or device.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +30,7 @@ from jattn.functional.softmax import MASK_FILL
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "ACCELERATOR_DENSE_MAX_BYTES",
     "DENSE_MAX_ELEMENTS",
     "MAX_TILE_ELEMENTS",
     "OPTION_DEFAULTS",
@@ -39,6 +43,15 @@ IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas")
 #: Up to this many score elements per head (T * S) the dense path wins on CPU (measured:
 #: T=S=128 dense is 3x faster than blocked, T=S=512 blocked is 1.3-2x faster; 256 is a tie).
 DENSE_MAX_ELEMENTS = 256 * 256
+
+
+#: On GPU and TPU, when neither cuDNN nor Pallas takes the inputs, the dense path runs
+#: while its float32 score tensor ``[B, N, T, S]`` stays within this many bytes, and the
+#: blocked path beyond (for memory). There XLA's dense program is one set of large
+#: fused kernels (jax.nn's own default), while the plain-JAX blocked path runs its tiles
+#: as a sequential loop of small kernels. Not yet measured on a GPU (no GPU has been
+#: lent to this project): ``benchmarks/bench_gpu.py`` is the measurement to make.
+ACCELERATOR_DENSE_MAX_BYTES = 1 << 30
 
 
 #: Largest tile ``[B*N, block_q, block_kv]`` (elements) the default block sizes allow.
@@ -173,8 +186,10 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
     """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas'`` to run.
 
     ``implementation=None`` picks the fastest path that gives the library's results:
-    cuDNN on GPU and Pallas on TPU where they support the inputs, the dense path
-    for short sequences (``T * S <= DENSE_MAX_ELEMENTS``), the blocked path otherwise.
+    cuDNN on GPU and Pallas on TPU where they support the inputs; otherwise on CPU
+    the dense path for short sequences (``T * S <= DENSE_MAX_ELEMENTS``) and the
+    blocked path for long ones, and on GPU/TPU the dense path while its float32 scores
+    fit in :data:`ACCELERATOR_DENSE_MAX_BYTES` and the blocked path beyond.
     The choice does not depend on ``return_weights``: asking for the weights never
     changes the output (:func:`jattn.dot_product_attention` computes them apart).
     An explicit choice that cannot honour the inputs raises a ``ValueError`` that
@@ -212,7 +227,11 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
         return "cudnn"
     if platform == "tpu" and not _pallas_problems(query, key, value, bias, mask, options):
         return "pallas"
-    if query.shape[-3] * key.shape[-3] <= DENSE_MAX_ELEMENTS:
+    t, s = query.shape[-3], key.shape[-3]
+    if platform in ("gpu", "tpu"):
+        score_bytes = 4 * math.prod(query.shape[:-3]) * query.shape[-2] * t * s
+        return "dense" if score_bytes <= ACCELERATOR_DENSE_MAX_BYTES else "blocked"
+    if t * s <= DENSE_MAX_ELEMENTS:
         return "dense"
     return "blocked"
 
