@@ -79,21 +79,21 @@ def default_block_sizes(
     are halved (query block first, down to 128) while
     ``batch_heads * block_q * block_kv`` (``batch_heads`` = B*N) exceeds
     :data:`MAX_TILE_ELEMENTS` (32 MiB of float32), so many heads or a big batch do
-    not blow up the working set. Other devices: ``(128, 128)``.
+    not blow up the working set. The same sizes serve GPU and TPU, where the blocked
+    path runs (for inputs cuDNN/Pallas do not take, once dense scores are large) as a
+    sequential loop over tiles in XLA: large tiles mean few iterations (not yet
+    measured on a GPU; ``benchmarks/bench_gpu.py``).
     """
     del dtype
-    if jax.default_backend() == "cpu":
-        if h > 128:
-            bq, bk = 128, 256
-        else:
-            bq, bk = (512, 256) if masked_band else (512, 512)
-        while batch_heads * bq * bk > MAX_TILE_ELEMENTS and max(bq, bk) > 128:
-            if bq >= bk:
-                bq //= 2
-            else:
-                bk //= 2
+    if h > 128:
+        bq, bk = 128, 256
     else:
-        bq, bk = 128, 128
+        bq, bk = (512, 256) if masked_band else (512, 512)
+    while batch_heads * bq * bk > MAX_TILE_ELEMENTS and max(bq, bk) > 128:
+        if bq >= bk:
+            bq //= 2
+        else:
+            bk //= 2
     return min(bq, t), min(bk, s)
 
 
