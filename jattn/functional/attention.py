@@ -322,7 +322,8 @@ def dot_product_attention(
         - ``None`` (default): the fastest path that gives these results for the
           shape, dtype and device (see :func:`jattn.functional.dispatch.select`):
           dense for short sequences, blocked for long ones on CPU, cuDNN on GPU and
-          the Pallas flash kernel on TPU where they support the inputs.
+          the Pallas flash kernel on TPU where they support the inputs (other
+          inputs there: dense while the float32 scores fit in 1 GiB, then blocked).
         - ``'dense'`` (alias ``'xla'``): the materialised ``[B, N, T, S]`` path.
         - ``'blocked'``: online-softmax blocks with a recomputing backward pass,
           O(T * H) memory (:func:`jattn.functional.blocked.blocked_attention`).
