@@ -187,6 +187,19 @@ def test_pallas_kernel_in_interpret_mode():
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
+def test_pallas_causal_is_not_chosen_with_x64(platform):
+    """JAX's TPU flash kernel's causal mask fails to trace under jax_enable_x64 (an
+    int64/int32 select); without is_causal it runs."""
+    platform("tpu")
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+    assert dispatch.select(None, q, q, q, is_causal=True) == "pallas"
+    with jax.enable_x64(True):
+        assert dispatch.select(None, q, q, q) == "pallas"
+        assert dispatch.select(None, q, q, q, is_causal=True) == "dense"
+        with pytest.raises(ValueError, match="does not support: is_causal with jax_enable_x64"):
+            dispatch.select("pallas", q, q, q, is_causal=True)
+
+
 def test_pallas_is_not_chosen_for_a_zero_scale_with_a_bias(monkeypatch):
     monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
     q = k = v = jnp.ones((1, 128, 1, 8))

@@ -163,6 +163,8 @@ def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = Fals
         problems.append("is_causal with T > S")
     if bias is not None and o["scale"] == 0:
         problems.append("scale=0 with a bias (the kernel divides the bias by the scale)")
+    if o["is_causal"] and jax.config.jax_enable_x64:  # its causal mask mixes int64, int32
+        problems.append("is_causal with jax_enable_x64 (the kernel's causal mask fails to trace)")
     return problems
 
 
