@@ -394,3 +394,17 @@ def test_config_builds_the_model_through_the_training_program(arg):
     assert model.hidden == options["hidden"] and model.score_name == options["score"]
     with pytest.raises(ValueError, match=r"config.model: unknown score 'cosine'"):
         build_model(dict(options, score="cosine"), src_vocab_size=9, tgt_vocab_size=6, seed=0)
+
+
+def test_encoder_takes_float64_inputs_under_x64():
+    """Under jax_enable_x64, float64 inputs promoted the GRU state inside the scan and
+    broke it (carry float32 in, float64 out); the state keeps its dtype."""
+    enc = GRUEncoder(3, 4, num_layers=1, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    valid = np.arange(5)[None, :] < np.array([5, 2])[:, None]
+    ref_outs, ref_final = enc(jnp.asarray(x, jnp.float32), jnp.asarray(valid))
+    with jax.enable_x64(True):
+        outs, final = enc(jnp.asarray(x, jnp.float64), jnp.asarray(valid))
+    assert outs.dtype == ref_outs.dtype == jnp.float32
+    np.testing.assert_allclose(outs, ref_outs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final, ref_final, rtol=1e-5, atol=1e-6)

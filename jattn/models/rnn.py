@@ -91,7 +91,8 @@ def masked_scan(
 
     def body(h, inputs):
         xp, ok = inputs  # [B, 3H], [B]
-        h_new = jnp.where(ok[:, None], cell.step(h, xp), h)
+        # the state keeps h0's dtype (float64 inputs under x64 would promote it)
+        h_new = jnp.where(ok[:, None], cell.step(h, xp).astype(h.dtype), h)
         return h_new, jnp.where(ok[:, None], h_new, 0.0)
 
     xs = (jnp.swapaxes(x_proj, 0, 1), jnp.swapaxes(valid, 0, 1))  # time-major
