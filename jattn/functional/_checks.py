@@ -10,13 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional.masks import _as_window, check_bool_mask
+from jattn.functional.masks import _as_window, broadcasts_to, check_bool_mask, is_int
 from jattn.functional.softmax import check_fully_masked
-
-
-def is_int(x) -> bool:
-    """A static Python or NumPy integer (``np.int64`` is not an ``int``), not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_positive_int(name: str, value) -> int:
@@ -64,12 +59,6 @@ def check_scale(scale):
 def check_float(name: str, x: jax.Array) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-
-
-def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(a in (1, t) for a, t in zip(shape[::-1], target[::-1], strict=False))
 
 
 def check_broadcast(name: str, x: jax.Array, target: Sequence[int], letters: str) -> None:

@@ -349,8 +349,6 @@ def dot_product_attention(
     >>> dot_product_attention(q, k, v, is_causal=True).shape
     (2, 5, 4, 8)
     """
-    query = _checks.as_array("query", query)
-    key = _checks.as_array("key", key)
     _checks.check_flags(
         is_causal=is_causal, return_weights=return_weights, return_residual=return_residual
     )

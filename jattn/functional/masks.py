@@ -7,9 +7,11 @@ a mask must broadcast to ``[B, N, T, S]``.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = [
     "sequence_mask",
@@ -21,9 +23,16 @@ __all__ = [
 ]
 
 
-def _is_int(w) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(w, int | np.integer) and not isinstance(w, bool | np.bool_)
+def is_int(x) -> bool:
+    """A static Python or NumPy integer (``np.int64`` is not an ``int``), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without changing it."""
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, t) for a, t in zip(shape[::-1], target[::-1], strict=False))
 
 
 def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
@@ -34,12 +43,12 @@ def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
             f"ints, got a traced value {window!r} (under jax.jit, close over the window or "
             "mark it static_argnames)"
         )
-    if _is_int(window):
+    if is_int(window):
         window = (window, window)
     if (
         not isinstance(window, tuple | list)
         or len(window) != 2
-        or not all(_is_int(w) and w >= 0 for w in window)
+        or not all(is_int(w) and w >= 0 for w in window)
     ):
         raise ValueError(
             f"window must be a non-negative int or a pair (left, right) of non-negative ints, "

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional.masks import check_bool_mask
+from jattn.functional.masks import broadcasts_to, check_bool_mask
 
 __all__ = ["FullyMasked", "MASK_FILL", "masked_softmax", "masked_softmax_with_lse"]
 
@@ -81,11 +81,7 @@ def masked_softmax_with_lse(
         raise TypeError(f"logits must be a real array, got {type(logits).__name__}") from e
     if mask is not None:
         mask = check_bool_mask("mask", mask)
-        try:
-            fits = jnp.broadcast_shapes(mask.shape, logits.shape) == logits.shape
-        except ValueError:
-            fits = False
-        if not fits:
+        if not broadcasts_to(mask.shape, logits.shape):
             raise ValueError(
                 f"mask of shape {list(mask.shape)} must broadcast to the logits' shape "
                 f"{list(logits.shape)}"
