@@ -8,6 +8,7 @@ fresh subprocess per case (peak RSS from /proc/self/status VmHWM).
     python benchmarks/bench_blocked.py                 # everything but T=65536
     python benchmarks/bench_blocked.py --only fwd      # fwd | fwdbwd | short | causal | window
                                                        # | memory | accuracy | huge | ceiling
+                                                       # | decode
     python benchmarks/bench_blocked.py --only fwd --lengths 1024 4096 --repeats 3
     python benchmarks/bench_blocked.py --block-sizes 256 512
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jattn
+from jattn.functional import dispatch
 from jattn.functional.blocked import blocked_attention
 
 B, N, H = 1, 8, 64
@@ -402,6 +404,54 @@ def bench_accuracy(t=256, s=384):
         )
 
 
+def bench_decode(repeats):
+    """Few queries against many keys (a decoding step against a KV cache): the default
+    path (dense, products in the keys' own layout on CPU) against the per-head dense
+    products, the blocked path and jax.nn, with XLA's temporary memory per program."""
+    from jattn.functional.attention import attention
+
+    print("## decoding: T queries against S keys (dense in the keys' layout)")
+    for n, k in ((8, 8), (8, 2)):
+        for s in (4096, 32768, 131072):
+            for t in (1, 2, 4, 8):
+                if t * (n // k) > 8:
+                    continue
+                ks = jax.random.split(jax.random.PRNGKey(0), 3)
+                q = jax.random.normal(ks[0], (B, t, n, H), jnp.float32)
+                key = jax.random.normal(ks[1], (B, s, k, H), jnp.float32)
+                v = jax.random.normal(ks[2], (B, s, k, H), jnp.float32)
+                fns = {
+                    "jattn": lambda q, k, v: jattn.dot_product_attention(q, k, v),
+                    "per-head dense": lambda q, k, v: attention(q, k, v),
+                    "blocked": lambda q, k, v: blocked_attention(q, k, v),
+                    "jax.nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
+                }
+                temp = {}
+                for name, f in fns.items():
+                    m = jax.jit(f).lower(q, key, v).compile().memory_analysis()
+                    temp[name] = None if m is None else round(m.temp_size_in_bytes / 2**20, 1)
+                want = fns["jax.nn"](q, key, v)
+                err = float(jnp.max(jnp.abs(fns["jattn"](q, key, v) - want)))
+                jitted = {name: ready(jax.jit(f), q, key, v) for name, f in fns.items()}
+                med, gemm = interleave(jitted, repeats)
+                row(
+                    case="decode",
+                    N=n,
+                    K=k,
+                    S=s,
+                    T=t,
+                    path=dispatch.select(None, q, key, v),
+                    ms={name: round(m * 1e3, 2) for name, m in med.items()},
+                    speedup_vs={
+                        name: round(m / med["jattn"], 2)
+                        for name, m in med.items()
+                        if name != "jattn"
+                    },
+                    temp_mib=temp,
+                    max_abs_diff_vs_jax_nn=float(f"{err:.1e}"),
+                )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", nargs="*", default=None)
@@ -416,7 +466,9 @@ def main():
         _memory_child(a.child, bool(a.child_grad))
         return
     bsz = None if a.block_sizes is None else tuple(a.block_sizes)
-    only = set(a.only or ["fwd", "fwdbwd", "short", "causal", "window", "memory", "accuracy"])
+    only = set(
+        a.only or ["fwd", "fwdbwd", "short", "causal", "window", "memory", "accuracy", "decode"]
+    )
     print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}, block_sizes={bsz}")
     if "accuracy" in only:
         bench_accuracy()
@@ -434,6 +486,8 @@ def main():
         bench_memory(16384)
     if "huge" in only:
         bench_memory(65536)
+    if "decode" in only:
+        bench_decode(a.repeats)
     if "ceiling" in only:
         bench_ceiling([t for t in a.lengths if t <= 4096], a.repeats)
 

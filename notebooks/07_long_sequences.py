@@ -60,15 +60,18 @@ def qkv(t, s=None, *, b=1, n=8, k=8, h=64, seed=0, dtype=jnp.float32):
 # ## Which path does a call take?
 #
 # `implementation=None` (the default) asks `dispatch.select`, which you can call yourself with
-# the same arguments (shapes are enough): the dense path for short sequences, the blocked path
-# for long ones, cuDNN on an NVIDIA GPU and the Pallas flash kernel on a TPU where they support
-# the inputs. An explicit `implementation=` that cannot honour the inputs raises an error that
-# says why.
+# the same arguments (shapes are enough): the dense path for short sequences and for a decoding
+# step (a few queries against a long KV cache), the blocked path for long ones, cuDNN on an
+# NVIDIA GPU and the Pallas flash kernel on a TPU where they support the inputs. An explicit
+# `implementation=` that cannot honour the inputs raises an error that says why.
 
 # %%
 for t in (128, 256, 512, 4096):
     q = jax.ShapeDtypeStruct((1, t, 8, 64), jnp.float32)
     print(f"T=S={t:5d}: {dispatch.select(None, q, q, q, is_causal=True)}")
+step = jax.ShapeDtypeStruct((1, 1, 8, 64), jnp.float32)  # one new token per sequence
+cache = jax.ShapeDtypeStruct((1, 32768, 8, 64), jnp.float32)
+print(f"T=1, S=32768 (decoding): {dispatch.select(None, step, cache, cache)}")
 print(
     "default block sizes (block_q, block_kv) at T=S=4096:",
     dispatch.default_block_sizes(4096, 4096, 64),

@@ -59,6 +59,14 @@ SCRIPT = textwrap.dedent(
                                               return_residual=True, block_sizes=(64, 32)),
             (q, k), (bspec, bspec))
 
+    # a decoding shape (one query, many keys): on CPU unsharded inputs take the dense
+    # path's products in the keys' layout, which reshapes sharded axes; sharded inputs
+    # keep the per-head products
+    qd, kd = normal(4, 1, 4, 8), normal(4, 1024, 2, 8)
+    assert dispatch.dense_in_layout(qd, kd)
+    compare("decode", lambda q, k: jattn.dot_product_attention(q, k, k), (qd, kd),
+            (hspec, hspec))
+
     # the Pallas TPU kernel, interpreted on CPU, through the dispatcher
     dispatch.pallas_attention = functools.partial(dispatch.pallas_attention, interpret=True)
     opts = dict(scale=None, is_causal=True, query_seq_lengths=None, key_value_seq_lengths=None,
@@ -117,6 +125,7 @@ def test_explicitly_sharded_inputs_give_the_unsharded_results():
         "P('data', None, None)",
     ]
     assert results["pallas"]["specs"] == [head]
+    assert results["decode"]["specs"] == [head]
     assert results["transformer"]["specs"] == ["P('data', None, None)"]
     for name in ("transformer_beam", "lm_greedy", "bahdanau_beam"):
         assert results[name]["specs"] == ["P('data', None)"], name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -224,3 +225,20 @@ def check_attention_inputs(
     return AttentionInputs(
         query, key, value, bias, mask, batch_shape, *lengths, window, dropout_rate
     )
+
+
+def grouped_5d(x, batch_shape, n, k, t_pad, s_pad):
+    """A bias/mask broadcasting to ``[..., N, T, S]`` as ``[B|1, K|1, G|1, Tp|1, Sp|1]``."""
+    nb = len(batch_shape)
+    x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
+    if any(d != 1 for d in x.shape[:nb]):
+        x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
+        x = x.reshape((math.prod(batch_shape),) + x.shape[nb:])
+    else:
+        x = x.reshape((1,) + x.shape[nb:])
+    heads = (k, n // k) if x.shape[1] != 1 else (1, 1)
+    x = x.reshape((x.shape[0],) + heads + x.shape[2:])
+    pads = [(0, 0)] * 3
+    pads += [(0, t_pad - x.shape[3] if x.shape[3] > 1 else 0)]
+    pads += [(0, s_pad - x.shape[4] if x.shape[4] > 1 else 0)]
+    return jnp.pad(x, pads)

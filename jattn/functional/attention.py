@@ -282,6 +282,95 @@ def attention(
     return (out, *extras) if extras else out
 
 
+def _dense_in_layout(
+    inputs: _checks.AttentionInputs,
+    *,
+    scale: float | None,
+    is_causal: bool,
+    dropout_rng,
+    fully_masked: FullyMasked,
+    return_weights: bool,
+    return_residual: bool,
+):
+    """The dense path with its two products on keys and values in their own layout.
+
+    ``inputs``: what :func:`_checks.check_attention_inputs` returned for the call;
+    the results are those of :func:`dot_product_attention`'s dense path. The
+    vmapped single-head math hands XLA products batched over the heads, which on CPU
+    first transposes keys and values to ``[B, K, S, H]``: for a few queries against
+    many keys (a decoding step against a KV cache) those two copies are most of the
+    time. Here both products read ``key [B, S, K*H]`` and ``value [B, S, K*Hv]`` as
+    they are:
+
+    * logits ``[B, S, T*K*G] = key [B, S, K*H] @ Q``, where ``Q [B, K*H, T*K*G]``
+      holds each query in the rows of its own key/value head and zeros elsewhere;
+    * output ``[B, T*K*G, K*Hv] = P [B, T*K*G, S] @ value [B, S, K*Hv]``, of which the
+      diagonal blocks (a query head's own value head) are kept.
+
+    Both products do K times the work of the per-head ones, which is cheap while
+    ``T * N`` is small (:func:`jattn.functional.dispatch.dense_in_layout` decides).
+    The masks, softmax and dropout are the dense path's, on ``[B, K, G, T, S]``. One
+    difference: a non-finite key entry meets the zeros of the other heads' queries, so
+    it turns that key position's logits to NaN in every head of the example (the
+    per-head path keeps it to its own head).
+    """
+    query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
+    t, n, h = query.shape[-3:]
+    s, k, hv = value.shape[-3:]
+    g, nb = n // k, math.prod(batch_shape)
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    eye = jnp.eye(k, dtype=bool)
+
+    # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
+    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h).transpose(0, 4, 1, 2, 3)
+    q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
+    q = q.reshape(nb, k * h, t * k * g)
+    kf = _flatten_batch(key, batch_shape).reshape(nb, s, k * h)
+    logits = jax.lax.dot_general(
+        kf, q, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+    )  # [B, S, T*K*G]
+    logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
+    if bias is not None:
+        logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
+
+    visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
+    structural = []
+    if is_causal:
+        structural.append(causal_mask(t, s))
+    if window is not None:
+        structural.append(sliding_window_mask(t, s, window))
+    if q_len is not None:
+        structural.append(jnp.arange(t).reshape(1, 1, 1, t, 1) < q_len.reshape(nb, 1, 1, 1, 1))
+    if kv_len is not None:
+        structural.append(jnp.arange(s).reshape(1, 1, 1, 1, s) < kv_len.reshape(nb, 1, 1, 1, 1))
+    for m in structural:  # [T, S], [B, 1, 1, T, 1] or [B, 1, 1, 1, S]
+        m = m.reshape((1,) * (5 - m.ndim) + m.shape)
+        visible = m if visible is None else visible & m
+    weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
+    probs = weights
+    if dropout_rate > 0.0:
+        keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
+        probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
+
+    p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
+    vf = _flatten_batch(value, batch_shape).reshape(nb, s, k * hv)
+    out = jax.lax.dot_general(
+        p, vf, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+    )  # [B, T*K*G, K*Hv]: keep each query head's own value head
+    out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
+    out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
+    if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
+        valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
+        out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+    out = out.reshape(batch_shape + (t, n, hv))
+    extras = []
+    if return_weights:
+        extras.append(weights.reshape(batch_shape + (n, t, s)))
+    if return_residual:
+        extras.append(lse.transpose(0, 3, 1, 2).reshape(batch_shape + (t, n)))
+    return (out, *extras) if extras else out
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -321,7 +410,9 @@ def dot_product_attention(
 
         - ``None`` (default): the fastest path that gives these results for the
           shape, dtype and device (see :func:`jattn.functional.dispatch.select`):
-          dense for short sequences, blocked for long ones on CPU, cuDNN on GPU and
+          dense for short sequences and for a few queries against many keys (a
+          decoding step; on CPU its products then read keys and values in place),
+          blocked for other long ones on CPU, cuDNN on GPU and
           the Pallas flash kernel on TPU where they support the inputs (other
           inputs there: dense while the float32 scores fit in 1 GiB, then blocked).
         - ``'dense'`` (alias ``'xla'``): the materialised ``[B, N, T, S]`` path.
@@ -389,6 +480,16 @@ def dot_product_attention(
         attention, query, key, value, bias, mask, score_fn=score_fn, **masking
     )
     if impl == "dense":
+        if dispatch.dense_in_layout(query, key, value, bias, mask):
+            return _dense_in_layout(
+                checked,
+                scale=scale,
+                is_causal=is_causal,
+                dropout_rng=dropout_rng,
+                fully_masked=fully_masked,
+                return_weights=return_weights,
+                return_residual=return_residual,
+            )
         return dense(return_weights=return_weights, return_residual=return_residual)
     if impl in ("cudnn", "pallas"):  # the checked lengths: integer, clipped to [0, T or S]
         for name, x in (

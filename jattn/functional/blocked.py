@@ -451,23 +451,6 @@ def _flash_bwd(geo, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _to_5d(x, batch_shape, n, k, t_pad, s_pad):
-    """A bias/mask broadcasting to ``[..., N, T, S]`` as ``[B|1, K|1, G|1, Tp|1, Sp|1]``."""
-    nb = len(batch_shape)
-    x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
-    if any(d != 1 for d in x.shape[:nb]):
-        x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
-        x = x.reshape((math.prod(batch_shape),) + x.shape[nb:])
-    else:
-        x = x.reshape((1,) + x.shape[nb:])
-    heads = (k, n // k) if x.shape[1] != 1 else (1, 1)
-    x = x.reshape((x.shape[0],) + heads + x.shape[2:])
-    pads = [(0, 0)] * 3
-    pads += [(0, t_pad - x.shape[3] if x.shape[3] > 1 else 0)]
-    pads += [(0, s_pad - x.shape[4] if x.shape[4] > 1 else 0)]
-    return jnp.pad(x, pads)
-
-
 def blocked_attention(
     query: jax.Array,
     key: jax.Array,
@@ -591,8 +574,8 @@ def blocked_attention(
         return x.reshape(b, nk, bs, k, d).transpose(1, 0, 3, 2, 4).reshape(nk, b * k, bs, d)
 
     kb, vb = kv_blocks(key), kv_blocks(value)
-    bias5 = None if bias is None else _to_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
-    mask5 = None if mask is None else _to_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
+    bias5 = None if bias is None else _checks.grouped_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
+    mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
     rng = dropout_rng if dropout_rate > 0.0 else None
 
     ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng)

@@ -4,7 +4,9 @@
 fastest path that gives the library's results for the inputs:
 
 * ``'dense'`` (alias ``'xla'``): materialises ``[B, N, T, S]``; fastest for short
-  sequences and the only path that returns the weights.
+  sequences and for a few queries against many keys (decoding; on CPU its products
+  then read keys and values in their own layout, :func:`dense_in_layout`), and the
+  only path that returns the weights.
 * ``'blocked'``: :func:`jattn.functional.blocked.blocked_attention`, exact online
   softmax in O(T * H) memory; the default for long sequences on CPU, and on GPU/TPU
   for inputs cuDNN/Pallas do not take once the dense scores would be large.
@@ -32,9 +34,13 @@ __all__ = [
     "IMPLEMENTATIONS",
     "ACCELERATOR_DENSE_MAX_BYTES",
     "DENSE_MAX_ELEMENTS",
+    "IN_LAYOUT_MAX_ROWS",
+    "IN_LAYOUT_MAX_WORK",
+    "IN_LAYOUT_MIN_KEYS",
     "MAX_TILE_ELEMENTS",
     "OPTION_DEFAULTS",
     "default_block_sizes",
+    "dense_in_layout",
     "select",
 ]
 
@@ -43,6 +49,18 @@ IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas")
 #: Up to this many score elements per head (T * S) the dense path wins on CPU (measured:
 #: T=S=128 dense is 3x faster than blocked, T=S=512 blocked is 1.3-2x faster; 256 is a tie).
 DENSE_MAX_ELEMENTS = 256 * 256
+
+
+#: On CPU, few queries against many keys (a decoding step against a KV cache) run the
+#: dense path with its two products on keys and values in their ``[B, S, K, H]``
+#: layout (no transposes; see ``jattn.functional.attention._dense_in_layout``) when
+#: ``S >= IN_LAYOUT_MIN_KEYS``, ``T * G <= IN_LAYOUT_MAX_ROWS`` (query rows per
+#: key/value head) and ``T * G * K <= IN_LAYOUT_MAX_WORK`` (those products do K times
+#: the per-head work). Measured (BENCHMARKS.md): 1.5-4x faster than the per-head
+#: products inside that range; slower beyond it (e.g. K=16, T=8; K=1, T=4).
+IN_LAYOUT_MIN_KEYS = 1024
+IN_LAYOUT_MAX_ROWS = 8
+IN_LAYOUT_MAX_WORK = 64
 
 
 #: On GPU and TPU, when neither cuDNN nor Pallas takes the inputs, the dense path runs
@@ -99,6 +117,22 @@ def default_block_sizes(
 
 def _platform() -> str:
     return jax.default_backend()
+
+
+def dense_in_layout(query, key, *arrays) -> bool:
+    """Whether the dense path runs its products in the keys' own layout (CPU only; see
+    :data:`IN_LAYOUT_MIN_KEYS`). Arrays may be ``jax.ShapeDtypeStruct``; ``arrays``
+    are the other inputs, checked for explicit sharding (which keeps the per-head
+    products: they reshape no sharded axis)."""
+    t, n = query.shape[-3], query.shape[-2]
+    s, k = key.shape[-3], key.shape[-2]
+    return (
+        _platform() == "cpu"
+        and s >= IN_LAYOUT_MIN_KEYS
+        and t * (n // k) <= IN_LAYOUT_MAX_ROWS
+        and t * n <= IN_LAYOUT_MAX_WORK
+        and _sharding.explicit_mesh((query, key, *arrays)) is None
+    )
 
 
 def _cudnn_problems(query, key, value, bias, mask, o) -> list[str]:
@@ -189,8 +223,9 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
 
     ``implementation=None`` picks the fastest path that gives the library's results:
     cuDNN on GPU and Pallas on TPU where they support the inputs; otherwise on CPU
-    the dense path for short sequences (``T * S <= DENSE_MAX_ELEMENTS``) and the
-    blocked path for long ones, and on GPU/TPU the dense path while its float32 scores
+    the dense path for short sequences (``T * S <= DENSE_MAX_ELEMENTS``) and for a
+    few queries against many keys (:func:`dense_in_layout`: a decoding step), the
+    blocked path for other long ones, and on GPU/TPU the dense path while its float32 scores
     fit in :data:`ACCELERATOR_DENSE_MAX_BYTES` and the blocked path beyond.
     The choice does not depend on ``return_weights``: asking for the weights never
     changes the output (:func:`jattn.dot_product_attention` computes them apart).
@@ -233,7 +268,7 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
     if platform in ("gpu", "tpu"):
         score_bytes = 4 * math.prod(query.shape[:-3]) * query.shape[-2] * t * s
         return "dense" if score_bytes <= ACCELERATOR_DENSE_MAX_BYTES else "blocked"
-    if t * s <= DENSE_MAX_ELEMENTS:
+    if t * s <= DENSE_MAX_ELEMENTS or dense_in_layout(query, key, value, bias, mask):
         return "dense"
     return "blocked"
 
