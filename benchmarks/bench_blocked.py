@@ -405,21 +405,24 @@ def bench_accuracy(t=256, s=384):
 
 
 def bench_decode(repeats):
-    """Few queries against many keys (a decoding step against a KV cache): the default
-    path (dense, products in the keys' own layout on CPU) against the per-head dense
-    products, the blocked path and jax.nn, with XLA's temporary memory per program."""
+    """Few queries against many keys (a decoding step against a KV cache), B=2: the
+    default path (dense, products in the keys' own layout on CPU) against the per-head
+    dense products, the blocked path and jax.nn, with XLA's temporary memory per
+    program; then 64 steps of a compiled decoding loop (the cache written in place, then
+    attended to) with either product layout, at B=1 and B=2."""
     from jattn.functional.attention import attention
 
-    print("## decoding: T queries against S keys (dense in the keys' layout)")
+    batch = 2
+    print(f"## decoding: T queries against S keys, B={batch} (dense in the keys' layout)")
     for n, k in ((8, 8), (8, 2)):
-        for s in (4096, 32768, 131072):
+        for s in (4096, 32768, 65536):
             for t in (1, 2, 4, 8):
                 if t * (n // k) > 8:
                     continue
                 ks = jax.random.split(jax.random.PRNGKey(0), 3)
-                q = jax.random.normal(ks[0], (B, t, n, H), jnp.float32)
-                key = jax.random.normal(ks[1], (B, s, k, H), jnp.float32)
-                v = jax.random.normal(ks[2], (B, s, k, H), jnp.float32)
+                q = jax.random.normal(ks[0], (batch, t, n, H), jnp.float32)
+                key = jax.random.normal(ks[1], (batch, s, k, H), jnp.float32)
+                v = jax.random.normal(ks[2], (batch, s, k, H), jnp.float32)
                 fns = {
                     "jattn": lambda q, k, v: jattn.dot_product_attention(q, k, v),
                     "per-head dense": lambda q, k, v: attention(q, k, v),
@@ -436,6 +439,7 @@ def bench_decode(repeats):
                 med, gemm = interleave(jitted, repeats)
                 row(
                     case="decode",
+                    B=batch,
                     N=n,
                     K=k,
                     S=s,
@@ -450,6 +454,41 @@ def bench_decode(repeats):
                     temp_mib=temp,
                     max_abs_diff_vs_jax_nn=float(f"{err:.1e}"),
                 )
+
+    print("## compiled decoding loop: 64 steps of cache write + attention, ms per step")
+    from jattn.models.decoding import _write
+
+    steps, rule = 64, dispatch.dense_in_layout
+    for b, s in ((1, 4096), (1, 16384), (2, 4096), (2, 16384)):
+        q = jnp.full((b, 1, N, H), 0.01, jnp.float32)
+        cache = jnp.zeros((b, s, N, H), jnp.float32)
+
+        def make(in_layout: bool, b=b, q=q, cache=cache):
+            dispatch.dense_in_layout = lambda *a: in_layout  # fixed for this trace
+
+            @jax.jit
+            def loop(kc, vc):
+                def body(i, carry):
+                    kc, vc, acc = carry
+                    idx = jnp.full((b,), i, jnp.int32)
+                    kc, vc = _write(kc, q, idx), _write(vc, q, idx)
+                    out = jattn.dot_product_attention(q, kc, vc, key_value_seq_lengths=idx + 1)
+                    return kc, vc, acc + jnp.sum(out)
+
+                return jax.lax.fori_loop(0, steps, body, (kc, vc, jnp.float32(0)))
+
+            jax.block_until_ready(loop(cache, cache))
+            dispatch.dense_in_layout = rule
+            return ready(loop, cache, cache)
+
+        med, _ = interleave({"in layout": make(True), "per-head": make(False)}, repeats)
+        row(
+            case="decode_loop",
+            B=b,
+            S=s,
+            ms_per_step={name: round(m / steps * 1e3, 2) for name, m in med.items()},
+            default="in layout" if rule(q, cache) else "per-head",
+        )
 
 
 def main():

@@ -166,23 +166,20 @@ def test_selection_rule(monkeypatch):
     def spec(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.float32)
 
-    def rule(t, s, n, k):
-        return dispatch.dense_in_layout(spec(1, t, n, 64), spec(1, s, k, 64))
+    def rule(t, s, n, k, b=2):
+        return dispatch.dense_in_layout(spec(b, t, n, 64), spec(b, s, k, 64))
 
     assert rule(1, 1024, 8, 8) and rule(8, 65536, 8, 8)  # T * N = 64 query rows x heads
     assert not rule(1, 1023, 8, 8)  # too few keys to matter
+    assert not rule(1, 4096, 8, 8, b=1)  # B = 1: XLA copies an in-place cache (see dispatch)
     assert not rule(9, 4096, 8, 8)  # T * G > 8
     assert rule(4, 4096, 16, 16) and not rule(8, 4096, 16, 16)  # T * N > 64
     assert rule(1, 4096, 8, 1) and not rule(2, 4096, 8, 1)  # MQA: T * G = 16
     # decoding against a long cache stays dense (its scores are [B, N, 1, S]), not blocked
-    assert (
-        dispatch.select(None, spec(1, 1, 8, 64), spec(1, 131072, 8, 64), spec(1, 131072, 8, 64))
-        == "dense"
-    )
-    assert (
-        dispatch.select(None, spec(1, 16, 8, 64), spec(1, 65536, 8, 64), spec(1, 65536, 8, 64))
-        == "blocked"
-    )
+    step, cache = spec(2, 1, 8, 64), spec(2, 131072, 8, 64)
+    assert dispatch.select(None, step, cache, cache) == "dense"
+    chunk, cache = spec(2, 16, 8, 64), spec(2, 65536, 8, 64)
+    assert dispatch.select(None, chunk, cache, cache) == "blocked"
     monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
     assert not rule(1, 4096, 8, 8)  # measured on CPU only: GPUs transpose cheaply
 

@@ -324,10 +324,15 @@ def _dense_in_layout(
     # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
     q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h).transpose(0, 4, 1, 2, 3)
     q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
-    q = q.reshape(nb, k * h, t * k * g)
-    kf = _flatten_batch(key, batch_shape).reshape(nb, s, k * h)
+    q = q.reshape(nb, k, h, t * k * g)
+    # The products contract key [B, S, K, H] and value [B, S, K, Hv] as given: a reshape
+    # to [B, S, K*H] here would be a bitcast that XLA fuses with whatever wrote the keys
+    # (a KV cache's dynamic_update_slice in a decoding loop) into a full copy per step.
     logits = jax.lax.dot_general(
-        kf, q, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+        _flatten_batch(key, batch_shape),
+        q,
+        (((2, 3), (1, 2)), ((0,), (0,))),
+        preferred_element_type=jnp.float32,
     )  # [B, S, T*K*G]
     logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
     if bias is not None:
@@ -353,10 +358,12 @@ def _dense_in_layout(
         probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
 
     p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
-    vf = _flatten_batch(value, batch_shape).reshape(nb, s, k * hv)
     out = jax.lax.dot_general(
-        p, vf, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
-    )  # [B, T*K*G, K*Hv]: keep each query head's own value head
+        p,
+        _flatten_batch(value, batch_shape),
+        (((2,), (1,)), ((0,), (0,))),
+        preferred_element_type=jnp.float32,
+    )  # [B, T*K*G, K, Hv]: keep each query head's own value head
     out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
     out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
     if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
@@ -411,7 +418,8 @@ def dot_product_attention(
         - ``None`` (default): the fastest path that gives these results for the
           shape, dtype and device (see :func:`jattn.functional.dispatch.select`):
           dense for short sequences and for a few queries against many keys (a
-          decoding step; on CPU its products then read keys and values in place),
+          decoding step; on CPU, for a batch of two or more, its products then read
+          keys and values in place),
           blocked for other long ones on CPU, cuDNN on GPU and
           the Pallas flash kernel on TPU where they support the inputs (other
           inputs there: dense while the float32 scores fit in 1 GiB, then blocked).

@@ -4,9 +4,9 @@
 fastest path that gives the library's results for the inputs:
 
 * ``'dense'`` (alias ``'xla'``): materialises ``[B, N, T, S]``; fastest for short
-  sequences and for a few queries against many keys (decoding; on CPU its products
-  then read keys and values in their own layout, :func:`dense_in_layout`), and the
-  only path that returns the weights.
+  sequences and for a few queries against many keys (decoding; on CPU, for B >= 2,
+  its products then read keys and values in their own layout,
+  :func:`dense_in_layout`), and the only path that returns the weights.
 * ``'blocked'``: :func:`jattn.functional.blocked.blocked_attention`, exact online
   softmax in O(T * H) memory; the default for long sequences on CPU, and on GPU/TPU
   for inputs cuDNN/Pallas do not take once the dense scores would be large.
@@ -55,9 +55,13 @@ DENSE_MAX_ELEMENTS = 256 * 256
 #: dense path with its two products on keys and values in their ``[B, S, K, H]``
 #: layout (no transposes; see ``jattn.functional.attention._dense_in_layout``) when
 #: ``S >= IN_LAYOUT_MIN_KEYS``, ``T * G <= IN_LAYOUT_MAX_ROWS`` (query rows per
-#: key/value head) and ``T * G * K <= IN_LAYOUT_MAX_WORK`` (those products do K times
-#: the per-head work). Measured (BENCHMARKS.md): 1.5-4x faster than the per-head
-#: products inside that range; slower beyond it (e.g. K=16, T=8; K=1, T=4).
+#: key/value head), ``T * G * K <= IN_LAYOUT_MAX_WORK`` (those products do K times
+#: the per-head work) and the batch B >= 2. Measured (BENCHMARKS.md): 1.5-5x faster
+#: than the per-head products inside that range; slower beyond it (e.g. K=16, T=8;
+#: K=1, T=4). With B = 1, in a compiled decoding loop that writes the cache in place
+#: (``dynamic_update_slice``), XLA fuses the write into the reshape the products need
+#: (the unit batch axis is squeezed) and copies the cache several times per step:
+#: 1.65x slower than the per-head products there, so B = 1 keeps them.
 IN_LAYOUT_MIN_KEYS = 1024
 IN_LAYOUT_MAX_ROWS = 8
 IN_LAYOUT_MAX_WORK = 64
@@ -128,6 +132,7 @@ def dense_in_layout(query, key, *arrays) -> bool:
     s, k = key.shape[-3], key.shape[-2]
     return (
         _platform() == "cpu"
+        and math.prod(query.shape[:-3]) >= 2
         and s >= IN_LAYOUT_MIN_KEYS
         and t * (n // k) <= IN_LAYOUT_MAX_ROWS
         and t * n <= IN_LAYOUT_MAX_WORK
