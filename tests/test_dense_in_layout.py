@@ -194,7 +194,7 @@ def test_default_path_uses_it_and_matches_jax_nn(monkeypatch):
 
     monkeypatch.setattr(attention_module, "_dense_in_layout", spy)
     q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 1024, 2, 8)), _normal(2, (2, 1024, 2, 8))
-    kv_len = jnp.asarray([1024, 300])
+    kv_len = jnp.asarray([1024, 300], jnp.int32)  # jax.nn wants int32 (also under x64)
 
     def loss(fn, q, k, v):
         out = fn(q, k, v, key_value_seq_lengths=kv_len)
