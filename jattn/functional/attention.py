@@ -299,13 +299,13 @@ def _dense_in_layout(
     vmapped single-head math hands XLA products batched over the heads, which on CPU
     first transposes keys and values to ``[B, K, S, H]``: for a few queries against
     many keys (a decoding step against a KV cache) those two copies are most of the
-    time. Here both products read ``key [B, S, K*H]`` and ``value [B, S, K*Hv]`` as
+    time. Here both products read ``key [B, S, K, H]`` and ``value [B, S, K, Hv]`` as
     they are:
 
-    * logits ``[B, S, T*K*G] = key [B, S, K*H] @ Q``, where ``Q [B, K*H, T*K*G]``
-      holds each query in the rows of its own key/value head and zeros elsewhere;
-    * output ``[B, T*K*G, K*Hv] = P [B, T*K*G, S] @ value [B, S, K*Hv]``, of which the
-      diagonal blocks (a query head's own value head) are kept.
+    * logits ``[B, S, T*K*G]``: key contracted over (K, H) with ``Q [B, K, H, T*K*G]``,
+      which holds each query in the rows of its own key/value head and zeros elsewhere;
+    * output ``[B, T*K*G, K, Hv] = P [B, T*K*G, S] @ value``, of which the diagonal
+      (a query head's own value head) is kept.
 
     Both products do K times the work of the per-head ones, which is cheap while
     ``T * N`` is small (:func:`jattn.functional.dispatch.dense_in_layout` decides).
@@ -325,9 +325,9 @@ def _dense_in_layout(
     q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h).transpose(0, 4, 1, 2, 3)
     q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
     q = q.reshape(nb, k, h, t * k * g)
-    # The products contract key [B, S, K, H] and value [B, S, K, Hv] as given: a reshape
-    # to [B, S, K*H] here would be a bitcast that XLA fuses with whatever wrote the keys
-    # (a KV cache's dynamic_update_slice in a decoding loop) into a full copy per step.
+    # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
+    # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
+    # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
     logits = jax.lax.dot_general(
         _flatten_batch(key, batch_shape),
         q,
