@@ -477,8 +477,10 @@ def bench_decode(repeats):
 
                 return jax.lax.fori_loop(0, steps, body, (kc, vc, jnp.float32(0)))
 
-            jax.block_until_ready(loop(cache, cache))
-            dispatch.dense_in_layout = rule
+            try:  # compile now, under the patched rule
+                jax.block_until_ready(loop(cache, cache))
+            finally:
+                dispatch.dense_in_layout = rule
             return ready(loop, cache, cache)
 
         med, _ = interleave({"in layout": make(True), "per-head": make(False)}, repeats)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.functional import _checks
-from jattn.functional.masks import causal_mask, sliding_window_mask
+from jattn.functional.masks import causal_mask, combine_masks, sequence_mask, sliding_window_mask
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
 from jattn.functional.softmax import FullyMasked, masked_softmax_with_lse
@@ -108,6 +108,22 @@ def _grouped(x, batch_shape, n, k):
     else:
         x = x.reshape(lead + x.shape[-2:])
     return x, has_batch, has_heads
+
+
+def _structural_mask(t: int, s: int, is_causal: bool, window, q_len, kv_len):
+    """The mask of ``is_causal``, ``window`` and the lengths, or None: ``[T, S]``, or
+    ``[..., T, S]`` for lengths of shape ``[...]`` (one example's scalars, or ``[B]``)."""
+    masks = []
+    if is_causal:
+        masks.append(causal_mask(t, s))
+    if window is not None:
+        masks.append(sliding_window_mask(t, s, window))
+    if q_len is not None:
+        masks.append(sequence_mask(q_len, t)[..., :, None])
+    if kv_len is not None:
+        masks.append(sequence_mask(kv_len, s)[..., None, :])
+    m = combine_masks(*masks)
+    return None if m is None else jnp.broadcast_to(m, m.shape[:-2] + (t, s))
 
 
 def attention(
@@ -241,17 +257,7 @@ def attention(
     )
 
     def one_example(q1, k1, v1, b1, m1, keep1, ql, kvl):
-        structural = None
-        if is_causal:
-            structural = causal_mask(t, s)
-        if window is not None:
-            w = sliding_window_mask(t, s, window)
-            structural = w if structural is None else structural & w
-        if ql is not None or kvl is not None:
-            qm = jnp.ones((t, 1), bool) if ql is None else (jnp.arange(t) < ql)[:, None]
-            km = jnp.ones((1, s), bool) if kvl is None else (jnp.arange(s) < kvl)[None, :]
-            pad = qm & km
-            structural = pad if structural is None else structural & pad
+        structural = _structural_mask(t, s, is_causal, window, ql, kvl)
         out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, structural)
         if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
             valid = (jnp.arange(t) < ql).reshape((t,) + (1,) * (out.ndim - 1))
@@ -339,18 +345,10 @@ def _dense_in_layout(
         logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
 
     visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
-    structural = []
-    if is_causal:
-        structural.append(causal_mask(t, s))
-    if window is not None:
-        structural.append(sliding_window_mask(t, s, window))
-    if q_len is not None:
-        structural.append(jnp.arange(t).reshape(1, 1, 1, t, 1) < q_len.reshape(nb, 1, 1, 1, 1))
-    if kv_len is not None:
-        structural.append(jnp.arange(s).reshape(1, 1, 1, 1, s) < kv_len.reshape(nb, 1, 1, 1, 1))
-    for m in structural:  # [T, S], [B, 1, 1, T, 1] or [B, 1, 1, 1, S]
-        m = m.reshape((1,) * (5 - m.ndim) + m.shape)
-        visible = m if visible is None else visible & m
+    structural = _structural_mask(t, s, is_causal, window, q_len, kv_len)  # [B?, T, S]
+    if structural is not None:
+        structural = structural.reshape((structural.shape[:-2] or (1,)) + (1, 1, t, s))
+        visible = combine_masks(visible, structural)
     weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
     probs = weights
     if dropout_rate > 0.0:
