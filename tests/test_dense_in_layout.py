@@ -20,7 +20,7 @@ from jattn.functional.attention import _dense_in_layout, attention
 from jattn.functional.scores import scaled_dot_product_scores
 
 # the module (``jattn.functional.attention`` is also the function's name there)
-attention_module = importlib.import_module("jattn.functional.attention")
+attention_module = importlib.import_module("jattn.functional.dense")
 
 OPTIONS = dict(
     scale=None,
@@ -36,17 +36,12 @@ OPTIONS = dict(
 
 def _in_layout(q, k, v, bias, mask, *, return_weights, return_residual, **options):
     """``_dense_in_layout`` on raw inputs, checked as ``dot_product_attention`` checks them."""
-    names = ("query_seq_lengths", "key_value_seq_lengths", "local_window_size", "dropout_rate")
-    inputs = _checks.check_attention_inputs(
-        q, k, v, bias, mask, same_head_dim=True,
-        **{name: options[name] for name in names},
-        dropout_rng=options["dropout_rng"], fully_masked=options["fully_masked"],
-    )  # fmt: skip
-    return _dense_in_layout(
-        inputs, scale=options["scale"], is_causal=options["is_causal"],
-        dropout_rng=options["dropout_rng"], fully_masked=options["fully_masked"],
-        return_weights=return_weights, return_residual=return_residual,
-    )  # fmt: skip
+    spec = _checks.check_attention_inputs(
+        q, k, v, bias, mask, same_head_dim=True, **options, return_residual=return_residual
+    )
+    out, weights, lse = _dense_in_layout(spec, return_weights=return_weights)
+    extras = [x for x in (weights, lse) if x is not None]
+    return (out, *extras) if extras else out
 
 
 def _normal(seed, shape, dtype=jnp.float32):

@@ -1,5 +1,6 @@
 """The framework-free functional core of jattn: pure functions that import only jax."""
 
+from jattn.functional import mods
 from jattn.functional.attention import attention, dot_product_attention, single_head_attention
 from jattn.functional.blocked import blocked_attention
 from jattn.functional.kernel_regression import (
@@ -22,6 +23,7 @@ from jattn.functional.masks import (
     sliding_window_mask,
     valid_lens_mask,
 )
+from jattn.functional.mods import BlockMask, block_mask
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.positional import (
     alibi_bias,
@@ -45,6 +47,7 @@ from jattn.functional.stochastic import dropout, keep_mask
 
 __all__ = [
     "AdditiveParams",
+    "BlockMask",
     "Kernel",
     "MASK_FILL",
     "MLPParams",
@@ -54,6 +57,7 @@ __all__ = [
     "alibi_slopes",
     "attention",
     "attention_pooling",
+    "block_mask",
     "blocked_attention",
     "bilinear_scores",
     "boxcar_kernel",
@@ -71,6 +75,7 @@ __all__ = [
     "masked_softmax",
     "masked_softmax_with_lse",
     "mlp_scores",
+    "mods",
     "nadaraya_watson",
     "nadaraya_watson_weights",
     "parametric_nadaraya_watson",

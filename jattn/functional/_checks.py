@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +161,30 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-class AttentionInputs(NamedTuple):
-    """Validated batched attention inputs; lengths are flattened to ``[B]`` int32."""
+#: The keyword options of ``dot_product_attention`` (its defaults; tests check they
+#: match its signature). :func:`jattn.functional.dispatch.select` and the kernels'
+#: runners fill in the ones left out from here.
+OPTION_DEFAULTS = {
+    "scale": None,
+    "is_causal": False,
+    "query_seq_lengths": None,
+    "key_value_seq_lengths": None,
+    "local_window_size": None,
+    "dropout_rate": 0.0,
+    "dropout_rng": None,
+    "fully_masked": "zeros",
+    "return_weights": False,
+    "return_residual": False,
+    "mask_mod": None,
+    "score_mod": None,
+    "block_mask": None,
+}
+
+
+class AttentionSpec(NamedTuple):
+    """One validated batched attention call: what every path (dense, blocked, cuDNN,
+    Pallas) takes. Built once at the public boundary by :func:`check_attention_inputs`;
+    lengths are flattened to ``[B]`` int32 (clipped to ``[0, T]`` / ``[0, S]``)."""
 
     query: jax.Array
     key: jax.Array
@@ -174,6 +196,43 @@ class AttentionInputs(NamedTuple):
     key_value_seq_lengths: jax.Array | None
     window: tuple[int, int] | None
     dropout_rate: float
+    dropout_rng: jax.Array | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    fully_masked: str = "zeros"
+    return_residual: bool = False
+    mask_mod: Any = None
+    score_mod: Any = None
+    block_mask: Any = None
+
+    @property
+    def local_window_size(self):
+        return self.window
+
+    def options(self) -> dict:
+        """The keyword options of ``dot_product_attention`` this spec stands for, with
+        the lengths in the batch shape (as the kernels' runners take them)."""
+        lengths = {
+            name: None if x is None else x.reshape(self.batch_shape)
+            for name, x in (
+                ("query_seq_lengths", self.query_seq_lengths),
+                ("key_value_seq_lengths", self.key_value_seq_lengths),
+            )
+        }
+        return dict(
+            scale=self.scale,
+            is_causal=self.is_causal,
+            local_window_size=self.window,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=self.dropout_rng,
+            fully_masked=self.fully_masked,
+            return_residual=self.return_residual,
+            **lengths,
+        )
+
+
+#: The earlier name of :class:`AttentionSpec`.
+AttentionInputs = AttentionSpec
 
 
 def check_attention_inputs(
@@ -190,8 +249,17 @@ def check_attention_inputs(
     dropout_rate,
     dropout_rng,
     fully_masked: str,
-) -> AttentionInputs:
-    """The checks every batched attention path (dense, blocked) makes at its boundary."""
+    is_causal: bool = False,
+    scale=None,
+    return_residual: bool = False,
+    mask_mod=None,
+    score_mod=None,
+    block_mask=None,
+) -> AttentionSpec:
+    """The checks every batched attention call makes once, at its public boundary, and
+    the :class:`AttentionSpec` that every path takes. Each rule is written here once."""
+    check_flags(is_causal=is_causal, return_residual=return_residual)
+    scale = check_scale(scale)
     query, key, value = (
         as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value))
     )
@@ -222,9 +290,78 @@ def check_attention_inputs(
             x = jnp.clip(x, 0, min(bound, int(jnp.iinfo(x.dtype).max))).astype(jnp.int32)
             x = jnp.broadcast_to(x, batch_shape).reshape(-1)  # [B]
         lengths.append(x)
-    return AttentionInputs(
-        query, key, value, bias, mask, batch_shape, *lengths, window, dropout_rate
+    mask_mod = check_mods(mask_mod, score_mod, block_mask, query, key)
+    return AttentionSpec(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        batch_shape,
+        *lengths,
+        window,
+        dropout_rate,
+        dropout_rng if dropout_rate > 0.0 else None,
+        bool(is_causal),
+        scale,
+        fully_masked,
+        bool(return_residual),
+        mask_mod,
+        score_mod,
+        block_mask,
     )
+
+
+def check_mods(mask_mod, score_mod, block_mask, query, key):
+    """Checks ``mask_mod``, ``score_mod`` and ``block_mask`` against the call; returns
+    the mask_mod to apply (the block mask's own when only the block mask is given)."""
+    for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"{name} must be a function {name}"
+                + (
+                    "(b, n, q_idx, kv_idx)"
+                    if name == "mask_mod"
+                    else "(score, b, n, q_idx, kv_idx)"
+                )
+                + f", got {type(fn).__name__}"
+            )
+    if block_mask is None:
+        return mask_mod
+    if not all(hasattr(block_mask, a) for a in ("mask_mod", "seq_lengths", "block_map")):
+        raise TypeError(
+            f"block_mask must be a jattn.BlockMask (from jattn.block_mask), got "
+            f"{type(block_mask).__name__}"
+        )
+    t, s = query.shape[-3], key.shape[-3]
+    if tuple(block_mask.seq_lengths) != (t, s):
+        raise ValueError(
+            f"block_mask was built for (T, S) = {tuple(block_mask.seq_lengths)}, but query "
+            f"{fmt(query.shape)} and key {fmt(key.shape)} have (T, S) = ({t}, {s})"
+        )
+    b, n = math.prod(query.shape[:-3]), query.shape[-2]
+    mb, mn = block_mask.block_map.shape[:2]
+    if mb not in (1, b) or mn not in (1, n):
+        raise ValueError(
+            f"block_mask was built for batch={mb}, heads={mn}, but the call has B={b} "
+            f"(flattened) and N={n}"
+        )
+    if mask_mod is not None and not _same_mod(mask_mod, block_mask.mask_mod):
+        raise ValueError(
+            "mask_mod and block_mask.mask_mod differ: pass the block mask alone (it carries "
+            "its mask_mod), or rebuild it from this mask_mod"
+        )
+    return block_mask.mask_mod
+
+
+def _same_mod(a, b) -> bool:
+    """The same function: the same object, or pytrees of one structure (a mod passed
+    through ``jit`` comes back as a new object with traced leaves)."""
+    if a is b:
+        return True
+    sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+    leaf = jax.tree_util.treedef_is_leaf
+    return not (leaf(sa) or leaf(sb)) and sa == sb
 
 
 def grouped_5d(x, batch_shape, n, k, t_pad, s_pad):

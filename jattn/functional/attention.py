@@ -1,379 +1,24 @@
-"""Batched multi-head attention: the single-head math, vmapped over groups, heads and batch.
+"""The public boundary of scaled dot-product attention: one checked call, one spec.
 
-Shape letters (as in ``jax.nn``): B batch (any number of leading dims), T query
-length, S key/value length, N query heads, K key/value heads, G = N // K groups,
-H query/key head dim, Hv value head dim.
+:func:`dot_product_attention` checks its inputs once
+(:func:`jattn.functional._checks.check_attention_inputs`, which builds the
+:class:`~jattn.functional._checks.AttentionSpec` every path takes), asks
+:func:`jattn.functional.dispatch.select` which path runs, and runs it from
+:data:`jattn.functional.dispatch.PATHS`. The dense math (:func:`attention` with any
+score function) lives in :mod:`jattn.functional.dense`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 
-from jattn.functional import _checks
-from jattn.functional.masks import causal_mask, combine_masks, sequence_mask, sliding_window_mask
-from jattn.functional.pooling import attention_pooling
-from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
-from jattn.functional.softmax import FullyMasked, masked_softmax_with_lse
-from jattn.functional.stochastic import keep_mask
+from jattn.functional import _checks, dispatch
+from jattn.functional.dense import _dense_in_layout, attention, single_head_attention
+from jattn.functional.mods import BlockMask, MaskMod, ScoreMod
+from jattn.functional.softmax import FullyMasked
 
 __all__ = ["attention", "dot_product_attention", "single_head_attention"]
-
-DENSE_IMPLEMENTATIONS = (None, "dense", "xla")
-
-
-def single_head_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    *,
-    score_fn: ScoreFn = scaled_dot_product_scores,
-    score_params: Any = None,
-    fully_masked: FullyMasked = "zeros",
-    dropout_keep: jax.Array | None = None,
-    dropout_rate: float = 0.0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One head: ``softmax(score_fn(q, k) + bias, mask) @ v``.
-
-    Args:
-      query: ``[T, H]``.
-      key: ``[S, H']``.
-      value: ``[S, Hv]``.
-      bias: optional, broadcasts to ``[T, S]`` (same rank).
-      mask: optional boolean, broadcasts to ``[T, S]`` (True = attend).
-      score_fn: ``(query, key, params) -> [T, S]``.
-      score_params: the ``params`` passed to ``score_fn``.
-      fully_masked: ``'zeros'`` or ``'uniform'`` weights for a row with no key.
-      dropout_keep: optional boolean ``[T, S]``; dropped weights are zeroed and the
-        kept ones scaled by ``1 / (1 - dropout_rate)``.
-      dropout_rate: the rate that produced ``dropout_keep``.
-
-    Returns:
-      ``(output [T, Hv], weights [T, S] float32, lse [T] float32)``. The weights are
-      the softmax before dropout.
-    """
-    t, s = query.shape[0], key.shape[0]
-    logits = score_fn(query, key, score_params)  # [T, S]
-    if logits.shape != (t, s):
-        raise ValueError(
-            f"score_fn returned logits of shape {_checks.fmt(logits.shape)}, "
-            f"expected [T, S] = [{t}, {s}]"
-        )
-    logits = logits.astype(jnp.float32)
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    weights, lse = masked_softmax_with_lse(logits, mask, fully_masked=fully_masked)
-    probs = weights
-    if dropout_keep is not None:
-        probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
-    out = attention_pooling(probs.astype(value.dtype), value)
-    return out, weights, lse
-
-
-def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
-    return x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape) :])
-
-
-def _head_shape(n: int, k: int) -> tuple[int, ...]:
-    """Query heads as ``(K, G)``, or ``(K,)`` without grouping (size-1 axes cost copies)."""
-    return (k, n // k) if n != k else (k,)
-
-
-def _grouped(x, batch_shape, n, k):
-    """Brings a bias or mask that broadcasts to ``[..., N, T, S]`` to a compact grouped form.
-
-    Returns ``(array, batch_axis, head_axis)``: the array is ``[B?, (K, G?)?, T|1, S|1]``
-    where the batch and head dims are present only when the input had them.
-    """
-    if x is None:
-        return None, False, False
-    nb = len(batch_shape)
-    x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
-    has_batch = any(d != 1 for d in x.shape[:nb])
-    has_heads = x.shape[nb] != 1
-    if has_batch:
-        x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
-        x = _flatten_batch(x, batch_shape)  # [B, N|1, T|1, S|1]
-    else:
-        x = x.reshape(x.shape[nb:])  # [N|1, T|1, S|1]
-    lead = x.shape[:-3]
-    if has_heads:
-        x = x.reshape(lead + _head_shape(n, k) + x.shape[-2:])
-    else:
-        x = x.reshape(lead + x.shape[-2:])
-    return x, has_batch, has_heads
-
-
-def _structural_mask(t: int, s: int, is_causal: bool, window, q_len, kv_len):
-    """The mask of ``is_causal``, ``window`` and the lengths, or None: ``[T, S]``, or
-    ``[..., T, S]`` for lengths of shape ``[...]`` (one example's scalars, or ``[B]``)."""
-    masks = []
-    if is_causal:
-        masks.append(causal_mask(t, s))
-    if window is not None:
-        masks.append(sliding_window_mask(t, s, window))
-    if q_len is not None:
-        masks.append(sequence_mask(q_len, t)[..., :, None])
-    if kv_len is not None:
-        masks.append(sequence_mask(kv_len, s)[..., None, :])
-    m = combine_masks(*masks)
-    return None if m is None else jnp.broadcast_to(m, m.shape[:-2] + (t, s))
-
-
-def attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    *,
-    score_fn: ScoreFn = scaled_dot_product_scores,
-    score_params: Any = None,
-    per_head_params: bool = False,
-    is_causal: bool = False,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    fully_masked: FullyMasked = "zeros",
-    return_weights: bool = False,
-    return_residual: bool = False,
-):
-    """Multi-head attention with any score function.
-
-    The single-head math (:func:`single_head_attention`) is vmapped over the G
-    query heads that share a key/value head, over the K key/value heads and over
-    the batch, so grouped-query (``K < N``) and multi-query (``K == 1``) attention
-    need no copies of keys and values.
-
-    Args:
-      query: ``[..., T, N, H]`` (any number of leading batch dims, or none).
-      key: ``[..., S, K, H']``; H' may differ from H when ``score_fn`` allows it.
-      value: ``[..., S, K, Hv]``; Hv may differ from H.
-      bias: optional float array added to the logits; broadcasts to ``[..., N, T, S]``.
-      mask: optional boolean array (True = attend); broadcasts to ``[..., N, T, S]``.
-      score_fn: single-head score ``(query [T, H], key [S, H'], params) -> [T, S]``.
-      score_params: pytree passed to ``score_fn``; shared by every head, unless
-        ``per_head_params`` is True, in which case every leaf has a leading axis N.
-      per_head_params: see ``score_params``.
-      is_causal: top-left aligned causal mask (query i sees keys j <= i).
-      query_seq_lengths: optional int ``[...]`` (batch shape); queries at or past
-        the length get zero output.
-      key_value_seq_lengths: optional int ``[...]``; keys at or past it are masked.
-      local_window_size: ``w`` or ``(left, right)``: query i sees keys
-        ``i - left <= j <= i + right``.
-      dropout_rate: dropout on the attention weights (needs ``dropout_rng``).
-      dropout_rng: PRNG key for dropout. The keep-mask is
-        ``keep_mask(dropout_rng, 1 - dropout_rate, [B, N, T, S])`` (a hash of the key and
-        the coordinates, :mod:`jattn.functional.stochastic`), the same on every path.
-      fully_masked: weights of a query with no visible key: ``'zeros'`` (default,
-        output 0, as PyTorch SDPA) or ``'uniform'`` (as ``jax.nn.dot_product_attention``).
-      return_weights: also return the float32 softmax weights ``[..., N, T, S]``
-        (before dropout). Asking for them does not change the output.
-      return_residual: also return the float32 log-sum-exp ``[..., T, N]`` of the
-        masked logits.
-
-    Returns:
-      ``output [..., T, N, Hv]`` in the value dtype, or a tuple
-      ``(output, weights?, residual?)`` with the requested extras in that order.
-    """
-    _checks.check_flags(
-        is_causal=is_causal, return_weights=return_weights, return_residual=return_residual
-    )
-    inputs = _checks.check_attention_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        same_head_dim=False,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        fully_masked=fully_masked,
-    )
-    query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
-    t, n, _ = query.shape[-3:]
-    s, k, _ = key.shape[-3:]
-    g = n // k
-    if per_head_params:
-        for leaf in jax.tree.leaves(score_params):
-            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
-                raise ValueError(
-                    f"per_head_params=True needs every score_params leaf to have a leading "
-                    f"axis N={n}, got a leaf of shape {_checks.fmt(jnp.shape(leaf))}"
-                )
-
-    nb = math.prod(batch_shape)
-    heads = _head_shape(n, k)
-    q = _flatten_batch(query, batch_shape).reshape(
-        (nb, t) + heads + query.shape[-1:]
-    )  # [B,T,K,G?,H]
-    kk = _flatten_batch(key, batch_shape)  # [B, S, K, H']
-    v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
-    bias_g, bias_b, bias_h = _grouped(bias, batch_shape, n, k)
-    mask_g, mask_b, mask_h = _grouped(mask, batch_shape, n, k)
-    keep = None
-    if dropout_rate > 0.0:
-        keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))  # rows: [B, N, T]
-        keep = keep.reshape((nb,) + heads + (t, s))
-    params = score_params
-    if per_head_params:
-        params = jax.tree.map(lambda p: p.reshape(heads + p.shape[1:]), score_params)
-
-    head = functools.partial(
-        single_head_attention,
-        score_fn=score_fn,
-        fully_masked=fully_masked,
-        dropout_rate=dropout_rate,
-    )
-
-    def one_head(q1, k1, v1, b1, m1, keep1, p1, structural):
-        m1 = structural if m1 is None else (m1 if structural is None else m1 & structural)
-        return head(q1, k1, v1, b1, m1, score_params=p1, dropout_keep=keep1)
-
-    hp = 0 if per_head_params else None
-    over_g = one_head
-    if g > 1:  # Over the G query heads of one key/value head: q [T, G, H].
-        over_g = jax.vmap(
-            one_head,
-            in_axes=(1, None, None, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
-            out_axes=(1, 0, 1),
-        )
-    # Over the K key/value heads: q [T, K, G?, H], k [S, K, H'], v [S, K, Hv].
-    over_k = jax.vmap(
-        over_g,
-        in_axes=(1, 1, 1, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
-        out_axes=(1, 0, 1),
-    )
-
-    def one_example(q1, k1, v1, b1, m1, keep1, ql, kvl):
-        structural = _structural_mask(t, s, is_causal, window, ql, kvl)
-        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, structural)
-        if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
-            valid = (jnp.arange(t) < ql).reshape((t,) + (1,) * (out.ndim - 1))
-            out = jnp.where(valid, out, 0)
-        return out, w, lse
-
-    over_b = jax.vmap(
-        one_example,
-        in_axes=(
-            0,
-            0,
-            0,
-            0 if bias_b else None,
-            0 if mask_b else None,
-            0,
-            None if q_len is None else 0,
-            None if kv_len is None else 0,
-        ),
-    )
-    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, kv_len)
-    # out [B, T, K, G?, Hv], weights [B, K, G?, T, S], lse [B, T, K, G?]
-    out = out.reshape(batch_shape + (t, n, value.shape[-1]))
-    extras = []
-    if return_weights:
-        extras.append(weights.reshape(batch_shape + (n, t, s)))
-    if return_residual:
-        extras.append(lse.reshape(batch_shape + (t, n)))
-    return (out, *extras) if extras else out
-
-
-def _dense_in_layout(
-    inputs: _checks.AttentionInputs,
-    *,
-    scale: float | None,
-    is_causal: bool,
-    dropout_rng,
-    fully_masked: FullyMasked,
-    return_weights: bool,
-    return_residual: bool,
-):
-    """The dense path with its two products on keys and values in their own layout.
-
-    ``inputs``: what :func:`_checks.check_attention_inputs` returned for the call;
-    the results are those of :func:`dot_product_attention`'s dense path. The
-    vmapped single-head math hands XLA products batched over the heads, which on CPU
-    first transposes keys and values to ``[B, K, S, H]``: for a few queries against
-    many keys (a decoding step against a KV cache) those two copies are most of the
-    time. Here both products read ``key [B, S, K, H]`` and ``value [B, S, K, Hv]`` as
-    they are:
-
-    * logits ``[B, S, T*K*G]``: key contracted over (K, H) with ``Q [B, K, H, T*K*G]``,
-      which holds each query in the rows of its own key/value head and zeros elsewhere;
-    * output ``[B, T*K*G, K, Hv] = P [B, T*K*G, S] @ value``, of which the diagonal
-      (a query head's own value head) is kept.
-
-    Both products do K times the work of the per-head ones, which is cheap while
-    ``T * N`` is small (:func:`jattn.functional.dispatch.dense_in_layout` decides).
-    The masks, softmax and dropout are the dense path's, on ``[B, K, G, T, S]``. One
-    difference: a non-finite key entry meets the zeros of the other heads' queries, so
-    it turns that key position's logits to NaN in every head of the example (the
-    per-head path keeps it to its own head).
-    """
-    query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
-    t, n, h = query.shape[-3:]
-    s, k, hv = value.shape[-3:]
-    g, nb = n // k, math.prod(batch_shape)
-    scale = 1.0 / math.sqrt(h) if scale is None else scale
-    eye = jnp.eye(k, dtype=bool)
-
-    # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
-    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h).transpose(0, 4, 1, 2, 3)
-    q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
-    q = q.reshape(nb, k, h, t * k * g)
-    # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
-    # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
-    # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
-    logits = jax.lax.dot_general(
-        _flatten_batch(key, batch_shape),
-        q,
-        (((2, 3), (1, 2)), ((0,), (0,))),
-        preferred_element_type=jnp.float32,
-    )  # [B, S, T*K*G]
-    logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
-    if bias is not None:
-        logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
-
-    visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
-    structural = _structural_mask(t, s, is_causal, window, q_len, kv_len)  # [B?, T, S]
-    if structural is not None:
-        structural = structural.reshape((structural.shape[:-2] or (1,)) + (1, 1, t, s))
-        visible = combine_masks(visible, structural)
-    weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
-    probs = weights
-    if dropout_rate > 0.0:
-        keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
-        probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
-
-    p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
-    out = jax.lax.dot_general(
-        p,
-        _flatten_batch(value, batch_shape),
-        (((2,), (1,)), ((0,), (0,))),
-        preferred_element_type=jnp.float32,
-    )  # [B, T*K*G, K, Hv]: keep each query head's own value head
-    out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
-    out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
-    if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
-        valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
-        out = jnp.where(valid, out, jnp.zeros((), out.dtype))
-    out = out.reshape(batch_shape + (t, n, hv))
-    extras = []
-    if return_weights:
-        extras.append(weights.reshape(batch_shape + (n, t, s)))
-    if return_residual:
-        extras.append(lse.transpose(0, 3, 1, 2).reshape(batch_shape + (t, n)))
-    return (out, *extras) if extras else out
+_ = _dense_in_layout  # re-exported: its earlier home
 
 
 def dot_product_attention(
@@ -394,6 +39,9 @@ def dot_product_attention(
     fully_masked: FullyMasked = "zeros",
     return_weights: bool = False,
     return_residual: bool = False,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
 ):
     """Scaled dot-product attention, a drop-in replacement for ``jax.nn.dot_product_attention``.
 
@@ -438,6 +86,21 @@ def dot_product_attention(
         Pallas paths are custom VJPs, which JAX cannot push tangents through, and
         the blocked backward loops over a traced number of blocks.
 
+      mask_mod: ``mask_mod(b, n, q_idx, kv_idx) -> bool`` (True = attend), a pattern of
+        :mod:`jattn.mods` or your own; combined with ``mask``, ``is_causal``, the
+        window and the lengths by logical and. ``b`` is the flattened batch index,
+        ``n`` the query head, ``q_idx``/``kv_idx`` positions (int32 arrays that
+        broadcast against each other).
+      score_mod: ``score_mod(score, b, n, q_idx, kv_idx) -> score``, applied to the
+        scaled logits ``q k^T * scale`` before ``bias`` is added (ALiBi, T5 buckets,
+        soft-capping from :mod:`jattn.mods`, or your own; arrays it closes over get
+        gradients on every path).
+      block_mask: a :class:`jattn.BlockMask` from :func:`jattn.block_mask`: which key
+        blocks each query block visits. It carries its ``mask_mod`` (pass the same
+        one or none); the blocked path visits only its non-empty blocks and skips the
+        mask on full ones. Build it once outside ``jit`` and reuse it across layers
+        and steps.
+
     Returns:
       ``output [..., T, N, Hv]``, or ``(output, weights?, residual?)``.
 
@@ -446,11 +109,9 @@ def dot_product_attention(
     >>> dot_product_attention(q, k, v, is_causal=True).shape
     (2, 5, 4, 8)
     """
-    _checks.check_flags(
-        is_causal=is_causal, return_weights=return_weights, return_residual=return_residual
-    )
-    # Every path gets the same boundary checks (the cuDNN and Pallas runners make none).
-    checked = _checks.check_attention_inputs(
+    _checks.check_flags(return_weights=return_weights)
+    # One check of the inputs for every path (the cuDNN and Pallas runners make none).
+    spec = _checks.check_attention_inputs(
         query,
         key,
         value,
@@ -463,53 +124,23 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         fully_masked=fully_masked,
-    )
-    query, key, value = checked.query, checked.key, checked.value
-    scale = _checks.check_scale(scale)
-    from jattn.functional import dispatch  # blocked / cuDNN / Pallas paths, chosen by shape
-
-    masking = dict(
         is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        fully_masked=fully_masked,
+        scale=scale,
+        return_residual=return_residual,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        block_mask=block_mask,
     )
-    options = dict(
-        masking, scale=scale, return_weights=return_weights, return_residual=return_residual
-    )
-    impl = dispatch.select(implementation, query, key, value, bias, mask, **options)
-    score_fn = functools.partial(scaled_dot_product_scores, scale=scale)
-    dense = functools.partial(
-        attention, query, key, value, bias, mask, score_fn=score_fn, **masking
-    )
-    if impl == "dense":
-        if dispatch.dense_in_layout(query, key, value, bias, mask):
-            return _dense_in_layout(
-                checked,
-                scale=scale,
-                is_causal=is_causal,
-                dropout_rng=dropout_rng,
-                fully_masked=fully_masked,
-                return_weights=return_weights,
-                return_residual=return_residual,
-            )
-        return dense(return_weights=return_weights, return_residual=return_residual)
-    if impl in ("cudnn", "pallas"):  # the checked lengths: integer, clipped to [0, T or S]
-        for name, x in (
-            ("query_seq_lengths", checked.query_seq_lengths),
-            ("key_value_seq_lengths", checked.key_value_seq_lengths),
-        ):
-            options[name] = None if x is None else x.reshape(checked.batch_shape)
-        bias, mask = checked.bias, checked.mask
-    result = dispatch.run(impl, query, key, value, bias, mask, **options)
-    if not return_weights:
-        return result
-    # The weights are the [..., N, T, S] matrix the other paths never build: take them
-    # from the dense softmax (its unused output is dropped by XLA), and keep the
-    # output of the chosen path, so asking for weights never changes the output.
-    weights = dense(return_weights=True)[1]
-    out, *residual = result if return_residual else (result,)
-    return (out, weights, *residual)
+    impl = dispatch.select(implementation, spec)
+    if impl == "dense" and return_weights:  # the dense path is the weights' path
+        out, lse, weights = dispatch.dense_path(spec, return_weights=True)
+    elif impl == "dense":
+        (out, lse), weights = dispatch.dense_path(spec), None
+    else:
+        out, lse = dispatch.run(impl, spec)
+        # The weights are the [..., N, T, S] matrix the other paths never build: take
+        # them from the dense softmax (its unused output is dropped by XLA), and keep
+        # the output of the chosen path, so asking for weights never changes the output.
+        weights = dispatch.dense_path(spec, return_weights=True)[2] if return_weights else None
+    extras = [x for x in (weights, lse if return_residual else None) if x is not None]
+    return (out, *extras) if extras else out

@@ -50,10 +50,53 @@ from jattn.functional import _checks, _sharding
 from jattn.functional.softmax import MASK_FILL, FullyMasked
 from jattn.functional.stochastic import keep_bits
 
-__all__ = ["blocked_attention"]
+__all__ = ["MAX_TILE_ELEMENTS", "attend", "blocked_attention", "default_block_sizes"]
 
 _FILL = jnp.float32(MASK_FILL)
 _NEG_INF = jnp.float32(-jnp.inf)
+
+
+#: Largest tile ``[B*N, block_q, block_kv]`` (elements) the default block sizes allow.
+MAX_TILE_ELEMENTS = 1 << 23
+
+
+def default_block_sizes(
+    t: int,
+    s: int,
+    h: int,
+    dtype=jnp.float32,
+    *,
+    masked_band: bool = False,
+    batch_heads: int = 1,
+) -> tuple[int, int]:
+    """``(block_q, block_kv)`` for the blocked path.
+
+    On CPU the tiles ``[B*K, G*block_q, block_kv]`` keep each matrix product large:
+    for H=64 and B*N=8, ``(512, 512)`` beat ``(256, 512)`` by 5-10% at every T from
+    1024 to 8192 in an interleaved sweep on an idle 2-core machine
+    (BENCHMARKS.md); with a causal mask or a window (``masked_band``)
+    ``(512, 256)`` visits few wasted tiles on the diagonal and ran causal T=4096
+    1.54-1.72x faster than non-causal across runs, against 1.2x for ``(256, 256)``,
+    whose products are too small (256x256 tiles cost 1.6x more per element). Tiles
+    are halved (query block first, down to 128) while
+    ``batch_heads * block_q * block_kv`` (``batch_heads`` = B*N) exceeds
+    :data:`MAX_TILE_ELEMENTS` (32 MiB of float32), so many heads or a big batch do
+    not blow up the working set. The same sizes serve GPU and TPU, where the blocked
+    path runs (for inputs cuDNN/Pallas do not take, once dense scores are large) as a
+    sequential loop over tiles in XLA: large tiles mean few iterations (not yet
+    measured on a GPU; ``benchmarks/bench_gpu.py``).
+    """
+    del dtype
+    if h > 128:
+        bq, bk = 128, 256
+    else:
+        bq, bk = (512, 256) if masked_band else (512, 512)
+    while batch_heads * bq * bk > MAX_TILE_ELEMENTS and max(bq, bk) > 128:
+        if bq >= bk:
+            bq //= 2
+        else:
+            bk //= 2
+    return min(bq, t), min(bk, s)
 
 
 class _Geometry(NamedTuple):
@@ -468,6 +511,9 @@ def blocked_attention(
     fully_masked: FullyMasked = "zeros",
     return_residual: bool = False,
     block_sizes: tuple[int, int] | None = None,
+    mask_mod=None,
+    score_mod=None,
+    block_mask=None,
 ):
     """Exact scaled dot-product attention in blocks (flash-style), O(T * H) memory.
 
@@ -496,11 +542,7 @@ def blocked_attention(
     ``jax.grad``: its loops have traced bounds), for which
     ``jattn.dot_product_attention(..., implementation='dense')`` is the path.
     """
-    from jattn.functional.dispatch import default_block_sizes
-
-    arrays = (query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, dropout_rng)
-    _checks.check_flags(is_causal=is_causal, return_residual=return_residual)
-    inputs = _checks.check_attention_inputs(
+    spec = _checks.check_attention_inputs(
         query,
         key,
         value,
@@ -513,14 +555,28 @@ def blocked_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         fully_masked=fully_masked,
+        is_causal=is_causal,
+        scale=scale,
+        return_residual=return_residual,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        block_mask=block_mask,
     )
-    query, key, value, bias, mask, batch_shape, q_len, kv_len, window, dropout_rate = inputs
+    out, lse = attend(spec, block_sizes)
+    return (out, lse) if return_residual else out
+
+
+def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = None):
+    """The blocked path on a checked call: ``(output, lse or None)``."""
+    query, key, value, bias, mask = spec.query, spec.key, spec.value, spec.bias, spec.mask
+    batch_shape, window, dropout_rate = spec.batch_shape, spec.window, spec.dropout_rate
+    q_len, kv_len = spec.query_seq_lengths, spec.key_value_seq_lengths
     t, n, h = query.shape[-3:]
     s, k, hv = value.shape[-3:]
     if t == 0 or s == 0:
         raise ValueError(f"blocked attention needs T > 0 and S > 0, got T={t}, S={s}")
     if block_sizes is None:
-        band = bool(is_causal) or window is not None
+        band = spec.is_causal or window is not None
         block_sizes = default_block_sizes(
             t, s, h, query.dtype, masked_band=band, batch_heads=math.prod(batch_shape) * n
         )
@@ -532,19 +588,25 @@ def blocked_attention(
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
     block_sizes = tuple(int(x) for x in block_sizes)
 
+    arrays = (query, key, value, bias, mask, q_len, kv_len, spec.dropout_rng)
     mesh = _sharding.explicit_mesh(arrays)
     if mesh is not None:  # explicit sharding cannot express the [B*K, ...] layout
 
         def run(query, key, value, bias, mask, q_len, kv_len, rng):
-            return blocked_attention(
-                query, key, value, bias, mask,
-                scale=scale, is_causal=is_causal, query_seq_lengths=q_len,
-                key_value_seq_lengths=kv_len, local_window_size=local_window_size,
-                dropout_rate=dropout_rate, dropout_rng=rng, fully_masked=fully_masked,
-                return_residual=return_residual, block_sizes=tuple(block_sizes),
+            lens = [None if x is None else x.reshape(-1) for x in (q_len, kv_len)]
+            inner = spec._replace(
+                query=query, key=key, value=value, bias=bias, mask=mask,
+                query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], dropout_rng=rng,
             )  # fmt: skip
+            out, lse = attend(inner, block_sizes)
+            return (out, lse) if spec.return_residual else out
 
-        return _sharding.attention_in_auto_axes(run, mesh, arrays, return_residual=return_residual)
+        lens = [None if x is None else x.reshape(batch_shape) for x in (q_len, kv_len)]
+        arrays = (query, key, value, bias, mask, *lens, spec.dropout_rng)
+        result = _sharding.attention_in_auto_axes(
+            run, mesh, arrays, return_residual=spec.return_residual
+        )
+        return result if spec.return_residual else (result, None)
 
     bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
     nq, nk = _nblocks(t, bt), _nblocks(s, bs)
@@ -557,11 +619,11 @@ def blocked_attention(
         s=s,
         bt=bt,
         bs=bs,
-        scale=float(1.0 / math.sqrt(h) if scale is None else scale),
-        causal=bool(is_causal),
+        scale=float(1.0 / math.sqrt(h) if spec.scale is None else spec.scale),
+        causal=spec.is_causal,
         window=window,
         dropout_rate=dropout_rate,
-        fully_masked=fully_masked,
+        fully_masked=spec.fully_masked,
     )
     # [B, T, K, G, H] -> [nq, B*K, G*bt, H]: one query block of every head is one slab.
     q = query.reshape(b, t, k, g, h)
@@ -576,7 +638,7 @@ def blocked_attention(
     kb, vb = kv_blocks(key), kv_blocks(value)
     bias5 = None if bias is None else _checks.grouped_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
     mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
-    rng = dropout_rng if dropout_rate > 0.0 else None
+    rng = spec.dropout_rng if dropout_rate > 0.0 else None
 
     ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng)
     out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
@@ -585,7 +647,7 @@ def blocked_attention(
         valid = jnp.arange(t, dtype=jnp.int32).reshape(1, t, 1, 1) < q_len.reshape(b, 1, 1, 1)
         out = jnp.where(valid, out, jnp.zeros((), out.dtype))
     out = out.reshape(batch_shape + (t, n, hv))
-    if not return_residual:
-        return out
+    if not spec.return_residual:
+        return out, None
     lse = lse.reshape(nq, b, k, g, bt).transpose(1, 0, 4, 2, 3).reshape(b, nq * bt, n)
     return out, lse[:, :t].reshape(batch_shape + (t, n))

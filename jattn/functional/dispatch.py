@@ -21,14 +21,17 @@ naming the unsupported feature, dtype or device.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _sharding
-from jattn.functional.masks import causal_mask
-from jattn.functional.softmax import MASK_FILL
+from jattn.functional import _sharding, blocked, dense
+from jattn.functional._checks import OPTION_DEFAULTS, AttentionSpec
+from jattn.functional.blocked import MAX_TILE_ELEMENTS, blocked_attention, default_block_sizes
+from jattn.functional.kernels import cudnn_attention, pallas_attention, pallas_block
+from jattn.functional.scores import scaled_dot_product_scores
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -39,9 +42,14 @@ __all__ = [
     "IN_LAYOUT_MIN_KEYS",
     "MAX_TILE_ELEMENTS",
     "OPTION_DEFAULTS",
+    "PATHS",
     "default_block_sizes",
+    "blocked_path",
     "dense_in_layout",
+    "dense_path",
+    "run",
     "select",
+    "unchecked_spec",
 ]
 
 IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas")
@@ -76,49 +84,6 @@ IN_LAYOUT_MAX_WORK = 64
 ACCELERATOR_DENSE_MAX_BYTES = 1 << 30
 
 
-#: Largest tile ``[B*N, block_q, block_kv]`` (elements) the default block sizes allow.
-MAX_TILE_ELEMENTS = 1 << 23
-
-
-def default_block_sizes(
-    t: int,
-    s: int,
-    h: int,
-    dtype=jnp.float32,
-    *,
-    masked_band: bool = False,
-    batch_heads: int = 1,
-) -> tuple[int, int]:
-    """``(block_q, block_kv)`` for the blocked path.
-
-    On CPU the tiles ``[B*K, G*block_q, block_kv]`` keep each matrix product large:
-    for H=64 and B*N=8, ``(512, 512)`` beat ``(256, 512)`` by 5-10% at every T from
-    1024 to 8192 in an interleaved sweep on an idle 2-core machine
-    (BENCHMARKS.md); with a causal mask or a window (``masked_band``)
-    ``(512, 256)`` visits few wasted tiles on the diagonal and ran causal T=4096
-    1.54-1.72x faster than non-causal across runs, against 1.2x for ``(256, 256)``,
-    whose products are too small (256x256 tiles cost 1.6x more per element). Tiles
-    are halved (query block first, down to 128) while
-    ``batch_heads * block_q * block_kv`` (``batch_heads`` = B*N) exceeds
-    :data:`MAX_TILE_ELEMENTS` (32 MiB of float32), so many heads or a big batch do
-    not blow up the working set. The same sizes serve GPU and TPU, where the blocked
-    path runs (for inputs cuDNN/Pallas do not take, once dense scores are large) as a
-    sequential loop over tiles in XLA: large tiles mean few iterations (not yet
-    measured on a GPU; ``benchmarks/bench_gpu.py``).
-    """
-    del dtype
-    if h > 128:
-        bq, bk = 128, 256
-    else:
-        bq, bk = (512, 256) if masked_band else (512, 512)
-    while batch_heads * bq * bk > MAX_TILE_ELEMENTS and max(bq, bk) > 128:
-        if bq >= bk:
-            bq //= 2
-        else:
-            bk //= 2
-    return min(bq, t), min(bk, s)
-
-
 def _platform() -> str:
     return jax.default_backend()
 
@@ -140,8 +105,9 @@ def dense_in_layout(query, key, *arrays) -> bool:
     )
 
 
-def _cudnn_problems(query, key, value, bias, mask, o) -> list[str]:
+def _cudnn_problems(spec: AttentionSpec) -> list[str]:
     """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot give our results."""
+    query, key, value = spec.query, spec.key, spec.value
     problems = []
     if _platform() != "gpu":
         problems.append(f"device {_platform()!r} (cuDNN needs an NVIDIA GPU)")
@@ -152,34 +118,39 @@ def _cudnn_problems(query, key, value, bias, mask, o) -> list[str]:
         problems.append(f"value head dim Hv={hv} != H={h}")
     if h > 128 or h % 8:
         problems.append(f"head dim H={h} (cuDNN needs a multiple of 8, at most 128)")
-    if o["dropout_rate"] > 0.0:
+    if spec.dropout_rate > 0.0:
         problems.append("dropout")
-    if o["return_residual"]:
+    if spec.return_residual:
         problems.append("return_residual (cuDNN returns it in the input dtype, not float32)")
-    if mask is not None:
+    if spec.mask is not None:
         # cuDNN turns a boolean mask into a finite bias, so a fully masked row gets
         # softmax(logits) instead of fully_masked's zeros/uniform weights.
         problems.append("boolean masks (fully masked rows differ from fully_masked)")
-    if o["local_window_size"] is not None:
+    if spec.window is not None:
         problems.append("local_window_size (cuDNN windows differ: left only, exclusive)")
-    if o["key_value_seq_lengths"] is not None:
+    if spec.key_value_seq_lengths is not None:
         # a key length of 0 leaves rows fully masked, which cuDNN does not give as
         # fully_masked's zeros/uniform weights
         problems.append("key_value_seq_lengths (fully masked rows differ from fully_masked)")
-    if o["is_causal"] and query.shape[-3] > key.shape[-3]:
+    if spec.is_causal and query.shape[-3] > key.shape[-3]:
         problems.append("is_causal with T > S")
+    problems += _mod_problems(spec, "cuDNN")
     return problems
 
 
-def _pallas_block(n: int) -> int | None:
-    for b in (512, 256, 128):
-        if n % b == 0:
-            return b
-    return None
+def _mod_problems(spec: AttentionSpec, kernel: str) -> list[str]:
+    """The mask and score functions a kernel cannot evaluate (it takes its own causal
+    mask only; a block mask needs the blocked or dense path)."""
+    return [
+        f"{name} (the {kernel} kernel cannot evaluate jattn's mask and score functions)"
+        for name in ("mask_mod", "score_mod", "block_mask")
+        if getattr(spec, name) is not None
+    ]
 
 
-def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = False) -> list[str]:
+def _pallas_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[str]:
     """Why the TPU Pallas flash-attention kernel cannot give our results."""
+    query, key, value = spec.query, spec.key, spec.value
     problems = []
     if _platform() != "tpu" and not interpret:
         problems.append(f"device {_platform()!r} (the Pallas flash-attention kernel needs a TPU)")
@@ -187,44 +158,73 @@ def _pallas_problems(query, key, value, bias, mask, o, *, interpret: bool = Fals
     if h != hv:
         problems.append(f"value head dim Hv={hv} != H={h}")
     t, s = query.shape[-3], key.shape[-3]
-    if _pallas_block(t) is None or _pallas_block(s) is None:
+    if pallas_block(t) is None or pallas_block(s) is None:
         problems.append(f"lengths T={t}, S={s} (the kernel needs multiples of 128)")
-    for name in ("query_seq_lengths", "key_value_seq_lengths", "local_window_size"):
-        if o[name] is not None:
+    for name, x in (
+        ("query_seq_lengths", spec.query_seq_lengths),
+        ("key_value_seq_lengths", spec.key_value_seq_lengths),
+        ("local_window_size", spec.window),
+    ):
+        if x is not None:
             problems.append(name)
-    if mask is not None:
+    if spec.mask is not None:
         problems.append("boolean masks")
-    if o["dropout_rate"] > 0.0:
+    if spec.dropout_rate > 0.0:
         problems.append("dropout")
-    if o["return_residual"]:
+    if spec.return_residual:
         problems.append("return_residual")
-    if o["is_causal"] and t > s:
+    if spec.is_causal and t > s:
         problems.append("is_causal with T > S")
-    if bias is not None and o["scale"] == 0:
+    if spec.bias is not None and spec.scale == 0:
         problems.append("scale=0 with a bias (the kernel divides the bias by the scale)")
-    if o["is_causal"] and jax.config.jax_enable_x64:  # its causal mask mixes int64, int32
+    if spec.is_causal and jax.config.jax_enable_x64:  # its causal mask mixes int64, int32
         problems.append("is_causal with jax_enable_x64 (the kernel's causal mask fails to trace)")
+    problems += _mod_problems(spec, "Pallas flash-attention")
     return problems
 
 
-#: The keyword options of ``dot_product_attention`` that :func:`select` reads, with the
-#: function's defaults (tests check they match its signature).
-OPTION_DEFAULTS = {
-    "scale": None,
-    "is_causal": False,
-    "query_seq_lengths": None,
-    "key_value_seq_lengths": None,
-    "local_window_size": None,
-    "dropout_rate": 0.0,
-    "dropout_rng": None,
-    "fully_masked": "zeros",
-    "return_weights": False,
-    "return_residual": False,
-}
+def unchecked_spec(query, key, value, bias=None, mask=None, **options) -> AttentionSpec:
+    """An :class:`AttentionSpec` from ``dot_product_attention``'s arguments, without the
+    checks (for :func:`select` on shapes: arrays may be ``jax.ShapeDtypeStruct``).
+    ``options`` left out take :data:`OPTION_DEFAULTS`; a misspelt one is a TypeError."""
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"select() got unknown options {unknown}; expected keyword arguments of "
+            f"dot_product_attention: {sorted(OPTION_DEFAULTS)}"
+        )
+    o = {**OPTION_DEFAULTS, **options}
+    return AttentionSpec(
+        query=query,
+        key=key,
+        value=value,
+        bias=bias,
+        mask=mask,
+        batch_shape=tuple(query.shape[:-3]),
+        query_seq_lengths=o["query_seq_lengths"],
+        key_value_seq_lengths=o["key_value_seq_lengths"],
+        window=o["local_window_size"],
+        dropout_rate=o["dropout_rate"],
+        dropout_rng=o["dropout_rng"],
+        is_causal=o["is_causal"],
+        scale=o["scale"],
+        fully_masked=o["fully_masked"],
+        return_residual=o["return_residual"],
+        mask_mod=o["mask_mod"],
+        score_mod=o["score_mod"],
+        block_mask=o["block_mask"],
+    )
 
 
-def select(implementation, query, key, value, bias=None, mask=None, **options) -> str:
+def select(implementation, spec, *args, **options) -> str:
     """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas'`` to run.
+
+    ``spec`` is the :class:`~jattn.functional._checks.AttentionSpec` of a checked call
+    (what :func:`jattn.dot_product_attention` builds), or, to ask about shapes,
+    ``select(implementation, query, key, value, bias=None, mask=None, **options)``
+    with the arguments of ``dot_product_attention`` (arrays may be
+    ``jax.ShapeDtypeStruct``; options left out take :data:`OPTION_DEFAULTS`), e.g.
+    ``select(None, q, k, v, is_causal=True)`` to see which path a call takes.
 
     ``implementation=None`` picks the fastest path that gives the library's results:
     cuDNN on GPU and Pallas on TPU where they support the inputs; otherwise on CPU
@@ -236,18 +236,11 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
     changes the output (:func:`jattn.dot_product_attention` computes them apart).
     An explicit choice that cannot honour the inputs raises a ``ValueError`` that
     lists what it does not support.
-
-    ``options`` are keyword arguments of ``dot_product_attention`` (the ones left out
-    take its defaults, :data:`OPTION_DEFAULTS`); arrays may be ``jax.ShapeDtypeStruct``,
-    e.g. ``select(None, q, k, v, is_causal=True)`` to see which path a call takes.
     """
-    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
-    if unknown:
-        raise TypeError(
-            f"select() got unknown options {unknown}; expected keyword arguments of "
-            f"dot_product_attention: {sorted(OPTION_DEFAULTS)}"
-        )
-    options = {**OPTION_DEFAULTS, **options}
+    if not isinstance(spec, AttentionSpec):
+        spec = unchecked_spec(spec, *args, **options)
+    elif args or options:
+        raise TypeError("select(implementation, spec) takes no other arguments with a spec")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}"
@@ -258,175 +251,92 @@ def select(implementation, query, key, value, bias=None, mask=None, **options) -
         return "blocked"
     checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems}
     if implementation is not None:
-        problems = checks[implementation](query, key, value, bias, mask, options)
+        problems = checks[implementation](spec)
         if problems:
             raise ValueError(
                 f"implementation={implementation!r} does not support: " + "; ".join(problems)
             )
         return implementation
     platform = _platform()
-    if platform == "gpu" and not _cudnn_problems(query, key, value, bias, mask, options):
+    if platform == "gpu" and not _cudnn_problems(spec):
         return "cudnn"
-    if platform == "tpu" and not _pallas_problems(query, key, value, bias, mask, options):
+    if platform == "tpu" and not _pallas_problems(spec):
         return "pallas"
+    query, key = spec.query, spec.key
     t, s = query.shape[-3], key.shape[-3]
     if platform in ("gpu", "tpu"):
         score_bytes = 4 * math.prod(query.shape[:-3]) * query.shape[-2] * t * s
         return "dense" if score_bytes <= ACCELERATOR_DENSE_MAX_BYTES else "blocked"
-    if t * s <= DENSE_MAX_ELEMENTS or dense_in_layout(query, key, value, bias, mask):
+    if t * s <= DENSE_MAX_ELEMENTS or dense_in_layout(query, key, spec.value, spec.bias, spec.mask):
         return "dense"
     return "blocked"
 
 
-def _flatten(x, nb):
-    return x.reshape((-1,) + x.shape[nb:])
+def dense_path(spec: AttentionSpec, *, return_weights: bool = False):
+    """The dense path: ``(out, lse)``, or ``(out, lse, weights)`` with ``return_weights``
+    (lse is None unless ``spec.return_residual``). On CPU a few queries against many
+    keys run its products in the keys' own layout (:func:`dense_in_layout`)."""
+    q, k = spec.query, spec.key
+    if dense_in_layout(q, k, spec.value, spec.bias, spec.mask):
+        out, weights, lse = dense._dense_in_layout(spec, return_weights=return_weights)
+    else:
+        score_fn = functools.partial(scaled_dot_product_scores, scale=spec.scale)
+        out, weights, lse = dense.attend(spec, score_fn=score_fn, return_weights=return_weights)
+    return (out, lse, weights) if return_weights else (out, lse)
 
 
-def cudnn_attention(query, key, value, bias=None, mask=None, **o):
-    """``jax.nn.dot_product_attention(implementation='cudnn')`` with jattn's argument set
-    (``o``: options of ``dot_product_attention``, defaults :data:`OPTION_DEFAULTS`)."""
-    o = {**OPTION_DEFAULTS, **o}
-    nb = query.ndim - 3
-    batch = query.shape[:nb]
-    q, k, v = (_flatten(x, nb) if nb != 1 else x for x in (query, key, value))
-    if nb == 0:
-        q, k, v = q[None], k[None], v[None]
-    dead = None
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        bias = bias.reshape((1,) * (nb + 3 - bias.ndim) + bias.shape)
-        bias = jnp.broadcast_to(bias, batch + bias.shape[nb:]).reshape((-1,) + bias.shape[nb:])
-        # A row whose biases are all -inf gives zeros (as the dense path). cuDNN gets a
-        # finite floor instead of -inf, so such a row is a finite softmax (zeroed below)
-        # and its gradients are zero, not the NaN of exp(-inf - -inf).
-        hidden = bias == -jnp.inf
-        if o["is_causal"]:
-            hidden = hidden | ~causal_mask(query.shape[-3], key.shape[-3])[None, None]
-        dead = jnp.all(hidden, axis=-1)  # [B|1, N|1, T|1]
-        bias = jnp.maximum(bias, jnp.asarray(jnp.finfo(bias.dtype).min / 2, bias.dtype))
-    lens = []
-    for name in ("query_seq_lengths", "key_value_seq_lengths"):
-        x = o[name]
-        lens.append(None if x is None else jnp.broadcast_to(x, batch).reshape(-1).astype(jnp.int32))
-    out = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        bias,
-        scale=o["scale"],
-        is_causal=o["is_causal"],
-        query_seq_lengths=lens[0],
-        key_value_seq_lengths=lens[1],
-        implementation="cudnn",
-    )  # [B, T, N, Hv]
-    if dead is not None:
-        out = jnp.where(jnp.swapaxes(dead, 1, 2)[..., None], jnp.zeros((), out.dtype), out)
-    if lens[0] is not None:  # padded queries give zeros whatever cuDNN writes there (as dense)
-        valid = jnp.arange(out.shape[1])[None, :] < lens[0][:, None]  # [B, T]
-        out = jnp.where(valid[..., None, None], out, jnp.zeros((), out.dtype))
-    return out.reshape(query.shape[:-1] + value.shape[-1:])
+def blocked_path(spec: AttentionSpec):
+    """The blocked (flash-style) path: ``(out, lse)``."""
+    return blocked.attend(spec)
 
 
-def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False, **o):
-    """The TPU Pallas flash-attention kernel with jattn's ``[..., T, N, H]`` layout.
+def _kernel_path(name):
+    def path(spec: AttentionSpec):
+        o = spec.options()
+        out = _run_kernel(name, spec.query, spec.key, spec.value, spec.bias, spec.mask, **o)
+        return (out, None) if not spec.return_residual else out
 
-    Grouped heads are repeated to N (the kernel takes N == K). ``interpret=True``
-    runs the kernel in the Pallas TPU interpreter (for tests on CPU). The interpreter
-    runs Python callbacks that dispatch JAX operations, and other work dispatched while
-    they run can deadlock the CPU runtime: called eagerly, an interpreted kernel returns
-    its result ready; a caller that jits it should block on the result likewise.
-    """
-    o = {**OPTION_DEFAULTS, **o}
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-
-    nb = query.ndim - 3
-    batch = query.shape[:nb]
-    t, n, h = query.shape[-3:]
-    s, kh = key.shape[-3], key.shape[-2]
-
-    def bnth(x):  # [..., T, N, H] -> [B, N, T, H]
-        return jnp.swapaxes(x.reshape((-1,) + x.shape[nb:]), 1, 2)
-
-    q = bnth(query)
-    k, v = (jnp.repeat(bnth(x), n // kh, axis=1) for x in (key, value))
-    ab = None
-    if bias is not None:
-        ab = jnp.asarray(bias)
-        ab = ab.reshape((1,) * (nb + 3 - ab.ndim) + ab.shape)
-        ab = jnp.broadcast_to(ab, batch + (n, t, s)).reshape(-1, n, t, s).astype(jnp.float32)
-    scale = o["scale"]
-    scale = 1.0 / (h**0.5) if scale is None else float(scale)
-    dead = None
-    if ab is not None:  # the kernel computes (q.k + ab) * scale; ours is q.k * scale + bias
-        # A row whose visible biases are all -inf gives zeros (as the dense path). The
-        # kernel gets finite biases, bounded so that (q.k + ab) * scale stays finite:
-        # a -inf row would otherwise give inf - inf = NaN in its softmax.
-        hidden = ab == -jnp.inf
-        if o["is_causal"]:
-            hidden = hidden | ~causal_mask(t, s)[None, None]
-        dead = jnp.all(hidden, axis=-1)  # [B, N, T]
-        bound = MASK_FILL / max(1.0, abs(scale))
-        ab = jnp.clip(ab / jnp.float32(scale), bound, -bound)
-    bq, bk = _pallas_block(t), _pallas_block(s)
-    sizes = fa.BlockSizes(
-        block_q=bq,
-        block_k_major=bk,
-        block_k=bk,
-        block_b=1,
-        block_q_major_dkv=bq,
-        block_k_major_dkv=bk,
-        block_k_dkv=bk,
-        block_q_dkv=bq,
-        block_k_major_dq=bk,
-        block_k_dq=bk,
-        block_q_dq=bq,
-    )
-
-    def call(q, k, v, ab):
-        return fa.flash_attention(
-            q, k, v, ab, causal=o["is_causal"], sm_scale=scale, block_sizes=sizes
-        )
-
-    out = _interpreted(call, q, k, v, ab) if interpret else call(q, k, v, ab)
-    if dead is not None:
-        out = jnp.where(dead[..., None], jnp.zeros((), out.dtype), out)
-    out = jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:])
-    if interpret and not isinstance(out, jax.core.Tracer):
-        out = jax.block_until_ready(out)
-    return out
+    path.__name__ = path.__qualname__ = f"{name}_path"
+    path.__doc__ = f"The {name} kernel: ``(out, None)`` (it gives no log-sum-exp)."
+    return path
 
 
-def _interpreted(f, *args):
-    """``f(*args)`` with its Pallas kernels run by the TPU interpreter, in the forward
-    and in the backward pass (the interpret-mode context only covers what is traced
-    inside it, and JAX traces the backward kernels when it differentiates)."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    @jax.custom_vjp
-    def g(*a):
-        with pltpu.force_tpu_interpret_mode():
-            return f(*a)
-
-    def g_fwd(*a):
-        with pltpu.force_tpu_interpret_mode():
-            return jax.vjp(f, *a)  # the VJP function is a pytree of residuals
-
-    def g_bwd(vjp, cotangent):
-        with pltpu.force_tpu_interpret_mode():
-            return vjp(cotangent)
-
-    g.defvjp(g_fwd, g_bwd)
-    return g(*args)
+#: Every path by name: ``PATHS[select(implementation, spec)](spec) -> (out, lse)``.
+PATHS = {
+    "dense": dense_path,
+    "blocked": blocked_path,
+    "cudnn": _kernel_path("cudnn"),
+    "pallas": _kernel_path("pallas"),
+}
 
 
-def run(implementation: str, query, key, value, bias=None, mask=None, **options):
-    """Runs a non-dense implementation chosen by :func:`select`."""
-    from jattn.functional.blocked import blocked_attention
+def run(implementation: str, spec, *args, **options):
+    """Runs a path: ``run(name, spec) -> (out, lse)`` on a checked
+    :class:`AttentionSpec` (``lse`` is None unless ``spec.return_residual``).
 
+    ``run(name, query, key, value, bias=None, mask=None, **options)`` with the
+    arguments of ``dot_product_attention`` runs a non-dense path on inputs that are
+    not yet checked and returns what ``dot_product_attention`` returns (without the
+    weights)."""
+    if isinstance(spec, AttentionSpec):
+        if args or options:
+            raise TypeError("run(implementation, spec) takes no other arguments with a spec")
+        if implementation not in PATHS:
+            raise ValueError(f"no path {implementation!r}; expected one of {sorted(PATHS)}")
+        return PATHS[implementation](spec)
+    return _run_kernel(implementation, spec, *args, **options)
+
+
+def _run_kernel(implementation: str, query, key, value, bias=None, mask=None, **options):
+    """A non-dense path on ``dot_product_attention``'s arguments (the kernels' runners
+    under explicit sharding go through ``auto_axes`` here)."""
     options = dict(options)
-    del options["return_weights"]  # the caller computes the weights apart
+    options.pop("return_weights", None)  # the caller computes the weights apart
     if implementation == "blocked":
         return blocked_attention(query, key, value, bias, mask, **options)
+    for name in ("mask_mod", "score_mod", "block_mask"):  # select refused them
+        if options.pop(name, None) is not None:
+            raise ValueError(f"implementation={implementation!r} does not take {name}")
     runners = {"cudnn": cudnn_attention, "pallas": pallas_attention}
     if implementation not in runners:
         raise ValueError(f"no runner for implementation {implementation!r}")

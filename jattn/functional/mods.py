@@ -1,0 +1,709 @@
+"""Masks and score modifiers as functions (FlexAttention's idea, in pure JAX).
+
+A **mask_mod** says whether query position ``q_idx`` of head ``n`` in example ``b``
+may attend to key position ``kv_idx``; a **score_mod** rewrites one scaled logit::
+
+    mask_mod(b, n, q_idx, kv_idx) -> bool                 # True = attend
+    score_mod(score, b, n, q_idx, kv_idx) -> score        # float32 in, float32 out
+
+The arguments are int32 arrays that broadcast against each other (``b [B, 1, 1, 1]``,
+``n [1, N, 1, 1]``, ``q_idx [1, 1, T, 1]``, ``kv_idx [1, 1, 1, S]`` on the dense path,
+one tile at a time on the blocked path), so a mod is written as for scalars with
+``jnp`` operations and is vmappable. ``b`` is the index into the flattened batch,
+``n`` the query head (``0 <= n < N``), ``q_idx``/``kv_idx`` positions from 0.
+
+Every pattern here is a :class:`Mod`: a pytree whose leaves are its arrays (segment
+ids, lengths, a T5 table, ALiBi slopes), so a mask built from new data each step does
+not recompile a jitted step, and a score_mod's parameters get gradients on every path.
+Plain Python functions work too (their closed-over arrays are constants of the trace).
+
+They are keyword arguments of :func:`jattn.dot_product_attention` (``mask_mod=``,
+``score_mod=``, ``block_mask=``), combined with ``mask``/``is_causal``/the window/the
+lengths by logical and, and with ``bias`` by addition (``score_mod`` runs first).
+:func:`block_mask` evaluates a mask_mod once into the block table the blocked path
+walks: it visits only the key blocks a query block can see and skips the mask on
+full ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.functional.masks import is_int
+from jattn.functional.positional import relative_position_buckets
+
+__all__ = [
+    "BlockMask",
+    "MaskMod",
+    "Mod",
+    "ScoreMod",
+    "alibi",
+    "and_masks",
+    "bigbird",
+    "block_mask",
+    "causal",
+    "chain_scores",
+    "dilated",
+    "fixed",
+    "full",
+    "global_tokens",
+    "lengths",
+    "longformer",
+    "mask_grid",
+    "not_mask",
+    "offset",
+    "or_masks",
+    "per_head",
+    "prefix_lm",
+    "relative_position_bias",
+    "segments",
+    "sliding_window",
+    "softcap",
+    "strided",
+]
+
+MaskMod = Callable[..., jax.Array]
+ScoreMod = Callable[..., jax.Array]
+
+
+@jax.tree_util.register_pytree_node_class
+class Mod:
+    """A mask_mod or score_mod: ``fn(*params, *args)``, a pytree whose leaves are ``params``.
+
+    ``fn`` is static (it must be a module-level function, so that equal mods hash
+    alike); ``params`` are arrays, numbers or other mods. ``Mod(fn, *params)`` is how
+    the patterns below are built; any function with the mod signature works as well.
+    """
+
+    def __init__(self, fn: Callable, *params: Any, name: str | None = None):
+        self.fn = fn
+        self.params = params
+        self.name = name or fn.__name__.lstrip("_")
+
+    def __call__(self, *args):
+        return self.fn(*self.params, *args)
+
+    def tree_flatten(self):
+        return self.params, (self.fn, self.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, params):
+        fn, name = aux
+        return cls(fn, *params, name=name)
+
+    def __repr__(self) -> str:
+        return f"{self.name}(...)"
+
+
+def _as_index_param(name: str, x, batch_ok: bool = True):
+    """An int offset/length: a Python int, or an int array of shape [] or [B]."""
+    if is_int(x):
+        return int(x)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim > (1 if batch_ok else 0):
+        raise TypeError(
+            f"{name} must be an int or an int array of shape [] or [B], got dtype {x.dtype} "
+            f"shape {list(x.shape)}"
+        )
+    return x.astype(jnp.int32)
+
+
+def _per_b(x, b):
+    """A scalar, or a ``[B]`` array read at the example index ``b``."""
+    if isinstance(x, int):
+        return x
+    return x if x.ndim == 0 else x[b]
+
+
+# ---------------------------------------------------------------------------- combinators
+
+
+def _and(*args):
+    mods, idx = args[:-4], args[-4:]
+    out = mods[0](*idx)
+    for m in mods[1:]:
+        out = out & m(*idx)
+    return out
+
+
+def _or(*args):
+    mods, idx = args[:-4], args[-4:]
+    out = mods[0](*idx)
+    for m in mods[1:]:
+        out = out | m(*idx)
+    return out
+
+
+def and_masks(*mods: MaskMod) -> Mod:
+    """Attend where every mask_mod says so (logical and)."""
+    if not mods:
+        raise ValueError("and_masks needs at least one mask_mod")
+    return Mod(_and, *mods)
+
+
+def or_masks(*mods: MaskMod) -> Mod:
+    """Attend where any mask_mod says so (logical or)."""
+    if not mods:
+        raise ValueError("or_masks needs at least one mask_mod")
+    return Mod(_or, *mods)
+
+
+def _not(mod, b, n, q, kv):
+    return ~mod(b, n, q, kv)
+
+
+def not_mask(mod: MaskMod) -> Mod:
+    """Attend where ``mod`` does not."""
+    return Mod(_not, mod)
+
+
+def _offset(mod, q_off, kv_off, b, n, q, kv):
+    return mod(b, n, q + _per_b(q_off, b), kv + _per_b(kv_off, b))
+
+
+def offset(mod: MaskMod, q_offset=0, kv_offset=0) -> Mod:
+    """``mod`` seen from shifted positions: ``mod(b, n, q_idx + q_offset, kv_idx + kv_offset)``.
+
+    For a key/value cache (queries are the last T of S positions: ``q_offset=S - T``,
+    or a ``[B]`` array of cache indices) or a sequence shard (its global start).
+    """
+    return Mod(
+        _offset, mod, _as_index_param("q_offset", q_offset), _as_index_param("kv_offset", kv_offset)
+    )
+
+
+def _chain(*args):
+    mods, (score, b, n, q, kv) = args[:-5], args[-5:]
+    for m in mods:
+        score = m(score, b, n, q, kv)
+    return score
+
+
+def chain_scores(*mods: ScoreMod) -> Mod:
+    """Score mods applied in order (the first one sees the scaled logits)."""
+    if not mods:
+        raise ValueError("chain_scores needs at least one score_mod")
+    return Mod(_chain, *mods)
+
+
+def _per_head(*args):
+    mods, (b, n, q, kv) = args[:-4], args[-4:]
+    out = mods[-1](b, n, q, kv)
+    for i in range(len(mods) - 2, -1, -1):  # head n uses mods[n % len(mods)]
+        out = jnp.where(n % len(mods) == i, mods[i](b, n, q, kv), out)
+    return out
+
+
+def per_head(mods: Sequence[MaskMod]) -> Mod:
+    """A different mask per head: head ``n`` uses ``mods[n % len(mods)]``.
+
+    The blocked path computes all heads of a tile together, so it visits the union of
+    the heads' blocks (each head still sees exactly its own mask).
+    """
+    mods = tuple(mods)
+    if not mods:
+        raise ValueError("per_head needs at least one mask_mod")
+    return Mod(_per_head, *mods)
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _full(b, n, q, kv):
+    return jnp.ones(jnp.broadcast_shapes(jnp.shape(q), jnp.shape(kv)), bool)
+
+
+def full() -> Mod:
+    """Attend everywhere."""
+    return Mod(_full)
+
+
+def _causal(off, b, n, q, kv):
+    return kv <= q + _per_b(off, b)
+
+
+def causal(offset: int | jax.Array = 0) -> Mod:
+    """Query ``q_idx`` sees keys ``kv_idx <= q_idx + offset`` (top-left aligned for 0, as
+    ``is_causal=True``; ``offset=S - T`` aligns the last query with the last key;
+    an ``[B]`` array: one offset per example)."""
+    return Mod(_causal, _as_index_param("offset", offset))
+
+
+def _window(left, right, b, n, q, kv):
+    return (kv >= q - left) & (kv <= q + right)
+
+
+def sliding_window(window: int | tuple[int, int]) -> Mod:
+    """Keys ``q_idx - left <= kv_idx <= q_idx + right`` (``local_window_size``'s rule; an
+    int ``w`` means ``(w, w)``; ``(w, 0)`` is a causal local window)."""
+    from jattn.functional.masks import _as_window
+
+    left, right = _as_window(window)
+    return Mod(_window, left, right)
+
+
+def _lengths(q_len, kv_len, b, n, q, kv):
+    out = True
+    if q_len is not None:
+        out = q < _per_b(q_len, b)
+    if kv_len is not None:
+        out = out & (kv < _per_b(kv_len, b))
+    return out
+
+
+def lengths(q_lengths=None, kv_lengths=None) -> Mod:
+    """Queries ``q_idx < q_lengths[b]`` see keys ``kv_idx < kv_lengths[b]`` (either may be
+    None); an int or ``[B]`` int array each."""
+    q_len = None if q_lengths is None else _as_index_param("q_lengths", q_lengths)
+    kv_len = None if kv_lengths is None else _as_index_param("kv_lengths", kv_lengths)
+    return Mod(_lengths, q_len, kv_len)
+
+
+def _prefix(prefix, b, n, q, kv):
+    return (kv <= q) | (kv < _per_b(prefix, b))
+
+
+def prefix_lm(prefix_lengths) -> Mod:
+    """Prefix-LM: every query sees the whole prefix (``kv_idx < prefix_lengths[b]``) and
+    the keys up to itself; an int or ``[B]`` int array."""
+    return Mod(_prefix, _as_index_param("prefix_lengths", prefix_lengths))
+
+
+def segments(q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None) -> Mod:
+    """Document masking for packed sequences: attend within the same segment id.
+
+    Args:
+      q_segment_ids: int ``[B, T]`` (or ``[T]`` for every example).
+      kv_segment_ids: int ``[B, S]``; the query ids when None (self-attention).
+
+    Combine with :func:`causal` for packed decoder batches
+    (``and_masks(causal(), segments(ids))``). Padding can be a segment id of its own.
+    """
+    ids = []
+    for name, x in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+        if x is None:
+            ids.append(ids[0])
+            continue
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim not in (1, 2):
+            raise TypeError(
+                f"{name} must be an int array [B, T] or [T], got dtype {x.dtype} "
+                f"shape {list(x.shape)}"
+            )
+        ids.append(x.reshape((1,) * (2 - x.ndim) + x.shape).astype(jnp.int32))
+    if ids[0].shape[0] != ids[1].shape[0] and 1 not in (ids[0].shape[0], ids[1].shape[0]):
+        raise ValueError(
+            f"q_segment_ids {list(ids[0].shape)} and kv_segment_ids {list(ids[1].shape)} "
+            "have different batch sizes"
+        )
+    return Mod(_segments_any_b, ids[0], ids[1])
+
+
+def _segments_any_b(q_ids, kv_ids, b, n, q, kv):
+    qb = 0 if q_ids.shape[0] == 1 else b
+    kb = 0 if kv_ids.shape[0] == 1 else b
+    return q_ids[qb, q] == kv_ids[kb, kv]
+
+
+def _strided(stride, b, n, q, kv):
+    return (q - kv) % stride == 0
+
+
+def strided(stride: int) -> Mod:
+    """Sparse Transformer's strided head: keys a multiple of ``stride`` away
+    (``(q_idx - kv_idx) % stride == 0``); combine with :func:`causal` for a decoder."""
+    _positive("stride", stride)
+    return Mod(_strided, int(stride))
+
+
+def _dilated(left, right, dilation, b, n, q, kv):
+    d = q - kv
+    return (d % dilation == 0) & (d <= left * dilation) & (-d <= right * dilation)
+
+
+def dilated(window: int | tuple[int, int], dilation: int) -> Mod:
+    """A dilated sliding window: ``left`` keys before and ``right`` after the query, every
+    ``dilation``-th position (``dilation=1`` is :func:`sliding_window`)."""
+    from jattn.functional.masks import _as_window
+
+    _positive("dilation", dilation)
+    left, right = _as_window(window)
+    return Mod(_dilated, left, right, int(dilation))
+
+
+def _fixed(block, summary, b, n, q, kv):
+    return (q // block == kv // block) | (kv % block >= block - summary)
+
+
+def fixed(block: int, summary: int = 1) -> Mod:
+    """Sparse Transformer's fixed pattern: keys in the query's own block of ``block``
+    positions, and the last ``summary`` positions of every block (combine with
+    :func:`causal` for a decoder)."""
+    _positive("block", block)
+    _positive("summary", summary)
+    if summary > block:
+        raise ValueError(f"summary must be <= block, got summary={summary}, block={block}")
+    return Mod(_fixed, int(block), int(summary))
+
+
+def _global(is_global, b, n, q, kv):
+    size = is_global.shape[0]
+    gq = jnp.where(q < size, is_global[jnp.minimum(q, size - 1)], False)
+    gk = jnp.where(kv < size, is_global[jnp.minimum(kv, size - 1)], False)
+    return gq | gk
+
+
+def global_tokens(positions: Sequence[int] | jax.Array, length: int | None = None) -> Mod:
+    """Global tokens: the chosen positions attend everywhere and are attended by every
+    query. ``positions``: ints (with ``length``, the longest of T and S) or a boolean
+    ``[length]`` array."""
+    if isinstance(positions, jax.Array | np.ndarray) and positions.dtype == bool:
+        is_global = jnp.asarray(positions)
+        if is_global.ndim != 1:
+            raise ValueError(f"a boolean positions array must be [L], got {list(is_global.shape)}")
+    else:
+        if length is None:
+            raise ValueError("global_tokens needs length with integer positions")
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if pos.size and (pos.min() < 0 or pos.max() >= length):
+            raise ValueError(f"global positions must lie in [0, {length}), got {pos.tolist()}")
+        is_global = jnp.zeros((length,), bool).at[pos].set(True)
+    return Mod(_global, is_global)
+
+
+def longformer(window: int | tuple[int, int], positions, length: int | None = None) -> Mod:
+    """Longformer's global + local pattern: a sliding window, plus :func:`global_tokens`."""
+    return or_masks(sliding_window(window), global_tokens(positions, length))
+
+
+def _bigbird(block, left, right, num_global, random_blocks, b, n, q, kv):
+    qb, kb = q // block, kv // block
+    local = (kb >= qb - left) & (kb <= qb + right)
+    glob = (qb < num_global) | (kb < num_global)
+    nq = random_blocks.shape[0]
+    rows = random_blocks[jnp.minimum(qb, nq - 1)]  # [..., R]
+    rand = jnp.any(rows == kb[..., None], axis=-1) & (qb < nq)
+    return local | glob | rand
+
+
+def bigbird(
+    key: jax.Array,
+    length: int,
+    block: int,
+    *,
+    window_blocks: int = 3,
+    num_global_blocks: int = 1,
+    num_random_blocks: int = 2,
+) -> Mod:
+    """BigBird (Zaheer et al. 2020): at the granularity of ``block`` positions, each query
+    block sees ``window_blocks`` blocks around itself, the first ``num_global_blocks``
+    blocks (which also see everything), and ``num_random_blocks`` key blocks drawn per
+    query block from ``key`` (the randomness is an argument: same key, same pattern).
+
+    ``length``: the longest of T and S. Use ``block`` equal to the block mask's block
+    size (or a multiple) so that the pattern's blocks are the kernel's tiles.
+    """
+    _positive("block", block)
+    _positive("length", length)
+    if window_blocks < 1 or window_blocks % 2 == 0:
+        raise ValueError(f"window_blocks must be odd and >= 1, got {window_blocks}")
+    nb = -(-length // block)
+    r = int(min(num_random_blocks, nb))
+    if r > 0:
+        keys = jax.random.split(key, nb)
+        draw = jax.vmap(lambda k: jax.random.choice(k, nb, (r,), replace=False))(keys)
+    else:
+        draw = jnp.full((nb, 1), -1)
+    half = window_blocks // 2
+    return Mod(_bigbird, int(block), half, half, int(num_global_blocks), draw.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------- score mods
+
+
+def _alibi(slopes, bidirectional, score, b, n, q, kv):
+    d = (kv - q).astype(jnp.float32)
+    if bidirectional:
+        d = -jnp.abs(d)
+    return score + slopes[n] * d
+
+
+def alibi(slopes: jax.Array, *, bidirectional: bool = False) -> Mod:
+    """ALiBi (Press et al. 2022): ``score + slopes[n] * (kv_idx - q_idx)``, or
+    ``- slopes[n] * |kv_idx - q_idx|`` when ``bidirectional`` (as
+    :func:`jattn.alibi_bias`, without its ``[N, T, S]`` array). ``slopes``: ``[N]``,
+    e.g. :func:`jattn.alibi_slopes`; learnable (it gets gradients)."""
+    slopes = jnp.asarray(slopes)
+    if slopes.ndim != 1 or not jnp.issubdtype(slopes.dtype, jnp.floating):
+        raise ValueError(
+            f"slopes must be a float [N] array, got {slopes.dtype} {list(slopes.shape)}"
+        )
+    return Mod(_alibi, slopes, _Static(bool(bidirectional)))
+
+
+@jax.tree_util.register_pytree_node_class
+class _Static:
+    """A static option stored among a mod's params (a pytree with no leaves)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __bool__(self):
+        return bool(self.value)
+
+    def tree_flatten(self):
+        return (), self.value
+
+    @classmethod
+    def tree_unflatten(cls, value, _):
+        return cls(value)
+
+
+def _t5(table, cfg, score, b, n, q, kv):
+    bidirectional, num_buckets, max_distance = cfg.value
+    buckets = relative_position_buckets(
+        kv - q, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    return score + table[buckets, n].astype(jnp.float32)
+
+
+def relative_position_bias(
+    table: jax.Array,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int | None = None,
+    max_distance: int = 128,
+) -> Mod:
+    """T5's learned relative position bias: ``score + table[bucket(kv_idx - q_idx), n]``.
+
+    ``table``: float ``[num_buckets, N]`` (the learnable parameter; it gets gradients
+    through every path); buckets as :func:`jattn.relative_position_buckets`.
+    """
+    table = jnp.asarray(table)
+    if table.ndim != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
+        raise ValueError(
+            f"table must be a float [num_buckets, N] array, got {table.dtype} {list(table.shape)}"
+        )
+    if num_buckets is None:
+        num_buckets = table.shape[0]
+    if num_buckets != table.shape[0]:
+        raise ValueError(f"table has {table.shape[0]} buckets, num_buckets={num_buckets}")
+    relative_position_buckets(  # checks the bucket configuration now, not at trace time
+        jnp.zeros((), jnp.int32), bidirectional=bidirectional, num_buckets=num_buckets,
+        max_distance=max_distance,
+    )  # fmt: skip
+    return Mod(_t5, table, _Static((bool(bidirectional), int(num_buckets), int(max_distance))))
+
+
+def _softcap(cap, score, b, n, q, kv):
+    return cap * jnp.tanh(score / cap)
+
+
+def softcap(cap: float) -> Mod:
+    """tanh soft-capping of the logits (Gemma 2, Grok): ``cap * tanh(score / cap)``."""
+    if not isinstance(cap, int | float) or isinstance(cap, bool) or not cap > 0:
+        raise ValueError(f"cap must be a positive number, got {cap!r}")
+    return Mod(_softcap, float(cap))
+
+
+def _positive(name, x):
+    if not is_int(x) or x <= 0:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def grid(batch: int, heads: int, t: int, s: int, q0=0, kv0=0):
+    """The broadcasting index arrays ``b [B,1,1,1], n [1,N,1,1], q [1,1,T,1], kv [1,1,1,S]``."""
+    i32 = jnp.int32
+    return (
+        jnp.arange(batch, dtype=i32).reshape(batch, 1, 1, 1),
+        jnp.arange(heads, dtype=i32).reshape(1, heads, 1, 1),
+        (q0 + jnp.arange(t, dtype=i32)).reshape(1, 1, t, 1),
+        (kv0 + jnp.arange(s, dtype=i32)).reshape(1, 1, 1, s),
+    )
+
+
+def call_mask(mask_mod: MaskMod, b, n, q, kv) -> jax.Array:
+    """``mask_mod(b, n, q, kv)`` checked: boolean, broadcasting to the indices' shape."""
+    out = jnp.asarray(mask_mod(b, n, q, kv))
+    target = jnp.broadcast_shapes(*(jnp.shape(x) for x in (b, n, q, kv)))
+    if out.dtype != jnp.bool_:
+        raise TypeError(f"mask_mod must return booleans (True = attend), got dtype {out.dtype}")
+    try:
+        if jnp.broadcast_shapes(out.shape, target) != target:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"mask_mod returned shape {list(out.shape)}, which does not broadcast to the "
+            f"index shape {list(target)}: it must be elementwise in (b, n, q_idx, kv_idx)"
+        ) from None
+    return out
+
+
+def call_score(score_mod: ScoreMod, score, b, n, q, kv) -> jax.Array:
+    """``score_mod(score, b, n, q, kv)`` checked: float32 of the score's shape."""
+    out = jnp.asarray(score_mod(score, b, n, q, kv))
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"score_mod must return floats, got dtype {out.dtype}")
+    if jnp.broadcast_shapes(out.shape, score.shape) != score.shape:
+        raise ValueError(
+            f"score_mod returned shape {list(out.shape)} for scores of shape "
+            f"{list(score.shape)}: it must be elementwise"
+        )
+    return jnp.broadcast_to(out.astype(jnp.float32), score.shape)
+
+
+def mask_grid(mask_mod: MaskMod, batch: int, heads: int, t: int, s: int) -> jax.Array:
+    """The dense boolean mask ``[B|1, N|1, T, S]`` of a mask_mod (for references and
+    plots; size-1 axes where the mod does not depend on ``b`` or ``n``)."""
+    out = call_mask(mask_mod, *grid(batch, heads, t, s))
+    return out.reshape((1,) * (4 - out.ndim) + out.shape)
+
+
+# ---------------------------------------------------------------------------- block masks
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockMask:
+    """Which key blocks each query block visits, for one mask_mod and one geometry.
+
+    Built by :func:`block_mask`. For query block ``i`` the blocked path visits
+    ``kv_indices[i, :kv_num_partial[i]]`` (partial blocks: the mask is evaluated on
+    the tile) and then ``kv_indices[i, kv_num_partial[i]:kv_num_partial[i] +
+    kv_num_full[i]]`` (full blocks: no mask); empty blocks are never visited. The
+    backward pass walks the transposed table (``q_indices``, ...). ``block_map``
+    ``[B|1, N|1, nq, nk]`` int8 holds 0 (empty), 1 (partial), 2 (full) per example and
+    head; the tables are the union over them (the kernel computes all heads of a tile
+    together). Metadata grows with ``(T / block) ** 2``, never ``T * S``.
+
+    A pytree (the arrays and the mask_mod's arrays are leaves): build it once outside
+    ``jit`` and pass it to every layer and step.
+    """
+
+    def __init__(self, mask_mod, seq_lengths, block_sizes, kv_indices, kv_num_partial,
+                 kv_num_full, q_indices, q_num_partial, q_num_full, block_map):  # fmt: skip
+        self.mask_mod = mask_mod
+        self.seq_lengths = tuple(seq_lengths)
+        self.block_sizes = tuple(block_sizes)
+        self.kv_indices = kv_indices
+        self.kv_num_partial = kv_num_partial
+        self.kv_num_full = kv_num_full
+        self.q_indices = q_indices
+        self.q_num_partial = q_num_partial
+        self.q_num_full = q_num_full
+        self.block_map = block_map
+
+    _ARRAYS = ("kv_indices", "kv_num_partial", "kv_num_full", "q_indices", "q_num_partial",
+               "q_num_full", "block_map")  # fmt: skip
+
+    def tree_flatten(self):
+        return (self.mask_mod, *(getattr(self, a) for a in self._ARRAYS)), (
+            self.seq_lengths,
+            self.block_sizes,
+        )
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux, *children[1:])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(T, S)``: the lengths this block mask was built for."""
+        return self.seq_lengths
+
+    def density(self) -> jax.Array:
+        """The fraction of ``(query block, key block)`` tiles visited."""
+        nq, nk = self.kv_indices.shape
+        return jnp.sum(self.kv_num_partial + self.kv_num_full) / (nq * nk)
+
+    def __repr__(self) -> str:
+        (t, s), (bq, bk) = self.seq_lengths, self.block_sizes
+        return f"BlockMask(mask_mod={self.mask_mod!r}, T={t}, S={s}, blocks=({bq}, {bk}))"
+
+
+def _table(kind):
+    """From ``kind [rows, cols]`` (0 empty, 1 partial, 2 full): indices ``[rows, cols]``
+    (partial columns first, then full ones, then the rest), and the two counts."""
+    cols = kind.shape[1]
+    order = jnp.where(kind == 1, 0, jnp.where(kind == 2, 1, 2))  # partial, full, empty
+    idx = jnp.argsort(order * cols + jnp.arange(cols), axis=1).astype(jnp.int32)
+    return (
+        idx,
+        jnp.sum(kind == 1, axis=1, dtype=jnp.int32),
+        jnp.sum(kind == 2, axis=1, dtype=jnp.int32),
+    )
+
+
+def _kinds(mask_mod, batch, heads, t, s, bq, bk):
+    """``[B|1, N|1, nq, nk]`` int8: 0 empty, 1 partial, 2 full, one query block row at a
+    time (``[B, N, bq, S]`` of mask in memory, never ``[T, S]``)."""
+    nq, nk = -(-t // bq), -(-s // bk)
+    b, n, _, kv = grid(batch, heads, 1, nk * bk)
+    real_k = kv < s
+
+    def row(i):
+        q = i * bq + jnp.arange(bq, dtype=jnp.int32).reshape(1, 1, bq, 1)
+        m = call_mask(mask_mod, b, n, q, kv) & real_k
+        m = jnp.broadcast_to(m, m.shape[:-2] + (bq, nk * bk))
+        m = m.reshape(m.shape[:-2] + (bq, nk, bk))
+        real_q = (q < t).reshape(1, 1, bq, 1, 1)
+        any_ = jnp.any(m & real_q, axis=(-3, -1))
+        all_ = jnp.all(m | ~real_q, axis=(-3, -1))  # padding keys are False: never full
+        return jnp.where(all_, 2, jnp.where(any_, 1, 0)).astype(jnp.int8)  # [B|1, N|1, nk]
+
+    kinds = jax.lax.map(row, jnp.arange(nq, dtype=jnp.int32))  # [nq, B|1, N|1, nk]
+    return jnp.moveaxis(kinds, 0, -2)
+
+
+def block_mask(
+    mask_mod: MaskMod,
+    q_len: int,
+    kv_len: int,
+    block_sizes: tuple[int, int] = (512, 256),
+    *,
+    batch: int = 1,
+    heads: int = 1,
+) -> BlockMask:
+    """Evaluates ``mask_mod`` once into a :class:`BlockMask` for T = ``q_len`` queries and
+    S = ``kv_len`` keys in tiles of ``block_sizes = (block_q, block_kv)``.
+
+    ``batch`` and ``heads``: B (flattened) and N, needed when the mask_mod depends on
+    ``b`` or ``n`` (segment ids per example, :func:`per_head`). Works eagerly or under
+    ``jit`` (a traced mask_mod, e.g. segment ids of this batch, gives a traced
+    table). The cost is one evaluation of the mask_mod per (query, key) pair, a query
+    block at a time; the result is ``O((T / block_q) * (S / block_kv))``.
+    """
+    for name, x in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads)):
+        _positive(name, x)
+    if (
+        not isinstance(block_sizes, tuple | list)
+        or len(block_sizes) != 2
+        or not all(is_int(x) and x > 0 for x in block_sizes)
+    ):
+        raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
+    bq, bk = min(int(block_sizes[0]), q_len), min(int(block_sizes[1]), kv_len)
+    kinds = _build_kinds(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
+    # the union over examples and heads: visit if any visits, full only if all are full
+    visit, full_ = jnp.any(kinds > 0, axis=(0, 1)), jnp.all(kinds == 2, axis=(0, 1))
+    union = jnp.where(full_, 2, jnp.where(visit, 1, 0))
+    kv_idx, kv_p, kv_f = _table(union)
+    q_idx, q_p, q_f = _table(union.T)
+    return BlockMask(
+        mask_mod, (q_len, kv_len), (bq, bk), kv_idx, kv_p, kv_f, q_idx, q_p, q_f, kinds
+    )
+
+
+def _build_kinds(mask_mod, batch, heads, t, s, bq, bk):
+    if isinstance(mask_mod, Mod):  # a pytree: its arrays are arguments (no recompiles)
+        return _kinds_jit(mask_mod, batch, heads, t, s, bq, bk)
+    return jax.jit(lambda: _kinds(mask_mod, batch, heads, t, s, bq, bk))()
+
+
+_kinds_jit = jax.jit(_kinds, static_argnums=(1, 2, 3, 4, 5, 6))
