@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.functional import _checks, _sharding
+from jattn.functional import _checks, _sharding, mods
 from jattn.functional.softmax import MASK_FILL, FullyMasked
 from jattn.functional.stochastic import keep_bits
 
@@ -114,6 +114,20 @@ class _Geometry(NamedTuple):
     window: tuple[int, int] | None
     dropout_rate: float
     fully_masked: str
+    table: bool = False  # a block table (from a mask_mod or a BlockMask) drives the loops
+    score_def: object = None  # the score_mod's (treedef, float-leaf positions), if any
+
+
+class _Table(NamedTuple):
+    """A :class:`jattn.BlockMask`'s tables: for each query block, the key blocks to visit
+    (partial first, then full), and the transposed tables for the backward pass."""
+
+    kv_indices: jax.Array  # [nq, nk]
+    kv_num_partial: jax.Array  # [nq]
+    kv_num_full: jax.Array  # [nq]
+    q_indices: jax.Array  # [nk, nq]
+    q_num_partial: jax.Array  # [nk]
+    q_num_full: jax.Array  # [nk]
 
 
 def _nblocks(n: int, block: int) -> int:
@@ -138,11 +152,15 @@ def _block(x, geo: _Geometry, i, j):
     return lax.dynamic_slice(x, _tile_starts(x.shape, geo, i, j), sizes)
 
 
-def _visible(geo: _Geometry, i, j, q_len, kv_len):
-    """Structural visibility of tile (i, j): causal, window, lengths, key padding.
+def _visible(geo: _Geometry, i, j, q_len, kv_len, mm=None):
+    """Structural visibility of tile (i, j): causal, window, lengths, key padding; with
+    a block table, the call's whole mask_mod (``mm``: the shortcuts and the mask_mod).
 
     Returns ``(visible, real_key)``: booleans that broadcast to ``[B, K, G, bt, bs]``.
     """
+    if geo.table:
+        kpos = j * geo.bs + jnp.arange(geo.bs, dtype=jnp.int32)
+        return mods.call_mask(mm, *_mod_index(geo, i, j)), (kpos < geo.s).reshape(1, 1, 1, 1, -1)
     qpos = (i * geo.bt + jnp.arange(geo.bt, dtype=jnp.int32)).reshape(geo.bt, 1)
     kpos = (j * geo.bs + jnp.arange(geo.bs, dtype=jnp.int32)).reshape(1, geo.bs)
     vis = jnp.ones((geo.bt, geo.bs), bool)
@@ -211,39 +229,67 @@ def _nblocks_traced(n, block: int):
     return (n + block - 1) // block
 
 
-def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool):
+def _mod_index(geo: _Geometry, i, j):
+    """``b, n, q_idx, kv_idx`` of tile (i, j), broadcasting to ``[B, K, G, bt, bs]``."""
+    i32 = jnp.int32
+    return (
+        jnp.arange(geo.b, dtype=i32).reshape(geo.b, 1, 1, 1, 1),
+        jnp.arange(geo.k * geo.g, dtype=i32).reshape(1, geo.k, geo.g, 1, 1),
+        (i * geo.bt + jnp.arange(geo.bt, dtype=i32)).reshape(1, 1, 1, geo.bt, 1),
+        (j * geo.bs + jnp.arange(geo.bs, dtype=i32)).reshape(1, 1, 1, 1, geo.bs),
+    )
+
+
+def _score_mod(geo: _Geometry, smf, smo):
+    """The score_mod rebuilt from its float leaves ``smf`` and other leaves ``smo``."""
+    treedef, is_float = geo.score_def
+    fl, ot = iter(smf), iter(smo)
+    return jax.tree.unflatten(treedef, [next(fl) if f else next(ot) for f in is_float])
+
+
+def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool, mods_=None):
     """Logits ``[B*K, G*bt, bs]`` of tile (i, j) and the factor still to multiply them by.
 
     Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. A
-    plain tile (no bias, mask or structure) is returned unscaled with factor
+    plain tile (no bias, mask, score_mod or structure) is returned unscaled with factor
     ``scale``: the caller folds the scale into its ``exp`` (one pass fewer over the
-    tile; ``max(x) * scale == max(x * scale)`` exactly for ``scale > 0``).
+    tile; ``max(x) * scale == max(x * scale)`` exactly for ``scale > 0``). ``mods_``:
+    ``(mask_mod, score_mod)`` of a call with a block table or a score_mod.
     """
+    mm, sm = (None, None) if mods_ is None else mods_
     s = _dot(qi, kj, ((2,), (2,)))
-    if bias is None and mask is None and not structured and geo.scale > 0:
+    if bias is None and mask is None and not structured and sm is None and geo.scale > 0:
         return s, jnp.float32(geo.scale)
     s = s * jnp.float32(geo.scale)
-    if bias is None and mask is None and not structured:
+    if bias is None and mask is None and not structured and sm is None:
         return s, jnp.float32(1.0)
     s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
+    if sm is not None:
+        s = mods.call_score(sm, s, *_mod_index(geo, i, j))
+    return _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm), jnp.float32(1.0)
+
+
+def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm):
+    """The ``[B, K, G, bt, bs]`` logits of tile (i, j) with the bias added and the masks
+    applied, as ``[B*K, G*bt, bs]``."""
     if bias is not None:
         s = s + _block(bias, geo, i, j).astype(jnp.float32)
     if mask is not None:
         s = jnp.where(_block(mask, geo, i, j), s, _FILL)
     if structured:
-        vis, real = _visible(geo, i, j, q_len, kv_len)
+        vis, real = _visible(geo, i, j, q_len, kv_len, mm)
         s = jnp.where(vis, s, _FILL)
         if geo.s % geo.bs:
             s = jnp.where(real, s, _NEG_INF)  # padding keys count for nothing
-    return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs), jnp.float32(1.0)
+    return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
-def _seen(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool):
+def _seen(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool, mm=None):
     """Which rows ``[B*K, G*bt]`` of tile (i, j) see a real key through the mask (and
     the structure). Reduced before it is broadcast to the heads."""
-    visible = _block(mask, geo, i, j)
+    visible = True if mask is None else _block(mask, geo, i, j)
     if structured:
-        vis, real = _visible(geo, i, j, q_len, kv_len)
+        vis, real = _visible(geo, i, j, q_len, kv_len, mm)
         visible = visible & vis & real
     seen = jnp.broadcast_to(jnp.any(visible, axis=-1), (geo.b, geo.k, geo.g, geo.bt))
     return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
@@ -345,7 +391,7 @@ def _keep(geo: _Geometry, rng, i, j):
     return keep.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
-def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
+def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo):
     """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``
     (no visible key), ``skip`` (rows the backward leaves out: fully masked, or all
     visible logits -inf), the row max ``m`` and ``log(l)``; the log-sum-exp is
@@ -354,15 +400,17 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
     cannot hold ``log(l)`` in float32."""
     rows, hv = qb.shape[2], vb.shape[-1]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
+    sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
+    mods_ = None if mm is None and sm is None else (mm, sm)
 
     def query_block(args):
         i, qi = args
 
         def step(structured, j, carry):
             m, l, acc, seen = carry
-            s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured)
-            if mask is not None:  # else seen is known from the structure alone
-                seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured)
+            s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_)
+            if mask is not None or (geo.table and structured):  # else seen is known
+                seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured, mm)
             # The running max only stabilises exp; the results do not depend on it, so it
             # carries no derivative (as in the dense softmax). Differentiating through
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
@@ -378,22 +426,31 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
             acc = acc * corr[..., None] + _dot(p.astype(vb.dtype), vb[j], ((2,), (1,)))
             return m_new, l, acc, seen
 
-        lo, hi = _kv_range(geo, i, kv_len)
+        if geo.table:  # a full block: every row sees all of it, unless the mask hides it
+            seen0 = jnp.full((qi.shape[0], rows), (tab.kv_num_full[i] > 0) & (mask is None))
+        elif mask is not None:
+            seen0 = jnp.zeros((qi.shape[0], rows), bool)
+        else:
+            seen0 = _seen_by_structure(geo, i, q_len, kv_len)
         init = (
             jnp.full((qi.shape[0], rows), _NEG_INF),
             jnp.zeros((qi.shape[0], rows), jnp.float32),
             jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
-            (
-                jnp.zeros((qi.shape[0], rows), bool)
-                if mask is not None
-                else _seen_by_structure(geo, i, q_len, kv_len)
-            ),
+            seen0,
         )
-        plain = None
-        if _has_structure(geo, q_len, kv_len):
-            plain = _plain_kv_blocks(geo, i, q_len, kv_len)
-        m, l, acc, seen = _tiles(geo, lo, hi, plain, step, init)
+        if geo.table:
+            m, l, acc, seen = _table_tiles(
+                tab.kv_indices[i], tab.kv_num_partial[i], tab.kv_num_full[i], step, init
+            )
+        else:
+            lo, hi = _kv_range(geo, i, kv_len)
+            plain = None
+            if _has_structure(geo, q_len, kv_len):
+                plain = _plain_kv_blocks(geo, i, q_len, kv_len)
+            m, l, acc, seen = _tiles(geo, lo, hi, plain, step, init)
         fully = ~seen  # no visible key: the fully_masked policy
+        if geo.table:  # a row that visited no block: the lse of the fill, as dense
+            m = jnp.where(fully & (m == _NEG_INF), _FILL, m)
         # Visible keys whose logits are all -inf (at or below the fill): zeros and lse 0,
         # as the dense softmax gives a row of -inf.
         dead = seen & (m <= _FILL)
@@ -412,20 +469,35 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng):
     return out.astype(vb.dtype), fully, skip, m, log_l
 
 
+def _table_tiles(indices, num_partial, num_full, step, carry):
+    """``carry = step(structured, indices[p], carry)`` over the partial blocks
+    (``p < num_partial``, masked) and then the full ones (no mask)."""
+
+    def visit(structured, p, c):
+        return step(structured, indices[p], c)
+
+    carry = lax.fori_loop(0, num_partial, functools.partial(visit, True), carry)
+    end = num_partial + num_full
+    return lax.fori_loop(num_partial, end, functools.partial(visit, False), carry)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, _, _, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
+def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo):
+    args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo)
+    out, _, _, m, log_l = _forward(geo, *args)
     return out, m + log_l
 
 
-def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng):
-    out, fully, skip, m, log_l = _forward(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng)
-    res = (qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, skip, m, log_l)
-    return (out, m + log_l), res
+def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo):
+    args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo)
+    out, fully, skip, m, log_l = _forward(geo, *args)
+    return (out, m + log_l), (*args, out, fully, skip, m, log_l)
 
 
 def _flash_bwd(geo, res, cotangents):
-    qb, kb, vb, bias, mask, q_len, kv_len, rng, out, fully, skip, m, log_l = res
+    qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, *rest = res
+    out, fully, skip, m, log_l = rest
+    sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
     dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
     # Fully masked rows and rows of -inf logits contribute nothing: exp(... - inf) = 0.
     log_l = jnp.where(skip, jnp.float32(jnp.inf), log_l)
@@ -434,15 +506,28 @@ def _flash_bwd(geo, res, cotangents):
     scale = jnp.float32(geo.scale)
     nk = kb.shape[0]
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    dsm0 = tuple(jnp.zeros(jnp.shape(x), jnp.float32) for x in smf)
 
     def key_block(carry, j):
-        dq, dbias = carry
+        dq, dbias, dsm = carry
         kj, vj = kb[j], vb[j]
 
         def step(structured, i, c):
-            dk, dv, dq, dbias = c
+            dk, dv, dq, dbias, dsm = c
             qi, doi = qb[i], dout[i]
-            s, f = _logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured)
+            vjp = None
+            if sm is None:
+                s, f = _logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, None))
+            else:  # the score_mod's derivative wrt the scaled logits and its float leaves
+                raw = (_dot(qi, kj, ((2,), (2,))) * scale).reshape(
+                    geo.b, geo.k, geo.g, geo.bt, geo.bs
+                )
+                index = _mod_index(geo, i, j)
+                s5, vjp = jax.vjp(
+                    lambda r, fl: mods.call_score(_score_mod(geo, fl, smo), r, *index), raw, smf
+                )
+                s = _finish(geo, s5, bias, mask, q_len, kv_len, i, j, structured, mm)
+                f = jnp.float32(1.0)
             p = jnp.exp((s * f - m[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
@@ -453,6 +538,10 @@ def _flash_bwd(geo, res, cotangents):
             dv = dv + _dot(p_drop.astype(vj.dtype), doi.astype(vj.dtype), ((1,), (1,)))
             ds = p * (dp - delta[i][..., None])  # d logits, [B*K, G*bt, bs]
             dsc = ds.astype(qi.dtype)
+            if vjp is not None:
+                d_raw, d_leaves = vjp(ds.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs))
+                dsm = tuple(a + b for a, b in zip(dsm, d_leaves, strict=True))
+                dsc = d_raw.reshape(ds.shape).astype(qi.dtype)
             dk = dk + _dot(dsc, qi, ((1,), (1,)))
             dq = dq.at[i].add(_dot(dsc, kj, ((2,), (1,))) * scale)
             if dbias is not None:
@@ -462,19 +551,26 @@ def _flash_bwd(geo, res, cotangents):
                 start = _tile_starts(bias.shape, geo, i, j)
                 cur = lax.dynamic_slice(dbias, start, blk.shape)
                 dbias = lax.dynamic_update_slice(dbias, cur + blk, start)
-            return dk, dv, dq, dbias
+            return dk, dv, dq, dbias, dsm
 
-        lo, hi = _q_range(geo, j, q_len, kv_len)
         dk0 = jnp.zeros(kj.shape, jnp.float32)
         dv0 = jnp.zeros(vj.shape, jnp.float32)
-        plain = None
-        if _has_structure(geo, q_len, kv_len):
-            plain = _plain_q_blocks(geo, j, q_len, kv_len)
-        dk, dv, dq, dbias = _tiles(geo, lo, hi, plain, step, (dk0, dv0, dq, dbias))
-        return (dq, dbias), (dk * scale, dv)
+        init = (dk0, dv0, dq, dbias, dsm)
+        if geo.table:
+            col = (tab.q_indices[j], tab.q_num_partial[j], tab.q_num_full[j])
+            dk, dv, dq, dbias, dsm = _table_tiles(*col, step, init)
+        else:
+            lo, hi = _q_range(geo, j, q_len, kv_len)
+            plain = None
+            if _has_structure(geo, q_len, kv_len):
+                plain = _plain_q_blocks(geo, j, q_len, kv_len)
+            dk, dv, dq, dbias, dsm = _tiles(geo, lo, hi, plain, step, init)
+        return (dq, dbias, dsm), (dk * scale, dv)
 
     dq0 = jnp.zeros(qb.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = lax.scan(key_block, (dq0, dbias0), jnp.arange(nk, dtype=jnp.int32))
+    (dq, dbias, dsm), (dk, dv) = lax.scan(
+        key_block, (dq0, dbias0, dsm0), jnp.arange(nk, dtype=jnp.int32)
+    )
     if geo.fully_masked == "uniform":  # each fully masked row averages every real value
         dsum = jnp.sum(jnp.where(fully[..., None], dout, 0.0), axis=(0, 2))  # [B*K, Hv]
         dv = dv + dsum[None, :, None, :] / jnp.float32(geo.s)
@@ -488,10 +584,42 @@ def _flash_bwd(geo, res, cotangents):
         None,
         None,
         None,
+        None,
+        None,
+        tuple(d.astype(jnp.result_type(x)) for d, x in zip(dsm, smf, strict=True)),
+        None,
     )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, float) or (
+        hasattr(x, "dtype") and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    )
+
+
+def _as_mod(fn, example=None):
+    """A mask_mod or score_mod as a :class:`jattn.mods.Mod` (a pytree that the custom VJP
+    can take as an argument). A plain mask_mod becomes a static ``Mod``; a plain
+    score_mod's closed-over float arrays are hoisted into its parameters
+    (:func:`jax.closure_convert` on the tile's argument shapes, ``example``), so they
+    get gradients."""
+    if isinstance(fn, mods.Mod):  # a plain function among its parameters: converted
+        return jax.tree.map(
+            lambda x: _as_mod(x, example) if callable(x) and not hasattr(x, "dtype") else x, fn
+        )
+    if example is None:
+        return mods.Mod(fn, name=getattr(fn, "__name__", "mask_mod"))
+    converted, consts = jax.closure_convert(fn, *example)
+    return mods.Mod(functools.partial(_converted, converted, len(consts)), *consts,
+                    name=getattr(fn, "__name__", "mod"))  # fmt: skip
+
+
+def _converted(fn, nconsts, *args):
+    consts, args = args[:nconsts], args[nconsts:]
+    return fn(*args, *consts)
 
 
 def blocked_attention(
@@ -575,8 +703,16 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     s, k, hv = value.shape[-3:]
     if t == 0 or s == 0:
         raise ValueError(f"blocked attention needs T > 0 and S > 0, got T={t}, S={s}")
+    bm = spec.block_mask
+    if bm is not None:  # its tables fix the tiles
+        if block_sizes is not None and tuple(block_sizes) != tuple(bm.block_sizes):
+            raise ValueError(
+                f"block_sizes={tuple(block_sizes)} differ from the block mask's "
+                f"{tuple(bm.block_sizes)}: leave block_sizes out, or rebuild the block mask"
+            )
+        block_sizes = tuple(bm.block_sizes)
     if block_sizes is None:
-        band = spec.is_causal or window is not None
+        band = spec.is_causal or window is not None or spec.mask_mod is not None
         block_sizes = default_block_sizes(
             t, s, h, query.dtype, masked_band=band, batch_heads=math.prod(batch_shape) * n
         )
@@ -625,6 +761,35 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         dropout_rate=dropout_rate,
         fully_masked=spec.fully_masked,
     )
+    tab = mm = None
+    if spec.mask_mod is not None:  # a block table drives the loops
+        # the shortcuts (is_causal, window, lengths) join the mask_mod, so the table
+        # built here is exact; a given block mask is full only for its own mask_mod
+        mm = mods.spec_mask_mod(spec._replace(mask_mod=_as_mod(spec.mask_mod)))
+        shortcuts = spec.is_causal or window is not None or q_len is not None
+        shortcuts = shortcuts or kv_len is not None
+        if bm is None:
+            bm = mods.block_mask(mm, t, s, (bt, bs), batch=b, heads=n)
+            shortcuts = False
+        tab = _Table(
+            bm.kv_indices,
+            bm.kv_num_partial + (bm.kv_num_full if shortcuts else 0),
+            bm.kv_num_full * (0 if shortcuts else 1),
+            bm.q_indices,
+            bm.q_num_partial + (bm.q_num_full if shortcuts else 0),
+            bm.q_num_full * (0 if shortcuts else 1),
+        )
+        geo = geo._replace(causal=False, window=None, table=True)
+        q_len = kv_len = None  # in mm
+    smf, smo = (), ()
+    if spec.score_mod is not None:
+        tile = jnp.zeros((b, k, g, bt, bs), jnp.float32)
+        sm = _as_mod(spec.score_mod, (tile, *_mod_index(geo, jnp.int32(0), jnp.int32(0))))
+        leaves, treedef = jax.tree.flatten(sm)
+        is_float = tuple(_is_float(x) for x in leaves)
+        smf = tuple(x for x, f in zip(leaves, is_float, strict=True) if f)
+        smo = tuple(x for x, f in zip(leaves, is_float, strict=True) if not f)
+        geo = geo._replace(score_def=(treedef, is_float))
     # [B, T, K, G, H] -> [nq, B*K, G*bt, H]: one query block of every head is one slab.
     q = query.reshape(b, t, k, g, h)
     q = jnp.pad(q, ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
@@ -640,7 +805,8 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
     rng = spec.dropout_rng if dropout_rate > 0.0 else None
 
-    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng)
+    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng, tab, mm, smf, smo)
+    q_len = spec.query_seq_lengths
     out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
     out = out[:, :t]
     if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)

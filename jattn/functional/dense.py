@@ -7,15 +7,14 @@ H query/key head dim, Hv value head dim.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _checks
-from jattn.functional.masks import causal_mask, combine_masks, sequence_mask, sliding_window_mask
+from jattn.functional import _checks, mods
+from jattn.functional.masks import combine_masks
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
 from jattn.functional.softmax import FullyMasked, masked_softmax_with_lse
@@ -106,22 +105,6 @@ def _grouped(x, batch_shape, n, k):
     else:
         x = x.reshape(lead + x.shape[-2:])
     return x, has_batch, has_heads
-
-
-def _structural_mask(t: int, s: int, is_causal: bool, window, q_len, kv_len):
-    """The mask of ``is_causal``, ``window`` and the lengths, or None: ``[T, S]``, or
-    ``[..., T, S]`` for lengths of shape ``[...]`` (one example's scalars, or ``[B]``)."""
-    masks = []
-    if is_causal:
-        masks.append(causal_mask(t, s))
-    if window is not None:
-        masks.append(sliding_window_mask(t, s, window))
-    if q_len is not None:
-        masks.append(sequence_mask(q_len, t)[..., :, None])
-    if kv_len is not None:
-        masks.append(sequence_mask(kv_len, s)[..., None, :])
-    m = combine_masks(*masks)
-    return None if m is None else jnp.broadcast_to(m, m.shape[:-2] + (t, s))
 
 
 def attention(
@@ -221,9 +204,8 @@ def attend(
     """The dense path on a checked call: ``(output, weights or None, lse or None)``, the
     log-sum-exp when ``spec.return_residual`` (:func:`attention` documents the rest)."""
     query, key, value, bias, mask = spec.query, spec.key, spec.value, spec.bias, spec.mask
-    batch_shape, window, dropout_rate = spec.batch_shape, spec.window, spec.dropout_rate
-    q_len, kv_len = spec.query_seq_lengths, spec.key_value_seq_lengths
-    is_causal, fully_masked, dropout_rng = spec.is_causal, spec.fully_masked, spec.dropout_rng
+    batch_shape, dropout_rate, q_len = spec.batch_shape, spec.dropout_rate, spec.query_seq_lengths
+    fully_masked, dropout_rng = spec.fully_masked, spec.dropout_rng
     t, n, _ = query.shape[-3:]
     s, k, _ = key.shape[-3:]
     g = n // k
@@ -252,35 +234,42 @@ def attend(
     if per_head_params:
         params = jax.tree.map(lambda p: p.reshape(heads + p.shape[1:]), score_params)
 
-    head = functools.partial(
-        single_head_attention,
-        score_fn=score_fn,
-        fully_masked=fully_masked,
-        dropout_rate=dropout_rate,
-    )
+    # The shortcuts (is_causal, the window, the lengths) and mask_mod, as one mask_mod;
+    # it and score_mod are evaluated per head on [T, S] index grids (under the vmaps an
+    # index they do not read stays unbatched: no per-head copies of a shared mask).
+    mask_mod, score_mod = mods.spec_mask_mod(spec), spec.score_mod
+    q_idx = jnp.arange(t, dtype=jnp.int32)[:, None]
+    kv_idx = jnp.arange(s, dtype=jnp.int32)[None, :]
 
-    def one_head(q1, k1, v1, b1, m1, keep1, p1, structural):
-        m1 = structural if m1 is None else (m1 if structural is None else m1 & structural)
-        return head(q1, k1, v1, b1, m1, score_params=p1, dropout_keep=keep1)
+    def one_head(q1, k1, v1, b1, m1, keep1, p1, bi, ni):
+        fn = score_fn
+        if score_mod is not None:
+
+            def fn(q, k, p):
+                logits = score_fn(q, k, p).astype(jnp.float32)
+                return mods.call_score(score_mod, logits, bi, ni, q_idx, kv_idx)
+
+        if mask_mod is not None:
+            structural = mods.call_mask(mask_mod, bi, ni, q_idx, kv_idx)
+            m1 = structural if m1 is None else m1 & structural
+        return single_head_attention(
+            q1, k1, v1, b1, m1, score_fn=fn, score_params=p1, fully_masked=fully_masked,
+            dropout_keep=keep1, dropout_rate=dropout_rate,
+        )  # fmt: skip
 
     hp = 0 if per_head_params else None
+    bh, mh = 0 if bias_h else None, 0 if mask_h else None
     over_g = one_head
     if g > 1:  # Over the G query heads of one key/value head: q [T, G, H].
         over_g = jax.vmap(
-            one_head,
-            in_axes=(1, None, None, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
-            out_axes=(1, 0, 1),
+            one_head, in_axes=(1, None, None, bh, mh, 0, hp, None, 0), out_axes=(1, 0, 1)
         )
     # Over the K key/value heads: q [T, K, G?, H], k [S, K, H'], v [S, K, Hv].
-    over_k = jax.vmap(
-        over_g,
-        in_axes=(1, 1, 1, 0 if bias_h else None, 0 if mask_h else None, 0, hp, None),
-        out_axes=(1, 0, 1),
-    )
+    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, bh, mh, 0, hp, None, 0), out_axes=(1, 0, 1))
+    head_ids = jnp.arange(n, dtype=jnp.int32).reshape(heads)
 
-    def one_example(q1, k1, v1, b1, m1, keep1, ql, kvl):
-        structural = _structural_mask(t, s, is_causal, window, ql, kvl)
-        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, structural)
+    def one_example(q1, k1, v1, b1, m1, keep1, ql, bi):
+        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, bi, head_ids)
         if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
             valid = (jnp.arange(t) < ql).reshape((t,) + (1,) * (out.ndim - 1))
             out = jnp.where(valid, out, 0)
@@ -289,17 +278,12 @@ def attend(
     over_b = jax.vmap(
         one_example,
         in_axes=(
-            0,
-            0,
-            0,
-            0 if bias_b else None,
-            0 if mask_b else None,
-            0,
-            None if q_len is None else 0,
-            None if kv_len is None else 0,
+            0, 0, 0, 0 if bias_b else None, 0 if mask_b else None, 0,
+            None if q_len is None else 0, 0,
         ),
-    )
-    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, kv_len)
+    )  # fmt: skip
+    batch_ids = jnp.arange(nb, dtype=jnp.int32)
+    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, batch_ids)
     # out [B, T, K, G?, Hv], weights [B, K, G?, T, S], lse [B, T, K, G?]
     out = out.reshape(batch_shape + (t, n, value.shape[-1]))
     weights = weights.reshape(batch_shape + (n, t, s)) if return_weights else None
@@ -331,9 +315,8 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     per-head path keeps it to its own head).
     """
     query, key, value, bias, mask = spec.query, spec.key, spec.value, spec.bias, spec.mask
-    batch_shape, window, dropout_rate = spec.batch_shape, spec.window, spec.dropout_rate
-    q_len, kv_len = spec.query_seq_lengths, spec.key_value_seq_lengths
-    is_causal, fully_masked, dropout_rng = spec.is_causal, spec.fully_masked, spec.dropout_rng
+    batch_shape, dropout_rate, q_len = spec.batch_shape, spec.dropout_rate, spec.query_seq_lengths
+    fully_masked, dropout_rng = spec.fully_masked, spec.dropout_rng
     t, n, h = query.shape[-3:]
     s, k, hv = value.shape[-3:]
     g, nb = n // k, math.prod(batch_shape)
@@ -354,14 +337,21 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         preferred_element_type=jnp.float32,
     )  # [B, S, T*K*G]
     logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
+    index = (
+        jnp.arange(nb, dtype=jnp.int32).reshape(nb, 1, 1, 1, 1),
+        jnp.arange(n, dtype=jnp.int32).reshape(1, k, g, 1, 1),
+        jnp.arange(t, dtype=jnp.int32).reshape(1, 1, 1, t, 1),
+        jnp.arange(s, dtype=jnp.int32).reshape(1, 1, 1, 1, s),
+    )  # b, n, q_idx, kv_idx over [B, K, G, T, S]
+    if spec.score_mod is not None:
+        logits = mods.call_score(spec.score_mod, logits, *index)
     if bias is not None:
         logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
 
     visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
-    structural = _structural_mask(t, s, is_causal, window, q_len, kv_len)  # [B?, T, S]
-    if structural is not None:
-        structural = structural.reshape((structural.shape[:-2] or (1,)) + (1, 1, t, s))
-        visible = combine_masks(visible, structural)
+    mask_mod = mods.spec_mask_mod(spec)  # the shortcuts and mask_mod
+    if mask_mod is not None:
+        visible = combine_masks(visible, mods.call_mask(mask_mod, *index))
     weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
     probs = weights
     if dropout_rate > 0.0:

@@ -633,7 +633,7 @@ def _table(kind):
     (partial columns first, then full ones, then the rest), and the two counts."""
     cols = kind.shape[1]
     order = jnp.where(kind == 1, 0, jnp.where(kind == 2, 1, 2))  # partial, full, empty
-    idx = jnp.argsort(order * cols + jnp.arange(cols), axis=1).astype(jnp.int32)
+    idx = jnp.argsort(order * cols + jnp.arange(cols)[None, :], axis=1).astype(jnp.int32)
     return (
         idx,
         jnp.sum(kind == 1, axis=1, dtype=jnp.int32),
@@ -707,3 +707,23 @@ def _build_kinds(mask_mod, batch, heads, t, s, bq, bk):
 
 
 _kinds_jit = jax.jit(_kinds, static_argnums=(1, 2, 3, 4, 5, 6))
+
+
+def spec_mask_mod(spec) -> MaskMod | None:
+    """The mask_mod of a checked call (:class:`jattn.functional._checks.AttentionSpec`):
+    its shortcuts (``is_causal``, the window, the lengths) compiled to :func:`causal`,
+    :func:`sliding_window` and :func:`lengths`, and its ``mask_mod``, combined by
+    logical and; None when there is none of them."""
+    parts = []
+    if spec.is_causal:
+        parts.append(causal())
+    if spec.window is not None:
+        parts.append(sliding_window(spec.window))
+    q_len, kv_len = spec.query_seq_lengths, spec.key_value_seq_lengths
+    if q_len is not None or kv_len is not None:
+        parts.append(lengths(q_len, kv_len))
+    if spec.mask_mod is not None:
+        parts.append(spec.mask_mod)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else and_masks(*parts)
