@@ -357,8 +357,8 @@ def check_mods(mask_mod, score_mod, block_mask, query, key):
 def _same_mod(a, b) -> bool:
     """The same function: the same object, or pytrees of one structure (a mod passed
     through ``jit`` comes back as a new object with traced leaves)."""
-    if a is b:
-        return True
+    if a is b or (getattr(b, "fn", None) is a and not getattr(b, "params", ())):
+        return True  # a plain function, and the block mask's wrapping of it
     sa, sb = jax.tree.structure(a), jax.tree.structure(b)
     leaf = jax.tree_util.treedef_is_leaf
     return not (leaf(sa) or leaf(sb)) and sa == sb

@@ -689,6 +689,8 @@ def block_mask(
     ):
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
     bq, bk = min(int(block_sizes[0]), q_len), min(int(block_sizes[1]), kv_len)
+    if not isinstance(mask_mod, Mod):  # a plain function: static (so the mask is a pytree)
+        mask_mod = Mod(mask_mod, name=getattr(mask_mod, "__name__", "mask_mod"))
     kinds = _build_kinds(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
     # the union over examples and heads: visit if any visits, full only if all are full
     visit, full_ = jnp.any(kinds > 0, axis=(0, 1)), jnp.all(kinds == 2, axis=(0, 1))

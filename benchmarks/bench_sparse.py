@@ -1,0 +1,156 @@
+"""Sparse attention from mask_mods and block masks (issue 14 targets), CPU float32.
+
+Time against block density: jattn's blocked path with a precomputed block mask for a
+sliding window, BigBird and a block-strided pattern, against full (unmasked) blocked
+attention, interleaved in one process (medians); the ratio ``time / (density * full)``
+should stay near 1. Also a 64- vs 512-wide window at T=16384, and jattn with a
+mask_mod against jax.nn with the same mask materialised (and PyTorch's CPU
+``scaled_dot_product_attention`` with the boolean mask when torch is installed: a
+benchmark-only peer, never a dependency).
+
+    python benchmarks/bench_sparse.py                      # T=8192 curve, windows, peers
+    python benchmarks/bench_sparse.py --t 4096 --repeats 3
+    python benchmarks/bench_sparse.py --smoke              # tiny shapes (CI-sized check)
+
+Shapes: B=1, N=8, H=64, float32, forward only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jattn
+from jattn import mods
+
+B, N, H = 1, 8, 64
+BLOCKS = (512, 256)
+
+
+def inputs(t, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(k, (B, t, N, H), jnp.float32) for k in ks]
+
+
+def interleave(fns: dict, repeats: int) -> dict:
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def block_strided(every: int, block: int):
+    """Query block i sees key blocks j with (i - j) % every == 0 (and itself)."""
+    return lambda b, n, q, kv: ((q // block - kv // block) % every) == 0
+
+
+def curve(t, repeats, blocks):
+    q, k, v = inputs(t)
+    attend = jax.jit(lambda q, k, v, bm: jattn.blocked_attention(q, k, v, block_mask=bm))
+    plain = jax.jit(lambda q, k, v: jattn.blocked_attention(q, k, v, block_sizes=blocks))
+    key = jax.random.key(0)
+    patterns = {}
+    nb = t // blocks[1]
+    for d in (2, 4, 8, 16):  # target densities 1/d
+        w = max(1, t // (2 * d))  # a band of about t/d keys
+        patterns[f"window 1/{d}"] = mods.sliding_window((w // 2, w // 2))
+        patterns[f"bigbird 1/{d}"] = mods.bigbird(
+            key, t, blocks[1], window_blocks=max(1, (nb // d - 2) | 1), num_random_blocks=1
+        )
+        patterns[f"strided 1/{d}"] = block_strided(d, blocks[1])
+    masks = {name: jattn.block_mask(m, t, t, blocks) for name, m in patterns.items()}
+    fns = {"full": lambda: jax.block_until_ready(plain(q, k, v))}
+    for name, bm in masks.items():
+        fns[name] = lambda bm=bm: jax.block_until_ready(attend(q, k, v, bm))
+    med = interleave(fns, repeats)
+    full = med["full"]
+    print(f"## time vs block density, T={t}, blocks={blocks}, full = {1e3 * full:.1f} ms")
+    for name, bm in masks.items():
+        dens = float(bm.density())
+        row = dict(case=name, T=t, density=round(dens, 4), ms=round(1e3 * med[name], 1))
+        row["time_over_density_x_full"] = round(med[name] / (dens * full), 2)
+        print(json.dumps(row))
+
+
+def windows(t, repeats, blocks):
+    q, k, v = inputs(t)
+    attend = jax.jit(lambda q, k, v, bm: jattn.blocked_attention(q, k, v, block_mask=bm))
+    fns, masks = {}, {}
+    for w in (64, 512):
+        masks[w] = jattn.block_mask(mods.sliding_window((w // 2, w // 2)), t, t, blocks)
+        fns[w] = lambda bm=masks[w]: jax.block_until_ready(attend(q, k, v, bm))
+    med = interleave(fns, repeats)
+    print(f"## 64- vs 512-wide window, T={t}, blocks={blocks}")
+    row = dict(case="window 64 vs 512", T=t, ms={w: round(1e3 * m, 1) for w, m in med.items()})
+    row["speedup"] = round(med[512] / med[64], 2)
+    row["density"] = {w: round(float(masks[w].density()), 4) for w in masks}
+    print(json.dumps(row))
+
+
+def peers(t, repeats, blocks):
+    q, k, v = inputs(t)
+    pattern = mods.bigbird(jax.random.key(1), t, blocks[1], num_random_blocks=2)
+    bm = jattn.block_mask(pattern, t, t, blocks)
+    dense_mask = mods.mask_grid(pattern, 1, 1, t, t)
+    ours = jax.jit(lambda q, k, v, bm: jattn.dot_product_attention(q, k, v, block_mask=bm))
+    nn = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m))
+    fns = {
+        "jattn block_mask": lambda: jax.block_until_ready(ours(q, k, v, bm)),
+        "jax.nn materialised": lambda: jax.block_until_ready(nn(q, k, v, dense_mask)),
+    }
+    try:
+        import numpy as np
+        import torch
+
+        tq, tk, tv = (
+            torch.from_numpy(np.asarray(x).transpose(0, 2, 1, 3).copy()) for x in (q, k, v)
+        )
+        tm = torch.from_numpy(np.asarray(dense_mask))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fns["torch sdpa"] = lambda: sdpa(tq, tk, tv, attn_mask=tm)
+    except ImportError:
+        print("# torch not installed: the PyTorch peer is left out")
+    out, want = ours(q, k, v, bm), nn(q, k, v, dense_mask)
+    err = float(jnp.max(jnp.abs(out - want)))
+    med = interleave(fns, repeats)
+    base = med["jattn block_mask"]
+    dens = float(bm.density())
+    print(f"## peers, BigBird, T={t}, density {dens:.3f}, max |jattn - jax.nn| {err:.1e}")
+    print(json.dumps({name: dict(ms=round(1e3 * m, 1), over_jattn=round(m / base, 2))
+                      for name, m in med.items()}))  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--t", type=int, default=8192)
+    p.add_argument("--window-t", type=int, default=16384)
+    p.add_argument("--peer-t", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--only", nargs="*", default=["curve", "windows", "peers"])
+    a = p.parse_args()
+    blocks = BLOCKS
+    if a.smoke:
+        a.t, a.window_t, a.peer_t, a.repeats, blocks = 256, 1024, 256, 1, (64, 32)
+    print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    if "curve" in a.only:
+        curve(a.t, a.repeats, blocks)
+    if "windows" in a.only:
+        windows(a.window_t, a.repeats, blocks)
+    if "peers" in a.only:
+        peers(a.peer_t, a.repeats, blocks)
+
+
+if __name__ == "__main__":
+    main()
