@@ -322,3 +322,19 @@ def test_selection_and_errors():
         mods.relative_position_bias(jnp.ones((32,)))
     with pytest.raises(ValueError, match="cap must be a positive number"):
         mods.softcap(0.0)
+
+
+def test_layer_passes_mods_down():
+    """MultiHeadAttention takes mask_mod/score_mod and gives what the materialised mask
+    and bias give (per-head patterns mixed in one layer)."""
+    from flax import nnx
+
+    from jattn.layers import MultiHeadAttention
+
+    mha = MultiHeadAttention(num_heads=4, in_features=16, rngs=nnx.Rngs(0))
+    x = _normal(13, (2, 24, 16))
+    pattern = mods.per_head([mods.causal(), mods.sliding_window((3, 3))])
+    slopes = jattn.alibi_slopes(4)
+    got = mha(x, mask_mod=pattern, score_mod=mods.alibi(slopes))
+    want = mha(x, mask=mods.mask_grid(pattern, 1, 4, 24, 24), bias=jattn.alibi_bias(slopes, 24, 24))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -126,6 +126,8 @@ def attention(
     fully_masked: FullyMasked = "zeros",
     return_weights: bool = False,
     return_residual: bool = False,
+    mask_mod=None,
+    score_mod=None,
 ):
     """Multi-head attention with any score function.
 
@@ -160,6 +162,9 @@ def attention(
         (before dropout). Asking for them does not change the output.
       return_residual: also return the float32 log-sum-exp ``[..., T, N]`` of the
         masked logits.
+      mask_mod, score_mod: masks and score modifiers as functions (:mod:`jattn.mods`;
+        see :func:`jattn.dot_product_attention`); ``score_mod`` rewrites the output of
+        ``score_fn``.
 
     Returns:
       ``output [..., T, N, Hv]`` in the value dtype, or a tuple
@@ -181,6 +186,8 @@ def attention(
         fully_masked=fully_masked,
         is_causal=is_causal,
         return_residual=return_residual,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
     )
     out, weights, lse = attend(
         spec,

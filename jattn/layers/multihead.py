@@ -158,6 +158,9 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs | None = None,
         return_weights: bool = False,
         sow_weights: bool = False,
+        mask_mod=None,
+        score_mod=None,
+        block_mask=None,
     ):
         """Attends from ``inputs_q`` to ``inputs_k``/``inputs_v``.
 
@@ -168,6 +171,9 @@ class MultiHeadAttention(nnx.Module):
           mask: boolean, True = attend, broadcasts to ``[..., N, T, S]``.
           bias: additive float bias, broadcasts to ``[..., N, T, S]``.
           is_causal: causal self-attention mask.
+          mask_mod, score_mod, block_mask: masks and score modifiers as functions
+            (:mod:`jattn.mods`), passed to the attention function: a model can mix
+            patterns per layer and per head.
           deterministic: disables dropout when True (the default).
           rngs: dropout randomness for this call: ``nnx.Rngs``, an ``RngStream`` or a key
             (default: the layer's own stream).
@@ -222,7 +228,11 @@ class MultiHeadAttention(nnx.Module):
             kwargs.update(
                 score_fn=self.score.score_fn, score_params=self.score.params(), per_head_params=True
             )
-        fn = self.attention_fn or (attention if self.score is not None else _dot_product_attention)
+        mods_ = dict(mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask)
+        mods_ = {name: x for name, x in mods_.items() if x is not None}
+        kwargs.update(mods_)
+        default = _dot_product_attention if not mods_ else dot_product_attention  # (jit: caller)
+        fn = self.attention_fn or (attention if self.score is not None else default)
         result = fn(query, key, value, bias, mask, **kwargs)
         x, weights = result if want_weights else (result, None)
         if sow_weights:
