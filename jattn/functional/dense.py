@@ -242,17 +242,17 @@ def attend(
         params = jax.tree.map(lambda p: p.reshape(heads + p.shape[1:]), score_params)
 
     # The shortcuts (is_causal, the window, the lengths) and mask_mod, as one mask_mod;
-    # it and score_mod are evaluated per head on [T, S] index grids (under the vmaps an
-    # index they do not read stays unbatched: no per-head copies of a shared mask).
-    score_mod = spec.score_mod
-    # the example index goes through the batch vmap only for the user's mods (the lengths
-    # go through as per-example scalars: an unsharded index would meet sharded inputs)
-    user_mods = spec.mask_mod is not None or score_mod is not None
-    kv_len, mask_mod = spec.key_value_seq_lengths, None  # mask_mod: set per example below
+    # it and score_mod are evaluated per head on [T, S] index grids. The example and
+    # head indices are the vmaps' own axis indices (an index array mapped beside sharded
+    # inputs would have to be sharded like them), and an index a mod does not read
+    # stays unbatched: no per-head copies of a shared mask.
+    mask_mod, score_mod = mods.spec_mask_mod(spec), spec.score_mod
     q_idx = jnp.arange(t, dtype=jnp.int32)[:, None]
     kv_idx = jnp.arange(s, dtype=jnp.int32)[None, :]
 
-    def one_head(q1, k1, v1, b1, m1, keep1, p1, bi, ni):
+    def one_head(q1, k1, v1, b1, m1, keep1, p1):
+        bi = jax.lax.axis_index("b")
+        ni = jax.lax.axis_index("k") * g + (jax.lax.axis_index("g") if g > 1 else 0)
         fn = score_fn
         if score_mod is not None:
 
@@ -273,18 +273,13 @@ def attend(
     over_g = one_head
     if g > 1:  # Over the G query heads of one key/value head: q [T, G, H].
         over_g = jax.vmap(
-            one_head, in_axes=(1, None, None, bh, mh, 0, hp, None, 0), out_axes=(1, 0, 1)
+            one_head, in_axes=(1, None, None, bh, mh, 0, hp), out_axes=(1, 0, 1), axis_name="g"
         )
     # Over the K key/value heads: q [T, K, G?, H], k [S, K, H'], v [S, K, Hv].
-    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, bh, mh, 0, hp, None, 0), out_axes=(1, 0, 1))
-    head_ids = jnp.arange(n, dtype=jnp.int32).reshape(heads)
+    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, bh, mh, 0, hp), out_axes=(1, 0, 1), axis_name="k")
 
-    def one_example(q1, k1, v1, b1, m1, keep1, ql, kvl, bi):
-        nonlocal mask_mod
-        mask_mod = mods.spec_mask_mod(
-            spec._replace(query_seq_lengths=ql, key_value_seq_lengths=kvl)
-        )  # this example's lengths are scalars here
-        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, bi, head_ids)
+    def one_example(q1, k1, v1, b1, m1, keep1, ql):
+        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params)
         if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
             valid = (jnp.arange(t) < ql).reshape((t,) + (1,) * (out.ndim - 1))
             out = jnp.where(valid, out, 0)
@@ -294,12 +289,11 @@ def attend(
         one_example,
         in_axes=(
             0, 0, 0, 0 if bias_b else None, 0 if mask_b else None, 0,
-            None if q_len is None else 0, None if kv_len is None else 0,
-            0 if user_mods else None,
+            None if q_len is None else 0,
         ),
+        axis_name="b",
     )  # fmt: skip
-    batch_ids = jnp.arange(nb, dtype=jnp.int32) if user_mods else jnp.int32(0)
-    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, kv_len, batch_ids)
+    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len)
     # out [B, T, K, G?, Hv], weights [B, K, G?, T, S], lse [B, T, K, G?]
     out = out.reshape(batch_shape + (t, n, value.shape[-1]))
     weights = weights.reshape(batch_shape + (n, t, s)) if return_weights else None
