@@ -16,7 +16,7 @@ import pytest
 
 import jattn
 from jattn.functional import _checks, dispatch
-from jattn.functional.attention import _dense_in_layout, attention
+from jattn.functional.dense import _dense_in_layout, attention
 from jattn.functional.scores import scaled_dot_product_scores
 
 # the module (``jattn.functional.attention`` is also the function's name there)

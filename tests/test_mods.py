@@ -285,6 +285,11 @@ def test_block_mask_tables_and_reuse(monkeypatch):
         )
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert len(traces) == 1
+    # a plain function inside a combinator: the block mask is still a pytree for jit
+    plain = mods.and_masks(mods.causal(), lambda b, n, i, j: (i + j) % 3 != 1)
+    got = step(q, jattn.block_mask(plain, t, s, (16, 16)))
+    want = jax.nn.dot_product_attention(q, k, v, mask=mods.mask_grid(plain, 1, 1, t, s))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_selection_and_errors():

@@ -205,10 +205,6 @@ class AttentionSpec(NamedTuple):
     score_mod: Any = None
     block_mask: Any = None
 
-    @property
-    def local_window_size(self):
-        return self.window
-
     def options(self) -> dict:
         """The keyword options of ``dot_product_attention`` this spec stands for, with
         the lengths in the batch shape (as the kernels' runners take them)."""
@@ -229,10 +225,6 @@ class AttentionSpec(NamedTuple):
             return_residual=self.return_residual,
             **lengths,
         )
-
-
-#: The earlier name of :class:`AttentionSpec`.
-AttentionInputs = AttentionSpec
 
 
 def check_attention_inputs(
@@ -315,17 +307,12 @@ def check_attention_inputs(
 def check_mods(mask_mod, score_mod, block_mask, query, key):
     """Checks ``mask_mod``, ``score_mod`` and ``block_mask`` against the call; returns
     the mask_mod to apply (the block mask's own when only the block mask is given)."""
-    for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+    for name, fn, args in (
+        ("mask_mod", mask_mod, "b, n, q_idx, kv_idx"),
+        ("score_mod", score_mod, "score, b, n, q_idx, kv_idx"),
+    ):
         if fn is not None and not callable(fn):
-            raise TypeError(
-                f"{name} must be a function {name}"
-                + (
-                    "(b, n, q_idx, kv_idx)"
-                    if name == "mask_mod"
-                    else "(score, b, n, q_idx, kv_idx)"
-                )
-                + f", got {type(fn).__name__}"
-            )
+            raise TypeError(f"{name} must be a function {name}({args}), got {type(fn).__name__}")
     if block_mask is None:
         return mask_mod
     if not all(hasattr(block_mask, a) for a in ("mask_mod", "seq_lengths", "block_map")):

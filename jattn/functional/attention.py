@@ -13,12 +13,11 @@ from __future__ import annotations
 import jax
 
 from jattn.functional import _checks, dispatch
-from jattn.functional.dense import _dense_in_layout, attention, single_head_attention
+from jattn.functional.dense import attention, single_head_attention
 from jattn.functional.mods import BlockMask, MaskMod, ScoreMod
 from jattn.functional.softmax import FullyMasked
 
 __all__ = ["attention", "dot_product_attention", "single_head_attention"]
-_ = _dense_in_layout  # re-exported: its earlier home
 
 
 def dot_product_attention(

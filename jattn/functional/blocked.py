@@ -129,6 +129,16 @@ class _Table(NamedTuple):
     q_num_partial: jax.Array  # [nk]
     q_num_full: jax.Array  # [nk]
 
+    @classmethod
+    def of(cls, bm, *, all_partial: bool) -> _Table:
+        """``bm``'s tables; with ``all_partial`` its full blocks are masked too (another
+        mask applies on top of the one it was built for)."""
+        kv = (bm.kv_num_partial, bm.kv_num_full)
+        q = (bm.q_num_partial, bm.q_num_full)
+        if all_partial:
+            kv, q = ((p + f, jnp.zeros_like(f)) for p, f in (kv, q))
+        return cls(bm.kv_indices, *kv, bm.q_indices, *q)
+
 
 def _nblocks(n: int, block: int) -> int:
     return -(-n // block)
@@ -153,28 +163,17 @@ def _block(x, geo: _Geometry, i, j):
 
 
 def _visible(geo: _Geometry, i, j, q_len, kv_len, mm=None):
-    """Structural visibility of tile (i, j): causal, window, lengths, key padding; with
-    a block table, the call's whole mask_mod (``mm``: the shortcuts and the mask_mod).
+    """Visibility of tile (i, j): the mask_mod of the causal mask, the window and the
+    lengths (:func:`jattn.mods.shortcut_mask_mod`), or with a block table the call's
+    whole mask_mod ``mm``; and which keys are real (not padding).
 
     Returns ``(visible, real_key)``: booleans that broadcast to ``[B, K, G, bt, bs]``.
     """
-    if geo.table:
-        kpos = j * geo.bs + jnp.arange(geo.bs, dtype=jnp.int32)
-        return mods.call_mask(mm, *_mod_index(geo, i, j)), (kpos < geo.s).reshape(1, 1, 1, 1, -1)
-    qpos = (i * geo.bt + jnp.arange(geo.bt, dtype=jnp.int32)).reshape(geo.bt, 1)
-    kpos = (j * geo.bs + jnp.arange(geo.bs, dtype=jnp.int32)).reshape(1, geo.bs)
-    vis = jnp.ones((geo.bt, geo.bs), bool)
-    if geo.causal:
-        vis = vis & (kpos <= qpos)
-    if geo.window is not None:
-        left, right = geo.window
-        vis = vis & (kpos >= qpos - left) & (kpos <= qpos + right)
-    vis = vis.reshape(1, 1, 1, geo.bt, geo.bs)
-    if q_len is not None:
-        vis = vis & (qpos.reshape(1, 1, 1, geo.bt, 1) < q_len.reshape(geo.b, 1, 1, 1, 1))
-    if kv_len is not None:
-        vis = vis & (kpos.reshape(1, 1, 1, 1, geo.bs) < kv_len.reshape(geo.b, 1, 1, 1, 1))
-    return vis, (kpos < geo.s).reshape(1, 1, 1, 1, geo.bs)
+    if not geo.table:
+        mm = mods.shortcut_mask_mod(geo.causal, geo.window, q_len, kv_len)
+    index = _mod_index(geo, i, j)
+    vis = jnp.ones((1,) * 5, bool) if mm is None else mods.call_mask(mm, *index)
+    return vis, index[3] < geo.s
 
 
 def _has_structure(geo: _Geometry, q_len, kv_len) -> bool:
@@ -247,14 +246,31 @@ def _score_mod(geo: _Geometry, smf, smo):
     return jax.tree.unflatten(treedef, [next(fl) if f else next(ot) for f in is_float])
 
 
-def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool, mods_=None):
+def _split_score_mod(sm):
+    """``(float leaves, other leaves, (treedef, which leaves are float))`` of a score_mod:
+    the float leaves are the custom VJP's differentiable argument."""
+    leaves, treedef = jax.tree.flatten(sm)
+    is_float = tuple(
+        isinstance(x, float) or jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
+    )
+    smf = tuple(x for x, f in zip(leaves, is_float, strict=True) if f)
+    smo = tuple(x for x, f in zip(leaves, is_float, strict=True) if not f)
+    return smf, smo, (treedef, is_float)
+
+
+def _logits(
+    geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool, mods_=None,
+    vjp: bool = False,
+):  # fmt: skip
     """Logits ``[B*K, G*bt, bs]`` of tile (i, j) and the factor still to multiply them by.
 
     Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. A
     plain tile (no bias, mask, score_mod or structure) is returned unscaled with factor
     ``scale``: the caller folds the scale into its ``exp`` (one pass fewer over the
     tile; ``max(x) * scale == max(x * scale)`` exactly for ``scale > 0``). ``mods_``:
-    ``(mask_mod, score_mod)`` of a call with a block table or a score_mod.
+    ``(mask_mod, score_mod)`` of a call with a block table or a score_mod. With
+    ``vjp`` (and a score_mod) the result has a third entry, the score_mod's VJP at this
+    tile: ``d logits -> (d scaled logits, d float leaves)``.
     """
     mm, sm = (None, None) if mods_ is None else mods_
     s = _dot(qi, kj, ((2,), (2,)))
@@ -264,8 +280,16 @@ def _logits(geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured:
     if bias is None and mask is None and not structured and sm is None:
         return s, jnp.float32(1.0)
     s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
+    index = _mod_index(geo, i, j)
+    if sm is not None and vjp:
+        smf, smo, _ = _split_score_mod(sm)
+        s, vjp_fn = jax.vjp(
+            lambda r, fl: mods.call_score(_score_mod(geo, fl, smo), r, *index), s, smf
+        )
+        s = _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm)
+        return s, jnp.float32(1.0), vjp_fn
     if sm is not None:
-        s = mods.call_score(sm, s, *_mod_index(geo, i, j))
+        s = mods.call_score(sm, s, *index)
     return _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm), jnp.float32(1.0)
 
 
@@ -515,19 +539,9 @@ def _flash_bwd(geo, res, cotangents):
         def step(structured, i, c):
             dk, dv, dq, dbias, dsm = c
             qi, doi = qb[i], dout[i]
-            vjp = None
-            if sm is None:
-                s, f = _logits(geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, None))
-            else:  # the score_mod's derivative wrt the scaled logits and its float leaves
-                raw = (_dot(qi, kj, ((2,), (2,))) * scale).reshape(
-                    geo.b, geo.k, geo.g, geo.bt, geo.bs
-                )
-                index = _mod_index(geo, i, j)
-                s5, vjp = jax.vjp(
-                    lambda r, fl: mods.call_score(_score_mod(geo, fl, smo), r, *index), raw, smf
-                )
-                s = _finish(geo, s5, bias, mask, q_len, kv_len, i, j, structured, mm)
-                f = jnp.float32(1.0)
+            s, f, *vjp = _logits(
+                geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True
+            )
             p = jnp.exp((s * f - m[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
@@ -538,8 +552,8 @@ def _flash_bwd(geo, res, cotangents):
             dv = dv + _dot(p_drop.astype(vj.dtype), doi.astype(vj.dtype), ((1,), (1,)))
             ds = p * (dp - delta[i][..., None])  # d logits, [B*K, G*bt, bs]
             dsc = ds.astype(qi.dtype)
-            if vjp is not None:
-                d_raw, d_leaves = vjp(ds.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs))
+            if vjp:  # through the score_mod: to the scaled logits and its float leaves
+                d_raw, d_leaves = vjp[0](ds.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs))
                 dsm = tuple(a + b for a, b in zip(dsm, d_leaves, strict=True))
                 dsc = d_raw.reshape(ds.shape).astype(qi.dtype)
             dk = dk + _dot(dsc, qi, ((1,), (1,)))
@@ -592,34 +606,6 @@ def _flash_bwd(geo, res, cotangents):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _is_float(x) -> bool:
-    return isinstance(x, float) or (
-        hasattr(x, "dtype") and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-    )
-
-
-def _as_mod(fn, example=None):
-    """A mask_mod or score_mod as a :class:`jattn.mods.Mod` (a pytree that the custom VJP
-    can take as an argument). A plain mask_mod becomes a static ``Mod``; a plain
-    score_mod's closed-over float arrays are hoisted into its parameters
-    (:func:`jax.closure_convert` on the tile's argument shapes, ``example``), so they
-    get gradients."""
-    if isinstance(fn, mods.Mod):  # a plain function among its parameters: converted
-        return jax.tree.map(
-            lambda x: _as_mod(x, example) if callable(x) and not hasattr(x, "dtype") else x, fn
-        )
-    if example is None:
-        return mods.Mod(fn, name=getattr(fn, "__name__", "mask_mod"))
-    converted, consts = jax.closure_convert(fn, *example)
-    return mods.Mod(functools.partial(_converted, converted, len(consts)), *consts,
-                    name=getattr(fn, "__name__", "mod"))  # fmt: skip
-
-
-def _converted(fn, nconsts, *args):
-    consts, args = args[:nconsts], args[nconsts:]
-    return fn(*args, *consts)
 
 
 def blocked_attention(
@@ -762,34 +748,23 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         fully_masked=spec.fully_masked,
     )
     tab = mm = None
+    lens = (q_len, kv_len)  # the closed-form loops' structure
     if spec.mask_mod is not None:  # a block table drives the loops
-        # the shortcuts (is_causal, window, lengths) join the mask_mod, so the table
-        # built here is exact; a given block mask is full only for its own mask_mod
-        mm = mods.spec_mask_mod(spec._replace(mask_mod=_as_mod(spec.mask_mod)))
-        shortcuts = spec.is_causal or window is not None or q_len is not None
-        shortcuts = shortcuts or kv_len is not None
+        # the shortcuts (is_causal, window, lengths) join the mask_mod, so a table built
+        # here is exact; a given block mask is full only for its own mask_mod
+        user = mods.as_mod(spec.mask_mod)
+        mm = mods.spec_mask_mod(spec._replace(mask_mod=user))
         if bm is None:
             bm = mods.block_mask(mm, t, s, (bt, bs), batch=b, heads=n)
-            shortcuts = False
-        tab = _Table(
-            bm.kv_indices,
-            bm.kv_num_partial + (bm.kv_num_full if shortcuts else 0),
-            bm.kv_num_full * (0 if shortcuts else 1),
-            bm.q_indices,
-            bm.q_num_partial + (bm.q_num_full if shortcuts else 0),
-            bm.q_num_full * (0 if shortcuts else 1),
-        )
+        tab = _Table.of(bm, all_partial=mm is not user and spec.block_mask is not None)
         geo = geo._replace(causal=False, window=None, table=True)
-        q_len = kv_len = None  # in mm
+        lens = (None, None)  # in mm
     smf, smo = (), ()
     if spec.score_mod is not None:
         tile = jnp.zeros((b, k, g, bt, bs), jnp.float32)
-        sm = _as_mod(spec.score_mod, (tile, *_mod_index(geo, jnp.int32(0), jnp.int32(0))))
-        leaves, treedef = jax.tree.flatten(sm)
-        is_float = tuple(_is_float(x) for x in leaves)
-        smf = tuple(x for x, f in zip(leaves, is_float, strict=True) if f)
-        smo = tuple(x for x, f in zip(leaves, is_float, strict=True) if not f)
-        geo = geo._replace(score_def=(treedef, is_float))
+        sm = mods.as_mod(spec.score_mod, (tile, *_mod_index(geo, jnp.int32(0), jnp.int32(0))))
+        smf, smo, score_def = _split_score_mod(sm)
+        geo = geo._replace(score_def=score_def)
     # [B, T, K, G, H] -> [nq, B*K, G*bt, H]: one query block of every head is one slab.
     q = query.reshape(b, t, k, g, h)
     q = jnp.pad(q, ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
@@ -803,10 +778,9 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     kb, vb = kv_blocks(key), kv_blocks(value)
     bias5 = None if bias is None else _checks.grouped_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
     mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
-    rng = spec.dropout_rng if dropout_rate > 0.0 else None
+    rng = spec.dropout_rng  # None without dropout
 
-    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, q_len, kv_len, rng, tab, mm, smf, smo)
-    q_len = spec.query_seq_lengths
+    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, *lens, rng, tab, mm, smf, smo)
     out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
     out = out[:, :t]
     if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)

@@ -44,7 +44,6 @@ __all__ = [
     "OPTION_DEFAULTS",
     "PATHS",
     "default_block_sizes",
-    "blocked_path",
     "dense_in_layout",
     "dense_path",
     "run",
@@ -285,16 +284,10 @@ def dense_path(spec: AttentionSpec, *, return_weights: bool = False):
     return (out, lse, weights) if return_weights else (out, lse)
 
 
-def blocked_path(spec: AttentionSpec):
-    """The blocked (flash-style) path: ``(out, lse)``."""
-    return blocked.attend(spec)
-
-
 def _kernel_path(name):
     def path(spec: AttentionSpec):
         o = spec.options()
-        out = _run_kernel(name, spec.query, spec.key, spec.value, spec.bias, spec.mask, **o)
-        return (out, None) if not spec.return_residual else out
+        return _run_kernel(name, spec.query, spec.key, spec.value, spec.bias, spec.mask, **o), None
 
     path.__name__ = path.__qualname__ = f"{name}_path"
     path.__doc__ = f"The {name} kernel: ``(out, None)`` (it gives no log-sum-exp)."
@@ -304,7 +297,7 @@ def _kernel_path(name):
 #: Every path by name: ``PATHS[select(implementation, spec)](spec) -> (out, lse)``.
 PATHS = {
     "dense": dense_path,
-    "blocked": blocked_path,
+    "blocked": blocked.attend,
     "cudnn": _kernel_path("cudnn"),
     "pallas": _kernel_path("pallas"),
 }

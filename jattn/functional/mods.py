@@ -27,6 +27,7 @@ full ones.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "ScoreMod",
     "alibi",
     "and_masks",
+    "as_mod",
     "bigbird",
     "block_mask",
     "causal",
@@ -62,6 +64,7 @@ __all__ = [
     "prefix_lm",
     "relative_position_bias",
     "segments",
+    "shortcut_mask_mod",
     "sliding_window",
     "softcap",
     "strided",
@@ -516,6 +519,29 @@ def _positive(name, x):
         raise ValueError(f"{name} must be a positive int, got {x!r}")
 
 
+def as_mod(fn: Callable, example: Sequence | None = None) -> Mod:
+    """A mask_mod or score_mod as a :class:`Mod`: a pytree that ``jit`` and the blocked
+    path's custom VJP take as an argument (a plain function, also one among a Mod's
+    parameters, is not). Without ``example`` a plain function becomes a static ``Mod``;
+    with ``example`` (arguments of the shapes it will be called with) its closed-over
+    float arrays are hoisted into its parameters (:func:`jax.closure_convert`), so
+    they get gradients."""
+    if isinstance(fn, Mod):  # a plain function among its parameters: converted
+        return jax.tree.map(
+            lambda x: as_mod(x, example) if callable(x) and not hasattr(x, "dtype") else x, fn
+        )
+    if example is None:
+        return Mod(fn, name=getattr(fn, "__name__", "mask_mod"))
+    converted, consts = jax.closure_convert(fn, *example)
+    return Mod(functools.partial(_converted, converted, len(consts)), *consts,
+                    name=getattr(fn, "__name__", "mod"))  # fmt: skip
+
+
+def _converted(fn, nconsts, *args):
+    consts, args = args[:nconsts], args[nconsts:]
+    return fn(*args, *consts)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -689,9 +715,8 @@ def block_mask(
     ):
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
     bq, bk = min(int(block_sizes[0]), q_len), min(int(block_sizes[1]), kv_len)
-    if not isinstance(mask_mod, Mod):  # a plain function: static (so the mask is a pytree)
-        mask_mod = Mod(mask_mod, name=getattr(mask_mod, "__name__", "mask_mod"))
-    kinds = _build_kinds(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
+    mask_mod = as_mod(mask_mod)  # a pytree all the way down (a BlockMask goes through jit)
+    kinds = _kinds_jit(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
     # the union over examples and heads: visit if any visits, full only if all are full
     visit, full_ = jnp.any(kinds > 0, axis=(0, 1)), jnp.all(kinds == 2, axis=(0, 1))
     union = jnp.where(full_, 2, jnp.where(visit, 1, 0))
@@ -702,30 +727,37 @@ def block_mask(
     )
 
 
-def _build_kinds(mask_mod, batch, heads, t, s, bq, bk):
-    if isinstance(mask_mod, Mod):  # a pytree: its arrays are arguments (no recompiles)
-        return _kinds_jit(mask_mod, batch, heads, t, s, bq, bk)
-    return jax.jit(lambda: _kinds(mask_mod, batch, heads, t, s, bq, bk))()
-
-
+#: A Mod is a pytree: its arrays are arguments, so new data (segment ids) does not recompile.
 _kinds_jit = jax.jit(_kinds, static_argnums=(1, 2, 3, 4, 5, 6))
 
 
 def spec_mask_mod(spec) -> MaskMod | None:
     """The mask_mod of a checked call (:class:`jattn.functional._checks.AttentionSpec`):
-    its shortcuts (``is_causal``, the window, the lengths) compiled to :func:`causal`,
-    :func:`sliding_window` and :func:`lengths`, and its ``mask_mod``, combined by
-    logical and; None when there is none of them."""
+    :func:`shortcut_mask_mod` of its ``is_causal``, window and lengths, and its
+    ``mask_mod``; None when there is none of them."""
+    return shortcut_mask_mod(
+        spec.is_causal,
+        spec.window,
+        spec.query_seq_lengths,
+        spec.key_value_seq_lengths,
+        spec.mask_mod,
+    )
+
+
+def shortcut_mask_mod(is_causal, window, q_lengths, kv_lengths, mask_mod=None):
+    """The jax.nn-compatible shortcuts as mask_mods: ``is_causal`` is :func:`causal`, a
+    window :func:`sliding_window`, the lengths :func:`lengths`; with ``mask_mod``, all
+    combined by logical and. None when there is none of them. Every path evaluates the
+    shortcuts through this one rule."""
     parts = []
-    if spec.is_causal:
+    if is_causal:
         parts.append(causal())
-    if spec.window is not None:
-        parts.append(sliding_window(spec.window))
-    q_len, kv_len = spec.query_seq_lengths, spec.key_value_seq_lengths
-    if q_len is not None or kv_len is not None:
-        parts.append(lengths(q_len, kv_len))
-    if spec.mask_mod is not None:
-        parts.append(spec.mask_mod)
+    if window is not None:
+        parts.append(sliding_window(window))
+    if q_lengths is not None or kv_lengths is not None:
+        parts.append(lengths(q_lengths, kv_lengths))
+    if mask_mod is not None:
+        parts.append(mask_mod)
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else and_masks(*parts)
