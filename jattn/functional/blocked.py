@@ -230,13 +230,7 @@ def _nblocks_traced(n, block: int):
 
 def _mod_index(geo: _Geometry, i, j):
     """``b, n, q_idx, kv_idx`` of tile (i, j), broadcasting to ``[B, K, G, bt, bs]``."""
-    i32 = jnp.int32
-    return (
-        jnp.arange(geo.b, dtype=i32).reshape(geo.b, 1, 1, 1, 1),
-        jnp.arange(geo.k * geo.g, dtype=i32).reshape(1, geo.k, geo.g, 1, 1),
-        (i * geo.bt + jnp.arange(geo.bt, dtype=i32)).reshape(1, 1, 1, geo.bt, 1),
-        (j * geo.bs + jnp.arange(geo.bs, dtype=i32)).reshape(1, 1, 1, 1, geo.bs),
-    )
+    return mods.grid(geo.b, (geo.k, geo.g), geo.bt, geo.bs, i * geo.bt, j * geo.bs)
 
 
 def _score_mod(geo: _Geometry, smf, smo):

@@ -347,12 +347,7 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         preferred_element_type=jnp.float32,
     )  # [B, S, T*K*G]
     logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
-    index = (
-        jnp.arange(nb, dtype=jnp.int32).reshape(nb, 1, 1, 1, 1),
-        jnp.arange(n, dtype=jnp.int32).reshape(1, k, g, 1, 1),
-        jnp.arange(t, dtype=jnp.int32).reshape(1, 1, 1, t, 1),
-        jnp.arange(s, dtype=jnp.int32).reshape(1, 1, 1, 1, s),
-    )  # b, n, q_idx, kv_idx over [B, K, G, T, S]
+    index = mods.grid(nb, (k, g), t, s)  # b, n, q_idx, kv_idx over [B, K, G, T, S]
     if spec.score_mod is not None:
         logits = mods.call_score(spec.score_mod, logits, *index)
     if bias is not None:

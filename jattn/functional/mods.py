@@ -28,6 +28,7 @@ full ones.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -304,10 +305,10 @@ def segments(q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None) 
             f"q_segment_ids {list(ids[0].shape)} and kv_segment_ids {list(ids[1].shape)} "
             "have different batch sizes"
         )
-    return Mod(_segments_any_b, ids[0], ids[1])
+    return Mod(_segments, ids[0], ids[1])
 
 
-def _segments_any_b(q_ids, kv_ids, b, n, q, kv):
+def _segments(q_ids, kv_ids, b, n, q, kv):
     qb = 0 if q_ids.shape[0] == 1 else b
     kb = 0 if kv_ids.shape[0] == 1 else b
     return q_ids[qb, q] == kv_ids[kb, kv]
@@ -545,14 +546,19 @@ def _converted(fn, nconsts, *args):
 # ---------------------------------------------------------------------------- evaluation
 
 
-def grid(batch: int, heads: int, t: int, s: int, q0=0, kv0=0):
-    """The broadcasting index arrays ``b [B,1,1,1], n [1,N,1,1], q [1,1,T,1], kv [1,1,1,S]``."""
+def grid(batch: int, heads: int | tuple[int, ...], t: int, s: int, q0=0, kv0=0):
+    """The int32 index arrays a mod is called with, broadcasting to ``[B, *heads, T, S]``:
+    ``b [B, 1.., 1, 1]``, ``n [1, *heads, 1, 1]`` (the query head, ``heads`` = N or
+    ``(K, G)`` for grouped heads: ``n = k * G + g``), ``q_idx [1, 1.., T, 1]`` from ``q0``
+    and ``kv_idx [1, 1.., 1, S]`` from ``kv0`` (a tile's offsets)."""
     i32 = jnp.int32
+    heads = (heads,) if isinstance(heads, int) else tuple(heads)
+    ones = (1,) * len(heads)
     return (
-        jnp.arange(batch, dtype=i32).reshape(batch, 1, 1, 1),
-        jnp.arange(heads, dtype=i32).reshape(1, heads, 1, 1),
-        (q0 + jnp.arange(t, dtype=i32)).reshape(1, 1, t, 1),
-        (kv0 + jnp.arange(s, dtype=i32)).reshape(1, 1, 1, s),
+        jnp.arange(batch, dtype=i32).reshape((batch,) + ones + (1, 1)),
+        jnp.arange(math.prod(heads), dtype=i32).reshape((1,) + heads + (1, 1)),
+        (q0 + jnp.arange(t, dtype=i32)).reshape((1,) + ones + (t, 1)),
+        (kv0 + jnp.arange(s, dtype=i32)).reshape((1,) + ones + (1, s)),
     )
 
 
