@@ -166,12 +166,15 @@ def not_mask(mod: MaskMod) -> Mod:
     return Mod(_not, mod)
 
 
-def _offset(mod, q_off, kv_off, b, n, q, kv):
-    return mod(b, n, q + _per_b(q_off, b), kv + _per_b(kv_off, b))
+def _offset(mod, q_off, kv_off, *args):
+    *score, b, n, q, kv = args  # a mask_mod's (b, n, q, kv) or a score_mod's (score, ...)
+    return mod(*score, b, n, q + _per_b(q_off, b), kv + _per_b(kv_off, b))
 
 
-def offset(mod: MaskMod, q_offset=0, kv_offset=0) -> Mod:
-    """``mod`` seen from shifted positions: ``mod(b, n, q_idx + q_offset, kv_idx + kv_offset)``.
+def offset(mod: MaskMod | ScoreMod, q_offset=0, kv_offset=0) -> Mod:
+    """``mod`` seen from shifted positions: ``mod(b, n, q_idx + q_offset, kv_idx + kv_offset)``
+    for a mask_mod, ``mod(score, b, n, q_idx + q_offset, kv_idx + kv_offset)`` for a
+    score_mod.
 
     For a key/value cache (queries are the last T of S positions: ``q_offset=S - T``,
     or a ``[B]`` array of cache indices) or a sequence shard (its global start).

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import mods
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention, dot_product_attention
+from jattn.layers import patterns
 from jattn.layers.dropout import dropout_key
 from jattn.layers.scores import Score
 
@@ -29,6 +31,13 @@ _dot_product_attention = jax.jit(
 def _default(value, default):
     """``value``, or ``default`` when it is None (0 is a value, and is rejected)."""
     return default if value is None else value
+
+
+def _combine(both, own, call):
+    """``both(own, call)``, or whichever of them is given."""
+    if own is None or call is None:
+        return call if own is None else own
+    return both(own, call)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -58,7 +67,15 @@ class MultiHeadAttention(nnx.Module):
         :func:`jattn.dot_product_attention` (or :func:`jattn.attention` with a
         ``score``). It is called as ``attention_fn(q, k, v, bias, mask, *,
         dropout_rate, dropout_rng, return_weights, is_causal[, score_fn,
-        score_params, per_head_params])``.
+        score_params, per_head_params][, mask_mod, score_mod, block_mask])``.
+      mask_mod: this layer's attention pattern (:mod:`jattn.mods`), applied at every
+        call (with a call's own ``mask_mod`` by logical and): a function, a
+        :class:`jattn.mods.Mod`, or config data such as ``{"name": "sliding_window",
+        "window": [64, 0]}`` (:mod:`jattn.layers.patterns`).
+      score_mod: this layer's score modifier, applied before a call's own: a function,
+        a Mod, a module with a ``score_mod()`` method (:class:`jattn.layers.ALiBi`,
+        :class:`jattn.layers.RelativePositionBias`: its table trains with the layer)
+        or config data (``{"name": "alibi"}``, ``{"name": "relative_position_bias"}``).
       rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` when
         ``dropout_rate > 0``).
     """
@@ -83,6 +100,8 @@ class MultiHeadAttention(nnx.Module):
         bias_init=_DEFAULT_BIAS_INIT,
         score: Score | None = None,
         attention_fn: Callable | None = None,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         num_heads = check_positive_int("num_heads", num_heads)
@@ -144,6 +163,23 @@ class MultiHeadAttention(nnx.Module):
             rngs=rngs,
         )
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else nnx.data(None)
+        self.mask_mod = patterns.holdable(patterns.mask_pattern(mask_mod))
+        self.score_mod = patterns.holdable(
+            patterns.score_pattern(score_mod, num_heads=num_heads, rngs=rngs)
+        )
+
+    def call_mods(self, mask_mod=None, score_mod=None, *, q_offset=None):
+        """``(mask_mod, score_mod)`` of a call: this layer's own (:func:`jattn.mods.and_masks`
+        / :func:`jattn.mods.chain_scores` with the call's ``mask_mod`` / ``score_mod``),
+        seen from query positions shifted by ``q_offset`` (an int or ``[B]``, e.g. a
+        key/value cache's index) when given. Each is None when there is none."""
+        own_mask = self.mask_mod
+        own_score = patterns.resolve_score_mod(self.score_mod)
+        if q_offset is not None:
+            own_mask = None if own_mask is None else mods.offset(own_mask, q_offset)
+            own_score = None if own_score is None else mods.offset(own_score, q_offset)
+        mask_mod = _combine(mods.and_masks, own_mask, mask_mod)
+        return mask_mod, _combine(mods.chain_scores, own_score, score_mod)
 
     def __call__(
         self,
@@ -172,8 +208,8 @@ class MultiHeadAttention(nnx.Module):
           bias: additive float bias, broadcasts to ``[..., N, T, S]``.
           is_causal: causal self-attention mask.
           mask_mod, score_mod, block_mask: masks and score modifiers as functions
-            (:mod:`jattn.mods`), passed to the attention function: a model can mix
-            patterns per layer and per head.
+            (:mod:`jattn.mods`) for this call, combined with the layer's own
+            (:meth:`call_mods`) and passed to the attention function.
           deterministic: disables dropout when True (the default).
           rngs: dropout randomness for this call: ``nnx.Rngs``, an ``RngStream`` or a key
             (default: the layer's own stream).
@@ -228,6 +264,7 @@ class MultiHeadAttention(nnx.Module):
             kwargs.update(
                 score_fn=self.score.score_fn, score_params=self.score.params(), per_head_params=True
             )
+        mask_mod, score_mod = self.call_mods(mask_mod, score_mod)
         mods_ = dict(mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask)
         mods_ = {name: x for name, x in mods_.items() if x is not None}
         kwargs.update(mods_)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import mods
 from jattn.functional._checks import check_positive_int, is_int
 from jattn.functional.positional import (
     _relative_positions,
@@ -97,6 +98,11 @@ class ALiBi(nnx.Module):
         )
         return bias if bias.ndim == 4 else bias[None]
 
+    def score_mod(self) -> mods.Mod:
+        """The same bias as a score_mod (:func:`jattn.mods.alibi`): no ``[N, T, S]``
+        array, for ``score_mod=`` of the attention functions and layers."""
+        return mods.alibi(self.slopes, bidirectional=self.bidirectional)
+
 
 class RelativePositionBias(nnx.Module):
     """T5's learned relative position bias: a table ``[num_buckets, N]`` over bucketed distances.
@@ -137,3 +143,14 @@ class RelativePositionBias(nnx.Module):
         )
         bias = jnp.moveaxis(self.embedding(buckets), -1, -3)  # [..., N, T, S]
         return bias if bias.ndim == 4 else bias[None]
+
+    def score_mod(self) -> mods.Mod:
+        """The same bias as a score_mod (:func:`jattn.mods.relative_position_bias`) over
+        this layer's table, which gets gradients through every attention path: no
+        ``[N, T, S]`` array, for ``score_mod=`` of the attention functions and layers."""
+        return mods.relative_position_bias(
+            self.embedding.embedding[...],
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )

@@ -8,6 +8,12 @@ Every attention layer is a :class:`jattn.layers.MultiHeadAttention`; ``attention
 and ``score`` reach all of them. ``score`` is either one shared
 :class:`jattn.layers.Score` module or a factory ``score(num_heads, head_dim, *, rngs)``
 called once per attention layer.
+
+``mask_mod`` and ``score_mod`` (:mod:`jattn.mods`, or config data:
+:mod:`jattn.layers.patterns`) are the self-attention pattern of a block; a stack takes
+one for every layer or a list with one per layer, so a model mixes patterns per layer
+(and per head, with :func:`jattn.mods.per_head`). They hold in cached decoding too,
+seen from the cache positions. Cross-attention takes none.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.layers.dropout import Dropout, per_site_rngs
 from jattn.layers.multihead import MultiHeadAttention
+from jattn.layers.patterns import per_layer
 from jattn.layers.scores import Score
 from jattn.models.decoding import (
     KVCache,
@@ -59,7 +66,8 @@ def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
 
 
-def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs):
+def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
+                     mask_mod=None, score_mod=None):  # fmt: skip
     if score is not None and not isinstance(score, Score):
         score = score(num_heads, features // num_heads, rngs=rngs)
     if rotary:
@@ -71,6 +79,8 @@ def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rot
         dropout_rate=dropout_rate,
         score=score,
         attention_fn=attention_fn,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
         rngs=rngs,
     )
 
@@ -155,6 +165,8 @@ class EncoderBlock(_Block):
         attention_fn: Callable | None = None,
         score=None,
         rotary: bool = False,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         self._init_common(
@@ -162,8 +174,9 @@ class EncoderBlock(_Block):
             pre_norm=pre_norm, activation=activation, layer_norm_eps=layer_norm_eps, rngs=rngs,
         )  # fmt: skip
         self.self_attention = _attention_layer(
-            features, num_heads, dropout_rate, attention_fn, score, rotary, rngs
-        )
+            features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
+            mask_mod, score_mod,
+        )  # fmt: skip
 
     def __call__(
         self,
@@ -231,6 +244,8 @@ class DecoderBlock(_Block):
         attention_fn: Callable | None = None,
         score=None,
         rotary: bool = False,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         self._init_common(
@@ -238,8 +253,9 @@ class DecoderBlock(_Block):
             pre_norm=pre_norm, activation=activation, layer_norm_eps=layer_norm_eps, rngs=rngs,
         )  # fmt: skip
         self.self_attention = _attention_layer(
-            features, num_heads, dropout_rate, attention_fn, score, rotary, rngs
-        )
+            features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
+            mask_mod, score_mod,
+        )  # fmt: skip
         self.cross_attention = _attention_layer(
             features, num_heads, dropout_rate, attention_fn, score, False, rngs
         )
@@ -332,13 +348,18 @@ class TransformerEncoder(nnx.Module):
         attention_fn: Callable | None = None,
         score=None,
         rotary: bool = False,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_layers", num_layers)
         kw = _stack_kwargs(locals())
+        masks = per_layer(mask_mod, num_layers, "mask_mod")
+        scores = per_layer(score_mod, num_layers, "score_mod")
         self.layers = nnx.List(
-            [EncoderBlock(features, num_heads, mlp_features, **kw) for _ in range(num_layers)]
-        )
+            [EncoderBlock(features, num_heads, mlp_features, mask_mod=m, score_mod=sm, **kw)
+             for m, sm in zip(masks, scores, strict=True)]
+        )  # fmt: skip
         self.norm = (
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
@@ -383,13 +404,18 @@ class TransformerDecoder(nnx.Module):
         attention_fn: Callable | None = None,
         score=None,
         rotary: bool = False,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_layers", num_layers)
         kw = _stack_kwargs(locals())
+        masks = per_layer(mask_mod, num_layers, "mask_mod")
+        scores = per_layer(score_mod, num_layers, "score_mod")
         self.layers = nnx.List(
-            [DecoderBlock(features, num_heads, mlp_features, **kw) for _ in range(num_layers)]
-        )
+            [DecoderBlock(features, num_heads, mlp_features, mask_mod=m, score_mod=sm, **kw)
+             for m, sm in zip(masks, scores, strict=True)]
+        )  # fmt: skip
         self.norm = (
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )

@@ -98,8 +98,14 @@ def _rope(x, positions, wavelengths):
     return x
 
 
-def _attend(mha, q, k, v, mask):
+def _attend(mha, q, k, v, mask, q_offset=None):
+    """The layer's attention of queries at positions ``q_offset + t`` (its mask_mod and
+    score_mod seen from there) against cached keys at ``0..S_max-1``."""
     kwargs = dict(is_causal=False, dropout_rate=0.0, dropout_rng=None, return_weights=False)
+    mask_mod, score_mod = mha.call_mods(q_offset=q_offset)
+    for name, mod in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+        if mod is not None:
+            kwargs[name] = mod
     if mha.score is not None:
         kwargs.update(
             score_fn=mha.score.score_fn, score_params=mha.score.params(), per_head_params=True
@@ -140,7 +146,7 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     keys = _write(cache.key, k, cache.index)
     values = _write(cache.value, v, cache.index)
     mask = causal_mask(num_new, max_len, offset=cache.index)[:, None]  # [B, 1, T, S_max]
-    out = _attend(mha, q, keys, values, mask)
+    out = _attend(mha, q, keys, values, mask, cache.index)
     return out, KVCache(keys, values, cache.index + num_new)
 
 
@@ -172,19 +178,23 @@ def cached_cross_attention(
 ) -> jax.Array:
     """Cross-attention of ``y [B, T, D]`` to precomputed memory keys/values ``kv``.
 
-    ``positions [B, T]``: where the T new tokens sit, needed (only) when the layer's
-    ``attention_fn`` is a :class:`RotaryAttention`, which rotates the queries there.
+    ``positions [B, T]``: where the T new tokens sit (consecutive), needed (only) when
+    the layer's ``attention_fn`` is a :class:`RotaryAttention`, which rotates the
+    queries there, or the layer has its own ``mask_mod``/``score_mod``, seen from there.
     """
     q = mha.query(y)
     wavelengths = _unwrap(mha)[1]
+    has_mods = mha.mask_mod is not None or mha.score_mod is not None
+    if (wavelengths or has_mods) and positions is None:
+        why = "attention_fn is a RotaryAttention" if wavelengths else "has a mask_mod/score_mod"
+        raise ValueError(
+            f"cached_cross_attention: this layer's {why}; pass positions=[B, T], the "
+            "positions of the new tokens"
+        )
     if wavelengths:
-        if positions is None:
-            raise ValueError(
-                "cached_cross_attention: this layer's attention_fn is a RotaryAttention; "
-                "pass positions=[B, T], the positions of the new tokens"
-            )
         q = _rope(q, positions, wavelengths)
-    return _attend(mha, q, kv[0], kv[1], mask)
+    q_offset = positions[:, 0] if has_mods else None
+    return _attend(mha, q, kv[0], kv[1], mask, q_offset)
 
 
 def length_penalty_fn(length: jax.Array, alpha: float) -> jax.Array:

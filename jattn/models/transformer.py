@@ -3,7 +3,8 @@
 Tokens are embedded, scaled by ``sqrt(D)``, added to a positional encoding and passed
 through dropout (Vaswani et al.). ``positional`` is ``'sinusoidal'`` (d2l's formula),
 ``'learned'`` (a table of ``max_len`` rows) or ``'rotary'`` (no additive encoding;
-RoPE in every self-attention layer). Padding masks come from the token ids
+RoPE in every self-attention layer) or ``'none'`` (positions come from a score_mod
+such as ALiBi or T5's relative bias). Padding masks come from the token ids
 (``pad_id``); sequences are right-padded.
 """
 
@@ -29,7 +30,7 @@ from jattn.models.decoding import beam_search, greedy_search, per_example
 
 __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
 
-_POSITIONAL = ("sinusoidal", "learned", "rotary")
+_POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
 
 
 class _Embedding(nnx.Module):
@@ -77,7 +78,8 @@ def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
 
 
 def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
-                   layer_norm_eps, final_norm, attention_fn, score, positional):  # fmt: skip
+                   layer_norm_eps, final_norm, attention_fn, score, positional,
+                   mask_mod=None, score_mod=None):  # fmt: skip
     """Validates the options (before any parameter is created) and returns the stack kwargs."""
     if mlp_features is None and isinstance(features, int):
         mlp_features = 4 * features
@@ -98,6 +100,8 @@ def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, ac
         attention_fn=attention_fn,
         score=score,
         rotary=positional == "rotary",
+        mask_mod=mask_mod,
+        score_mod=score_mod,
     )
 
 
@@ -117,10 +121,16 @@ class Transformer(nnx.Module):
       dropout_rate: on embeddings, attention weights, sublayer outputs and FFN hidden.
       max_len: longest sequence (size of the learned position table; cache size bound).
       pre_norm: pre-LN blocks; final_norm: LayerNorm after each stack (default: pre_norm).
-      positional: ``'sinusoidal'``, ``'learned'`` or ``'rotary'``.
+      positional: ``'sinusoidal'``, ``'learned'``, ``'rotary'`` or ``'none'`` (no
+        position embedding: with ALiBi or T5 score_mods).
       activation: ``'relu'`` or ``'gelu'``.
       pad_id, bos_id, eos_id: special token ids.
       attention_fn, score: passed to every attention layer (see :mod:`jattn.models.blocks`).
+      mask_mod, score_mod: the self-attention pattern of every layer of both stacks, or
+        a list with one per layer (:mod:`jattn.mods`; config data as in
+        :mod:`jattn.layers.patterns`, e.g. ``{"name": "sliding_window", "window":
+        [16, 0]}``, ``{"name": "alibi"}`` with ``positional="none"``); the decoder's
+        stays causal.
     """
 
     def __init__(
@@ -147,6 +157,8 @@ class Transformer(nnx.Module):
         share_embeddings: bool = False,
         attention_fn: Callable | None = None,
         score=None,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         if share_embeddings and src_vocab_size != tgt_vocab_size:
@@ -156,7 +168,7 @@ class Transformer(nnx.Module):
             )
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional)  # fmt: skip
+                              positional, mask_mod, score_mod)  # fmt: skip
         self.src_embed = _Embedding(
             src_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
         )
@@ -305,11 +317,13 @@ class DecoderLM(nnx.Module):
         tie_embeddings: bool = False,
         attention_fn: Callable | None = None,
         score=None,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional)  # fmt: skip
+                              positional, mask_mod, score_mod)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
@@ -454,6 +468,8 @@ class EncoderClassifier(nnx.Module):
         pad_id: int = 0,
         attention_fn: Callable | None = None,
         score=None,
+        mask_mod=None,
+        score_mod=None,
         rngs: nnx.Rngs,
     ):
         if pooling not in ("mean", "cls"):
@@ -461,7 +477,7 @@ class EncoderClassifier(nnx.Module):
         check_positive_int("num_classes", num_classes)
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional)  # fmt: skip
+                              positional, mask_mod, score_mod)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
