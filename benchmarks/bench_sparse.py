@@ -83,19 +83,47 @@ def curve(t, repeats, blocks):
         print(json.dumps(row))
 
 
+def tile_costs(t, repeats):
+    """Cost per score of masked (partial) tiles of each candidate size, relative to
+    (512, 256): the table jattn.functional.tiles.TILE_COST holds."""
+    from jattn.functional import tiles
+
+    q, k, v = inputs(t)
+    attend = jax.jit(lambda q, k, v, bm: jattn.blocked_attention(q, k, v, block_mask=bm))
+    partial = mods.as_mod(lambda b, n, q, kv: (q + kv) % 61 != 0)  # a hole in every tile
+    fns = {}
+    for bs in tiles.CANDIDATES:
+        bm = jattn.block_mask(partial, t, t, bs)
+        assert int(bm.kv_num_partial.sum()) == (t // bs[0]) * (t // bs[1])
+        fns[bs] = lambda bm=bm: jax.block_until_ready(attend(q, k, v, bm))
+    med = interleave(fns, repeats)
+    ref = med[(512, 256)]
+    print(f"## cost per score of partial tiles, T={t} (every tile visited)")
+    for bs, m in med.items():
+        ns = 1e9 * m / (t * t * N)
+        row = dict(case="tile cost", blocks=bs, ms=round(1e3 * m, 1), ns_per_score=round(ns, 2))
+        row["relative"] = round(m / ref, 2)
+        row["table"] = tiles.TILE_COST[bs]
+        print(json.dumps(row))
+
+
 def windows(t, repeats, blocks):
     q, k, v = inputs(t)
     attend = jax.jit(lambda q, k, v, bm: jattn.blocked_attention(q, k, v, block_mask=bm))
     fns, masks = {}, {}
-    for w in (64, 512):
-        masks[w] = jattn.block_mask(mods.sliding_window((w // 2, w // 2)), t, t, blocks)
-        fns[w] = lambda bm=masks[w]: jax.block_until_ready(attend(q, k, v, bm))
+    for w in (64, 512):  # each with the tiles block_mask chooses for it, and with `blocks`
+        for name, bs in (("auto", None), ("fixed", blocks)):
+            bm = masks[w, name] = jattn.block_mask(mods.sliding_window((w // 2, w // 2)), t, t, bs)
+            fns[w, name] = lambda bm=bm: jax.block_until_ready(attend(q, k, v, bm))
     med = interleave(fns, repeats)
-    print(f"## 64- vs 512-wide window, T={t}, blocks={blocks}")
-    row = dict(case="window 64 vs 512", T=t, ms={w: round(1e3 * m, 1) for w, m in med.items()})
-    row["speedup"] = round(med[512] / med[64], 2)
-    row["density"] = {w: round(float(masks[w].density()), 4) for w in masks}
-    print(json.dumps(row))
+    print(f"## 64- vs 512-wide window, T={t}: tiles chosen by block_mask, and fixed {blocks}")
+    for name in ("auto", "fixed"):
+        row = dict(case=f"window 64 vs 512, {name} tiles", T=t)
+        row["blocks"] = {w: masks[w, name].block_sizes for w in (64, 512)}
+        row["ms"] = {w: round(1e3 * med[w, name], 1) for w in (64, 512)}
+        row["speedup"] = round(med[512, name] / med[64, name], 2)
+        row["density"] = {w: round(float(masks[w, name].density()), 4) for w in (64, 512)}
+        print(json.dumps(row))
 
 
 def peers(t, repeats, blocks):
@@ -136,16 +164,20 @@ def main():
     p.add_argument("--t", type=int, default=8192)
     p.add_argument("--window-t", type=int, default=16384)
     p.add_argument("--peer-t", type=int, default=4096)
+    p.add_argument("--tile-t", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--only", nargs="*", default=["curve", "windows", "peers"])
+    p.add_argument("--only", nargs="*", default=["curve", "tiles", "windows", "peers"])
     a = p.parse_args()
     blocks = BLOCKS
     if a.smoke:
-        a.t, a.window_t, a.peer_t, a.repeats, blocks = 256, 1024, 256, 1, (64, 32)
+        a.t, a.window_t, a.peer_t, a.tile_t, a.repeats = 256, 1024, 256, 1024, 1
+        blocks = (64, 32)
     print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}")
     if "curve" in a.only:
         curve(a.t, a.repeats, blocks)
+    if "tiles" in a.only:
+        tile_costs(a.tile_t, a.repeats)
     if "windows" in a.only:
         windows(a.window_t, a.repeats, blocks)
     if "peers" in a.only:

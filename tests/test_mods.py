@@ -343,3 +343,43 @@ def test_layer_passes_mods_down():
     got = mha(x, mask_mod=pattern, score_mod=mods.alibi(slopes))
     want = mha(x, mask=mods.mask_grid(pattern, 1, 4, 24, 24), bias=jattn.alibi_bias(slopes, 24, 24))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_block_sizes_chosen_from_the_pattern(monkeypatch):
+    """block_mask(block_sizes=None) picks small tiles for a narrow window and large ones
+    for a wide pattern, its map equals the mask evaluated at the chosen size directly
+    (T, S not multiples of the tiles), eagerly and under jit; a mask_mod holding data
+    keeps the default; the blocked path takes the chosen tiles and stays exact."""
+    from jattn.functional import tiles
+    from jattn.functional.mods import _kinds_jit
+
+    narrow = mods.sliding_window((8, 8))
+    wide = mods.or_masks(mods.causal(), mods.strided(5))
+    t, s = 1030, 1100  # S > T: every query sees keys (jax.nn averages empty rows)
+    for mod, small in ((narrow, True), (wide, False)):
+        bm = jattn.block_mask(mod, t, s)
+        assert bm.block_sizes in tiles.CANDIDATES
+        assert (max(bm.block_sizes) <= 64) == small, bm.block_sizes
+        direct = _kinds_jit(mods.as_mod(mod), 1, 1, t, s, *bm.block_sizes)
+        np.testing.assert_array_equal(np.asarray(bm.block_map), np.asarray(direct))
+        jitted = jax.jit(lambda mod=mod: jattn.block_mask(mod, t, s))()
+        assert jitted.block_sizes == bm.block_sizes
+    ids = jnp.zeros((1, t), jnp.int32)
+    assert jattn.block_mask(mods.segments(ids), t, t).block_sizes == (512, 256)
+    assert jattn.block_mask(narrow, 1000, 1000).block_sizes == (512, 256)  # short
+
+    q = _normal(30, (1, t, 2, 8))
+    k, v = (_normal(i, (1, s, 2, 8)) for i in (31, 32))
+    built, original = [], mods._block_mask
+    monkeypatch.setattr(mods, "_block_mask", lambda *a: built.append(a[3]) or original(*a))
+    chosen = jattn.block_mask(narrow, t, s).block_sizes
+    built.clear()
+    got = jattn.blocked_attention(q, k, v, mask_mod=narrow)
+    assert built == [chosen]
+    want = jax.nn.dot_product_attention(q, k, v, mask=mods.mask_grid(narrow, 1, 1, t, s))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    got = jattn.blocked_attention(q, k, v, local_window_size=(8, 8))  # the geometric path
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    from jattn.functional.blocked import default_block_sizes
+
+    assert default_block_sizes(t, s, 8, masked_band=True, window=(8, 8)) == (32, 32)

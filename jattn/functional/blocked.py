@@ -44,9 +44,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jattn.functional import _checks, _sharding, mods
+from jattn.functional import _checks, _sharding, mods, tiles
 from jattn.functional.softmax import MASK_FILL, FullyMasked
 from jattn.functional.stochastic import keep_bits
 
@@ -68,6 +69,7 @@ def default_block_sizes(
     *,
     masked_band: bool = False,
     batch_heads: int = 1,
+    window: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """``(block_q, block_kv)`` for the blocked path.
 
@@ -87,6 +89,10 @@ def default_block_sizes(
     measured on a GPU; ``benchmarks/bench_gpu.py``).
     """
     del dtype
+    if window is not None and h <= 128 and min(t, s) >= 1024:
+        sizes = _window_blocks(t, s, window, MAX_TILE_ELEMENTS // batch_heads)
+        if sizes is not None:
+            return sizes
     if h > 128:
         bq, bk = 128, 256
     else:
@@ -97,6 +103,22 @@ def default_block_sizes(
         else:
             bk //= 2
     return min(bq, t), min(bk, s)
+
+
+def _window_blocks(t: int, s: int, window: tuple[int, int], max_tile: int):
+    """The cheapest candidate tiles (:func:`jattn.functional.tiles.cheapest`) for a
+    ``(left, right)`` window: each query block visits the key blocks its band touches."""
+    left, right = window
+    visited = {}
+    for bq, bk in tiles.CANDIDATES:
+        if bq > t or bk > s or bq * bk > max_tile:
+            continue
+        q_min = np.arange(0, t, bq)
+        q_max = np.minimum(q_min + bq, t) - 1
+        lo = np.clip((q_min - left) // bk, 0, None)
+        hi = np.minimum((q_max + right) // bk + 1, -(-s // bk))
+        visited[bq, bk] = int(np.maximum(hi - lo, 1).sum()) * bq * bk
+    return tiles.cheapest(visited) if visited else None
 
 
 class _Geometry(NamedTuple):
@@ -691,10 +713,17 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
                 f"{tuple(bm.block_sizes)}: leave block_sizes out, or rebuild the block mask"
             )
         block_sizes = tuple(bm.block_sizes)
+    b = math.prod(batch_shape)
+    if block_sizes is None and spec.mask_mod is not None:  # chosen from the mask (if known)
+        mm = mods.spec_mask_mod(spec._replace(mask_mod=mods.as_mod(spec.mask_mod)))
+        sizes, kinds = mods._auto_blocks(mm, b, n, t, s, MAX_TILE_ELEMENTS // (b * n))
+        if sizes is not None:
+            bm = mods._block_mask(mm, t, s, sizes, b, n, kinds)
+            block_sizes = sizes
     if block_sizes is None:
-        band = spec.is_causal or window is not None or spec.mask_mod is not None
+        band = spec.is_causal or window is not None
         block_sizes = default_block_sizes(
-            t, s, h, query.dtype, masked_band=band, batch_heads=math.prod(batch_shape) * n
+            t, s, h, query.dtype, masked_band=band, batch_heads=b * n, window=window
         )
     if (
         not isinstance(block_sizes, tuple | list)
@@ -726,7 +755,7 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
 
     bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
     nq, nk = _nblocks(t, bt), _nblocks(s, bs)
-    b, g = math.prod(batch_shape), n // k
+    g = n // k
     geo = _Geometry(
         b=b,
         k=k,

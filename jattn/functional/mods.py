@@ -701,13 +701,23 @@ def block_mask(
     mask_mod: MaskMod,
     q_len: int,
     kv_len: int,
-    block_sizes: tuple[int, int] = (512, 256),
+    block_sizes: tuple[int, int] | None = None,
     *,
     batch: int = 1,
     heads: int = 1,
 ) -> BlockMask:
     """Evaluates ``mask_mod`` once into a :class:`BlockMask` for T = ``q_len`` queries and
     S = ``kv_len`` keys in tiles of ``block_sizes = (block_q, block_kv)``.
+
+    ``block_sizes=None`` chooses them from the pattern when T and S are at least 1024
+    and the mask_mod holds no arrays (a pattern of positions only: causal, windows,
+    strided, ...): the mask is evaluated in 32 x 32 tiles and the candidate sizes
+    (:data:`jattn.functional.tiles.CANDIDATES`) are scored by the scores their tiles
+    would visit times their measured cost per score, so a narrow window gets small
+    tiles and a dense pattern large ones. The choice is the same under ``jit``. A
+    mask_mod with arrays (segment ids, lengths, BigBird's random blocks) gets
+    ``(512, 256)``, as do shorter sequences, so a compiled step does not change with
+    the data.
 
     ``batch`` and ``heads``: B (flattened) and N, needed when the mask_mod depends on
     ``b`` or ``n`` (segment ids per example, :func:`per_head`). Works eagerly or under
@@ -717,15 +727,24 @@ def block_mask(
     """
     for name, x in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads)):
         _positive(name, x)
-    if (
+    if block_sizes is not None and (
         not isinstance(block_sizes, tuple | list)
         or len(block_sizes) != 2
         or not all(is_int(x) and x > 0 for x in block_sizes)
     ):
         raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
-    bq, bk = min(int(block_sizes[0]), q_len), min(int(block_sizes[1]), kv_len)
     mask_mod = as_mod(mask_mod)  # a pytree all the way down (a BlockMask goes through jit)
-    kinds = _kinds_jit(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
+    kinds = None
+    if block_sizes is None:
+        block_sizes, kinds = _auto_blocks(mask_mod, batch, heads, q_len, kv_len)
+    return _block_mask(mask_mod, q_len, kv_len, block_sizes or (512, 256), batch, heads, kinds)
+
+
+def _block_mask(mask_mod, q_len, kv_len, block_sizes, batch, heads, kinds=None):
+    """:func:`block_mask` after its checks, from the block ``kinds`` when known."""
+    bq, bk = min(int(block_sizes[0]), q_len), min(int(block_sizes[1]), kv_len)
+    if kinds is None:
+        kinds = _kinds_jit(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
     # the union over examples and heads: visit if any visits, full only if all are full
     visit, full_ = jnp.any(kinds > 0, axis=(0, 1)), jnp.all(kinds == 2, axis=(0, 1))
     union = jnp.where(full_, 2, jnp.where(visit, 1, 0))
@@ -738,6 +757,50 @@ def block_mask(
 
 #: A Mod is a pytree: its arrays are arguments, so new data (segment ids) does not recompile.
 _kinds_jit = jax.jit(_kinds, static_argnums=(1, 2, 3, 4, 5, 6))
+
+
+def _pool(kinds: np.ndarray, rq: int, rk: int) -> np.ndarray:
+    """Block kinds for tiles ``rq x rk`` times larger, from ``kinds [B|1, N|1, nq, nk]``
+    (NumPy): visited if any part is, full if every part is (padding queries past the
+    last block keep a tile full, padding keys never do)."""
+    nq, nk = kinds.shape[-2:]
+    pq, pk = -nq % rq, -nk % rk
+    pad = ((0, 0), (0, 0), (0, pq), (0, 0))
+    visit = np.pad(kinds > 0, pad, constant_values=False)
+    full_ = np.pad(kinds == 2, pad, constant_values=True)
+    pad = ((0, 0), (0, 0), (0, 0), (0, pk))
+    visit, full_ = (np.pad(x, pad, constant_values=False) for x in (visit, full_))
+    shape = kinds.shape[:2] + ((nq + pq) // rq, rq, (nk + pk) // rk, rk)
+    visit = visit.reshape(shape).any(axis=(3, 5))
+    full_ = full_.reshape(shape).all(axis=(3, 5))
+    return np.where(full_, 2, np.where(visit, 1, 0)).astype(np.int8)
+
+
+def _auto_blocks(mask_mod, batch, heads, t, s, max_tile=None):
+    """``(block_sizes, kinds)`` of the cheapest candidate for this mask
+    (:func:`jattn.functional.tiles.cheapest`), or ``(None, None)`` for T or S under
+    1024 or a traced mask (not known until the call runs). ``max_tile``: the largest
+    ``block_q * block_kv`` allowed."""
+    from jattn.functional import tiles
+
+    if min(t, s) < 1024 or any(hasattr(x, "shape") for x in jax.tree.leaves(mask_mod)):
+        return None, None  # short, or data in the mask: a choice must not vary with data
+    with jax.ensure_compile_time_eval():
+        fine = _kinds_jit(mask_mod, int(batch), int(heads), int(t), int(s), tiles.FINE, tiles.FINE)
+    if isinstance(fine, jax.core.Tracer):
+        return None, None
+    fine = np.asarray(fine)
+    pooled, visited = {}, {}
+    for bq, bk in tiles.CANDIDATES:
+        if bq > t or bk > s or (max_tile is not None and bq * bk > max_tile):
+            continue
+        kinds = _pool(fine, bq // tiles.FINE, bk // tiles.FINE)
+        pooled[bq, bk] = kinds
+        visited[bq, bk] = int(kinds.any(axis=(0, 1)).sum()) * bq * bk
+    if not visited:
+        return None, None
+    best = tiles.cheapest(visited)
+    return best, jnp.asarray(pooled[best])
 
 
 def spec_mask_mod(spec) -> MaskMod | None:
