@@ -126,6 +126,32 @@ def windows(t, repeats, blocks):
         print(json.dumps(row))
 
 
+def auto_tiles(t, repeats, blocks):
+    """Fixed tiles against the ones block_mask(block_sizes="auto") chooses, for patterns
+    finer than the fixed tiles: BigBird with the paper's 64-blocks, a 64-wide window."""
+    q, k, v = inputs(t)
+    attend = jax.jit(lambda q, k, v, bm: jattn.blocked_attention(q, k, v, block_mask=bm))
+    patterns = {
+        "bigbird block 64": mods.bigbird(jax.random.key(3), t, 64, num_random_blocks=3),
+        "window 64": mods.sliding_window((32, 32)),
+    }
+    fns, masks = {}, {}
+    for name, m in patterns.items():
+        for how in ("fixed", "auto"):
+            bm = masks[name, how] = jattn.block_mask(m, t, t, blocks if how == "fixed" else how)
+            fns[name, how] = lambda bm=bm: jax.block_until_ready(attend(q, k, v, bm))
+    med = interleave(fns, repeats)
+    print(f"## tiles chosen by block_mask('auto') vs fixed {blocks}, T={t}")
+    for name in patterns:
+        row = dict(case=name, T=t)
+        for how in ("fixed", "auto"):
+            bm = masks[name, how]
+            row[how] = dict(blocks=bm.block_sizes, density=round(float(bm.density()), 4),
+                            ms=round(1e3 * med[name, how], 1))  # fmt: skip
+        row["speedup"] = round(med[name, "fixed"] / med[name, "auto"], 2)
+        print(json.dumps(row))
+
+
 def peers(t, repeats, blocks):
     q, k, v = inputs(t)
     pattern = mods.bigbird(jax.random.key(1), t, blocks[1], num_random_blocks=2)
@@ -159,6 +185,46 @@ def peers(t, repeats, blocks):
                       for name, m in med.items()}))  # fmt: skip
 
 
+def _memory_child(t, blocks):
+    """Runs in a subprocess: BigBird forward+backward at length t with a block mask;
+    prints the time and the peak RSS of the process."""
+    from bench_blocked import _peak_rss_gib
+
+    q, k, v = inputs(t)
+    pattern = mods.bigbird(jax.random.key(2), t, blocks[1], num_random_blocks=2)
+    t0 = time.perf_counter()
+    bm = jax.block_until_ready(jattn.block_mask(pattern, t, t, blocks))
+    build = time.perf_counter() - t0
+
+    def loss(q, k, v, bm):
+        out = jattn.dot_product_attention(q, k, v, block_mask=bm, implementation="blocked")
+        return jnp.sum(out * v)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, bm).compile()
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad(q, k, v, bm))
+    seconds = time.perf_counter() - t0
+    print(json.dumps(dict(seconds=seconds, block_mask_seconds=build, density=float(bm.density()),
+                          peak_rss_gib=_peak_rss_gib())))  # fmt: skip
+
+
+def memory(t, blocks):
+    """BigBird forward+backward at length t in a fresh process: peak RSS (the target is
+    under 2 GiB at T=65536)."""
+    import subprocess
+    import sys
+
+    print(f"## memory: BigBird fwd+bwd at T={t}, blocks={blocks} (subprocess, peak RSS)")
+    cmd = [sys.executable, __file__, "--memory-child", str(t), "--memory-blocks", *map(str, blocks)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(json.dumps(dict(case="memory", T=t, error=result.stderr[-2000:])))
+        return
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps(dict(case="memory BigBird fwd+bwd", T=t, **{
+        k: round(x, 3) for k, x in data.items()})))  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--t", type=int, default=8192)
@@ -167,11 +233,19 @@ def main():
     p.add_argument("--tile-t", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--only", nargs="*", default=["curve", "tiles", "windows", "peers"])
+    p.add_argument(
+        "--only", nargs="*", default=["curve", "tiles", "windows", "auto", "peers", "memory"]
+    )
+    p.add_argument("--memory-t", type=int, default=65536)
+    p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--memory-blocks", type=int, nargs=2, default=BLOCKS, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.memory_child:
+        _memory_child(a.memory_child, tuple(a.memory_blocks))
+        return
     blocks = BLOCKS
     if a.smoke:
-        a.t, a.window_t, a.peer_t, a.tile_t, a.repeats = 256, 1024, 256, 1024, 1
+        a.t, a.window_t, a.peer_t, a.tile_t, a.memory_t, a.repeats = 256, 1024, 256, 1024, 1024, 1
         blocks = (64, 32)
     print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}")
     if "curve" in a.only:
@@ -180,8 +254,12 @@ def main():
         tile_costs(a.tile_t, a.repeats)
     if "windows" in a.only:
         windows(a.window_t, a.repeats, blocks)
+    if "auto" in a.only:
+        auto_tiles(a.t, a.repeats, blocks)
     if "peers" in a.only:
         peers(a.peer_t, a.repeats, blocks)
+    if "memory" in a.only:
+        memory(a.memory_t, blocks)
 
 
 if __name__ == "__main__":

@@ -366,6 +366,10 @@ def test_block_sizes_chosen_from_the_pattern(monkeypatch):
         assert jitted.block_sizes == bm.block_sizes
     ids = jnp.zeros((1, t), jnp.int32)
     assert jattn.block_mask(mods.segments(ids), t, t).block_sizes == (512, 256)
+    chosen = jattn.block_mask(mods.segments(ids), t, t, "auto").block_sizes  # one segment:
+    assert chosen in tiles.CANDIDATES and tiles.TILE_COST[chosen] == 1.0  # dense, large tiles
+    with pytest.raises(ValueError, match="pair of positive ints, None or 'auto'"):
+        jattn.block_mask(narrow, t, t, "fast")
     assert jattn.block_mask(narrow, 1000, 1000).block_sizes == (512, 256)  # short
 
     q = _normal(30, (1, t, 2, 8))

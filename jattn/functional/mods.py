@@ -701,7 +701,7 @@ def block_mask(
     mask_mod: MaskMod,
     q_len: int,
     kv_len: int,
-    block_sizes: tuple[int, int] | None = None,
+    block_sizes: tuple[int, int] | str | None = None,
     *,
     batch: int = 1,
     heads: int = 1,
@@ -717,7 +717,9 @@ def block_mask(
     tiles and a dense pattern large ones. The choice is the same under ``jit``. A
     mask_mod with arrays (segment ids, lengths, BigBird's random blocks) gets
     ``(512, 256)``, as do shorter sequences, so a compiled step does not change with
-    the data.
+    the data; ``block_sizes="auto"`` chooses for it too, from its values when they are
+    known (for data fixed per model, such as BigBird's random blocks: the tile sizes
+    are static, so a choice that changes between batches recompiles the step).
 
     ``batch`` and ``heads``: B (flattened) and N, needed when the mask_mod depends on
     ``b`` or ``n`` (segment ids per example, :func:`per_head`). Works eagerly or under
@@ -727,16 +729,19 @@ def block_mask(
     """
     for name, x in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads)):
         _positive(name, x)
-    if block_sizes is not None and (
+    if block_sizes not in (None, "auto") and (
         not isinstance(block_sizes, tuple | list)
         or len(block_sizes) != 2
         or not all(is_int(x) and x > 0 for x in block_sizes)
     ):
-        raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
+        raise ValueError(
+            f"block_sizes must be a pair of positive ints, None or 'auto', got {block_sizes!r}"
+        )
     mask_mod = as_mod(mask_mod)  # a pytree all the way down (a BlockMask goes through jit)
     kinds = None
-    if block_sizes is None:
-        block_sizes, kinds = _auto_blocks(mask_mod, batch, heads, q_len, kv_len)
+    if block_sizes in (None, "auto"):
+        with_data = block_sizes == "auto"
+        block_sizes, kinds = _auto_blocks(mask_mod, batch, heads, q_len, kv_len, None, with_data)
     return _block_mask(mask_mod, q_len, kv_len, block_sizes or (512, 256), batch, heads, kinds)
 
 
@@ -776,14 +781,15 @@ def _pool(kinds: np.ndarray, rq: int, rk: int) -> np.ndarray:
     return np.where(full_, 2, np.where(visit, 1, 0)).astype(np.int8)
 
 
-def _auto_blocks(mask_mod, batch, heads, t, s, max_tile=None):
+def _auto_blocks(mask_mod, batch, heads, t, s, max_tile=None, with_data=False):
     """``(block_sizes, kinds)`` of the cheapest candidate for this mask
     (:func:`jattn.functional.tiles.cheapest`), or ``(None, None)`` for T or S under
     1024 or a traced mask (not known until the call runs). ``max_tile``: the largest
     ``block_q * block_kv`` allowed."""
     from jattn.functional import tiles
 
-    if min(t, s) < 1024 or any(hasattr(x, "shape") for x in jax.tree.leaves(mask_mod)):
+    has_data = any(hasattr(x, "shape") for x in jax.tree.leaves(mask_mod))
+    if min(t, s) < 1024 or (has_data and not with_data):
         return None, None  # short, or data in the mask: a choice must not vary with data
     with jax.ensure_compile_time_eval():
         fine = _kinds_jit(mask_mod, int(batch), int(heads), int(t), int(s), tiles.FINE, tiles.FINE)
