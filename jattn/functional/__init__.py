@@ -15,6 +15,15 @@ from jattn.functional.kernel_regression import (
     parametric_nadaraya_watson,
     parametric_nadaraya_watson_weights,
 )
+from jattn.functional.linear import (
+    LinearState,
+    elu_feature_map,
+    gated_linear_attention,
+    linear_attention,
+    relu_feature_map,
+    retention,
+    retnet_decays,
+)
 from jattn.functional.masks import (
     causal_mask,
     combine_masks,
@@ -49,6 +58,7 @@ __all__ = [
     "AdditiveParams",
     "BlockMask",
     "Kernel",
+    "LinearState",
     "MASK_FILL",
     "MLPParams",
     "ScoreFn",
@@ -64,6 +74,12 @@ __all__ = [
     "causal_mask",
     "combine_masks",
     "dropout",
+    "elu_feature_map",
+    "gated_linear_attention",
+    "linear_attention",
+    "relu_feature_map",
+    "retention",
+    "retnet_decays",
     "constant_kernel",
     "dot_product_attention",
     "dot_product_scores",
