@@ -24,6 +24,13 @@ from jattn.functional.linear import (
     retention,
     retnet_decays,
 )
+from jattn.functional.lowrank import (
+    favor_features,
+    linformer_attention,
+    nystrom_attention,
+    orthogonal_random_features,
+    performer_attention,
+)
 from jattn.functional.masks import (
     causal_mask,
     combine_masks,
@@ -77,6 +84,7 @@ __all__ = [
     "elu_feature_map",
     "gated_linear_attention",
     "linear_attention",
+    "linformer_attention",
     "relu_feature_map",
     "retention",
     "retnet_decays",
@@ -84,6 +92,7 @@ __all__ = [
     "dot_product_attention",
     "dot_product_scores",
     "epanechikov_kernel",
+    "favor_features",
     "gaussian_kernel",
     "keep_mask",
     "key_padding_mask",
@@ -94,8 +103,11 @@ __all__ = [
     "mods",
     "nadaraya_watson",
     "nadaraya_watson_weights",
+    "nystrom_attention",
+    "orthogonal_random_features",
     "parametric_nadaraya_watson",
     "parametric_nadaraya_watson_weights",
+    "performer_attention",
     "relative_position_buckets",
     "rotary_embedding",
     "scaled_dot_product_scores",

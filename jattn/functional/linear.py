@@ -312,7 +312,18 @@ def linear_attention(
             f"{name}: feature_map must map [..., H] to [..., F] for queries and keys alike, "
             f"got {list(fq.shape)} and {list(fk.shape)}"
         )
-    f = fq.shape[-1]
+    return normalized_attention(
+        name, fq, fk, value, is_causal, initial_state, return_state, chunk_size, segment_ids,
+        implementation,
+    )  # fmt: skip
+
+
+def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_state,
+                         chunk_size, segment_ids, implementation):  # fmt: skip
+    """Normalised linear attention of features ``fq [B, T, N, F]``, ``fk [B, T, K, F]``
+    (already mapped) and ``value``: the core of :func:`linear_attention` and of the
+    random-feature attentions (:mod:`jattn.functional.lowrank`)."""
+    (b, t, n, f), hv = fq.shape, value.shape[-1]
     resets = _resets(segment_ids, b, t, name)
     if not is_causal:
         if initial_state is not None or return_state:
