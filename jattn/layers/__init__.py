@@ -2,6 +2,7 @@
 
 from jattn.layers.dropout import Dropout
 from jattn.layers.kernel_regression import NWKernelRegression
+from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.layers.positional import (
     ALiBi,
@@ -21,6 +22,7 @@ __all__ = [
     "DotProductAttention",
     "Dropout",
     "LearnedPositionalEmbedding",
+    "LinearAttention",
     "MLPScore",
     "MultiHeadAttention",
     "NWKernelRegression",

@@ -14,6 +14,11 @@ called once per attention layer.
 one for every layer or a list with one per layer, so a model mixes patterns per layer
 (and per head, with :func:`jattn.mods.per_head`). They hold in cached decoding too,
 seen from the cache positions. Cross-attention takes none.
+
+``attention`` picks the self-attention mechanism: ``"softmax"`` (the default), or a
+:class:`jattn.layers.LinearAttention` kind (``"linear"``, ``"performer"``,
+``"retention"``, ``"gla"``), which decodes with a constant-size state through the same
+``init_cache``/``step`` protocol. Cross-attention stays softmax.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional._checks import check_positive_int
-from jattn.functional.attention import attention, dot_product_attention
+from jattn.functional.attention import attention as score_attention
+from jattn.functional.attention import dot_product_attention
 from jattn.layers.dropout import Dropout, per_site_rngs
+from jattn.layers.linear import KINDS as LINEAR_KINDS
+from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.layers.patterns import per_layer
 from jattn.layers.scores import Score
@@ -67,11 +75,22 @@ def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
 
 
 def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
-                     mask_mod=None, score_mod=None):  # fmt: skip
+                     mask_mod=None, score_mod=None, attention="softmax"):  # fmt: skip
+    if attention != "softmax":
+        if attention not in LINEAR_KINDS:
+            raise ValueError(
+                f"attention must be 'softmax' or one of {LINEAR_KINDS}, got {attention!r}"
+            )
+        given = dict(attention_fn=attention_fn, score=score, rotary=rotary or None,
+                     mask_mod=mask_mod, score_mod=score_mod)  # fmt: skip
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(f"attention={attention!r} takes no {name}")
+        return LinearAttention(num_heads, features, kind=attention, rngs=rngs)
     if score is not None and not isinstance(score, Score):
         score = score(num_heads, features // num_heads, rngs=rngs)
     if rotary:
-        inner = attention_fn or (attention if score is not None else dot_product_attention)
+        inner = attention_fn or (score_attention if score is not None else dot_product_attention)
         attention_fn = RotaryAttention(inner)
     return MultiHeadAttention(
         num_heads,
@@ -167,6 +186,7 @@ class EncoderBlock(_Block):
         rotary: bool = False,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         self._init_common(
@@ -175,7 +195,7 @@ class EncoderBlock(_Block):
         )  # fmt: skip
         self.self_attention = _attention_layer(
             features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
-            mask_mod, score_mod,
+            mask_mod, score_mod, attention,
         )  # fmt: skip
 
     def __call__(
@@ -246,6 +266,7 @@ class DecoderBlock(_Block):
         rotary: bool = False,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         self._init_common(
@@ -254,7 +275,7 @@ class DecoderBlock(_Block):
         )  # fmt: skip
         self.self_attention = _attention_layer(
             features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
-            mask_mod, score_mod,
+            mask_mod, score_mod, attention,
         )  # fmt: skip
         self.cross_attention = _attention_layer(
             features, num_heads, dropout_rate, attention_fn, score, False, rngs
@@ -323,7 +344,7 @@ class DecoderBlock(_Block):
 
 def _stack_kwargs(kw):
     return {k: kw[k] for k in ("dropout_rate", "pre_norm", "activation", "layer_norm_eps",
-                               "attention_fn", "score", "rotary", "rngs")}  # fmt: skip
+                               "attention_fn", "score", "rotary", "attention", "rngs")}  # fmt: skip
 
 
 class TransformerEncoder(nnx.Module):
@@ -350,6 +371,7 @@ class TransformerEncoder(nnx.Module):
         rotary: bool = False,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_layers", num_layers)
@@ -406,6 +428,7 @@ class TransformerDecoder(nnx.Module):
         rotary: bool = False,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_layers", num_layers)

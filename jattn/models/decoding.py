@@ -25,6 +25,7 @@ from jattn.functional import _checks, _sharding
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.masks import causal_mask
 from jattn.functional.positional import rotary_embedding
+from jattn.layers.linear import LinearAttention
 
 __all__ = [
     "KVCache",
@@ -54,7 +55,10 @@ class KVCache(NamedTuple):
 
 
 def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of ``max_len`` positions for the self-attention layer ``mha``."""
+    """An empty cache of ``max_len`` positions for the self-attention layer ``mha``
+    (a constant-size state for a :class:`jattn.layers.LinearAttention`)."""
+    if isinstance(mha, LinearAttention):
+        return mha.init_cache(batch_size, max_len, dtype)
     return KVCache(
         key=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.head_dim), dtype),
         value=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.v_head_dim), dtype),
@@ -136,6 +140,8 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     Returns:
       ``([B, T, D_out], cache)`` with ``index`` advanced by T.
     """
+    if isinstance(mha, LinearAttention):  # a constant-size state instead of a cache
+        return mha.step(x, cache)
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     _check_room(cache.index, num_new, max_len)
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]

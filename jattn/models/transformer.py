@@ -23,6 +23,7 @@ from jattn.functional import _sharding
 from jattn.functional._checks import check_positive_int, concrete, is_int
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.dropout import Dropout, per_site_rngs
+from jattn.layers.linear import LinearDecodeState
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
@@ -79,7 +80,7 @@ def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
 
 def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
                    layer_norm_eps, final_norm, attention_fn, score, positional,
-                   mask_mod=None, score_mod=None):  # fmt: skip
+                   mask_mod=None, score_mod=None, attention="softmax"):  # fmt: skip
     """Validates the options (before any parameter is created) and returns the stack kwargs."""
     if mlp_features is None and isinstance(features, int):
         mlp_features = 4 * features
@@ -102,7 +103,16 @@ def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, ac
         rotary=positional == "rotary",
         mask_mod=mask_mod,
         score_mod=score_mod,
+        attention=attention,
     )
+
+
+def _check_bidirectional(attention: str) -> None:
+    if attention in ("retention", "gla"):
+        raise ValueError(
+            f"attention={attention!r} is causal only, and this model's encoder attends both "
+            "ways: use it in a DecoderLM, or 'linear'/'performer' here"
+        )
 
 
 class Transformer(nnx.Module):
@@ -131,6 +141,10 @@ class Transformer(nnx.Module):
         :mod:`jattn.layers.patterns`, e.g. ``{"name": "sliding_window", "window":
         [16, 0]}``, ``{"name": "alibi"}`` with ``positional="none"``); the decoder's
         stays causal.
+      attention: the self-attention mechanism of every layer: ``"softmax"`` or a
+        :class:`jattn.layers.LinearAttention` kind (``"linear"``, ``"performer"``; the
+        causal-only ``"retention"`` and ``"gla"`` where every self-attention is causal:
+        :class:`DecoderLM`). Linear layers decode with a constant-size state.
     """
 
     def __init__(
@@ -159,6 +173,7 @@ class Transformer(nnx.Module):
         score=None,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         if share_embeddings and src_vocab_size != tgt_vocab_size:
@@ -168,7 +183,7 @@ class Transformer(nnx.Module):
             )
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional, mask_mod, score_mod)  # fmt: skip
+                              positional, mask_mod, score_mod, attention)  # fmt: skip
         self.src_embed = _Embedding(
             src_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
         )
@@ -191,6 +206,7 @@ class Transformer(nnx.Module):
         check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
                           eos_id=eos_id)  # fmt: skip
         check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
+        _check_bidirectional(attention)
         enc = num_layers if num_encoder_layers is None else num_encoder_layers
         dec = num_layers if num_decoder_layers is None else num_decoder_layers
         self.encoder = TransformerEncoder(enc, rngs=rngs, **opts)
@@ -267,8 +283,22 @@ class Transformer(nnx.Module):
         return step
 
 
-@functools.partial(nnx.jit, static_argnums=(2, 3, 4))
 def _generate_seq2seq(model: Transformer, src, max_len, beam_size, length_penalty):
+    """Compiled with ``jax.jit`` over the model's split state, not ``nnx.jit``: that
+    writes the state back after the call, which inside a caller's own ``jax.jit`` (the
+    model captured, not passed) fails with flax's TraceContextError half way and leaves
+    the model without its attributes. Decoding changes no state: nothing to write back."""
+    graphdef, state = nnx.split(model)
+    return _generate_seq2seq_jit(graphdef, state, src, max_len, beam_size, length_penalty)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _generate_seq2seq_jit(graphdef, state, src, max_len, beam_size, length_penalty):
+    model = nnx.merge(graphdef, state)
+    return _generate_seq2seq_body(model, src, max_len, beam_size, length_penalty)
+
+
+def _generate_seq2seq_body(model: Transformer, src, max_len, beam_size, length_penalty):
     batch = src.shape[0]
     memory = model.encode(src)
     src_valid = src != model.pad_id
@@ -319,11 +349,12 @@ class DecoderLM(nnx.Module):
         score=None,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional, mask_mod, score_mod)  # fmt: skip
+                              positional, mask_mod, score_mod, attention)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
@@ -419,13 +450,27 @@ class DecoderLM(nnx.Module):
         )
 
 
-@functools.partial(nnx.jit, static_argnums=(3, 4, 5))
 def _generate_lm(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
+    """As :func:`_generate_seq2seq`: ``jax.jit`` over the split state, nothing written back."""
+    graphdef, state = nnx.split(model)
+    return _generate_lm_jit(graphdef, state, prompt, lengths, max_new, beam_size, length_penalty)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _generate_lm_jit(graphdef, state, prompt, lengths, max_new, beam_size, length_penalty):
+    model = nnx.merge(graphdef, state)
+    return _generate_lm_body(model, prompt, lengths, max_new, beam_size, length_penalty)
+
+
+def _generate_lm_body(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
     batch, plen = prompt.shape
     caches = model.init_cache(batch, plen + max_new)
-    _, caches = model.step(prompt, caches)
-    # re-feed each prompt's last token at its own position: the cache beyond it is masked
-    caches = [c._replace(index=lengths - 1) for c in caches]
+    if any(isinstance(c, LinearDecodeState) for c in caches):
+        caches = _prefill_states(model, prompt, lengths - 1, caches)
+    else:
+        _, caches = model.step(prompt, caches)
+        # re-feed each prompt's last token at its own position: the cache beyond it is masked
+        caches = [c._replace(index=lengths - 1) for c in caches]
     last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
 
     def step(tokens, caches):
@@ -438,6 +483,23 @@ def _generate_lm(model: DecoderLM, prompt, lengths, max_new, beam_size, length_p
     tokens, _ = beam_search(step, caches, last, beam_size=beam_size, max_len=max_new,
                             length_penalty=length_penalty, **ids)  # fmt: skip
     return tokens
+
+
+def _prefill_states(model, prompt, num, caches):
+    """The caches after the first ``num[b]`` tokens of each prompt, one token at a time:
+    a linear-attention state cannot be rewound past a padding token, so each example's
+    state stops where its prompt does."""
+
+    def feed(caches, xs):
+        tokens, t = xs
+        _, new = model.step(tokens[:, None], caches)
+        keep = t < num  # [B]
+        return jax.tree.map(
+            lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, caches
+        ), None
+
+    steps = (prompt.T, jnp.arange(prompt.shape[1], dtype=jnp.int32))
+    return jax.lax.scan(feed, caches, steps)[0]
 
 
 class EncoderClassifier(nnx.Module):
@@ -470,6 +532,7 @@ class EncoderClassifier(nnx.Module):
         score=None,
         mask_mod=None,
         score_mod=None,
+        attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
         if pooling not in ("mean", "cls"):
@@ -477,8 +540,9 @@ class EncoderClassifier(nnx.Module):
         check_positive_int("num_classes", num_classes)
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional, mask_mod, score_mod)  # fmt: skip
+                              positional, mask_mod, score_mod, attention)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id)
+        _check_bidirectional(attention)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)

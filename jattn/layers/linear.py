@@ -1,0 +1,183 @@
+"""Linear-attention layers: the projections of :class:`MultiHeadAttention` around the
+linear family of :mod:`jattn.functional.linear` and :mod:`jattn.functional.lowrank`.
+
+A :class:`LinearAttention` goes wherever a ``MultiHeadAttention`` goes (same parameters
+``query``, ``key``, ``value``, ``out``, GQA included) and decodes with a constant-size
+state instead of a growing key/value cache (:meth:`LinearAttention.init_cache`,
+:meth:`LinearAttention.step`), through the models' usual greedy and beam search.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jattn.functional import linear as lin
+from jattn.functional import lowrank
+from jattn.layers.multihead import MultiHeadAttention
+
+__all__ = ["KINDS", "LinearAttention", "LinearDecodeState"]
+
+#: The mechanisms a :class:`LinearAttention` runs; the last two are causal only.
+KINDS = ("linear", "performer", "retention", "gla")
+
+
+class LinearDecodeState(NamedTuple):
+    """A decoding cache: the state after the tokens so far (``kv [B, N, F, Hv]``,
+    ``k_sum [B, N, F]`` or None, as :class:`jattn.LinearState`) and ``index [B]``, the
+    number of tokens seen (their positions, as :class:`jattn.models.KVCache`)."""
+
+    kv: jax.Array
+    k_sum: jax.Array | None
+    index: jax.Array
+
+
+def _key_validity(mask, b: int, s: int):
+    """``[B, S]`` key validity from a key-padding mask ``[B|1, 1, 1, S]`` (or None)."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_ or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+        raise ValueError(
+            "linear attention takes only a boolean key-padding mask [B, 1, 1, S] (as "
+            f"jattn.key_padding_mask gives), got {mask.dtype} {list(mask.shape)}; other "
+            "masks need softmax attention"
+        )
+    return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
+
+
+class LinearAttention(MultiHeadAttention):
+    """Multi-head linear attention with ``MultiHeadAttention``'s projections.
+
+    Args:
+      num_heads, in_features, qkv_features, out_features, num_kv_heads, ...: as
+        :class:`MultiHeadAttention` (no ``score``, ``dropout_rate``, mods: the weights
+        are never materialised).
+      kind: ``"linear"`` (elu+1 features, :func:`jattn.linear_attention`),
+        ``"performer"`` (FAVOR+ with ``num_features`` orthogonal random features, drawn
+        once from ``rngs`` and kept as a non-trained variable ``projection``;
+        :meth:`redraw` draws new ones), ``"retention"`` (RetNet decays per head,
+        queries scaled by ``H ** -0.5``) or ``"gla"`` (gates
+        ``log_sigmoid(x W_g + b_g) / 16`` per head and feature, as Yang et al.).
+      chunk_size: block length of the chunked form (default per kind).
+    """
+
+    def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
+                 out_features: int | None = None, *, kind: str = "linear",
+                 num_features: int = 64, chunk_size: int | None = None, rngs: nnx.Rngs,
+                 **kwargs):  # fmt: skip
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for bad in ("score", "dropout_rate", "mask_mod", "score_mod", "attention_fn"):
+            if kwargs.get(bad) not in (None, 0.0):
+                raise ValueError(f"LinearAttention(kind={kind!r}) takes no {bad}")
+        super().__init__(num_heads, in_features, qkv_features, out_features, rngs=rngs, **kwargs)
+        self.kind = kind
+        self.chunk_size = chunk_size
+        if kind == "performer":
+            self.num_features = num_features
+            self.projection = nnx.Variable(
+                lowrank.orthogonal_random_features(rngs.params(), num_features, self.head_dim)
+            )
+        if kind == "gla":
+            self.gate = nnx.Linear(in_features, num_heads * self.head_dim, rngs=rngs)
+        if kind == "retention":
+            self.decay = nnx.data(lin.retnet_decays(num_heads))
+
+    def redraw(self, key: jax.Array) -> None:
+        """New FAVOR+ random features (kind ``"performer"``)."""
+        self.projection.value = lowrank.orthogonal_random_features(
+            key, self.num_features, self.head_dim
+        )
+
+    def _features(self, q, k):
+        if self.kind == "performer":
+            w = self.projection[...]
+            return (lowrank.favor_features(q, w, stabilizer="row"),
+                    lowrank.favor_features(k, w, stabilizer=None))  # fmt: skip
+        if self.kind == "linear":
+            return lin.elu_feature_map(q), lin.elu_feature_map(k)
+        if self.kind == "retention":
+            return q * self.head_dim**-0.5, k
+        return q, k
+
+    def _log_gates(self, x):
+        g = jax.nn.log_sigmoid(self.gate(x).astype(jnp.float32)) / 16.0
+        return g.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+
+    def _attend(self, x, q, k, v, *, is_causal, state=None, return_state=False, valid=None,
+                implementation=None):  # fmt: skip
+        fq, fk = self._features(q, k)
+        if valid is not None:  # padding keys contribute nothing
+            fk = jnp.where(valid[:, :, None, None], fk, 0.0)
+            v = jnp.where(valid[:, :, None, None], v, 0.0)
+        opts = dict(initial_state=state, return_state=return_state, chunk_size=self.chunk_size,
+                    implementation=implementation)  # fmt: skip
+        if self.kind in ("linear", "performer"):
+            if not is_causal:
+                return lin.normalized_attention(
+                    "LinearAttention", fq, fk, v, False, None, False, None, None, None
+                )
+            return lin.normalized_attention(
+                "LinearAttention", fq, fk, v, True, state, return_state, self.chunk_size,
+                None, implementation,
+            )  # fmt: skip
+        if not is_causal:
+            raise ValueError(
+                f"LinearAttention(kind={self.kind!r}) is causal only: call it with "
+                "is_causal=True (a decoder), or use kind 'linear' or 'performer'"
+            )
+        if self.kind == "retention":
+            return lin.retention(fq, fk, v, self.decay, **opts)
+        return lin.gated_linear_attention(fq, fk, v, self._log_gates(x), **opts)
+
+    def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, bias=None,
+                 is_causal: bool = False, deterministic: bool = True, rngs=None,
+                 return_weights: bool = False, sow_weights: bool = False):  # fmt: skip
+        """``inputs_q [B, T, D]`` (self-attention; ``inputs_k``/``inputs_v`` for the
+        non-causal cross form of kinds linear and performer) -> ``[B, T, D_out]``.
+        ``mask``: a key-padding mask ``[B, 1, 1, S]`` only; no ``bias`` and no weights
+        (linear attention never forms them)."""
+        del deterministic, rngs
+        if bias is not None or return_weights or sow_weights:
+            raise ValueError(
+                "LinearAttention has no bias, return_weights or sow_weights: it never "
+                "forms the [T, S] weights"
+            )
+        inputs_k = inputs_q if inputs_k is None else inputs_k
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        if is_causal and inputs_k is not inputs_q:
+            raise ValueError("causal LinearAttention is self-attention: pass inputs_q only")
+        q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+        valid = _key_validity(mask, k.shape[0], k.shape[1])
+        if is_causal and valid is not None:
+            raise ValueError("causal LinearAttention takes no mask (right padding is causal)")
+        out = self._attend(inputs_q, q, k, v, is_causal=is_causal, valid=valid)
+        return self.out(out.astype(v.dtype))
+
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype=jnp.float32):
+        """The decoding state of ``batch_size`` empty sequences: constant size, whatever
+        ``max_len`` (accepted for the models' cache protocol)."""
+        del max_len, dtype
+        f = self.num_features if self.kind == "performer" else self.head_dim
+        shape = (batch_size, self.num_heads, f, self.v_head_dim)
+        k_sum = None
+        if self.kind in ("linear", "performer"):
+            k_sum = jnp.zeros(shape[:3], jnp.float32)
+        return LinearDecodeState(
+            jnp.zeros(shape, jnp.float32), k_sum, jnp.zeros((batch_size,), jnp.int32)
+        )
+
+    def step(self, x: jax.Array, cache: LinearDecodeState):
+        """Causal attention of new tokens ``x [B, T, D]`` after the cached ones ->
+        ``([B, T, D_out], cache)``: chunked for a prompt, recurrent for single tokens."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        form = "recurrent" if x.shape[-2] == 1 else None
+        state = lin.LinearState(cache.kv, cache.k_sum)
+        out, state = self._attend(x, q, k, v, is_causal=True, state=state, return_state=True,
+                                  implementation=form)  # fmt: skip
+        new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2])
+        return self.out(out.astype(v.dtype)), new

@@ -1,0 +1,86 @@
+"""LinearAttention layers in place of MultiHeadAttention, in models, and in decoding
+with a constant-size state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jattn
+from jattn.layers import LinearAttention, MultiHeadAttention
+from jattn.models import DecoderLM, EncoderClassifier, Transformer
+
+X = jax.random.normal(jax.random.key(0), (2, 9, 16))
+
+
+def test_layer_is_the_functional_core_with_multihead_projections():
+    """Same parameter layout as MultiHeadAttention (GQA too); the output is the pure
+    function of the projections; padding keys contribute nothing."""
+    lin = LinearAttention(4, 16, num_kv_heads=2, kind="linear", rngs=nnx.Rngs(0))
+    mha = MultiHeadAttention(4, 16, num_kv_heads=2, rngs=nnx.Rngs(0))
+    shapes = jax.tree.map(jnp.shape, nnx.state(mha, nnx.Param))
+    assert jax.tree.map(jnp.shape, nnx.state(lin, nnx.Param)) == shapes
+    q, k, v = lin.query(X), lin.key(X), lin.value(X)
+    want = lin.out(jattn.linear_attention(q, k, v, is_causal=True))
+    np.testing.assert_allclose(lin(X, is_causal=True), want, atol=1e-6)
+    valid = jnp.arange(9)[None, :] < jnp.array([9, 5])[:, None]
+    got = lin(X, mask=jattn.key_padding_mask(valid))
+    short = lin(X[1:, :5])
+    np.testing.assert_allclose(got[1, :5], short[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "performer", "retention", "gla"])
+def test_decoder_lm_prefill_and_steps_equal_the_forward_pass(kind):
+    lm = DecoderLM(11, num_layers=1, features=16, num_heads=4, max_len=16, dropout_rate=0.0,
+                   attention=kind, rngs=nnx.Rngs(0))  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 3, 11)
+    full = lm(tokens)
+    step = nnx.jit(lambda lm, tok, caches: lm.step(tok, caches))
+    caches = lm.init_cache(2, 16)
+    logits, caches = step(lm, tokens[:, :5], caches)  # a chunked prefill
+    outs = [logits]
+    for t in range(5, 8):  # then recurrent single-token steps
+        logits, caches = step(lm, tokens[:, t : t + 1], caches)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
+    assert caches[0].kv.shape[:2] == (2, 4) and caches[0].index.tolist() == [8, 8]
+
+
+def test_generation_with_ragged_prompts_equals_one_prompt_at_a_time():
+    """The state of each example stops where its prompt does (no padding leaks in)."""
+    lm = DecoderLM(11, num_layers=2, features=16, num_heads=4, max_len=16, dropout_rate=0.0,
+                   attention="gla", rngs=nnx.Rngs(0))  # fmt: skip
+    prompt, lengths = jnp.array([[5, 6, 7, 8], [9, 4, 0, 0]]), jnp.array([4, 2])
+    for beam in (1, 2):
+        both = lm.generate(prompt, lengths, max_new_tokens=4, beam_size=beam)
+        one = lm.generate(prompt[1:, :2], lengths[1:], max_new_tokens=4, beam_size=beam)
+        np.testing.assert_array_equal(both[1], one[0])
+
+
+def test_models_and_errors():
+    model = Transformer(11, 11, features=16, num_heads=4, attention="performer",
+                        rngs=nnx.Rngs(0))  # fmt: skip
+    assert isinstance(model.encoder.layers[0].self_attention, LinearAttention)
+    assert isinstance(model.decoder.layers[0].cross_attention, MultiHeadAttention)
+    assert not isinstance(model.decoder.layers[0].cross_attention, LinearAttention)
+    src = jnp.full((2, 6), 5, jnp.int32)
+    assert model(src, src).shape == (2, 6, 11)
+    clf = EncoderClassifier(11, 3, features=16, num_heads=4, attention="linear", rngs=nnx.Rngs(0))
+    assert clf(jnp.array([[5, 6, 0], [5, 5, 5]])).shape == (2, 3)
+    with pytest.raises(ValueError, match="'retention' is causal only"):
+        Transformer(11, 11, features=16, num_heads=4, attention="retention", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention must be 'softmax' or one of"):
+        DecoderLM(11, features=16, num_heads=4, attention="flash", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention='linear' takes no mask_mod"):
+        DecoderLM(11, features=16, num_heads=4, attention="linear", mask_mod="causal",
+                  rngs=nnx.Rngs(0))  # fmt: skip
+    lin = LinearAttention(4, 16, kind="retention", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="causal only: call it with is_causal=True"):
+        lin(X)
+    with pytest.raises(ValueError, match="only a boolean key-padding mask"):
+        LinearAttention(4, 16, rngs=nnx.Rngs(0))(X, mask=jnp.ones((2, 1, 9, 9), bool))
+    with pytest.raises(ValueError, match="never forms the"):
+        LinearAttention(4, 16, rngs=nnx.Rngs(0))(X, return_weights=True)
