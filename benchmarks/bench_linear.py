@@ -1,0 +1,123 @@
+"""Linear attention (issue 15 targets), CPU float32, B=1, N=8, H=64.
+
+- Causal linear attention (chunked) against jattn's exact causal attention at T=16384,
+  forward+backward (target: at least 10x faster), interleaved in one process.
+- Chunked against the scan (recurrent) form, forward+backward (target: chunked at least
+  as fast), at ``--scan-t``.
+- Time against T for the chunked form (target: linear), 1k .. 64k.
+
+    python benchmarks/bench_linear.py
+    python benchmarks/bench_linear.py --only exact --t 8192 --repeats 3
+    python benchmarks/bench_linear.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jattn
+
+B, N, H = 1, 8, 64
+
+
+def inputs(t, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(k, (B, t, N, H), jnp.float32) for k in ks]
+
+
+def interleave(fns: dict, repeats: int) -> dict:
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def fwd_bwd(fn):
+    """Gradient wrt q, k, v of sum(out * v): a training step's attention."""
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * v), argnums=(0, 1, 2)))
+    return grad
+
+
+def linear_causal(implementation=None):
+    def fn(q, k, v):
+        return jattn.linear_attention(q, k, v, is_causal=True, implementation=implementation)
+
+    return fn
+
+
+def exact(t, repeats):
+    q, k, v = inputs(t)
+    fns = {
+        "linear chunked": fwd_bwd(linear_causal()),
+        "exact causal (jattn)": fwd_bwd(
+            lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True)
+        ),
+    }
+    med = interleave({n: (lambda f=f: jax.block_until_ready(f(q, k, v))) for n, f in fns.items()},
+                     repeats)  # fmt: skip
+    row = dict(case="causal fwd+bwd: linear chunked vs exact", T=t)
+    row["ms"] = {n: round(1e3 * m, 1) for n, m in med.items()}
+    row["speedup"] = round(med["exact causal (jattn)"] / med["linear chunked"], 2)
+    print(json.dumps(row))
+
+
+def scan(t, repeats):
+    q, k, v = inputs(t)
+    fns = {form: fwd_bwd(linear_causal(form)) for form in ("chunked", "recurrent")}
+    med = interleave({n: (lambda f=f: jax.block_until_ready(f(q, k, v))) for n, f in fns.items()},
+                     repeats)  # fmt: skip
+    row = dict(case="causal fwd+bwd: chunked vs scan", T=t)
+    row["ms"] = {n: round(1e3 * m, 1) for n, m in med.items()}
+    row["chunked_speedup"] = round(med["recurrent"] / med["chunked"], 2)
+    print(json.dumps(row))
+
+
+def scaling(lengths, repeats):
+    grad = fwd_bwd(linear_causal())
+    prev = None
+    for t in lengths:
+        q, k, v = inputs(t)
+        run = {"c": lambda q=q, k=k, v=v: jax.block_until_ready(grad(q, k, v))}
+        med = interleave(run, repeats)["c"]
+        row = dict(case="chunked fwd+bwd vs T", T=t, ms=round(1e3 * med, 1))
+        row["us_per_token"] = round(1e6 * med / t, 2)
+        if prev is not None:
+            row["ratio_to_previous"] = round(med / prev, 2)
+        prev = med
+        print(json.dumps(row))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--t", type=int, default=16384)
+    p.add_argument("--scan-t", type=int, default=4096)
+    p.add_argument("--lengths", type=int, nargs="*", default=[1024 * 2**i for i in range(7)])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="*", default=["exact", "scan", "scaling"])
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args()
+    if a.smoke:
+        a.t, a.scan_t, a.lengths, a.repeats = 256, 256, [128, 256], 1
+    print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}, B={B} N={N} H={H}")
+    if "exact" in a.only:
+        exact(a.t, a.repeats)
+    if "scan" in a.only:
+        scan(a.scan_t, a.repeats)
+    if "scaling" in a.only:
+        scaling(a.lengths, a.repeats)
+
+
+if __name__ == "__main__":
+    main()
