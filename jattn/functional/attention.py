@@ -73,6 +73,9 @@ def dot_product_attention(
           O(T * H) memory (:func:`jattn.functional.blocked.blocked_attention`).
         - ``'cudnn'``, ``'pallas'``: the GPU / TPU kernels; a ``ValueError`` lists
           what they do not support.
+        - ``'splash'``: the TPU Pallas splash kernel with the mask_mod (and causal /
+          window shortcuts) evaluated per head and block, empty blocks skipped; the
+          default on TPU for calls with mask functions it can take.
 
         With ``return_weights`` the output still comes from the chosen path, and
         the weights from the dense softmax.

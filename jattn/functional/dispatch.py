@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _sharding, blocked, dense
+from jattn.functional import _sharding, blocked, dense, kernels, mods
 from jattn.functional._checks import OPTION_DEFAULTS, AttentionSpec
 from jattn.functional.blocked import MAX_TILE_ELEMENTS, blocked_attention, default_block_sizes
 from jattn.functional.kernels import cudnn_attention, pallas_attention, pallas_block
@@ -51,7 +51,7 @@ __all__ = [
     "unchecked_spec",
 ]
 
-IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas")
+IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas", "splash")
 
 #: Up to this many score elements per head (T * S) the dense path wins on CPU (measured:
 #: T=S=128 dense is 3x faster than blocked, T=S=512 blocked is 1.3-2x faster; 256 is a tie).
@@ -182,6 +182,43 @@ def _pallas_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[st
     return problems
 
 
+def _splash_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[str]:
+    """Why the TPU Pallas splash kernel cannot give our results for a call with mask
+    functions (it evaluates the mask_mod on the host per head, skips empty blocks)."""
+    query, key, value = spec.query, spec.key, spec.value
+    problems = []
+    if _platform() != "tpu" and not interpret:
+        problems.append(f"device {_platform()!r} (the splash kernel needs a TPU)")
+    h, hv = query.shape[-1], value.shape[-1]
+    if h != hv:
+        problems.append(f"value head dim Hv={hv} != H={h}")
+    t, s = query.shape[-3], key.shape[-3]
+    if pallas_block(t) is None or pallas_block(s) is None:
+        problems.append(f"lengths T={t}, S={s} (the kernel needs multiples of 128)")
+    for name, x in (
+        ("bias", spec.bias),
+        ("boolean masks", spec.mask),
+        ("query_seq_lengths", spec.query_seq_lengths),
+        ("key_value_seq_lengths", spec.key_value_seq_lengths),
+    ):
+        if x is not None:
+            problems.append(name)
+    if spec.dropout_rate > 0.0:
+        problems.append("dropout")
+    if spec.return_residual:
+        problems.append("return_residual")
+    sm = spec.score_mod
+    if sm is not None and not (isinstance(sm, mods.Mod) and sm.fn is mods._softcap):
+        problems.append("score_mod other than jattn.mods.softcap (the kernel has only a soft-cap)")
+    mm = kernels.splash_mask_mod(spec)
+    if mm is not None:
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(mm)):
+            problems.append("a mask_mod holding traced arrays (splash evaluates it when traced)")
+        elif kernels.depends_on_example(mm):
+            problems.append("a mask_mod that depends on the example (segment ids, lengths)")
+    return problems
+
+
 def unchecked_spec(query, key, value, bias=None, mask=None, **options) -> AttentionSpec:
     """An :class:`AttentionSpec` from ``dot_product_attention``'s arguments, without the
     checks (for :func:`select` on shapes: arrays may be ``jax.ShapeDtypeStruct``).
@@ -216,7 +253,7 @@ def unchecked_spec(query, key, value, bias=None, mask=None, **options) -> Attent
 
 
 def select(implementation, spec, *args, **options) -> str:
-    """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas'`` to run.
+    """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas' | 'splash'`` to run.
 
     ``spec`` is the :class:`~jattn.functional._checks.AttentionSpec` of a checked call
     (what :func:`jattn.dot_product_attention` builds), or, to ask about shapes,
@@ -226,7 +263,9 @@ def select(implementation, spec, *args, **options) -> str:
     ``select(None, q, k, v, is_causal=True)`` to see which path a call takes.
 
     ``implementation=None`` picks the fastest path that gives the library's results:
-    cuDNN on GPU and Pallas on TPU where they support the inputs; otherwise on CPU
+    cuDNN on GPU and Pallas on TPU where they support the inputs (on TPU, a call with
+    mask functions runs the splash kernel where it can: :func:`_splash_problems`);
+    otherwise on CPU
     the dense path for short sequences (``T * S <= DENSE_MAX_ELEMENTS``) and for a
     few queries against many keys (:func:`dense_in_layout`: a decoding step), the
     blocked path for other long ones, and on GPU/TPU the dense path while its float32 scores
@@ -248,7 +287,7 @@ def select(implementation, spec, *args, **options) -> str:
         return "dense"
     if implementation == "blocked":
         return "blocked"
-    checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems}
+    checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems, "splash": _splash_problems}
     if implementation is not None:
         problems = checks[implementation](spec)
         if problems:
@@ -261,6 +300,9 @@ def select(implementation, spec, *args, **options) -> str:
         return "cudnn"
     if platform == "tpu" and not _pallas_problems(spec):
         return "pallas"
+    with_mods = any(x is not None for x in (spec.mask_mod, spec.score_mod, spec.block_mask))
+    if platform == "tpu" and with_mods and not _splash_problems(spec):
+        return "splash"
     query, key = spec.query, spec.key
     t, s = query.shape[-3], key.shape[-3]
     if platform in ("gpu", "tpu"):
@@ -300,6 +342,7 @@ PATHS = {
     "blocked": blocked.attend,
     "cudnn": _kernel_path("cudnn"),
     "pallas": _kernel_path("pallas"),
+    "splash": kernels.splash_attention,
 }
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.functional._checks import OPTION_DEFAULTS
 from jattn.functional.masks import causal_mask
 from jattn.functional.softmax import MASK_FILL
 
-__all__ = ["cudnn_attention", "pallas_attention", "pallas_block"]
+__all__ = ["cudnn_attention", "pallas_attention", "pallas_block", "splash_attention"]
 
 
 def pallas_block(n: int) -> int | None:
@@ -165,3 +166,137 @@ def _interpreted(f, *args):
 
     g.defvjp(g_fwd, g_bwd)
     return g(*args)
+
+
+# ------------------------------------------------------------------------------ splash
+
+
+def splash_mask_mod(spec):
+    """The one mask_mod a splash call evaluates: the spec's shortcuts (causal, window)
+    and its mask_mod (or its block mask's), by logical and; None for none."""
+    from jattn.functional import mods
+
+    user = spec.mask_mod
+    if user is None and spec.block_mask is not None:
+        user = spec.block_mask.mask_mod
+    return mods.shortcut_mask_mod(
+        spec.is_causal, spec.window, None, None, None if user is None else mods.as_mod(user)
+    )
+
+
+def depends_on_example(mask_mod) -> bool:
+    """Whether ``mask_mod``'s result depends on its example index ``b`` (by the data flow
+    of its traced program, so exactly); True when that cannot be told."""
+    from jax._src.interpreters import partial_eval as pe
+
+    from jattn.functional import mods
+
+    idx = jnp.arange(2, dtype=jnp.int32)
+
+    def f(b):
+        return mods.call_mask(mask_mod, b, jnp.int32(0), idx[:, None], idx[None, :])
+
+    try:
+        closed = jax.make_jaxpr(f)(jnp.int32(0))
+        _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    except Exception:  # noqa: BLE001 - a private API: when in doubt, it depends
+        return True
+    return bool(used[0])
+
+
+def _splash_mask_class():
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    class ModMask(sm.Mask):
+        """One head of a jattn mask_mod as a splash mask, evaluated on the host a block
+        at a time (splash stores only the partial blocks)."""
+
+        def __init__(self, mask_mod, head: int, shape: tuple[int, int]):
+            self.mask_mod, self.head, self._shape = mask_mod, head, shape
+
+        @property
+        def shape(self):
+            return self._shape
+
+        def __getitem__(self, idx):
+            from jattn.functional import mods
+
+            q, kv = (np.arange(*s.indices(n)) for s, n in zip(idx, self._shape, strict=True))
+            with jax.ensure_compile_time_eval():
+                m = mods.call_mask(self.mask_mod, 0, self.head, q[:, None], kv[None, :])
+                return np.broadcast_to(np.asarray(m), (q.size, kv.size))
+
+        def __eq__(self, other):
+            return self is other
+
+        def __hash__(self):
+            return id(self)
+
+    return ModMask
+
+
+def splash_attention(spec, *, interpret: bool = False):
+    """The TPU Pallas splash kernel (shipped with JAX) on a checked spec whose mask is a
+    mask_mod (and the causal/window shortcuts): ``(out, None)``.
+
+    The mask_mod is evaluated on the host per head and block when the call is traced
+    (it must not depend on the example, :func:`depends_on_example`); splash skips the
+    empty blocks and masks the partial ones. A ``softcap`` score_mod maps to the
+    kernel's logit soft-cap. Grouped heads are repeated to N. Rows with no visible key
+    get ``fully_masked``'s zeros or mean of the values. ``interpret=True`` runs the
+    kernel in the Pallas TPU interpreter (tests on CPU).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    query, key, value = spec.query, spec.key, spec.value
+    nb = query.ndim - 3
+    t, n, h = query.shape[-3:]
+    s, kh = key.shape[-3], key.shape[-2]
+    mm = splash_mask_mod(spec)
+    if mm is None:
+        mask = sm.MultiHeadMask([sm.FullMask((t, s)) for _ in range(n)])
+    else:
+        cls = _splash_mask_class()
+        mask = sm.MultiHeadMask([cls(mm, head, (t, s)) for head in range(n)])
+    cap = None if spec.score_mod is None else float(spec.score_mod.params[0])
+    bq, bk = pallas_block(t), pallas_block(s)
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                          block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                          block_kv_dq=bk)  # fmt: skip
+    scale = 1.0 / (h**0.5) if spec.scale is None else float(spec.scale)
+
+    def bnth(x):  # [..., T, N, H] -> [B, N, T, H]
+        return jnp.swapaxes(x.reshape((-1,) + x.shape[nb:]), 1, 2)
+
+    q = bnth(query) * jnp.asarray(scale, query.dtype)
+    k, v = (jnp.repeat(bnth(x), n // kh, axis=1) for x in (key, value))
+
+    def call(q, k, v):
+        kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    attn_logits_soft_cap=cap, interpret=interpret)  # fmt: skip
+        return jax.vmap(kernel)(q, k, v)
+
+    out = call(q, k, v)  # [B, N, T, Hv]
+    if mm is not None:  # rows that see no key: the fully_masked policy, as every path
+        with jax.ensure_compile_time_eval():
+            seen = np.stack([_rows_seen(mm, head, t, s) for head in range(n)])  # [N, T]
+        dead = jnp.asarray(~seen)[None, :, :, None]
+        fill = jnp.zeros((), out.dtype)
+        if spec.fully_masked == "uniform":
+            fill = jnp.mean(v.astype(jnp.float32), axis=2, keepdims=True).astype(out.dtype)
+        out = jnp.where(dead, fill, out)
+    return jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:]), None
+
+
+def _rows_seen(mask_mod, head: int, t: int, s: int, rows: int = 512) -> np.ndarray:
+    """``[T]``: which queries of ``head`` see some key, a block of rows at a time."""
+    from jattn.functional import mods
+
+    out = np.zeros(t, bool)
+    kv = np.arange(s)[None, :]
+    for start in range(0, t, rows):
+        q = np.arange(start, min(start + rows, t))[:, None]
+        m = np.asarray(mods.call_mask(mask_mod, 0, head, q, kv))
+        out[start : start + q.shape[0]] = np.broadcast_to(m, (q.shape[0], s)).any(axis=1)
+    return out

@@ -1,0 +1,69 @@
+"""The TPU splash kernel driven by jattn's mask functions, run by the Pallas TPU
+interpreter on CPU: outputs and gradients equal the dense path; selection and refusals."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import mods
+from jattn.functional import dispatch, kernels
+
+B, T, N, K, H = 1, 256, 4, 2, 32
+Q, KEY, V = (jax.random.normal(jax.random.key(i), (B, T, n, H)) for i, n in enumerate((N, K, K)))
+PATTERNS = {
+    "causal + window": dict(is_causal=True, local_window_size=(40, 0)),
+    "per head, one head fully masked": dict(
+        mask_mod=mods.per_head(
+            [mods.causal(), mods.sliding_window(20), mods.strided(7), mods.not_mask(mods.full())]
+        )
+    ),
+    "softcap": dict(mask_mod=mods.causal(), score_mod=mods.softcap(2.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_splash_equals_dense_with_gradients(name):
+    kw = PATTERNS[name]
+
+    def loss(path, q, k, v):
+        if path == "splash":
+            spec = dispatch.unchecked_spec(q, k, v, **kw)
+            out = kernels.splash_attention(spec, interpret=True)[0]
+        else:
+            out = jattn.dot_product_attention(q, k, v, implementation="dense", **kw)
+        return jnp.sum(jnp.sin(out)), out
+
+    spec = dispatch.unchecked_spec(Q, KEY, V, **kw)
+    assert dispatch._splash_problems(spec, interpret=True) == []
+    (_, got), g_got = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("splash", Q, KEY, V)
+    (_, want), g_want = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("dense", Q, KEY, V)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_selection_and_refusals(monkeypatch):
+    monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (Q, KEY, V)]
+    assert dispatch.select(None, *shapes, mask_mod=mods.sliding_window(8)) == "splash"
+    assert dispatch.select(None, *shapes, is_causal=True) == "pallas"  # no mask functions
+    two = [jax.ShapeDtypeStruct((2,) + x.shape[1:], x.dtype) for x in (Q, KEY, V)]
+    seg = mods.segments(jnp.zeros((2, T), jnp.int32))
+    assert dispatch.select(None, *two, mask_mod=seg) != "splash"  # depends on b
+    with pytest.raises(ValueError, match="depends on the example"):
+        dispatch.select("splash", *two, mask_mod=seg)
+    with pytest.raises(ValueError, match="score_mod other than jattn.mods.softcap"):
+        dispatch.select("splash", *shapes, score_mod=mods.alibi(jnp.ones(N)))
+    with pytest.raises(ValueError, match=r"bias; .*key_value_seq_lengths"):
+        dispatch.select("splash", *shapes, bias=jnp.zeros((T, T)),
+                        key_value_seq_lengths=jnp.full((B,), T))  # fmt: skip
+    short = [jax.ShapeDtypeStruct((B, 100, n, H), jnp.float32) for n in (N, K, K)]
+    with pytest.raises(ValueError, match="multiples of 128"):
+        dispatch.select("splash", *short, mask_mod=mods.causal())
+    monkeypatch.setattr(dispatch, "_platform", lambda: "cpu")
+    with pytest.raises(ValueError, match="the splash kernel needs a TPU"):
+        dispatch.select("splash", *shapes, mask_mod=mods.causal())
