@@ -18,3 +18,22 @@ from jattn.functional import __all__ as _functional_all
 __version__ = "0.1.0"
 
 __all__ = list(_functional_all)
+
+#: Submodules reachable as attributes (``jattn.layers``), imported on first use so that
+#: ``import jattn`` stays the functional core (no Flax, optax or matplotlib import).
+_SUBMODULES = ("data", "demo", "diagnostics", "interop", "layers", "models", "train",
+               "training", "viz")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f"jattn.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'jattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES))

@@ -77,7 +77,8 @@ y_truth = f(x_test)
 kernels = {
     "constant (average)": (nw.constant_kernel, 1.0),
     "boxcar, width 1": (nw.boxcar_kernel, 1.0),
-    "Epanechikov, width 1": (nw.epanechikov_kernel, 1.0),
+    "triangular (d2l's 'Epanechikov'), width 1": (nw.triangular_kernel, 1.0),
+    "Epanechnikov, width 1": (nw.epanechnikov_kernel, 1.0),
     "Gaussian, width 1": (nw.gaussian_kernel, 1.0),
     "Gaussian, width 0.2": (nw.gaussian_kernel, 0.2),
 }

@@ -119,14 +119,15 @@ def test_kernel_regression_width_is_a_positive_scalar_and_kernels_go_by_name():
             kr.nadaraya_watson_weights(q, k, width=width)
     # a traced width cannot be checked: <= 0 shows as NaN instead of silently wrong weights
     weights = jax.jit(
-        lambda w: kr.nadaraya_watson_weights(q, k, kernel=kr.epanechikov_kernel, width=w)
+        lambda w: kr.nadaraya_watson_weights(q, k, kernel=kr.triangular_kernel, width=w)
     )
     assert jnp.all(jnp.isnan(weights(-1.0))) and jnp.allclose(weights(2.0).sum(-1), 1.0)
     np.testing.assert_array_equal(
         kr.nadaraya_watson_weights(q, k, kernel="gaussian", width=0.7),
         kr.nadaraya_watson_weights(q, k, kernel=kr.gaussian_kernel, width=0.7),
     )
-    assert kr.KERNELS["epanechnikov"] is kr.KERNELS["epanechikov"] is kr.epanechikov_kernel
+    assert kr.KERNELS["epanechnikov"] is kr.epanechnikov_kernel
+    assert kr.KERNELS["epanechikov"] is kr.KERNELS["triangular"] is kr.triangular_kernel  # d2l
     with pytest.raises(ValueError, match=r"unknown kernel 'gauss'; expected one of \['boxcar'"):
         kr.nadaraya_watson(q, k, k, kernel="gauss")
     with pytest.raises(TypeError, match="kernel must be a function .* got int"):

@@ -31,7 +31,8 @@ def _np_kernel(name, d, width):
         "gaussian": np.exp(-(u**2) / 2),
         "boxcar": (u < 1.0).astype(np.float64),
         "constant": np.ones_like(u),
-        "epanechikov": np.maximum(1 - u, 0.0),
+        "triangular": np.maximum(1 - u, 0.0),
+        "epanechnikov": np.maximum(0.75 * (1 - u**2), 0.0),
     }[name]
 
 
@@ -42,7 +43,7 @@ def _np_nw(q, k, v, name, width):
     return w @ v.astype(np.float64), w
 
 
-@pytest.mark.parametrize("name", ["gaussian", "boxcar", "constant", "epanechikov"])
+@pytest.mark.parametrize("name", ["gaussian", "boxcar", "constant", "triangular", "epanechnikov"])
 @pytest.mark.parametrize("width", [0.3, 1.0, 2.5])
 def test_kernels_match_numpy(name, width):
     q, k, v = _data()
@@ -59,8 +60,14 @@ def test_kernel_is_log_of_d2l_kernel():
     np.testing.assert_allclose(jnp.exp(nw.gaussian_kernel(d)), np.exp(-np.square(d) / 2), **TOL)
     np.testing.assert_array_equal(jnp.exp(nw.boxcar_kernel(d)), np.abs(np.asarray(d)) < 1)
     np.testing.assert_allclose(
-        jnp.exp(nw.epanechikov_kernel(d)), np.maximum(1 - np.abs(np.asarray(d)), 0), **TOL
+        jnp.exp(nw.triangular_kernel(d)), np.maximum(1 - np.abs(np.asarray(d)), 0), **TOL
     )
+    u = np.asarray(d, np.float64) / 1.5
+    np.testing.assert_allclose(  # Epanechnikov: 3/4 (1 - u^2) inside the window
+        jnp.exp(nw.epanechnikov_kernel(d, 1.5)), np.maximum(0.75 * (1 - u**2), 0), **TOL
+    )
+    with pytest.warns(DeprecationWarning, match="d2l's name for the triangular kernel"):
+        np.testing.assert_array_equal(nw.epanechikov_kernel(d), nw.triangular_kernel(d))
     assert np.all(np.exp(np.asarray(nw.constant_kernel(d))) == 1)
 
 
@@ -71,7 +78,7 @@ def test_empty_window_gives_zero_weights_not_nan():
     np.testing.assert_allclose(w, [[0.5, 0.5], [0.0, 0.0]])
     np.testing.assert_allclose(pred, [2.0, 0.0])
     g = jax.jit(
-        jax.grad(lambda x: nw.nadaraya_watson(x, k, k, kernel=nw.epanechikov_kernel)[0].sum())
+        jax.grad(lambda x: nw.nadaraya_watson(x, k, k, kernel=nw.triangular_kernel)[0].sum())
     )(q)
     assert np.all(np.isfinite(g))
 
@@ -190,7 +197,9 @@ def test_layer_per_head_and_feature():
     np.testing.assert_allclose(out[:, 1], r, **TOL)
 
 
-@pytest.mark.parametrize("kernel", [nw.gaussian_kernel, nw.epanechikov_kernel])
+@pytest.mark.parametrize(
+    "kernel", [nw.gaussian_kernel, nw.triangular_kernel, nw.epanechnikov_kernel]
+)
 def test_gradient_where_a_query_sits_on_a_key(kernel):
     """[T, F] inputs: a query on a key (distance 0) has the gradient of the scalar
     case, not the NaN of sqrt's derivative at 0."""

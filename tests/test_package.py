@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import jattn
 import jattn.interop
 import jattn.layers
@@ -23,3 +25,16 @@ def test_every_export_exists():
     for module in (jattn, jattn.layers, jattn.models, jattn.interop):
         missing = [name for name in module.__all__ if not hasattr(module, name)]
         assert not missing, (module.__name__, missing)
+
+
+def test_submodules_are_attributes_imported_lazily():
+    """``jattn.layers`` etc. work after ``import jattn`` alone, which imports no Flax."""
+    code = (
+        "import sys, jattn; assert 'flax' not in sys.modules; "
+        "assert jattn.layers.MultiHeadAttention and jattn.models.DecoderLM and jattn.viz; "
+        "assert {'layers', 'models', 'train'} <= set(dir(jattn)); "
+        "import pathlib; assert (pathlib.Path(jattn.__file__).parent / 'py.typed').exists()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="module 'jattn' has no attribute 'layer'"):
+        jattn.layer  # noqa: B018

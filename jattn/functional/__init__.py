@@ -8,12 +8,14 @@ from jattn.functional.kernel_regression import (
     boxcar_kernel,
     constant_kernel,
     epanechikov_kernel,
+    epanechnikov_kernel,
     gaussian_kernel,
     leave_one_out_mask,
     nadaraya_watson,
     nadaraya_watson_weights,
     parametric_nadaraya_watson,
     parametric_nadaraya_watson_weights,
+    triangular_kernel,
 )
 from jattn.functional.linear import (
     LinearState,
@@ -92,6 +94,7 @@ __all__ = [
     "dot_product_attention",
     "dot_product_scores",
     "epanechikov_kernel",
+    "epanechnikov_kernel",
     "favor_features",
     "gaussian_kernel",
     "keep_mask",
@@ -115,5 +118,6 @@ __all__ = [
     "single_head_attention",
     "sinusoidal_encoding",
     "sliding_window_mask",
+    "triangular_kernel",
     "valid_lens_mask",
 ]

@@ -15,13 +15,14 @@ the softmax of ``-d^2 / 2``. ``jnp.exp(kernel(d))`` gives the kernel itself.
 
 Shapes: queries ``[T]`` (or ``[T, F]`` for F input features), keys ``[S]``
 (or ``[S, F]``), values ``[S]`` or ``[S, Hv]``, weights ``[T, S]``.
-A query whose kernel is zero on every key (a boxcar or Epanechikov window with
-no training point inside) gets all-zero weights and a zero prediction.
+A query whose kernel is zero on every key (a boxcar, triangular or Epanechnikov window
+with no training point inside) gets all-zero weights and a zero prediction.
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -38,6 +39,8 @@ __all__ = [
     "boxcar_kernel",
     "constant_kernel",
     "epanechikov_kernel",
+    "epanechnikov_kernel",
+    "triangular_kernel",
     "gaussian_kernel",
     "leave_one_out_mask",
     "nadaraya_watson",
@@ -70,23 +73,50 @@ def constant_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
     return jnp.zeros(jnp.shape(distances), jnp.float32)
 
 
-def epanechikov_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
-    """Log of the Epanechikov kernel ``max(0, 1 - |d| / width)``; ``-inf`` outside the window."""
-    d = jnp.asarray(distances, jnp.float32)
-    k = 1.0 - jnp.abs(d) / width
+def _log_positive_part(k):
+    """``log(max(k, 0))`` with ``-inf`` outside, and no NaN reaching a gradient."""
     inside = k > 0
-    # log of a safe positive value inside, so no NaN reaches a gradient through the where.
     return jnp.where(inside, jnp.log(jnp.where(inside, k, 1.0)), jnp.float32(_NEG_INF))
 
 
-#: The built-in kernels by name: ``kernel="gaussian"`` is ``kernel=gaussian_kernel``
-#: (Epanechnikov under both spellings).
+def triangular_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """Log of the triangular kernel ``max(0, 1 - |d| / width)``; ``-inf`` outside the window.
+
+    (d2l calls this kernel "Epanechikov"; the Epanechnikov kernel is
+    :func:`epanechnikov_kernel`.)"""
+    d = jnp.asarray(distances, jnp.float32)
+    return _log_positive_part(1.0 - jnp.abs(d) / width)
+
+
+def epanechnikov_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """Log of the Epanechnikov kernel ``3/4 (1 - (d / width)^2)`` for ``|d| < width``;
+    ``-inf`` outside the window."""
+    d = jnp.asarray(distances, jnp.float32) / width
+    return _log_positive_part(0.75 * (1.0 - jnp.square(d)))
+
+
+def epanechikov_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
+    """d2l's "Epanechikov" kernel, which is the triangular kernel: deprecated, use
+    :func:`triangular_kernel` (the same values) or :func:`epanechnikov_kernel`."""
+    warnings.warn(
+        "epanechikov_kernel is d2l's name for the triangular kernel max(0, 1 - |d|/width): "
+        "use triangular_kernel (the same values), or epanechnikov_kernel for "
+        "3/4 (1 - (d/width)^2)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return triangular_kernel(distances, width)
+
+
+#: The built-in kernels by name: ``kernel="gaussian"`` is ``kernel=gaussian_kernel``.
+#: ``"epanechikov"`` (d2l's spelling) is d2l's kernel, the triangular one.
 KERNELS: dict[str, Kernel] = {
     "gaussian": gaussian_kernel,
     "boxcar": boxcar_kernel,
     "constant": constant_kernel,
-    "epanechikov": epanechikov_kernel,
-    "epanechnikov": epanechikov_kernel,
+    "triangular": triangular_kernel,
+    "epanechnikov": epanechnikov_kernel,
+    "epanechikov": triangular_kernel,
 }
 
 
@@ -159,7 +189,8 @@ def nadaraya_watson_weights(
       queries: ``[T]`` or ``[T, F]``.
       keys: ``[S]`` or ``[S, F]``; with F features the distance is the Euclidean norm.
       kernel: a log-kernel (:func:`gaussian_kernel`, :func:`boxcar_kernel`,
-        :func:`constant_kernel`, :func:`epanechikov_kernel` or your own), or the
+        :func:`constant_kernel`, :func:`triangular_kernel`, :func:`epanechnikov_kernel` or
+        your own), or the
         name of a built-in one (:data:`KERNELS`: ``"gaussian"``, ...).
       width: the kernel width (bandwidth), a positive scalar. Under ``jax.jit`` a
         traced width cannot be checked: a width <= 0 gives NaN weights.
