@@ -17,6 +17,9 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.compilation_cache_dir = "~/.cache/jattn/jax"
+    # False: nothing outside --workdir (no compilation cache; matplotlib's font cache
+    # in workdir/.matplotlib)
+    config.write_outside_workdir = True
 
     config.task = ml_collections.ConfigDict(dict(name="dates", num_train=50000, num_test=1000))
 

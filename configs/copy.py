@@ -10,6 +10,9 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.compilation_cache_dir = "~/.cache/jattn/jax"
+    # False: nothing outside --workdir (no compilation cache; matplotlib's font cache
+    # in workdir/.matplotlib)
+    config.write_outside_workdir = True
 
     config.task = ml_collections.ConfigDict(
         dict(name="copy", num_train=10000, num_test=500, min_len=1, max_len=10, num_symbols=10)

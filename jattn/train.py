@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -34,6 +35,7 @@ from jattn.training.metrics import bleu, exact_match
 from jattn.training.optim import learning_rate_schedule, make_optimizer
 from jattn.training.parallel import data_parallel_mesh, replicated
 from jattn.training.state import create_train_state, make_eval_step, make_train_step
+from jattn.training.workdir import WorkdirLock, check_writable
 
 __all__ = ["MODELS", "build_model", "main", "train_and_evaluate", "validate_config"]
 
@@ -42,6 +44,8 @@ MODELS = {
     "transformer": "jattn.models:Transformer",
     "bahdanau": "jattn.models.seq2seq:BahdanauSeq2Seq",
 }
+# Optional top-level fields and their values when a config leaves them out.
+_OPTIONAL_TOP = {"write_outside_workdir": True}
 _FEATURE_KEYS = ("features", "d_model", "embed_dim", "model_dim", "qkv_features", "hidden_size")
 
 
@@ -62,11 +66,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field and the reason for a config that cannot train."""
     cfg = config.to_dict()
     top = {"seed", "compilation_cache_dir", "task", "model", "train", "eval"}
+    known = top | set(_OPTIONAL_TOP)
     for key in cfg:
-        if key not in top:
-            raise ValueError(f"config.{key} is not a known field; known: {sorted(top)}")
+        if key not in known:
+            raise ValueError(f"config.{key} is not a known field; known: {sorted(known)}")
     for key in top - set(cfg):
         raise ValueError(f"config.{key} is missing")
+    if not isinstance(cfg.get("write_outside_workdir", True), bool):
+        value = cfg["write_outside_workdir"]
+        raise ValueError(
+            f"config.write_outside_workdir must be True or False, got {value!r} "
+            f"({type(value).__name__})"
+        )
     if not validate._ok(validate._NONNEG_INT, cfg["seed"]) or cfg["seed"] >= 2**32:
         raise ValueError(f"config.seed must be an int in [0, 2**32), got {cfg['seed']!r}")
     validate.check_fields("train", cfg["train"], validate.SCHEMAS["train"])
@@ -134,12 +145,31 @@ def _check_lengths(cfg: dict, *datasets: Seq2SeqDataset) -> None:
         )
 
 
+def _read_saved_config(path: Path) -> dict:
+    """``config.json`` as saved by the run that wrote the checkpoints; ``ValueError``
+    naming the file if it is damaged."""
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError(f"holds a {type(saved).__name__}, not a config")
+        for section in ("task", "model"):
+            if not isinstance(saved.get(section, {}), dict):
+                raise ValueError(f"its {section!r} is not a section")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(
+            f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}). It records the config "
+            "of the run that wrote the checkpoints, to check that a resume uses the same "
+            "model, task and seed: restore it, or delete it to resume without that check"
+        ) from e
+    return saved
+
+
 def _check_resume(workdir: Path, cfg: dict, start: int) -> None:
     """A checkpoint at ``start`` in ``workdir`` can continue under ``cfg``: the same model,
     task and seed as the run that wrote it (``config.json``), and ``start <= num_steps``."""
     saved_path = workdir / "config.json"
     if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        saved = _read_saved_config(saved_path)
         now = json.loads(json.dumps(cfg))  # as config.json holds it (tuples as lists)
         changed = []
         if saved.get("seed") != now["seed"]:
@@ -251,6 +281,8 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
     cross-attention layer (rows) and head (columns), input characters on x, output
     characters on y. The decoder is fed the model's own predictions, so the plot shows
     the alignment behind what the model wrote."""
+    if count <= 0:
+        return []  # nor import matplotlib, which writes its font cache on import
     from jattn.viz import collect_attention_weights, plot_attention_grid, save_figure
 
     idx = np.arange(min(count, len(ds)))
@@ -280,6 +312,15 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
         )
         paths.append(save_figure(fig, Path(workdir) / f"cross_attention_{i}.png", dpi=110))
     return paths
+
+
+def _keep_matplotlib_cache_in(workdir: Path) -> None:
+    """Points matplotlib's config and cache directory (``MPLCONFIGDIR``, by default
+    ``~/.config/matplotlib`` and ``~/.cache/matplotlib``: its font list) at
+    ``workdir/.matplotlib``, unless matplotlib is imported already (and so has written
+    its cache)."""
+    if "matplotlib" not in sys.modules:
+        os.environ["MPLCONFIGDIR"] = str(Path(workdir).absolute() / ".matplotlib")
 
 
 def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -319,7 +360,9 @@ def _initial_train_state(cfg: dict, train_ds: Seq2SeqDataset):
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None):
-    """The model of ``config`` with the parameters of ``workdir``'s checkpoint (latest by default).
+    """The model of ``config`` with the parameters of ``workdir``'s checkpoint (by default
+    the newest that verifies against its checksums; damaged newer ones are skipped with
+    a warning). A damaged ``step`` raises :class:`~jattn.training.checkpoint.CheckpointError`.
 
     >>> model = restore_model(config, "workdir/dates")  # doctest: +SKIP
     >>> model.generate(src, max_len=10)  # doctest: +SKIP
@@ -335,38 +378,83 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int 
         steps = ckpt.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
+        if step is None:
+            step, state, skipped = ckpt.restore_latest(like)
+            for _, why in skipped:
+                warnings.warn(f"skipped {why}", stacklevel=2)
+        elif step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has {steps}")
-        state = ckpt.restore(step, like)
+        else:
+            state = ckpt.restore(step, like)
     finally:
         ckpt.close()
     return nnx.merge(graphdef, state.params, state.rest)
+
+
+def _restore_newest_good(ckpt: Checkpointer, like):
+    """``(step, state)`` of the newest checkpoint that verifies (``(None, like)`` if there
+    is none); newer damaged ones are reported by name and set aside."""
+    step, state, skipped = ckpt.restore_latest(like)
+    for _, why in skipped:
+        tqdm.write(f"skipping {why}")
+    if step is None:
+        return None, like
+    moved = [ckpt.set_aside(bad) for bad, _ in skipped]
+    note = ""
+    if moved:
+        note = f" (the newest good one; damaged ones moved to {moved[0].parent})"
+    tqdm.write(f"resumed from {ckpt.path(step)} at step {step}{note}")
+    return step, state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``config.model`` on ``config.task``, resuming from ``workdir`` if it holds a
     checkpoint; then evaluates on the held-out split and writes samples and heatmaps.
 
+    The run holds ``workdir/train.lock`` while it runs (a second trainer on the same
+    workdir is refused, naming the holder), checks that ``workdir`` and its
+    ``checkpoints`` are writable before the first step, stops at once when a checkpoint
+    or metrics write fails, and resumes from the newest checkpoint that verifies.
+
     Returns a dict with ``step``, ``interrupted`` (``None``, ``'stop_after_steps'`` or the
     signal number), the final ``eval`` metrics, ``train_step_compiles`` and output paths.
     """
     validate_config(config)
     cfg = config.to_dict()
-    tcfg, ecfg = cfg["train"], cfg["eval"]
     train_ds, test_ds = make_datasets(config)
     graphdef, state, tx = _initial_train_state(cfg, train_ds)  # bad model options fail here
     _check_lengths(cfg, train_ds, test_ds)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir, "the lock, config.json and metrics.jsonl")
+    lock = WorkdirLock(workdir).acquire()
+    opened = []  # what _train_locked opens, closed here if it fails
+    try:
+        if lock.stale:
+            tqdm.write(f"{workdir}: taking over the lock of a trainer that died ({lock.stale})")
+        return _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened)
+    except BaseException:
+        for thing in reversed(opened):  # the error being raised says more than closing's
+            try:
+                thing.close()
+            except Exception:
+                pass
+        raise
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) -> dict:
+    """:func:`train_and_evaluate` once it holds ``workdir``; appends the checkpointer and
+    metrics log it opens to ``opened``."""
+    tcfg, ecfg = cfg["train"], cfg["eval"]
+    (workdir / "checkpoints").mkdir(exist_ok=True)
+    check_writable(workdir / "checkpoints", "checkpoints")
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
+    opened.append(ckpt)
     start = ckpt.latest_step()
     if start is not None:
-        try:
-            _check_resume(workdir, cfg, start)
-        except ValueError:
-            ckpt.close()
-            raise
+        _check_resume(workdir, cfg, start)
     tmp = workdir / "config.json.tmp"
     tmp.write_text(json.dumps(cfg, indent=2))
     os.replace(tmp, workdir / "config.json")
@@ -403,11 +491,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
 
     if start is not None:
-        state = ckpt.restore(start, state)
-        tqdm.write(f"resumed from {workdir / 'checkpoints'} at step {start}")
+        start, state = _restore_newest_good(ckpt, state)
     # fresh and restored states get the same placement, hence the same compiled step
     state = jax.device_put(state, replicated(mesh))
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start, final_step=num_steps)
+    opened.append(log)
+    if log.dropped:
+        s = "s" * (log.dropped > 1)
+        tqdm.write(f"{log.path}: dropped {log.dropped} damaged line{s}; kept the others")
     start = start or 0
     if 0 < start < num_steps and _eval_due(tcfg, start) and start not in log.eval_steps:
         m, _ = run_eval(state)  # the run that saved this checkpoint stopped before its eval
@@ -446,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     acc=f"{metrics['accuracy']:.3f}",
                     tok_s=f"{rate:,.0f}",
                 )
+            ckpt.poll()  # a checkpoint write that failed in the background stops here
             if step % tcfg["checkpoint_every"] == 0 and step < stop:
                 ckpt.save(step, state)
                 saved = step
@@ -493,6 +585,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"  (reference {test_ds.tgt_texts[i]!r})"
         )
     result["eval"] = metrics
+    if not cfg.get("write_outside_workdir", True):
+        _keep_matplotlib_cache_in(workdir)
     result["heatmaps"] = save_cross_attention_heatmaps(
         graphdef, state, test_ds, predictions, workdir, count=ecfg["num_heatmaps"]
     )
@@ -528,7 +622,8 @@ def main() -> None:
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         config = config_flag.value
         validate_config(config)
-        enable_compilation_cache(config.compilation_cache_dir)
+        if config.get("write_outside_workdir", True):
+            enable_compilation_cache(config.compilation_cache_dir)
         result = train_and_evaluate(config, workdir_flag.value)
         if isinstance(result["interrupted"], int):
             sys.exit(128 + result["interrupted"])

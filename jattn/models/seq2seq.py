@@ -306,8 +306,17 @@ class BahdanauSeq2Seq(nnx.Module):
         return jax.nn.log_softmax(logits), (jnp.swapaxes(h_new, 0, 1), keys, values, valid)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_len", "beam_size"))
 def _generate(model: BahdanauSeq2Seq, src, length_penalty, *, max_len: int, beam_size: int):
+    """``jax.jit`` over the model's split state, not ``nnx.jit``, whose write-back of the
+    state fails inside a caller's ``jax.jit`` that captured the model (TraceContextError,
+    the model left without attributes); decoding changes no state."""
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, src, length_penalty, max_len=max_len, beam_size=beam_size)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_len", "beam_size"))
+def _generate_jit(graphdef, state, src, length_penalty, *, max_len: int, beam_size: int):
+    model = nnx.merge(graphdef, state)
     states, valid, h0 = model.encode(src)
     *score, keys = model._score(states)
     step_fn = functools.partial(model._log_probs_step, tuple(score))
