@@ -31,13 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def trained_qkv(workdir: str, steps: int, examples: int):
     """``[(q, k, v)]`` per (layer, sentence length): ``[B, T, N, H]`` each, no padding."""
-    import sys
+    from jattn.train import load_config, make_datasets, restore_model, train_and_evaluate
 
-    sys.path.insert(0, str(ROOT))
-    from configs.dates import get_config
-    from jattn.train import make_datasets, restore_model, train_and_evaluate
-
-    config = get_config()
+    config = load_config(ROOT / "configs" / "dates.py")
     config.train.num_steps = steps
     config.train.warmup_steps = min(config.train.warmup_steps, steps // 4)
     config.train.checkpoint_every = steps

@@ -88,10 +88,12 @@ def test_decoder_lm_mixes_patterns_per_layer_and_decodes_with_them():
 
 def test_patterns_from_a_training_config():
     """config.model.mask_mod / score_mod as data reach every layer through the trainer."""
-    from configs.dates import get_config
-    from jattn.train import build_model, validate_config
+    import pathlib
 
-    config = get_config("small")
+    from jattn.train import build_model, load_config, validate_config
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "dates.py", "small")
     config.model.positional = "none"
     config.model.mask_mod = {"name": "per_head", "mods": ["full", WINDOW]}
     config.model.score_mod = {"name": "alibi", "bidirectional": True}
