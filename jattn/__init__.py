@@ -26,6 +26,10 @@ _SUBMODULES = ("data", "demo", "diagnostics", "interop", "layers", "models", "tr
 
 
 def __getattr__(name: str):
+    if name == "flax_attention_fn":  # a Flax-layer helper: imports Flax on first use
+        from jattn.layers.flax_compat import flax_attention_fn
+
+        return flax_attention_fn
     if name in _SUBMODULES:
         import importlib
 

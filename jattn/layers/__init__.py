@@ -1,6 +1,7 @@
 """Flax NNX layers over the functional core."""
 
 from jattn.layers.dropout import Dropout
+from jattn.layers.flax_compat import flax_attention_fn
 from jattn.layers.kernel_regression import NWKernelRegression
 from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
@@ -30,4 +31,5 @@ __all__ = [
     "RotaryEmbedding",
     "Score",
     "SinusoidalEncoding",
+    "flax_attention_fn",
 ]

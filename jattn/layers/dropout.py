@@ -3,11 +3,58 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jattn.functional.stochastic import dropout, fold_in
 
-__all__ = ["Dropout", "dropout_key", "next_key", "per_site_rngs"]
+__all__ = [
+    "Dropout",
+    "TrainEval",
+    "dropout_key",
+    "next_key",
+    "per_site_rngs",
+    "resolve_deterministic",
+]
+
+
+def resolve_deterministic(module, deterministic) -> bool:
+    """The ``deterministic`` a call of ``module`` runs with: the call argument when it is
+    given, else the module's ``deterministic`` attribute (which ``module.train()`` and
+    ``module.eval()`` set, as ``nnx.Module.train`` sets every ``deterministic`` below
+    it). A parent passes the value it resolved down to its sublayers, so an explicit
+    call argument reaches every site.
+
+    Raises a TypeError naming ``deterministic`` when the value is not a Python (or
+    NumPy) bool: a traced bool cannot decide whether dropout runs.
+    """
+    value = getattr(module, "deterministic", None) if deterministic is None else deterministic
+    if not isinstance(value, bool | np.bool_):
+        where = f"{type(module).__name__}.deterministic" if deterministic is None else "the call"
+        raise TypeError(
+            f"deterministic must be True (no dropout), False (dropout) or None (use the "
+            f"module's attribute, set by .train()/.eval()); {where} gave {value!r}"
+        )
+    return bool(value)
+
+
+class TrainEval:
+    """Mixin for an ``nnx.Module`` with dropout: a ``deterministic`` attribute (set it in
+    ``__init__``; ``True``, eval, by default) that ``nnx.Module.train()`` / ``.eval()``
+    and ``nnx.view(module, deterministic=...)`` switch, and that a call's
+    ``deterministic=None`` falls back to (:func:`resolve_deterministic`)."""
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view``.
+
+        Args:
+          deterministic: True disables dropout (eval), False enables it (training).
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def _deterministic(self, deterministic) -> bool:
+        return resolve_deterministic(self, deterministic)
 
 
 def next_key(stream: nnx.RngStream) -> jax.Array:

@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import mods
+from jattn.functional import _checks, mods
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention, dot_product_attention
+from jattn.functional.masks import causal_mask
+from jattn.functional.positional import rotary_embedding
 from jattn.layers import patterns
-from jattn.layers.dropout import dropout_key
+from jattn.layers.dropout import TrainEval, dropout_key
 from jattn.layers.scores import Score
 
 __all__ = ["MultiHeadAttention"]
@@ -40,7 +42,21 @@ def _combine(both, own, call):
     return both(own, call)
 
 
-class MultiHeadAttention(nnx.Module):
+def _rotary_unwrapped(fn):
+    """``(inner, wavelengths)``: ``fn`` without the
+    :class:`jattn.models.decoding.RotaryAttention` wrappers around it, and their
+    ``max_wavelength`` each (a Flax-style decode step applies RoPE at the cache
+    positions itself)."""
+    from jattn.models.decoding import RotaryAttention  # models import layers: lazily
+
+    wavelengths = []
+    while isinstance(fn, RotaryAttention):
+        wavelengths.append(fn.max_wavelength)
+        fn = fn.inner
+    return fn, tuple(wavelengths)
+
+
+class MultiHeadAttention(TrainEval, nnx.Module):
     """Multi-head attention (self, cross and multi-modal) over :mod:`jattn.functional`.
 
     Parameters have the layout of ``flax.nnx.MultiHeadAttention``: ``query``,
@@ -76,8 +92,20 @@ class MultiHeadAttention(nnx.Module):
         a Mod, a module with a ``score_mod()`` method (:class:`jattn.layers.ALiBi`,
         :class:`jattn.layers.RelativePositionBias`: its table trains with the layer)
         or config data (``{"name": "alibi"}``, ``{"name": "relative_position_bias"}``).
+      deterministic: the layer's mode when a call passes ``deterministic=None``:
+        True (the default) is eval, no dropout; ``layer.train()`` / ``layer.eval()``
+        (or ``nnx.view(layer, deterministic=...)``) switch it, as for Flax layers.
+      decode: the default of a call's ``decode`` (Flax's autoregressive cache, see
+        :meth:`init_cache`).
       rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` when
-        ``dropout_rate > 0``).
+        ``dropout_rate > 0``: the layer keeps a fork of it, so a training call needs
+        no ``rngs``).
+
+    Two key/value caches decode with this layer: Flax's, held by the layer
+    (:meth:`init_cache`, then calls with ``decode=True``; ``cached_key``,
+    ``cached_value``, ``cache_index`` are ``nnx.Cache`` variables, as in
+    ``flax.nnx.MultiHeadAttention``), and jattn's functional one, a pytree threaded
+    through :func:`jattn.models.decoding.cached_self_attention`.
     """
 
     def __init__(
@@ -102,6 +130,8 @@ class MultiHeadAttention(nnx.Module):
         attention_fn: Callable | None = None,
         mask_mod=None,
         score_mod=None,
+        deterministic: bool = True,
+        decode: bool = False,
         rngs: nnx.Rngs,
     ):
         num_heads = check_positive_int("num_heads", num_heads)
@@ -167,6 +197,59 @@ class MultiHeadAttention(nnx.Module):
         self.score_mod = patterns.holdable(
             patterns.score_pattern(score_mod, num_heads=num_heads, rngs=rngs)
         )
+        _checks.check_flags(deterministic=deterministic, decode=decode)
+        self.deterministic = bool(deterministic)
+        self.decode = bool(decode)
+        self.cache_dtype = dtype
+        # Flax's autoregressive cache (init_cache); None until then, as in Flax.
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
+
+    def init_cache(self, input_shape, dtype=jnp.float32):
+        """Flax's autoregressive cache, as ``flax.nnx.MultiHeadAttention.init_cache``:
+        zero ``cached_key [..., L, K, H]``, ``cached_value [..., L, K, Hv]`` and
+        ``cache_index`` 0 (``nnx.Cache`` variables) for inputs of ``input_shape
+        [..., L, D]`` (batch dims, L = the most positions to decode, D ignored).
+        Calls with ``decode=True`` then write their tokens at ``cache_index``.
+        """
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
+        ):
+            raise ValueError(
+                f"init_cache: input_shape must be [..., max_length, features] with positive "
+                f"ints, got {input_shape!r}"
+            )
+        lead = input_shape[:-1]
+        self.cached_key = nnx.Cache(jnp.zeros((*lead, self.num_kv_heads, self.head_dim), dtype))
+        self.cached_value = nnx.Cache(jnp.zeros((*lead, self.num_kv_heads, self.v_head_dim), dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
+
+    def set_view(
+        self,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+        batch_size: int | tuple[int, ...] | None = None,
+        max_length: int | None = None,
+    ):
+        """Used by ``nnx.view`` (as Flax's ``MultiHeadAttention.set_view``).
+
+        Args:
+          deterministic: True disables dropout (eval), False enables it (training).
+          decode: the default of a call's ``decode``.
+          batch_size, max_length: with ``decode=True``, a new cache of that batch shape
+            and length (:meth:`init_cache`); both or neither.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if decode is not None:
+            self.decode = decode
+        if (batch_size is None) != (max_length is None):
+            raise TypeError("set_view: pass both batch_size and max_length (for a new cache)")
+        if batch_size is not None:
+            batch = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+            self.init_cache((*batch, max_length, self.in_features), self.cache_dtype or jnp.float32)
 
     def call_mods(self, mask_mod=None, score_mod=None, *, q_offset=None):
         """``(mask_mod, score_mod)`` of a call: this layer's own (:func:`jattn.mods.and_masks`
@@ -190,13 +273,14 @@ class MultiHeadAttention(nnx.Module):
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         is_causal: bool = False,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         rngs: nnx.Rngs | None = None,
         return_weights: bool = False,
         sow_weights: bool = False,
         mask_mod=None,
         score_mod=None,
         block_mask=None,
+        decode: bool | None = None,
     ):
         """Attends from ``inputs_q`` to ``inputs_k``/``inputs_v``.
 
@@ -210,9 +294,18 @@ class MultiHeadAttention(nnx.Module):
           mask_mod, score_mod, block_mask: masks and score modifiers as functions
             (:mod:`jattn.mods`) for this call, combined with the layer's own
             (:meth:`call_mods`) and passed to the attention function.
-          deterministic: disables dropout when True (the default).
+          deterministic: disables dropout when True; None (the default) uses the
+            layer's ``deterministic`` attribute (True unless ``layer.train()``).
           rngs: dropout randomness for this call: ``nnx.Rngs``, an ``RngStream`` or a key
             (default: the layer's own stream).
+          decode: use Flax's autoregressive cache (:meth:`init_cache` first); None uses
+            the layer's ``decode`` attribute. The T tokens of ``inputs_q`` (self-
+            attention: ``inputs_k``/``inputs_v`` the same T tokens) are written at
+            ``cache_index`` and attend causally to the cache up to their own
+            positions; ``cache_index`` advances by T. One token per call is Flax's
+            use, more (a prefill) work too. The cache mask is causal, so
+            ``is_causal`` needs no change; ``mask``/``bias`` broadcast to
+            ``[..., N, T, max_length]``, and mask/score mods see the cache positions.
           return_weights: also return the float32 weights ``[..., N, T, S]``.
           sow_weights: sow the weights as ``nnx.Intermediate`` ``attention_weights``;
             call under ``nnx.capture(fn, nnx.Intermediate)`` (or use
@@ -242,9 +335,22 @@ class MultiHeadAttention(nnx.Module):
                 "must agree on all but the feature axis"
             )
 
+        deterministic = self._deterministic(deterministic)
+        decode = self.decode if decode is None else decode
+        _checks.check_flags(decode=decode)
         query = self.query(inputs_q)  # [..., T, N, H]
         key = self.key(inputs_k)  # [..., S, K, H]
         value = self.value(inputs_v)  # [..., S, K, Hv]
+
+        fn = self.attention_fn
+        q_offset = None
+        if decode:
+            if block_mask is not None:
+                raise ValueError("decode=True takes no block_mask (it is built for a fixed T, S)")
+            query, key, value, mask, q_offset, fn = self._decode_step(query, key, value, mask)
+            is_causal = False  # the cache mask is causal at the cache positions
+            mask_mod = None if mask_mod is None else mods.offset(mask_mod, q_offset)
+            score_mod = None if score_mod is None else mods.offset(score_mod, q_offset)
 
         dropout_rate, dropout_rng = 0.0, None
         if self.dropout_rate > 0.0 and not deterministic:
@@ -264,15 +370,70 @@ class MultiHeadAttention(nnx.Module):
             kwargs.update(
                 score_fn=self.score.score_fn, score_params=self.score.params(), per_head_params=True
             )
-        mask_mod, score_mod = self.call_mods(mask_mod, score_mod)
+        mask_mod, score_mod = self.call_mods(mask_mod, score_mod, q_offset=q_offset)
         mods_ = dict(mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask)
         mods_ = {name: x for name, x in mods_.items() if x is not None}
         kwargs.update(mods_)
         default = _dot_product_attention if not mods_ else dot_product_attention  # (jit: caller)
-        fn = self.attention_fn or (attention if self.score is not None else default)
+        fn = fn or (attention if self.score is not None else default)
         result = fn(query, key, value, bias, mask, **kwargs)
         x, weights = result if want_weights else (result, None)
         if sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)
         out = self.out(x)
         return (out, weights) if return_weights else out
+
+    def _decode_step(self, query, key, value, mask):
+        """Flax-style cached step: writes the T new keys/values at ``cache_index`` and
+        returns ``(query, keys, values, mask, index, attention_fn)`` against the whole
+        cache (RoPE of a ``RotaryAttention`` attention_fn applied at the cache positions,
+        the attention_fn returned without it)."""
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise ValueError(
+                "decode=True needs the autoregressive cache: call init_cache(input_shape) "
+                "first (input_shape [..., max_length, features]), or "
+                "nnx.view(layer, decode=True, batch_size=..., max_length=...)"
+            )
+        *batch, max_len, num_kv, _ = self.cached_key.shape
+        t = query.shape[-3]
+        want = (*batch, t, num_kv)
+        if tuple(key.shape[:-1]) != want or tuple(query.shape[:-3]) != tuple(batch):
+            raise ValueError(
+                f"decode=True: the cache holds batch {list(batch)}, {num_kv} key/value heads; "
+                f"inputs_q gives {list(query.shape[:-3])} batch dims and {t} tokens, whose "
+                f"keys must have shape {list(want)} + [H], got {list(key.shape)} (inputs_k "
+                "must be the same new tokens as inputs_q)"
+            )
+        if t > max_len:
+            raise ValueError(f"decode=True: {t} new tokens do not fit a cache of {max_len}")
+        index = self.cache_index[...]
+        concrete = _checks.concrete(index)
+        if concrete is not None and int(concrete) + t > max_len:
+            raise ValueError(
+                f"decode=True: the cache is full: writing {t} tokens at cache_index "
+                f"{int(concrete)} needs {int(concrete) + t} positions, it has {max_len}"
+            )
+        fn, wavelengths = _rotary_unwrapped(self.attention_fn)
+        if wavelengths:
+            positions = index + jnp.arange(t, dtype=jnp.int32)
+            for w in wavelengths:
+                query = rotary_embedding(query, positions, max_wavelength=w)
+                key = rotary_embedding(key, positions, max_wavelength=w)
+        start = (jnp.zeros((), jnp.int32),) * len(batch) + (index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(
+            self.cached_key[...], key.astype(self.cached_key.dtype), start
+        )
+        values = jax.lax.dynamic_update_slice(
+            self.cached_value[...], value.astype(self.cached_value.dtype), start
+        )
+        self.cached_key[...] = keys
+        self.cached_value[...] = values
+        self.cache_index[...] = index + t
+        visible = causal_mask(t, max_len, offset=index)  # [T, L]: up to its own position
+        if mask is None:
+            return query, keys, values, visible[None], index, fn
+        mask = jnp.asarray(mask)
+        rank = max(mask.ndim, 3)
+        mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
+        visible = jnp.logical_and(mask, visible.reshape((1,) * (rank - 2) + visible.shape))
+        return query, keys, values, visible, index, fn

@@ -13,17 +13,19 @@ from jattn.functional import _checks
 from jattn.functional.attention import attention
 from jattn.functional.masks import valid_lens_mask
 from jattn.functional.scores import AdditiveParams, additive_scores, scaled_dot_product_scores
-from jattn.layers.dropout import dropout_key
+from jattn.layers.dropout import TrainEval, dropout_key
 
 __all__ = ["DotProductAttention", "AdditiveAttention"]
 
 
-class _SingleHead(nnx.Module):
-    def __init__(self, dropout_rate: float, rngs: nnx.Rngs | None):
+class _SingleHead(TrainEval, nnx.Module):
+    def __init__(self, dropout_rate: float, rngs: nnx.Rngs | None, deterministic: bool):
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
         if dropout_rate > 0.0 and rngs is None:
             raise ValueError("dropout_rate > 0 needs rngs=nnx.Rngs(dropout=...)")
+        _checks.check_flags(deterministic=deterministic)
+        self.deterministic = bool(deterministic)
         self.dropout_rate = dropout_rate
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else nnx.data(None)
         self.attention_weights = nnx.Intermediate(jnp.zeros((0, 0, 0), jnp.float32))
@@ -57,7 +59,7 @@ class _SingleHead(nnx.Module):
                 )
             mask = valid_lens_mask(valid_lens, t, s)[:, None, :, :]  # [B, 1, T, S]
         rate, rng = 0.0, None
-        if self.dropout_rate > 0.0 and not deterministic:
+        if not self._deterministic(deterministic) and self.dropout_rate > 0.0:
             rate, rng = self.dropout_rate, dropout_key(None, self.rngs)
         out, weights = attention(
             queries[:, :, None, :],
@@ -80,12 +82,24 @@ class DotProductAttention(_SingleHead):
     Call with ``queries [B, T, H]``, ``keys [B, S, H]``, ``values [B, S, Hv]`` and
     optional ``valid_lens`` ``[B]`` or ``[B, T]``; returns ``[B, T, Hv]``.
     A query with no valid key gets zero output.
+
+    Dropout on the weights (``dropout_rate``, keys from the layer's own ``rngs``
+    stream) runs in training mode: ``layer.train()``, or ``deterministic=False`` at
+    the call; ``deterministic`` (constructor) is the mode, True (eval) by default.
     """
 
-    def __init__(self, dropout_rate: float = 0.0, *, rngs: nnx.Rngs | None = None):
-        super().__init__(dropout_rate, rngs)
+    def __init__(
+        self,
+        dropout_rate: float = 0.0,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ):
+        super().__init__(dropout_rate, rngs, deterministic)
 
-    def __call__(self, queries, keys, values, valid_lens=None, *, deterministic: bool = True):
+    def __call__(
+        self, queries, keys, values, valid_lens=None, *, deterministic: bool | None = None
+    ):
         queries, keys, values = self._inputs(queries, keys, values)
         if jnp.shape(queries)[-1:] != jnp.shape(keys)[-1:]:
             raise ValueError(
@@ -106,7 +120,10 @@ class AdditiveAttention(_SingleHead):
       key_size: the feature size of the keys.
       query_size: the feature size of the queries.
       num_hiddens: A, the hidden width.
-      dropout_rate: dropout on the attention weights.
+      dropout_rate: dropout on the attention weights (in training mode, as
+        :class:`DotProductAttention`).
+      deterministic: the mode when a call passes ``deterministic=None``; True (eval)
+        by default, switched by ``layer.train()`` / ``layer.eval()``.
     """
 
     def __init__(
@@ -117,15 +134,18 @@ class AdditiveAttention(_SingleHead):
         dropout_rate: float = 0.0,
         *,
         param_dtype=jnp.float32,
+        deterministic: bool = True,
         rngs: nnx.Rngs,
     ):
-        super().__init__(dropout_rate, rngs)
+        super().__init__(dropout_rate, rngs, deterministic)
         init = nnx.initializers.lecun_normal()
         self.w_query = nnx.Param(init(rngs.params(), (query_size, num_hiddens), param_dtype))
         self.w_key = nnx.Param(init(rngs.params(), (key_size, num_hiddens), param_dtype))
         self.w_value = nnx.Param(init(rngs.params(), (num_hiddens, 1), param_dtype)[:, 0])
 
-    def __call__(self, queries, keys, values, valid_lens=None, *, deterministic: bool = True):
+    def __call__(
+        self, queries, keys, values, valid_lens=None, *, deterministic: bool | None = None
+    ):
         queries, keys, values = self._inputs(queries, keys, values)
         q_size, k_size = self.w_query.shape[0], self.w_key.shape[0]
         if jnp.shape(queries)[-1] != q_size or jnp.shape(keys)[-1] != k_size:

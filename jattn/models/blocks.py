@@ -19,6 +19,12 @@ seen from the cache positions. Cross-attention takes none.
 :class:`jattn.layers.LinearAttention` kind (``"linear"``, ``"performer"``,
 ``"retention"``, ``"gla"``), which decodes with a constant-size state through the same
 ``init_cache``/``step`` protocol. Cross-attention stays softmax.
+
+Training mode follows Flax's convention: every block and stack has a ``deterministic``
+attribute (True, eval, when built) that ``module.train()`` / ``module.eval()`` switch
+with those of all its sublayers; a call's ``deterministic=None`` (the default) uses it,
+an explicit ``deterministic=`` wins, and the resolved value is passed down to every
+dropout site. Without ``rngs`` each site draws from its own stream.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from flax import nnx
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention as score_attention
 from jattn.functional.attention import dot_product_attention
-from jattn.layers.dropout import Dropout, per_site_rngs
+from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import KINDS as LINEAR_KINDS
 from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
@@ -104,7 +110,7 @@ def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rot
     )
 
 
-class FeedForward(nnx.Module):
+class FeedForward(TrainEval, nnx.Module):
     """Position-wise feed-forward network ``linear2(drop(act(linear1(x))))``.
 
     Args:
@@ -127,16 +133,18 @@ class FeedForward(nnx.Module):
         self.activation = activation
         self.linear1 = nnx.Linear(features, mlp_features, rngs=rngs)
         self.linear2 = nnx.Linear(mlp_features, features, rngs=rngs)
-        self.dropout = Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, deterministic=True, rngs=rngs)
+        self.deterministic = True
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
-        """``x: [..., D] -> [..., D]``."""
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
+        """``x: [..., D] -> [..., D]``; ``deterministic=None`` uses the module's mode."""
+        deterministic = self._deterministic(deterministic)
         h = _ACTIVATIONS[self.activation](self.linear1(x))
         h = self.dropout(h, deterministic=deterministic, rngs=rngs)
         return self.linear2(h)
 
 
-class _Block(nnx.Module):
+class _Block(TrainEval, nnx.Module):
     """Shared residual wiring of the encoder and decoder blocks."""
 
     def _init_common(self, features, num_heads, mlp_features, num_norms, *, dropout_rate,
@@ -149,7 +157,8 @@ class _Block(nnx.Module):
         self.mlp = FeedForward(
             features, mlp_features, activation=activation, dropout_rate=dropout_rate, rngs=rngs
         )
-        self.dropout = Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, deterministic=True, rngs=rngs)
+        self.deterministic = True
 
     def _residual(self, x, norm, sublayer, deterministic, rngs):
         if self.pre_norm:
@@ -205,16 +214,16 @@ class EncoderBlock(_Block):
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         is_causal: bool = False,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         rngs=None,
         sow_weights: bool = False,
     ) -> jax.Array:
         """``x: [B, S, D] -> [B, S, D]``.
 
         ``mask`` (True = attend) and ``bias`` (e.g. ALiBi or a T5 relative position bias)
-        broadcast to ``[B, N, S, S]``.
+        broadcast to ``[B, N, S, S]``. ``deterministic=None`` uses the block's mode.
         """
-
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
 
         def attend(h):
@@ -290,7 +299,7 @@ class DecoderBlock(_Block):
         cross_mask: jax.Array | None = None,
         self_bias: jax.Array | None = None,
         is_causal: bool = True,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         rngs=None,
         sow_weights: bool = False,
     ) -> jax.Array:
@@ -299,7 +308,9 @@ class DecoderBlock(_Block):
         ``self_mask`` broadcasts to ``[B, N, T, T]`` (combined with the causal mask when
         ``is_causal``), ``cross_mask`` to ``[B, N, T, S]``; True = attend. ``self_bias``
         is an additive bias of the self-attention (e.g. causal ALiBi), ``[B, N, T, T]``.
+        ``deterministic=None`` uses the block's mode.
         """
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         kw = dict(deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
 
@@ -347,7 +358,7 @@ def _stack_kwargs(kw):
                                "attention_fn", "score", "rotary", "attention", "rngs")}  # fmt: skip
 
 
-class TransformerEncoder(nnx.Module):
+class TransformerEncoder(TrainEval, nnx.Module):
     """A stack of :class:`EncoderBlock` (``layers``) and an optional final ``norm``.
 
     ``final_norm=True`` adds a LayerNorm after the last block (needed with pre-norm;
@@ -385,10 +396,13 @@ class TransformerEncoder(nnx.Module):
         self.norm = (
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
+        self.deterministic = True
 
-    def __call__(self, x, *, mask=None, bias=None, is_causal=False, deterministic=True,
+    def __call__(self, x, *, mask=None, bias=None, is_causal=False, deterministic=None,
                  rngs=None, sow_weights=False):  # fmt: skip
-        """``x: [B, S, D] -> [B, S, D]``; ``mask``/``bias`` as :class:`EncoderBlock`."""
+        """``x: [B, S, D] -> [B, S, D]``; ``mask``/``bias`` as :class:`EncoderBlock`;
+        ``deterministic=None`` uses the stack's mode."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         for layer in self.layers:
             x = layer(x, mask=mask, bias=bias, is_causal=is_causal, deterministic=deterministic,
@@ -408,7 +422,7 @@ class TransformerEncoder(nnx.Module):
         return (x if self.norm is None else self.norm(x)), new
 
 
-class TransformerDecoder(nnx.Module):
+class TransformerDecoder(TrainEval, nnx.Module):
     """A stack of :class:`DecoderBlock` (``layers``) and an optional final ``norm``."""
 
     def __init__(
@@ -442,10 +456,12 @@ class TransformerDecoder(nnx.Module):
         self.norm = (
             nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
         )
+        self.deterministic = True
 
     def __call__(self, y, memory, *, self_mask=None, cross_mask=None, self_bias=None,
-                 is_causal=True, deterministic=True, rngs=None, sow_weights=False):  # fmt: skip
+                 is_causal=True, deterministic=None, rngs=None, sow_weights=False):  # fmt: skip
         """``y: [B, T, D]``, ``memory: [B, S, D]`` -> ``[B, T, D]`` (as :class:`DecoderBlock`)."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         for layer in self.layers:
             y = layer(y, memory, self_mask=self_mask, cross_mask=cross_mask, self_bias=self_bias,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional import _sharding
-from jattn.layers.dropout import Dropout
+from jattn.layers.dropout import Dropout, TrainEval
 
 __all__ = ["GRUCell", "GRUEncoder"]
 
@@ -100,7 +100,7 @@ def masked_scan(
     return jnp.swapaxes(outs, 0, 1), final
 
 
-class GRUEncoder(nnx.Module):
+class GRUEncoder(TrainEval, nnx.Module):
     """A stack of GRU layers, optionally bidirectional, over a padded batch.
 
     Layer ``l > 0`` reads the (concatenated) outputs of layer ``l - 1``; dropout
@@ -145,23 +145,28 @@ class GRUEncoder(nnx.Module):
             if bidirectional
             else []
         )
-        self.dropout = Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
+        self.dropout = Dropout(
+            dropout_rate, deterministic=True, rngs=rngs if dropout_rate > 0 else None
+        )
+        self.deterministic = True  # eval; train() / eval() switch it
 
     def __call__(
         self,
         x: jax.Array,
         valid: jax.Array,
         *,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Encodes ``x [B, S, F]`` with token mask ``valid [B, S]``.
+        """Encodes ``x [B, S, F]`` with token mask ``valid [B, S]`` (dropout between
+        layers unless deterministic; ``deterministic=None`` uses the module's mode).
 
         Returns:
           ``(outputs [B, S, D*H], finals [L, B, D*H])``: the top layer's states
           (zero at padding) and every layer's final state (forward after the last
           token, backward after the first), directions concatenated.
         """
+        deterministic = self._deterministic(deterministic)
         b = x.shape[0]
         h0 = jnp.zeros((b, self.hidden), jnp.float32, out_sharding=_sharding.batch_like(x))
         finals = []

@@ -22,7 +22,7 @@ from jattn.functional import _sharding
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
-from jattn.layers.dropout import Dropout, per_site_rngs
+from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.scores import AdditiveScore, BilinearScore
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.decoding import beam_search, greedy_search, per_example
@@ -56,7 +56,7 @@ def _check_tokens(name: str, x, vocab_size: int | None = None) -> jax.Array:
     return x
 
 
-class BahdanauSeq2Seq(nnx.Module):
+class BahdanauSeq2Seq(TrainEval, nnx.Module):
     """GRU encoder-decoder with additive (or multiplicative) attention.
 
     Args:
@@ -149,7 +149,10 @@ class BahdanauSeq2Seq(nnx.Module):
             ]
         )
         self.out = nnx.Linear(hidden + key_size, tgt_vocab_size, rngs=rngs)
-        self.dropout = Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
+        self.dropout = Dropout(
+            dropout_rate, deterministic=True, rngs=rngs if dropout_rate > 0 else None
+        )
+        self.deterministic = True  # eval; train() / eval() switch every layer
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -169,8 +172,9 @@ class BahdanauSeq2Seq(nnx.Module):
             return _additive_scores_projected_keys, params, True, keys
         return self.score.score_fn, self.score.params(), True, states
 
-    def encode(self, src: jax.Array, *, deterministic: bool = True, rngs=None):
+    def encode(self, src: jax.Array, *, deterministic: bool | None = None, rngs=None):
         """``src [B, S]`` -> ``(states [B, S, Hk], valid [B, S], h0 [L, B, H])``."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         src = _check_tokens("src", src, self.src_embed.num_embeddings)
         valid = src != self.pad_id
@@ -223,7 +227,7 @@ class BahdanauSeq2Seq(nnx.Module):
         src: jax.Array,
         tgt_in: jax.Array,
         *,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         rngs: nnx.Rngs | None = None,
         sow_weights: bool = False,
     ) -> jax.Array:
@@ -232,7 +236,8 @@ class BahdanauSeq2Seq(nnx.Module):
         Args:
           src: ``[B, S]`` source ids, padded with ``pad_id``.
           tgt_in: ``[B, T]`` target ids starting with ``bos_id``.
-          deterministic: disable dropout.
+          deterministic: disable dropout; None (the default) uses the model's mode
+            (``model.train()`` / ``model.eval()``; eval when built).
           rngs: dropout randomness (default: the model's own ``dropout`` stream).
           sow_weights: sow the alignment weights ``[B, T, S]`` as ``nnx.Intermediate``
             ``attention_weights`` (collect them with ``nnx.capture`` or
@@ -241,6 +246,7 @@ class BahdanauSeq2Seq(nnx.Module):
         Returns:
           ``[B, T, V]`` float32 logits.
         """
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         tgt_in = _check_tokens("tgt_in", tgt_in, self.tgt_embed.num_embeddings)
         states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)  # checks src

@@ -6,6 +6,11 @@ through dropout (Vaswani et al.). ``positional`` is ``'sinusoidal'`` (d2l's form
 RoPE in every self-attention layer) or ``'none'`` (positions come from a score_mod
 such as ALiBi or T5's relative bias). Padding masks come from the token ids
 (``pad_id``); sequences are right-padded.
+
+Dropout follows Flax's convention: ``model.train()`` turns it on in every layer,
+``model.eval()`` off (the state a model is built in); a call's ``deterministic=None``
+(the default) uses that mode, an explicit ``deterministic=`` wins. Without ``rngs``
+each dropout site draws fresh keys from its own stream.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from flax import nnx
 from jattn.functional import _sharding
 from jattn.functional._checks import check_positive_int, concrete, is_int
 from jattn.functional.masks import key_padding_mask
-from jattn.layers.dropout import Dropout, per_site_rngs
+from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import LinearDecodeState
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
@@ -34,7 +39,7 @@ __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
 _POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
 
 
-class _Embedding(nnx.Module):
+class _Embedding(TrainEval, nnx.Module):
     """Token embedding * sqrt(D) + positional encoding, then dropout."""
 
     def __init__(self, vocab_size, features, max_len, positional, dropout_rate, *, rngs):
@@ -51,12 +56,14 @@ class _Embedding(nnx.Module):
             self.position = LearnedPositionalEmbedding(max_len, features, rngs=rngs)
         else:
             self.position = None
-        self.dropout = Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, deterministic=True, rngs=rngs)
+        self.deterministic = True
 
-    def __call__(self, tokens, positions=None, *, deterministic=True, rngs=None):
+    def __call__(self, tokens, positions=None, *, deterministic=None, rngs=None):
         """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``.
 
         Token ids are checked by the models' entry points (``_check_tokens``)."""
+        deterministic = self._deterministic(deterministic)
         x = self.token(tokens, out_sharding=_sharding.like(tokens)) * math.sqrt(self.features)
         if self.position is not None:
             if positions is None:
@@ -115,7 +122,7 @@ def _check_bidirectional(attention: str) -> None:
         )
 
 
-class Transformer(nnx.Module):
+class Transformer(TrainEval, nnx.Module):
     """The encoder-decoder Transformer (Vaswani et al. 2017).
 
     Submodules: ``src_embed``, ``tgt_embed`` (token ``.token`` + ``.position``),
@@ -212,6 +219,7 @@ class Transformer(nnx.Module):
         self.encoder = TransformerEncoder(enc, rngs=rngs, **opts)
         self.decoder = TransformerDecoder(dec, rngs=rngs, **opts)
         self.max_len = max_len
+        self.deterministic = True  # eval; train() / eval() switch every layer
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
     def _logits(self, y):
@@ -219,8 +227,9 @@ class Transformer(nnx.Module):
             return self.tgt_embed.token.attend(y).astype(jnp.float32)
         return self.output(y).astype(jnp.float32)
 
-    def encode(self, src, *, deterministic=True, rngs=None, sow_weights=False) -> jax.Array:
+    def encode(self, src, *, deterministic=None, rngs=None, sow_weights=False) -> jax.Array:
         """``src [B, S]`` -> memory ``[B, S, D]`` (padding keys masked)."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         src = _check_tokens(
             "src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings
@@ -230,9 +239,10 @@ class Transformer(nnx.Module):
         return self.encoder(x, mask=mask, deterministic=deterministic, rngs=rngs,
                             sow_weights=sow_weights)  # fmt: skip
 
-    def decode(self, tgt_in, memory, src, *, deterministic=True, rngs=None, sow_weights=False):
+    def decode(self, tgt_in, memory, src, *, deterministic=None, rngs=None, sow_weights=False):
         """Teacher-forced decoder: ``tgt_in [B, T]``, ``memory [B, S, D]``, ``src [B, S]``
         (for its padding mask) -> logits ``[B, T, V]`` float32 (causal self-attention)."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         tgt_in = _check_tokens(
             "tgt_in", tgt_in, self.max_len, vocab_size=self.tgt_embed.token.num_embeddings
@@ -243,8 +253,11 @@ class Transformer(nnx.Module):
                          sow_weights=sow_weights)  # fmt: skip
         return self._logits(y)
 
-    def __call__(self, src, tgt_in, *, deterministic=True, rngs=None, sow_weights=False):
-        """``src [B, S]``, ``tgt_in [B, T]`` (starting with BOS) -> logits ``[B, T, V]`` float32."""
+    def __call__(self, src, tgt_in, *, deterministic=None, rngs=None, sow_weights=False):
+        """``src [B, S]``, ``tgt_in [B, T]`` (starting with BOS) -> logits ``[B, T, V]`` float32.
+
+        ``deterministic=None`` uses the model's mode (``train()`` / ``eval()``)."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         if jnp.ndim(src) == 2 == jnp.ndim(tgt_in) and jnp.shape(src)[0] != jnp.shape(tgt_in)[0]:
             raise ValueError(
@@ -317,7 +330,7 @@ def _generate_seq2seq_body(model: Transformer, src, max_len, beam_size, length_p
     return tokens
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(TrainEval, nnx.Module):
     """A decoder-only (GPT-style) language model: causal self-attention blocks, no cross-attention.
 
     Submodules: ``embed`` (token ``.token`` + ``.position``), ``decoder`` (a
@@ -360,6 +373,7 @@ class DecoderLM(nnx.Module):
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.output = None if tie_embeddings else nnx.Linear(features, vocab_size, rngs=rngs)
         self.max_len = max_len
+        self.deterministic = True  # eval; train() / eval() switch every layer
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
     def _logits(self, y):
@@ -367,8 +381,10 @@ class DecoderLM(nnx.Module):
             return self.embed.token.attend(y).astype(jnp.float32)
         return self.output(y).astype(jnp.float32)
 
-    def __call__(self, tokens, *, deterministic=True, rngs=None, sow_weights=False):
-        """``tokens [B, T]`` -> next-token logits ``[B, T, V]`` float32."""
+    def __call__(self, tokens, *, deterministic=None, rngs=None, sow_weights=False):
+        """``tokens [B, T]`` -> next-token logits ``[B, T, V]`` float32 (``deterministic=None``:
+        the model's mode)."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         tokens = _check_tokens(
             "tokens", tokens, self.max_len, vocab_size=self.embed.token.num_embeddings
@@ -502,7 +518,7 @@ def _prefill_states(model, prompt, num, caches):
     return jax.lax.scan(feed, caches, steps)[0]
 
 
-class EncoderClassifier(nnx.Module):
+class EncoderClassifier(TrainEval, nnx.Module):
     """An encoder-only classifier: encoder stack, pooling over real tokens, linear head.
 
     Submodules: ``embed``, ``encoder`` (:class:`TransformerEncoder`), ``classifier``
@@ -548,10 +564,13 @@ class EncoderClassifier(nnx.Module):
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
         self.pooling = pooling
         self.max_len = max_len
+        self.deterministic = True  # eval; train() / eval() switch every layer
         self.pad_id = pad_id
 
-    def __call__(self, tokens, *, deterministic=True, rngs=None, sow_weights=False):
-        """``tokens [B, T]`` -> class logits ``[B, num_classes]`` float32."""
+    def __call__(self, tokens, *, deterministic=None, rngs=None, sow_weights=False):
+        """``tokens [B, T]`` -> class logits ``[B, num_classes]`` float32 (``deterministic=None``:
+        the model's mode)."""
+        deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
         tokens = _check_tokens(
             "tokens", tokens, self.max_len, vocab_size=self.embed.token.num_embeddings
