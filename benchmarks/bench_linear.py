@@ -15,33 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from bench_sparse import B, H, N, inputs, interleave  # same shapes, same interleaving
 
 import jattn
-
-B, N, H = 1, 8, 64
-
-
-def inputs(t, seed=0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return [jax.random.normal(k, (B, t, N, H), jnp.float32) for k in ks]
-
-
-def interleave(fns: dict, repeats: int) -> dict:
-    for f in fns.values():
-        f()
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def fwd_bwd(fn):

@@ -714,8 +714,11 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
             )
         block_sizes = tuple(bm.block_sizes)
     b = math.prod(batch_shape)
-    if block_sizes is None and spec.mask_mod is not None:  # chosen from the mask (if known)
-        mm = mods.spec_mask_mod(spec._replace(mask_mod=mods.as_mod(spec.mask_mod)))
+    user = mm = None
+    if spec.mask_mod is not None:  # the call's whole mask: its mask_mod and the shortcuts
+        user = mods.as_mod(spec.mask_mod)
+        mm = mods.spec_mask_mod(spec._replace(mask_mod=user))
+    if block_sizes is None and mm is not None:  # chosen from the mask (if known)
         sizes, kinds = mods._auto_blocks(mm, b, n, t, s, MAX_TILE_ELEMENTS // (b * n))
         if sizes is not None:
             bm = mods._block_mask(mm, t, s, sizes, b, n, kinds)
@@ -770,13 +773,11 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         dropout_rate=dropout_rate,
         fully_masked=spec.fully_masked,
     )
-    tab = mm = None
+    tab = None
     lens = (q_len, kv_len)  # the closed-form loops' structure
-    if spec.mask_mod is not None:  # a block table drives the loops
+    if mm is not None:  # a block table drives the loops
         # the shortcuts (is_causal, window, lengths) join the mask_mod, so a table built
         # here is exact; a given block mask is full only for its own mask_mod
-        user = mods.as_mod(spec.mask_mod)
-        mm = mods.spec_mask_mod(spec._replace(mask_mod=user))
         if bm is None:
             bm = mods.block_mask(mm, t, s, (bt, bs), batch=b, heads=n)
         tab = _Table.of(bm, all_partial=mm is not user and spec.block_mask is not None)

@@ -147,31 +147,38 @@ def _mod_problems(spec: AttentionSpec, kernel: str) -> list[str]:
     ]
 
 
-def _pallas_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[str]:
-    """Why the TPU Pallas flash-attention kernel cannot give our results."""
+def _tpu_kernel_problems(spec: AttentionSpec, kernel: str, unsupported, interpret: bool):
+    """What the TPU Pallas kernels (flash attention, splash) share: a TPU (or the
+    interpreter), Hv == H, lengths in multiples of 128, none of the ``unsupported``
+    ``(name, value)`` inputs, no dropout, no residual."""
     query, key, value = spec.query, spec.key, spec.value
     problems = []
     if _platform() != "tpu" and not interpret:
-        problems.append(f"device {_platform()!r} (the Pallas flash-attention kernel needs a TPU)")
+        problems.append(f"device {_platform()!r} (the {kernel} kernel needs a TPU)")
     h, hv = query.shape[-1], value.shape[-1]
     if h != hv:
         problems.append(f"value head dim Hv={hv} != H={h}")
     t, s = query.shape[-3], key.shape[-3]
     if pallas_block(t) is None or pallas_block(s) is None:
         problems.append(f"lengths T={t}, S={s} (the kernel needs multiples of 128)")
-    for name, x in (
-        ("query_seq_lengths", spec.query_seq_lengths),
-        ("key_value_seq_lengths", spec.key_value_seq_lengths),
-        ("local_window_size", spec.window),
-    ):
-        if x is not None:
-            problems.append(name)
-    if spec.mask is not None:
-        problems.append("boolean masks")
+    problems += [name for name, x in unsupported if x is not None]
     if spec.dropout_rate > 0.0:
         problems.append("dropout")
     if spec.return_residual:
         problems.append("return_residual")
+    return problems
+
+
+def _pallas_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[str]:
+    """Why the TPU Pallas flash-attention kernel cannot give our results."""
+    unsupported = (
+        ("query_seq_lengths", spec.query_seq_lengths),
+        ("key_value_seq_lengths", spec.key_value_seq_lengths),
+        ("local_window_size", spec.window),
+        ("boolean masks", spec.mask),
+    )
+    problems = _tpu_kernel_problems(spec, "Pallas flash-attention", unsupported, interpret)
+    t, s = spec.query.shape[-3], spec.key.shape[-3]
     if spec.is_causal and t > s:
         problems.append("is_causal with T > S")
     if spec.bias is not None and spec.scale == 0:
@@ -185,28 +192,13 @@ def _pallas_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[st
 def _splash_problems(spec: AttentionSpec, *, interpret: bool = False) -> list[str]:
     """Why the TPU Pallas splash kernel cannot give our results for a call with mask
     functions (it evaluates the mask_mod on the host per head, skips empty blocks)."""
-    query, key, value = spec.query, spec.key, spec.value
-    problems = []
-    if _platform() != "tpu" and not interpret:
-        problems.append(f"device {_platform()!r} (the splash kernel needs a TPU)")
-    h, hv = query.shape[-1], value.shape[-1]
-    if h != hv:
-        problems.append(f"value head dim Hv={hv} != H={h}")
-    t, s = query.shape[-3], key.shape[-3]
-    if pallas_block(t) is None or pallas_block(s) is None:
-        problems.append(f"lengths T={t}, S={s} (the kernel needs multiples of 128)")
-    for name, x in (
+    unsupported = (
         ("bias", spec.bias),
         ("boolean masks", spec.mask),
         ("query_seq_lengths", spec.query_seq_lengths),
         ("key_value_seq_lengths", spec.key_value_seq_lengths),
-    ):
-        if x is not None:
-            problems.append(name)
-    if spec.dropout_rate > 0.0:
-        problems.append("dropout")
-    if spec.return_residual:
-        problems.append("return_residual")
+    )
+    problems = _tpu_kernel_problems(spec, "splash", unsupported, interpret)
     sm = spec.score_mod
     if sm is not None and not (isinstance(sm, mods.Mod) and sm.fn is mods._softcap):
         problems.append("score_mod other than jattn.mods.softcap (the kernel has only a soft-cap)")

@@ -31,6 +31,18 @@ def _flatten(x, nb):
     return x.reshape((-1,) + x.shape[nb:])
 
 
+def _heads_first(query, key, value):
+    """``[..., T, N, H]`` inputs as the Pallas kernels take them, ``[B, N, T, H]``, with
+    the key/value heads repeated to N (the kernels take N == K)."""
+    nb = query.ndim - 3
+    n, kh = query.shape[-2], key.shape[-2]
+
+    def bnth(x):
+        return jnp.swapaxes(x.reshape((-1,) + x.shape[nb:]), 1, 2)
+
+    return bnth(query), *(jnp.repeat(bnth(x), n // kh, axis=1) for x in (key, value))
+
+
 def cudnn_attention(query, key, value, bias=None, mask=None, **o):
     """``jax.nn.dot_product_attention(implementation='cudnn')`` with jattn's argument set
     (``o``: options of ``dot_product_attention``, defaults ``OPTION_DEFAULTS``)."""
@@ -91,13 +103,9 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
     nb = query.ndim - 3
     batch = query.shape[:nb]
     t, n, h = query.shape[-3:]
-    s, kh = key.shape[-3], key.shape[-2]
+    s = key.shape[-3]
 
-    def bnth(x):  # [..., T, N, H] -> [B, N, T, H]
-        return jnp.swapaxes(x.reshape((-1,) + x.shape[nb:]), 1, 2)
-
-    q = bnth(query)
-    k, v = (jnp.repeat(bnth(x), n // kh, axis=1) for x in (key, value))
+    q, k, v = _heads_first(query, key, value)
     ab = None
     if bias is not None:
         ab = jnp.asarray(bias)
@@ -250,9 +258,8 @@ def splash_attention(spec, *, interpret: bool = False):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     query, key, value = spec.query, spec.key, spec.value
-    nb = query.ndim - 3
     t, n, h = query.shape[-3:]
-    s, kh = key.shape[-3], key.shape[-2]
+    s = key.shape[-3]
     mm = splash_mask_mod(spec)
     if mm is None:
         mask = sm.MultiHeadMask([sm.FullMask((t, s)) for _ in range(n)])
@@ -266,11 +273,8 @@ def splash_attention(spec, *, interpret: bool = False):
                           block_kv_dq=bk)  # fmt: skip
     scale = 1.0 / (h**0.5) if spec.scale is None else float(spec.scale)
 
-    def bnth(x):  # [..., T, N, H] -> [B, N, T, H]
-        return jnp.swapaxes(x.reshape((-1,) + x.shape[nb:]), 1, 2)
-
-    q = bnth(query) * jnp.asarray(scale, query.dtype)
-    k, v = (jnp.repeat(bnth(x), n // kh, axis=1) for x in (key, value))
+    q, k, v = _heads_first(query, key, value)
+    q = q * jnp.asarray(scale, query.dtype)
 
     def call(q, k, v):
         kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,

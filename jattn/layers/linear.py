@@ -117,12 +117,8 @@ class LinearAttention(MultiHeadAttention):
         opts = dict(initial_state=state, return_state=return_state, chunk_size=self.chunk_size,
                     implementation=implementation)  # fmt: skip
         if self.kind in ("linear", "performer"):
-            if not is_causal:
-                return lin.normalized_attention(
-                    "LinearAttention", fq, fk, v, False, None, False, None, None, None
-                )
             return lin.normalized_attention(
-                "LinearAttention", fq, fk, v, True, state, return_state, self.chunk_size,
+                "LinearAttention", fq, fk, v, is_causal, state, return_state, self.chunk_size,
                 None, implementation,
             )  # fmt: skip
         if not is_causal:
