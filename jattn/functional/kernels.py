@@ -227,12 +227,8 @@ def _splash_mask_class():
             return self._shape
 
         def __getitem__(self, idx):
-            from jattn.functional import mods
-
             q, kv = (np.arange(*s.indices(n)) for s, n in zip(idx, self._shape, strict=True))
-            with jax.ensure_compile_time_eval():
-                m = mods.call_mask(self.mask_mod, 0, self.head, q[:, None], kv[None, :])
-                return np.broadcast_to(np.asarray(m), (q.size, kv.size))
+            return _host_mask(self.mask_mod, self.head, q, kv)
 
         def __eq__(self, other):
             return self is other
@@ -283,8 +279,7 @@ def splash_attention(spec, *, interpret: bool = False):
 
     out = call(q, k, v)  # [B, N, T, Hv]
     if mm is not None:  # rows that see no key: the fully_masked policy, as every path
-        with jax.ensure_compile_time_eval():
-            seen = np.stack([_rows_seen(mm, head, t, s) for head in range(n)])  # [N, T]
+        seen = np.stack([_rows_seen(mm, head, t, s) for head in range(n)])  # [N, T]
         dead = jnp.asarray(~seen)[None, :, :, None]
         fill = jnp.zeros((), out.dtype)
         if spec.fully_masked == "uniform":
@@ -293,14 +288,20 @@ def splash_attention(spec, *, interpret: bool = False):
     return jnp.swapaxes(out, 1, 2).reshape(query.shape[:-1] + value.shape[-1:]), None
 
 
-def _rows_seen(mask_mod, head: int, t: int, s: int, rows: int = 512) -> np.ndarray:
-    """``[T]``: which queries of ``head`` see some key, a block of rows at a time."""
+def _host_mask(mask_mod, head: int, q: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    """``[len(q), len(kv)]`` bool: ``mask_mod`` of example 0 and ``head`` at positions
+    ``q`` x ``kv``, evaluated now (also while a caller traces)."""
     from jattn.functional import mods
 
-    out = np.zeros(t, bool)
-    kv = np.arange(s)[None, :]
-    for start in range(0, t, rows):
-        q = np.arange(start, min(start + rows, t))[:, None]
-        m = np.asarray(mods.call_mask(mask_mod, 0, head, q, kv))
-        out[start : start + q.shape[0]] = np.broadcast_to(m, (q.shape[0], s)).any(axis=1)
-    return out
+    with jax.ensure_compile_time_eval():
+        m = mods.call_mask(mask_mod, 0, head, q[:, None], kv[None, :])
+        return np.broadcast_to(np.asarray(m), (q.size, kv.size))
+
+
+def _rows_seen(mask_mod, head: int, t: int, s: int, rows: int = 512) -> np.ndarray:
+    """``[T]``: which queries of ``head`` see some key, a block of rows at a time."""
+    kv = np.arange(s)
+    return np.concatenate([
+        _host_mask(mask_mod, head, np.arange(start, min(start + rows, t)), kv).any(axis=1)
+        for start in range(0, t, rows)
+    ])  # fmt: skip
