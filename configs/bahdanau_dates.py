@@ -1,8 +1,8 @@
 """Date translation ("Saturday, March 3rd 2021" -> "2021-03-03") with a Bahdanau GRU seq2seq.
 
-    python -m jattn.train --config configs/bahdanau_dates.py --workdir /tmp/bahdanau_run
-    python -m jattn.train --config configs/bahdanau_dates.py:small --workdir /tmp/bahdanau_small
-    python -m jattn.train --config configs/bahdanau_dates.py --workdir /tmp/luong_run \\
+    python -m jattn.train --config bahdanau_dates --workdir /tmp/bahdanau_run
+    python -m jattn.train --config bahdanau_dates:small --workdir /tmp/bahdanau_small
+    python -m jattn.train --config bahdanau_dates --workdir /tmp/luong_run \\
         --config.model.score=bilinear
 
 The default setting reaches >= 99% exact match on the held-out split; ``small`` is a

@@ -1,6 +1,6 @@
 """Copy task ("abcd" -> "abcd") with a small Transformer: a quick sanity run.
 
-python -m jattn.train --config configs/copy.py --workdir /tmp/copy
+python -m jattn.train --config copy --workdir /tmp/copy
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """Date translation ("Saturday, March 3rd 2021" -> "2021-03-03") with a small Transformer.
 
-    python -m jattn.train --config configs/dates.py --workdir /tmp/dates
-    python -m jattn.train --config configs/dates.py:small --workdir /tmp/dates_small
+    python -m jattn.train --config dates --workdir /tmp/dates
+    python -m jattn.train --config dates:small --workdir /tmp/dates_small
 
 The default setting reaches >= 99% exact match on the held-out split in under
 10 minutes on a 2-core CPU; ``small`` is a seconds-long smoke setting for tests.

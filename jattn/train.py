@@ -1,17 +1,20 @@
 """Train and evaluate a sequence-to-sequence model on a built-in task.
 
-    python -m jattn.train --config configs/dates.py --workdir /tmp/dates
-    python -m jattn.train --config configs/copy.py:small --workdir /tmp/copy \\
-        --config.train.num_steps=100
+    jattn-train --config dates --workdir /tmp/dates
+    python -m jattn.train --config copy:small --workdir /tmp/copy --config.train.num_steps=100
+    python -m jattn.train --config configs/dates.py --workdir /tmp/dates  # a config file
 
-Running the same command again resumes from the last checkpoint in ``workdir``;
-Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits.
+``--config`` names a shipped config (``jattn-train --help`` lists them) or gives the path
+of a config file, optionally with ``:arg`` for its ``get_config(arg)``. Running the same
+command again resumes from the last checkpoint in ``workdir``; Ctrl-C or SIGTERM finishes
+the current step, saves a checkpoint and exits. A loss that becomes NaN or infinite stops
+the run with a ``FloatingPointError`` naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -20,9 +23,11 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -30,14 +35,30 @@ from tqdm import tqdm
 
 from jattn.data import BOS, EOS, PAD, TASKS, Seq2SeqDataset, make_task
 from jattn.training import validate
-from jattn.training.checkpoint import Checkpointer, MetricsLog
+from jattn.training.checkpoint import Checkpointer, CheckpointError, MetricsLog
+from jattn.training.config_files import (
+    apply_overrides,
+    load_config,
+    shipped_configs,
+    split_overrides,
+)
 from jattn.training.metrics import bleu, exact_match
 from jattn.training.optim import learning_rate_schedule, make_optimizer
 from jattn.training.parallel import data_parallel_mesh, replicated
 from jattn.training.state import create_train_state, make_eval_step, make_train_step
 from jattn.training.workdir import WorkdirLock, check_writable
 
-__all__ = ["MODELS", "build_model", "main", "train_and_evaluate", "validate_config"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "config_from_command_line",
+    "load_config",
+    "main",
+    "model_options",
+    "restore_model",
+    "train_and_evaluate",
+    "validate_config",
+]
 
 # name -> class or "module:attribute", imported on first use.
 MODELS = {
@@ -62,6 +83,23 @@ def model_class(name: str):
     return entry
 
 
+# Constructor arguments that the program supplies, not the config.
+_SUPPLIED = ("src_vocab_size", "tgt_vocab_size", "rngs")
+
+
+def model_options(name: str) -> dict:
+    """``{option: default}``: what ``config.model`` may set for the model ``name``, the
+    keyword arguments of its class (the vocabulary sizes and ``rngs`` are supplied)."""
+    params = inspect.signature(model_class(name).__init__).parameters
+    return {
+        key: (None if p.default is p.empty else p.default)
+        for key, p in params.items()
+        if key != "self"
+        and key not in _SUPPLIED
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field and the reason for a config that cannot train."""
     cfg = config.to_dict()
@@ -69,7 +107,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     known = top | set(_OPTIONAL_TOP)
     for key in cfg:
         if key not in known:
-            raise ValueError(f"config.{key} is not a known field; known: {sorted(known)}")
+            raise validate.unknown_field(f"config.{key}", known)
     for key in top - set(cfg):
         raise ValueError(f"config.{key} is missing")
     if not isinstance(cfg.get("write_outside_workdir", True), bool):
@@ -115,9 +153,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_model_options(cls, model: dict) -> None:
-    """Flags the model class declares as bools are bools, and special token ids are the
-    data's (the tasks always pad with PAD and frame targets with BOS ... EOS)."""
+    """Every option is one the model class takes, flags it declares as bools are bools,
+    and special token ids are the data's (the tasks always pad with PAD and frame
+    targets with BOS ... EOS)."""
     params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = set(model_options(model["name"])) | {"name"}
+        for key in model:
+            if key not in known:
+                raise validate.unknown_field(
+                    f"config.model.{key}", known, where=f" of model {model['name']!r}"
+                )
     for key, value in model.items():
         default = params[key].default if key in params else None
         if isinstance(default, bool) and not isinstance(value, bool):
@@ -155,6 +201,13 @@ def _read_saved_config(path: Path) -> dict:
         for section in ("task", "model"):
             if not isinstance(saved.get(section, {}), dict):
                 raise ValueError(f"its {section!r} is not a section")
+        sizes = saved.get("vocab_sizes")  # absent in workdirs of older jattn versions
+        if sizes is not None and not (
+            isinstance(sizes, dict)
+            and set(sizes) == {"src_vocab_size", "tgt_vocab_size"}
+            and all(validate._ok(validate._POS_INT, v) for v in sizes.values())
+        ):
+            raise ValueError(f"its 'vocab_sizes' is not two positive sizes: {sizes!r:.100}")
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(
             f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}). It records the config "
@@ -240,6 +293,71 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every float in ``tree`` is finite, as one bool."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
+
+
+class _FiniteWatch:
+    """Stops a run whose loss or parameters stop being finite, naming the step.
+
+    Each step's loss stays on the device; :meth:`check` fetches those since the last
+    check in one transfer. The loop calls it where it waits for the device anyway: at
+    each metrics record, evaluation and checkpoint (and every ``_MAX_PENDING`` steps),
+    so no step waits for its own loss. :meth:`check_state` also checks the parameters
+    before a checkpoint save: a checkpoint never holds NaN or inf.
+    """
+
+    _MAX_PENDING = 1000
+
+    def __init__(self, ckpt: Checkpointer, tcfg: dict):
+        self._ckpt, self._tcfg = ckpt, tcfg
+        self._pending: list[tuple[int, jax.Array]] = []
+
+    def add(self, step: int, loss: jax.Array) -> None:
+        self._pending.append((step, loss))
+        if len(self._pending) >= self._MAX_PENDING:
+            self.check()
+
+    def check(self) -> None:
+        """Raises ``FloatingPointError`` at the first NaN or inf loss since the last check."""
+        pending, self._pending = self._pending, []
+        values = jax.device_get([loss for _, loss in pending])
+        for (step, _), value in zip(pending, values, strict=True):
+            if not np.isfinite(value):
+                raise self._error(f"the training loss became {float(value)} at step {step}")
+
+    def check_state(self, step: int, state) -> None:
+        """:meth:`check`, then the parameters after ``step`` are finite."""
+        self.check()
+        if not bool(_all_finite(state.params)):
+            raise self._error(
+                f"the parameters became NaN or infinite in the update of step {step} "
+                "(its loss was finite)"
+            )
+
+    def _error(self, what: str) -> FloatingPointError:
+        try:
+            self._ckpt.wait()  # a save in flight holds an earlier, checked state
+        except CheckpointError:
+            pass  # then it is not a good checkpoint; latest_step() does not count it
+        good, t = self._ckpt.latest_step(), self._tcfg
+        if good is None:
+            where, then = "no checkpoint was saved before it", "train again"
+        else:
+            where = f"the last good checkpoint is step {good} in {self._ckpt.directory}"
+            then = "resume from it"
+        return FloatingPointError(
+            f"{what}; training stopped without saving that state, and {where}. Lower "
+            f"config.train.learning_rate (now {t['learning_rate']:g}), raise "
+            f"config.train.warmup_steps (now {t['warmup_steps']}) or lower "
+            f"config.train.clip_norm (now {t['clip_norm']:g}), then run the same command "
+            f"with the change to {then}"
+        )
+
+
 def _eval_batches(ds: Seq2SeqDataset, batch_size: int):
     """Fixed-size batches (one compiled shape); padded rows have all-PAD targets."""
     for start in range(0, len(ds), batch_size):
@@ -323,17 +441,6 @@ def _keep_matplotlib_cache_in(workdir: Path) -> None:
         os.environ["MPLCONFIGDIR"] = str(Path(workdir).absolute() / ".matplotlib")
 
 
-def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of a ``configs/*.py`` file, as ``--config path:arg`` loads it."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"jattn_config_{path.stem}", path)
-    if spec is None or not path.exists():
-        raise FileNotFoundError(f"no config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def make_datasets(config: ml_collections.ConfigDict) -> tuple[Seq2SeqDataset, Seq2SeqDataset]:
     """``(train, test)`` of ``config.task``, generated in-process from ``config.seed``."""
     cfg = config.to_dict()
@@ -344,13 +451,10 @@ def make_datasets(config: ml_collections.ConfigDict) -> tuple[Seq2SeqDataset, Se
         raise ValueError(f"config.task: {e}") from e
 
 
-def _initial_train_state(cfg: dict, train_ds: Seq2SeqDataset):
+def _initial_train_state(cfg: dict, *, src_vocab_size: int, tgt_vocab_size: int):
     """``(graphdef, state, tx)``: the model of ``cfg`` and its optimizer, freshly initialised."""
     model = build_model(
-        cfg["model"],
-        src_vocab_size=train_ds.src_vocab_size,
-        tgt_vocab_size=train_ds.tgt_vocab_size,
-        seed=cfg["seed"],
+        cfg["model"], src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, seed=cfg["seed"]
     )
     tx = make_optimizer(
         weight_decay=cfg["train"]["weight_decay"], clip_norm=cfg["train"]["clip_norm"]
@@ -359,20 +463,71 @@ def _initial_train_state(cfg: dict, train_ds: Seq2SeqDataset):
     return graphdef, state, tx
 
 
-def restore_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None):
-    """The model of ``config`` with the parameters of ``workdir``'s checkpoint (by default
+def _vocab_sizes(ds: Seq2SeqDataset) -> dict[str, int]:
+    """What the model needs of the data, saved in ``config.json`` for :func:`restore_model`."""
+    return {"src_vocab_size": ds.src_vocab_size, "tgt_vocab_size": ds.tgt_vocab_size}
+
+
+def _saved_model_config(workdir: Path) -> tuple[dict, dict[str, int]]:
+    """``(config, vocab_sizes)`` as the run in ``workdir`` saved them in its ``config.json``
+    (the sizes from the saved config's data set, for a workdir of a jattn version that
+    did not save them)."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {path}: restore_model(workdir) reads the config that the run saved there; "
+            "without it, pass the config: restore_model(config, workdir)"
+        )
+    cfg = _read_saved_config(path)
+    for key in ("seed", "model", "train"):
+        if key not in cfg:
+            raise ValueError(f"{path} has no {key!r}: it is not the config.json of a jattn run")
+    sizes = cfg.pop("vocab_sizes", None)
+    if sizes is None:
+        sizes = _vocab_sizes(make_datasets(ml_collections.ConfigDict(cfg))[0])
+    return cfg, sizes
+
+
+def restore_model(
+    workdir: str | os.PathLike | ml_collections.ConfigDict,
+    legacy_workdir: str | os.PathLike | None = None,
+    *,
+    step: int | None = None,
+):
+    """The trained model of ``workdir``, with the parameters of its checkpoint (by default
     the newest that verifies against its checksums; damaged newer ones are skipped with
     a warning). A damaged ``step`` raises :class:`~jattn.training.checkpoint.CheckpointError`.
 
-    >>> model = restore_model(config, "workdir/dates")  # doctest: +SKIP
+    The model's config, seed and vocabulary sizes come from ``workdir/config.json``, which
+    the run saved beside its checkpoints: no config is needed and no data set is built
+    (for a workdir written before jattn saved the vocabulary sizes there, the saved
+    config's data set is built to find them).
+
+    The older form ``restore_model(config, workdir)`` builds the model of ``config``
+    instead, and its data set for the vocabulary sizes.
+
+    >>> model = restore_model("workdir/dates")  # doctest: +SKIP
     >>> model.generate(src, max_len=10)  # doctest: +SKIP
     """
-    validate_config(config)
-    cfg = config.to_dict()
-    graphdef, like, _ = _initial_train_state(cfg, make_datasets(config)[0])
+    config = None
+    if isinstance(workdir, ml_collections.ConfigDict):  # restore_model(config, workdir)
+        if legacy_workdir is None:
+            raise TypeError("restore_model(config, workdir): workdir is missing")
+        config, workdir = workdir, legacy_workdir
+    elif legacy_workdir is not None:
+        raise TypeError(
+            f"restore_model(workdir, *, step=None) takes one workdir, got {workdir!r} and "
+            f"{legacy_workdir!r}; the two-argument form is restore_model(config, workdir)"
+        )
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint in {directory}")
+    if config is None:
+        cfg, sizes = _saved_model_config(Path(workdir))
+    else:
+        validate_config(config)
+        cfg, sizes = config.to_dict(), _vocab_sizes(make_datasets(config)[0])
+    graphdef, like, _ = _initial_train_state(cfg, **sizes)
     ckpt = Checkpointer(directory, max_to_keep=cfg["train"]["max_to_keep"])
     try:
         steps = ckpt.all_steps()
@@ -422,7 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate_config(config)
     cfg = config.to_dict()
     train_ds, test_ds = make_datasets(config)
-    graphdef, state, tx = _initial_train_state(cfg, train_ds)  # bad model options fail here
+    # bad model options fail here
+    graphdef, state, tx = _initial_train_state(cfg, **_vocab_sizes(train_ds))
     _check_lengths(cfg, train_ds, test_ds)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -455,8 +611,8 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     start = ckpt.latest_step()
     if start is not None:
         _check_resume(workdir, cfg, start)
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2))
+    tmp = workdir / "config.json.tmp"  # the config, and what restore_model needs of the data
+    tmp.write_text(json.dumps({**cfg, "vocab_sizes": _vocab_sizes(train_ds)}, indent=2))
     os.replace(tmp, workdir / "config.json")
 
     num_steps = tcfg["num_steps"]
@@ -510,6 +666,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     batch_size, seed = tcfg["batch_size"], cfg["seed"]
     tokens_per_step = batch_size * (train_ds.src.shape[1] + train_ds.tgt.shape[1])
     step, saved, interrupted = start, start, None
+    finite = _FiniteWatch(ckpt, tcfg)
     bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     window_start, window_steps = time.perf_counter(), 0
     with _StopOnSignal() as stopper:
@@ -519,7 +676,9 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
             step += 1
             window_steps += 1
             bar.update(1)
+            finite.add(step, metrics["loss"])
             if step % tcfg["log_every"] == 0 or step == num_steps:
+                finite.check()
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
@@ -539,9 +698,11 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
                 )
             ckpt.poll()  # a checkpoint write that failed in the background stops here
             if step % tcfg["checkpoint_every"] == 0 and step < stop:
+                finite.check_state(step, state)
                 ckpt.save(step, state)
                 saved = step
             if _eval_due(tcfg, step) and step < num_steps:
+                finite.check()
                 m, _ = run_eval(state)
                 log.write({"step": step, "split": "eval", **m})
                 tqdm.write(f"step {step}: eval {m}")
@@ -550,6 +711,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     if interrupted is not None:
         tqdm.write(f"signal {interrupted}: saving a checkpoint at step {step}")
     if saved != step or ckpt.latest_step() is None:
+        finite.check_state(step, state)
         ckpt.save(step, state)
     ckpt.wait()
     result = {
@@ -604,31 +766,91 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def main() -> None:
-    """Console entry point: ``jattn-train --config configs/dates.py --workdir DIR``."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+def _argument_parser() -> argparse.ArgumentParser:
+    configs = "\n".join(f"  {name:16} {doc}" for name, doc in shipped_configs().items())
+    parser = argparse.ArgumentParser(
+        prog="jattn-train",
+        description="Train and evaluate a sequence-to-sequence model on a built-in task; "
+        "the same command again resumes from the last checkpoint in --workdir.",
+        epilog=f"""shipped configs (NAME, or NAME:small for a seconds-long run):
+{configs}
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "A configs/*.py file (optionally file.py:arg).", lock_config=True
+overrides:
+  --config.FIELD=VALUE  set a field of the config, e.g. --config.train.num_steps=200;
+                        config.model also takes the options of its model class that
+                        the config leaves out, e.g. --config.model.layer_norm_eps=1e-6
+
+examples:
+  jattn-train --config dates --workdir workdir/dates
+  jattn-train --config copy:small --workdir /tmp/copy --config.train.num_steps=100
+  jattn-train --config path/to/my_config.py --workdir /tmp/mine""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    workdir_flag = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and plots.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="NAME|FILE[:ARG]",
+        help="a shipped config by name (listed below) or the path of a config file "
+        "(a .py file with get_config(arg=None)); ':ARG' is passed to get_config",
+    )
+    parser.add_argument(
+        "--workdir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl and plots"
+    )
+    parser.add_argument(
+        "--verbosity",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="absl logging level: -1 warnings (the default), 0 info (orbax logs every save)",
+    )
+    return parser
 
-    def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-        config = config_flag.value
-        validate_config(config)
-        if config.get("write_outside_workdir", True):
-            enable_compilation_cache(config.compilation_cache_dir)
-        result = train_and_evaluate(config, workdir_flag.value)
-        if isinstance(result["interrupted"], int):
-            sys.exit(128 + result["interrupted"])
 
-    app.run(run)
+def config_from_command_line(spec: str, overrides) -> ml_collections.ConfigDict:
+    """The locked, validated config of ``--config spec`` (``NAME``, ``FILE``, either
+    with ``:ARG``) with the ``(field_path, text)`` overrides of
+    :func:`~jattn.training.config_files.split_overrides` applied.
+
+    ``config.model`` takes every option of the model class (:func:`model_options`), also
+    those the config file leaves out. An ``--config.model.name`` override is applied
+    first, so that the other model options are those of the model it names.
+    """
+    source, _, arg = spec.partition(":")
+    config = load_config(source, arg or None)
+    overrides = sorted(overrides, key=lambda o: o[0] != "model.name")  # stable: order kept
+
+    def extra_fields(section_path: str, section) -> dict:
+        return model_options(section.get("name")) if section_path == "model" else {}
+
+    apply_overrides(config, overrides, extra_fields=extra_fields)
+    config.lock()
+    validate_config(config)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: ``jattn-train --config dates --workdir DIR`` (``argv``: the
+    arguments after the program name; by default ``sys.argv[1:]``).
+
+    ``--help`` lists the shipped configs; a missing flag, an unknown config or field and
+    a value of the wrong type end the program with exit code 2 and a message naming them.
+    """
+    parser = _argument_parser()
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(rest)
+    try:
+        config = config_from_command_line(args.config, overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(f"--config {args.config}: {e}")
+    from absl import logging
+
+    logging.set_verbosity(args.verbosity)  # orbax logs every save at INFO
+    if config.get("write_outside_workdir", True):
+        enable_compilation_cache(config.compilation_cache_dir)
+    result = train_and_evaluate(config, args.workdir)
+    if isinstance(result["interrupted"], int):
+        sys.exit(128 + result["interrupted"])
 
 
 if __name__ == "__main__":

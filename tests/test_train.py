@@ -1,22 +1,28 @@
-"""The training program: end-to-end small run, loss and metrics vs references, config errors."""
+"""The training program: end-to-end small run, loss and metrics vs references, config errors,
+the command line and a loss that stops being finite."""
 
 import json
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _train_utils import load_config, train_losses
+from _train_utils import ROOT, load_config, train_losses
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ml_collections import ConfigDict
 
 import jattn.train as train_lib
-from jattn.training import bleu, exact_match, masked_cross_entropy, read_metrics
+from jattn.training import bleu, exact_match, masked_cross_entropy, read_metrics, validate
 from jattn.training.checkpoint import Checkpointer
+from jattn.training.config_files import apply_overrides
 from jattn.training.metrics import token_accuracy_counts
 
 
-def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys):
+def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys, monkeypatch):
     config = load_config("dates", "small")
     result = train_lib.train_and_evaluate(config, str(tmp_path))
     n = config.train.num_steps
@@ -46,12 +52,29 @@ def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys):
         final["bleu"], abs=1e-9
     )
     assert exact_match(predictions, test_ds.tgt_texts) == final["exact_match"]
-    graphdef, fresh, _ = train_lib._initial_train_state(config.to_dict(), test_ds)
+    sizes = dict(src_vocab_size=test_ds.src_vocab_size, tgt_vocab_size=test_ds.tgt_vocab_size)
+    graphdef, fresh, _ = train_lib._initial_train_state(config.to_dict(), **sizes)
     trained = nnx.state(model, nnx.Param)
     assert any(
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(fresh.params), strict=True)
     )
+
+    # The workdir alone restores the same model, from its config.json: no data set built.
+    def no_data(*args, **kwargs):
+        raise AssertionError("restore_model(workdir) built the data set")
+
+    monkeypatch.setattr(train_lib, "make_task", no_data)
+    alone = train_lib.restore_model(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(alone, nnx.Param), trained)
+    again = alone.generate(test_ds.src, max_len=test_ds.tgt.shape[1])
+    np.testing.assert_array_equal(again, generated)  # the outputs the final eval scored
+    monkeypatch.undo()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.pop("vocab_sizes") == sizes
+    (tmp_path / "config.json").write_text(json.dumps(saved))  # as older jattn versions wrote it
+    older = train_lib.restore_model(tmp_path)  # the sizes from the saved config's data set
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(older, nnx.Param), trained)
 
 
 def numpy_smoothed_ce(logits, labels, smoothing, pad_id=0):
@@ -135,7 +158,7 @@ def _config_with(section, key, value):
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("train", "num_stepz", 3, r"config.train.num_stepz is not a known field"),
+        ("train", "num_stepz", 3, r"unknown field config.train.num_stepz \(did you mean "),
         ("train", "num_steps", "ten", r"config.train.num_steps must be a positive int, got 'ten'"),
         ("train", "batch_size", 0, r"config.train.batch_size must be a positive int, got 0"),
         ("train", "learning_rate", -1.0, r"config.train.learning_rate must be a finite number > 0"),
@@ -231,7 +254,11 @@ def test_optional_fields_may_be_left_out():
 
 
 def test_options_the_model_or_task_rejects_fail_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"config.model: .*unexpected keyword argument 'heads'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown field config.model.heads of model 'transformer' \(did you mean "
+        r"'num_heads'\?\); known fields: .*layer_norm_eps, ",
+    ):
         train_lib.train_and_evaluate(_config_with("model", "heads", 2), str(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"config.task: task 'copy' has no option 'digits'"):
         train_lib.train_and_evaluate(_config_with("task", "digits", 2), str(tmp_path / "b"))
@@ -252,3 +279,218 @@ def test_restore_model_from_a_workdir_with_an_empty_checkpoints_folder(tmp_path)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints$"):
         train_lib.restore_model(load_config("copy", "small"), str(tmp_path / "run"))
+
+
+def test_restore_model_from_the_workdir_alone_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        train_lib.restore_model(tmp_path / "nowhere")
+    config = load_config("copy", "small")
+    _workdir_with_a_checkpoint(tmp_path / "run", config, step=8)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved["vocab_sizes"] = [13, 13]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"its 'vocab_sizes' is not two positive sizes: \[13"):
+        train_lib.restore_model(tmp_path / "run")
+    (tmp_path / "run" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config.json: .* pass the config"):
+        train_lib.restore_model(tmp_path / "run")
+    with pytest.raises(TypeError, match=r"restore_model\(config, workdir\): workdir is missing"):
+        train_lib.restore_model(config)
+
+
+# ------------------------------------------------------------ a loss that is not finite
+
+
+def _schedule_that_blows_up_after(good_steps):
+    """A learning rate of 1e-3, then inf from step ``good_steps + 1`` on: that update
+    makes the parameters inf/NaN, and the next step's loss NaN."""
+
+    def schedule(*args, **kwargs):
+        return lambda step: 1e-3 if step < good_steps else np.inf
+
+    return schedule
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "message", "kept"),
+    [
+        # logged every step: step 5's loss is the first NaN; the checkpoint at 3 is good
+        (3, r"the training loss became nan at step 5; training stopped without saving", [3]),
+        # the save at step 4 finds its parameters non-finite (its loss was finite)
+        (2, r"the parameters became NaN or infinite in the update of step 4 \(its loss", [2]),
+    ],
+)
+def test_a_loss_that_stops_being_finite_stops_the_run_at_its_step(
+    tmp_path, monkeypatch, checkpoint_every, message, kept
+):
+    monkeypatch.setattr(train_lib, "learning_rate_schedule", _schedule_that_blows_up_after(3))
+    config = load_config("dates", "small")
+    config.train.update(checkpoint_every=checkpoint_every, log_every=1)
+    with pytest.raises(FloatingPointError, match=message) as e:
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    where = f"the last good checkpoint is step {kept[-1]} in {tmp_path / 'checkpoints'}"
+    assert where in str(e.value) and "Lower config.train.learning_rate" in str(e.value)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == kept
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(np.isfinite(r["loss"]) for r in records)  # the NaN record is not written
+    if checkpoint_every == 3:
+        monkeypatch.undo()  # a sane learning rate: the same command resumes from step 3
+        config.train.stop_after_steps = 5
+        assert train_lib.train_and_evaluate(config, str(tmp_path))["step"] == 5
+        assert sorted(train_losses(read_metrics(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5]
+
+
+def test_a_loss_that_is_nan_before_the_first_checkpoint_says_so(tmp_path):
+    """A learning rate far too high (a real config, nothing patched)."""
+    config = load_config("dates", "small")
+    config.train.update(learning_rate=1e30, log_every=100)
+    with pytest.raises(FloatingPointError, match=r"at step \d; .*no checkpoint was saved"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+# ------------------------------------------------------------ configs by name, the command line
+
+
+def test_configs_load_by_name_as_by_path(tmp_path):
+    for name in ("dates", "copy", "bahdanau_dates"):
+        by_path = train_lib.load_config(ROOT / "configs" / f"{name}.py", "small")
+        assert train_lib.load_config(name, "small").to_dict() == by_path.to_dict()
+    with pytest.raises(ValueError, match=r"unknown config 'date'; the shipped configs are "):
+        train_lib.load_config("date")
+    with pytest.raises(FileNotFoundError, match=r"no config file nope.py; .*: bahdanau_dates, "):
+        train_lib.load_config("nope.py")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match=r"empty.py defines no get_config\(arg=None\)"):
+        train_lib.load_config(tmp_path / "empty.py")
+
+
+def _main(monkeypatch, capsys, *args):
+    """``jattn-train ARGS`` in this process, training replaced by recording the config:
+    ``(exit code, stdout + stderr, config)``."""
+    seen = {}
+
+    def record(config, workdir):
+        seen.update(config=config, workdir=workdir)
+        return {"interrupted": None}
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", record)
+    monkeypatch.setattr(sys, "argv", ["jattn-train", *args])
+    code = 0
+    try:
+        train_lib.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err, seen.get("config")
+
+
+def test_command_line_help_lists_the_configs_and_missing_flags_are_named(monkeypatch, capsys):
+    code, out, _ = _main(monkeypatch, capsys, "--help")
+    assert code == 0
+    for name in ("--config", "--workdir", "--config.FIELD=VALUE", "dates", "bahdanau_dates"):
+        assert name in out
+    assert "Date translation" in out  # each config with its summary
+    code, out, _ = _main(monkeypatch, capsys, "--config", "dates")
+    assert code == 2 and "the following arguments are required: --workdir" in out
+
+
+def test_command_line_configs_by_name_and_path_and_model_options(monkeypatch, capsys, tmp_path):
+    no_cache = "--config.compilation_cache_dir="
+    args = ["--config", "dates:small", "--workdir", "w", no_cache, "--config.train.num_steps", "9"]
+    code, _, config = _main(monkeypatch, capsys, *args, "--config.model.layer_norm_eps=1e-6")
+    assert code == 0 and config.train.num_steps == 9 and config.is_locked
+    assert config.model.layer_norm_eps == 1e-6  # a Transformer option dates.py leaves out
+    code, _, by_path = _main(monkeypatch, capsys, "--config", "configs/dates.py:small",
+                             "--workdir", "w", no_cache)  # fmt: skip
+    assert code == 0 and by_path.train.num_steps == 6  # relative to the current directory
+    mine = tmp_path / "my.py"
+    mine.write_text(
+        "from jattn.train import load_config\n\n"
+        "def get_config(arg=None):\n"
+        "    config = load_config('copy', 'small')\n"
+        "    config.seed = int(arg)\n"
+        "    return config\n"
+    )
+    code, _, own = _main(monkeypatch, capsys, "--config", f"{mine}:7", "--workdir", "w", no_cache)
+    assert code == 0 and own.seed == 7 and own.task.name == "copy"
+    monkeypatch.chdir(tmp_path)  # a shipped config by name from any directory
+    code, _, config = _main(monkeypatch, capsys, "--config", "copy", "--workdir", "w", no_cache)
+    assert code == 0 and config.train.num_steps == 600
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config.foo=1"], r"unknown field config.foo \(in --config.foo\); known fields: "),
+        (["--config.model.nonsense=3"], r"unknown field config.model.nonsense .*layer_norm_eps"),
+        (["--config.train.num_steps=ten"], r"config.train.num_steps must be an int, got 'ten'"),
+        (["--config.model.pre_norm=maybe"], r"config.model.pre_norm must be True or False"),
+        (["--config.train.batch_size=0"], r"config.train.batch_size must be a positive int"),
+        (["--config.model.name=lstm"], r"config.model.name: unknown model 'lstm'"),
+        (["--config", "date"], r"unknown config 'date'; the shipped configs are bahdanau_dates"),
+    ],
+)
+def test_command_line_errors_name_the_field_and_exit_2(monkeypatch, capsys, args, message):
+    if args[0] != "--config":
+        args = ["--config", "dates", *args]
+    code, out, config = _main(monkeypatch, capsys, *args, "--workdir", "w")
+    assert code == 2 and config is None
+    assert re.search(message, out), out
+
+
+# Fields of the dates config (and options of its model), for the generated inputs below.
+_DATES = train_lib.load_config("dates").to_dict()
+_KNOWN = {
+    "": set(_DATES),
+    "train": set(_DATES["train"]),
+    "eval": set(_DATES["eval"]),
+    "task": set(_DATES["task"]),
+    "model": set(_DATES["model"]) | set(train_lib.model_options("transformer")),
+}
+_INT_FIELDS = [(s, k) for s in ("train", "eval") for k, v in _DATES[s].items() if type(v) is int]
+_SCHEMA_INTS = [k for k, kind in validate.SCHEMAS["train"].items() if "int" in kind]
+
+
+def _extra(section_path, section):
+    return train_lib.model_options(section.name) if section_path == "model" else {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    section=st.sampled_from(sorted(_KNOWN)),
+    name=st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True),
+)
+def test_any_unknown_field_is_named_with_the_known_ones(section, name):
+    if name in _KNOWN[section]:
+        return
+    path = f"{section}.{name}" if section else name
+    with pytest.raises(ValueError) as e:
+        apply_overrides(train_lib.load_config("dates"), [(path, "1")], extra_fields=_extra)
+    assert f"unknown field config.{path} " in str(e.value) and "; known fields: " in str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(field=st.sampled_from(_INT_FIELDS), text=st.text(max_size=8))
+def test_any_value_of_the_wrong_type_is_named_with_the_field(field, text):
+    try:
+        int(text)
+        return  # a valid int
+    except ValueError:
+        pass
+    config = train_lib.load_config("dates")
+    with pytest.raises(ValueError) as e:
+        apply_overrides(config, [(".".join(field), text)], extra_fields=_extra)
+    assert f"config.{'.'.join(field)} must be an int, got {text!r}" in str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    field=st.sampled_from(_SCHEMA_INTS),
+    value=st.one_of(st.integers(max_value=-1), st.floats(), st.booleans(), st.text(max_size=4)),
+)
+def test_validate_config_names_any_field_with_a_bad_value(field, value):
+    cfg = train_lib.load_config("dates").to_dict()
+    cfg["train"][field] = value
+    with pytest.raises(ValueError, match=rf"config\.train\.{field} must be "):
+        train_lib.validate_config(ConfigDict(cfg))

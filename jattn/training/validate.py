@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["DEFAULTS", "check_fields", "check_heads_divide", "check_sizes"]
+__all__ = ["DEFAULTS", "check_fields", "check_heads_divide", "check_sizes", "unknown_field"]
 
 _POS_INT = "a positive int"
 _NONNEG_INT = "an int >= 0"
@@ -34,14 +36,24 @@ def _ok(kind: str, value: Any) -> bool:
     raise AssertionError(kind)
 
 
+def unknown_field(path: str, known: Iterable[str], *, where: str = "") -> ValueError:
+    """The error for a config field ``path`` (``'config.train.num_stepz'``) that is not
+    one of ``known``: the known fields, and the closest of them if one is close."""
+    known = sorted(known)
+    key = path.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(
+        f"unknown field {path}{where}{hint}; known fields: {', '.join(known) or '(none)'}"
+    )
+
+
 def check_fields(section: str, values: dict, schema: dict) -> None:
     """Every key of ``values`` is known to ``schema`` and every value has its kind
     (fields with a default in :data:`DEFAULTS` may be left out)."""
     for key in values:
         if key not in schema:
-            raise ValueError(
-                f"config.{section}.{key} is not a known field; known: {sorted(schema)}"
-            )
+            raise unknown_field(f"config.{section}.{key}", schema)
     for key, kind in schema.items():
         if key not in values:
             if key in DEFAULTS.get(section, {}):
