@@ -52,9 +52,7 @@ def attention_entropy(weights: jax.Array, mask: jax.Array | None = None) -> jax.
     _checks.check_float("weights", weights)
     p = weights.astype(jnp.float32)
     if mask is not None:
-        mask = _checks.as_array("mask", mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
+        mask = _checks.check_bool_mask("mask", mask, hint="masked entries are ignored")
         _checks.check_broadcast("mask", mask, p.shape, "[..., N, T, S]")
         mask = jnp.broadcast_to(mask, p.shape)
         p = jnp.where(mask, p, 0.0)
@@ -118,6 +116,18 @@ def attention_rollout(weights, *, residual: bool = True) -> jax.Array:
     return rollout
 
 
+def _head_mask_shape(head_mask_shape) -> tuple[int, ...]:
+    """``(L, N)`` (any shape) of positive ints: a float is not truncated, 0 is no head."""
+    if isinstance(head_mask_shape, str) or not isinstance(head_mask_shape, Sequence):
+        raise ValueError(
+            f"head_mask_shape must be a tuple of positive ints such as (L, N), got "
+            f"{head_mask_shape!r}"
+        )
+    return tuple(
+        _checks.check_size(f"head_mask_shape[{i}]", d) for i, d in enumerate(head_mask_shape)
+    )
+
+
 def head_importance(loss_fn: Callable[[jax.Array], jax.Array], head_mask_shape) -> jax.Array:
     """Importance of each head: the loss change when that one head is masked out.
 
@@ -134,7 +144,7 @@ def head_importance(loss_fn: Callable[[jax.Array], jax.Array], head_mask_shape) 
     Returns:
       float32 array of shape ``head_mask_shape``.
     """
-    shape = tuple(int(d) for d in head_mask_shape)
+    shape = _head_mask_shape(head_mask_shape)
     ones = jnp.ones(shape, jnp.float32)
     base = jnp.asarray(loss_fn(ones), jnp.float32)
     if base.shape != ():
@@ -154,7 +164,7 @@ def head_importance_gradient(
     One backward pass instead of ``L * N`` forward passes; ``loss_fn`` must be
     differentiable in the mask (as with :func:`head_masked`).
     """
-    ones = jnp.ones(tuple(int(d) for d in head_mask_shape), jnp.float32)
+    ones = jnp.ones(_head_mask_shape(head_mask_shape), jnp.float32)
     return jnp.abs(jax.grad(lambda m: jnp.asarray(loss_fn(m), jnp.float32))(ones))
 
 
@@ -171,7 +181,7 @@ def head_masked(head_mask: jax.Array, attention_fn: Callable = dot_product_atten
       head_mask: ``[N]`` floats (1 keep, 0 drop).
       attention_fn: the attention function being wrapped (same call signature).
     """
-    head_mask = _checks.as_array("head_mask", head_mask)
+    head_mask = _checks.check_real("head_mask", head_mask, allow_bool=True)
     if head_mask.ndim != 1:
         raise ValueError(f"head_mask must have shape [N], got {_checks.fmt(head_mask.shape)}")
 
@@ -204,7 +214,7 @@ def masking_heads(layers: Sequence, head_mask: jax.Array) -> Iterator[None]:
       layers: L attention layers.
       head_mask: ``[L, N]`` floats (1 keep, 0 drop).
     """
-    head_mask = _checks.as_array("head_mask", head_mask)
+    head_mask = _checks.check_real("head_mask", head_mask, allow_bool=True)
     if head_mask.ndim != 2 or head_mask.shape[0] != len(layers):
         raise ValueError(
             f"head_mask must have shape [L, N] with L = {len(layers)} layers, "

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jattn.functional import _checks
+
 __all__ = [
     "collect_attention_weights",
     "plot_attention",
@@ -42,12 +44,40 @@ def _new_figure(figsize):
 def _cmap(cmap):
     import matplotlib
 
-    cmap = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
+    if isinstance(cmap, str):
+        if cmap not in matplotlib.colormaps:
+            raise ValueError(
+                f"cmap must be a matplotlib colormap or the name of one (e.g. 'viridis'), "
+                f"got {cmap!r}"
+            )
+        cmap = matplotlib.colormaps[cmap]
+    if not hasattr(cmap, "with_extremes"):
+        raise TypeError(f"cmap must be a matplotlib colormap or its name, got {cmap!r}")
     return cmap.with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # masked cells let the hatch show
 
 
+def _as_real(name: str, x) -> np.ndarray:
+    """``x`` as float32 NumPy values: a TypeError naming ``name`` for complex numbers (whose
+    imaginary part the conversion would drop), strings and other non-numbers."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}") from e
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers (int or float), got dtype {arr.dtype}")
+    return arr.astype(np.float32)
+
+
+def _check_batch_index(batch_index) -> int | None:
+    if batch_index is None:
+        return None
+    if not _checks.is_int(batch_index):
+        raise ValueError(f"batch_index must be an int or None, got {batch_index!r}")
+    return int(batch_index)
+
+
 def _as_2d(name: str, x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+    x = _as_real(name, x)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [T, S], got {list(x.shape)}")
     return x
@@ -183,6 +213,7 @@ def _select_batch(
 ) -> np.ndarray:
     """Example ``batch_index`` of ``x`` when it has a batch axis. ``broadcast``: a batch
     axis of 1 stands for every example (a mask); weights must hold the example."""
+    batch_index = _check_batch_index(batch_index)
     if x.ndim == ndim + 1:
         if broadcast and x.shape[0] == 1:
             return x[0]
@@ -201,6 +232,7 @@ def _select_batch(
 
 
 def _per_layer(weights, layer_names, batch_index):
+    batch_index = _check_batch_index(batch_index)
     if isinstance(weights, Mapping):
         if not weights:
             raise ValueError("weights is an empty dict: there is no layer to plot")
@@ -208,11 +240,11 @@ def _per_layer(weights, layer_names, batch_index):
         if len(names) != len(weights):
             raise ValueError(f"got {len(names)} layer_names for {len(weights)} layers")
         layers = [
-            _select_batch(f"weights[{k!r}]", np.asarray(v, np.float32), batch_index, 3)
+            _select_batch(f"weights[{k!r}]", _as_real(f"weights[{k!r}]", v), batch_index, 3)
             for k, v in weights.items()
         ]
         return names, layers
-    arr = np.asarray(weights, np.float32)
+    arr = _as_real("weights", weights)
     if arr.ndim == 5:
         if batch_index is None:
             raise ValueError(
@@ -295,6 +327,7 @@ def plot_attention_grid(
     """
     import matplotlib.colors
 
+    cell_size = _checks.check_finite_scalar("cell_size", cell_size, positive=True)
     names, layers = _per_layer(weights, layer_names, batch_index)
     keys = list(weights) if isinstance(weights, Mapping) else names
     for what, value in (("mask", mask), ("row_labels", row_labels), ("col_labels", col_labels)):
@@ -339,6 +372,7 @@ def save_figure(fig, path, *, dpi: int = 100) -> str:
     The format follows the file extension (``.png``, ``.pdf``, ``.svg``); parent
     folders are created. Returns the path as a string.
     """
+    dpi = _checks.check_size("dpi", dpi)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -273,7 +273,7 @@ def test_traced_window_names_the_fix():
 def test_bad_dropout_rate(rate):
     _raises(
         ValueError,
-        f"dropout_rate must be a float in [0, 1), got {rate!r}",
+        f"dropout_rate must be in [0, 1), got {rate!r}",
         dpa,
         Q,
         KV,

@@ -233,7 +233,7 @@ def test_pallas_interpret_mode_gradients():
 
 BAD_INPUTS = [  # (keyword arguments, error) that every path must reject at the boundary
     (dict(fully_masked="bogus"), (ValueError, "fully_masked")),
-    (dict(dropout_rate=-0.5), (ValueError, r"dropout_rate must be a float in \[0, 1\)")),
+    (dict(dropout_rate=-0.5), (ValueError, r"dropout_rate must be in \[0, 1\)")),
     (dict(bias=jnp.zeros((1, 1, 256, 256), jnp.int32)), (TypeError, "bias must have a floating")),
     (dict(bias=jnp.zeros((2, 1, 256, 256))), (ValueError, "bias of shape")),
     (dict(query_seq_lengths=jnp.array([2.7])), (TypeError, "must be an integer array")),

@@ -1,4 +1,23 @@
-"""Trace-time validation at the public boundary: errors name the shapes and what was expected."""
+"""Trace-time validation at the public boundary: errors name the argument, its value
+(or shape) and what was expected.
+
+Every public function checks its arguments with the helpers here, before any JAX
+computation, so that a bad input is the same clear error everywhere, inside
+``jax.jit`` too where the value is static:
+
+- :func:`check_size`: sizes (lengths, counts, widths): a static int >= a minimum,
+  never a float, str or bool (``2.0`` is not silently a size, ``True`` not 1).
+- :func:`check_rate`: probabilities (dropout rates): a static real number in [0, 1).
+- :func:`check_finite_scalar`: real parameters such as ``scale`` or
+  ``max_wavelength``: finite (and positive where asked), never NaN or inf.
+- :func:`check_dtype`: dtype options: one jnp understands, floating.
+- :func:`check_int_array`: integer positions, offsets and lengths: integers (a
+  float is never truncated) that fit int32 (checked on the NumPy value, before a
+  conversion could wrap it).
+- :func:`check_bool_mask`: a boolean mask (True = attend); a float (additive) mask
+  is never read as validity.
+- :func:`check_real`, :func:`check_float`: no complex (or non-numeric) inputs.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +30,243 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional.masks import _as_window, broadcasts_to, check_bool_mask, is_int
-from jattn.functional.softmax import check_fully_masked
+_INT32 = np.iinfo(np.int32)
+
+
+def is_int(x) -> bool:
+    """A static Python or NumPy integer (``np.int64`` is not an ``int``), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def type_note(value) -> str:
+    """`` (a float)`` etc. after a value whose repr does not show its type."""
+    if value is None or is_int(value):
+        return ""
+    article = "an" if type(value).__name__[0] in "aeiou" else "a"
+    return f" ({article} {type(value).__name__})"
+
+
+def check_static(name: str, value, what: str) -> None:
+    """A TypeError naming ``name`` when ``value`` is traced (a static ``what`` is needed)."""
+    if _is_traced(value):
+        raise TypeError(
+            f"{name} must be a static Python {what} (it is needed at trace time), got a "
+            "traced value; under jax.jit close over it or mark it static (static_argnames)"
+        )
+
+
+def check_size(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int: a size, count or width (a sequence length, a number of heads,
+    a hidden size, ``max_len``). A ValueError naming ``name`` and ``value`` unless it is
+    an int (Python or NumPy, or a concrete 0-d integer array) >= ``minimum``; floats
+    (even ``2.0``), strings, bools and None are refused, not converted. A TypeError for
+    a traced value."""
+    check_static(name, value, "int")
+    if (
+        isinstance(value, np.ndarray | jax.Array)
+        and value.ndim == 0
+        and jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        value = int(value)
+    if not is_int(value) or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}{type_note(value)}")
+    return int(value)
 
 
 def check_positive_int(name: str, value) -> int:
-    """``value`` as an int; a ValueError naming ``name`` unless it is a positive int."""
-    if not is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    """``value`` as an int; a ValueError naming ``name`` unless it is a positive int
+    (:func:`check_size` with ``minimum=1``)."""
+    return check_size(name, value)
+
+
+def check_optional_size(name: str, value, *, minimum: int = 1) -> int | None:
+    """None, or :func:`check_size`."""
+    return None if value is None else check_size(name, value, minimum=minimum)
+
+
+def check_rate(name: str, value, *, allow_one: bool = False) -> float:
+    """``value`` as a float: a probability such as a dropout rate, a static real number in
+    ``[0, 1)`` (``[0, 1]`` with ``allow_one``). A ValueError naming ``name`` for NaN, a
+    str (``"0.1"``), a bool or None; a TypeError for a traced value (a rate decides
+    whether dropout runs at all)."""
+    check_static(name, value, "float")
+    top = "1]" if allow_one else "1)"
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Real)
+        or not (0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0)
+    ):
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+        hint = "" if real else f" ({type(value).__name__}; a float is expected)"
+        raise ValueError(f"{name} must be in [0, {top}, got {value!r}{hint}")
+    return float(value)
+
+
+def check_finite_scalar(name: str, value, *, positive: bool = False, allow_traced: bool = False):
+    """A real scalar parameter (``scale``, ``max_wavelength``, ``layer_norm_eps``): a
+    Python/NumPy number or a 0-d real array, finite (NaN and inf would turn every
+    result into NaN without a word) and > 0 with ``positive``.
+
+    Returns a Python float; a traced 0-d array is returned as is when
+    ``allow_traced`` (its value cannot be checked), else a TypeError."""
+    if _is_traced(value):
+        if not allow_traced:
+            check_static(name, value, "float")
+        if value.ndim != 0 or not _is_real_dtype(value.dtype):
+            raise TypeError(f"{name} must be a real scalar, got {value.dtype}{fmt(value.shape)}")
+        return value
+    if isinstance(value, np.ndarray | jax.Array):
+        if value.ndim != 0 or not _is_real_dtype(value.dtype):
+            raise TypeError(
+                f"{name} must be a real number (or a 0-d real array), got an array "
+                f"{value.dtype}{fmt(value.shape)}"
+            )
+        value = value.item()
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}{type_note(value)}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        expected = "finite and > 0" if positive else "finite"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def _is_real_dtype(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_dtype(name: str, dtype, *, allow_none: bool = False):
+    """``dtype`` as a NumPy dtype: one jnp understands (``jnp.float32``, ``"bfloat16"``)
+    and floating. A TypeError naming ``name`` for a misspelt string (``"float32x"``), a
+    number, or a complex or integer dtype. None passes through with ``allow_none``
+    (``dtype=None``: inferred from the inputs)."""
+    if dtype is None and allow_none:
+        return None
+    if dtype is None or isinstance(dtype, bool | numbers.Number):
+        raise TypeError(f"{name} must be a floating dtype such as jnp.float32, got {dtype!r}")
+    try:
+        dt = jnp.dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name} must be a floating dtype such as jnp.float32 or 'bfloat16', got {dtype!r}"
+        ) from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype (float32, bfloat16, ...), got {dt}")
+    return dt
+
+
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without changing it."""
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, t) for a, t in zip(shape[::-1], target[::-1], strict=False))
+
+
+def check_bool_mask(name: str, mask, *, hint: str = "add float masks to the logits") -> jax.Array:
+    """``mask`` as a boolean array; a TypeError for other dtypes, whose 0/1 or 0/-inf
+    entries would otherwise be read as False/True (an additive mask turned inside out)."""
+    mask = as_array(name, mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be boolean (True = attend), got dtype {mask.dtype}; {hint}")
+    return mask
+
+
+def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
+    parts = window if isinstance(window, tuple | list) else (window,)
+    if any(isinstance(w, jax.core.Tracer) for w in parts):
+        raise TypeError(
+            "window sizes set the shape of the computation, so they must be static Python "
+            f"ints, got a traced value {window!r} (under jax.jit, close over the window or "
+            "mark it static_argnames)"
+        )
+    if is_int(window):
+        window = (window, window)
+    if (
+        not isinstance(window, tuple | list)
+        or len(window) != 2
+        or not all(is_int(w) and w >= 0 for w in window)
+    ):
+        raise ValueError(
+            f"window must be a non-negative int or a pair (left, right) of non-negative ints, "
+            f"got {window!r}"
+        )
+    return int(window[0]), int(window[1])
+
+
+def check_real(name: str, x, *, allow_bool: bool = False) -> jax.Array:
+    """``x`` as an array of real numbers (integer or floating, and bool with
+    ``allow_bool``): a TypeError naming ``name`` for complex values (whose imaginary part
+    a cast would drop) and non-numbers."""
+    x = as_array(name, x)
+    if not (_is_real_dtype(x.dtype) or (allow_bool and x.dtype == jnp.bool_)):
+        raise TypeError(f"{name} must hold real numbers (int or float), got dtype {x.dtype}")
+    return x
+
+
+def _int_desc(x) -> str:
+    if isinstance(x, np.ndarray | jax.Array):
+        return f"dtype {x.dtype}"
+    return f"{x!r}{type_note(x)}"
+
+
+def check_int_array(name: str, x, *, clip: tuple[int, int] | None = None) -> jax.Array:
+    """``x`` (an int or an integer array: positions, offsets, lengths) as int32.
+
+    A TypeError naming ``name`` for floats (which would be truncated: ``1.5`` is not a
+    position), bools, complex numbers and strings. Values that do not fit int32 are a
+    ValueError, checked on the Python/NumPy value before the conversion (which would
+    wrap them, as jax without x64 does); with ``clip=(lo, hi)`` they are clipped to
+    ``[lo, hi]`` instead (a length beyond the sequence is the whole sequence). Traced
+    values are checked for their dtype only.
+    """
+    if _is_traced(x):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(
+                f"{name} must be integers, got dtype {x.dtype} (an int or an integer array)"
+            )
+        if clip is not None:
+            info = jnp.iinfo(x.dtype)
+            x = jnp.clip(x, max(clip[0], int(info.min)), min(clip[1], int(info.max)))
+        return x.astype(jnp.int32)
+    if is_int(x):
+        value = int(x)
+        if clip is not None:
+            value = min(max(value, clip[0]), clip[1])
+        if not _INT32.min <= value <= _INT32.max:
+            raise ValueError(f"{name}={value} does not fit int32 [{_INT32.min}, {_INT32.max}]")
+        return jnp.asarray(value, jnp.int32)
+    if isinstance(x, np.ndarray | jax.Array):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be integers, got {_int_desc(x)}") from e
+    if not jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == np.bool_:
+        raise TypeError(
+            f"{name} must be integers, got {_int_desc(x)} (an int or an integer array; "
+            "floats are not rounded)"
+        )
+    if isinstance(arr, jax.Array) and jnp.can_cast(arr.dtype, jnp.int32):
+        if clip is not None:  # no value can overflow: clip on the device
+            info = jnp.iinfo(arr.dtype)
+            arr = jnp.clip(arr, max(clip[0], int(info.min)), min(clip[1], int(info.max)))
+        return arr.astype(jnp.int32)
+    values = np.asarray(arr)
+    if clip is not None:
+        info = np.iinfo(values.dtype)
+        values = np.clip(values, max(clip[0], int(info.min)), min(clip[1], int(info.max)))
+    elif values.size and (values.min() < _INT32.min or values.max() > _INT32.max):
+        raise ValueError(
+            f"{name} holds values that do not fit int32 (min {values.min()}, max "
+            f"{values.max()}); jattn computes positions in int32"
+        )
+    return jnp.asarray(values.astype(np.int32))
 
 
 def fmt(shape: Sequence[int]) -> str:
@@ -30,7 +277,8 @@ def as_array(name: str, x) -> jax.Array:
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:  # e.g. a str, a dict, or None
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+        what = f"a NumPy array of dtype {x.dtype}" if isinstance(x, np.ndarray) else None
+        raise TypeError(f"{name} must be an array, got {what or type(x).__name__}") from e
 
 
 def concrete(x) -> np.ndarray | None:
@@ -40,26 +288,33 @@ def concrete(x) -> np.ndarray | None:
 
 
 def check_scale(scale):
-    """``scale`` as a static Python float (or None). A 0-d array is accepted when its
-    value is known, as ``jax.nn.dot_product_attention`` accepts one; the blocked and
-    kernel paths need the value at trace time, so a traced scale is a TypeError."""
-    if scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, bool)):
-        return scale
-    if isinstance(scale, jax.Array | np.ndarray) and scale.ndim == 0:
-        value = concrete(scale)
-        if value is None:
-            raise TypeError(
-                "scale must be known at trace time, got a traced array; scale the query "
-                "instead (dot_product_attention(query * s, ..., scale=1.0))"
-            )
-        if jnp.issubdtype(value.dtype, np.floating) or jnp.issubdtype(value.dtype, np.integer):
-            return float(value)
-    raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    """``scale`` as a static Python float (or None): finite (a NaN or inf scale makes
+    every output NaN). A 0-d array is accepted when its value is known, as
+    ``jax.nn.dot_product_attention`` accepts one; the blocked and kernel paths need the
+    value at trace time, so a traced scale is a TypeError."""
+    if scale is None:
+        return None
+    if _is_traced(scale):
+        raise TypeError(
+            "scale must be known at trace time, got a traced array; scale the query "
+            "instead (dot_product_attention(query * s, ..., scale=1.0))"
+        )
+    array = isinstance(scale, np.ndarray | jax.Array) and scale.ndim == 0
+    if isinstance(scale, bool | np.bool_) or not (
+        isinstance(scale, numbers.Real) or (array and _is_real_dtype(scale.dtype))
+    ):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    return check_finite_scalar("scale", scale)
 
 
 def check_float(name: str, x: jax.Array) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        what = (
+            " (complex inputs are not supported)"
+            if jnp.issubdtype(x.dtype, jnp.complexfloating)
+            else ""
+        )
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}{what}")
 
 
 def check_broadcast(name: str, x: jax.Array, target: Sequence[int], letters: str) -> None:
@@ -130,17 +385,11 @@ def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array |
 
 
 def check_dropout(rate, rng) -> float:
-    # A static Python or NumPy number (np.float32 is not a float subclass); not a bool.
-    if isinstance(rate, jax.core.Tracer):
-        raise TypeError(
-            "dropout_rate must be a static Python float (it decides whether dropout runs), "
-            "got a traced value; under jax.jit close over it or mark it static"
-        )
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout_rate must be a float in [0, 1), got {rate!r}")
+    """``dropout_rate`` (:func:`check_rate`) and its ``dropout_rng``."""
+    rate = check_rate("dropout_rate", rate)
     if rate > 0.0 and rng is None:
         raise ValueError(f"dropout_rate={rate} needs a dropout_rng (a PRNG key)")
-    return float(rate)
+    return rate
 
 
 def check_flags(**flags) -> None:
@@ -250,6 +499,8 @@ def check_attention_inputs(
 ) -> AttentionSpec:
     """The checks every batched attention call makes once, at its public boundary, and
     the :class:`AttentionSpec` that every path takes. Each rule is written here once."""
+    from jattn.functional.softmax import check_fully_masked  # softmax imports this module
+
     check_flags(is_causal=is_causal, return_residual=return_residual)
     scale = check_scale(scale)
     query, key, value = (

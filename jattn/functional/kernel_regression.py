@@ -145,9 +145,7 @@ def _check_inputs(queries, keys, values=None, mask=None):
                 "have the same length S"
             )
     if mask is not None:
-        mask = _checks.as_array("mask", mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
+        mask = _checks.check_bool_mask("mask", mask, hint="e.g. leave_one_out_mask(S)")
         _checks.check_broadcast("mask", mask, (t, s), "[T, S]")
     return queries, keys, values, mask
 
@@ -243,16 +241,8 @@ def _check_width(width):
             f"width must be a scalar, got shape {list(jnp.shape(width))}; for one width "
             "per feature use parametric_nadaraya_watson's w, for one per head jax.vmap"
         )
-    if (
-        isinstance(width, jax.Array | np.ndarray)
-        and not jnp.issubdtype(width.dtype, np.floating)
-        and not jnp.issubdtype(width.dtype, np.integer)
-    ):
-        raise TypeError(f"width must be a real number, got dtype {width.dtype}")
-    value = _checks.concrete(width)
-    if value is not None and not (np.isfinite(value) and value > 0):
-        raise ValueError(f"width must be finite and > 0, got {width!r}")
-    return width
+    checked = _checks.check_finite_scalar("width", width, positive=True, allow_traced=True)
+    return width if isinstance(width, jax.core.Tracer) else checked
 
 
 def nadaraya_watson(
@@ -295,6 +285,9 @@ def _check_w(w, queries: jax.Array) -> jax.Array:
             f"w must be a scalar [] or one width per feature [F] = [{n_features}], got "
             f"{_checks.fmt(w.shape)}; for several heads jax.vmap over w's head axis"
         )
+    values = _checks.concrete(w)  # a traced (learned) w cannot be checked here
+    if values is not None and not np.isfinite(values).all():
+        raise ValueError(f"w must be finite, got {values.tolist()}")
     return w
 
 
@@ -362,6 +355,10 @@ def leave_one_out_mask(num_points: int) -> jax.Array:
     let every point attend to itself (and learn ``w -> inf``); with this mask each
     point is predicted from all the others, as d2l's leave-one-out keys do.
     """
+    _checks.check_static("num_points", num_points, "int")
     if not _checks.is_int(num_points) or num_points < 2:
-        raise ValueError(f"leave_one_out_mask needs an int num_points >= 2, got {num_points!r}")
+        raise ValueError(
+            f"leave_one_out_mask needs an int num_points >= 2, got "
+            f"{num_points!r}{_checks.type_note(num_points)}"
+        )
     return ~jnp.eye(int(num_points), dtype=bool)

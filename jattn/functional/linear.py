@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.functional import _checks
 from jattn.functional._checks import check_positive_int
 
 __all__ = [
@@ -181,6 +182,7 @@ def _check(query, key, value, name: str):
             raise ValueError(
                 f"{name}: {arg} must be [B, T, heads, features], got shape {list(jnp.shape(x))}"
             )
+        _checks.check_float(f"{name}: {arg}", _checks.as_array(arg, x))
     (b, t, n, f), (bk, tk, k, fk), (bv, tv, kv, _) = query.shape, key.shape, value.shape
     if (bk, tk, fk) != (b, t, f) or (bv, tv, kv) != (b, t, k):
         raise ValueError(
@@ -324,12 +326,13 @@ def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_s
     (already mapped) and ``value``: the core of :func:`linear_attention` and of the
     random-feature attentions (:mod:`jattn.functional.lowrank`)."""
     (b, t, n, f), hv = fq.shape, value.shape[-1]
+    is_causal = _checks.check_flag("is_causal", is_causal)
     resets = _resets(segment_ids, b, t, name)
+    form, chunk = _options(name, implementation, chunk_size, 64)  # checked either way
     if not is_causal:
         if initial_state is not None or return_state:
             raise ValueError(f"{name}: initial_state and return_state need is_causal=True")
         return _non_causal(fq, fk, value, segment_ids).astype(value.dtype)
-    form, chunk = _options(name, implementation, chunk_size, 64)
     state = _initial(initial_state, b, n, f, hv, True, name)
     out, state = _run(name, fq, fk, value, None, resets, state, form, chunk, True)
     return _finish(out, state, value.dtype, return_state)
@@ -380,6 +383,9 @@ def retention(
     if decay.shape != (n,) or not jnp.issubdtype(decay.dtype, jnp.floating):
         raise ValueError(f"{name}: decay must be a float [N] = [{n}] array, got {decay.dtype} "
                          f"{list(decay.shape)}")  # fmt: skip
+    values = _checks.concrete(decay)  # a traced (learned) decay cannot be checked here
+    if values is not None and not ((values > 0) & (values <= 1)).all():
+        raise ValueError(f"{name}: decay must be in (0, 1], got {values.tolist()}")
     form, chunk = _options(name, implementation, chunk_size, 64)
     state = _initial(initial_state, b, n, f, hv, False, name)
     log_a = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32))[:, None], (b, t, n, 1))

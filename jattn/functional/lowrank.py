@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import linear
+from jattn.functional import _checks, linear
 from jattn.functional._checks import check_positive_int
 
 __all__ = [
@@ -39,6 +39,7 @@ def _check_qkv(query, key, value, name):
             raise ValueError(
                 f"{name}: {arg} must be [B, L, heads, features], got shape {list(jnp.shape(x))}"
             )
+        _checks.check_float(f"{name}: {arg}", _checks.as_array(arg, x))
     (b, t, n, h), (bk, s, k, hk), (bv, sv, kv, _) = query.shape, key.shape, value.shape
     if bk != b or bv != b or hk != h or (sv, kv) != (s, k):
         raise ValueError(
@@ -263,7 +264,7 @@ def nystrom_attention(
     iters = check_positive_int("pinv_iterations", pinv_iterations)
     if m > min(t, s):
         raise ValueError(f"{name}: num_landmarks={m} must be at most min(T, S) = {min(t, s)}")
-    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(h) if scale is None else _checks.check_finite_scalar("scale", scale)
 
     def head(q, k, v):  # [T, H], [S, H], [S, Hv]
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))

@@ -7,11 +7,17 @@ a mask must broadcast to ``[B, N, T, S]``.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
+
+from jattn.functional._checks import (  # noqa: F401  (re-exported: softmax, mods use them)
+    _as_window,
+    broadcasts_to,
+    check_bool_mask,
+    check_int_array,
+    check_size,
+    is_int,
+)
 
 __all__ = [
     "sequence_mask",
@@ -23,43 +29,11 @@ __all__ = [
 ]
 
 
-def is_int(x) -> bool:
-    """A static Python or NumPy integer (``np.int64`` is not an ``int``), not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
-    """Whether ``shape`` broadcasts to ``target`` without changing it."""
-    if len(shape) > len(target):
-        return False
-    return all(a in (1, t) for a, t in zip(shape[::-1], target[::-1], strict=False))
-
-
-def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
-    parts = window if isinstance(window, tuple | list) else (window,)
-    if any(isinstance(w, jax.core.Tracer) for w in parts):
-        raise TypeError(
-            "window sizes set the shape of the computation, so they must be static Python "
-            f"ints, got a traced value {window!r} (under jax.jit, close over the window or "
-            "mark it static_argnames)"
-        )
-    if is_int(window):
-        window = (window, window)
-    if (
-        not isinstance(window, tuple | list)
-        or len(window) != 2
-        or not all(is_int(w) and w >= 0 for w in window)
-    ):
-        raise ValueError(
-            f"window must be a non-negative int or a pair (left, right) of non-negative ints, "
-            f"got {window!r}"
-        )
-    return int(window[0]), int(window[1])
-
-
 def _positions(num_queries: int, num_keys: int, offset) -> tuple[jax.Array, jax.Array]:
     """Absolute query positions ``[..., T, 1]`` and key positions ``[1, S]``."""
-    offset = jnp.asarray(offset, dtype=jnp.int32)
+    num_queries = check_size("num_queries", num_queries)
+    num_keys = check_size("num_keys", num_keys)
+    offset = check_int_array("offset", offset)
     q = jnp.arange(num_queries, dtype=jnp.int32)  # [T]
     q = offset[..., None] + jnp.broadcast_to(q, offset.shape + (num_queries,))  # [..., T]
     k = jnp.arange(num_keys, dtype=jnp.int32)
@@ -67,31 +41,25 @@ def _positions(num_queries: int, num_keys: int, offset) -> tuple[jax.Array, jax.
     return q[..., None], k
 
 
-def check_bool_mask(name: str, mask, *, hint: str = "add float masks to the logits") -> jax.Array:
-    """``mask`` as a boolean array; a TypeError for other dtypes, whose 0/1 or 0/-inf
-    entries would otherwise be read as False/True (an additive mask turned inside out)."""
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be boolean (True = attend), got dtype {mask.dtype}; {hint}")
-    return mask
-
-
 def sequence_mask(lengths: jax.Array, length: int) -> jax.Array:
     """``mask[..., i] = i < lengths[...]``.
 
     Args:
-      lengths: integer array of any shape ``[...]``.
+      lengths: integer array of any shape ``[...]`` (a float array is a TypeError, not
+        rounded; lengths beyond ``[0, length]`` mean none or all of it, never wrap).
       length: the static size of the new last axis.
 
     Returns:
       ``[..., length]`` boolean mask.
     """
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
-    if lengths.dtype.itemsize < 4:  # positions up to `length` must not wrap around
-        lengths = lengths.astype(jnp.int32)
-    pos = jnp.arange(length, dtype=lengths.dtype).reshape((1,) * lengths.ndim + (length,))
+    return _sequence_mask("lengths", lengths, length)
+
+
+def _sequence_mask(name: str, lengths, length) -> jax.Array:
+    length = check_size("length", length)
+    # int32, lengths beyond [0, length] clipped first (the same mask), so none wraps around
+    lengths = check_int_array(name, lengths, clip=(0, length))
+    pos = jnp.arange(length, dtype=jnp.int32).reshape((1,) * lengths.ndim + (length,))
     return pos < lengths[..., None]
 
 
@@ -106,7 +74,9 @@ def valid_lens_mask(valid_lens: jax.Array, num_queries: int, num_keys: int) -> j
     Returns:
       ``[B, T, S]`` boolean mask.
     """
-    valid_lens = jnp.asarray(valid_lens)
+    num_queries = check_size("num_queries", num_queries)
+    num_keys = check_size("num_keys", num_keys)
+    valid_lens = check_int_array("valid_lens", valid_lens, clip=(0, num_keys))
     if valid_lens.ndim == 1:
         valid_lens = jnp.broadcast_to(valid_lens[:, None], (valid_lens.shape[0], num_queries))
     elif valid_lens.ndim != 2 or valid_lens.shape[1] != num_queries:
@@ -114,7 +84,7 @@ def valid_lens_mask(valid_lens: jax.Array, num_queries: int, num_keys: int) -> j
             f"valid_lens must have shape [B] or [B, T] with T={num_queries}, "
             f"got {list(valid_lens.shape)}"
         )
-    return sequence_mask(valid_lens, num_keys)
+    return _sequence_mask("valid_lens", valid_lens, num_keys)
 
 
 def causal_mask(num_queries: int, num_keys: int, *, offset=0) -> jax.Array:
@@ -123,6 +93,8 @@ def causal_mask(num_queries: int, num_keys: int, *, offset=0) -> jax.Array:
     ``offset=0`` is top-left aligned, as ``jax.nn.dot_product_attention(is_causal=True)``.
     For a key/value cache where the T queries are the last T of S positions use
     ``offset=S - T``; ``offset`` may be a traced ``[B]`` array (one cache index per example).
+    ``num_queries`` and ``num_keys`` are positive ints; ``offset`` holds integers (a float
+    is a TypeError, not truncated) that fit int32 (a ValueError otherwise, not wrapped).
 
     Returns:
       ``[T, S]`` boolean mask, or ``[B, T, S]`` when ``offset`` has shape ``[B]``.
@@ -148,11 +120,15 @@ def sliding_window_mask(
 
 
 def key_padding_mask(key_valid: jax.Array) -> jax.Array:
-    """Turns a ``[B, S]`` key validity array (True = real token) into a ``[B, 1, 1, S]`` mask."""
-    key_valid = jnp.asarray(key_valid)
+    """Turns a ``[B, S]`` boolean key validity array (True = real token) into a
+    ``[B, 1, 1, S]`` mask. Other dtypes are a TypeError: an additive float mask
+    ``[0, 0, -inf]`` would otherwise be read inverted (``-inf`` as valid)."""
+    key_valid = check_bool_mask(
+        "key_valid", key_valid, hint="for token ids use key_padding_mask(tokens != pad_id)"
+    )
     if key_valid.ndim != 2:
         raise ValueError(f"key_valid must have shape [B, S], got {list(key_valid.shape)}")
-    return key_valid.astype(bool)[:, None, None, :]
+    return key_valid[:, None, None, :]
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jattn.functional import _checks
+
 __all__ = ["attention_pooling"]
 
 
@@ -19,8 +21,9 @@ def attention_pooling(weights: jax.Array, values: jax.Array) -> jax.Array:
       ``[T, Hv]`` in the dtype of ``values`` (float32 for integer values: the
       average of integers is not an integer).
     """
-    weights, values = jnp.asarray(weights), jnp.asarray(values)
-    if not jnp.issubdtype(values.dtype, jnp.inexact):
+    weights = _checks.check_real("weights", weights, allow_bool=True)
+    values = _checks.check_real("values", values)
+    if not jnp.issubdtype(values.dtype, jnp.floating):
         values = values.astype(jnp.float32)
     if weights.ndim != 2 or values.ndim != 2 or weights.shape[1] != values.shape[0]:
         raise ValueError(

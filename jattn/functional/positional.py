@@ -11,8 +11,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jattn.functional._checks import check_positive_int, fmt, is_int
+from jattn.functional import _checks
+from jattn.functional._checks import check_int_array, check_positive_int, check_size, fmt
 
 __all__ = [
     "sinusoidal_encoding",
@@ -25,11 +27,30 @@ __all__ = [
 
 def _relative_positions(num_queries: int, num_keys: int, offset) -> jax.Array:
     """``key_position - query_position``: ``[T, S]``, or ``[B, T, S]`` for ``offset [B]``."""
-    offset = jnp.asarray(offset, dtype=jnp.int32)
+    num_queries = check_size("num_queries", num_queries)
+    num_keys = check_size("num_keys", num_keys)
+    offset = check_int_array("offset", offset)
     q = jnp.arange(num_queries, dtype=jnp.int32).reshape((1,) * offset.ndim + (num_queries,))
     q = offset[..., None] + q  # [..., T]
     k = jnp.arange(num_keys, dtype=jnp.int32).reshape((1,) * offset.ndim + (1, num_keys))
     return k - q[..., None]
+
+
+def check_even_features(features) -> int:
+    """``features`` of a sinusoidal encoding: a positive even int."""
+    features = check_size("features", features)
+    if features % 2:
+        raise ValueError(f"sinusoidal encoding needs an even positive features, got {features}")
+    return features
+
+
+def _as_positions(positions) -> jax.Array:
+    """Positions: integers (int32, values checked to fit) or floats, never complex."""
+    if not isinstance(positions, jax.Array | np.ndarray) and not _checks.is_int(positions):
+        positions = np.asarray(positions)  # NumPy first: an int64 position must not wrap
+    if _checks.is_int(positions) or jnp.issubdtype(positions.dtype, jnp.integer):
+        return check_int_array("positions", positions)
+    return _checks.check_real("positions", positions)
 
 
 def sinusoidal_encoding(positions: jax.Array, features: int) -> jax.Array:
@@ -38,16 +59,15 @@ def sinusoidal_encoding(positions: jax.Array, features: int) -> jax.Array:
     ``P[i, 2j] = sin(i / 10000^(2j/D))`` and ``P[i, 2j+1] = cos(i / 10000^(2j/D))``.
 
     Args:
-      positions: integer (or float) positions ``[...]``, e.g. ``jnp.arange(T)``.
+      positions: integer (within int32) or float positions ``[...]``, e.g.
+        ``jnp.arange(T)``; complex ones are a TypeError.
       features: D, even.
 
     Returns:
       ``[..., D]`` float32.
     """
-    if not is_int(features) or features <= 0 or features % 2:
-        raise ValueError(f"sinusoidal_encoding needs an even positive features, got {features!r}")
-    features = int(features)
-    positions = jnp.asarray(positions, dtype=jnp.float32)
+    features = check_even_features(features)
+    positions = _as_positions(positions).astype(jnp.float32)
     inv = jnp.power(10000.0, jnp.arange(0, features, 2, dtype=jnp.float32) / features)  # [D/2]
     angles = positions[..., None] / inv.reshape((1,) * positions.ndim + (features // 2,))
     # interleave: sin at even, cos at odd indices
@@ -72,21 +92,26 @@ def rotary_embedding(
 
     Args:
       x: ``[..., T, N, H]`` with even H.
-      positions: ``[T]`` or ``[..., T]`` integer positions (broadcast over N).
-      max_wavelength: the base (10000 in the paper).
+      positions: ``[T]`` or ``[..., T]`` integer positions (broadcast over N), within
+        int32 (float positions, e.g. interpolated ones, are used as they are).
+      max_wavelength: the base (10000 in the paper), finite and > 0.
       interleaved: the pairing of features, see above.
 
     Returns:
       ``[..., T, N, H]`` in the dtype of ``x`` (computed in float32).
     """
-    x = jnp.asarray(x)
+    x = _checks.as_array("x", x)
+    max_wavelength = _checks.check_finite_scalar(
+        "max_wavelength", max_wavelength, positive=True, allow_traced=True
+    )
+    interleaved = _checks.check_flag("interleaved", interleaved)
     if x.ndim < 3 or x.shape[-1] % 2:
         raise ValueError(
             f"rotary_embedding needs x of shape [..., T, N, H] with even H, got {fmt(x.shape)}"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"rotary_embedding needs a float x, got dtype {x.dtype}")
-    positions = jnp.asarray(positions)
+    positions = _as_positions(positions)
     lead = x.shape[:-3]  # the batch dims positions [..., T] must broadcast to
     if (
         positions.ndim == 0
@@ -166,7 +191,8 @@ def alibi_bias(
     Returns:
       ``[N, T, S]`` float32, or ``[B, N, T, S]`` for ``offset [B]``; usable as ``bias=``.
     """
-    slopes = jnp.asarray(slopes, dtype=jnp.float32)
+    slopes = _checks.check_real("slopes", slopes).astype(jnp.float32)
+    bidirectional = _checks.check_flag("bidirectional", bidirectional)
     if slopes.ndim != 1:
         raise ValueError(f"slopes must have shape [N], got {fmt(slopes.shape)}")
     rel = _relative_positions(num_queries, num_keys, offset).astype(jnp.float32)  # [..., T, S]
@@ -174,6 +200,23 @@ def alibi_bias(
         rel = -jnp.abs(rel)
     rel = jnp.expand_dims(rel, -3)  # [..., 1, T, S]
     return slopes.reshape((1,) * (rel.ndim - 3) + (-1, 1, 1)) * rel
+
+
+def check_buckets(bidirectional, num_buckets, max_distance) -> tuple[bool, int, int]:
+    """The options of :func:`relative_position_buckets`, checked: static ints that give
+    each direction an exact and a logarithmic bucket."""
+    bidirectional = _checks.check_flag("bidirectional", bidirectional)
+    least = 4 if bidirectional else 2  # each direction needs an exact and a log bucket
+    num_buckets = check_size("num_buckets", num_buckets)
+    max_distance = check_size("max_distance", max_distance)
+    if bidirectional and num_buckets % 2:
+        raise ValueError(f"bidirectional buckets need an even num_buckets, got {num_buckets}")
+    if num_buckets < least or max_distance <= num_buckets // least:
+        raise ValueError(
+            f"need num_buckets >= {least} and max_distance > the exact range, got "
+            f"num_buckets={num_buckets}, max_distance={max_distance}"
+        )
+    return bidirectional, num_buckets, max_distance
 
 
 def relative_position_buckets(
@@ -189,18 +232,16 @@ def relative_position_buckets(
     distances; the rest grow logarithmically up to ``max_distance``, beyond which
     everything shares the last bucket. The causal form puts all future keys in bucket 0.
 
+    ``relative_position`` holds integers (floats are a TypeError, not truncated);
+    ``num_buckets`` and ``max_distance`` are ints.
+
     Returns:
       int32 buckets in ``[0, num_buckets)``, same shape as ``relative_position``.
     """
-    if bidirectional and num_buckets % 2:
-        raise ValueError(f"bidirectional buckets need an even num_buckets, got {num_buckets}")
-    least = 4 if bidirectional else 2  # each direction needs an exact and a log bucket
-    if num_buckets < least or max_distance <= num_buckets // least:
-        raise ValueError(
-            f"need num_buckets >= {least} and max_distance > the exact range, got "
-            f"num_buckets={num_buckets}, max_distance={max_distance}"
-        )
-    n = -jnp.asarray(relative_position, dtype=jnp.int32)
+    bidirectional, num_buckets, max_distance = check_buckets(
+        bidirectional, num_buckets, max_distance
+    )
+    n = -check_int_array("relative_position", relative_position)
     ret = jnp.zeros_like(n)
     if bidirectional:
         num_buckets //= 2

@@ -45,6 +45,8 @@ def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None):
     gives ``{name: (array, expected shape)}`` to check too. A ValueError naming them.
     Returns query and key as arrays."""
     query, key = _checks.as_array("query", query), _checks.as_array("key", key)
+    for name, x in (("query", query), ("key", key)):
+        _checks.check_real(f"{fn}: {name}", x)
     problems = []
     if jnp.ndim(query) != 2 or jnp.ndim(key) != 2:
         problems.append("query must be [T, H] and key [S, H'] (one head; vmap over heads)")
@@ -60,6 +62,18 @@ def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None):
             + "; ".join(problems)
         )
     return query, key
+
+
+def _check_params(fn: str, params, cls) -> None:
+    """A TypeError naming the expected parameter type unless ``params`` has its fields
+    (``None`` or a dict would otherwise fail with an AttributeError)."""
+    if not all(hasattr(params, f) for f in cls._fields):
+        raise TypeError(
+            f"{fn}: params must be {cls.__name__}({', '.join(cls._fields)}) (from "
+            f"jattn.{cls.__name__}), got {type(params).__name__}"
+        )
+    for f in cls._fields:
+        _checks.check_real(f"{fn}: params.{f}", getattr(params, f))
 
 
 def _hidden_size(*candidates) -> tuple[int, ...]:
@@ -110,6 +124,8 @@ def scaled_dot_product_scores(
             "scaled_dot_product_scores: scale must be a scalar (a number or a 0-d array), got "
             + (f"shape {list(jnp.shape(scale))}" if jnp.ndim(scale) else repr(scale))
         )
+    else:  # finite; a traced scale (learned, or swept under jit) cannot be checked
+        scale = _checks.check_finite_scalar("scale", scale, allow_traced=True)
     return _f32_dot(query, key, "th,sh->ts") * jnp.float32(scale)
 
 
@@ -140,6 +156,7 @@ def additive_scores(query: jax.Array, key: jax.Array, params: AdditiveParams) ->
     Returns:
       ``[T, S]`` float32 logits.
     """
+    _check_params("additive_scores", params, AdditiveParams)
     a = _hidden_size((params.w_query, 2, 1), (params.w_key, 2, 1), (params.w_value, 1, 0))
     query, key = _check_shapes(
         "additive_scores",
@@ -169,6 +186,12 @@ def bilinear_scores(query: jax.Array, key: jax.Array, params: jax.Array) -> jax.
     Returns:
       ``[T, S]`` float32 logits.
     """
+    if params is None or isinstance(params, str | dict | tuple):  # tuple: another score's params
+        raise TypeError(
+            "bilinear_scores: params must be the matrix W [H, H'] (an array), got "
+            f"{type(params).__name__}"
+        )
+    params = _checks.check_real("bilinear_scores: params", params)
     query, key = _check_shapes(
         "bilinear_scores", query, key, same_dim=False, params=lambda h, h2: {"W": (params, (h, h2))}
     )
@@ -211,6 +234,7 @@ def mlp_scores(query: jax.Array, key: jax.Array, params: MLPParams) -> jax.Array
     Returns:
       ``[T, S]`` float32 logits.
     """
+    _check_params("mlp_scores", params, MLPParams)
     a = _hidden_size(
         *((w, 2, 1) for w in (params.w_query, params.w_key, params.w_product)),
         (params.bias, 1, 0),

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jattn.functional import _checks
 from jattn.layers.multihead import MultiHeadAttention
 from jattn.models.blocks import DecoderBlock, EncoderBlock, TransformerDecoder, TransformerEncoder
 
@@ -97,8 +98,10 @@ def _assign(param: nnx.Param, value: np.ndarray) -> None:
 
 
 def _check_heads(num_heads, features, what):
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-        raise ValueError(f"{what}: num_heads must be a positive int, got {num_heads!r}")
+    try:
+        num_heads = _checks.check_size("num_heads", num_heads)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
     if features % num_heads:
         raise ValueError(
             f"{what}: embed_dim={features} (from the state dict) is not divisible by "
@@ -240,8 +243,7 @@ def _copy_block(block: EncoderBlock | DecoderBlock, sd: _StateDict, p: str) -> N
 
 
 def _block_options(norm_first, activation, layer_norm_eps, dropout_rate, rngs):
-    if not isinstance(norm_first, bool):
-        raise TypeError(f"norm_first must be a bool, got {norm_first!r}")
+    norm_first = _checks.check_flag("norm_first", norm_first)
     return dict(
         pre_norm=norm_first,
         activation=activation,
@@ -399,6 +401,17 @@ def load_transformer(
     return encoder, decoder
 
 
+def _torch_mask(m, name: str) -> np.ndarray:
+    """A torch mask as a NumPy bool or float array; a TypeError naming it otherwise."""
+    try:
+        m = np.asarray(m)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a boolean or float array, got {type(m).__name__}") from e
+    if m.dtype != np.bool_ and not np.issubdtype(m.dtype, np.floating):
+        raise TypeError(f"{name} must be boolean or float, got dtype {m.dtype}")
+    return m
+
+
 def _split_torch_mask(m: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """torch mask -> (jattn mask True = attend, additive bias or None)."""
     if m.dtype == np.bool_:
@@ -441,7 +454,7 @@ def torch_masks_to_jattn(
     """
     masks, biases = [], []
     if key_padding_mask is not None:
-        kpm = np.asarray(key_padding_mask)
+        kpm = _torch_mask(key_padding_mask, "key_padding_mask")
         if kpm.ndim != 2:
             raise ValueError(f"key_padding_mask must have shape [B, S], got {_fmt(kpm.shape)}")
         m, b = _split_torch_mask(kpm, "key_padding_mask")
@@ -449,7 +462,9 @@ def torch_masks_to_jattn(
         if b is not None:
             biases.append(b[:, None, None, :])
     if attn_mask is not None:
-        am = np.asarray(attn_mask)
+        am = _torch_mask(attn_mask, "attn_mask")
+        if num_heads is not None:
+            num_heads = _checks.check_size("num_heads", num_heads)
         if am.ndim == 2:
             am = am[None, None]
         elif am.ndim == 3:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jattn.functional import _checks
 from jattn.functional.stochastic import dropout, fold_in
 
 __all__ = [
@@ -108,6 +109,10 @@ class Dropout(nnx.Dropout):
     many dropout sites compiles and runs faster. Keys come from the ``rngs`` stream,
     one per call, folded with its counter by :func:`next_key`.
     """
+
+    def __init__(self, rate: float, *args, **kwargs):
+        # in [0, 1] as nnx.Dropout (1 drops everything); a str, NaN or 1.5 is an error here
+        super().__init__(_checks.check_rate("rate", rate, allow_one=True), *args, **kwargs)
 
     def __call__(
         self,

@@ -15,9 +15,11 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
+from jattn.functional import _checks
 from jattn.functional.attention import dot_product_attention
 from jattn.functional.stochastic import keep_mask
 
@@ -86,8 +88,9 @@ def flax_attention_fn(
       value: ``[batch..., S, K, Hv]``.
       bias: added to the scaled logits; broadcasts to ``[batch..., N, T, S]``.
       mask: True / nonzero = attend; broadcasts to ``[batch..., N, T, S]``. A float
-        mask (Flax's decode mode makes one) counts its nonzero entries. A query that
-        sees no key gets uniform weights, as in Flax.
+        mask (Flax's decode mode makes one) counts its nonzero entries; its values must
+        be 0 or 1 (other values, an additive mask's -inf, are a ValueError where the mask
+        is concrete). A query that sees no key gets uniform weights, as in Flax.
       broadcast_dropout: one dropout mask ``[T, S]`` shared by the batch and the heads
         (Flax's default), else one per ``[batch..., N, T, S]`` entry.
       dropout_rng: the dropout key; needed when dropout runs.
@@ -114,16 +117,23 @@ def flax_attention_fn(
     query, key, value = promote_dtype((query, key, value), dtype=dtype)
     dtype = query.dtype
     if mask is not None:
-        mask = jnp.asarray(mask)
+        mask = _checks.as_array("mask", mask)
         if mask.dtype != jnp.bool_:
+            _checks.check_real("mask", mask)
+            values = _checks.concrete(mask)  # traced masks cannot be checked
+            if values is not None and not np.isin(values, (0, 1)).all():
+                raise ValueError(
+                    "flax_attention_fn: mask must be boolean or Flax's 0/1 mask (nonzero = "
+                    f"attend), got {mask.dtype} values outside {{0, 1}} (e.g. "
+                    f"{values[~np.isin(values, (0, 1))].flat[0]}): an additive mask, whose "
+                    "0 entries would be read as masked and -inf as visible; pass it as bias"
+                )
             mask = mask.astype(jnp.bool_)  # Flax: nonzero = attend
     if not isinstance(broadcast_dropout, bool):
         raise TypeError(
             f"flax_attention_fn: broadcast_dropout must be a bool, got {broadcast_dropout!r}"
         )
-    rate = float(dropout_rate)
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"flax_attention_fn: dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    rate = _checks.check_rate("flax_attention_fn: dropout_rate", dropout_rate)
     if deterministic or rate == 0.0:
         rate = 0.0
     elif dropout_rng is None:

@@ -14,14 +14,6 @@ __all__ = ["NWKernelRegression"]
 _UNIFORM_0_1 = nnx.initializers.uniform(scale=1.0)  # d2l's torch.rand
 
 
-def _optional_positive(name: str, value) -> int | None:
-    if value is None:
-        return None
-    if not _checks.is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return int(value)
-
-
 class NWKernelRegression(nnx.Module):
     """Kernel regression with a learnable width: ``softmax(-((q - k) w)^2 / 2) @ values``.
 
@@ -46,8 +38,9 @@ class NWKernelRegression(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.num_heads = _optional_positive("num_heads", num_heads)
-        self.num_features = _optional_positive("num_features", num_features)
+        self.num_heads = _checks.check_optional_size("num_heads", num_heads)
+        self.num_features = _checks.check_optional_size("num_features", num_features)
+        _checks.check_dtype("param_dtype", param_dtype)
         shape = tuple(d for d in (self.num_heads, self.num_features) if d is not None)
         self.w = nnx.Param(w_init(rngs.params(), shape, param_dtype))
         self.attention_weights = nnx.Intermediate(jnp.zeros((0, 0), jnp.float32))

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _checks, lowrank
 from jattn.functional import linear as lin
-from jattn.functional import lowrank
 from jattn.layers.multihead import MultiHeadAttention
 
 __all__ = ["KINDS", "LinearAttention", "LinearDecodeState"]
@@ -39,8 +39,8 @@ def _key_validity(mask, b: int, s: int):
     """``[B, S]`` key validity from a key-padding mask ``[B|1, 1, 1, S]`` (or None)."""
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_ or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+    mask = _checks.check_bool_mask("mask", mask, hint="pass jattn.key_padding_mask(valid)")
+    if mask.ndim != 4 or mask.shape[1:3] != (1, 1):
         raise ValueError(
             "linear attention takes only a boolean key-padding mask [B, 1, 1, S] (as "
             f"jattn.key_padding_mask gives), got {mask.dtype} {list(mask.shape)}; other "
@@ -74,6 +74,8 @@ class LinearAttention(MultiHeadAttention):
         for bad in ("score", "dropout_rate", "mask_mod", "score_mod", "attention_fn"):
             if kwargs.get(bad) not in (None, 0.0):
                 raise ValueError(f"LinearAttention(kind={kind!r}) takes no {bad}")
+        num_features = _checks.check_size("num_features", num_features)
+        chunk_size = _checks.check_optional_size("chunk_size", chunk_size)
         super().__init__(num_heads, in_features, qkv_features, out_features, rngs=rngs, **kwargs)
         self.kind = kind
         self.chunk_size = chunk_size
@@ -147,6 +149,8 @@ class LinearAttention(MultiHeadAttention):
         inputs_v = inputs_k if inputs_v is None else inputs_v
         if is_causal and inputs_k is not inputs_q:
             raise ValueError("causal LinearAttention is self-attention: pass inputs_q only")
+        for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+            _checks.check_real(name, x)
         q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
         valid = _key_validity(mask, k.shape[0], k.shape[1])
         if is_causal and valid is not None:
@@ -157,6 +161,8 @@ class LinearAttention(MultiHeadAttention):
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=jnp.float32):
         """The decoding state of ``batch_size`` empty sequences: constant size, whatever
         ``max_len`` (accepted for the models' cache protocol)."""
+        batch_size = _checks.check_size("batch_size", batch_size)
+        _checks.check_optional_size("max_len", max_len)
         del max_len, dtype
         f = self.num_features if self.kind == "performer" else self.head_dim
         shape = (batch_size, self.num_heads, f, self.v_head_dim)

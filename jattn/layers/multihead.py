@@ -151,8 +151,9 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             raise ValueError(
                 f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
             )
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+        dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
+        _checks.check_dtype("dtype", dtype, allow_none=True)
+        _checks.check_dtype("param_dtype", param_dtype)
         head_dim = qkv_features // num_heads
         v_head_dim = check_positive_int("v_head_dim", _default(v_head_dim, head_dim))
 
@@ -213,14 +214,24 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         [..., L, D]`` (batch dims, L = the most positions to decode, D ignored).
         Calls with ``decode=True`` then write their tokens at ``cache_index``.
         """
-        input_shape = tuple(input_shape)
-        if len(input_shape) < 2 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
-        ):
+        if isinstance(input_shape, str) or not hasattr(input_shape, "__len__"):
             raise ValueError(
-                f"init_cache: input_shape must be [..., max_length, features] with positive "
+                "init_cache: input_shape must be [..., max_length, features] with positive "
                 f"ints, got {input_shape!r}"
             )
+        input_shape = tuple(input_shape)
+        try:
+            if len(input_shape) < 2:
+                raise ValueError(f"it has {len(input_shape)} axes")
+            input_shape = tuple(
+                _checks.check_size(f"input_shape[{i}]", d) for i, d in enumerate(input_shape)
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"init_cache: input_shape must be [..., max_length, features] with positive "
+                f"ints, got {input_shape!r} ({e})"
+            ) from None
+        _checks.check_dtype("dtype", dtype)
         lead = input_shape[:-1]
         self.cached_key = nnx.Cache(jnp.zeros((*lead, self.num_kv_heads, self.head_dim), dtype))
         self.cached_value = nnx.Cache(jnp.zeros((*lead, self.num_kv_heads, self.v_head_dim), dtype))
@@ -248,7 +259,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         if (batch_size is None) != (max_length is None):
             raise TypeError("set_view: pass both batch_size and max_length (for a new cache)")
         if batch_size is not None:
-            batch = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+            batch = (batch_size,) if not isinstance(batch_size, tuple | list) else batch_size
             self.init_cache((*batch, max_length, self.in_features), self.cache_dtype or jnp.float32)
 
     def call_mods(self, mask_mod=None, score_mod=None, *, q_offset=None):
@@ -325,6 +336,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             ("inputs_k", inputs_k, self.key.in_features[0]),
             ("inputs_v", inputs_v, self.value.in_features[0]),
         ):
+            x = _checks.check_real(name, x)
             if jnp.ndim(x) < 2 or jnp.shape(x)[-1] != width:
                 raise ValueError(
                     f"{name} must have shape [..., L, {width}], got {list(jnp.shape(x))}"
@@ -432,7 +444,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         visible = causal_mask(t, max_len, offset=index)  # [T, L]: up to its own position
         if mask is None:
             return query, keys, values, visible[None], index, fn
-        mask = jnp.asarray(mask)
+        mask = _checks.check_bool_mask("mask", mask, hint="pass additive float masks as bias")
         rank = max(mask.ndim, 3)
         mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
         visible = jnp.logical_and(mask, visible.reshape((1,) * (rank - 2) + visible.shape))

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import mods
-from jattn.functional._checks import check_positive_int, is_int
+from jattn.functional import _checks, mods
+from jattn.functional._checks import check_positive_int
 from jattn.functional.positional import (
     _relative_positions,
     alibi_bias,
     alibi_slopes,
+    check_buckets,
+    check_even_features,
     relative_position_buckets,
     rotary_embedding,
     sinusoidal_encoding,
@@ -27,22 +29,15 @@ __all__ = [
 
 
 def _check_positions(positions):
-    positions = jnp.asarray(positions)
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
-    return positions
+    return _checks.check_int_array("positions", positions)
 
 
 class SinusoidalEncoding(nnx.Module):
     """Fixed sinusoidal encodings (no parameters): ``__call__(positions [...]) -> [..., D]``."""
 
     def __init__(self, features: int, max_len: int = 10_000):
-        if not is_int(features) or features <= 0 or features % 2:
-            raise ValueError(
-                f"sinusoidal encoding needs an even positive features, got {features!r}"
-            )
-        self.features = features
-        self.max_len = max_len
+        self.features = check_even_features(features)
+        self.max_len = check_positive_int("max_len", max_len)
 
     def __call__(self, positions: jax.Array) -> jax.Array:
         return sinusoidal_encoding(_check_positions(positions), self.features)
@@ -55,8 +50,9 @@ class LearnedPositionalEmbedding(nnx.Module):
     """
 
     def __init__(self, max_len: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        check_positive_int("max_len", max_len)
-        check_positive_int("features", features)
+        max_len = check_positive_int("max_len", max_len)
+        features = check_positive_int("features", features)
+        _checks.check_dtype("param_dtype", param_dtype)
         self.max_len = max_len
         self.embedding = nnx.Embed(
             max_len,
@@ -75,8 +71,10 @@ class RotaryEmbedding(nnx.Module):
     """RoPE with fixed options: ``__call__(x [..., T, N, H], positions [T] | [..., T])``."""
 
     def __init__(self, *, max_wavelength: float = 10000.0, interleaved: bool = False):
-        self.max_wavelength = max_wavelength
-        self.interleaved = interleaved
+        self.max_wavelength = _checks.check_finite_scalar(
+            "max_wavelength", max_wavelength, positive=True
+        )
+        self.interleaved = _checks.check_flag("interleaved", interleaved)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         return rotary_embedding(
@@ -88,8 +86,8 @@ class ALiBi(nnx.Module):
     """ALiBi bias with the paper's slopes: ``__call__(T, S, *, offset=0) -> [1|B, N, T, S]``."""
 
     def __init__(self, num_heads: int, *, bidirectional: bool = False):
-        self.num_heads = num_heads
-        self.bidirectional = bidirectional
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.bidirectional = _checks.check_flag("bidirectional", bidirectional)
         self.slopes = nnx.data(alibi_slopes(num_heads))
 
     def __call__(self, num_queries: int, num_keys: int, *, offset=0) -> jax.Array:
@@ -122,12 +120,10 @@ class RelativePositionBias(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_heads", num_heads)
-        relative_position_buckets(
-            jnp.zeros((), jnp.int32),
-            bidirectional=bidirectional,
-            num_buckets=num_buckets,
-            max_distance=max_distance,
-        )  # validates the options
+        bidirectional, num_buckets, max_distance = check_buckets(
+            bidirectional, num_buckets, max_distance
+        )
+        _checks.check_dtype("param_dtype", param_dtype)
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional

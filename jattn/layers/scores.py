@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _checks
 from jattn.functional.scores import (
     AdditiveParams,
     MLPParams,
@@ -23,6 +24,14 @@ from jattn.functional.scores import (
 __all__ = ["Score", "AdditiveScore", "BilinearScore", "MLPScore"]
 
 _init = nnx.initializers.lecun_normal()
+
+
+def _check_sizes(param_dtype, **sizes) -> None:
+    """Each size a positive int (a ValueError naming it, not a ZeroDivisionError from
+    the initializer), and a floating ``param_dtype``."""
+    for name, value in sizes.items():
+        _checks.check_size(name, value)
+    _checks.check_dtype("param_dtype", param_dtype)
 
 
 class Score(nnx.Module):
@@ -56,6 +65,8 @@ class AdditiveScore(Score):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        _check_sizes(param_dtype, num_heads=num_heads, query_head_dim=query_head_dim,
+                     key_head_dim=key_head_dim, hidden=hidden)  # fmt: skip
         self.w_query = nnx.Param(
             _init(rngs.params(), (num_heads, query_head_dim, hidden), param_dtype)
         )
@@ -80,6 +91,8 @@ class BilinearScore(Score):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        _check_sizes(param_dtype, num_heads=num_heads, query_head_dim=query_head_dim,
+                     key_head_dim=key_head_dim)  # fmt: skip
         self.w = nnx.Param(
             _init(rngs.params(), (num_heads, query_head_dim, key_head_dim), param_dtype)
         )
@@ -102,6 +115,7 @@ class MLPScore(Score):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        _check_sizes(param_dtype, num_heads=num_heads, head_dim=head_dim, hidden=hidden)
         shape = (num_heads, head_dim, hidden)
         self.w_query = nnx.Param(_init(rngs.params(), shape, param_dtype))
         self.w_key = nnx.Param(_init(rngs.params(), shape, param_dtype))

@@ -20,8 +20,7 @@ __all__ = ["DotProductAttention", "AdditiveAttention"]
 
 class _SingleHead(TrainEval, nnx.Module):
     def __init__(self, dropout_rate: float, rngs: nnx.Rngs | None, deterministic: bool):
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+        dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
         if dropout_rate > 0.0 and rngs is None:
             raise ValueError("dropout_rate > 0 needs rngs=nnx.Rngs(dropout=...)")
         _checks.check_flags(deterministic=deterministic)
@@ -35,7 +34,7 @@ class _SingleHead(TrainEval, nnx.Module):
         """The three inputs as ``[B, L, F]`` arrays, or a ValueError naming the bad one."""
         out = []
         for name, x in (("queries", queries), ("keys", keys), ("values", values)):
-            x = _checks.as_array(name, x)
+            x = _checks.check_real(name, x)
             if x.ndim != 3:
                 raise ValueError(f"{name} must have shape [B, L, F], got {list(x.shape)}")
             out.append(x)
@@ -51,7 +50,7 @@ class _SingleHead(TrainEval, nnx.Module):
             )
         mask = None
         if valid_lens is not None:
-            valid_lens = jnp.asarray(valid_lens)
+            valid_lens = _checks.check_int_array("valid_lens", valid_lens, clip=(0, s))
             if valid_lens.shape not in ((b,), (b, t)):
                 raise ValueError(
                     f"valid_lens must have shape [B]=[{b}] or [B, T]=[{b}, {t}], "
@@ -137,6 +136,15 @@ class AdditiveAttention(_SingleHead):
         deterministic: bool = True,
         rngs: nnx.Rngs,
     ):
+        for name, size in (
+            ("key_size", key_size),
+            ("query_size", query_size),
+            ("num_hiddens", num_hiddens),
+        ):
+            _checks.check_size(name, size)
+        _checks.check_dtype("param_dtype", param_dtype)
+        if rngs is None:
+            raise ValueError("AdditiveAttention needs rngs=nnx.Rngs(...) for its parameters")
         super().__init__(dropout_rate, rngs, deterministic)
         init = nnx.initializers.lecun_normal()
         self.w_query = nnx.Param(init(rngs.params(), (query_size, num_hiddens), param_dtype))

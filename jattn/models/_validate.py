@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jattn.functional._checks import concrete, is_int
+from jattn.functional._checks import check_size, check_static, concrete, is_int, type_note
 
 
 def check_token_ids(name: str, tokens, vocab_size: int) -> None:
@@ -23,13 +23,19 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
         )
 
 
-def check_special_ids(vocab_size: int, vocab: str = "vocabulary", **ids) -> None:
-    """``vocab_size`` is a positive int and each of ``ids`` (e.g. ``pad_id=0``) an int in
-    ``[0, vocab_size)``."""
+def check_special_ids(
+    vocab_size: int, vocab: str = "vocabulary", *, vocab_name: str = "vocab_size", **ids
+) -> None:
+    """``vocab_size`` (the argument ``vocab_name``) is a positive int and each of ``ids``
+    (e.g. ``pad_id=0``) an int in ``[0, vocab_size)``."""
+    check_static(vocab_name, vocab_size, "int")
     if not is_int(vocab_size) or vocab_size <= 0:
-        raise ValueError(f"the {vocab} size must be a positive int, got {vocab_size!r}")
+        raise ValueError(
+            f"{vocab_name}: the {vocab} size must be a positive int, got "
+            f"{vocab_size!r}{type_note(vocab_size)}"
+        )
     for name, value in ids.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):  # NumPy ints are ints; bools, floats and strs are not
             raise ValueError(f"{name} must be an int, got {value!r}")
         if not 0 <= value < vocab_size:
             raise ValueError(f"{name}={value} is outside the {vocab} [0, {vocab_size})")
@@ -37,12 +43,13 @@ def check_special_ids(vocab_size: int, vocab: str = "vocabulary", **ids) -> None
 
 def check_search_options(beam_size, length_penalty) -> tuple[int, float]:
     """``beam_size`` a positive int, ``length_penalty`` a float >= 0."""
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int | np.integer) or beam_size <= 0:
-        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+    beam_size = check_size("beam_size", beam_size)
     if isinstance(length_penalty, bool) or not isinstance(
         length_penalty, int | float | np.floating
     ):
         raise ValueError(f"length_penalty must be a float >= 0, got {length_penalty!r}")
-    if not length_penalty >= 0:
+    if not length_penalty >= 0:  # NaN fails too
         raise ValueError(f"length_penalty must be a float >= 0, got {length_penalty!r}")
+    if length_penalty == float("inf"):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
     return int(beam_size), float(length_penalty)

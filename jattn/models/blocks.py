@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _checks
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention as score_attention
 from jattn.functional.attention import dot_product_attention
@@ -65,7 +66,8 @@ __all__ = [
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
+def _check_config(features, num_heads, mlp_features, dropout_rate, activation,
+                  layer_norm_eps=1e-5, pre_norm=False):  # fmt: skip
     for name, value in (
         ("features", features),
         ("num_heads", num_heads),
@@ -74,9 +76,10 @@ def _check_config(features, num_heads, mlp_features, dropout_rate, activation):
         check_positive_int(name, value)
     if features % num_heads:
         raise ValueError(f"features={features} must be divisible by num_heads={num_heads}")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
-    if activation not in _ACTIVATIONS:
+    _checks.check_rate("dropout_rate", dropout_rate)
+    _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
+    _checks.check_flag("pre_norm", pre_norm)
+    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
 
 
@@ -149,7 +152,8 @@ class _Block(TrainEval, nnx.Module):
 
     def _init_common(self, features, num_heads, mlp_features, num_norms, *, dropout_rate,
                      pre_norm, activation, layer_norm_eps, rngs):  # fmt: skip
-        _check_config(features, num_heads, mlp_features, dropout_rate, activation)
+        _check_config(features, num_heads, mlp_features, dropout_rate, activation,
+                      layer_norm_eps, pre_norm)  # fmt: skip
         self.features = features
         self.pre_norm = pre_norm
         for i in range(1, num_norms + 1):

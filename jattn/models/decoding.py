@@ -57,6 +57,9 @@ class KVCache(NamedTuple):
 def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of ``max_len`` positions for the self-attention layer ``mha``
     (a constant-size state for a :class:`jattn.layers.LinearAttention`)."""
+    batch_size = _checks.check_size("batch_size", batch_size)
+    max_len = _checks.check_size("max_len", max_len)
+    _checks.check_dtype("dtype", dtype)
     if isinstance(mha, LinearAttention):
         return mha.init_cache(batch_size, max_len, dtype)
     return KVCache(
@@ -77,6 +80,16 @@ class RotaryAttention:
 
     inner: Callable
     max_wavelength: float = 10000.0
+
+    def __post_init__(self):
+        if not callable(self.inner):
+            raise TypeError(
+                f"RotaryAttention needs an attention function, got {type(self.inner).__name__}"
+            )
+        wavelength = _checks.check_finite_scalar(
+            "max_wavelength", self.max_wavelength, positive=True
+        )
+        object.__setattr__(self, "max_wavelength", wavelength)
 
     def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
         q_pos = jnp.arange(query.shape[-3], dtype=jnp.int32)
@@ -208,6 +221,18 @@ def length_penalty_fn(length: jax.Array, alpha: float) -> jax.Array:
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
+def _check_search(first_tokens, max_len, eos_id, pad_id):
+    """The shared arguments of the searches: ``first_tokens [B]`` ids, ``max_len`` a
+    positive int, the special ids ints >= 0."""
+    first_tokens = _checks.check_int_array("first_tokens", first_tokens)
+    if first_tokens.ndim != 1:
+        raise ValueError(f"first_tokens must have shape [B], got {_checks.fmt(first_tokens.shape)}")
+    max_len = _checks.check_size("max_len", max_len)
+    eos_id = _checks.check_size("eos_id", eos_id, minimum=0)
+    pad_id = _checks.check_size("pad_id", pad_id, minimum=0)
+    return first_tokens, max_len, eos_id, pad_id
+
+
 def greedy_search(
     step_fn: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
     state: Any,
@@ -228,6 +253,7 @@ def greedy_search(
     Returns:
       ``[B, max_len]`` int32: argmax tokens up to and including EOS, then PAD.
     """
+    first_tokens, max_len, eos_id, pad_id = _check_search(first_tokens, max_len, eos_id, pad_id)
     batch = first_tokens.shape[0]
     out = jnp.full((batch, max_len), pad_id, jnp.int32)
 
@@ -273,6 +299,10 @@ def beam_search(
     Returns:
       ``(tokens [B, max_len] int32, scores [B] float32)`` of the best beam.
     """
+    first_tokens, max_len, eos_id, pad_id = _check_search(first_tokens, max_len, eos_id, pad_id)
+    beam_size = _checks.check_size("beam_size", beam_size)
+    length_penalty = _checks.check_finite_scalar("length_penalty", length_penalty,
+                                                 allow_traced=True)  # fmt: skip
     batch, width = first_tokens.shape[0], beam_size
     state = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), state)
     tokens = jnp.repeat(first_tokens.astype(jnp.int32), width)  # [B*W]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _sharding
+from jattn.functional import _checks, _sharding
 from jattn.layers.dropout import Dropout, TrainEval
 
 __all__ = ["GRUCell", "GRUEncoder"]
@@ -42,8 +42,8 @@ class GRUCell(nnx.Module):
     """
 
     def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
-        self.in_features = in_features
-        self.hidden = hidden
+        self.in_features = _checks.check_size("in_features", in_features)
+        self.hidden = _checks.check_size("hidden", hidden)
         w_in = nnx.initializers.lecun_normal()(rngs.params(), (in_features, 3 * hidden))
         orth = nnx.initializers.orthogonal()
         w_h = jnp.concatenate([orth(rngs.params(), (hidden, hidden)) for _ in range(3)], axis=1)
@@ -126,6 +126,11 @@ class GRUEncoder(TrainEval, nnx.Module):
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        in_features = _checks.check_size("in_features", in_features)
+        hidden = _checks.check_size("hidden", hidden)
+        num_layers = _checks.check_size("num_layers", num_layers)
+        bidirectional = _checks.check_flag("bidirectional", bidirectional)
+        dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
         self.hidden = hidden
         self.num_layers = num_layers
         self.bidirectional = bidirectional
@@ -167,6 +172,13 @@ class GRUEncoder(TrainEval, nnx.Module):
           token, backward after the first), directions concatenated.
         """
         deterministic = self._deterministic(deterministic)
+        x = _checks.check_real("x", x)
+        valid = _checks.check_bool_mask("valid", valid, hint="pass tokens != pad_id")
+        if x.ndim != 3 or valid.shape != x.shape[:2]:
+            raise ValueError(
+                f"x must be [B, S, F] and valid [B, S], got x {_checks.fmt(x.shape)} and "
+                f"valid {_checks.fmt(valid.shape)}"
+            )
         b = x.shape[0]
         h0 = jnp.zeros((b, self.hidden), jnp.float32, out_sharding=_sharding.batch_like(x))
         finals = []

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _sharding
+from jattn.functional import _checks, _sharding
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
@@ -103,9 +103,9 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
             ("num_layers", num_layers),
         ):
             check_positive_int(name, value)
-        if not isinstance(dropout_rate, int | float) or not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
-        if score not in SCORES:
+        _checks.check_rate("dropout_rate", dropout_rate)
+        _checks.check_flag("bidirectional", bidirectional)
+        if not isinstance(score, str) or score not in SCORES:
             raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
         key_size = (2 if bidirectional else 1) * hidden
         if score == "dot" and key_size != hidden:
@@ -114,9 +114,12 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
                 f"state size ({key_size} with bidirectional=True); use score='bilinear' "
                 "or bidirectional=False"
             )
-        check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
+        check_special_ids(tgt_vocab_size, "target vocabulary", vocab_name="tgt_vocab_size",
+                          pad_id=pad_id, bos_id=bos_id,
                           eos_id=eos_id)  # fmt: skip
-        check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
+        check_special_ids(
+            src_vocab_size, "source vocabulary", vocab_name="src_vocab_size", pad_id=pad_id
+        )
 
         self.tgt_vocab_size = tgt_vocab_size
         self.hidden = hidden

@@ -25,7 +25,13 @@ import numpy as np
 from flax import nnx
 
 from jattn.functional import _sharding
-from jattn.functional._checks import check_positive_int, concrete, is_int
+from jattn.functional._checks import (
+    check_int_array,
+    check_positive_int,
+    check_size,
+    concrete,
+    is_int,
+)
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import LinearDecodeState
@@ -73,13 +79,18 @@ class _Embedding(TrainEval, nnx.Module):
 
 
 def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
-    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
-        check_token_ids(name, tokens, vocab_size)
-    tokens = jnp.asarray(tokens)
+    if not isinstance(tokens, jax.Array | np.ndarray):  # NumPy first: an int64 id must not wrap
+        try:
+            tokens = np.asarray(tokens)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be integer tokens [B, L], got {tokens!r}") from e
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(
             f"{name} must be integer tokens [B, L], got {tokens.dtype}{list(tokens.shape)}"
         )
+    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
+        check_token_ids(name, tokens, vocab_size)
+    tokens = jnp.asarray(tokens)
     if max_len is not None and tokens.shape[1] > max_len:
         raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
     return tokens
@@ -89,9 +100,10 @@ def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, ac
                    layer_norm_eps, final_norm, attention_fn, score, positional,
                    mask_mod=None, score_mod=None, attention="softmax"):  # fmt: skip
     """Validates the options (before any parameter is created) and returns the stack kwargs."""
-    if mlp_features is None and isinstance(features, int):
+    if mlp_features is None and is_int(features):
         mlp_features = 4 * features
-    _check_config(features, num_heads, mlp_features, dropout_rate, activation)
+    _check_config(features, num_heads, mlp_features, dropout_rate, activation, layer_norm_eps,
+                  pre_norm)  # fmt: skip
     if positional not in _POSITIONAL:
         raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
     if positional == "sinusoidal" and features % 2:
@@ -183,6 +195,8 @@ class Transformer(TrainEval, nnx.Module):
         attention: str = "softmax",
         rngs: nnx.Rngs,
     ):
+        check_size("src_vocab_size", src_vocab_size)
+        check_size("tgt_vocab_size", tgt_vocab_size)
         if share_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings needs src_vocab_size == tgt_vocab_size, "
@@ -210,9 +224,12 @@ class Transformer(TrainEval, nnx.Module):
                             ("num_decoder_layers", num_decoder_layers)):  # fmt: skip
             if value is not None:
                 check_positive_int(name, value)
-        check_special_ids(tgt_vocab_size, "target vocabulary", pad_id=pad_id, bos_id=bos_id,
+        check_special_ids(tgt_vocab_size, "target vocabulary", vocab_name="tgt_vocab_size",
+                          pad_id=pad_id, bos_id=bos_id,
                           eos_id=eos_id)  # fmt: skip
-        check_special_ids(src_vocab_size, "source vocabulary", pad_id=pad_id)
+        check_special_ids(
+            src_vocab_size, "source vocabulary", vocab_name="src_vocab_size", pad_id=pad_id
+        )
         _check_bidirectional(attention)
         enc = num_layers if num_encoder_layers is None else num_encoder_layers
         dec = num_layers if num_decoder_layers is None else num_decoder_layers
@@ -397,6 +414,8 @@ class DecoderLM(TrainEval, nnx.Module):
     def init_cache(self, batch_size: int, max_len: int):
         """One empty :class:`KVCache` per layer, ``max_len`` positions each (at most the
         model's ``max_len`` with learned positions, whose table ends there)."""
+        batch_size = check_size("batch_size", batch_size)
+        max_len = check_size("max_len", max_len)
         if isinstance(self.embed.position, LearnedPositionalEmbedding) and max_len > self.max_len:
             raise ValueError(
                 f"a cache of {max_len} positions outruns the learned position table of "
@@ -430,7 +449,8 @@ class DecoderLM(TrainEval, nnx.Module):
         prompt_tokens = _check_tokens(
             "prompt_tokens", prompt_tokens, vocab_size=self.embed.token.num_embeddings
         )
-        prompt_lengths = jnp.asarray(prompt_lengths)
+        if not isinstance(prompt_lengths, jax.Array | np.ndarray):
+            prompt_lengths = np.asarray(prompt_lengths)  # NumPy first: int64 must not wrap
         if prompt_lengths.shape != prompt_tokens.shape[:1]:
             raise ValueError(
                 f"prompt_lengths must have shape [B] = [{prompt_tokens.shape[0]}], "
@@ -446,6 +466,7 @@ class DecoderLM(TrainEval, nnx.Module):
                     f"prompt_lengths must be in [1, {plen}] (the prompts' length), got "
                     f"{lengths.tolist()}"
                 )
+        prompt_lengths = check_int_array("prompt_lengths", prompt_lengths)
         if isinstance(max_new_tokens, np.integer):
             max_new_tokens = int(max_new_tokens)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
@@ -462,7 +483,7 @@ class DecoderLM(TrainEval, nnx.Module):
             ),
             self,
             prompt_tokens,
-            prompt_lengths.astype(jnp.int32),
+            prompt_lengths,
         )
 
 

@@ -1,0 +1,563 @@
+"""Bad inputs at the public boundary, generated (hypothesis): each class of bad input is
+one clear error that names the argument, raised by one shared check
+(:mod:`jattn.functional._checks`) before any computation, never a silent wrong answer,
+a NaN, or an error from deep inside JAX (issue 19, sections 2b, 3 and 4).
+
+Every error here is raised before a parameter is created or a function compiled, so the
+generated cases stay cheap; the good inputs next to them (NumPy ints, in-range int64
+values, boolean masks) must still be accepted.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jattn
+from jattn import diagnostics, layers, models, viz
+from jattn.functional import _checks
+from jattn.interop import torch as torch_interop
+
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+Q = jnp.zeros((1, 4, 2, 8), jnp.float32)  # [B, T, N, H]
+X = jnp.zeros((1, 4, 8), jnp.float32)  # [B, T, D]
+
+
+def _rngs():
+    return nnx.Rngs(0)
+
+
+def _raises(exc, fn, *names):
+    """``fn()`` raises ``exc`` whose message names each of ``names``; returns the message."""
+    with pytest.raises(exc) as info:
+        fn()
+    message = str(info.value)
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    return message
+
+
+# ------------------------------------------------------------------ sizes (section 4)
+
+# Values that are not a size: zero and negative ints, floats (integral ones too: 2.0 is
+# not silently 2), bools (True is not 1), strings and NumPy floats.
+bad_sizes = st.one_of(
+    st.integers(-(2**40), 0),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(1, 64).map(float),
+    st.booleans(),
+    st.integers(1, 64).map(str),
+    st.integers(1, 64).map(np.float32),
+    st.just(np.bool_(True)),
+)
+
+# (argument name, a call that passes the value as that argument)
+SIZE_TARGETS = [
+    ("num_queries", lambda v: jattn.causal_mask(v, 4)),
+    ("num_keys", lambda v: jattn.causal_mask(4, v)),
+    ("num_queries", lambda v: jattn.sliding_window_mask(v, 4, 1)),
+    ("length", lambda v: jattn.sequence_mask(jnp.array([1, 2]), v)),
+    ("num_keys", lambda v: jattn.valid_lens_mask(jnp.array([1, 2]), 3, v)),
+    ("num_queries", lambda v: jattn.alibi_bias(jattn.alibi_slopes(2), v, 3)),
+    ("num_heads", lambda v: jattn.alibi_slopes(v)),
+    ("features", lambda v: jattn.sinusoidal_encoding(jnp.arange(3), v)),
+    ("num_buckets", lambda v: jattn.relative_position_buckets(jnp.arange(3), num_buckets=v)),
+    ("max_distance", lambda v: jattn.relative_position_buckets(jnp.arange(3), max_distance=v)),
+    ("chunk_size", lambda v: jattn.linear_attention(Q, Q, Q, chunk_size=v)),
+    ("num_heads", lambda v: layers.MultiHeadAttention(v, 8, rngs=_rngs())),
+    ("in_features", lambda v: layers.MultiHeadAttention(2, v, rngs=_rngs())),
+    ("num_features", lambda v: layers.LinearAttention(2, 8, num_features=v, rngs=_rngs())),
+    ("max_len", lambda v: layers.SinusoidalEncoding(4, max_len=v)),
+    ("max_len", lambda v: layers.LearnedPositionalEmbedding(v, 4, rngs=_rngs())),
+    ("num_buckets", lambda v: layers.RelativePositionBias(2, num_buckets=v, rngs=_rngs())),
+    ("hidden", lambda v: layers.AdditiveScore(2, 4, 4, v, rngs=_rngs())),
+    ("query_head_dim", lambda v: layers.BilinearScore(2, v, 4, rngs=_rngs())),
+    ("head_dim", lambda v: layers.MLPScore(2, v, 4, rngs=_rngs())),
+    ("num_hiddens", lambda v: layers.AdditiveAttention(4, 4, v, rngs=_rngs())),
+    ("num_heads", lambda v: layers.NWKernelRegression(v, rngs=_rngs())),
+    ("hidden", lambda v: models.GRUCell(4, v, rngs=_rngs())),
+    ("features", lambda v: models.FeedForward(v, 8, rngs=_rngs())),
+    ("num_heads", lambda v: models.DecoderLM(9, features=8, num_heads=v, rngs=_rngs())),
+    ("max_len", lambda v: models.DecoderLM(9, features=8, num_heads=2, max_len=v, rngs=_rngs())),
+    ("src_vocab_size", lambda v: models.Transformer(v, 9, features=8, rngs=_rngs())),
+    ("hidden", lambda v: models.BahdanauSeq2Seq(9, 9, hidden=v, rngs=_rngs())),
+    (
+        "max_len",
+        lambda v: models.greedy_search(
+            None, None, jnp.ones(2, jnp.int32), max_len=v, eos_id=2, pad_id=0
+        ),
+    ),  # fmt: skip
+    (
+        "num_heads",
+        lambda v: torch_interop.torch_masks_to_jattn(
+            attn_mask=np.zeros((4, 3, 3), bool), num_heads=v
+        ),
+    ),  # fmt: skip
+    ("dpi", lambda v: viz.save_figure(None, "/nonexistent/x.png", dpi=v)),
+    ("head_mask_shape[0]", lambda v: diagnostics.head_importance(jnp.sum, (v, 2))),
+]
+
+
+@SETTINGS
+@given(target=st.sampled_from(SIZE_TARGETS), value=bad_sizes)
+def test_bad_sizes_name_the_argument_and_value(target, value):
+    name, call = target
+    message = _raises(ValueError, lambda: call(value), name)
+    assert repr(value) in message, message  # the value, as the user wrote it
+
+
+@SETTINGS
+@given(target=st.sampled_from(SIZE_TARGETS[:11]), value=st.integers(1, 8))
+def test_numpy_int_sizes_are_sizes(target, value):
+    """np.int64 (not an ``int`` subclass) and a 0-d int array are sizes as good as an int:
+    whatever they give, it is what the Python int gives."""
+    name, call = target
+    if name == "features":
+        value *= 2  # sinusoidal features are even
+    if name == "num_buckets":
+        value = 2 * value + 4  # bidirectional: even and >= 4
+    if name == "max_distance":
+        value += 32  # beyond the exact range of the default 32 buckets
+    want = call(value)
+    for like in (np.int64(value), np.array(value, np.int32)):
+        got = call(like)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_size_errors_read_well():
+    assert str(_raises(ValueError, lambda: jattn.causal_mask(2.0, 4))) == (
+        "num_queries must be a positive int, got 2.0 (a float)"
+    )
+    _raises(ValueError, lambda: layers.MultiHeadAttention("4", 8, rngs=_rngs()), "got '4' (a str)")
+    _raises(ValueError, lambda: layers.AdditiveScore(0, 4, 4, 4, rngs=_rngs()),
+            "num_heads must be a positive int, got 0")  # fmt: skip  # was a ZeroDivisionError
+    _raises(ValueError, lambda: models.GRUCell(4, True, rngs=_rngs()), "got True (a bool)")
+    _raises(ValueError, lambda: jattn.relative_position_buckets(jnp.arange(3), num_buckets=8.5),
+            "num_buckets must be a positive int, got 8.5")  # fmt: skip  # was float buckets
+    _raises(ValueError, lambda: models.DecoderLM(9, features=8, num_heads=2, rngs=_rngs())
+            .init_cache(-1, 4), "batch_size must be a positive int, got -1")  # fmt: skip
+
+
+def test_traced_sizes_are_type_errors():
+    for fn, name in (
+        (lambda n: jattn.causal_mask(n, 4), "num_queries"),
+        (lambda n: jattn.sequence_mask(jnp.array([1]), n), "length"),
+        (lambda n: jattn.relative_position_buckets(jnp.arange(3), num_buckets=n), "num_buckets"),
+        (lambda r: jattn.dot_product_attention(Q, Q, Q, dropout_rate=r), "dropout_rate"),
+    ):
+        message = _raises(TypeError, lambda fn=fn: jax.jit(fn)(8), name)
+        assert "static" in message
+
+
+# ------------------------------------------------------------------ rates (section 4)
+
+bad_rates = st.one_of(
+    st.floats(1.0, 1e6, exclude_min=True),
+    st.floats(max_value=0.0, exclude_max=True),
+    st.just(float("nan")),
+    st.floats(0.0, 0.99).map(str),  # "0.1" from a config file
+    st.booleans(),
+    st.none(),
+)
+
+RATE_TARGETS = [
+    (
+        "dropout_rate",
+        lambda r: jattn.dot_product_attention(
+            Q, Q, Q, dropout_rate=r, dropout_rng=jax.random.key(0)
+        ),
+    ),  # fmt: skip
+    ("dropout_rate", lambda r: layers.MultiHeadAttention(2, 8, dropout_rate=r, rngs=_rngs())),
+    ("dropout_rate", lambda r: layers.DotProductAttention(r, rngs=_rngs())),
+    ("dropout_rate", lambda r: models.EncoderBlock(8, 2, 16, dropout_rate=r, rngs=_rngs())),
+    ("dropout_rate", lambda r: models.BahdanauSeq2Seq(9, 9, dropout_rate=r, rngs=_rngs())),
+    ("dropout_rate", lambda r: models.GRUEncoder(4, 4, dropout_rate=r, rngs=_rngs())),
+]
+
+
+@SETTINGS
+@given(target=st.sampled_from(RATE_TARGETS), rate=bad_rates)
+def test_bad_rates_name_the_argument(target, rate):
+    name, call = target
+    _raises(ValueError, lambda: call(rate), name, "[0, 1)")
+
+
+@SETTINGS
+@given(rate=bad_rates.filter(lambda r: r != 1.0))
+def test_dropout_layer_rate(rate):
+    """``jattn.layers.Dropout`` (rate 1 allowed, as nnx.Dropout) refuses the rest."""
+    _raises(ValueError, lambda: layers.Dropout(rate), "rate", "[0, 1]")
+
+
+def test_good_rates_are_accepted():
+    for rate in (0.0, 0.5, np.float32(0.25), np.float64(0.1), 0):
+        assert layers.MultiHeadAttention(2, 8, dropout_rate=rate, rngs=_rngs()).dropout_rate == rate
+
+
+# ---------------------------------------------- non-finite parameters (section 2b)
+
+non_finite = st.sampled_from([float("nan"), float("inf"), -float("inf")])
+non_finite_like = st.one_of(
+    non_finite,
+    non_finite.map(np.float32),
+    non_finite.map(lambda x: jnp.asarray(x, jnp.float32)),
+)
+not_positive = st.one_of(st.floats(max_value=0.0), non_finite)
+
+SCALAR_TARGETS = [
+    ("scale", non_finite_like, lambda s: jattn.dot_product_attention(Q, Q, Q, scale=s)),
+    (
+        "scale",
+        non_finite_like,
+        lambda s: jattn.scaled_dot_product_scores(Q[0, :, 0], Q[0, :, 0], scale=s),
+    ),  # fmt: skip
+    ("scale", non_finite_like, lambda s: jattn.nystrom_attention(Q, Q, Q, 2, scale=s)),
+    (
+        "max_wavelength",
+        not_positive,
+        lambda w: jattn.rotary_embedding(Q, jnp.arange(4), max_wavelength=w),
+    ),  # fmt: skip
+    ("max_wavelength", not_positive, lambda w: layers.RotaryEmbedding(max_wavelength=w)),
+    (
+        "max_wavelength",
+        not_positive,
+        lambda w: models.RotaryAttention(jattn.dot_product_attention, max_wavelength=w),
+    ),  # fmt: skip
+    (
+        "layer_norm_eps",
+        not_positive,
+        lambda e: models.EncoderBlock(8, 2, 16, layer_norm_eps=e, rngs=_rngs()),
+    ),  # fmt: skip
+    (
+        "width",
+        not_positive,
+        lambda w: jattn.nadaraya_watson(jnp.ones(3), jnp.ones(3), jnp.ones(3), width=w),
+    ),  # fmt: skip
+    (
+        "cell_size",
+        not_positive,
+        lambda c: viz.plot_attention_grid(np.ones((1, 1, 2, 2)) / 2, cell_size=c),
+    ),  # fmt: skip
+]
+
+
+@SETTINGS
+@given(data=st.data(), target=st.sampled_from(SCALAR_TARGETS))
+def test_non_finite_parameters_are_errors(data, target):
+    name, values, call = target
+    value = data.draw(values)
+    _raises(ValueError, lambda: call(value), name)
+
+
+def test_non_finite_scale_is_an_error_not_nan():
+    # was: every output NaN, silently
+    _raises(ValueError, lambda: jattn.dot_product_attention(Q, Q, Q, scale=float("nan")),
+            "scale must be finite, got nan")  # fmt: skip
+    _raises(ValueError, lambda: jattn.rotary_embedding(Q, jnp.arange(4), max_wavelength=0),
+            "max_wavelength must be finite and > 0, got 0.0")  # fmt: skip
+    _raises(TypeError, lambda: jattn.scaled_dot_product_scores(Q[0, :, 0], Q[0, :, 0],
+                                                               scale=1 + 2j), "scale")  # fmt: skip
+    # zero and negative scales are numbers (uniform / reversed attention), not errors
+    assert jnp.all(jnp.isfinite(jattn.dot_product_attention(Q, Q, Q, scale=0.0)))
+
+
+# ------------------------------------------------ boolean masks (section 3)
+
+
+@st.composite
+def float_masks(draw, shape):
+    """An additive mask (0 where visible, -inf or a large negative where not), or 0/1
+    ints: any of them read as validity would invert or blur the mask."""
+    kind = draw(st.sampled_from(["additive", "large", "int"]))
+    hidden = draw(hnp.arrays(np.bool_, shape))
+    if kind == "int":
+        return (~hidden).astype(draw(st.sampled_from([np.int32, np.int8, np.uint8])))
+    fill = -np.inf if kind == "additive" else -1e4
+    dtype = draw(st.sampled_from([np.float32, np.float16]))
+    return np.where(hidden, fill, 0.0).astype(dtype)
+
+
+MASK_TARGETS = [
+    ("key_valid", (2, 3), lambda m: jattn.key_padding_mask(m)),
+    ("mask", (1, 1, 4, 4), lambda m: jattn.dot_product_attention(Q, Q, Q, mask=m)),
+    ("mask", (1, 1, 4, 4), lambda m: jattn.attention(Q, Q, Q, mask=m)),
+    ("mask", (4, 4), lambda m: jattn.combine_masks(jattn.causal_mask(4, 4), m)),
+    ("mask", (4, 4), lambda m: jattn.masked_softmax(jnp.zeros((4, 4)), m)),
+    ("mask", (1, 1, 4, 4), lambda m: layers.MultiHeadAttention(2, 8, rngs=_rngs())(X, mask=m)),
+    (
+        "mask",
+        (1, 1, 4, 4),
+        lambda m: models.TransformerEncoder(1, 8, 2, 16, rngs=_rngs())(X, mask=m),
+    ),
+    ("mask", (1, 1, 1, 4), lambda m: layers.LinearAttention(2, 8, rngs=_rngs())(X, mask=m)),
+    ("valid", (1, 4), lambda m: models.GRUEncoder(8, 4, rngs=_rngs())(X, m)),
+    (
+        "mask",
+        (3, 3),
+        lambda m: jattn.nadaraya_watson(jnp.ones(3), jnp.ones(3), jnp.ones(3), mask=m),
+    ),
+    ("mask", (2, 3, 3), lambda m: diagnostics.attention_entropy(jnp.ones((2, 3, 3)) / 3, m)),
+    ("mask", (3, 3), lambda m: viz.plot_attention(np.ones((3, 3)) / 3, mask=m)),
+]
+
+
+@SETTINGS
+@given(data=st.data(), target=st.sampled_from(MASK_TARGETS))
+def test_float_masks_are_refused_everywhere(data, target):
+    name, shape, call = target
+    mask = data.draw(float_masks(shape))
+    _raises(TypeError, lambda: call(mask), name, "boolean")
+
+
+def test_mha_decode_mask_must_be_boolean():
+    layer = layers.MultiHeadAttention(2, 8, rngs=_rngs())
+    layer.init_cache((1, 4, 8))
+    additive = jnp.array([0.0, 0.0, -jnp.inf, -jnp.inf])  # was read as "attend to 2 and 3"
+    _raises(TypeError, lambda: layer(X[:, :1], mask=additive, decode=True), "mask", "boolean")
+
+
+def test_additive_key_padding_mask_is_not_read_inverted():
+    # was: [[True, True, True]] (-inf is nonzero): the padded key attended to
+    message = _raises(TypeError, lambda: jattn.key_padding_mask(jnp.array([[0.0, 0.0, -jnp.inf]])))
+    assert message.startswith("key_valid must be boolean (True = attend), got dtype float32")
+    valid = jnp.array([[True, True, False]])
+    np.testing.assert_array_equal(jattn.key_padding_mask(valid), valid[:, None, None, :])
+
+
+# ------------------------------------- integers: offsets, positions, lengths (section 3)
+
+non_integral = st.one_of(
+    st.floats(-100, 100, allow_nan=False),  # 1.5 was truncated to 1, 2.0 read as 2
+    st.floats(-100, 100, allow_nan=False).map(lambda x: np.array([x], np.float32)),
+    st.just("1"),  # was parsed by jnp.asarray
+    st.complex_numbers(max_magnitude=10, allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+beyond_int32 = st.one_of(
+    st.integers(2**31, 2**62),
+    st.integers(-(2**62), -(2**31) - 1),
+).flatmap(lambda i: st.sampled_from([i, np.int64(i), np.array([i, 0], np.int64)]))
+
+OFFSET_TARGETS = [
+    ("offset", lambda o: jattn.causal_mask(3, 4, offset=o)),
+    ("offset", lambda o: jattn.sliding_window_mask(3, 4, 1, offset=o)),
+    ("offset", lambda o: jattn.alibi_bias(jattn.alibi_slopes(2), 3, 4, offset=o)),
+    ("offset", lambda o: layers.ALiBi(2)(3, 4, offset=o)),
+    ("offset", lambda o: layers.RelativePositionBias(2, rngs=_rngs())(3, 4, offset=o)),
+]
+INT_ARRAY_TARGETS = OFFSET_TARGETS + [
+    ("relative_position", lambda r: jattn.relative_position_buckets(r)),
+    ("positions", lambda p: layers.LearnedPositionalEmbedding(8, 4, rngs=_rngs())(p)),
+    ("valid_lens", lambda v: jattn.valid_lens_mask(v, 2, 4)),
+    ("lengths", lambda v: jattn.sequence_mask(v, 4)),
+]
+
+
+@SETTINGS
+@given(target=st.sampled_from(INT_ARRAY_TARGETS), value=non_integral)
+def test_non_integers_are_not_truncated(target, value):
+    name, call = target
+    _raises(TypeError, lambda: call(value), name, "integers")
+
+
+@SETTINGS
+@given(target=st.sampled_from(OFFSET_TARGETS), value=beyond_int32)
+def test_offsets_beyond_int32_do_not_wrap(target, value):
+    name, call = target
+    _raises(ValueError, lambda: call(value), name, "int32")
+
+
+@SETTINGS
+@given(value=beyond_int32)
+def test_positions_beyond_int32_do_not_wrap(value):
+    positions = np.broadcast_to(np.asarray(value), (2,)) if np.ndim(value) else [0, value]
+    x = jnp.zeros((2, 1, 4))
+    _raises(ValueError, lambda: jattn.rotary_embedding(x, np.asarray(positions)), "positions")
+    _raises(ValueError, lambda: jattn.sinusoidal_encoding(np.asarray(positions), 4), "positions")
+
+
+@SETTINGS
+@given(big=st.integers(5, 2**62))
+def test_lengths_beyond_the_sequence_mean_all_of_it(big):
+    """A length past the sequence (even past int32) is the whole sequence, not wrapped."""
+    got = jattn.sequence_mask(np.array([big, 2], np.int64), 4)
+    np.testing.assert_array_equal(got, [[True] * 4, [True, True, False, False]])
+
+
+@SETTINGS
+@given(offset=st.integers(-(2**20), 2**20))
+def test_in_range_int64_offsets_equal_ints(offset):
+    want = jattn.causal_mask(3, 4, offset=offset)
+    np.testing.assert_array_equal(jattn.causal_mask(3, 4, offset=np.int64(offset)), want)
+    np.testing.assert_array_equal(
+        jattn.causal_mask(3, 4, offset=np.array([offset], np.int64)), want[None]
+    )
+
+
+def test_float_offset_message():
+    message = _raises(TypeError, lambda: jattn.causal_mask(3, 4, offset=1.5))
+    assert message.startswith("offset must be integers, got 1.5 (a float)")
+    message = _raises(ValueError, lambda: jattn.causal_mask(3, 4, offset=2**40))
+    assert message == f"offset={2**40} does not fit int32 [-2147483648, 2147483647]"
+
+
+# ------------------------------------------------------ complex inputs (section 3)
+
+
+def _complex(shape):
+    parts = hnp.arrays(np.float32, shape, elements=st.floats(-2, 2, width=32))
+    return st.tuples(parts, parts).map(lambda ab: (ab[0] + 1j * ab[1]).astype(np.complex64))
+
+
+COMPLEX_TARGETS = [
+    ("query", (1, 4, 2, 8), lambda z: jattn.dot_product_attention(z, z, z)),
+    ("query", (1, 4, 2, 8), lambda z: jattn.attention(z, z, z)),
+    ("query", (1, 4, 2, 8), lambda z: jattn.linear_attention(z, z, z)),
+    ("query", (1, 4, 2, 8), lambda z: jattn.performer_attention(z, z, z, jnp.ones((4, 8)))),
+    ("query", (1, 4, 2, 8), lambda z: jattn.nystrom_attention(z, z, z, 2)),
+    ("query", (4, 8), lambda z: jattn.dot_product_scores(z, z)),
+    ("values", (3, 4), lambda z: jattn.attention_pooling(jnp.ones((2, 3)) / 3, z)),
+    ("weights", (2, 3), lambda z: jattn.attention_pooling(z, jnp.ones((3, 4)))),
+    ("x", (4, 2, 8), lambda z: jattn.rotary_embedding(z, jnp.arange(4))),
+    ("positions", (4,), lambda z: jattn.rotary_embedding(jnp.ones((4, 2, 8)), z)),
+    ("positions", (4,), lambda z: jattn.sinusoidal_encoding(z, 4)),
+    ("slopes", (2,), lambda z: jattn.alibi_bias(z, 3, 3)),
+    ("queries", (3,), lambda z: jattn.nadaraya_watson(z, jnp.ones(3), jnp.ones(3))),
+    ("inputs_q", (1, 4, 8), lambda z: layers.MultiHeadAttention(2, 8, rngs=_rngs())(z)),
+    ("weights", (3, 3), lambda z: viz.plot_attention(z)),
+    ("weights", (1, 3, 3), lambda z: diagnostics.attention_entropy(z)),
+    ("head_mask", (2,), lambda z: diagnostics.head_masked(z)),
+]
+
+
+@SETTINGS
+@given(data=st.data(), target=st.sampled_from(COMPLEX_TARGETS))
+def test_complex_inputs_are_refused(data, target):
+    name, shape, call = target
+    z = data.draw(_complex(shape))
+    _raises(TypeError, lambda: call(z), name)
+
+
+def test_complex_message():
+    z = jnp.ones((1, 4, 2, 8), jnp.complex64)  # was: the imaginary part dropped, silently
+    message = _raises(TypeError, lambda: jattn.linear_attention(z, z, z))
+    assert message == (
+        "linear_attention: query must have a floating dtype, got complex64 (complex inputs "
+        "are not supported)"
+    )
+
+
+# --------------------------------------------------------------- dtypes (section 4)
+
+bad_dtypes = st.one_of(
+    st.sampled_from(["float32x", "floot", "fp32", "", "complex64", "int32", "bool", 5, 3.5]),
+    st.sampled_from([jnp.int32, jnp.complex64, np.uint8]),
+)
+DTYPE_TARGETS = [
+    ("param_dtype", lambda d: layers.MultiHeadAttention(2, 8, param_dtype=d, rngs=_rngs())),
+    ("dtype", lambda d: layers.MultiHeadAttention(2, 8, dtype=d, rngs=_rngs())),
+    (
+        "param_dtype",
+        lambda d: layers.LearnedPositionalEmbedding(4, 4, param_dtype=d, rngs=_rngs()),
+    ),  # fmt: skip
+    ("param_dtype", lambda d: layers.AdditiveScore(2, 4, 4, 4, param_dtype=d, rngs=_rngs())),
+    ("param_dtype", lambda d: layers.NWKernelRegression(param_dtype=d, rngs=_rngs())),
+    ("dtype", lambda d: layers.MultiHeadAttention(2, 8, rngs=_rngs()).init_cache((1, 4, 8), d)),
+    ("dtype", lambda d: models.init_cache(layers.MultiHeadAttention(2, 8, rngs=_rngs()), 1, 4, d)),
+]
+
+
+@SETTINGS
+@given(target=st.sampled_from(DTYPE_TARGETS), dtype=bad_dtypes)
+def test_bad_dtypes_name_the_argument(target, dtype):
+    name, call = target
+    _raises(TypeError, lambda: call(dtype), name, "dtype")
+
+
+def test_good_dtypes_are_accepted():
+    for dtype in ("bfloat16", jnp.float16, np.float32, "float32"):
+        layer = layers.MultiHeadAttention(2, 8, dtype=dtype, param_dtype=dtype, rngs=_rngs())
+        assert layer.query.kernel.dtype == jnp.dtype(dtype)
+    assert str(_raises(TypeError, lambda: layers.MultiHeadAttention(2, 8, dtype="float32x",
+                                                                    rngs=_rngs()))) == (
+        "dtype must be a floating dtype such as jnp.float32 or 'bfloat16', got 'float32x'"
+    )  # fmt: skip
+
+
+# ------------------------------------------------- score parameters (section 4)
+
+wrong_params = st.one_of(
+    st.none(),
+    st.dictionaries(st.sampled_from(["w_query", "w_key", "w_value", "W"]), st.just(1.0)),
+    st.lists(st.just(jnp.ones((8, 4))), max_size=3).map(tuple),
+    st.just(jnp.ones((8, 8))),
+    st.text(max_size=3),
+)
+
+
+@SETTINGS
+@given(params=wrong_params, which=st.sampled_from(["additive", "mlp", "bilinear"]))
+def test_score_params_of_the_wrong_kind_name_the_type(params, which):
+    q = jnp.ones((4, 8))
+    fn, expected = {
+        "additive": (jattn.additive_scores, "AdditiveParams"),
+        "mlp": (jattn.mlp_scores, "MLPParams"),
+        "bilinear": (jattn.bilinear_scores, "W [H, H']"),
+    }[which]
+    if which == "bilinear" and isinstance(params, jax.Array):
+        with pytest.raises(ValueError, match=re.escape("W must be [8, 8]")):  # a wrong-size W
+            fn(q, q, params[:, :3] if params.shape == (8, 8) else params)
+        return
+    _raises(TypeError, lambda: fn(q, q, params), expected, type(params).__name__)
+
+
+def test_score_params_message():
+    q = jnp.ones((4, 8))  # was: AttributeError: 'NoneType' object has no attribute 'w_query'
+    assert str(_raises(TypeError, lambda: jattn.additive_scores(q, q, None))) == (
+        "additive_scores: params must be AdditiveParams(w_query, w_key, w_value) (from "
+        "jattn.AdditiveParams), got NoneType"
+    )
+    _raises(TypeError, lambda: jattn.mlp_scores(q, q, {"w_query": q}), "MLPParams", "got dict")
+
+
+# -------------------------------------------------- viz and torch odd arguments
+
+
+def test_viz_and_diagnostics_arguments():
+    w = np.ones((1, 2, 2, 3, 3)) / 3
+    _raises(ValueError, lambda: viz.plot_attention_grid(w, batch_index=1.5), "batch_index", "1.5")
+    _raises(ValueError, lambda: viz.plot_attention(np.ones((2, 2)), cmap="nope"), "cmap", "nope")
+    _raises(TypeError, lambda: viz.plot_attention("abc"), "weights")
+    _raises(ValueError, lambda: diagnostics.head_importance(jnp.sum, (2.5, 2)), "2.5")
+    _raises(TypeError, lambda: torch_interop.torch_masks_to_jattn(key_padding_mask="ab"),
+            "key_padding_mask")  # fmt: skip
+    state = {"in_proj_weight": np.ones((24, 8), np.float32), "in_proj_bias": np.ones(24),
+             "out_proj.weight": np.ones((8, 8)), "out_proj.bias": np.ones(8)}  # fmt: skip
+    state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+    layer = torch_interop.load_multihead_attention(state, num_heads=np.int64(2))  # a good size
+    assert layer.num_heads == 2
+
+
+def test_check_helpers_directly():
+    """The shared checks: what each accepts and refuses."""
+    assert _checks.check_size("n", np.int64(3)) == 3
+    assert _checks.check_size("n", 0, minimum=0) == 0
+    assert _checks.check_rate("r", np.float32(0.5)) == 0.5
+    assert _checks.check_finite_scalar("s", np.float32(2.0), positive=True) == 2.0
+    assert _checks.check_finite_scalar("s", jnp.float32(-1.0)) == -1.0
+    assert _checks.check_dtype("d", "bfloat16") == jnp.bfloat16
+    assert _checks.check_dtype("d", None, allow_none=True) is None
+    ints = _checks.check_int_array("o", np.array([1, -2], np.int64))
+    assert ints.dtype == jnp.int32 and ints.tolist() == [1, -2]
+    assert _checks.check_int_array("o", np.array([2**40]), clip=(0, 9)).tolist() == [9]
