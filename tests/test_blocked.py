@@ -488,7 +488,7 @@ def test_plain_block_ranges_are_the_tiles_without_structure(
     """The loops run the unmasked step exactly on the tiles where the structural mask
     that the masked step would apply (`_visible`, and real keys) is all True."""
     geo = blocked._Geometry(
-        b=2, k=1, g=1, t=t, s=s, bt=bt, bs=bs, scale=1.0, causal=causal, window=window,
+        b=2, k=1, g=1, t=t, s=s, bt=bt, bs=bs, causal=causal, window=window,
         dropout_rate=0.0, fully_masked="zeros",
     )  # fmt: skip
     ql = None if q_len is None else jnp.asarray(q_len)

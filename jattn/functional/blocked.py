@@ -131,7 +131,6 @@ class _Geometry(NamedTuple):
     s: int  # real key length
     bt: int  # query block
     bs: int  # key block
-    scale: float
     causal: bool
     window: tuple[int, int] | None
     dropout_rate: float
@@ -278,23 +277,17 @@ def _logits(
     geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool, mods_=None,
     vjp: bool = False,
 ):  # fmt: skip
-    """Logits ``[B*K, G*bt, bs]`` of tile (i, j) and the factor still to multiply them by.
+    """Logits ``[B*K, G*bt, bs]`` of tile (i, j) (the query is scaled already).
 
-    Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. A
-    plain tile (no bias, mask, score_mod or structure) is returned unscaled with factor
-    ``scale``: the caller folds the scale into its ``exp`` (one pass fewer over the
-    tile; ``max(x) * scale == max(x * scale)`` exactly for ``scale > 0``). ``mods_``:
+    Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. ``mods_``:
     ``(mask_mod, score_mod)`` of a call with a block table or a score_mod. With
-    ``vjp`` (and a score_mod) the result has a third entry, the score_mod's VJP at this
-    tile: ``d logits -> (d scaled logits, d float leaves)``.
+    ``vjp`` (and a score_mod) the result ``(s,)`` has a second entry, the score_mod's VJP
+    at this tile: ``d logits -> (d scaled logits, d float leaves)``.
     """
     mm, sm = (None, None) if mods_ is None else mods_
     s = _dot(qi, kj, ((2,), (2,)))
-    if bias is None and mask is None and not structured and sm is None and geo.scale > 0:
-        return s, jnp.float32(geo.scale)
-    s = s * jnp.float32(geo.scale)
     if bias is None and mask is None and not structured and sm is None:
-        return s, jnp.float32(1.0)
+        return (s,)
     s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
     index = _mod_index(geo, i, j)
     if sm is not None and vjp:
@@ -303,10 +296,10 @@ def _logits(
             lambda r, fl: mods.call_score(_score_mod(geo, fl, smo), r, *index), s, smf
         )
         s = _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm)
-        return s, jnp.float32(1.0), vjp_fn
+        return s, vjp_fn
     if sm is not None:
         s = mods.call_score(sm, s, *index)
-    return _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm), jnp.float32(1.0)
+    return (_finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm),)
 
 
 def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm):
@@ -448,7 +441,7 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
 
         def step(structured, j, carry):
             m, l, acc, seen = carry
-            s, f = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_)
+            (s,) = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_)
             if mask is not None or (geo.table and structured):  # else seen is known
                 seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured, mm)
             # The running max only stabilises exp; the results do not depend on it, so it
@@ -456,10 +449,10 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
             # the max's JVP finds the maximum by equality with the logits, which XLA
             # can recompute in another fusion with different rounding, giving 0 / 0.
-            m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1) * f))
+            m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
             m_safe = jnp.where(m_new == _NEG_INF, jnp.float32(0.0), m_new)
             corr = jnp.exp(m - m_safe)
-            p = jnp.exp(s * f - m_safe[..., None])
+            p = jnp.exp(s - m_safe[..., None])
             l = l * corr + jnp.sum(p, axis=-1)
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
@@ -543,7 +536,6 @@ def _flash_bwd(geo, res, cotangents):
     log_l = jnp.where(skip, jnp.float32(jnp.inf), log_l)
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
-    scale = jnp.float32(geo.scale)
     nk = kb.shape[0]
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
     dsm0 = tuple(jnp.zeros(jnp.shape(x), jnp.float32) for x in smf)
@@ -555,10 +547,10 @@ def _flash_bwd(geo, res, cotangents):
         def step(structured, i, c):
             dk, dv, dq, dbias, dsm = c
             qi, doi = qb[i], dout[i]
-            s, f, *vjp = _logits(
+            s, *vjp = _logits(
                 geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True
             )
-            p = jnp.exp((s * f - m[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
+            p = jnp.exp((s - m[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
             if geo.dropout_rate > 0.0:
@@ -573,7 +565,7 @@ def _flash_bwd(geo, res, cotangents):
                 dsm = tuple(a + b for a, b in zip(dsm, d_leaves, strict=True))
                 dsc = d_raw.reshape(ds.shape).astype(qi.dtype)
             dk = dk + _dot(dsc, qi, ((1,), (1,)))
-            dq = dq.at[i].add(_dot(dsc, kj, ((2,), (1,))) * scale)
+            dq = dq.at[i].add(_dot(dsc, kj, ((2,), (1,))))
             if dbias is not None:
                 blk = ds.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
                 axes = tuple(a for a in range(5) if bias.shape[a] == 1)
@@ -595,7 +587,7 @@ def _flash_bwd(geo, res, cotangents):
             if _has_structure(geo, q_len, kv_len):
                 plain = _plain_q_blocks(geo, j, q_len, kv_len)
             dk, dv, dq, dbias, dsm = _tiles(geo, lo, hi, plain, step, init)
-        return (dq, dbias, dsm), (dk * scale, dv)
+        return (dq, dbias, dsm), (dk, dv)
 
     dq0 = jnp.zeros(qb.shape, jnp.float32)
     (dq, dbias, dsm), (dk, dv) = lax.scan(
@@ -767,7 +759,6 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         s=s,
         bt=bt,
         bs=bs,
-        scale=float(1.0 / math.sqrt(h) if spec.scale is None else spec.scale),
         causal=spec.is_causal,
         window=window,
         dropout_rate=dropout_rate,
@@ -790,7 +781,14 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         smf, smo, score_def = _split_score_mod(sm)
         geo = geo._replace(score_def=score_def)
     # [B, T, K, G, H] -> [nq, B*K, G*bt, H]: one query block of every head is one slab.
-    q = query.reshape(b, t, k, g, h)
+    # The query is scaled once here, not each tile's logits: a tile's row max and its
+    # exp(s - max) must read the same rounded logits, and a scale multiplied in after
+    # the product can be contracted with the subtraction (s * scale - max as one fused
+    # multiply-add, rounded once) in one of the two and not the other. With logits
+    # around 1e10 that made the row's largest weight exp(+-500): NaN or a row of zeros.
+    scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
+    q = (query.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
+    q = q.reshape(b, t, k, g, h)
     q = jnp.pad(q, ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
     qb = q.reshape(b, nq, bt, k, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b * k, g * bt, h)
 
