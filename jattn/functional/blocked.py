@@ -54,7 +54,9 @@ from jattn.functional.stochastic import keep_bits
 __all__ = ["MAX_TILE_ELEMENTS", "attend", "blocked_attention", "default_block_sizes"]
 
 _FILL = jnp.float32(MASK_FILL)
-_NEG_INF = jnp.float32(-jnp.inf)
+# Padding keys and the running max's start: the lowest finite float, below the fill.
+# No -inf is made on any path (``jax.debug_infs`` stays quiet).
+_LOWEST = jnp.float32(np.finfo(np.float32).min)
 
 
 #: Largest tile ``[B*N, block_q, block_kv]`` (elements) the default block sizes allow.
@@ -313,7 +315,7 @@ def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool
         vis, real = _visible(geo, i, j, q_len, kv_len, mm)
         s = jnp.where(vis, s, _FILL)
         if geo.s % geo.bs:
-            s = jnp.where(real, s, _NEG_INF)  # padding keys count for nothing
+            s = jnp.where(real, s, _LOWEST)  # padding keys count for nothing
     return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
@@ -449,10 +451,12 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
             # the max's JVP finds the maximum by equality with the logits, which XLA
             # can recompute in another fusion with different rounding, giving 0 / 0.
+            # From the lowest float, the max is finite and exp(s - max) <= 1: a row of
+            # -inf logits gives exp(-inf) = 0; padding counts in l only while the row
+            # has seen nothing above it, and the first real key's corr = 0 clears it.
             m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
-            m_safe = jnp.where(m_new == _NEG_INF, jnp.float32(0.0), m_new)
-            corr = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new[..., None])
             l = l * corr + jnp.sum(p, axis=-1)
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
@@ -466,7 +470,7 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
         else:
             seen0 = _seen_by_structure(geo, i, q_len, kv_len)
         init = (
-            jnp.full((qi.shape[0], rows), _NEG_INF),
+            jnp.full((qi.shape[0], rows), _LOWEST),
             jnp.zeros((qi.shape[0], rows), jnp.float32),
             jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
             seen0,
@@ -482,15 +486,17 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
                 plain = _plain_kv_blocks(geo, i, q_len, kv_len)
             m, l, acc, seen = _tiles(geo, lo, hi, plain, step, init)
         fully = ~seen  # no visible key: the fully_masked policy
+        empty = m == _LOWEST  # no tile, or only padding and -inf logits: lse 0
         if geo.table:  # a row that visited no block: the lse of the fill, as dense
-            m = jnp.where(fully & (m == _NEG_INF), _FILL, m)
+            m = jnp.where(fully & empty, _FILL, m)
         # Visible keys whose logits are all -inf (at or below the fill): zeros and lse 0,
         # as the dense softmax gives a row of -inf.
         dead = seen & (m <= _FILL)
         l_safe = jnp.where(l > 0, l, jnp.float32(1.0))
         out = jnp.where(dead[..., None], jnp.float32(0.0), acc / l_safe[..., None])
-        m = jnp.where((m == _NEG_INF) | dead, jnp.float32(0.0), m)
-        return out, fully, fully | dead, m, jnp.where(dead, jnp.float32(0.0), jnp.log(l_safe))
+        log_l = jnp.where(dead | empty, jnp.float32(0.0), jnp.log(l_safe))
+        m = jnp.where((m == _LOWEST) | dead, jnp.float32(0.0), m)
+        return out, fully, fully | dead, m, log_l
 
     nq = qb.shape[0]
     out, fully, skip, m, log_l = lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb))
@@ -532,8 +538,6 @@ def _flash_bwd(geo, res, cotangents):
     out, fully, skip, m, log_l = rest
     sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
     dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
-    # Fully masked rows and rows of -inf logits contribute nothing: exp(... - inf) = 0.
-    log_l = jnp.where(skip, jnp.float32(jnp.inf), log_l)
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     nk = kb.shape[0]
@@ -550,7 +554,9 @@ def _flash_bwd(geo, res, cotangents):
             s, *vjp = _logits(
                 geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True
             )
-            p = jnp.exp((s - m[i][..., None]) - log_l[i][..., None])  # [B*K, G*bt, bs]
+            # Fully masked rows and rows of -inf logits contribute nothing: exp(fill) = 0
+            shifted = (s - m[i][..., None]) - log_l[i][..., None]
+            p = jnp.exp(jnp.where(skip[i][..., None], _FILL, shifted))  # [B*K, G*bt, bs]
             dp = _dot(doi.astype(vj.dtype), vj, ((2,), (2,)))
             p_drop = p
             if geo.dropout_rate > 0.0:

@@ -26,29 +26,6 @@ def check_fully_masked(fully_masked: str) -> None:
         raise ValueError(f"fully_masked must be one of {_POLICIES}, got {fully_masked!r}")
 
 
-def _max_and_denominator(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Row max (0 for rows of only -inf) and the sum of ``exp(x - max)`` (1 where it is 0)."""
-    row_max = jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf)  # S = 0: -inf, then 0
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.float32(0.0))
-    denom = jnp.sum(jnp.exp(x - row_max), axis=-1, keepdims=True)
-    return row_max, jnp.where(denom > 0, denom, jnp.float32(1.0))
-
-
-def _softmax_last(x: jax.Array) -> jax.Array:
-    """Softmax over the last axis; a row of only ``-inf`` gives zeros instead of NaN.
-
-    Differentiated op by op, exactly as ``jax.nn.softmax`` is by default, so gradients
-    agree with ``jax.nn.dot_product_attention`` in the common case; the backward pass
-    keeps the same residuals as jax.nn's. The guard costs no pass of its own: the row
-    max starts from the lowest finite float (so a row of only ``-inf`` has a finite
-    max and ``exp`` gives 0 there), and a zero sum divides by 1 instead.
-    """
-    row_max = jnp.max(x, axis=-1, keepdims=True, initial=_LOWEST)
-    unnormalized = jnp.exp(x - jax.lax.stop_gradient(row_max))
-    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    return unnormalized / jnp.where(denom > 0, denom, jnp.float32(1.0))
-
-
 def masked_softmax_with_lse(
     logits: jax.Array,
     mask: jax.Array | None = None,
@@ -72,13 +49,20 @@ def masked_softmax_with_lse(
       Entries with ``-inf`` logits get weight 0; a row whose visible logits are
       all ``-inf`` gets zeros (and ``lse`` 0). Masking and fully masked rows give
       no NaN or inf in the weights or their gradients (a ``+inf`` or NaN logit is
-      not a softmax input: it gives NaN, as in ``jax.nn.softmax``).
+      not a softmax input: it gives NaN, as in ``jax.nn.softmax``), and no ``inf``
+      is made on the way (``jax.debug_infs`` stays quiet): masked entries never
+      enter the row max or an ``exp``, whatever their logits.
+
+    The softmax is differentiated op by op, exactly as ``jax.nn.softmax`` is by
+    default, so gradients agree with ``jax.nn.dot_product_attention``; the row max
+    carries no derivative.
     """
     check_fully_masked(fully_masked)
     try:
         logits = jnp.asarray(logits, jnp.float32)
     except (TypeError, ValueError) as e:
         raise TypeError(f"logits must be a real array, got {type(logits).__name__}") from e
+    visible = logits
     if mask is not None:
         mask = check_bool_mask("mask", mask)
         if not broadcasts_to(mask.shape, logits.shape):
@@ -87,18 +71,31 @@ def masked_softmax_with_lse(
                 f"{list(logits.shape)}"
             )
         mask = jnp.broadcast_to(mask, logits.shape)
+        visible = jnp.where(mask, logits, jnp.float32(_LOWEST))
+    # The max of the visible logits, from the lowest finite float (a row of only -inf,
+    # or of none, has a finite max and exp gives 0 there, not exp(-inf - -inf) = NaN).
+    row_max = jax.lax.stop_gradient(
+        jnp.max(visible, axis=-1, keepdims=True, initial=jnp.float32(_LOWEST))
+    )
+    shifted = logits - row_max
+    if mask is not None:
+        # Masked entries: exp(MASK_FILL) = 0, and 1 (the uniform weights) in a row
+        # with no visible key; their logits, NaN or not, are never read.
         any_visible = jnp.any(mask, axis=-1, keepdims=True)
-        # Masked keys get -inf, so they get weight 0 even when every visible logit is
-        # -inf (a finite fill would then win); a fully masked row gets the finite fill,
-        # which gives the 'uniform' 1 / S. Elsewhere both fills give exp(...) = 0.
-        fill = jnp.where(any_visible, jnp.float32(-jnp.inf), jnp.float32(MASK_FILL))
-        logits = jnp.where(mask, logits, fill)
-    weights = _softmax_last(logits)
-    if mask is not None and fully_masked == "zeros":
-        weights = jnp.where(any_visible, weights, jnp.float32(0.0))
-    row_max, denom = _max_and_denominator(jax.lax.stop_gradient(logits))
-    lse = (row_max + jnp.log(denom))[..., 0]
-    return weights, lse
+        fill = jnp.where(any_visible, jnp.float32(MASK_FILL), jnp.float32(0.0))
+        shifted = jnp.where(mask, shifted, fill)
+    unnormalized = jnp.exp(shifted)
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    safe = jnp.where(denom > 0, denom, jnp.float32(1.0))
+    weights = unnormalized / safe
+    lse = jnp.where(denom > 0, row_max + jnp.log(jax.lax.stop_gradient(safe)), 0.0)[..., 0]
+    if mask is not None:
+        if fully_masked == "zeros":
+            weights = jnp.where(any_visible, weights, jnp.float32(0.0))
+        # a fully masked row: the lse of S logits at the fill, as jax.nn's
+        full = jnp.float32(MASK_FILL) + jnp.log(jnp.float32(max(logits.shape[-1], 1)))
+        lse = jnp.where(any_visible[..., 0], lse, full)
+    return weights, jax.lax.stop_gradient(lse)
 
 
 def masked_softmax(
