@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.functional import _checks, _sharding, mods, tiles
+from jattn.functional import _checks, _finite, _sharding, mods, tiles
 from jattn.functional.softmax import MASK_FILL, FullyMasked
 from jattn.functional.stochastic import keep_bits
 
@@ -277,19 +277,21 @@ def _split_score_mod(sm):
 
 def _logits(
     geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool, mods_=None,
-    vjp: bool = False,
+    vjp: bool = False, bad=None,
 ):  # fmt: skip
     """Logits ``[B*K, G*bt, bs]`` of tile (i, j) (the query is scaled already).
 
     Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. ``mods_``:
     ``(mask_mod, score_mod)`` of a call with a block table or a score_mod. With
     ``vjp`` (and a score_mod) the result ``(s,)`` has a second entry, the score_mod's VJP
-    at this tile: ``d logits -> (d scaled logits, d float leaves)``.
+    at this tile: ``d logits -> (d scaled logits, d float leaves)``. ``bad``: this
+    tile's ``(rows [B*K, G*bt], keys [B*K, bs])`` with non-finite inputs, whose pairs
+    get NaN logits after the score_mod and bias, before the masks.
     """
     mm, sm = (None, None) if mods_ is None else mods_
     s = _dot(qi, kj, ((2,), (2,)))
     if bias is None and mask is None and not structured and sm is None:
-        return (s,)
+        return (s,) if bad is None else (_finite.nan_pairs(s, *bad),)
     s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
     index = _mod_index(geo, i, j)
     if sm is not None and vjp:
@@ -297,18 +299,21 @@ def _logits(
         s, vjp_fn = jax.vjp(
             lambda r, fl: mods.call_score(_score_mod(geo, fl, smo), r, *index), s, smf
         )
-        s = _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm)
+        s = _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm, bad)
         return s, vjp_fn
     if sm is not None:
         s = mods.call_score(sm, s, *index)
-    return (_finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm),)
+    return (_finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm, bad),)
 
 
-def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm):
-    """The ``[B, K, G, bt, bs]`` logits of tile (i, j) with the bias added and the masks
-    applied, as ``[B*K, G*bt, bs]``."""
+def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm, bad):
+    """The ``[B, K, G, bt, bs]`` logits of tile (i, j) with the bias added, the pairs
+    of non-finite inputs made NaN and the masks applied, as ``[B*K, G*bt, bs]``."""
     if bias is not None:
         s = s + _block(bias, geo, i, j).astype(jnp.float32)
+    if bad is not None:
+        rows = bad[0].reshape(geo.b, geo.k, geo.g, geo.bt)
+        s = _finite.nan_pairs(s, rows, bad[1].reshape(geo.b, geo.k, 1, geo.bs))
     if mask is not None:
         s = jnp.where(_block(mask, geo, i, j), s, _FILL)
     if structured:
@@ -426,7 +431,7 @@ def _keep(geo: _Geometry, rng, i, j):
     return keep.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
-def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo):
+def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad):
     """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``
     (no visible key), ``skip`` (rows the backward leaves out: fully masked, or all
     visible logits -inf), the row max ``m`` and ``log(l)``; the log-sum-exp is
@@ -443,7 +448,10 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
 
         def step(structured, j, carry):
             m, l, acc, seen = carry
-            (s,) = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_)
+            bij = None if bad is None else (bad[0][i], bad[1][j])
+            (s,) = _logits(
+                geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_, bad=bij
+            )
             if mask is not None or (geo.table and structured):  # else seen is known
                 seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured, mm)
             # The running max only stabilises exp; the results do not depend on it, so it
@@ -521,20 +529,20 @@ def _table_tiles(indices, num_partial, num_full, step, carry):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo):
-    args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo)
+def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad):
+    args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad)
     out, _, _, m, log_l = _forward(geo, *args)
     return out, m + log_l
 
 
-def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo):
-    args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo)
+def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad):
+    args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad)
     out, fully, skip, m, log_l = _forward(geo, *args)
     return (out, m + log_l), (*args, out, fully, skip, m, log_l)
 
 
 def _flash_bwd(geo, res, cotangents):
-    qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, *rest = res
+    qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad, *rest = res
     out, fully, skip, m, log_l = rest
     sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
     dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
@@ -551,9 +559,11 @@ def _flash_bwd(geo, res, cotangents):
         def step(structured, i, c):
             dk, dv, dq, dbias, dsm = c
             qi, doi = qb[i], dout[i]
+            bij = None if bad is None else (bad[0][i], bad[1][j])
             s, *vjp = _logits(
-                geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True
-            )
+                geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True,
+                bad=bij,
+            )  # fmt: skip
             # Fully masked rows and rows of -inf logits contribute nothing: exp(fill) = 0
             shifted = (s - m[i][..., None]) - log_l[i][..., None]
             p = jnp.exp(jnp.where(skip[i][..., None], _FILL, shifted))  # [B*K, G*bt, bs]
@@ -615,6 +625,7 @@ def _flash_bwd(geo, res, cotangents):
         None,
         None,
         tuple(d.astype(jnp.result_type(x)) for d, x in zip(dsm, smf, strict=True)),
+        None,
         None,
     )
 
@@ -793,6 +804,12 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     # multiply-add, rounded once) in one of the two and not the other. With logits
     # around 1e10 that made the row's largest weight exp(+-500): NaN or a row of zeros.
     scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
+    bad = None
+    if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing
+        query, bad_q = _finite.hide_nonfinite(query)  # [..., T, N]
+        key, bad_k = _finite.hide_nonfinite(key)
+        value, bad_v = _finite.hide_nonfinite(value)
+        bad = (bad_q, bad_k | bad_v)  # [..., S, K]
     q = (query.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
     q = q.reshape(b, t, k, g, h)
     q = jnp.pad(q, ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
@@ -808,7 +825,12 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
     rng = spec.dropout_rng  # None without dropout
 
-    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, *lens, rng, tab, mm, smf, smo)
+    if bad is not None:  # blocked as the queries [nq, B*K, G*bt] and keys [nq, B*K, bs]
+        bq = jnp.pad(bad[0].reshape(b, t, k, g), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0)))
+        bq = bq.reshape(b, nq, bt, k, g).transpose(1, 0, 3, 4, 2).reshape(nq, b * k, g * bt)
+        bkv = jnp.pad(bad[1].reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
+        bad = (bq, bkv.reshape(b, nk, bs, k).transpose(1, 0, 3, 2).reshape(nk, b * k, bs))
+    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, *lens, rng, tab, mm, smf, smo, bad)
     out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
     out = out[:, :t]
     if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)

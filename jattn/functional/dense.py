@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _checks, mods
+from jattn.functional import _checks, _finite, mods
 from jattn.functional.masks import combine_masks
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
@@ -35,6 +35,7 @@ def single_head_attention(
     fully_masked: FullyMasked = "zeros",
     dropout_keep: jax.Array | None = None,
     dropout_rate: float = 0.0,
+    nonfinite: tuple[jax.Array | None, jax.Array | None] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One head: ``softmax(score_fn(q, k) + bias, mask) @ v``.
 
@@ -50,6 +51,8 @@ def single_head_attention(
       dropout_keep: optional boolean ``[T, S]``; dropped weights are zeroed and the
         kept ones scaled by ``1 / (1 - dropout_rate)``.
       dropout_rate: the rate that produced ``dropout_keep``.
+      nonfinite: optional ``(bad_queries [T], bad_keys [S])`` booleans (either None):
+        their pairs get NaN logits before the mask (:mod:`jattn.functional._finite`).
 
     Returns:
       ``(output [T, Hv], weights [T, S] float32, lse [T] float32)``. The weights are
@@ -65,6 +68,8 @@ def single_head_attention(
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
+    if nonfinite is not None:
+        logits = _finite.nan_pairs(logits, *nonfinite)
     weights, lse = masked_softmax_with_lse(logits, mask, fully_masked=fully_masked)
     probs = weights
     if dropout_keep is not None:
@@ -231,6 +236,12 @@ def attend(
     )  # [B,T,K,G?,H]
     kk = _flatten_batch(key, batch_shape)  # [B, S, K, H']
     v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
+    bad_q = bad_kv = None
+    if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing
+        q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G?]
+        kk, bad_k = _finite.hide_nonfinite(kk)
+        v, bad_v = _finite.hide_nonfinite(v)
+        bad_kv = bad_k | bad_v  # [B, S, K]
     bias_g, bias_b, bias_h = _grouped(bias, batch_shape, n, k)
     mask_g, mask_b, mask_h = _grouped(mask, batch_shape, n, k)
     keep = None
@@ -250,7 +261,7 @@ def attend(
     q_idx = jnp.arange(t, dtype=jnp.int32)[:, None]
     kv_idx = jnp.arange(s, dtype=jnp.int32)[None, :]
 
-    def one_head(q1, k1, v1, b1, m1, keep1, p1):
+    def one_head(q1, k1, v1, b1, m1, keep1, p1, bq1, bkv1):
         bi = jax.lax.axis_index("b")
         ni = jax.lax.axis_index("k") * g + (jax.lax.axis_index("g") if g > 1 else 0)
         fn = score_fn
@@ -266,6 +277,7 @@ def attend(
         return single_head_attention(
             q1, k1, v1, b1, m1, score_fn=fn, score_params=p1, fully_masked=fully_masked,
             dropout_keep=keep1, dropout_rate=dropout_rate,
+            nonfinite=None if bq1 is None else (bq1, bkv1),
         )  # fmt: skip
 
     hp = 0 if per_head_params else None
@@ -273,13 +285,18 @@ def attend(
     over_g = one_head
     if g > 1:  # Over the G query heads of one key/value head: q [T, G, H].
         over_g = jax.vmap(
-            one_head, in_axes=(1, None, None, bh, mh, 0, hp), out_axes=(1, 0, 1), axis_name="g"
+            one_head,
+            in_axes=(1, None, None, bh, mh, 0, hp, 1, None),
+            out_axes=(1, 0, 1),
+            axis_name="g",
         )
     # Over the K key/value heads: q [T, K, G?, H], k [S, K, H'], v [S, K, Hv].
-    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, bh, mh, 0, hp), out_axes=(1, 0, 1), axis_name="k")
+    over_k = jax.vmap(
+        over_g, in_axes=(1, 1, 1, bh, mh, 0, hp, 1, 1), out_axes=(1, 0, 1), axis_name="k"
+    )
 
-    def one_example(q1, k1, v1, b1, m1, keep1, ql):
-        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params)
+    def one_example(q1, k1, v1, b1, m1, keep1, ql, bq1, bkv1):
+        out, w, lse = over_k(q1, k1, v1, b1, m1, keep1, params, bq1, bkv1)
         if ql is not None:  # jax.nn zeroes padded queries, whatever the policy
             valid = (jnp.arange(t) < ql).reshape((t,) + (1,) * (out.ndim - 1))
             out = jnp.where(valid, out, 0)
@@ -289,11 +306,11 @@ def attend(
         one_example,
         in_axes=(
             0, 0, 0, 0 if bias_b else None, 0 if mask_b else None, 0,
-            None if q_len is None else 0,
+            None if q_len is None else 0, 0, 0,
         ),
         axis_name="b",
     )  # fmt: skip
-    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len)
+    out, weights, lse = over_b(q, kk, v, bias_g, mask_g, keep, q_len, bad_q, bad_kv)
     # out [B, T, K, G?, Hv], weights [B, K, G?, T, S], lse [B, T, K, G?]
     out = out.reshape(batch_shape + (t, n, value.shape[-1]))
     weights = weights.reshape(batch_shape + (n, t, s)) if return_weights else None
@@ -322,7 +339,8 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     The masks, softmax and dropout are the dense path's, on ``[B, K, G, T, S]``. One
     difference: a non-finite key entry meets the zeros of the other heads' queries, so
     it turns that key position's logits to NaN in every head of the example (the
-    per-head path keeps it to its own head).
+    per-head path keeps it to its own head), in calls that hide nothing; a call that
+    can hide a pair zeroes non-finite vectors first (:mod:`jattn.functional._finite`).
     """
     query, key, value, bias, mask = spec.query, spec.key, spec.value, spec.bias, spec.mask
     batch_shape, dropout_rate, q_len = spec.batch_shape, spec.dropout_rate, spec.query_seq_lengths
@@ -333,15 +351,23 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
     eye = jnp.eye(k, dtype=bool)
 
+    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h)
+    key, value = _flatten_batch(key, batch_shape), _flatten_batch(value, batch_shape)
+    bad_q = bad_kv = None
+    if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing
+        q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G]
+        key, bad_k = _finite.hide_nonfinite(key)
+        value, bad_v = _finite.hide_nonfinite(value)
+        bad_kv = bad_k | bad_v  # [B, S, K]
     # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
-    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h).transpose(0, 4, 1, 2, 3)
+    q = q.transpose(0, 4, 1, 2, 3)
     q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
     q = q.reshape(nb, k, h, t * k * g)
     # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
     # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
     # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
     logits = jax.lax.dot_general(
-        _flatten_batch(key, batch_shape),
+        key,
         q,
         (((2, 3), (1, 2)), ((0,), (0,))),
         preferred_element_type=jnp.float32,
@@ -352,6 +378,9 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         logits = mods.call_score(spec.score_mod, logits, *index)
     if bias is not None:
         logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
+    if bad_q is not None:  # [B, T, K, G] -> [B, K, G, T]; [B, S, K] -> [B, K, 1, S]
+        rows, cols = bad_q.transpose(0, 2, 3, 1), bad_kv.transpose(0, 2, 1)[:, :, None]
+        logits = _finite.nan_pairs(logits, rows, cols)
 
     visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
     mask_mod = mods.spec_mask_mod(spec)  # the shortcuts and mask_mod
@@ -366,7 +395,7 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
     out = jax.lax.dot_general(
         p,
-        _flatten_batch(value, batch_shape),
+        value,
         (((2,), (1,)), ((0,), (0,))),
         preferred_element_type=jnp.float32,
     )  # [B, T*K*G, K, Hv]: keep each query head's own value head

@@ -1,0 +1,189 @@
+"""Issue 19, the numerics: values at hidden positions never reach a result, no inf is
+made, and the blocked path is as robust as the dense one at extreme logits.
+
+The generated cases put NaN or inf into query, key and value vectors at random
+positions under random masks, lengths and causal/window patterns, and check every
+(example, head, query) row against what it can see: a row that sees a non-finite
+input is NaN, a row that does not is exactly the row of a clean run; when no row
+sees one (all of them hidden), the gradients are finite, equal to the clean run's,
+and zero at the non-finite vectors.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jattn
+from jattn.functional import dispatch
+from jattn.functional.blocked import blocked_attention
+from jattn.functional.dense import _dense_in_layout, attention
+
+B, T, S, N, K, H = 2, 5, 7, 4, 2, 4
+G = N // K
+PATTERNS = [(True, None), (False, (2, 1))]  # (is_causal, window): the static options
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _in_layout(q, k, v, *, mask, **options):
+    spec = dispatch.unchecked_spec(q, k, v, None, mask, **options)
+    return _dense_in_layout(spec)[0]
+
+
+PATHS = {
+    "dense": attention,
+    "default": jattn.dot_product_attention,
+    "blocked": functools.partial(blocked_attention, block_sizes=(2, 3)),
+    "in-layout": _in_layout,
+}
+
+
+@functools.cache
+def _compiled(path, is_causal, window):
+    fn = PATHS[path]
+
+    def out(q, k, v, mask, q_len, kv_len):
+        return fn(
+            q, k, v, mask=mask, is_causal=is_causal, local_window_size=window,
+            query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+        )  # fmt: skip
+
+    def loss(q, k, v, mask, q_len, kv_len, keep, w):
+        o = out(q, k, v, mask, q_len, kv_len)
+        return jnp.sum(jnp.where(keep, o, 0.0) * w)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    return jax.jit(out), jax.jit(grad)
+
+
+def _visible(mask, q_len, kv_len, is_causal, window):
+    """[B, N, T, S] pairs the call shows, from NumPy."""
+    vis = mask & ref.structural_mask(T, S, is_causal=is_causal, window=window)[None, None]
+    vis = vis & (np.arange(T)[:, None] < q_len[:, None, None, None])
+    return vis & (np.arange(S)[None, :] < kv_len[:, None, None, None])
+
+
+@st.composite
+def cases(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    q, k, v = (
+        rng.standard_normal(shape).astype(np.float32)
+        for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H))
+    )
+    mask = rng.random((B, N, T, S)) < draw(st.sampled_from([0.5, 0.8, 1.0]))
+    q_len = rng.integers(0, T + 1, B).astype(np.int32)
+    kv_len = rng.integers(0, S + 1, B).astype(np.int32)
+    bad = {"q": np.zeros((B, T, N), bool), "k": np.zeros((B, S, K), bool)}
+    bad["v"] = np.zeros((B, S, K), bool)
+    values = [np.nan, np.inf, -np.inf]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        for _ in range(draw(st.integers(0, 3))):
+            idx = tuple(int(rng.integers(0, d)) for d in x.shape[:-1])
+            x[idx + (int(rng.integers(0, H)),)] = values[int(rng.integers(0, 3))]
+            bad[name][idx] = True
+    pattern = draw(st.sampled_from(PATTERNS))
+    path = draw(st.sampled_from(sorted(PATHS)))
+    return path, pattern, q, k, v, mask, q_len, kv_len, bad
+
+
+@SETTINGS
+@given(cases())
+def test_non_finite_inputs_reach_only_the_rows_that_see_them(case):
+    path, (is_causal, window), q, k, v, mask, q_len, kv_len, bad = case
+    out_fn, grad_fn = _compiled(path, is_causal, window)
+    vis = _visible(mask, q_len, kv_len, is_causal, window)  # [B, N, T, S]
+    bad_kv = np.repeat(bad["k"] | bad["v"], G, axis=2).transpose(0, 2, 1)  # [B, N, S]
+    sees_bad = np.any(vis & bad_kv[:, :, None, :], axis=-1)  # [B, N, T]
+    sees_bad |= bad["q"].transpose(0, 2, 1) & np.any(vis, axis=-1)
+    nan_rows = sees_bad.transpose(0, 2, 1)  # [B, T, N]
+
+    def clean(x, flags):
+        return np.where(flags[..., None], np.float32(0.0), x)
+
+    clean_args = (clean(q, bad["q"]), clean(k, bad["k"] | bad["v"]), clean(v, bad["k"] | bad["v"]))
+    args = (mask, q_len, kv_len)
+    out = np.asarray(out_fn(q, k, v, *args))
+    ref_out = np.asarray(out_fn(*clean_args, *args))
+    assert np.isfinite(ref_out).all()
+    assert np.isnan(out[nan_rows]).all(), path
+    np.testing.assert_array_equal(out[~nan_rows], ref_out[~nan_rows])
+
+    if nan_rows.any():
+        # A row that sees a non-finite input is NaN, and so is its derivative (as in
+        # jax.nn, and in JAX generally: a NaN taken out of a loss by jnp.where still
+        # has a NaN derivative), which reaches what that row sees.
+        return
+    keep = np.ones(out.shape, bool)
+    w = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    grads = grad_fn(q, k, v, *args, keep, w)
+    ref_grads = grad_fn(*clean_args, *args, keep, w)
+    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+        g = np.asarray(g)
+        assert np.isfinite(g).all(), (path, name)
+        np.testing.assert_allclose(g, np.asarray(rg), rtol=1e-5, atol=1e-6)
+        flags = bad["q"] if name == "q" else bad["k"] | bad["v"]
+        assert (g[flags] == 0).all(), (path, name)
+
+
+def test_layer_padding_does_not_leak():
+    """The layer's padding mask hides uninitialised
+    (NaN) padding from the outputs and the gradients."""
+    from flax import nnx
+
+    layer = jattn.layers.MultiHeadAttention(num_heads=2, in_features=8, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((2, 6, 8)).astype(np.float32)
+    x_bad = x.copy()
+    x_bad[0, 4:] = np.nan
+    valid = np.arange(6)[None, :] < np.array([4, 6])[:, None]
+    mask = jattn.functional.masks.key_padding_mask(jnp.asarray(valid))
+    clean = np.asarray(layer(x, mask=mask))
+    # the padded key positions hold NaN; the real queries see only real keys
+    kv = jnp.asarray(x_bad)
+    got = np.asarray(layer(x, kv, mask=mask))
+    np.testing.assert_allclose(got, np.asarray(layer(x, jnp.asarray(x), mask=mask)), atol=1e-6)
+    assert np.isfinite(got).all() and np.isfinite(clean).all()
+    grad = jax.grad(lambda kv: jnp.sum(layer(x, kv, mask=mask) ** 2))(kv)
+    assert np.isfinite(np.asarray(grad)).all()
+    assert (np.asarray(grad)[0, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["dense", "blocked", "default"])
+def test_no_inf_is_made_under_debug_infs(path):
+    """jax.nn stays quiet under jax.debug_infs; so do masked and causal calls here,
+    eager, forward and backward (the -inf fill used to raise)."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 6, 2, 4)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 5, 2, 4)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 2, 6, 5)) < 0.5)
+    fn = {"dense": attention, "default": jattn.dot_product_attention}.get(
+        path, functools.partial(blocked_attention, block_sizes=(4, 2))
+    )
+    with jax.debug_infs(True):
+        for opts in (dict(is_causal=True), dict(mask=mask), dict(key_value_seq_lengths=[2, 0])):
+            fn(q, k, k, **opts)
+            jax.grad(lambda q, opts=opts: jnp.sum(fn(q, k, k, **opts) ** 2))(q)
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e10, 1e15, 1e30])
+def test_blocked_equals_float64_at_extreme_logits(scale):
+    """Finite logits up to about 1e30: the blocked path gives the float64 result (the
+    dense path did; the blocked path gave NaN or zero rows from about 1e10)."""
+    rng = np.random.default_rng(0)
+    amp = np.float32(np.sqrt(scale))
+    q = (rng.standard_normal((1, 24, 2, 8)) * amp).astype(np.float32)
+    k = (rng.standard_normal((1, 24, 2, 8)) * amp).astype(np.float32)
+    v = rng.standard_normal((1, 24, 2, 8)).astype(np.float32)
+    want = ref.attention(q, k, v, is_causal=True)[0]
+    for fn in (attention, functools.partial(blocked_attention, block_sizes=(8, 8))):
+        got = np.asarray(fn(q, k, v, is_causal=True))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        grads = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, is_causal=True)), (0, 1, 2))(
+            q, k, v
+        )
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads)
