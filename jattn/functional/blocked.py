@@ -804,33 +804,34 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     # multiply-add, rounded once) in one of the two and not the other. With logits
     # around 1e10 that made the row's largest weight exp(+-500): NaN or a row of zeros.
     scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
-    bad = None
-    if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing
-        query, bad_q = _finite.hide_nonfinite(query)  # [..., T, N]
-        key, bad_k = _finite.hide_nonfinite(key)
-        value, bad_v = _finite.hide_nonfinite(value)
-        bad = (bad_q, bad_k | bad_v)  # [..., S, K]
-    q = (query.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
-    q = q.reshape(b, t, k, g, h)
-    q = jnp.pad(q, ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
-    qb = q.reshape(b, nq, bt, k, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b * k, g * bt, h)
+    bias5 = None if bias is None else _checks.grouped_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
+    mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
+    rng = spec.dropout_rng  # None without dropout
 
     def kv_blocks(x):  # [B, S, K, D] -> [nk, B*K, bs, D]
         d = x.shape[-1]
         x = jnp.pad(x.reshape(b, s, k, d), ((0, 0), (0, nk * bs - s), (0, 0), (0, 0)))
         return x.reshape(b, nk, bs, k, d).transpose(1, 0, 3, 2, 4).reshape(nk, b * k, bs, d)
 
-    kb, vb = kv_blocks(key), kv_blocks(value)
-    bias5 = None if bias is None else _checks.grouped_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
-    mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
-    rng = spec.dropout_rng  # None without dropout
+    def run(hide: bool):
+        query_, key_, value_, bad = query, key, value, None
+        if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
+            query_, bad_q = _finite.hide_nonfinite(query)  # [B, T, N]
+            key_, bad_k = _finite.hide_nonfinite(key)
+            value_, bad_v = _finite.hide_nonfinite(value)
+            # blocked as the queries [nq, B*K, G*bt] and keys [nk, B*K, bs]
+            bq = jnp.pad(bad_q.reshape(b, t, k, g), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0)))
+            bq = bq.reshape(b, nq, bt, k, g).transpose(1, 0, 3, 4, 2).reshape(nq, b * k, g * bt)
+            bkv = jnp.pad((bad_k | bad_v).reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
+            bad = (bq, bkv.reshape(b, nk, bs, k).transpose(1, 0, 3, 2).reshape(nk, b * k, bs))
+        q = (query_.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
+        q = jnp.pad(q.reshape(b, t, k, g, h), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
+        qb = q.reshape(b, nq, bt, k, g, h).transpose(1, 0, 3, 4, 2, 5)
+        qb = qb.reshape(nq, b * k, g * bt, h)
+        kb, vb = kv_blocks(key_), kv_blocks(value_)
+        return _flash(geo, qb, kb, vb, bias5, mask5, *lens, rng, tab, mm, smf, smo, bad)
 
-    if bad is not None:  # blocked as the queries [nq, B*K, G*bt] and keys [nq, B*K, bs]
-        bq = jnp.pad(bad[0].reshape(b, t, k, g), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0)))
-        bq = bq.reshape(b, nq, bt, k, g).transpose(1, 0, 3, 4, 2).reshape(nq, b * k, g * bt)
-        bkv = jnp.pad(bad[1].reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
-        bad = (bq, bkv.reshape(b, nk, bs, k).transpose(1, 0, 3, 2).reshape(nk, b * k, bs))
-    ob, lse = _flash(geo, qb, kb, vb, bias5, mask5, *lens, rng, tab, mm, smf, smo, bad)
+    ob, lse = _finite.guarded(run, spec, query, key, value)
     out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
     out = out[:, :t]
     if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)

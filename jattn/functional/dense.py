@@ -351,59 +351,63 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
     eye = jnp.eye(k, dtype=bool)
 
-    q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h)
-    key, value = _flatten_batch(key, batch_shape), _flatten_batch(value, batch_shape)
-    bad_q = bad_kv = None
-    if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing
-        q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G]
-        key, bad_k = _finite.hide_nonfinite(key)
-        value, bad_v = _finite.hide_nonfinite(value)
-        bad_kv = bad_k | bad_v  # [B, S, K]
-    # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
-    q = q.transpose(0, 4, 1, 2, 3)
-    q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
-    q = q.reshape(nb, k, h, t * k * g)
-    # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
-    # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
-    # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
-    logits = jax.lax.dot_general(
-        key,
-        q,
-        (((2, 3), (1, 2)), ((0,), (0,))),
-        preferred_element_type=jnp.float32,
-    )  # [B, S, T*K*G]
-    logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
-    index = mods.grid(nb, (k, g), t, s)  # b, n, q_idx, kv_idx over [B, K, G, T, S]
-    if spec.score_mod is not None:
-        logits = mods.call_score(spec.score_mod, logits, *index)
-    if bias is not None:
-        logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
-    if bad_q is not None:  # [B, T, K, G] -> [B, K, G, T]; [B, S, K] -> [B, K, 1, S]
-        rows, cols = bad_q.transpose(0, 2, 3, 1), bad_kv.transpose(0, 2, 1)[:, :, None]
-        logits = _finite.nan_pairs(logits, rows, cols)
+    def run(hide: bool):
+        q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h)
+        key, value = _flatten_batch(spec.key, batch_shape), _flatten_batch(spec.value, batch_shape)
+        bad_q = bad_kv = None
+        if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
+            q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G]
+            key, bad_k = _finite.hide_nonfinite(key)
+            value, bad_v = _finite.hide_nonfinite(value)
+            bad_kv = bad_k | bad_v  # [B, S, K]
+        # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
+        q = q.transpose(0, 4, 1, 2, 3)
+        q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
+        q = q.reshape(nb, k, h, t * k * g)
+        # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
+        # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
+        # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
+        logits = jax.lax.dot_general(
+            key,
+            q,
+            (((2, 3), (1, 2)), ((0,), (0,))),
+            preferred_element_type=jnp.float32,
+        )  # [B, S, T*K*G]
+        logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
+        index = mods.grid(nb, (k, g), t, s)  # b, n, q_idx, kv_idx over [B, K, G, T, S]
+        if spec.score_mod is not None:
+            logits = mods.call_score(spec.score_mod, logits, *index)
+        if bias is not None:
+            logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
+        if bad_q is not None:  # [B, T, K, G] -> [B, K, G, T]; [B, S, K] -> [B, K, 1, S]
+            rows, cols = bad_q.transpose(0, 2, 3, 1), bad_kv.transpose(0, 2, 1)[:, :, None]
+            logits = _finite.nan_pairs(logits, rows, cols)
 
-    visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
-    mask_mod = mods.spec_mask_mod(spec)  # the shortcuts and mask_mod
-    if mask_mod is not None:
-        visible = combine_masks(visible, mods.call_mask(mask_mod, *index))
-    weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
-    probs = weights
-    if dropout_rate > 0.0:
-        keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
-        probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
+        visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
+        mask_mod = mods.spec_mask_mod(spec)  # the shortcuts and mask_mod
+        if mask_mod is not None:
+            visible = combine_masks(visible, mods.call_mask(mask_mod, *index))
+        weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
+        probs = weights
+        if dropout_rate > 0.0:
+            keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
+            probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
 
-    p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
-    out = jax.lax.dot_general(
-        p,
-        value,
-        (((2,), (1,)), ((0,), (0,))),
-        preferred_element_type=jnp.float32,
-    )  # [B, T*K*G, K, Hv]: keep each query head's own value head
-    out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
-    out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
-    if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
-        valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
-        out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+        p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
+        out = jax.lax.dot_general(
+            p,
+            value,
+            (((2,), (1,)), ((0,), (0,))),
+            preferred_element_type=jnp.float32,
+        )  # [B, T*K*G, K, Hv]: keep each query head's own value head
+        out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
+        out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
+        if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
+            valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
+            out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+        return out, weights, lse
+
+    out, weights, lse = _finite.guarded(run, spec, query, key, value)
     out = out.reshape(batch_shape + (t, n, hv))
     weights = weights.reshape(batch_shape + (n, t, s)) if return_weights else None
     if spec.return_residual:
