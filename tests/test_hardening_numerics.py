@@ -187,3 +187,39 @@ def test_blocked_equals_float64_at_extreme_logits(scale):
             q, k, v
         )
         assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["boxcar", "gaussian", "parametric"]))
+def test_nadaraya_watson_hidden_points_reach_nothing(seed, kernel):
+    """Training points hidden by the mask or (values) outside the kernel's support hold
+    NaN/inf: the rows that do not see them equal a clean run, with finite gradients;
+    the rows that do are NaN (a NaN key has no distance: only the mask hides it)."""
+    rng = np.random.default_rng(seed)
+    x = np.sort(rng.uniform(0, 5, 12)).astype(np.float32)
+    y = rng.standard_normal((12, 2)).astype(np.float32)
+    xq = rng.uniform(0, 5, 6).astype(np.float32)
+    mask = rng.random((6, 12)) < 0.6
+    bad = rng.random(12) < 0.25
+    x_bad, y_bad = x.copy(), y.copy()
+    y_bad[bad, int(rng.integers(0, 2))] = rng.choice([np.nan, np.inf])
+    bad_x = bad & (rng.random(12) < 0.5)
+    x_bad[bad_x] = np.nan
+
+    def run(x, y):
+        if kernel == "parametric":
+            return jattn.functional.parametric_nadaraya_watson(xq, x, y, 1.3, mask=mask)[0]
+        return jattn.functional.nadaraya_watson(xq, x, y, kernel=kernel, width=0.8, mask=mask)[0]
+
+    seen = np.broadcast_to(bad, mask.shape).copy()
+    if kernel == "boxcar":  # the support hides |q - k| >= width, where k is known
+        seen &= bad_x[None, :] | (np.abs(xq[:, None] - x[None, :]) < 0.8)
+    seen &= mask
+    rows = seen.any(axis=1)
+    clean = np.asarray(run(x, np.where(bad[:, None], 0.0, y).astype(np.float32)))
+    got = np.asarray(run(x_bad, y_bad))
+    assert np.isnan(got[rows]).all()
+    np.testing.assert_array_equal(got[~rows], clean[~rows])
+    if not rows.any():
+        g = jax.grad(lambda y: jnp.sum(run(x_bad, y) ** 2))(jnp.asarray(y_bad))
+        assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[bad] == 0).all()

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional import _checks
+from jattn.functional import _checks, _finite
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.softmax import masked_softmax
 
@@ -199,8 +199,32 @@ def nadaraya_watson_weights(
       lies inside the kernel's support.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
+    return _nw_weights(queries, keys, kernel, width, mask, None)
+
+
+def _clean(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Points ``[N]`` or ``[N, F]`` with the non-finite ones zeroed, and which ``[N]``."""
+    clean, bad = _finite.hide_nonfinite(x if x.ndim == 2 else x[:, None])
+    return (clean if x.ndim == 2 else clean[:, 0]), bad
+
+
+def _softmax_hiding(logits, mask, bad_q, bad_k, bad_values) -> jax.Array:
+    """The masked softmax of logits from cleaned points, with NaN for the pairs that
+    the mask does not hide of a non-finite query or key (its distances are unknown) and
+    of a non-finite value that the kernel's support (``log K = -inf``) does not hide
+    either: hidden ones reach nothing, seen ones make their row NaN
+    (:mod:`jattn.functional._finite`)."""
+    bad = bad_q[:, None] | bad_k[None, :]
+    if bad_values is not None:
+        bad = bad | (bad_values[None, :] & (logits > -jnp.inf))
+    return masked_softmax(jnp.where(bad, jnp.float32(jnp.nan), logits), mask)
+
+
+def _nw_weights(queries, keys, kernel, width, mask, bad_values):
     kernel = _as_kernel(kernel)
     width = _check_width(width)
+    queries, bad_q = _clean(queries)
+    keys, bad_k = _clean(keys)
     diff = _differences(queries, keys)
     dist = diff if diff.ndim == 2 else _norm(diff)  # [T, S]
     logits = kernel(dist, width)
@@ -209,7 +233,7 @@ def nadaraya_watson_weights(
             f"kernel returned shape {_checks.fmt(logits.shape)} for distances "
             f"{_checks.fmt(dist.shape)}; a kernel must act elementwise"
         )
-    weights = masked_softmax(logits, mask)
+    weights = _softmax_hiding(logits, mask, bad_q, bad_k, bad_values)
     if isinstance(width, jax.core.Tracer):  # cannot be checked: a bad width shows as NaN
         weights = jnp.where(width > 0, weights, jnp.float32(jnp.nan))
     return weights
@@ -272,7 +296,8 @@ def nadaraya_watson(
       and the float32 weights ``[T, S]``.
     """
     queries, keys, values, mask = _check_inputs(queries, keys, values, mask)
-    weights = nadaraya_watson_weights(queries, keys, kernel=kernel, width=width, mask=mask)
+    values, bad_values = _clean(values)
+    weights = _nw_weights(queries, keys, kernel, width, mask, bad_values)
     return _pool(weights, values), weights
 
 
@@ -313,14 +338,20 @@ def parametric_nadaraya_watson_weights(
       float32 ``[T, S]`` weights.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
+    return _parametric_weights(queries, keys, w, mask, None)
+
+
+def _parametric_weights(queries, keys, w, mask, bad_values):
     w = _check_w(w, queries).astype(jnp.float32)
+    queries, bad_q = _clean(queries)
+    keys, bad_k = _clean(keys)
     diff = _differences(queries, keys)  # [T, S] or [T, S, F]
     if diff.ndim == 2:
         logits = -jnp.square(diff * w.reshape(())) / 2
     else:
         scaled = diff * w.reshape((1, 1, -1))  # [T, S, F]
         logits = -jnp.sum(jnp.square(scaled), axis=-1) / 2
-    return masked_softmax(logits, mask)
+    return _softmax_hiding(logits, mask, bad_q, bad_k, bad_values)
 
 
 def parametric_nadaraya_watson(
@@ -344,7 +375,8 @@ def parametric_nadaraya_watson(
       ``(predictions [T] or [T, Hv], weights [T, S])``.
     """
     queries, keys, values, mask = _check_inputs(queries, keys, values, mask)
-    weights = parametric_nadaraya_watson_weights(queries, keys, w, mask=mask)
+    values, bad_values = _clean(values)
+    weights = _parametric_weights(queries, keys, w, mask, bad_values)
     return _pool(weights, values), weights
 
 
