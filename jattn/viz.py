@@ -5,12 +5,20 @@ it is the last expression of a notebook cell) and never call ``plt.show``;
 :func:`save_figure` writes a PNG atomically. Masked cells (``mask`` False)
 are drawn grey and hatched, so a masked key is never confused with a key that
 got little attention. matplotlib is imported inside the functions.
+
+Long inputs stay readable: token labels longer than 12 characters end in "…",
+and only every k-th label is shown, k chosen at draw time from the axes' size
+and the label font so that no two labels overlap. Titles too long for the
+figure (or for their panel) are broken into lines, and the figures use
+constrained layout, so no title is cut off.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 
@@ -28,7 +36,9 @@ __all__ = [
 _SOWN_NAME = "attention_weights"
 _MASKED_FACE = "0.8"
 _MASKED_HATCH = "////"
-_MAX_TICKS = 40
+_MAX_TICKS = 40  # at most this many labelled ticks per axis
+_MAX_LABEL_CHARS = 12  # longer token labels are cut to 11 characters and "…"
+_LABEL_SLOT = 1.5  # room along the axis per shown label, in label font sizes
 
 
 def _new_figure(figsize):
@@ -122,27 +132,131 @@ def _color_top(vmax, datas, names) -> float:
     return float(vmax)
 
 
-def _set_ticks(ax, labels, n: int, axis: str, name: str, show: bool = True) -> None:
-    setter = ax.set_xticks if axis == "x" else ax.set_yticks
-    if labels is None:  # integer positions
-        from matplotlib.ticker import MaxNLocator
+def _short(label: str) -> str:
+    """``label``, cut to ``_MAX_LABEL_CHARS`` characters (the last one "…") when longer."""
+    if len(label) <= _MAX_LABEL_CHARS:
+        return label
+    return label[: _MAX_LABEL_CHARS - 1] + "\u2026"
 
-        (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
-        if not show:
-            (ax.xaxis if axis == "x" else ax.yaxis).set_ticklabels([])
-        return
-    labels = [str(s) for s in labels]
-    if len(labels) != n:
-        raise ValueError(f"{name} has {len(labels)} labels but the weights have {n} {axis}-cells")
-    step = max(1, math.ceil(n / _MAX_TICKS))  # long sequences: every step-th label
-    idx = list(range(0, n, step))
-    if not show:
-        setter(idx, [""] * len(idx))
-        return
-    if axis == "x":
-        ax.set_xticks(idx, [labels[i] for i in idx], rotation=90)
+
+class _TokenLabels:
+    """Tick formatter: the (shortened) label of the cell at an integer position."""
+
+    def __init__(self, labels):
+        self.labels = [_short(s) for s in labels]
+
+    def __call__(self, x, pos=None) -> str:
+        i = int(round(float(x)))
+        if 0 <= i < len(self.labels) and abs(float(x) - i) < 1e-6:
+            return self.labels[i]
+        return ""
+
+
+_TOKEN_LOCATOR = None
+
+
+def _token_locator(n: int):
+    """A tick locator for ``n`` labelled cells: every k-th cell from 0, k the smallest
+    step whose labels do not overlap along the axis at its size when drawn."""
+    global _TOKEN_LOCATOR
+    if _TOKEN_LOCATOR is None:
+        from matplotlib.ticker import Locator
+
+        class _TokenLocator(Locator):
+            def __init__(self, n):
+                self.n = n
+
+            def __call__(self):
+                return self.tick_values(0, self.n - 1)
+
+            def tick_values(self, vmin, vmax):
+                return np.arange(0, self.n, self.step())
+
+            def step(self) -> int:
+                most = _MAX_TICKS
+                axis = self.axis
+                if axis is not None and axis.axes is not None:
+                    ax = axis.axes
+                    length = ax.bbox.width if axis.axis_name == "x" else ax.bbox.height
+                    size = axis.get_major_ticks(1)[0].label1.get_fontsize()  # points
+                    slot = size * _LABEL_SLOT * ax.get_figure(root=True).dpi / 72
+                    most = min(most, max(1, int(length // slot)))
+                return max(1, math.ceil(self.n / most))
+
+        _TokenLocator.__qualname__ = "_TOKEN_LOCATOR"  # picklable figures
+        _TOKEN_LOCATOR = _TokenLocator
+    return _TOKEN_LOCATOR(n)
+
+
+def _set_ticks(ax, labels, n: int, axis: str, name: str, show: bool = True) -> None:
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+
+    xy = ax.xaxis if axis == "x" else ax.yaxis
+    if labels is None:  # integer positions
+        xy.set_major_locator(MaxNLocator(nbins="auto", integer=True))
     else:
-        ax.set_yticks(idx, [labels[i] for i in idx])
+        labels = [str(s) for s in labels]
+        if len(labels) != n:
+            raise ValueError(
+                f"{name} has {len(labels)} labels but the weights have {n} {axis}-cells"
+            )
+        xy.set_major_locator(_token_locator(n))
+        if show:
+            from matplotlib.ticker import FuncFormatter
+
+            xy.set_major_formatter(FuncFormatter(_TokenLabels(labels)))
+            if axis == "x":
+                ax.tick_params(axis="x", labelrotation=90)
+    if not show:
+        xy.set_major_formatter(NullFormatter())
+
+
+def _wrap_text(text, limit: float) -> float:
+    """Breaks the string of the matplotlib ``text`` into lines at most ``limit`` pixels
+    long (its width, or its height when rotated): after spaces, ``/``, ``_`` and ``-``
+    where it can, inside a word longer than a line. Returns the pixels the lines
+    added across (the room the figure should grow by)."""
+    full = text.get_text()
+    if not full or limit <= 0:
+        return 0.0
+    along, across = ("width", "height")
+    if round(text.get_rotation()) % 180 != 0:
+        along, across = across, along
+
+    def fits(s: str) -> bool:
+        text.set_text(s)
+        return getattr(text.get_window_extent(), along) <= limit
+
+    if fits(full):
+        return 0.0
+    fits(full.replace("\n", " "))
+    one_line = getattr(text.get_window_extent(), across)
+    lines: list[str] = []
+    for para in full.split("\n"):
+        line = ""
+        for chunk in re.split(r"(?<=[\s/_\-])", para):
+            if line and not fits((line + chunk).rstrip()):
+                lines.append(line.rstrip())
+                line = chunk.lstrip()
+            else:
+                line += chunk
+            while len(line) > 1 and not fits(line.rstrip()):  # one word too long
+                lo, hi = 1, len(line) - 1  # the longest prefix that fits (at least 1)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if fits(line[:mid]) else (lo, mid - 1)
+                lines.append(line[:lo])
+                line = line[lo:]
+        lines.append(line.rstrip())
+    text.set_text("\n".join(lines))
+    return max(0.0, getattr(text.get_window_extent(), across) - one_line)
+
+
+def _grow(fig, width_px: float, height_px: float) -> None:
+    """Makes ``fig`` larger by so many pixels (room for titles broken into lines)."""
+    if width_px > 0 or height_px > 0:
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + width_px / fig.dpi, h + height_px / fig.dpi)
 
 
 def _heatmap(ax, data, cmap, norm, row_labels, col_labels, show_rows=True, show_cols=True):
@@ -175,15 +289,20 @@ def plot_attention(
       col_labels: S key labels.
       mask: optional boolean, broadcasts to ``[T, S]``, True = attend; False
         cells are masked in the image and drawn grey and hatched.
-      title: axes title.
-      ax: draw into this axes (default: a new figure).
+      title: axes title; broken into lines when wider than the figure (than the
+        axes, for a given ``ax``).
+      ax: draw into this axes (default: a new figure, with constrained layout).
       cmap: colormap name or object.
       vmax: top of the colour scale, finite and > 0 (default: the largest weight);
         the bottom is 0. A NaN or inf weight outside the mask is a ValueError.
       colorbar: add a colorbar.
 
+    Long label lists are thinned to every k-th label so that none overlap, and
+    labels longer than 12 characters end in "…" (the module docstring).
+
     Returns:
-      The ``matplotlib.figure.Figure``; the image is ``fig.axes[0].images[0]``.
+      The ``matplotlib.figure.Figure``; the image is ``fig.axes[0].images[0]``;
+      the axes are titled "keys" (x) and "queries" (y).
     """
     import matplotlib.colors
 
@@ -195,14 +314,18 @@ def plot_attention(
             (max(3.0, 0.25 * min(s, _MAX_TICKS) + 2), max(2.5, 0.25 * min(t, 40) + 1))
         )
         ax = fig.add_subplot()
+        title_room = 0.9 * fig.bbox.width
     else:
         fig = ax.figure
+        title_room = ax.bbox.width
     norm = matplotlib.colors.Normalize(vmin=0.0, vmax=top)
     im = _heatmap(ax, data, _cmap(cmap), norm, row_labels, col_labels)
     ax.set_xlabel("keys")
     ax.set_ylabel("queries")
     if title is not None:
-        ax.set_title(title)
+        extra = _wrap_text(ax.set_title(title), title_room)
+        if ax.get_figure(root=True).get_layout_engine() is not None:
+            _grow(fig, 0.0, extra)
     if colorbar:
         fig.colorbar(im, ax=ax)
     return fig
@@ -315,11 +438,16 @@ def plot_attention_grid(
       head_names: column titles (default ``head j``).
       mask: boolean, True = attend, broadcasting to one layer's ``[N, T, S]`` (or
         ``[B, N, T, S]`` with ``batch_index``), or a dict ``{layer name: mask}``.
-      title: figure title.
+      title: figure title; broken into lines when wider than the figure.
       cmap: colormap.
       vmax: top of the shared colour scale, finite and > 0 (default: the largest
         weight shown). A NaN or inf weight outside the mask is a ValueError.
       cell_size: inches per heatmap.
+
+    Each row is labelled with its layer's name (the y label of its first heatmap;
+    the figure's y label is "queries"), each column's lowest heatmap has the x
+    label "keys". Token labels are thinned and shortened as in :func:`plot_attention`;
+    head and layer names too long for a panel are broken into lines.
 
     Returns:
       The ``matplotlib.figure.Figure``: ``sum over layers of N`` heatmap axes
@@ -350,37 +478,75 @@ def plot_attention_grid(
 
     fig = _new_figure((cell_size * num_cols + 1.5, cell_size * len(layers) + 0.8))
     gs = fig.add_gridspec(len(layers), num_cols)
+    # names longer than this break into lines: wider than its heatmap, a head's name
+    # would squeeze the panels; taller than half of it, a layer's name would leave no
+    # room for the key labels below the heatmap (constrained layout would give up)
+    cell_w, cell_h = 0.8 * cell_size * fig.dpi, 0.5 * cell_size * fig.dpi
+    bottom = {}  # column -> the lowest heatmap in it
     images, axes = [], []
+    grow_w = grow_h = 0.0  # room for the names broken into lines
     for i, (key, name, data) in enumerate(zip(keys, names, datas, strict=True)):
         rl, cl = _for_layer(row_labels, key, name), _for_layer(col_labels, key, name)
+        row_h = 0.0
         for j in range(data.shape[0]):
             ax = fig.add_subplot(gs[i, j])
             images.append(_heatmap(ax, data[j], cm, norm, rl, cl, show_rows=j == 0))
-            ax.set_title(f"{heads[j]}", fontsize="small")
+            row_h = max(row_h, _wrap_text(ax.set_title(f"{heads[j]}", fontsize="small"), cell_w))
             if j == 0:
-                ax.set_ylabel(name)
+                grow_w = max(grow_w, _wrap_text(ax.set_ylabel(name), cell_h))
             axes.append(ax)
+            bottom[j] = ax
+        grow_h += row_h
+    for ax in bottom.values():
+        ax.set_xlabel("keys")
+    fig.supylabel("queries")
     fig.colorbar(images[0], ax=axes, fraction=0.04)
     if title is not None:
-        fig.suptitle(title)
+        grow_h += _wrap_text(fig.suptitle(title), 0.95 * fig.bbox.width)
+    _grow(fig, grow_w, grow_h)
     return fig
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_figure(fig, path, *, dpi: int = 100) -> str:
     """Saves ``fig`` atomically (a temporary file in the same folder, then ``os.replace``).
 
     The format follows the file extension (``.png``, ``.pdf``, ``.svg``); parent
-    folders are created. Returns the path as a string.
+    folders are created. The file gets the permissions a plain ``open(path, "w")``
+    would give: those of the file it replaces, else ``0o666`` less the umask
+    (``0o644`` under the usual umask ``022``), not the ``0o600`` of a temporary
+    file. A figure with a layout engine (the ones made here) is saved at its
+    size; one without (e.g. ``plt.subplots()`` given as ``ax``) is cropped to
+    its artists (``bbox_inches="tight"``), so no title is cut off. Returns the
+    path as a string.
     """
     dpi = _checks.check_size("dpi", dpi)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
+    extra = {} if fig.get_layout_engine() is not None else {"bbox_inches": "tight"}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="." + ext, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=ext, dpi=dpi)
+            fig.savefig(f, format=ext, dpi=dpi, **extra)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

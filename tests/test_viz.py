@@ -4,6 +4,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import os  # noqa: E402
+import stat  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.image  # noqa: E402
@@ -27,6 +30,23 @@ def _weights(*shape, seed=0):
 
 def _ticks(labels):
     return [t.get_text() for t in labels]
+
+
+def _assert_no_overlap(texts, axis):
+    boxes = sorted(
+        (t.get_window_extent() for t in texts if t.get_visible() and t.get_text()),
+        key=lambda b: b.x0 if axis == "x" else b.y0,
+    )
+    assert len(boxes) >= 2
+    for a, b in zip(boxes, boxes[1:], strict=False):
+        assert (a.x1 <= b.x0) if axis == "x" else (a.y1 <= b.y0), (a, b)
+
+
+def _assert_inside(fig, text):
+    box, frame = text.get_window_extent(), fig.bbox
+    assert text.get_text()
+    assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1, (text.get_text(), box, frame)
+    assert frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, (text.get_text(), box, frame)
 
 
 def test_plot_attention_content():
@@ -56,8 +76,11 @@ def test_plot_attention_into_given_axes_and_long_labels():
     labels = [f"t{i}" for i in range(100)]
     out = plot_attention(_weights(100, 100), row_labels=labels, col_labels=labels, ax=a1)
     assert out is fig and len(a1.images) == 1 and not a0.images
+    fig.draw_without_rendering()
     shown = _ticks(a1.get_xticklabels())
-    assert shown == labels[::3]  # thinned to at most 40 ticks, in order
+    step = labels.index(shown[1])
+    assert step >= 3 and shown == labels[::step]  # thinned to fit the axes, in order
+    _assert_no_overlap(a1.get_xticklabels(), "x")
 
 
 def test_plot_attention_grid_array():
@@ -136,6 +159,103 @@ def test_save_figure_png(tmp_path):
     assert img.shape[:2] == (round(h_in * 50), round(w_in * 50))  # the figure's size at 50 dpi
     assert img[..., :3].std() > 0.05  # not a blank canvas
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temp file left
+
+
+def test_long_titles_are_wrapped_inside_the_figure_and_the_saved_file(tmp_path):
+    title = "attention of every head of " + "the copy task " * 12 + "x" * 90  # and a long word
+    layer = "decoder/layers/0/cross_attention_with_a_long_name"
+    fig = plot_attention_grid(
+        {layer: _weights(2, 4, 4)}, title=title, head_names=["the first head of many", "h1"]
+    )
+    path = save_figure(fig, tmp_path / "grid.png", dpi=60)
+    h_px, w_px = matplotlib.image.imread(path).shape[:2]
+    assert abs(h_px - fig.get_figheight() * 60) <= 1 and abs(w_px - fig.get_figwidth() * 60) <= 1
+    fig.draw_without_rendering()  # the saved file is the figure's box: what lies inside it is saved
+    texts = list(fig.texts)  # the title and the y label
+    assert len(texts) == 2
+    texts += [t for ax in fig.axes[:2] for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    for text in texts:
+        if text.get_text():
+            _assert_inside(fig, text)
+    assert "\n" in fig.get_suptitle() and "\n" in fig.axes[0].get_ylabel()
+    squeeze = lambda s: "".join(s.split())  # noqa: E731
+    assert squeeze(fig.get_suptitle()) == squeeze(title)  # broken into lines, nothing lost
+    assert squeeze(fig.axes[0].get_ylabel()) == squeeze(layer)
+
+    fig = plot_attention(_weights(3, 3), title=title)
+    fig.draw_without_rendering()
+    _assert_inside(fig, fig.axes[0].title)
+    assert squeeze(fig.axes[0].get_title()) == squeeze(title)
+
+
+def test_long_inputs_keep_readable_labels():
+    """200 queries and keys with long token strings: every shown tick label is its
+    token (cut with "…" past 12 characters) at its position, and none overlap."""
+    tokens = [f"tok{i}_" + "abcdefghij" * (i % 3) for i in range(200)]
+    figs = [
+        plot_attention(_weights(200, 200), row_labels=tokens, col_labels=tokens),
+        plot_attention_grid(_weights(1, 2, 200, 200), row_labels=tokens, col_labels=tokens),
+    ]
+    for fig in figs:
+        fig.draw_without_rendering()
+        for ax in fig.axes[:-1]:  # the heatmaps
+            for axis, pos, texts in (
+                ("x", ax.get_xticks(), ax.get_xticklabels()),
+                ("y", ax.get_yticks(), ax.get_yticklabels()),
+            ):
+                if not any(t.get_text() for t in texts):
+                    continue  # the second head's rows are labelled by the first's
+                _assert_no_overlap(texts, axis)
+                assert pos[0] == 0 and len(set(np.diff(pos))) == 1  # every k-th token
+                for p, text in zip(pos, _ticks(texts), strict=True):
+                    token = tokens[int(p)]
+                    assert p == int(p) and text and len(text) <= 12
+                    if len(token) <= 12:
+                        assert text == token
+                    else:
+                        assert text == token[:11] + "\u2026"
+    fig = figs[0]
+    assert 5 <= len(fig.axes[0].get_xticks()) <= 40
+
+
+def test_grid_axis_titles():
+    fig = plot_attention_grid({"a": _weights(3, 2, 2), "b": _weights(1, 2, 2)})
+    xlabels = [ax.get_xlabel() for ax in fig.axes[:4]]
+    assert xlabels == ["", "keys", "keys", "keys"]  # the lowest heatmap of each column
+    assert fig.get_supylabel() == "queries"
+    assert [ax.get_ylabel() for ax in fig.axes[:4]] == ["a", "", "", "b"]
+    ax = plot_attention(_weights(2, 2)).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("keys", "queries")
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    fig = plot_attention(_weights(2, 2), colorbar=False)
+    old = os.umask(0o022)
+    try:
+        path = save_figure(fig, tmp_path / "a.png", dpi=20)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.umask(0o027)
+        path = save_figure(fig, tmp_path / "b.svg")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # the umask is respected
+        os.chmod(tmp_path / "a.png", 0o664)
+        save_figure(fig, tmp_path / "a.png", dpi=20)  # a replaced file keeps its mode
+        assert stat.S_IMODE(os.stat(tmp_path / "a.png").st_mode) == 0o664
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.svg"]
+
+
+def test_save_figure_without_layout_engine_keeps_the_title(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    plt.close(fig)
+    plot_attention(_weights(3, 3), ax=ax, title="a title " * 6)
+    img = matplotlib.image.imread(save_figure(fig, tmp_path / "t.png", dpi=50))
+    fig.draw_without_rendering()
+    title = fig.axes[0].title.get_window_extent()
+    assert title.y1 > fig.bbox.y1  # the wrapped title rises above this 2-inch figure ...
+    assert img.shape[0] > 2 * 50  # ... so the file is cropped to the artists, title included
 
 
 def test_errors():
