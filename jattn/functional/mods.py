@@ -28,6 +28,7 @@ full ones.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn.functional import _checks
 from jattn.functional.masks import is_int
 from jattn.functional.positional import relative_position_buckets
 
@@ -85,6 +87,8 @@ class Mod:
     """
 
     def __init__(self, fn: Callable, *params: Any, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"Mod's fn must be a function, got {fn!r}{_checks.type_note(fn)}")
         self.fn = fn
         self.params = params
         self.name = name or fn.__name__.lstrip("_")
@@ -104,17 +108,117 @@ class Mod:
         return f"{self.name}(...)"
 
 
-def _as_index_param(name: str, x, batch_ok: bool = True):
-    """An int offset/length: a Python int, or an int array of shape [] or [B]."""
-    if is_int(x):
-        return int(x)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim > (1 if batch_ok else 0):
-        raise TypeError(
-            f"{name} must be an int or an int array of shape [] or [B], got dtype {x.dtype} "
-            f"shape {list(x.shape)}"
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _describe(x) -> str:
+    """``x`` in an error message: an array's dtype and shape, else its repr and type."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"dtype {x.dtype} shape {list(x.shape)}"
+    return f"{x!r}{_checks.type_note(x)}"
+
+
+def _int_array(name: str, x, expected: str, *, clip=None) -> jax.Array:
+    """``x`` as int32 (:func:`_checks.check_int_array`: floats are refused, not
+    truncated; values beyond int32 are an error, or clipped with ``clip``), with a
+    TypeError that says what ``name`` should be."""
+    try:
+        return _checks.check_int_array(name, x, clip=clip)
+    except TypeError as e:
+        dtype = getattr(x, "dtype", None)
+        floating = isinstance(x, float) or (
+            dtype is not None and jnp.issubdtype(dtype, np.floating)
         )
-    return x.astype(jnp.int32)
+        hint = " (floats are not rounded)" if floating else ""
+        raise TypeError(f"{name} must be {expected}, got {_describe(x)}{hint}") from e
+
+
+def _as_index_param(name: str, x, *, lengths: bool = False):
+    """An int offset/length: a Python int, or an int array of shape [] or [B].
+
+    Checked by :func:`_checks.check_int_array`: a float is refused (never truncated) and
+    a value beyond int32 is an error (not wrapped around), except for ``lengths``, which
+    are clipped to ``[0, 2**31 - 1]`` (a negative length is 0, a length beyond every
+    position is the whole sequence: the same mask)."""
+    expected = "an int or an int array of shape [] or [B]"
+    clip = (0, _INT32_MAX) if lengths else None
+    if is_int(x):  # stays a Python int (an int32 array would be traced under jit)
+        value = min(max(int(x), clip[0]), clip[1]) if clip else int(x)
+        _checks.check_int_array(name, value)  # a ValueError beyond int32
+        return value
+    out = _int_array(name, x, expected, clip=clip)
+    if out.ndim > 1:
+        raise TypeError(f"{name} must be {expected}, got {_describe(x)}")
+    return out
+
+
+def _int_option(name: str, value, *, minimum: int = 1) -> int:
+    """A static int option (a stride, a block size, a count): :func:`_checks.check_size`
+    (never a float, str or bool) that fits int32, the dtype of the positions it is
+    compared with."""
+    value = _checks.check_size(name, value, minimum=minimum)
+    _checks.check_int_array(name, value)  # a ValueError beyond int32
+    return value
+
+
+_MOD_ARGS = {4: "b, n, q_idx, kv_idx", 5: "score, b, n, q_idx, kv_idx"}
+
+
+def _arity_error(name: str, fn, nargs: tuple[int, ...]) -> TypeError | None:
+    """A TypeError when ``fn`` cannot be called as a mod with one of ``nargs`` positional
+    arguments (4: a mask_mod, 5: a score_mod), else None (also when its signature cannot
+    be read)."""
+    what = " or ".join(
+        f"{'a mask_mod' if k == 4 else 'a score_mod'} function ({_MOD_ARGS[k]})" for k in nargs
+    )
+    if not callable(fn):
+        return TypeError(f"{name} must be {what}, got {_describe(fn)}")
+    target, bound = (fn.fn, fn.params) if isinstance(fn, Mod) else (fn, ())
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to tell
+        return None
+
+    def binds(k):
+        try:
+            sig.bind(*bound, *range(k))
+        except TypeError:
+            return False
+        return True
+
+    if any(binds(k) for k in nargs):
+        return None
+    label = repr(fn) if isinstance(fn, Mod) else getattr(fn, "__name__", type(fn).__name__)
+    hint = ""
+    if nargs == (4,) and binds(5):
+        hint = " (a score_mod, not a mask_mod?)"
+    elif nargs == (5,) and binds(4):
+        hint = " (a mask_mod, not a score_mod?)"
+    return TypeError(
+        f"{name} must be {what}, but {label} cannot be called so: its signature is "
+        f"{sig}{' after its parameters' if bound else ''}{hint}"
+    )
+
+
+def _check_mod(name: str, fn, nargs: tuple[int, ...]) -> None:
+    """A TypeError naming ``name`` unless ``fn`` is a function with the mod signature."""
+    error = _arity_error(name, fn, nargs)
+    if error is not None:
+        raise error
+
+
+def _check_finite_array(name: str, x) -> None:
+    """A ValueError naming ``name`` when ``x`` is concrete and holds NaN or inf (a NaN
+    parameter would turn every output into NaN without a word); traced values (learned
+    parameters inside ``jit``) pass."""
+    values = _checks.concrete(x)
+    if values is not None and not np.isfinite(values).all():
+        bad = np.argwhere(~np.isfinite(values))[0]
+        where = tuple(int(i) for i in bad)
+        raise ValueError(
+            f"{name} must be finite, got {values[where]} at index {list(where)} "
+            f"({int((~np.isfinite(values)).sum())} of {values.size} entries are NaN or inf)"
+        )
 
 
 def _per_b(x, b):
@@ -147,6 +251,8 @@ def and_masks(*mods: MaskMod) -> Mod:
     """Attend where every mask_mod says so (logical and)."""
     if not mods:
         raise ValueError("and_masks needs at least one mask_mod")
+    for i, m in enumerate(mods):
+        _check_mod(f"mods[{i}] of and_masks", m, (4,))
     return Mod(_and, *mods)
 
 
@@ -154,6 +260,8 @@ def or_masks(*mods: MaskMod) -> Mod:
     """Attend where any mask_mod says so (logical or)."""
     if not mods:
         raise ValueError("or_masks needs at least one mask_mod")
+    for i, m in enumerate(mods):
+        _check_mod(f"mods[{i}] of or_masks", m, (4,))
     return Mod(_or, *mods)
 
 
@@ -163,6 +271,7 @@ def _not(mod, b, n, q, kv):
 
 def not_mask(mod: MaskMod) -> Mod:
     """Attend where ``mod`` does not."""
+    _check_mod("mod", mod, (4,))
     return Mod(_not, mod)
 
 
@@ -179,6 +288,7 @@ def offset(mod: MaskMod | ScoreMod, q_offset=0, kv_offset=0) -> Mod:
     For a key/value cache (queries are the last T of S positions: ``q_offset=S - T``,
     or a ``[B]`` array of cache indices) or a sequence shard (its global start).
     """
+    _check_mod("mod", mod, (4, 5))
     return Mod(
         _offset, mod, _as_index_param("q_offset", q_offset), _as_index_param("kv_offset", kv_offset)
     )
@@ -195,6 +305,8 @@ def chain_scores(*mods: ScoreMod) -> Mod:
     """Score mods applied in order (the first one sees the scaled logits)."""
     if not mods:
         raise ValueError("chain_scores needs at least one score_mod")
+    for i, m in enumerate(mods):
+        _check_mod(f"mods[{i}] of chain_scores", m, (5,))
     return Mod(_chain, *mods)
 
 
@@ -212,9 +324,16 @@ def per_head(mods: Sequence[MaskMod]) -> Mod:
     The blocked path computes all heads of a tile together, so it visits the union of
     the heads' blocks (each head still sees exactly its own mask).
     """
+    if callable(mods) or isinstance(mods, str) or not isinstance(mods, Sequence):
+        raise TypeError(
+            f"mods must be a sequence of mask_mods (one per head: per_head([m0, m1])), "
+            f"got {_describe(mods)}"
+        )
     mods = tuple(mods)
     if not mods:
         raise ValueError("per_head needs at least one mask_mod")
+    for i, m in enumerate(mods):
+        _check_mod(f"mods[{i}] of per_head", m, (4,))
     return Mod(_per_head, *mods)
 
 
@@ -231,7 +350,7 @@ def full() -> Mod:
 
 
 def _causal(off, b, n, q, kv):
-    return kv <= q + _per_b(off, b)
+    return kv - q <= _per_b(off, b)  # not kv <= q + off, which overflows for a large offset
 
 
 def causal(offset: int | jax.Array = 0) -> Mod:
@@ -242,7 +361,7 @@ def causal(offset: int | jax.Array = 0) -> Mod:
 
 
 def _window(left, right, b, n, q, kv):
-    return (kv >= q - left) & (kv <= q + right)
+    return (q - kv <= left) & (kv - q <= right)  # differences of positions never overflow
 
 
 def sliding_window(window: int | tuple[int, int]) -> Mod:
@@ -251,6 +370,7 @@ def sliding_window(window: int | tuple[int, int]) -> Mod:
     from jattn.functional.masks import _as_window
 
     left, right = _as_window(window)
+    _checks.check_int_array("window", max(left, right))  # a ValueError beyond int32
     return Mod(_window, left, right)
 
 
@@ -266,8 +386,8 @@ def _lengths(q_len, kv_len, b, n, q, kv):
 def lengths(q_lengths=None, kv_lengths=None) -> Mod:
     """Queries ``q_idx < q_lengths[b]`` see keys ``kv_idx < kv_lengths[b]`` (either may be
     None); an int or ``[B]`` int array each."""
-    q_len = None if q_lengths is None else _as_index_param("q_lengths", q_lengths)
-    kv_len = None if kv_lengths is None else _as_index_param("kv_lengths", kv_lengths)
+    q_len = None if q_lengths is None else _as_index_param("q_lengths", q_lengths, lengths=True)
+    kv_len = None if kv_lengths is None else _as_index_param("kv_lengths", kv_lengths, lengths=True)
     return Mod(_lengths, q_len, kv_len)
 
 
@@ -278,7 +398,7 @@ def _prefix(prefix, b, n, q, kv):
 def prefix_lm(prefix_lengths) -> Mod:
     """Prefix-LM: every query sees the whole prefix (``kv_idx < prefix_lengths[b]``) and
     the keys up to itself; an int or ``[B]`` int array."""
-    return Mod(_prefix, _as_index_param("prefix_lengths", prefix_lengths))
+    return Mod(_prefix, _as_index_param("prefix_lengths", prefix_lengths, lengths=True))
 
 
 def segments(q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None) -> Mod:
@@ -296,13 +416,11 @@ def segments(q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None) 
         if x is None:
             ids.append(ids[0])
             continue
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim not in (1, 2):
-            raise TypeError(
-                f"{name} must be an int array [B, T] or [T], got dtype {x.dtype} "
-                f"shape {list(x.shape)}"
-            )
-        ids.append(x.reshape((1,) * (2 - x.ndim) + x.shape).astype(jnp.int32))
+        expected = "an int array [B, T] or [T]"
+        x = _int_array(name, x, expected)  # int64 ids beyond int32 are an error, not wrapped
+        if x.ndim not in (1, 2):
+            raise TypeError(f"{name} must be {expected}, got dtype {x.dtype} shape {list(x.shape)}")
+        ids.append(x.reshape((1,) * (2 - x.ndim) + x.shape))
     if ids[0].shape[0] != ids[1].shape[0] and 1 not in (ids[0].shape[0], ids[1].shape[0]):
         raise ValueError(
             f"q_segment_ids {list(ids[0].shape)} and kv_segment_ids {list(ids[1].shape)} "
@@ -324,13 +442,13 @@ def _strided(stride, b, n, q, kv):
 def strided(stride: int) -> Mod:
     """Sparse Transformer's strided head: keys a multiple of ``stride`` away
     (``(q_idx - kv_idx) % stride == 0``); combine with :func:`causal` for a decoder."""
-    _positive("stride", stride)
-    return Mod(_strided, int(stride))
+    return Mod(_strided, _int_option("stride", stride))
 
 
 def _dilated(left, right, dilation, b, n, q, kv):
     d = q - kv
-    return (d % dilation == 0) & (d <= left * dilation) & (-d <= right * dilation)
+    steps = d // dilation  # exact where d % dilation == 0; left * dilation could overflow
+    return (d % dilation == 0) & (steps <= left) & (-steps <= right)
 
 
 def dilated(window: int | tuple[int, int], dilation: int) -> Mod:
@@ -338,9 +456,10 @@ def dilated(window: int | tuple[int, int], dilation: int) -> Mod:
     ``dilation``-th position (``dilation=1`` is :func:`sliding_window`)."""
     from jattn.functional.masks import _as_window
 
-    _positive("dilation", dilation)
+    dilation = _int_option("dilation", dilation)
     left, right = _as_window(window)
-    return Mod(_dilated, left, right, int(dilation))
+    _checks.check_int_array("window", max(left, right))  # a ValueError beyond int32
+    return Mod(_dilated, left, right, dilation)
 
 
 def _fixed(block, summary, b, n, q, kv):
@@ -351,11 +470,11 @@ def fixed(block: int, summary: int = 1) -> Mod:
     """Sparse Transformer's fixed pattern: keys in the query's own block of ``block``
     positions, and the last ``summary`` positions of every block (combine with
     :func:`causal` for a decoder)."""
-    _positive("block", block)
-    _positive("summary", summary)
+    block = _int_option("block", block)
+    summary = _int_option("summary", summary)
     if summary > block:
         raise ValueError(f"summary must be <= block, got summary={summary}, block={block}")
-    return Mod(_fixed, int(block), int(summary))
+    return Mod(_fixed, block, summary)
 
 
 def _global(is_global, b, n, q, kv):
@@ -369,17 +488,34 @@ def global_tokens(positions: Sequence[int] | jax.Array, length: int | None = Non
     """Global tokens: the chosen positions attend everywhere and are attended by every
     query. ``positions``: ints (with ``length``, the longest of T and S) or a boolean
     ``[length]`` array."""
+    if length is not None:
+        length = _int_option("length", length)
+    if not isinstance(positions, jax.Array | np.ndarray):
+        try:  # a list of bools is a boolean array, not the positions 0 and 1
+            as_np = np.asarray(positions)
+        except (TypeError, ValueError):
+            as_np = None
+        if as_np is not None and as_np.dtype == bool and as_np.size:
+            positions = as_np
     if isinstance(positions, jax.Array | np.ndarray) and positions.dtype == bool:
         is_global = jnp.asarray(positions)
         if is_global.ndim != 1:
             raise ValueError(f"a boolean positions array must be [L], got {list(is_global.shape)}")
+        if length is not None and length != is_global.shape[0]:
+            raise ValueError(
+                f"a boolean positions array of length {is_global.shape[0]} does not match "
+                f"length={length}"
+            )
     else:
         if length is None:
             raise ValueError("global_tokens needs length with integer positions")
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if pos.size and (pos.min() < 0 or pos.max() >= length):
-            raise ValueError(f"global positions must lie in [0, {length}), got {pos.tolist()}")
-        is_global = jnp.zeros((length,), bool).at[pos].set(True)
+        pos = _int_array("positions", positions, "ints or a boolean [length] array")
+        pos = pos.reshape(-1)
+        values = _checks.concrete(pos)
+        if values is not None and values.size and (values.min() < 0 or values.max() >= length):
+            raise ValueError(f"global positions must lie in [0, {length}), got {values.tolist()}")
+        pos = jnp.where(pos < 0, length, pos)  # traced: out-of-range positions are dropped
+        is_global = jnp.zeros((length,), bool).at[pos].set(True, mode="drop")
     return Mod(_global, is_global)
 
 
@@ -415,10 +551,14 @@ def bigbird(
     ``length``: the longest of T and S. Use ``block`` equal to the block mask's block
     size (or a multiple) so that the pattern's blocks are the kernel's tiles.
     """
-    _positive("block", block)
-    _positive("length", length)
-    if window_blocks < 1 or window_blocks % 2 == 0:
+    block = _int_option("block", block)
+    length = _int_option("length", length)
+    window_blocks = _int_option("window_blocks", window_blocks)
+    if window_blocks % 2 == 0:
         raise ValueError(f"window_blocks must be odd and >= 1, got {window_blocks}")
+    num_global_blocks = _int_option("num_global_blocks", num_global_blocks, minimum=0)
+    num_random_blocks = _int_option("num_random_blocks", num_random_blocks, minimum=0)
+    _check_prng_key("key", key)
     nb = -(-length // block)
     r = int(min(num_random_blocks, nb))
     if r > 0:
@@ -427,7 +567,27 @@ def bigbird(
     else:
         draw = jnp.full((nb, 1), -1)
     half = window_blocks // 2
-    return Mod(_bigbird, int(block), half, half, int(num_global_blocks), draw.astype(jnp.int32))
+    return Mod(_bigbird, block, half, half, num_global_blocks, draw.astype(jnp.int32))
+
+
+def _check_prng_key(name: str, key) -> None:
+    """A TypeError naming ``name`` unless ``key`` is one PRNG key (typed, or raw uint32
+    data such as ``jax.random.PRNGKey(0)``)."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return
+    elif (
+        hasattr(key, "dtype")
+        and hasattr(key, "shape")
+        and key.dtype == np.uint32
+        and len(key.shape) == 1
+        and key.shape[0] >= 2
+    ):
+        return
+    raise TypeError(
+        f"{name} must be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got "
+        f"{_describe(key)}"
+    )
 
 
 # ---------------------------------------------------------------------------- score mods
@@ -445,12 +605,14 @@ def alibi(slopes: jax.Array, *, bidirectional: bool = False) -> Mod:
     ``- slopes[n] * |kv_idx - q_idx|`` when ``bidirectional`` (as
     :func:`jattn.alibi_bias`, without its ``[N, T, S]`` array). ``slopes``: ``[N]``,
     e.g. :func:`jattn.alibi_slopes`; learnable (it gets gradients)."""
-    slopes = jnp.asarray(slopes)
+    slopes = _checks.as_array("slopes", slopes)
     if slopes.ndim != 1 or not jnp.issubdtype(slopes.dtype, jnp.floating):
         raise ValueError(
             f"slopes must be a float [N] array, got {slopes.dtype} {list(slopes.shape)}"
         )
-    return Mod(_alibi, slopes, _Static(bool(bidirectional)))
+    _check_finite_array("slopes", slopes)
+    bidirectional = _checks.check_flag("bidirectional", bidirectional)
+    return Mod(_alibi, slopes, _Static(bidirectional))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -491,13 +653,15 @@ def relative_position_bias(
     ``table``: float ``[num_buckets, N]`` (the learnable parameter; it gets gradients
     through every path); buckets as :func:`jattn.relative_position_buckets`.
     """
-    table = jnp.asarray(table)
+    table = _checks.as_array("table", table)
     if table.ndim != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
         raise ValueError(
             f"table must be a float [num_buckets, N] array, got {table.dtype} {list(table.shape)}"
         )
+    _check_finite_array("table", table)
     if num_buckets is None:
         num_buckets = table.shape[0]
+    num_buckets = _checks.check_size("num_buckets", num_buckets)
     if num_buckets != table.shape[0]:
         raise ValueError(f"table has {table.shape[0]} buckets, num_buckets={num_buckets}")
     relative_position_buckets(  # checks the bucket configuration now, not at trace time
@@ -513,14 +677,10 @@ def _softcap(cap, score, b, n, q, kv):
 
 def softcap(cap: float) -> Mod:
     """tanh soft-capping of the logits (Gemma 2, Grok): ``cap * tanh(score / cap)``."""
-    if not isinstance(cap, int | float) or isinstance(cap, bool) or not cap > 0:
+    cap = _checks.check_finite_scalar("cap", cap)  # NaN and inf: every logit NaN
+    if not cap > 0:
         raise ValueError(f"cap must be a positive number, got {cap!r}")
-    return Mod(_softcap, float(cap))
-
-
-def _positive(name, x):
-    if not is_int(x) or x <= 0:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return Mod(_softcap, cap)
 
 
 def as_mod(fn: Callable, example: Sequence | None = None) -> Mod:
@@ -534,9 +694,18 @@ def as_mod(fn: Callable, example: Sequence | None = None) -> Mod:
         return jax.tree.map(
             lambda x: as_mod(x, example) if callable(x) and not hasattr(x, "dtype") else x, fn
         )
+    if not callable(fn):
+        raise TypeError(f"fn must be a mask_mod or score_mod function, got {_describe(fn)}")
     if example is None:
         return Mod(fn, name=getattr(fn, "__name__", "mask_mod"))
-    converted, consts = jax.closure_convert(fn, *example)
+    try:
+        converted, consts = jax.closure_convert(fn, *example)
+    except TypeError:
+        name = {4: "mask_mod", 5: "score_mod"}.get(len(example), "fn")
+        error = _arity_error(name, fn, (len(example),))
+        if error is not None:  # the call failed for its signature: say so
+            raise error from None
+        raise
     return Mod(functools.partial(_converted, converted, len(consts)), *consts,
                     name=getattr(fn, "__name__", "mod"))  # fmt: skip
 
@@ -565,9 +734,25 @@ def grid(batch: int, heads: int | tuple[int, ...], t: int, s: int, q0=0, kv0=0):
     )
 
 
+def _call(name: str, fn, *args) -> jax.Array:
+    """``fn(*args)`` as an array; a TypeError naming ``name`` when ``fn`` cannot be called
+    with the mod signature, or returns something that is not an array."""
+    try:
+        out = fn(*args)
+    except TypeError:
+        error = _arity_error(name, fn, (len(args),))
+        if error is not None:  # the call failed for its signature: say so
+            raise error from None
+        raise  # a TypeError of the function's own
+    try:
+        return jnp.asarray(out)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must return an array, got {_describe(out)}") from None
+
+
 def call_mask(mask_mod: MaskMod, b, n, q, kv) -> jax.Array:
     """``mask_mod(b, n, q, kv)`` checked: boolean, broadcasting to the indices' shape."""
-    out = jnp.asarray(mask_mod(b, n, q, kv))
+    out = _call("mask_mod", mask_mod, b, n, q, kv)
     target = jnp.broadcast_shapes(*(jnp.shape(x) for x in (b, n, q, kv)))
     if out.dtype != jnp.bool_:
         raise TypeError(f"mask_mod must return booleans (True = attend), got dtype {out.dtype}")
@@ -584,10 +769,14 @@ def call_mask(mask_mod: MaskMod, b, n, q, kv) -> jax.Array:
 
 def call_score(score_mod: ScoreMod, score, b, n, q, kv) -> jax.Array:
     """``score_mod(score, b, n, q, kv)`` checked: float32 of the score's shape."""
-    out = jnp.asarray(score_mod(score, b, n, q, kv))
+    out = _call("score_mod", score_mod, score, b, n, q, kv)
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"score_mod must return floats, got dtype {out.dtype}")
-    if jnp.broadcast_shapes(out.shape, score.shape) != score.shape:
+    try:
+        same = jnp.broadcast_shapes(out.shape, score.shape) == score.shape
+    except ValueError:  # shapes that do not broadcast at all
+        same = False
+    if not same:
         raise ValueError(
             f"score_mod returned shape {list(out.shape)} for scores of shape "
             f"{list(score.shape)}: it must be elementwise"
@@ -598,6 +787,10 @@ def call_score(score_mod: ScoreMod, score, b, n, q, kv) -> jax.Array:
 def mask_grid(mask_mod: MaskMod, batch: int, heads: int, t: int, s: int) -> jax.Array:
     """The dense boolean mask ``[B|1, N|1, T, S]`` of a mask_mod (for references and
     plots; size-1 axes where the mod does not depend on ``b`` or ``n``)."""
+    _check_mod("mask_mod", mask_mod, (4,))
+    batch, heads, t, s = (
+        _int_option(name, x) for name, x in (("batch", batch), ("heads", heads), ("t", t), ("s", s))
+    )
     out = call_mask(mask_mod, *grid(batch, heads, t, s))
     return out.reshape((1,) * (4 - out.ndim) + out.shape)
 
@@ -727,8 +920,9 @@ def block_mask(
     table). The cost is one evaluation of the mask_mod per (query, key) pair, a query
     block at a time; the result is ``O((T / block_q) * (S / block_kv))``.
     """
-    for name, x in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads)):
-        _positive(name, x)
+    sizes = (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads))
+    q_len, kv_len, batch, heads = (_int_option(name, x) for name, x in sizes)
+    _check_mod("mask_mod", mask_mod, (4,))
     if block_sizes not in (None, "auto") and (
         not isinstance(block_sizes, tuple | list)
         or len(block_sizes) != 2

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from jattn.functional import _checks
 
 __all__ = ["dropout", "fold_in", "keep_bits", "keep_mask"]
 
@@ -48,18 +49,25 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _check_key(rng) -> jax.Array:
-    """The key's uint32 data; a clear error for anything that is not one key."""
+def _check_key(rng, name: str = "dropout_rng") -> jax.Array:
+    """The key's uint32 data; a clear error naming ``name`` for anything that is not one
+    key."""
     if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         if rng.shape != ():
-            raise ValueError(f"dropout needs one PRNG key, got a key array of shape {rng.shape}")
+            raise ValueError(
+                f"dropout needs one PRNG key, got a key array of shape {rng.shape} ({name})"
+            )
         return jax.random.key_data(rng)
-    data = jnp.asarray(rng)
+    expected = (
+        f"{name} must be a PRNG key (jax.random.key(...) or a raw uint32 key such as "
+        "jax.random.PRNGKey(...)), got "
+    )
+    try:
+        data = jnp.asarray(rng)
+    except (TypeError, ValueError):  # None, a str, ...
+        raise TypeError(f"{expected}{rng!r}{_checks.type_note(rng)}") from None
     if data.dtype != jnp.uint32 or data.ndim != 1 or data.shape[0] < 2:
-        raise TypeError(
-            "dropout_rng must be a PRNG key (jax.random.key(...) or a raw uint32 key "
-            f"such as jax.random.PRNGKey(...)), got {data.dtype}{list(data.shape)}"
-        )
+        raise TypeError(f"{expected}{data.dtype}{list(data.shape)}")
     return data
 
 
@@ -85,7 +93,13 @@ def fold_in(rng, data) -> jax.Array:
     same implementation, or raw ``uint32`` data of the same shape.
     """
     typed = isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    data_words = _fold_words(_check_key(rng), jnp.asarray(data))
+    words = _check_key(rng, "rng")
+    if isinstance(data, jax.Array):  # any integer array (a uint32 counter too): mod 2**32
+        if not jnp.issubdtype(data.dtype, jnp.integer):
+            raise TypeError(f"data must be an integer (a counter), got dtype {data.dtype}")
+    else:  # a Python or NumPy value: an int32 (a float is not truncated, 2**40 not wrapped)
+        data = _checks.check_int_array("data", data)
+    data_words = _fold_words(words, data)
     if typed:
         return jax.random.wrap_key_data(data_words, impl=jax.random.key_impl(rng))
     return data_words
@@ -104,6 +118,20 @@ def _fold_words(words: jax.Array, data: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.stack(out))
 
 
+def _check_keep_prob(keep_prob) -> float:
+    """``keep_prob`` as a float in [0, 1] (:func:`_checks.check_rate`): NaN, a str, a
+    bool or a traced value is an error (it sets a static threshold)."""
+    return _checks.check_rate("keep_prob", keep_prob, allow_one=True)
+
+
+def _check_index(name: str, x) -> jax.Array:
+    """Row or column indices: an integer array (a float is not truncated)."""
+    x = _checks.as_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer indices, got dtype {x.dtype}")
+    return x
+
+
 def _threshold(keep_prob: float) -> jax.Array:
     return jnp.uint32(min(max(round(keep_prob * 2.0**32), 0), 2**32 - 1))
 
@@ -113,13 +141,16 @@ def keep_bits(rng, keep_prob: float, row: jax.Array, col: jax.Array) -> jax.Arra
 
     Args:
       rng: a PRNG key.
-      keep_prob: a Python float in ``(0, 1]``.
+      keep_prob: a Python or NumPy float in ``[0, 1]`` (NaN, a str or a traced value is
+        an error).
       row: integer array of global row indices (taken modulo 2**32).
       col: integer array of global column indices, broadcasting against ``row``.
 
     Returns:
       A boolean array of the broadcast shape of ``row`` and ``col``.
     """
+    keep_prob = _check_keep_prob(keep_prob)
+    row, col = _check_index("row", row), _check_index("col", col)
     return _hash_bits(rng, row, col) < _threshold(keep_prob)
 
 
@@ -133,9 +164,18 @@ def _hash_bits(rng, row: jax.Array, col: jax.Array) -> jax.Array:
 
 def keep_mask(rng, keep_prob: float, shape: Sequence[int]) -> jax.Array:
     """The keep-mask of an array of ``shape``: rows are the flattened leading axes,
-    columns the last axis (``[..., S]``)."""
+    columns the last axis (``[..., S]``).
+
+    ``keep_prob``: a Python or NumPy float in ``[0, 1]``; ``shape``: a sequence of
+    ints >= 0."""
     _check_key(rng)
-    return _keep_mask(rng, float(keep_prob), tuple(int(d) for d in shape))
+    keep_prob = _check_keep_prob(keep_prob)
+    if isinstance(shape, str | bytes) or not isinstance(shape, Iterable):
+        raise TypeError(
+            f"shape must be a sequence of ints, got {shape!r}{_checks.type_note(shape)}"
+        )
+    shape = tuple(_checks.check_size(f"shape[{i}]", d, minimum=0) for i, d in enumerate(shape))
+    return _keep_mask(rng, keep_prob, shape)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -161,14 +201,26 @@ def dropout(x: jax.Array, rate: float, rng, *, broadcast_dims: Sequence[int] = (
       broadcast_dims: axes of ``x`` that share one mask (e.g. ``(0,)`` for one mask
         over the batch).
     """
-    # a static Python or NumPy number (np.float32 is not a float subclass); not a bool
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"dropout rate must be a float in [0, 1], got {rate!r}")
-    rate = float(rate)
+    # a static Python or NumPy number (np.float32 is not a float subclass); not a bool,
+    # NaN, a str or a traced value (a TypeError: the rate decides whether dropout runs)
+    try:
+        rate = _checks.check_rate("rate", rate, allow_one=True)
+    except ValueError as e:
+        raise ValueError(f"dropout rate must be a float in [0, 1], got {rate!r}") from e
+    array = _checks.as_array("x", x)
+    if isinstance(broadcast_dims, str | bytes) or not isinstance(broadcast_dims, Iterable):
+        raise TypeError(
+            f"broadcast_dims must be a sequence of ints (axes of x), got {broadcast_dims!r}"
+        )
+    broadcast_dims = tuple(broadcast_dims)
+    if not all(_checks.is_int(d) for d in broadcast_dims):
+        raise TypeError(f"broadcast_dims must be ints (axes of x), got {broadcast_dims!r}")
     if rate == 0.0:
         return x
+    x = array
     if rate == 1.0:
         return jnp.zeros_like(x)
+    _check_key(rng, "rng")  # a key is needed only now (rate 0 or 1 takes None)
     ndim = jnp.ndim(x)
     dims = sorted({d % ndim if -ndim <= d < ndim else d for d in broadcast_dims})
     if any(not 0 <= d < ndim for d in dims):
