@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _hardening import beyond_int32, raises
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,16 +37,6 @@ X = jnp.zeros((1, 4, 8), jnp.float32)  # [B, T, D]
 
 def _rngs():
     return nnx.Rngs(0)
-
-
-def _raises(exc, fn, *names):
-    """``fn()`` raises ``exc`` whose message names each of ``names``; returns the message."""
-    with pytest.raises(exc) as info:
-        fn()
-    message = str(info.value)
-    for name in names:
-        assert name in message, f"{name!r} not in {message!r}"
-    return message
 
 
 # ------------------------------------------------------------------ sizes (section 4)
@@ -113,7 +104,7 @@ SIZE_TARGETS = [
 @given(target=st.sampled_from(SIZE_TARGETS), value=bad_sizes)
 def test_bad_sizes_name_the_argument_and_value(target, value):
     name, call = target
-    message = _raises(ValueError, lambda: call(value), name)
+    message = raises(ValueError, lambda: call(value), name)
     assert repr(value) in message, message  # the value, as the user wrote it
 
 
@@ -136,16 +127,16 @@ def test_numpy_int_sizes_are_sizes(target, value):
 
 
 def test_size_errors_read_well():
-    assert str(_raises(ValueError, lambda: jattn.causal_mask(2.0, 4))) == (
+    assert str(raises(ValueError, lambda: jattn.causal_mask(2.0, 4))) == (
         "num_queries must be a positive int, got 2.0 (a float)"
     )
-    _raises(ValueError, lambda: layers.MultiHeadAttention("4", 8, rngs=_rngs()), "got '4' (a str)")
-    _raises(ValueError, lambda: layers.AdditiveScore(0, 4, 4, 4, rngs=_rngs()),
+    raises(ValueError, lambda: layers.MultiHeadAttention("4", 8, rngs=_rngs()), "got '4' (a str)")
+    raises(ValueError, lambda: layers.AdditiveScore(0, 4, 4, 4, rngs=_rngs()),
             "num_heads must be a positive int, got 0")  # fmt: skip  # was a ZeroDivisionError
-    _raises(ValueError, lambda: models.GRUCell(4, True, rngs=_rngs()), "got True (a bool)")
-    _raises(ValueError, lambda: jattn.relative_position_buckets(jnp.arange(3), num_buckets=8.5),
+    raises(ValueError, lambda: models.GRUCell(4, True, rngs=_rngs()), "got True (a bool)")
+    raises(ValueError, lambda: jattn.relative_position_buckets(jnp.arange(3), num_buckets=8.5),
             "num_buckets must be a positive int, got 8.5")  # fmt: skip  # was float buckets
-    _raises(ValueError, lambda: models.DecoderLM(9, features=8, num_heads=2, rngs=_rngs())
+    raises(ValueError, lambda: models.DecoderLM(9, features=8, num_heads=2, rngs=_rngs())
             .init_cache(-1, 4), "batch_size must be a positive int, got -1")  # fmt: skip
 
 
@@ -156,7 +147,7 @@ def test_traced_sizes_are_type_errors():
         (lambda n: jattn.relative_position_buckets(jnp.arange(3), num_buckets=n), "num_buckets"),
         (lambda r: jattn.dot_product_attention(Q, Q, Q, dropout_rate=r), "dropout_rate"),
     ):
-        message = _raises(TypeError, lambda fn=fn: jax.jit(fn)(8), name)
+        message = raises(TypeError, lambda fn=fn: jax.jit(fn)(8), name)
         assert "static" in message
 
 
@@ -190,14 +181,14 @@ RATE_TARGETS = [
 @given(target=st.sampled_from(RATE_TARGETS), rate=bad_rates)
 def test_bad_rates_name_the_argument(target, rate):
     name, call = target
-    _raises(ValueError, lambda: call(rate), name, "[0, 1)")
+    raises(ValueError, lambda: call(rate), name, "[0, 1)")
 
 
 @SETTINGS
 @given(rate=bad_rates.filter(lambda r: r != 1.0))
 def test_dropout_layer_rate(rate):
     """``jattn.layers.Dropout`` (rate 1 allowed, as nnx.Dropout) refuses the rest."""
-    _raises(ValueError, lambda: layers.Dropout(rate), "rate", "[0, 1]")
+    raises(ValueError, lambda: layers.Dropout(rate), "rate", "[0, 1]")
 
 
 def test_good_rates_are_accepted():
@@ -257,16 +248,16 @@ SCALAR_TARGETS = [
 def test_non_finite_parameters_are_errors(data, target):
     name, values, call = target
     value = data.draw(values)
-    _raises(ValueError, lambda: call(value), name)
+    raises(ValueError, lambda: call(value), name)
 
 
 def test_non_finite_scale_is_an_error_not_nan():
     # was: every output NaN, silently
-    _raises(ValueError, lambda: jattn.dot_product_attention(Q, Q, Q, scale=float("nan")),
+    raises(ValueError, lambda: jattn.dot_product_attention(Q, Q, Q, scale=float("nan")),
             "scale must be finite, got nan")  # fmt: skip
-    _raises(ValueError, lambda: jattn.rotary_embedding(Q, jnp.arange(4), max_wavelength=0),
+    raises(ValueError, lambda: jattn.rotary_embedding(Q, jnp.arange(4), max_wavelength=0),
             "max_wavelength must be finite and > 0, got 0.0")  # fmt: skip
-    _raises(TypeError, lambda: jattn.scaled_dot_product_scores(Q[0, :, 0], Q[0, :, 0],
+    raises(TypeError, lambda: jattn.scaled_dot_product_scores(Q[0, :, 0], Q[0, :, 0],
                                                                scale=1 + 2j), "scale")  # fmt: skip
     # zero and negative scales are numbers (uniform / reversed attention), not errors
     assert jnp.all(jnp.isfinite(jattn.dot_product_attention(Q, Q, Q, scale=0.0)))
@@ -317,19 +308,19 @@ MASK_TARGETS = [
 def test_float_masks_are_refused_everywhere(data, target):
     name, shape, call = target
     mask = data.draw(float_masks(shape))
-    _raises(TypeError, lambda: call(mask), name, "boolean")
+    raises(TypeError, lambda: call(mask), name, "boolean")
 
 
 def test_mha_decode_mask_must_be_boolean():
     layer = layers.MultiHeadAttention(2, 8, rngs=_rngs())
     layer.init_cache((1, 4, 8))
     additive = jnp.array([0.0, 0.0, -jnp.inf, -jnp.inf])  # was read as "attend to 2 and 3"
-    _raises(TypeError, lambda: layer(X[:, :1], mask=additive, decode=True), "mask", "boolean")
+    raises(TypeError, lambda: layer(X[:, :1], mask=additive, decode=True), "mask", "boolean")
 
 
 def test_additive_key_padding_mask_is_not_read_inverted():
     # was: [[True, True, True]] (-inf is nonzero): the padded key attended to
-    message = _raises(TypeError, lambda: jattn.key_padding_mask(jnp.array([[0.0, 0.0, -jnp.inf]])))
+    message = raises(TypeError, lambda: jattn.key_padding_mask(jnp.array([[0.0, 0.0, -jnp.inf]])))
     assert message.startswith("key_valid must be boolean (True = attend), got dtype float32")
     valid = jnp.array([[True, True, False]])
     np.testing.assert_array_equal(jattn.key_padding_mask(valid), valid[:, None, None, :])
@@ -344,10 +335,6 @@ non_integral = st.one_of(
     st.complex_numbers(max_magnitude=10, allow_nan=False, allow_infinity=False),
     st.booleans(),
 )
-beyond_int32 = st.one_of(
-    st.integers(2**31, 2**62),
-    st.integers(-(2**62), -(2**31) - 1),
-).flatmap(lambda i: st.sampled_from([i, np.int64(i), np.array([i, 0], np.int64)]))
 
 OFFSET_TARGETS = [
     ("offset", lambda o: jattn.causal_mask(3, 4, offset=o)),
@@ -368,14 +355,14 @@ INT_ARRAY_TARGETS = OFFSET_TARGETS + [
 @given(target=st.sampled_from(INT_ARRAY_TARGETS), value=non_integral)
 def test_non_integers_are_not_truncated(target, value):
     name, call = target
-    _raises(TypeError, lambda: call(value), name, "integers")
+    raises(TypeError, lambda: call(value), name, "integers")
 
 
 @SETTINGS
 @given(target=st.sampled_from(OFFSET_TARGETS), value=beyond_int32)
 def test_offsets_beyond_int32_do_not_wrap(target, value):
     name, call = target
-    _raises(ValueError, lambda: call(value), name, "int32")
+    raises(ValueError, lambda: call(value), name, "int32")
 
 
 @SETTINGS
@@ -383,8 +370,8 @@ def test_offsets_beyond_int32_do_not_wrap(target, value):
 def test_positions_beyond_int32_do_not_wrap(value):
     positions = np.broadcast_to(np.asarray(value), (2,)) if np.ndim(value) else [0, value]
     x = jnp.zeros((2, 1, 4))
-    _raises(ValueError, lambda: jattn.rotary_embedding(x, np.asarray(positions)), "positions")
-    _raises(ValueError, lambda: jattn.sinusoidal_encoding(np.asarray(positions), 4), "positions")
+    raises(ValueError, lambda: jattn.rotary_embedding(x, np.asarray(positions)), "positions")
+    raises(ValueError, lambda: jattn.sinusoidal_encoding(np.asarray(positions), 4), "positions")
 
 
 @SETTINGS
@@ -406,9 +393,9 @@ def test_in_range_int64_offsets_equal_ints(offset):
 
 
 def test_float_offset_message():
-    message = _raises(TypeError, lambda: jattn.causal_mask(3, 4, offset=1.5))
+    message = raises(TypeError, lambda: jattn.causal_mask(3, 4, offset=1.5))
     assert message.startswith("offset must be integers, got 1.5 (a float)")
-    message = _raises(ValueError, lambda: jattn.causal_mask(3, 4, offset=2**40))
+    message = raises(ValueError, lambda: jattn.causal_mask(3, 4, offset=2**40))
     assert message == f"offset={2**40} does not fit int32 [-2147483648, 2147483647]"
 
 
@@ -446,12 +433,12 @@ COMPLEX_TARGETS = [
 def test_complex_inputs_are_refused(data, target):
     name, shape, call = target
     z = data.draw(_complex(shape))
-    _raises(TypeError, lambda: call(z), name)
+    raises(TypeError, lambda: call(z), name)
 
 
 def test_complex_message():
     z = jnp.ones((1, 4, 2, 8), jnp.complex64)  # was: the imaginary part dropped, silently
-    message = _raises(TypeError, lambda: jattn.linear_attention(z, z, z))
+    message = raises(TypeError, lambda: jattn.linear_attention(z, z, z))
     assert message == (
         "linear_attention: query must have a floating dtype, got complex64 (complex inputs "
         "are not supported)"
@@ -482,14 +469,14 @@ DTYPE_TARGETS = [
 @given(target=st.sampled_from(DTYPE_TARGETS), dtype=bad_dtypes)
 def test_bad_dtypes_name_the_argument(target, dtype):
     name, call = target
-    _raises(TypeError, lambda: call(dtype), name, "dtype")
+    raises(TypeError, lambda: call(dtype), name, "dtype")
 
 
 def test_good_dtypes_are_accepted():
     for dtype in ("bfloat16", jnp.float16, np.float32, "float32"):
         layer = layers.MultiHeadAttention(2, 8, dtype=dtype, param_dtype=dtype, rngs=_rngs())
         assert layer.query.kernel.dtype == jnp.dtype(dtype)
-    assert str(_raises(TypeError, lambda: layers.MultiHeadAttention(2, 8, dtype="float32x",
+    assert str(raises(TypeError, lambda: layers.MultiHeadAttention(2, 8, dtype="float32x",
                                                                     rngs=_rngs()))) == (
         "dtype must be a floating dtype such as jnp.float32 or 'bfloat16', got 'float32x'"
     )  # fmt: skip
@@ -519,16 +506,16 @@ def test_score_params_of_the_wrong_kind_name_the_type(params, which):
         with pytest.raises(ValueError, match=re.escape("W must be [8, 8]")):  # a wrong-size W
             fn(q, q, params[:, :3] if params.shape == (8, 8) else params)
         return
-    _raises(TypeError, lambda: fn(q, q, params), expected, type(params).__name__)
+    raises(TypeError, lambda: fn(q, q, params), expected, type(params).__name__)
 
 
 def test_score_params_message():
     q = jnp.ones((4, 8))  # was: AttributeError: 'NoneType' object has no attribute 'w_query'
-    assert str(_raises(TypeError, lambda: jattn.additive_scores(q, q, None))) == (
+    assert str(raises(TypeError, lambda: jattn.additive_scores(q, q, None))) == (
         "additive_scores: params must be AdditiveParams(w_query, w_key, w_value) (from "
         "jattn.AdditiveParams), got NoneType"
     )
-    _raises(TypeError, lambda: jattn.mlp_scores(q, q, {"w_query": q}), "MLPParams", "got dict")
+    raises(TypeError, lambda: jattn.mlp_scores(q, q, {"w_query": q}), "MLPParams", "got dict")
 
 
 # -------------------------------------------------- viz and torch odd arguments
@@ -536,11 +523,11 @@ def test_score_params_message():
 
 def test_viz_and_diagnostics_arguments():
     w = np.ones((1, 2, 2, 3, 3)) / 3
-    _raises(ValueError, lambda: viz.plot_attention_grid(w, batch_index=1.5), "batch_index", "1.5")
-    _raises(ValueError, lambda: viz.plot_attention(np.ones((2, 2)), cmap="nope"), "cmap", "nope")
-    _raises(TypeError, lambda: viz.plot_attention("abc"), "weights")
-    _raises(ValueError, lambda: diagnostics.head_importance(jnp.sum, (2.5, 2)), "2.5")
-    _raises(TypeError, lambda: torch_interop.torch_masks_to_jattn(key_padding_mask="ab"),
+    raises(ValueError, lambda: viz.plot_attention_grid(w, batch_index=1.5), "batch_index", "1.5")
+    raises(ValueError, lambda: viz.plot_attention(np.ones((2, 2)), cmap="nope"), "cmap", "nope")
+    raises(TypeError, lambda: viz.plot_attention("abc"), "weights")
+    raises(ValueError, lambda: diagnostics.head_importance(jnp.sum, (2.5, 2)), "2.5")
+    raises(TypeError, lambda: torch_interop.torch_masks_to_jattn(key_padding_mask="ab"),
             "key_padding_mask")  # fmt: skip
     state = {"in_proj_weight": np.ones((24, 8), np.float32), "in_proj_bias": np.ones(24),
              "out_proj.weight": np.ones((8, 8)), "out_proj.bias": np.ones(8)}  # fmt: skip

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _hardening import beyond_int32, raises, too_big
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,16 +25,6 @@ SETTINGS = settings(
 
 INT32_MAX = 2**31 - 1
 KEY = jax.random.key(0)
-
-
-def _raises(exc, fn, *names):
-    """``fn()`` raises ``exc`` whose message names each of ``names``; returns the message."""
-    with pytest.raises(exc) as info:
-        fn()
-    message = str(info.value)
-    for name in names:
-        assert name in message, f"{name!r} not in {message!r}"
-    return message
 
 
 def _grid(mod, t=6, s=6, batch=1, heads=1):
@@ -52,15 +43,6 @@ not_ints = st.one_of(
     st.lists(st.booleans(), min_size=1, max_size=3).map(np.array),
 )
 
-# Integers beyond int32, as Python ints, NumPy int64 scalars and int64 [B] arrays:
-# jax without x64 would wrap them (2**32 + 1 is 1) or overflow inside jit.
-too_big = st.one_of(st.integers(2**31, 2**62), st.integers(-(2**62), -(2**31) - 1))
-out_of_int32 = st.one_of(
-    too_big,
-    too_big.map(np.int64),
-    too_big.map(lambda v: np.array([0, v], np.int64)),
-)
-
 # ----------------------------------------------------------- offsets (may be negative)
 
 OFFSET_TARGETS = [
@@ -71,18 +53,11 @@ OFFSET_TARGETS = [
 
 
 @SETTINGS
-@given(target=st.sampled_from(OFFSET_TARGETS), value=not_ints)
-def test_offsets_refuse_non_integers(target, value):
-    name, call = target
-    _raises(TypeError, lambda: call(value), name, "int")
-
-
-@SETTINGS
-@given(target=st.sampled_from(OFFSET_TARGETS), value=out_of_int32)
+@given(target=st.sampled_from(OFFSET_TARGETS), value=beyond_int32)
 def test_offsets_beyond_int32_are_errors(target, value):
     """Was an OverflowError from inside jit (Python int) or a silent wrap (int64)."""
     name, call = target
-    _raises(ValueError, lambda: call(value), name, "int32")
+    raises(ValueError, lambda: call(value), name, "int32")
 
 
 @SETTINGS
@@ -115,10 +90,10 @@ LENGTH_TARGETS = [
 
 
 @SETTINGS
-@given(target=st.sampled_from(LENGTH_TARGETS), value=not_ints)
-def test_lengths_refuse_non_integers(target, value):
+@given(target=st.sampled_from(OFFSET_TARGETS + LENGTH_TARGETS), value=not_ints)
+def test_offsets_and_lengths_refuse_non_integers(target, value):
     name, call = target
-    _raises(TypeError, lambda: call(value), name, "int")
+    raises(TypeError, lambda: call(value), name, "int")
 
 
 @SETTINGS
@@ -142,8 +117,8 @@ def test_lengths_numpy_ints_give_what_ints_give(target, value):
 
 
 def test_index_arrays_of_wrong_rank():
-    _raises(TypeError, lambda: mods.causal(np.zeros((2, 2), np.int32)), "offset", "[B]")
-    _raises(TypeError, lambda: mods.lengths(np.zeros((2, 2), np.int32)), "q_lengths", "[B]")
+    raises(TypeError, lambda: mods.causal(np.zeros((2, 2), np.int32)), "offset", "[B]")
+    raises(TypeError, lambda: mods.lengths(np.zeros((2, 2), np.int32)), "q_lengths", "[B]")
 
 
 # ------------------------------------------------------------------ segment ids
@@ -155,11 +130,11 @@ SEGMENT_TARGETS = [
 
 
 @SETTINGS
-@given(target=st.sampled_from(SEGMENT_TARGETS), value=st.one_of(not_ints, out_of_int32))
+@given(target=st.sampled_from(SEGMENT_TARGETS), value=st.one_of(not_ints, beyond_int32))
 def test_segment_ids(target, value):
     name, call = target
     exc = ValueError if np.issubdtype(np.asarray(value).dtype, np.integer) else TypeError
-    _raises(exc, lambda: call(value), name)
+    raises(exc, lambda: call(value), name)
 
 
 @SETTINGS
@@ -211,7 +186,7 @@ COUNT_TARGETS = [  # counts that may be 0
 def test_bad_int_options_name_the_argument_and_value(target, value):
     name, call = target
     assume(not (value is None and name in ("num_buckets", "length")))  # None: a default
-    message = _raises(ValueError, lambda: call(value), name, "int")
+    message = raises(ValueError, lambda: call(value), name, "int")
     assert repr(value) in message, message
 
 
@@ -222,7 +197,7 @@ def test_bad_int_options_name_the_argument_and_value(target, value):
 )
 def test_bad_counts_name_the_argument(target, value):
     name, call = target
-    _raises(ValueError, lambda: call(value), name, "int >= 0")
+    raises(ValueError, lambda: call(value), name, "int >= 0")
 
 
 @SETTINGS
@@ -233,7 +208,7 @@ def test_bad_counts_name_the_argument(target, value):
 def test_int_options_beyond_int32_are_errors(target, value):
     """Was an OverflowError from inside jit (the option is compared with int32 positions)."""
     name, call = target
-    _raises(ValueError, lambda: call(value), name, "int32")
+    raises(ValueError, lambda: call(value), name, "int32")
 
 
 @SETTINGS
@@ -249,9 +224,9 @@ def test_numpy_int_options_give_what_ints_give(value):
 
 
 def test_windows():
-    _raises(ValueError, lambda: mods.sliding_window(2**40), "window", "int32")
-    _raises(ValueError, lambda: mods.dilated((1, 2**40), 2), "window", "int32")
-    _raises(ValueError, lambda: mods.sliding_window(2.0), "window")
+    raises(ValueError, lambda: mods.sliding_window(2**40), "window", "int32")
+    raises(ValueError, lambda: mods.dilated((1, 2**40), 2), "window", "int32")
+    raises(ValueError, lambda: mods.sliding_window(2.0), "window")
     # the largest windows see everything (q - kv, kv - q never overflow)
     np.testing.assert_array_equal(_grid(mods.sliding_window(INT32_MAX)), True)
     np.testing.assert_array_equal(_grid(mods.dilated(2**20, 2**20)), _grid(mods.strided(2**20)))
@@ -259,8 +234,8 @@ def test_windows():
 
 
 def test_bigbird_key():
-    _raises(TypeError, lambda: mods.bigbird(None, 16, 4), "key", "PRNG key")
-    _raises(TypeError, lambda: mods.bigbird(3, 16, 4), "key", "PRNG key")
+    raises(TypeError, lambda: mods.bigbird(None, 16, 4), "key", "PRNG key")
+    raises(TypeError, lambda: mods.bigbird(3, 16, 4), "key", "PRNG key")
     a = _grid(mods.bigbird(jax.random.PRNGKey(1), 16, 4), 16, 16)
     b = _grid(mods.bigbird(jax.random.wrap_key_data(jax.random.PRNGKey(1)), 16, 4), 16, 16)
     np.testing.assert_array_equal(a, b)
@@ -278,7 +253,7 @@ def test_global_positions(value):
         return
     exc = TypeError if array.dtype != bool and np.issubdtype(array.dtype, np.floating) else None
     exc = exc or (TypeError if array.dtype.kind in "US" else ValueError)
-    _raises(exc, lambda: mods.global_tokens(value, 8), "positions")
+    raises(exc, lambda: mods.global_tokens(value, 8), "positions")
 
 
 def test_global_tokens_good_inputs_agree():
@@ -288,8 +263,8 @@ def test_global_tokens_good_inputs_agree():
     as_bools = [False, True, False, True, False, False]
     np.testing.assert_array_equal(_grid(mods.global_tokens(as_bools)), want)
     np.testing.assert_array_equal(_grid(mods.global_tokens(np.array(as_bools), 6)), want)
-    _raises(ValueError, lambda: mods.global_tokens(np.array(as_bools), 8), "length=8")
-    _raises(ValueError, lambda: mods.global_tokens([1, 8], 8), "positions must lie in")
+    raises(ValueError, lambda: mods.global_tokens(np.array(as_bools), 8), "length=8")
+    raises(ValueError, lambda: mods.global_tokens([1, 8], 8), "positions must lie in")
 
 
 # --------------------------------------------------------- float parameters: finite
@@ -305,17 +280,17 @@ def test_non_finite_score_mod_parameters(bad, n, data):
     slopes = np.linspace(0.5, 1.0, n, dtype=np.float32)
     slopes[i] = bad
     for like in (slopes, jnp.asarray(slopes), slopes.astype(jnp.bfloat16)):
-        _raises(ValueError, lambda like=like: mods.alibi(like), "slopes", "finite", f"[{i}]")
+        raises(ValueError, lambda like=like: mods.alibi(like), "slopes", "finite", f"[{i}]")
     table = np.zeros((8, n), np.float32)
     table[data.draw(st.integers(0, 7)), i] = bad
-    _raises(ValueError, lambda: mods.relative_position_bias(table), "table", "finite")
-    _raises(ValueError, lambda: mods.softcap(bad), "cap", "finite")
+    raises(ValueError, lambda: mods.relative_position_bias(table), "table", "finite")
+    raises(ValueError, lambda: mods.softcap(bad), "cap", "finite")
 
 
 @SETTINGS
 @given(cap=st.one_of(st.booleans(), st.text(max_size=3), st.none(), st.just([1.0])))
 def test_softcap_types(cap):
-    _raises(TypeError, lambda: mods.softcap(cap), "cap")
+    raises(TypeError, lambda: mods.softcap(cap), "cap")
 
 
 def test_finite_parameters_pass_and_traced_ones_are_not_checked():
@@ -327,8 +302,8 @@ def test_finite_parameters_pass_and_traced_ones_are_not_checked():
     assert mods.softcap(np.float32(30.0)).params == mods.softcap(30).params == (30.0,)
     assert mods.softcap(jnp.array(30.0)).params == (30.0,)
     jax.jit(lambda s: mods.alibi(s).params[0])(slopes)  # a learned, traced slope passes
-    _raises(TypeError, lambda: mods.alibi(slopes, bidirectional="no"), "bidirectional")
-    _raises(ValueError, lambda: mods.softcap(-1.0), "cap must be a positive number")
+    raises(TypeError, lambda: mods.alibi(slopes, bidirectional="no"), "bidirectional")
+    raises(ValueError, lambda: mods.softcap(-1.0), "cap must be a positive number")
 
 
 # ------------------------------------------------------ functions where mods are due
@@ -355,7 +330,7 @@ MOD_TARGETS = [
 @given(target=st.sampled_from(MOD_TARGETS), fn=not_functions)
 def test_non_functions_name_the_argument(target, fn):
     name, call = target
-    _raises(TypeError, lambda: call(fn), name, "function")
+    raises(TypeError, lambda: call(fn), name, "function")
 
 
 def _mask3(b, n, q):
@@ -366,18 +341,18 @@ def test_mods_of_the_wrong_kind():
     """A score_mod where a mask_mod is due (and back), or a function of the wrong
     arity: a TypeError at construction naming the argument and the signature."""
     score = mods.softcap(5.0)
-    m = _raises(TypeError, lambda: mods.and_masks(mods.causal(), score), "mods[1]", "score_mod")
+    m = raises(TypeError, lambda: mods.and_masks(mods.causal(), score), "mods[1]", "score_mod")
     assert "(cap, score, b, n, q, kv)" in m
-    _raises(TypeError, lambda: mods.chain_scores(mods.causal()), "mods[0]", "a mask_mod, not")
-    _raises(TypeError, lambda: mods.block_mask(score, 8, 8), "mask_mod", "a score_mod, not")
-    _raises(TypeError, lambda: mods.not_mask(_mask3), "mod", "(b, n, q)")
-    _raises(TypeError, lambda: mods.per_head(mods.causal()), "mods", "sequence")
-    _raises(TypeError, lambda: mods.per_head(3), "mods", "sequence")
+    raises(TypeError, lambda: mods.chain_scores(mods.causal()), "mods[0]", "a mask_mod, not")
+    raises(TypeError, lambda: mods.block_mask(score, 8, 8), "mask_mod", "a score_mod, not")
+    raises(TypeError, lambda: mods.not_mask(_mask3), "mod", "(b, n, q)")
+    raises(TypeError, lambda: mods.per_head(mods.causal()), "mods", "sequence")
+    raises(TypeError, lambda: mods.per_head(3), "mods", "sequence")
 
 
 @pytest.mark.parametrize("block_sizes", [(0, 4), (4, -1), (2.5, 4), ("8", 4), (4,), 8, "8", True])
 def test_bad_block_sizes(block_sizes):
-    _raises(ValueError, lambda: mods.block_mask(mods.causal(), 8, 8, block_sizes), "block_sizes")
+    raises(ValueError, lambda: mods.block_mask(mods.causal(), 8, 8, block_sizes), "block_sizes")
 
 
 def test_good_block_sizes_agree():
@@ -406,18 +381,18 @@ Q = jnp.ones((1, 8, 2, 4), jnp.float32)
 def test_bad_mods_in_attention(kwargs, exc, words, impl):
     """Mods that return the wrong thing, on every path, at their first evaluation."""
     attend = jattn.dot_product_attention if impl == "dense" else jattn.blocked_attention
-    _raises(exc, lambda: attend(Q, Q, Q, **kwargs), words)
+    raises(exc, lambda: attend(Q, Q, Q, **kwargs), words)
 
 
 def test_mask_mod_errors_from_block_mask():
-    _raises(TypeError, lambda: mods.block_mask(lambda b, n, q, kv: q - kv, 8, 8), "booleans")
-    _raises(ValueError, lambda: mods.block_mask(lambda b, n, q, kv: jnp.ones(3) > 0, 8, 8), "shape")
-    _raises(TypeError, lambda: mods.block_mask(lambda b, n, q, kv: None, 8, 8), "mask_mod")
+    raises(TypeError, lambda: mods.block_mask(lambda b, n, q, kv: q - kv, 8, 8), "booleans")
+    raises(ValueError, lambda: mods.block_mask(lambda b, n, q, kv: jnp.ones(3) > 0, 8, 8), "shape")
+    raises(TypeError, lambda: mods.block_mask(lambda b, n, q, kv: None, 8, 8), "mask_mod")
 
     def own_type_error(b, n, q, kv):
         raise TypeError("my own bug")
 
-    _raises(TypeError, lambda: mods.block_mask(own_type_error, 8, 8), "my own bug")
+    raises(TypeError, lambda: mods.block_mask(own_type_error, 8, 8), "my own bug")
 
 
 # ------------------------------------------------------------------ dropout masks
@@ -436,10 +411,10 @@ bad_probs = st.one_of(
 @given(p=bad_probs)
 def test_bad_keep_probs_and_rates(p):
     """Was "cannot convert float NaN to integer"; 1.5 and "0.5" were accepted."""
-    _raises(ValueError, lambda: stochastic.keep_mask(KEY, p, (2, 3)), "keep_prob", "[0, 1]")
+    raises(ValueError, lambda: stochastic.keep_mask(KEY, p, (2, 3)), "keep_prob", "[0, 1]")
     row = jnp.arange(2)
-    _raises(ValueError, lambda: stochastic.keep_bits(KEY, p, row, row), "keep_prob", "[0, 1]")
-    _raises(ValueError, lambda: stochastic.dropout(jnp.ones(3), p, KEY), "rate", "[0, 1]")
+    raises(ValueError, lambda: stochastic.keep_bits(KEY, p, row, row), "keep_prob", "[0, 1]")
+    raises(ValueError, lambda: stochastic.dropout(jnp.ones(3), p, KEY), "rate", "[0, 1]")
 
 
 @SETTINGS
@@ -447,26 +422,26 @@ def test_bad_keep_probs_and_rates(p):
 def test_bad_keep_mask_shapes(dim, i):
     shape = [2, 3]
     shape[i] = dim
-    _raises(ValueError, lambda: stochastic.keep_mask(KEY, 0.5, shape), f"shape[{i}]")
+    raises(ValueError, lambda: stochastic.keep_mask(KEY, 0.5, shape), f"shape[{i}]")
 
 
 def test_stochastic_errors():
-    _raises(TypeError, lambda: stochastic.keep_mask(KEY, 0.5, 4), "shape", "sequence")
+    raises(TypeError, lambda: stochastic.keep_mask(KEY, 0.5, 4), "shape", "sequence")
     traced = jax.jit(lambda p: stochastic.keep_mask(KEY, p, (2, 2)))
-    _raises(TypeError, lambda: traced(0.5), "keep_prob", "static")
+    raises(TypeError, lambda: traced(0.5), "keep_prob", "static")
     traced = jax.jit(lambda r: stochastic.dropout(jnp.ones(3), r, KEY))
-    _raises(TypeError, lambda: traced(0.5), "rate", "static")
+    raises(TypeError, lambda: traced(0.5), "rate", "static")
     row = jnp.arange(2)
-    _raises(TypeError, lambda: stochastic.keep_bits(KEY, 0.5, row * 1.0, row), "row")
-    _raises(TypeError, lambda: stochastic.dropout(jnp.ones(3), 0.5, None), "rng", "PRNG key")
-    _raises(TypeError, lambda: stochastic.dropout("ab", 0.5, KEY), "x")
-    _raises(TypeError, lambda: stochastic.dropout(jnp.ones((2, 2)), 0.5, KEY, broadcast_dims=0),
+    raises(TypeError, lambda: stochastic.keep_bits(KEY, 0.5, row * 1.0, row), "row")
+    raises(TypeError, lambda: stochastic.dropout(jnp.ones(3), 0.5, None), "rng", "PRNG key")
+    raises(TypeError, lambda: stochastic.dropout("ab", 0.5, KEY), "x")
+    raises(TypeError, lambda: stochastic.dropout(jnp.ones((2, 2)), 0.5, KEY, broadcast_dims=0),
             "broadcast_dims")  # fmt: skip
-    _raises(TypeError, lambda: stochastic.dropout(jnp.ones((2, 2)), 0.5, KEY,
+    raises(TypeError, lambda: stochastic.dropout(jnp.ones((2, 2)), 0.5, KEY,
             broadcast_dims=(1.0,)), "broadcast_dims")  # fmt: skip
-    _raises(TypeError, lambda: stochastic.fold_in(KEY, 1.5), "data")
-    _raises(ValueError, lambda: stochastic.fold_in(KEY, 2**40), "data", "int32")
-    _raises(TypeError, lambda: stochastic.fold_in(None, 1), "rng", "PRNG key")
+    raises(TypeError, lambda: stochastic.fold_in(KEY, 1.5), "data")
+    raises(ValueError, lambda: stochastic.fold_in(KEY, 2**40), "data", "int32")
+    raises(TypeError, lambda: stochastic.fold_in(None, 1), "rng", "PRNG key")
     # rate 0 and 1 need no key (deterministic use)
     x = jnp.ones(3)
     assert stochastic.dropout(x, 0.0, None) is x

@@ -142,12 +142,11 @@ def test_layer_padding_does_not_leak():
     x_bad[0, 4:] = np.nan
     valid = np.arange(6)[None, :] < np.array([4, 6])[:, None]
     mask = jattn.functional.masks.key_padding_mask(jnp.asarray(valid))
-    clean = np.asarray(layer(x, mask=mask))
     # the padded key positions hold NaN; the real queries see only real keys
     kv = jnp.asarray(x_bad)
     got = np.asarray(layer(x, kv, mask=mask))
     np.testing.assert_allclose(got, np.asarray(layer(x, jnp.asarray(x), mask=mask)), atol=1e-6)
-    assert np.isfinite(got).all() and np.isfinite(clean).all()
+    assert np.isfinite(got).all()
     grad = jax.grad(lambda kv: jnp.sum(layer(x, kv, mask=mask) ** 2))(kv)
     assert np.isfinite(np.asarray(grad)).all()
     assert (np.asarray(grad)[0, 4:] == 0).all()

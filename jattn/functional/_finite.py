@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["guarded", "hide_nonfinite", "may_hide", "nan_pairs"]
+__all__ = ["guarded", "hide_nonfinite", "hide_qkv", "may_hide", "nan_pairs"]
 
 
 def may_hide(spec) -> bool:
@@ -48,6 +48,16 @@ def hide_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     True where the vector along the last axis holds a NaN or inf."""
     bad = jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1))
     return jnp.where(bad[..., None], jnp.zeros((), x.dtype), x), bad
+
+
+def hide_qkv(query, key, value):
+    """:func:`hide_nonfinite` on ``query [..., T, N, H]``, ``key [..., S, K, H']`` and
+    ``value [..., S, K, Hv]``: ``(query, key, value, bad_queries [..., T, N],
+    bad_keys [..., S, K])``, a key position bad when its key or its value is."""
+    query, bad_q = hide_nonfinite(query)
+    key, bad_k = hide_nonfinite(key)
+    value, bad_v = hide_nonfinite(value)
+    return query, key, value, bad_q, bad_k | bad_v
 
 
 def nan_pairs(logits: jax.Array, bad_rows: jax.Array | None, bad_cols: jax.Array | None):

@@ -816,13 +816,11 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     def run(hide: bool):
         query_, key_, value_, bad = query, key, value, None
         if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
-            query_, bad_q = _finite.hide_nonfinite(query)  # [B, T, N]
-            key_, bad_k = _finite.hide_nonfinite(key)
-            value_, bad_v = _finite.hide_nonfinite(value)
+            query_, key_, value_, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
             # blocked as the queries [nq, B*K, G*bt] and keys [nk, B*K, bs]
             bq = jnp.pad(bad_q.reshape(b, t, k, g), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0)))
             bq = bq.reshape(b, nq, bt, k, g).transpose(1, 0, 3, 4, 2).reshape(nq, b * k, g * bt)
-            bkv = jnp.pad((bad_k | bad_v).reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
+            bkv = jnp.pad(bad_kv.reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
             bad = (bq, bkv.reshape(b, nk, bs, k).transpose(1, 0, 3, 2).reshape(nk, b * k, bs))
         q = (query_.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
         q = jnp.pad(q.reshape(b, t, k, g, h), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))

@@ -238,10 +238,7 @@ def attend(
     v = _flatten_batch(value, batch_shape)  # [B, S, K, Hv]
     bad_q = bad_kv = None
     if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing
-        q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G?]
-        kk, bad_k = _finite.hide_nonfinite(kk)
-        v, bad_v = _finite.hide_nonfinite(v)
-        bad_kv = bad_k | bad_v  # [B, S, K]
+        q, kk, v, bad_q, bad_kv = _finite.hide_qkv(q, kk, v)  # [B, T, K, G?], [B, S, K]
     bias_g, bias_b, bias_h = _grouped(bias, batch_shape, n, k)
     mask_g, mask_b, mask_h = _grouped(mask, batch_shape, n, k)
     keep = None
@@ -356,10 +353,7 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         key, value = _flatten_batch(spec.key, batch_shape), _flatten_batch(spec.value, batch_shape)
         bad_q = bad_kv = None
         if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
-            q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G]
-            key, bad_k = _finite.hide_nonfinite(key)
-            value, bad_v = _finite.hide_nonfinite(value)
-            bad_kv = bad_k | bad_v  # [B, S, K]
+            q, key, value, bad_q, bad_kv = _finite.hide_qkv(q, key, value)  # [B, T, K, G]
         # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
         q = q.transpose(0, 4, 1, 2, 3)
         q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))

@@ -208,6 +208,14 @@ def _clean(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (clean if x.ndim == 2 else clean[:, 0]), bad
 
 
+def _clean_differences(queries, keys):
+    """:func:`_differences` of the points with the non-finite ones zeroed, and which
+    queries ``[T]`` and keys ``[S]`` were non-finite."""
+    queries, bad_q = _clean(queries)
+    keys, bad_k = _clean(keys)
+    return _differences(queries, keys), bad_q, bad_k
+
+
 def _softmax_hiding(logits, mask, bad_q, bad_k, bad_values) -> jax.Array:
     """The masked softmax of logits from cleaned points, with NaN for the pairs that
     the mask does not hide of a non-finite query or key (its distances are unknown) and
@@ -223,9 +231,7 @@ def _softmax_hiding(logits, mask, bad_q, bad_k, bad_values) -> jax.Array:
 def _nw_weights(queries, keys, kernel, width, mask, bad_values):
     kernel = _as_kernel(kernel)
     width = _check_width(width)
-    queries, bad_q = _clean(queries)
-    keys, bad_k = _clean(keys)
-    diff = _differences(queries, keys)
+    diff, bad_q, bad_k = _clean_differences(queries, keys)
     dist = diff if diff.ndim == 2 else _norm(diff)  # [T, S]
     logits = kernel(dist, width)
     if logits.shape != dist.shape:
@@ -343,9 +349,7 @@ def parametric_nadaraya_watson_weights(
 
 def _parametric_weights(queries, keys, w, mask, bad_values):
     w = _check_w(w, queries).astype(jnp.float32)
-    queries, bad_q = _clean(queries)
-    keys, bad_k = _clean(keys)
-    diff = _differences(queries, keys)  # [T, S] or [T, S, F]
+    diff, bad_q, bad_k = _clean_differences(queries, keys)  # [T, S] or [T, S, F]
     if diff.ndim == 2:
         logits = -jnp.square(diff * w.reshape(())) / 2
     else:

@@ -14,10 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.functional._checks import OPTION_DEFAULTS
-from jattn.functional.masks import causal_mask
 from jattn.functional.softmax import MASK_FILL
 
 __all__ = ["cudnn_attention", "pallas_attention", "pallas_block", "splash_attention"]
+
+
+def _above_diagonal(t: int, s: int) -> jax.Array:
+    """``[T, S]``: the keys a top-left aligned causal mask hides (any T, S, 0 included:
+    the runners' own shapes, not a user's sizes, so not ``causal_mask``'s checks)."""
+    return jnp.arange(t, dtype=jnp.int32)[:, None] < jnp.arange(s, dtype=jnp.int32)[None, :]
 
 
 def pallas_block(n: int) -> int | None:
@@ -62,7 +67,7 @@ def cudnn_attention(query, key, value, bias=None, mask=None, **o):
         # and its gradients are zero, not the NaN of exp(-inf - -inf).
         hidden = bias == -jnp.inf
         if o["is_causal"]:
-            hidden = hidden | ~causal_mask(query.shape[-3], key.shape[-3])[None, None]
+            hidden = hidden | _above_diagonal(query.shape[-3], key.shape[-3])[None, None]
         dead = jnp.all(hidden, axis=-1)  # [B|1, N|1, T|1]
         bias = jnp.maximum(bias, jnp.asarray(jnp.finfo(bias.dtype).min / 2, bias.dtype))
     lens = []
@@ -120,7 +125,7 @@ def pallas_attention(query, key, value, bias=None, mask=None, *, interpret=False
         # a -inf row would otherwise give inf - inf = NaN in its softmax.
         hidden = ab == -jnp.inf
         if o["is_causal"]:
-            hidden = hidden | ~causal_mask(t, s)[None, None]
+            hidden = hidden | _above_diagonal(t, s)[None, None]
         dead = jnp.all(hidden, axis=-1)  # [B, N, T]
         bound = MASK_FILL / max(1.0, abs(scale))
         ab = jnp.clip(ab / jnp.float32(scale), bound, -bound)

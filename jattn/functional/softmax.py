@@ -88,7 +88,7 @@ def masked_softmax_with_lse(
     denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
     safe = jnp.where(denom > 0, denom, jnp.float32(1.0))
     weights = unnormalized / safe
-    lse = jnp.where(denom > 0, row_max + jnp.log(jax.lax.stop_gradient(safe)), 0.0)[..., 0]
+    lse = jnp.where(denom > 0, row_max + jnp.log(safe), 0.0)[..., 0]  # no gradient: below
     if mask is not None:
         if fully_masked == "zeros":
             weights = jnp.where(any_visible, weights, jnp.float32(0.0))
