@@ -431,13 +431,16 @@ def _keep(geo: _Geometry, rng, i, j):
     return keep.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
-def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad):
-    """Returns ``out [nq, B*K, G*bt, Hv]`` and, each ``[nq, B*K, G*bt]``, ``fully``
-    (no visible key), ``skip`` (rows the backward leaves out: fully masked, or all
-    visible logits -inf), the row max ``m`` and ``log(l)``; the log-sum-exp is
-    ``m + log(l)``. The backward recomputes weights as ``exp((s - m) - log(l))``, not
-    ``exp(s - lse)``: with logits near, say, -1e9 (a bias used as a mask) ``lse``
-    cannot hold ``log(l)`` in float32."""
+def _forward(
+    geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad,
+    f32: bool = False,
+):  # fmt: skip
+    """Returns ``out [nq, B*K, G*bt, Hv]`` (in the value dtype, or float32 with ``f32``)
+    and, each ``[nq, B*K, G*bt]``, ``fully`` (no visible key), ``skip`` (rows the
+    backward leaves out: fully masked, or all visible logits -inf), the row max ``m``
+    and ``log(l)``; the log-sum-exp is ``m + log(l)``. The backward recomputes weights
+    as ``exp((s - m) - log(l))``, not ``exp(s - lse)``: with logits near, say, -1e9 (a
+    bias used as a mask) ``lse`` cannot hold ``log(l)`` in float32."""
     rows, hv = qb.shape[2], vb.shape[-1]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
@@ -513,7 +516,7 @@ def _forward(geo: _Geometry, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm
         out = jnp.where(fully[..., None], v_mean[None, :, None, :], out)
     else:
         out = jnp.where(fully[..., None], jnp.float32(0.0), out)
-    return out.astype(vb.dtype), fully, skip, m, log_l
+    return out if f32 else out.astype(vb.dtype), fully, skip, m, log_l
 
 
 def _table_tiles(indices, num_partial, num_full, step, carry):
@@ -542,10 +545,33 @@ def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, sm
 
 
 def _flash_bwd(geo, res, cotangents):
+    qb, kb, vb, bias, smf = res[0], res[1], res[2], res[3], res[10]
+    # the lse is a residual: no gradient (as dense)
+    dq, dk, dv, dbias, dsm = _backward(geo, res, cotangents[0])
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    dsm = tuple(d.astype(jnp.result_type(x)) for d, x in zip(dsm, smf, strict=True))
+    none = (None,) * 6
+    return (
+        dq.astype(qb.dtype),
+        dk.astype(kb.dtype),
+        dv.astype(vb.dtype),
+        dbias,
+        *none,
+        dsm,
+        None,
+        None,
+    )
+
+
+def _backward(geo, res, dout):
+    """The float32 gradients ``(dq, dk, dv, dbias or None, d score_mod float leaves)``
+    of the blocked layout's inputs from the residuals of :func:`_flash_fwd` (``out``,
+    ``fully``, ``skip``, ``m``, ``log_l`` may be those of a larger softmax that these
+    keys are a part of: the ring's) and ``dout [nq, B*K, G*bt, Hv]``."""
     qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad, *rest = res
     out, fully, skip, m, log_l = rest
     sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
-    dout = cotangents[0].astype(jnp.float32)  # the lse is a residual: no gradient (as dense)
+    dout = dout.astype(jnp.float32)
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     nk = kb.shape[0]
@@ -612,22 +638,7 @@ def _flash_bwd(geo, res, cotangents):
     if geo.fully_masked == "uniform":  # each fully masked row averages every real value
         dsum = jnp.sum(jnp.where(fully[..., None], dout, 0.0), axis=(0, 2))  # [B*K, Hv]
         dv = dv + dsum[None, :, None, :] / jnp.float32(geo.s)
-    dbias = None if bias is None else dbias.astype(bias.dtype)
-    return (
-        dq.astype(qb.dtype),
-        dk.astype(kb.dtype),
-        dv.astype(vb.dtype),
-        dbias,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        tuple(d.astype(jnp.result_type(x)) for d, x in zip(dsm, smf, strict=True)),
-        None,
-        None,
-    )
+    return dq, dk, dv, dbias, dsm
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -797,46 +808,87 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         sm = mods.as_mod(spec.score_mod, (tile, *_mod_index(geo, jnp.int32(0), jnp.int32(0))))
         smf, smo, score_def = _split_score_mod(sm)
         geo = geo._replace(score_def=score_def)
-    # [B, T, K, G, H] -> [nq, B*K, G*bt, H]: one query block of every head is one slab.
-    # The query is scaled once here, not each tile's logits: a tile's row max and its
-    # exp(s - max) must read the same rounded logits, and a scale multiplied in after
-    # the product can be contracted with the subtraction (s * scale - max as one fused
-    # multiply-add, rounded once) in one of the two and not the other. With logits
-    # around 1e10 that made the row's largest weight exp(+-500): NaN or a row of zeros.
     scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
     bias5 = None if bias is None else _checks.grouped_5d(bias, batch_shape, n, k, nq * bt, nk * bs)
     mask5 = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, nq * bt, nk * bs)
     rng = spec.dropout_rng  # None without dropout
 
-    def kv_blocks(x):  # [B, S, K, D] -> [nk, B*K, bs, D]
-        d = x.shape[-1]
-        x = jnp.pad(x.reshape(b, s, k, d), ((0, 0), (0, nk * bs - s), (0, 0), (0, 0)))
-        return x.reshape(b, nk, bs, k, d).transpose(1, 0, 3, 2, 4).reshape(nk, b * k, bs, d)
-
     def run(hide: bool):
         query_, key_, value_, bad = query, key, value, None
         if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
             query_, key_, value_, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
-            # blocked as the queries [nq, B*K, G*bt] and keys [nk, B*K, bs]
-            bq = jnp.pad(bad_q.reshape(b, t, k, g), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0)))
-            bq = bq.reshape(b, nq, bt, k, g).transpose(1, 0, 3, 4, 2).reshape(nq, b * k, g * bt)
-            bkv = jnp.pad(bad_kv.reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
-            bad = (bq, bkv.reshape(b, nk, bs, k).transpose(1, 0, 3, 2).reshape(nk, b * k, bs))
-        q = (query_.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
-        q = jnp.pad(q.reshape(b, t, k, g, h), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
-        qb = q.reshape(b, nq, bt, k, g, h).transpose(1, 0, 3, 4, 2, 5)
-        qb = qb.reshape(nq, b * k, g * bt, h)
-        kb, vb = kv_blocks(key_), kv_blocks(value_)
+            bad = (_row_blocks(geo, bad_q), _key_rows(geo, bad_kv))
+        qb, kb, vb = (
+            _query_blocks(geo, query_, scale),
+            _kv_blocks(geo, key_),
+            _kv_blocks(geo, value_),
+        )
         return _flash(geo, qb, kb, vb, bias5, mask5, *lens, rng, tab, mm, smf, smo, bad)
 
     ob, lse = _finite.guarded(run, spec, query, key, value)
-    out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bt, n, hv)
-    out = out[:, :t]
+    out, lse = _unblock(geo, ob), _unblock_rows(geo, lse)
     if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)
         valid = jnp.arange(t, dtype=jnp.int32).reshape(1, t, 1, 1) < q_len.reshape(b, 1, 1, 1)
         out = jnp.where(valid, out, jnp.zeros((), out.dtype))
     out = out.reshape(batch_shape + (t, n, hv))
     if not spec.return_residual:
         return out, None
-    lse = lse.reshape(nq, b, k, g, bt).transpose(1, 0, 4, 2, 3).reshape(b, nq * bt, n)
-    return out, lse[:, :t].reshape(batch_shape + (t, n))
+    return out, lse.reshape(batch_shape + (t, n))
+
+
+# The blocked layout: one query block of every head is one slab ``[nq, B*K, G*bt, ...]``
+# (grouped query heads as rows), one key block ``[nk, B*K, bs, ...]``.
+
+
+def _query_blocks(geo: _Geometry, query, scale: float):
+    """``query [..., T, N, H]`` scaled and blocked: ``[nq, B*K, G*bt, H]``.
+
+    The query is scaled once here, not each tile's logits: a tile's row max and its
+    exp(s - max) must read the same rounded logits, and a scale multiplied in after
+    the product can be contracted with the subtraction (s * scale - max as one fused
+    multiply-add, rounded once) in one of the two and not the other. With logits
+    around 1e10 that made the row's largest weight exp(+-500): NaN or a row of zeros."""
+    b, t, k, g, bt = geo.b, geo.t, geo.k, geo.g, geo.bt
+    h, nq = query.shape[-1], _nblocks(geo.t, geo.bt)
+    q = (query.astype(jnp.float32) * jnp.float32(scale)).astype(query.dtype)
+    q = jnp.pad(q.reshape(b, t, k, g, h), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0), (0, 0)))
+    return q.reshape(b, nq, bt, k, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b * k, g * bt, h)
+
+
+def _kv_blocks(geo: _Geometry, x):
+    """Keys or values ``[..., S, K, D]`` blocked: ``[nk, B*K, bs, D]``."""
+    b, s, k, bs, d = geo.b, geo.s, geo.k, geo.bs, x.shape[-1]
+    nk = _nblocks(s, bs)
+    x = jnp.pad(x.reshape(b, s, k, d), ((0, 0), (0, nk * bs - s), (0, 0), (0, 0)))
+    return x.reshape(b, nk, bs, k, d).transpose(1, 0, 3, 2, 4).reshape(nk, b * k, bs, d)
+
+
+def _row_blocks(geo: _Geometry, rows):
+    """Per-query flags ``[..., T, N]`` blocked as the query rows: ``[nq, B*K, G*bt]``."""
+    b, t, k, g, bt = geo.b, geo.t, geo.k, geo.g, geo.bt
+    nq = _nblocks(t, bt)
+    x = jnp.pad(rows.reshape(b, t, k, g), ((0, 0), (0, nq * bt - t), (0, 0), (0, 0)))
+    return x.reshape(b, nq, bt, k, g).transpose(1, 0, 3, 4, 2).reshape(nq, b * k, g * bt)
+
+
+def _key_rows(geo: _Geometry, keys):
+    """Per-key flags ``[..., S, K]`` blocked as the keys: ``[nk, B*K, bs]``."""
+    b, s, k, bs = geo.b, geo.s, geo.k, geo.bs
+    nk = _nblocks(s, bs)
+    x = jnp.pad(keys.reshape(b, s, k), ((0, 0), (0, nk * bs - s), (0, 0)))
+    return x.reshape(b, nk, bs, k).transpose(1, 0, 3, 2).reshape(nk, b * k, bs)
+
+
+def _unblock(geo: _Geometry, ob):
+    """``[nq, B*K, G*bt, Hv]`` back to ``[B, T, N, Hv]``."""
+    nq, hv = ob.shape[0], ob.shape[-1]
+    b, k, g, bt = geo.b, geo.k, geo.g, geo.bt
+    out = ob.reshape(nq, b, k, g, bt, hv).transpose(1, 0, 4, 2, 3, 5)
+    return out.reshape(b, nq * bt, k * g, hv)[:, : geo.t]
+
+
+def _unblock_rows(geo: _Geometry, x):
+    """``[nq, B*K, G*bt]`` back to ``[B, T, N]``."""
+    nq, b, k, g, bt = x.shape[0], geo.b, geo.k, geo.g, geo.bt
+    x = x.reshape(nq, b, k, g, bt).transpose(1, 0, 4, 2, 3)
+    return x.reshape(b, nq * bt, k * g)[:, : geo.t]

@@ -1,0 +1,758 @@
+"""Context parallelism: exact attention over a sequence sharded across devices.
+
+A sequence too long for one device is cut along T over one mesh axis (the *sequence
+axis*, of size P). Three strategies give :func:`jattn.dot_product_attention`'s
+results from the shards, each with ``jax.shard_map`` and JAX's collectives:
+
+* :func:`ring_attention`: each device keeps its queries; key/value shards travel
+  around the axis with ``ppermute``, and each device runs the blocked path on its
+  queries against the visiting shard, merging the partial results by their
+  log-sum-exp. The backward pass (a custom VJP) rings again: keys and values travel
+  with their accumulating gradients, which arrive home after P steps. Memory per
+  device is O(T / P) in both passes; P - 1 key/value shards are sent per pass.
+* :func:`all_gather_attention`: keys and values are gathered on every device (its
+  backward reduce-scatters their gradients), queries stay sharded. O(S) memory per
+  device for keys and values, one collective per pass.
+* :func:`ulysses_attention` (DeepSpeed-Ulysses): an all-to-all trades the sequence
+  shards for head shards, each device attends over the whole sequence for N / P
+  heads, and a second all-to-all trades back. Needs N and K divisible by P.
+
+Masks are written once, over *global* positions: ``is_causal``, the window, the
+lengths, a ``mask_mod`` and a ``score_mod`` (:mod:`jattn.mods`, e.g. segment ids
+for packed documents) see the position each query and key has in the whole sequence,
+the global example index and the global head, whatever the strategy and layout.
+The ring builds a block table (:func:`jattn.block_mask`) for each pair of shards, so
+shard pairs that the mask hides entirely cost no products.
+
+Layouts (``layout=``): ``'contiguous'`` (device d holds positions ``[d*L, (d+1)*L)``,
+L = T / P) and ``'zigzag'`` (the sequence cut into 2P chunks, device d holds chunks d
+and 2P-1-d: with a causal mask every device then does the same work). Put a
+sequence in the zigzag order once, at the input, with :func:`to_zigzag` (tokens,
+positions, segment ids alike), and read results back with :func:`from_zigzag`.
+
+The functions take global arrays: sharded over an *explicit* mesh axis
+(``jax.make_mesh``'s default axis type; the sequence axis and the mesh are then read
+from the query's sharding, batch and head shardings are kept), or any arrays with
+``mesh=`` and ``axis_name=`` (or a mesh set with ``jax.set_mesh``). Under explicit
+sharding, :func:`jattn.dot_product_attention` runs :func:`ring_attention` by itself
+when its query and key are sharded along the sequence over the same mesh axis
+(``implementation='ring' | 'all_gather' | 'ulysses'`` chooses).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jattn.functional import _checks, _finite, _sharding, blocked, dispatch, mods
+from jattn.functional.softmax import MASK_FILL
+
+__all__ = [
+    "LAYOUTS",
+    "STRATEGIES",
+    "all_gather_attention",
+    "from_zigzag",
+    "ring_attention",
+    "to_zigzag",
+    "ulysses_attention",
+    "zigzag_indices",
+]
+
+LAYOUTS = ("contiguous", "zigzag")
+STRATEGIES = ("ring", "all_gather", "ulysses")
+
+_FILL = jnp.float32(MASK_FILL)
+_LOWEST = jnp.float32(np.finfo(np.float32).min)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def zigzag_indices(length: int, num_shards: int) -> np.ndarray:
+    """``order [T]`` (int32): ``x[order]`` is the zigzag layout of a length-T sequence
+    over ``num_shards`` = P devices. The sequence is cut into 2P chunks of T / 2P;
+    device d's shard is chunk d followed by chunk 2P - 1 - d, so that under a causal
+    mask every device holds one early and one late chunk and does the same work.
+
+    >>> zigzag_indices(8, 2).tolist()
+    [0, 1, 6, 7, 2, 3, 4, 5]
+    """
+    length = _checks.check_size("length", length)
+    num_shards = _checks.check_size("num_shards", num_shards)
+    if length % (2 * num_shards):
+        raise ValueError(
+            f"the zigzag layout cuts the sequence into 2 * num_shards = {2 * num_shards} "
+            f"equal chunks, but its length {length} is not a multiple of {2 * num_shards}"
+        )
+    c = length // (2 * num_shards)
+    chunks = [(d, 2 * num_shards - 1 - d) for d in range(num_shards)]
+    return np.concatenate([np.arange(i * c, (i + 1) * c) for pair in chunks for i in pair]).astype(
+        np.int32
+    )
+
+
+def to_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+    """``x`` with its sequence axis ``axis`` (1 for ``[B, T, ...]``) in the zigzag order
+    (:func:`zigzag_indices`); shard it over P = ``num_shards`` devices afterwards."""
+    x = jnp.asarray(x)
+    axis = _seq_axis(x, axis)
+    return _take(x, zigzag_indices(x.shape[axis], num_shards), axis)
+
+
+def from_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+    """The inverse of :func:`to_zigzag`: the sequence axis back in its natural order."""
+    x = jnp.asarray(x)
+    axis = _seq_axis(x, axis)
+    order = zigzag_indices(x.shape[axis], num_shards)
+    return _take(x, np.argsort(order).astype(np.int32), axis)
+
+
+def _take(x, order, axis: int):
+    """``x`` reordered along ``axis``, keeping its explicit sharding (if any)."""
+    index = (slice(None),) * axis + (jnp.asarray(order),)
+    return x.at[index].get(out_sharding=_sharding.like(x))
+
+
+def _seq_axis(x, axis) -> int:
+    if not _checks.is_int(axis) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must be an int in [-{x.ndim}, {x.ndim}), got {axis!r}")
+    return int(axis) % x.ndim
+
+
+def _positions(i, dev0, shard_len: int, num_shards: int, zigzag: bool):
+    """Global positions of the indices ``i`` into ``count`` consecutive shards of
+    ``shard_len``, the first from device ``dev0``."""
+    dev, r = dev0 + i // shard_len, i % shard_len
+    if not zigzag:
+        return dev * shard_len + r
+    c = shard_len // 2
+    return jnp.where(r < c, dev * c + r, (2 * num_shards - 1 - dev) * c + (r - c))
+
+
+class _Place(NamedTuple):
+    """Static: where a local index lies in the global sequence."""
+
+    q_len: int  # a query shard's length (T / P)
+    kv_len: int  # a key shard's length (S / P)
+    num_shards: int
+    zigzag: bool
+    local_batch: tuple[int, ...]
+    global_batch: tuple[int, ...]
+
+
+def _global(mod, place, q_dev, kv_dev, b_offsets, n_off, *args):
+    """``mod`` called with the global example index, head and positions."""
+    *score, b, n, q, kv = args
+    p = place.value
+    if any(o is not None for o in b_offsets):
+        idx = jnp.unravel_index(b, p.local_batch)
+        idx = [i if o is None else i + o for i, o in zip(idx, b_offsets, strict=True)]
+        b = jnp.ravel_multi_index(tuple(idx), p.global_batch, mode="clip").astype(jnp.int32)
+    if n_off is not None:
+        n = n + n_off
+    q = _positions(q, q_dev, p.q_len, p.num_shards, p.zigzag)
+    kv = _positions(kv, kv_dev, p.kv_len, p.num_shards, p.zigzag)
+    return mod(*score, b, n, q, kv)
+
+
+def _at(mod, place: _Place, q_dev, kv_dev, b_offsets, n_off):
+    """``mod`` (over global indices) as a mod over this device's local indices."""
+    if mod is None:
+        return None
+    return mods.Mod(_global, mod, mods._Static(place), q_dev, kv_dev, b_offsets, n_off)
+
+
+# ------------------------------------------------------------------------ the calls
+
+
+class _Call(NamedTuple):
+    """A checked context-parallel call (static parts)."""
+
+    strategy: str
+    mesh: object
+    axis: str
+    size: int  # P
+    layout: str
+    batch_entries: tuple  # the batch axes' mesh axes (kept from the query's sharding)
+    head_entry: object  # the heads' mesh axes, or None
+    pad_q: int
+    pad_kv: int
+
+
+_UNSUPPORTED = {
+    "bias": "a bias array (use a score_mod over global positions)",
+    "mask": "a mask array (use a mask_mod over global positions, e.g. jattn.mods.segments)",
+    "dropout_rate": "dropout",
+    "block_mask": "a block_mask (built for the whole T x S; pass its mask_mod)",
+}
+
+
+def ring_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mesh=None,
+    axis_name: str | None = None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    mask_mod=None,
+    score_mod=None,
+    return_residual: bool = False,
+    block_sizes: tuple[int, int] | None = None,
+):
+    """Exact attention with the sequence sharded over a mesh axis: a ring of key/value
+    shards (see the module docstring).
+
+    Args:
+      query: ``[..., T, N, H]``, key ``[..., S, K, H]``, value ``[..., S, K, Hv]``:
+        global arrays, T and S split over the sequence axis (T and S multiples of P,
+        or of 2P for ``'zigzag'``; with ``'contiguous'`` other lengths are padded).
+      mesh, axis_name: the mesh and its sequence axis; by default those of the
+        query's explicit sharding, else the mesh set by ``jax.set_mesh`` and its only
+        axis.
+      layout: ``'contiguous'`` or ``'zigzag'`` (:func:`to_zigzag`): how the sequence
+        is laid out over the devices.
+      scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+      local_window_size, mask_mod, score_mod, return_residual: as in
+        :func:`jattn.dot_product_attention`, over global positions.
+      block_sizes: the blocked path's ``(block_q, block_kv)`` within a shard pair.
+
+    Returns:
+      ``output [..., T, N, Hv]`` (sharded as the query), or ``(output, lse [..., T, N])``.
+    Fully masked rows give zeros. Differentiable in reverse mode (a custom VJP that
+    rings again).
+    """
+    return _context(
+        "ring", query, key, value, mesh=mesh, axis_name=axis_name, layout=layout,
+        block_sizes=block_sizes, options=dict(
+            scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+            mask_mod=mask_mod, score_mod=score_mod, return_residual=return_residual,
+        ),
+    )  # fmt: skip
+
+
+def all_gather_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mesh=None,
+    axis_name: str | None = None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    mask_mod=None,
+    score_mod=None,
+    return_residual: bool = False,
+    implementation: str | None = None,
+):
+    """Exact attention with the sequence sharded over a mesh axis: keys and values
+    gathered on every device, queries sharded. Arguments as :func:`ring_attention`;
+    ``implementation``: the path each device runs (``None``: chosen as
+    :func:`jattn.dot_product_attention` chooses)."""
+    return _context(
+        "all_gather", query, key, value, mesh=mesh, axis_name=axis_name, layout=layout,
+        implementation=implementation, options=dict(
+            scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+            mask_mod=mask_mod, score_mod=score_mod, return_residual=return_residual,
+        ),
+    )  # fmt: skip
+
+
+def ulysses_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mesh=None,
+    axis_name: str | None = None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    mask_mod=None,
+    score_mod=None,
+    return_residual: bool = False,
+    implementation: str | None = None,
+):
+    """Exact attention with the sequence sharded over a mesh axis: an all-to-all from
+    sequence shards to head shards and back (DeepSpeed-Ulysses). The query and
+    key/value heads (per device, after any head sharding) must be multiples of P.
+    Arguments as :func:`all_gather_attention`."""
+    return _context(
+        "ulysses", query, key, value, mesh=mesh, axis_name=axis_name, layout=layout,
+        implementation=implementation, options=dict(
+            scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+            mask_mod=mask_mod, score_mod=score_mod, return_residual=return_residual,
+        ),
+    )  # fmt: skip
+
+
+def run_spec(strategy: str, spec: _checks.AttentionSpec):
+    """The path of :func:`jattn.dot_product_attention` for ``implementation=strategy``
+    (or sequence-sharded inputs): ``(out, lse or None)``, contiguous layout, the mesh
+    and axis from the query's explicit sharding."""
+    out = _run(strategy, spec, mesh=None, axis_name=None, layout="contiguous")
+    return out if spec.return_residual else (out, None)
+
+
+def sequence_axis(spec: _checks.AttentionSpec) -> str | None:
+    """The explicit mesh axis that shards both the query's T axis and the key's S axis
+    (one axis name, the same for both), else None: where
+    :func:`jattn.dot_product_attention` runs the ring by itself."""
+    q, k = spec.query, spec.key
+    mesh = _sharding.explicit_mesh([q, k])
+    if mesh is None:
+        return None
+    t_entry, s_entry = _sharding.spec(q)[-3], _sharding.spec(k)[-3]
+    if t_entry is None or t_entry != s_entry:
+        return None
+    names = (t_entry,) if isinstance(t_entry, str) else tuple(t_entry)
+    return names[0] if len(names) == 1 else None
+
+
+def _context(strategy, query, key, value, *, mesh, axis_name, layout, options,
+             block_sizes=None, implementation=None):  # fmt: skip
+    spec = _checks.check_attention_inputs(
+        query, key, value, None, None, same_head_dim=True, dropout_rate=0.0,
+        dropout_rng=None, fully_masked="zeros", **options,
+    )  # fmt: skip
+    out = _run(strategy, spec, mesh=mesh, axis_name=axis_name, layout=layout,
+               block_sizes=block_sizes, implementation=implementation)  # fmt: skip
+    return out
+
+
+def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implementation=None):
+    """Checks what the strategies add to ``dot_product_attention``'s checks, and runs."""
+    where = f"{strategy}_attention" if strategy != "ring" else "ring_attention"
+    if layout not in LAYOUTS:
+        raise ValueError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, what in _UNSUPPORTED.items():
+        value = getattr(spec, name)
+        if value is not None and not (name == "dropout_rate" and value == 0.0):
+            raise ValueError(f"{where} does not take {what}")
+    if spec.fully_masked != "zeros":
+        raise ValueError(
+            f"{where} gives zeros for fully masked rows; fully_masked={spec.fully_masked!r} "
+            "is not supported"
+        )
+    single = tuple(x for x in dispatch.IMPLEMENTATIONS if x not in STRATEGIES)
+    if implementation not in single:
+        raise ValueError(
+            f"{where}: implementation must be a single-device path, one of {single}, "
+            f"got {implementation!r}"
+        )
+    call = _plan(strategy, where, spec, mesh, axis_name, layout)
+    query, key, value = spec.query, spec.key, spec.value
+    nb = query.ndim - 3
+    if call.pad_q or call.pad_kv:  # contiguous layout only: pad at the end, hide the padding
+        pad = [(0, 0)] * nb
+        query = jnp.pad(query, pad + [(0, call.pad_q), (0, 0), (0, 0)])
+        key = jnp.pad(key, pad + [(0, call.pad_kv), (0, 0), (0, 0)])
+        value = jnp.pad(value, pad + [(0, call.pad_kv), (0, 0), (0, 0)])
+    t, s = spec.query.shape[-3], spec.key.shape[-3]
+    mm = mods.spec_mask_mod(spec)
+    if call.pad_kv:  # padding keys are never seen (padding queries are sliced off)
+        real = mods.lengths(None, s)
+        mm = real if mm is None else mods.and_masks(mm, real)
+    mm = None if mm is None else mods.as_mod(mm)
+    sm = None
+    if spec.score_mod is not None:  # closed-over float arrays become (differentiable) leaves
+        example = (jnp.zeros((1,) * 5, jnp.float32), *mods.grid(1, (1, 1), 1, 1))
+        sm = mods.as_mod(spec.score_mod, example)
+    body = {"ring": _ring_body, "all_gather": _gather_body, "ulysses": _ulysses_body}[strategy]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if spec.scale is None else spec.scale
+    static = (call, scale, block_sizes, implementation, spec.return_residual, spec.batch_shape)
+    bsp, hsp, ax = call.batch_entries, call.head_entry, call.axis
+    qkv_spec = P(*bsp, ax, hsp, None)
+    out_specs = P(*bsp, ax, hsp, None)
+    if spec.return_residual:
+        out_specs = (out_specs, P(*bsp, ax, hsp))
+    args = (query, key, value)
+    if _sharding.explicit_mesh(args) is not None:  # shard_map takes them as its specs say
+        args = tuple(jax.sharding.reshard(x, qkv_spec) for x in args)
+    run = jax.shard_map(
+        functools.partial(body, static),
+        mesh=call.mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, P(), P()),
+        out_specs=out_specs,
+        check_vma=False,  # the transpose psums the mods' cotangents over the devices
+    )
+    # Python numbers among the mods' parameters as arrays: shard_map takes arrays
+    mm, sm = (None if x is None else jax.tree.map(jnp.asarray, x) for x in (mm, sm))
+    result = run(*args, mm, sm)
+    if not (call.pad_q or call.pad_kv):
+        return result
+    cut = (slice(None),) * nb + (slice(0, t),)
+    return tuple(x[cut] for x in result) if spec.return_residual else result[cut]
+
+
+def _plan(strategy, where, spec, mesh, axis_name, layout) -> _Call:
+    query, key = spec.query, spec.key
+    nb = query.ndim - 3
+    explicit = _sharding.explicit_mesh([spec.query, spec.key, spec.value])
+    batch_entries, head_entry = (None,) * nb, None
+    if explicit is not None:
+        mesh = explicit if mesh is None else mesh
+        qspec = _sharding.spec(query)
+        if axis_name is None:
+            axis_name = sequence_axis(spec)
+            if axis_name is None:
+                raise ValueError(
+                    f"{where}: the query's sequence axis is sharded as {qspec[nb]!r} and the "
+                    f"key's as {_sharding.spec(key)[nb]!r}; shard both over one mesh axis, "
+                    "or name it with axis_name="
+                )
+        batch_entries = tuple(qspec[:nb])
+        head_entry = qspec[nb + 1]
+    elif mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty:
+            raise ValueError(
+                f"{where} needs a mesh: pass mesh= and axis_name=, set one with "
+                "jax.set_mesh, or give inputs sharded over an explicit mesh axis"
+            )
+    names = tuple(mesh.axis_names)
+    if axis_name is None:
+        if len(names) != 1:
+            raise ValueError(f"{where}: name the sequence axis, axis_name= one of {names}")
+        axis_name = names[0]
+    if axis_name not in names:
+        raise ValueError(f"{where}: axis_name={axis_name!r} is not an axis of the mesh {names}")
+    for entry in (*batch_entries, head_entry):
+        used = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        if axis_name in used:
+            raise ValueError(
+                f"{where}: the sequence axis {axis_name!r} also shards the batch or heads "
+                f"of the query ({_sharding.spec(query)})"
+            )
+    size = int(dict(zip(names, mesh.axis_sizes, strict=True))[axis_name])
+    sizes = dict(zip(names, mesh.axis_sizes, strict=True))
+    n, k = query.shape[-2], key.shape[-2]
+    heads = 1 if head_entry is None else _entry_size(head_entry, sizes)
+    if n % heads or k % heads:
+        head_entry, heads = None, 1  # the heads cannot be split as the query's are
+    t, s = query.shape[-3], key.shape[-3]
+    chunk = 2 * size if layout == "zigzag" else size
+    pad_q, pad_kv = -t % chunk, -s % chunk
+    if layout == "zigzag" and (pad_q or pad_kv):
+        raise ValueError(
+            f"{where}: the zigzag layout needs T and S multiples of 2 * {size} devices = "
+            f"{chunk}, got T={t}, S={s} (use the contiguous layout, or pad the sequence)"
+        )
+    n_l, k_l = n // heads, k // heads  # heads per device before the exchange
+    per, group = n_l // size, n_l // k_l
+    if strategy == "ulysses" and (
+        n_l % size or (k_l % size and (per == 0 or (per % group and group % per)))
+    ):
+        raise ValueError(
+            f"ulysses_attention splits the query heads over the {size} devices of axis "
+            f"{axis_name!r}: it needs N={n_l} query heads per device a multiple of {size}, "
+            f"and K={k_l} key/value heads a multiple of {size} too, or each device's "
+            f"{max(per, 1)} query heads whole groups of G={group} (or within one); use "
+            "ring_attention or all_gather_attention"
+        )
+    return _Call(strategy, mesh, axis_name, size, layout, batch_entries, head_entry, pad_q, pad_kv)
+
+
+def _entry_size(entry, sizes) -> int:
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(int(sizes[a]) for a in names)
+
+
+def _entry_index(entry, sizes):
+    """This device's index along the (possibly several) mesh axes of ``entry``."""
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    idx = jnp.int32(0)
+    for a in names:
+        idx = idx * int(sizes[a]) + lax.axis_index(a)
+    return idx
+
+
+def _offsets(call: _Call, q_local_shape, nb: int):
+    """This device's offsets of the batch axes (None where unsharded) and heads."""
+    sizes = dict(zip(call.mesh.axis_names, call.mesh.axis_sizes, strict=True))
+    b_offsets = tuple(
+        None if e is None else _entry_index(e, sizes) * q_local_shape[i]
+        for i, e in enumerate(call.batch_entries)
+    )
+    n_off = None
+    if call.head_entry is not None:
+        n_off = _entry_index(call.head_entry, sizes) * q_local_shape[nb + 1]
+    return b_offsets, n_off
+
+
+def _place(call: _Call, query, key, gathered: bool = False) -> _Place:
+    nb = query.ndim - 3
+    local_batch = tuple(query.shape[:nb])
+    sizes = dict(zip(call.mesh.axis_names, call.mesh.axis_sizes, strict=True))
+    global_batch = tuple(
+        d if e is None else d * _entry_size(e, sizes)
+        for d, e in zip(local_batch, call.batch_entries, strict=True)
+    )
+    t, s = query.shape[-3], key.shape[-3]
+    if gathered:  # the local arrays hold every shard, in device order
+        t, s = t // call.size, s // call.size
+    return _Place(
+        t, s, call.size, call.layout == "zigzag", local_batch or (1,), global_batch or (1,)
+    )
+
+
+# ------------------------------------------------------------------ all-gather, Ulysses
+
+
+def _inner(static, query, key, value, mm, sm, place, q_dev, kv_dev, b_offsets, n_off):
+    """Single-device attention on local arrays with the mods at their global indices."""
+    call, scale, _, implementation, return_residual, _ = static
+    inner = _checks.check_attention_inputs(
+        query, key, value, None, None, same_head_dim=True, query_seq_lengths=None,
+        key_value_seq_lengths=None, local_window_size=None, dropout_rate=0.0,
+        dropout_rng=None, fully_masked="zeros", scale=scale, return_residual=return_residual,
+        mask_mod=_at(mm, place, q_dev, kv_dev, b_offsets, n_off),
+        score_mod=_at(sm, place, q_dev, kv_dev, b_offsets, n_off),
+    )  # fmt: skip
+    out, lse = dispatch.PATHS[dispatch.select(implementation, inner)](inner)
+    return (out, lse) if return_residual else out
+
+
+def _gather_body(static, query, key, value, mm, sm):
+    call = static[0]
+    nb = query.ndim - 3
+    b_offsets, n_off = _offsets(call, query.shape, nb)
+    idx = lax.axis_index(call.axis)
+    key, value = (lax.all_gather(x, call.axis, axis=nb, tiled=True) for x in (key, value))
+    place = _place(call, query, key)._replace(kv_len=key.shape[-3] // call.size)
+    return _inner(static, query, key, value, mm, sm, place, idx, 0, b_offsets, n_off)
+
+
+def _ulysses_body(static, query, key, value, mm, sm):
+    call = static[0]
+    nb = query.ndim - 3
+    b_offsets, n_off = _offsets(call, query.shape, nb)
+    idx = lax.axis_index(call.axis)
+    heads_here = query.shape[-2] // call.size  # query heads per device after the exchange
+    n_off = idx * heads_here if n_off is None else n_off + idx * heads_here
+
+    def to_heads(x):  # [..., L, N, D] -> [..., P*L, N/P, D]
+        return lax.all_to_all(x, call.axis, split_axis=nb + 1, concat_axis=nb, tiled=True)
+
+    def to_sequence(x, heads_axis):  # back: [..., P*L, N/P, ...] -> [..., L, N, ...]
+        return lax.all_to_all(x, call.axis, split_axis=nb, concat_axis=heads_axis, tiled=True)
+
+    k_l = key.shape[-2]
+    query = to_heads(query)
+    if k_l % call.size == 0:
+        key, value = to_heads(key), to_heads(value)
+    else:  # fewer key/value heads than devices (GQA, MQA): gather, keep this device's
+        group = query.shape[-2] * call.size // k_l
+        count = max(heads_here // group, 1)
+        start = idx * heads_here // group
+        key, value = (
+            lax.dynamic_slice_in_dim(
+                lax.all_gather(x, call.axis, axis=nb, tiled=True), start, count, axis=nb + 1
+            )
+            for x in (key, value)
+        )
+    place = _place(call, query, key, gathered=True)
+    result = _inner(static, query, key, value, mm, sm, place, 0, 0, b_offsets, n_off)
+    if not static[4]:
+        return to_sequence(result, nb + 1)
+    out, lse = result
+    return to_sequence(out, nb + 1), to_sequence(lse, nb + 1)
+
+
+# ------------------------------------------------------------------------------- ring
+
+
+class _Ring(NamedTuple):
+    """Static description of a ring (hashable: the custom VJP's ``nondiff_argnums``)."""
+
+    axis: str
+    size: int
+    geo: blocked._Geometry  # of one pair of shards
+    place: _Place
+    mask_def: object  # the mask_mod's treedef, or None
+    score_def: object  # the score_mod's treedef, or None
+    hide: bool  # non-finite inputs hidden (the call can hide a pair)
+
+
+def _ring_body(static, query, key, value, mm, sm):
+    call, scale, block_sizes, _, return_residual, _ = static
+    nb = query.ndim - 3
+    b_offsets, n_off = _offsets(call, query.shape, nb)
+    t, n, h = query.shape[-3:]
+    s, k = key.shape[-3:-1]
+    b = math.prod(query.shape[:nb])
+    if block_sizes is None:
+        block_sizes = blocked.default_block_sizes(t, s, h, query.dtype, batch_heads=b * n)
+    bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
+    geo = blocked._Geometry(
+        b=b, k=k, g=n // k, t=t, s=s, bt=bt, bs=bs, causal=False, window=None,
+        dropout_rate=0.0, fully_masked="zeros", table=mm is not None,
+    )  # fmt: skip
+    place = _place(call, query, key)
+    hide = mm is not None or sm is not None
+    bad = ()
+    if hide:  # non-finite vectors hidden: they reach only the rows that see them
+        query, key, value, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
+        bad = (blocked._row_blocks(geo, bad_q), blocked._key_rows(geo, bad_kv))
+    qb = blocked._query_blocks(geo, query, scale)
+    kb, vb = blocked._kv_blocks(geo, key), blocked._kv_blocks(geo, value)
+    mleaves, mdef = jax.tree.flatten(mm) if mm is not None else ((), None)
+    sleaves, sdef = jax.tree.flatten(sm) if sm is not None else ((), None)
+    is_float = tuple(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in sleaves)
+    smf = tuple(x for x, f in zip(sleaves, is_float, strict=True) if f)
+    smo = tuple(x for x, f in zip(sleaves, is_float, strict=True) if not f)
+    ring = _Ring(call.axis, call.size, geo, place, mdef, (sdef, is_float) if sm else None, hide)
+    offsets = (b_offsets, n_off)
+    ob, lse = _ring(ring, qb, kb, vb, bad, tuple(mleaves), smf, smo, offsets)
+    out = blocked._unblock(geo, ob).reshape(query.shape[:-1] + (value.shape[-1],))
+    if not return_residual:
+        return out
+    return out, blocked._unblock_rows(geo, lse).reshape(query.shape[:-1])
+
+
+def _pair(ring: _Ring, mleaves, smf, smo, offsets, src):
+    """The geometry, block table, mask_mod and score_mod parts of this device's queries
+    against the key/value shard of device ``src``."""
+    idx = lax.axis_index(ring.axis)
+    geo, place = ring.geo, ring.place
+    b_offsets, n_off = offsets
+    mm = tab = None
+    if ring.mask_def is not None:
+        mm = _at(jax.tree.unflatten(ring.mask_def, mleaves), place, idx, src, b_offsets, n_off)
+        bm = mods._block_mask(mm, geo.t, geo.s, (geo.bt, geo.bs), geo.b, geo.k * geo.g)
+        tab = blocked._Table.of(bm, all_partial=False)
+    pf, po = (), ()
+    if ring.score_def is not None:
+        sdef, is_float = ring.score_def
+        fl, ot = iter(smf), iter(smo)
+        sm = jax.tree.unflatten(sdef, [next(fl) if f else next(ot) for f in is_float])
+        sm = _at(sm, place, idx, src, b_offsets, n_off)
+        pf, po, score_def = blocked._split_score_mod(sm)
+        geo = geo._replace(score_def=score_def)
+    return geo, tab, mm, pf, po
+
+
+def _shift(ring: _Ring, *xs):
+    """Each array to the next device of the ring."""
+    perm = [(i, (i + 1) % ring.size) for i in range(ring.size)]
+    return tuple(lax.ppermute(x, ring.axis, perm) for x in xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
+    return _ring_fwd(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets)[0]
+
+
+def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, src, state):
+    """Merges this device's queries against the shard of device ``src`` into ``state``."""
+    geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, src)
+    args = (qb, kb, vb, None, None, None, None, None, tab, mm, pf, po, bad or None)
+    out, fully, skip, m, log_l = blocked._forward(geo, *args, f32=True)
+    big_m, big_l, acc, seen, all_fully = state
+    ok = ~skip  # rows with visible, finite logits in this pair
+    m_new = jnp.where(ok, jnp.maximum(big_m, m), big_m)
+    decay = jnp.where(seen, jnp.exp(big_m - m_new), jnp.float32(0.0))
+    w = jnp.where(ok, jnp.exp(jnp.where(ok, m - m_new, 0.0) + log_l), jnp.float32(0.0))
+    acc = acc * decay[..., None] + out * w[..., None]
+    return m_new, big_l * decay + w, acc, seen | ok, all_fully & fully
+
+
+def _ring_fwd(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
+    idx = lax.axis_index(ring.axis)
+    rows = qb.shape[:3]
+    state = (
+        jnp.full(rows, _LOWEST),
+        jnp.zeros(rows, jnp.float32),
+        jnp.zeros(rows + (vb.shape[-1],), jnp.float32),
+        jnp.zeros(rows, bool),
+        jnp.ones(rows, bool),
+    )
+    bad_q, bad_kv = bad if bad else (None, None)
+
+    def visit(r, kb_r, vb_r, bad_r, state):
+        src = (idx - r) % ring.size
+        pair_bad = (bad_q, bad_r) if bad else ()
+        return _ring_forward_pair(ring, qb, kb_r, vb_r, pair_bad, mleaves, smf, smo, offsets,
+                                  src, state)  # fmt: skip
+
+    def step(r, carry):
+        kb_r, vb_r, bad_r, state = carry
+        state = visit(r, kb_r, vb_r, bad_r, state)
+        kb_r, vb_r, bad_r = _shift(ring, kb_r, vb_r, bad_r) if bad else (
+            *_shift(ring, kb_r, vb_r), bad_r)  # fmt: skip
+        return kb_r, vb_r, bad_r, state
+
+    bad0 = bad_kv if bad else jnp.zeros((), bool)
+    kb_r, vb_r, bad_r, state = lax.fori_loop(0, ring.size - 1, step, (kb, vb, bad0, state))
+    big_m, big_l, acc, seen, all_fully = visit(ring.size - 1, kb_r, vb_r, bad_r, state)
+    l_safe = jnp.where(seen, big_l, jnp.float32(1.0))
+    out = jnp.where(seen[..., None], acc / l_safe[..., None], jnp.float32(0.0)).astype(vb.dtype)
+    m = jnp.where(seen, big_m, jnp.float32(0.0))
+    log_l = jnp.where(seen, jnp.log(l_safe), jnp.float32(0.0))
+    lse = jnp.where(seen, m + log_l, jnp.where(all_fully, _FILL, jnp.float32(0.0)))
+    res = (qb, kb, vb, bad, mleaves, smf, smo, offsets, out, all_fully, ~seen, m, log_l)
+    return (out, lax.stop_gradient(lse)), res
+
+
+def _ring_bwd(ring, res, cotangents):
+    qb, kb, vb, bad, mleaves, smf, smo, offsets, out, fully, skip, m, log_l = res
+    dout = cotangents[0]  # the lse is a residual: no gradient (as dense)
+    idx = lax.axis_index(ring.axis)
+    bad_q, bad_kv = bad if bad else (None, None)
+
+    def visit(r, kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm):
+        src = (idx - r) % ring.size
+        geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, src)
+        pair_bad = (bad_q, bad_r) if bad else None
+        pair = (qb, kb_r, vb_r, None, None, None, None, None, tab, mm, pf, po, pair_bad)
+        dq_p, dk_p, dv_p, _, dsm_p = blocked._backward(
+            geo, (*pair, out, fully, skip, m, log_l), dout
+        )
+        dsm = tuple(a + b for a, b in zip(dsm, dsm_p, strict=True))
+        return dk_r + dk_p, dv_r + dv_p, dq + dq_p, dsm
+
+    def step(r, carry):
+        kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm = carry
+        dk_r, dv_r, dq, dsm = visit(r, kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm)
+        moving = (kb_r, vb_r, dk_r, dv_r) + ((bad_r,) if bad else ())
+        moved = _shift(ring, *moving)
+        bad_r = moved[4] if bad else bad_r
+        return (*moved[:2], bad_r, *moved[2:4], dq, dsm)
+
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+    dsm0 = tuple(zeros(jnp.shape(x)) for x in smf)
+    bad0 = bad_kv if bad else jnp.zeros((), bool)
+    carry = (kb, vb, bad0, zeros(kb.shape), zeros(vb.shape), zeros(qb.shape), dsm0)
+    kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm = lax.fori_loop(0, ring.size - 1, step, carry)
+    dk_r, dv_r, dq, dsm = visit(ring.size - 1, kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm)
+    dk, dv = _shift(ring, dk_r, dv_r)  # home: each shard's gradient to its own device
+    dsm = tuple(d.astype(jnp.result_type(x)) for d, x in zip(dsm, smf, strict=True))
+    return (
+        dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None,
+        None, dsm, None, None,
+    )  # fmt: skip
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
