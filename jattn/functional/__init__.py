@@ -3,6 +3,14 @@
 from jattn.functional import mods
 from jattn.functional.attention import attention, dot_product_attention, single_head_attention
 from jattn.functional.blocked import blocked_attention
+from jattn.functional.context import (
+    all_gather_attention,
+    from_zigzag,
+    ring_attention,
+    to_zigzag,
+    ulysses_attention,
+    zigzag_indices,
+)
 from jattn.functional.kernel_regression import (
     Kernel,
     boxcar_kernel,
@@ -72,6 +80,7 @@ __all__ = [
     "MLPParams",
     "ScoreFn",
     "additive_scores",
+    "all_gather_attention",
     "alibi_bias",
     "alibi_slopes",
     "attention",
@@ -89,6 +98,7 @@ __all__ = [
     "linformer_attention",
     "relu_feature_map",
     "retention",
+    "ring_attention",
     "retnet_decays",
     "constant_kernel",
     "dot_product_attention",
@@ -96,6 +106,7 @@ __all__ = [
     "epanechikov_kernel",
     "epanechnikov_kernel",
     "favor_features",
+    "from_zigzag",
     "gaussian_kernel",
     "keep_mask",
     "key_padding_mask",
@@ -118,6 +129,9 @@ __all__ = [
     "single_head_attention",
     "sinusoidal_encoding",
     "sliding_window_mask",
+    "to_zigzag",
     "triangular_kernel",
+    "ulysses_attention",
     "valid_lens_mask",
+    "zigzag_indices",
 ]

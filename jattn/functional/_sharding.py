@@ -22,6 +22,19 @@ def explicit_mesh(arrays):
     return None
 
 
+def sequence_axis(query, key) -> str | None:
+    """The one explicit mesh axis that shards both ``query``'s T axis (``[..., T, N, H]``)
+    and ``key``'s S axis, else None: inputs for context parallelism."""
+    mesh = explicit_mesh([query, key])
+    if mesh is None:
+        return None
+    t_entry, s_entry = spec(query)[-3], spec(key)[-3]
+    if t_entry is None or t_entry != s_entry:
+        return None
+    names = (t_entry,) if isinstance(t_entry, str) else tuple(t_entry)
+    return names[0] if len(names) == 1 else None
+
+
 def spec(x) -> tuple:
     """``x``'s partition spec with one entry per axis."""
     entries = tuple(jax.typeof(x).sharding.spec)

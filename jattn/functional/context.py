@@ -312,23 +312,9 @@ def run_spec(strategy: str, spec: _checks.AttentionSpec):
     """The path of :func:`jattn.dot_product_attention` for ``implementation=strategy``
     (or sequence-sharded inputs): ``(out, lse or None)``, contiguous layout, the mesh
     and axis from the query's explicit sharding."""
-    out = _run(strategy, spec, mesh=None, axis_name=None, layout="contiguous")
+    where = f"dot_product_attention(implementation={strategy!r})"
+    out = _run(strategy, spec, mesh=None, axis_name=None, layout="contiguous", where=where)
     return out if spec.return_residual else (out, None)
-
-
-def sequence_axis(spec: _checks.AttentionSpec) -> str | None:
-    """The explicit mesh axis that shards both the query's T axis and the key's S axis
-    (one axis name, the same for both), else None: where
-    :func:`jattn.dot_product_attention` runs the ring by itself."""
-    q, k = spec.query, spec.key
-    mesh = _sharding.explicit_mesh([q, k])
-    if mesh is None:
-        return None
-    t_entry, s_entry = _sharding.spec(q)[-3], _sharding.spec(k)[-3]
-    if t_entry is None or t_entry != s_entry:
-        return None
-    names = (t_entry,) if isinstance(t_entry, str) else tuple(t_entry)
-    return names[0] if len(names) == 1 else None
 
 
 def _context(strategy, query, key, value, *, mesh, axis_name, layout, options,
@@ -342,9 +328,10 @@ def _context(strategy, query, key, value, *, mesh, axis_name, layout, options,
     return out
 
 
-def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implementation=None):
+def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implementation=None,
+         where=None):  # fmt: skip
     """Checks what the strategies add to ``dot_product_attention``'s checks, and runs."""
-    where = f"{strategy}_attention" if strategy != "ring" else "ring_attention"
+    where = where or f"{strategy}_attention"
     if layout not in LAYOUTS:
         raise ValueError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
     for name, what in _UNSUPPORTED.items():
@@ -389,8 +376,9 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     if spec.return_residual:
         out_specs = (out_specs, P(*bsp, ax, hsp))
     args = (query, key, value)
-    if _sharding.explicit_mesh(args) is not None:  # shard_map takes them as its specs say
-        args = tuple(jax.sharding.reshard(x, qkv_spec) for x in args)
+    if getattr(call.mesh, "explicit_axes", ()):  # shard_map takes them as its specs say
+        target = jax.sharding.NamedSharding(call.mesh, qkv_spec)
+        args = tuple(jax.sharding.reshard(x, target) for x in args)
     run = jax.shard_map(
         functools.partial(body, static),
         mesh=call.mesh,
@@ -404,7 +392,14 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     if not (call.pad_q or call.pad_kv):
         return result
     cut = (slice(None),) * nb + (slice(0, t),)
-    return tuple(x[cut] for x in result) if spec.return_residual else result[cut]
+
+    def unpad(x):  # an explicit sharding cannot split T unevenly: T is gathered first
+        if getattr(call.mesh, "explicit_axes", ()):
+            spec = (*bsp, None, hsp, None)[: x.ndim]
+            x = jax.sharding.reshard(x, jax.sharding.NamedSharding(call.mesh, P(*spec)))
+        return x[cut]
+
+    return tuple(unpad(x) for x in result) if spec.return_residual else unpad(result)
 
 
 def _plan(strategy, where, spec, mesh, axis_name, layout) -> _Call:
@@ -416,7 +411,7 @@ def _plan(strategy, where, spec, mesh, axis_name, layout) -> _Call:
         mesh = explicit if mesh is None else mesh
         qspec = _sharding.spec(query)
         if axis_name is None:
-            axis_name = sequence_axis(spec)
+            axis_name = _sharding.sequence_axis(query, key)
             if axis_name is None:
                 raise ValueError(
                     f"{where}: the query's sequence axis is sharded as {qspec[nb]!r} and the "

@@ -15,6 +15,10 @@ fastest path that gives the library's results for the inputs:
 * ``'pallas'``: the TPU flash-attention Pallas kernel shipped in
   ``jax.experimental.pallas.ops.tpu.flash_attention``.
 
+* ``'ring'``, ``'all_gather'``, ``'ulysses'``: context parallelism
+  (:mod:`jattn.functional.context`) for a query and key sharded along the sequence
+  over one explicit mesh axis; the ring is the default for such inputs.
+
 An explicit implementation that cannot honour the inputs raises a ``ValueError``
 naming the unsupported feature, dtype or device.
 """
@@ -51,7 +55,13 @@ __all__ = [
     "unchecked_spec",
 ]
 
-IMPLEMENTATIONS = (None, "dense", "xla", "blocked", "cudnn", "pallas", "splash")
+IMPLEMENTATIONS = (
+    None, "dense", "xla", "blocked", "cudnn", "pallas", "splash", "ring", "all_gather", "ulysses",
+)  # fmt: skip
+
+#: The context-parallel paths (:mod:`jattn.functional.context`): for inputs sharded along
+#: the sequence over an explicit mesh axis.
+CONTEXT_PARALLEL = ("ring", "all_gather", "ulysses")
 
 #: Up to this many score elements per head (T * S) the dense path wins on CPU (measured:
 #: T=S=128 dense is 3x faster than blocked, T=S=512 blocked is 1.3-2x faster; 256 is a tie).
@@ -102,6 +112,22 @@ def dense_in_layout(query, key, *arrays) -> bool:
         and t * n <= IN_LAYOUT_MAX_WORK
         and _sharding.explicit_mesh((query, key, *arrays)) is None
     )
+
+
+def _ring_problems(spec: AttentionSpec) -> list[str]:
+    """What the context-parallel paths do not take (they run only with none of it)."""
+    problems = [
+        what
+        for what, present in (
+            ("a bias array", spec.bias is not None),
+            ("a mask array", spec.mask is not None),
+            ("dropout", spec.dropout_rate > 0.0),
+            ("a block_mask", spec.block_mask is not None),
+            ("fully_masked='uniform'", spec.fully_masked != "zeros"),
+        )
+        if present
+    ]
+    return problems
 
 
 def _cudnn_problems(spec: AttentionSpec) -> list[str]:
@@ -245,7 +271,8 @@ def unchecked_spec(query, key, value, bias=None, mask=None, **options) -> Attent
 
 
 def select(implementation, spec, *args, **options) -> str:
-    """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas' | 'splash'`` to run.
+    """The implementation ``'dense' | 'blocked' | 'cudnn' | 'pallas' | 'splash' | 'ring' |
+    'all_gather' | 'ulysses'`` to run.
 
     ``spec`` is the :class:`~jattn.functional._checks.AttentionSpec` of a checked call
     (what :func:`jattn.dot_product_attention` builds), or, to ask about shapes,
@@ -264,6 +291,10 @@ def select(implementation, spec, *args, **options) -> str:
     fit in :data:`ACCELERATOR_DENSE_MAX_BYTES` and the blocked path beyond.
     The choice does not depend on ``return_weights``: asking for the weights never
     changes the output (:func:`jattn.dot_product_attention` computes them apart).
+    A query and key sharded along the sequence over one explicit mesh axis run the
+    ring (:func:`jattn.functional.context.ring_attention`) unless the call has what it
+    does not take (a bias or mask array, dropout, a block mask, uniform fully-masked
+    rows): those run as before, XLA gathering the shards.
     An explicit choice that cannot honour the inputs raises a ``ValueError`` that
     lists what it does not support.
     """
@@ -277,8 +308,10 @@ def select(implementation, spec, *args, **options) -> str:
         )
     if implementation in ("dense", "xla"):
         return "dense"
-    if implementation == "blocked":
-        return "blocked"
+    if implementation in ("blocked", *CONTEXT_PARALLEL):
+        return implementation  # the context-parallel paths check what they take
+    if _sharding.sequence_axis(spec.query, spec.key) is not None and not _ring_problems(spec):
+        return "ring"
     checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems, "splash": _splash_problems}
     if implementation is not None:
         problems = checks[implementation](spec)
@@ -328,6 +361,17 @@ def _kernel_path(name):
     return path
 
 
+def _context_path(name):
+    def path(spec: AttentionSpec):
+        from jattn.functional import context  # it runs single-device paths from here
+
+        return context.run_spec(name, spec)
+
+    path.__name__ = path.__qualname__ = f"{name}_path"
+    path.__doc__ = f"Context parallelism, {name} (:mod:`jattn.functional.context`)."
+    return path
+
+
 #: Every path by name: ``PATHS[select(implementation, spec)](spec) -> (out, lse)``.
 PATHS = {
     "dense": dense_path,
@@ -335,6 +379,7 @@ PATHS = {
     "cudnn": _kernel_path("cudnn"),
     "pallas": _kernel_path("pallas"),
     "splash": kernels.splash_attention,
+    **{name: _context_path(name) for name in CONTEXT_PARALLEL},
 }
 
 

@@ -1,0 +1,299 @@
+"""Context parallelism (jattn.functional.context) on 2, 4 and 8 emulated CPU devices: every
+strategy and layout equals single-device attention in float64 (the dense path) for
+outputs and gradients, with full, causal, windowed and segment masks and a score mod;
+the dispatcher picks the ring for sequence-sharded inputs; bad calls get clear errors.
+A separate process: the device count is fixed when jax starts.
+
+Tolerances: forward 1e-6 of the output's size (max |out|, about 3 here; the
+single-device float32 path itself is 4e-7 of it from float64 on these inputs),
+gradients 1e-5 absolute, the ALiBi slopes' gradient (a sum over B*T*T terms) 1e-5
+relative."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _train_utils import ROOT
+
+import jattn
+from jattn.functional import context
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    jax.config.update("jax_enable_x64", True)
+    import jattn
+    from jattn import mods
+    from jattn.functional import dispatch
+
+    rng = np.random.default_rng(0)
+    B, T, N, K, H = 4, 48, 8, 2, 8  # T: a multiple of 2 * 8 (zigzag on 8 devices)
+    q = rng.standard_normal((B, T, N, H))
+    k = rng.standard_normal((B, T, K, H))
+    v = rng.standard_normal((B, T, K, H))
+    ct = rng.standard_normal((B, T, N, H))  # the output's cotangent
+    ids = np.sort(rng.integers(0, 3, (B, T)), axis=1)
+    slopes = np.asarray(jattn.alibi_slopes(N), np.float64)  # the standard slopes
+
+    def per_example(ids, b, n, q, kv):
+        # example 0: causal, 1: a window, 2: packed documents (segment ids), 3: full
+        causal, window = kv <= q, (q - kv <= 5) & (kv - q <= 2)
+        seg = ids[b, q] == ids[b, kv]
+        return jnp.where(b == 0, causal, jnp.where(b == 1, window, jnp.where(b == 2, seg, True)))
+
+    def case(kind, ids):
+        if kind == "masks":  # every mask of the issue in one call, and a score_mod
+            return lambda sl: dict(mask_mod=mods.Mod(per_example, ids), score_mod=mods.alibi(sl))
+        if kind == "causal_lengths":
+            lens = jnp.asarray([48, 30, 17, 1], jnp.int32)
+            return lambda sl: dict(is_causal=True, query_seq_lengths=lens,
+                                   key_value_seq_lengths=lens)
+        return lambda sl: {}
+
+    def run(fn, kind, q, k, v, ct, ids, sl, residual=False):
+        opts = case(kind, ids)
+        def loss(q, k, v, sl):
+            out = fn(q, k, v, **opts(sl))
+            return jnp.sum(out * ct)
+        out = fn(q, k, v, **opts(sl))
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sl)
+        lse = fn(q, k, v, **opts(sl), return_residual=True)[1] if residual else None
+        return out, grads, lse
+
+    def reference(kind, residual=False, dtype=jnp.float64):
+        # single-device attention (the dense path) in float64, or float32 as the shards run
+        dense = lambda q, k, v, **o: jattn.dot_product_attention(
+            q, k, v, implementation="dense", **o)
+        args = [jnp.asarray(x, dtype) for x in (q, k, v, ct)]
+        return run(dense, kind, *args, jnp.asarray(ids), jnp.asarray(slopes, dtype), residual)
+
+    refs = {}
+    results = {}
+
+    def compare(name, fn, kind, devices, layout="contiguous", t=T, residual=False):
+        if kind not in refs or t != T:
+            refs[kind] = reference(kind, residual, jnp.float64)
+        ref_out, ref_grads, ref_lse = refs[kind]
+        mesh = jax.make_mesh((devices,), ("seq",), devices=jax.devices()[:devices])
+        order = (jattn.zigzag_indices(t, devices) if layout == "zigzag" else np.arange(t))
+        f32 = lambda x: jnp.asarray(x[:, order], jnp.float32)
+        with jax.set_mesh(mesh):
+            put = lambda x: jax.device_put(f32(x), NamedSharding(mesh, P(None, "seq")))
+            args = [put(x) for x in (q, k, v, ct)]
+            # the mods see global positions: ids stay in the natural order
+            cp = lambda q, k, v, **o: fn(q, k, v, layout=layout, **o)
+            out, grads, lse = jax.jit(lambda *a: run(cp, kind, *a, residual=residual))(
+                *args, jnp.asarray(ids, jnp.int32), jnp.asarray(slopes, jnp.float32))
+        back = np.argsort(order)
+        got = [np.asarray(out)[:, back]] + [np.asarray(g)[:, back] for g in grads[:3]]
+        want = [np.asarray(ref_out)] + [np.asarray(g) for g in ref_grads[:3]]
+        errs = [float(np.max(np.abs(a - b))) for a, b in zip(got, want)]
+        # the slopes' gradient sums B*T*T terms: compared relative to its size
+        rel = float(np.max(np.abs(np.asarray(grads[3]) - np.asarray(ref_grads[3])))
+                    / max(float(np.max(np.abs(np.asarray(ref_grads[3])))), 1e-30))
+        # forward errors relative to the output's size (float32 resolves ~1e-7 of it)
+        scale = max(1.0, float(np.max(np.abs(want[0]))))
+        r = {"out": errs[0] / scale, "grad": max(errs[1:]), "slopes_rel": rel,
+             "spec": str(out.sharding.spec)}
+        if residual:
+            seen = np.asarray(ref_lse) > -1e30
+            r["lse"] = float(np.max(np.abs(np.asarray(lse)[:, back] - np.asarray(ref_lse))[seen]))
+        results[name] = r
+
+    # the single-device float32 path's own error, for comparison
+    one = reference("masks", dtype=jnp.float32)
+    ref64 = reference("masks")
+    results["one-device-f32"] = {
+        "out": float(np.max(np.abs(np.asarray(one[0]) - np.asarray(ref64[0])))
+                     / max(1.0, float(np.max(np.abs(np.asarray(ref64[0])))))),
+        "grad": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(one[1][:3], ref64[1][:3])),
+    }
+    strategies = {"ring": jattn.ring_attention, "all_gather": jattn.all_gather_attention,
+                  "ulysses": jattn.ulysses_attention}
+    for devices in (2, 4, 8):
+        for name, fn in strategies.items():
+            for layout in ("contiguous", "zigzag"):
+                compare(f"{name}-{layout}-{devices}", fn, "masks", devices, layout)
+    for name, fn in strategies.items():
+        compare(f"{name}-causal_lengths-4", fn, "causal_lengths", 4, residual=True)
+        compare(f"{name}-full-8", fn, "full", 8)
+    # small tiles: many blocks per shard, empty and partial ones
+    small = lambda q, k, v, **o: jattn.ring_attention(q, k, v, block_sizes=(4, 8), **o)
+    compare("ring-small-blocks-zigzag-4", small, "masks", 4, "zigzag")
+
+    # T not a multiple of the devices (contiguous: padded, the padding hidden)
+    t2 = 30
+    q2, k2, v2 = (x[:, :t2] for x in (q, k, v))
+    mesh = jax.make_mesh((4,), ("seq",), devices=jax.devices()[:4])
+    lens = jnp.asarray([30, 11, 29, 2], jnp.int32)
+    ref = jattn.dot_product_attention(q2, k2, v2, is_causal=True, key_value_seq_lengths=lens,
+                                      implementation="dense")
+    for name, fn in strategies.items():
+        with jax.set_mesh(mesh):
+            out = jax.jit(lambda q, k, v: fn(q, k, v, is_causal=True, key_value_seq_lengths=lens))(
+                *(jnp.asarray(x, jnp.float32) for x in (q2, k2, v2)))
+        err = float(np.max(np.abs(np.asarray(out) - ref)) / max(1.0, np.max(np.abs(ref))))
+        results[f"{name}-uneven-4"] = {"out": err}
+    errors = {}
+    try:
+        with jax.set_mesh(mesh):
+            jattn.ring_attention(*(jnp.asarray(x, jnp.float32) for x in (q2, k2, v2)),
+                                 layout="zigzag")
+    except ValueError as e:
+        errors["zigzag_uneven"] = str(e)
+    try:
+        with jax.set_mesh(mesh):
+            jattn.ulysses_attention(*(jnp.asarray(x, jnp.float32)[:, :, :2] for x in (q, k, v)))
+    except ValueError as e:
+        errors["ulysses_heads"] = str(e)
+    results["errors"] = errors
+
+    # the dispatcher: sequence-sharded inputs over an explicit axis run the ring; with
+    # the batch over 'data' and the sequence over 'seq', and under the attention layer
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    spec = P("data", "seq")
+    a32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    ref = jattn.dot_product_attention(*a32, is_causal=True, implementation="dense")
+    with jax.set_mesh(mesh):
+        put = [jax.device_put(x, NamedSharding(mesh, spec)) for x in a32]
+        chosen = dispatch.select(None, *put, is_causal=True)
+        hlo = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True)
+                      ).lower(*put).compile().as_text()
+        out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True))(*put)
+    err = float(np.max(np.abs(np.asarray(out) - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+    results["dispatch"] = {"chosen": chosen, "out": err,
+                           "spec": str(out.sharding.spec),
+                           "collective_permute": "collective-permute" in hlo,
+                           "all_gather": "all-gather" in hlo}
+    print("RESULT " + json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+STRATEGIES = ("ring", "all_gather", "ulysses")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_equals_one_device(results, strategy, layout, devices):
+    r = results[f"{strategy}-{layout}-{devices}"]
+    assert r["out"] <= 1e-6, r
+    assert r["grad"] <= 1e-5, r
+    assert r["slopes_rel"] <= 1e-5, r
+    assert r["spec"] == "P(None, 'seq', None, None)", r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lengths_full_and_uneven(results, strategy):
+    r = results[f"{strategy}-causal_lengths-4"]
+    assert max(r["out"], r["lse"]) <= 1e-6 and r["grad"] <= 1e-5, r
+    r = results[f"{strategy}-full-8"]
+    assert r["out"] <= 1e-6 and r["grad"] <= 1e-5, r
+    assert results[f"{strategy}-uneven-4"]["out"] <= 1e-6
+
+
+@pytest.mark.slow
+def test_small_blocks_and_errors(results):
+    assert results["one-device-f32"]["out"] <= 1e-6  # the measure is float32's
+    r = results["ring-small-blocks-zigzag-4"]
+    assert r["out"] <= 1e-6 and r["grad"] <= 1e-5 and r["slopes_rel"] <= 1e-5, r
+    errors = results["errors"]
+    assert "T and S multiples of 2 * 4 devices = 8, got T=30, S=30" in errors["zigzag_uneven"]
+    assert "N=2 query heads per device a multiple of 4" in errors["ulysses_heads"]
+
+
+@pytest.mark.slow
+def test_sequence_sharded_inputs_run_the_ring(results):
+    r = results["dispatch"]
+    assert r["chosen"] == "ring"
+    assert r["out"] <= 1e-6
+    assert r["spec"] == "P('data', 'seq', None, None)"
+    assert r["collective_permute"] and not r["all_gather"]
+
+
+# ---------------------------------------------------------------------- in this process
+
+
+def test_zigzag_order_round_trips():
+    assert context.zigzag_indices(8, 2).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
+    order = context.zigzag_indices(24, 3)
+    assert sorted(order.tolist()) == list(range(24))
+    x = jnp.arange(2 * 24 * 3).reshape(2, 24, 3)
+    z = jattn.to_zigzag(x, 3)
+    np.testing.assert_array_equal(z, np.asarray(x)[:, order])
+    np.testing.assert_array_equal(jattn.from_zigzag(z, 3), x)
+    # causal work is balanced: each device's chunks hold the same number of visible pairs
+    t, p = 64, 4
+    shards = context.zigzag_indices(t, p).reshape(p, t // p)
+    work = [sum(int(i) + 1 for i in shards[d]) for d in range(p)]
+    assert max(work) == min(work), work
+
+
+def test_zigzag_needs_chunks():
+    with pytest.raises(ValueError, match="length 30 is not a multiple of 8"):
+        context.zigzag_indices(30, 4)
+    with pytest.raises(ValueError, match="axis must be an int in"):
+        jattn.to_zigzag(jnp.zeros((2, 8)), 2, axis=2)
+
+
+def _one_device():
+    return jax.make_mesh((1,), ("seq",), devices=jax.devices()[:1])
+
+
+def test_one_device_ring_equals_dense():
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 4)), jnp.float32) for _ in range(3))
+    ref = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="dense")
+    out = jattn.ring_attention(q, k, v, mesh=_one_device(), is_causal=True, block_sizes=(4, 4))
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layout="diagonal"), "layout must be one of ('contiguous', 'zigzag')"),
+        (dict(axis_name="model"), "axis_name='model' is not an axis of the mesh ('seq',)"),
+        (dict(implementation="ring"), "implementation must be a single-device path"),
+    ],
+)
+def test_bad_calls_are_named(kwargs, message):
+    q = jnp.zeros((1, 8, 2, 4))
+    fn = jattn.all_gather_attention if "implementation" in kwargs else jattn.ring_attention
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fn(q, q, q, mesh=_one_device(), **kwargs)
+
+
+def test_unsupported_options_are_named():
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"'ring'\) gives zeros for fully masked rows"):
+        jattn.dot_product_attention(q, q, q, implementation="ring", fully_masked="uniform")
+    with pytest.raises(ValueError, match="needs a mesh: pass mesh= and axis_name="):
+        jattn.ring_attention(q, q, q)
+    # through dot_product_attention: a bias is not taken by the context-parallel paths
+    with pytest.raises(ValueError, match=r"implementation='ring'\) does not take a bias"):
+        jattn.dot_product_attention(q, q, q, jnp.zeros((8, 8)), implementation="ring")
