@@ -68,26 +68,27 @@ SCRIPT = textwrap.dedent(
         lse = fn(q, k, v, **opts(sl), return_residual=True)[1] if residual else None
         return out, grads, lse
 
-    def reference(kind, residual=False, dtype=jnp.float64):
+    def reference(kind, residual=False, dtype=jnp.float64, kv=None):
         # single-device attention (the dense path) in float64, or float32 as the shards run
         dense = lambda q, k, v, **o: jattn.dot_product_attention(
             q, k, v, implementation="dense", **o)
-        args = [jnp.asarray(x, dtype) for x in (q, k, v, ct)]
+        args = [jnp.asarray(x, dtype) for x in (q, *(kv or (k, v)), ct)]
         return run(dense, kind, *args, jnp.asarray(ids), jnp.asarray(slopes, dtype), residual)
 
     refs = {}
     results = {}
 
-    def compare(name, fn, kind, devices, layout="contiguous", t=T, residual=False):
-        if kind not in refs or t != T:
-            refs[kind] = reference(kind, residual, jnp.float64)
-        ref_out, ref_grads, ref_lse = refs[kind]
+    def compare(name, fn, kind, devices, layout="contiguous", t=T, residual=False, kv=None):
+        key = (kind, kv is None)
+        if key not in refs:
+            refs[key] = reference(kind, residual, jnp.float64, kv)
+        ref_out, ref_grads, ref_lse = refs[key]
         mesh = jax.make_mesh((devices,), ("seq",), devices=jax.devices()[:devices])
         order = (jattn.zigzag_indices(t, devices) if layout == "zigzag" else np.arange(t))
         f32 = lambda x: jnp.asarray(x[:, order], jnp.float32)
         with jax.set_mesh(mesh):
             put = lambda x: jax.device_put(f32(x), NamedSharding(mesh, P(None, "seq")))
-            args = [put(x) for x in (q, k, v, ct)]
+            args = [put(x) for x in (q, *(kv or (k, v)), ct)]
             # the mods see global positions: ids stay in the natural order
             cp = lambda q, k, v, **o: fn(q, k, v, layout=layout, **o)
             out, grads, lse = jax.jit(lambda *a: run(cp, kind, *a, residual=residual))(
@@ -129,6 +130,9 @@ SCRIPT = textwrap.dedent(
     # small tiles: many blocks per shard, empty and partial ones
     small = lambda q, k, v, **o: jattn.ring_attention(q, k, v, block_sizes=(4, 8), **o)
     compare("ring-small-blocks-zigzag-4", small, "masks", 4, "zigzag")
+    # as many key/value heads as query heads: queries travel in the backward ring
+    kv_mha = [rng.standard_normal((B, T, N, H)) for _ in range(2)]
+    compare("ring-mha-zigzag-4", jattn.ring_attention, "masks", 4, "zigzag", kv=kv_mha)
 
     # T not a multiple of the devices (contiguous: padded, the padding hidden)
     t2 = 30
@@ -218,10 +222,11 @@ def test_lengths_full_and_uneven(results, strategy):
 
 
 @pytest.mark.slow
-def test_small_blocks_and_errors(results):
+def test_small_blocks_mha_and_errors(results):
     assert results["one-device-f32"]["out"] <= 1e-6  # the measure is float32's
-    r = results["ring-small-blocks-zigzag-4"]
-    assert r["out"] <= 1e-6 and r["grad"] <= 1e-5 and r["slopes_rel"] <= 1e-5, r
+    for name in ("ring-small-blocks-zigzag-4", "ring-mha-zigzag-4"):
+        r = results[name]
+        assert r["out"] <= 1e-6 and r["grad"] <= 1e-5 and r["slopes_rel"] <= 1e-5, r
     errors = results["errors"]
     assert "T and S multiples of 2 * 4 devices = 8, got T=30, S=30" in errors["zigzag_uneven"]
     assert "N=2 query heads per device a multiple of 4" in errors["ulysses_heads"]

@@ -563,16 +563,18 @@ def _flash_bwd(geo, res, cotangents):
     )
 
 
-def _backward(geo, res, dout):
+def _backward(geo, res, dout, delta=None):
     """The float32 gradients ``(dq, dk, dv, dbias or None, d score_mod float leaves)``
     of the blocked layout's inputs from the residuals of :func:`_flash_fwd` (``out``,
     ``fully``, ``skip``, ``m``, ``log_l`` may be those of a larger softmax that these
-    keys are a part of: the ring's) and ``dout [nq, B*K, G*bt, Hv]``."""
+    keys are a part of: the ring's) and ``dout [nq, B*K, G*bt, Hv]``. ``delta``:
+    ``sum(dout * out, -1)`` when the caller has it (then ``out`` may be None)."""
     qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad, *rest = res
     out, fully, skip, m, log_l = rest
     sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
     dout = dout.astype(jnp.float32)
-    delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
+    if delta is None:
+        delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     nk = kb.shape[0]
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)

@@ -589,6 +589,7 @@ class _Ring(NamedTuple):
     mask_def: object  # the mask_mod's treedef, or None
     score_def: object  # the score_mod's treedef, or None
     hide: bool  # non-finite inputs hidden (the call can hide a pair)
+    queries_travel: bool  # in the backward pass (else keys and values do)
 
 
 def _ring_body(static, query, key, value, mm, sm):
@@ -618,7 +619,13 @@ def _ring_body(static, query, key, value, mm, sm):
     is_float = tuple(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in sleaves)
     smf = tuple(x for x, f in zip(sleaves, is_float, strict=True) if f)
     smo = tuple(x for x, f in zip(sleaves, is_float, strict=True) if not f)
-    ring = _Ring(call.axis, call.size, geo, place, mdef, (sdef, is_float) if sm else None, hide)
+    # bytes per backward step: queries, output gradients and dq (float32) against keys,
+    # values and their float32 gradients
+    hv, itemsize = value.shape[-1], query.dtype.itemsize
+    q_bytes = t * n * (h * itemsize + hv * value.dtype.itemsize + 4 * h)
+    kv_bytes = s * k * (h * itemsize + hv * value.dtype.itemsize + 4 * (h + hv))
+    ring = _Ring(call.axis, call.size, geo, place, mdef, (sdef, is_float) if sm else None, hide,
+                 q_bytes < kv_bytes)  # fmt: skip
     offsets = (b_offsets, n_off)
     ob, lse = _ring(ring, qb, kb, vb, bad, tuple(mleaves), smf, smo, offsets)
     out = blocked._unblock(geo, ob).reshape(query.shape[:-1] + (value.shape[-1],))
@@ -627,15 +634,15 @@ def _ring_body(static, query, key, value, mm, sm):
     return out, blocked._unblock_rows(geo, lse).reshape(query.shape[:-1])
 
 
-def _pair(ring: _Ring, mleaves, smf, smo, offsets, src):
-    """The geometry, block table, mask_mod and score_mod parts of this device's queries
-    against the key/value shard of device ``src``."""
-    idx = lax.axis_index(ring.axis)
+def _pair(ring: _Ring, mleaves, smf, smo, offsets, q_dev, kv_dev):
+    """The geometry, block table, mask_mod and score_mod parts of the queries of device
+    ``q_dev`` against the key/value shard of device ``kv_dev``."""
     geo, place = ring.geo, ring.place
     b_offsets, n_off = offsets
     mm = tab = None
     if ring.mask_def is not None:
-        mm = _at(jax.tree.unflatten(ring.mask_def, mleaves), place, idx, src, b_offsets, n_off)
+        mm = jax.tree.unflatten(ring.mask_def, mleaves)
+        mm = _at(mm, place, q_dev, kv_dev, b_offsets, n_off)
         bm = mods._block_mask(mm, geo.t, geo.s, (geo.bt, geo.bs), geo.b, geo.k * geo.g)
         tab = blocked._Table.of(bm, all_partial=False)
     pf, po = (), ()
@@ -643,16 +650,16 @@ def _pair(ring: _Ring, mleaves, smf, smo, offsets, src):
         sdef, is_float = ring.score_def
         fl, ot = iter(smf), iter(smo)
         sm = jax.tree.unflatten(sdef, [next(fl) if f else next(ot) for f in is_float])
-        sm = _at(sm, place, idx, src, b_offsets, n_off)
+        sm = _at(sm, place, q_dev, kv_dev, b_offsets, n_off)
         pf, po, score_def = blocked._split_score_mod(sm)
         geo = geo._replace(score_def=score_def)
     return geo, tab, mm, pf, po
 
 
 def _shift(ring: _Ring, *xs):
-    """Each array to the next device of the ring."""
+    """Each array (None stays None) to the next device of the ring."""
     perm = [(i, (i + 1) % ring.size) for i in range(ring.size)]
-    return tuple(lax.ppermute(x, ring.axis, perm) for x in xs)
+    return tuple(None if x is None else lax.ppermute(x, ring.axis, perm) for x in xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -660,9 +667,9 @@ def _ring(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
     return _ring_fwd(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets)[0]
 
 
-def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, src, state):
+def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, idx, src, state):
     """Merges this device's queries against the shard of device ``src`` into ``state``."""
-    geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, src)
+    geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, idx, src)
     args = (qb, kb, vb, None, None, None, None, None, tab, mm, pf, po, bad or None)
     out, fully, skip, m, log_l = blocked._forward(geo, *args, f32=True)
     big_m, big_l, acc, seen, all_fully = state
@@ -690,18 +697,15 @@ def _ring_fwd(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
         src = (idx - r) % ring.size
         pair_bad = (bad_q, bad_r) if bad else ()
         return _ring_forward_pair(ring, qb, kb_r, vb_r, pair_bad, mleaves, smf, smo, offsets,
-                                  src, state)  # fmt: skip
+                                  idx, src, state)  # fmt: skip
 
     def step(r, carry):
-        kb_r, vb_r, bad_r, state = carry
-        state = visit(r, kb_r, vb_r, bad_r, state)
-        kb_r, vb_r, bad_r = _shift(ring, kb_r, vb_r, bad_r) if bad else (
-            *_shift(ring, kb_r, vb_r), bad_r)  # fmt: skip
-        return kb_r, vb_r, bad_r, state
+        *moving, state = carry
+        state = visit(r, *moving, state)
+        return (*_shift(ring, *moving), state)
 
-    bad0 = bad_kv if bad else jnp.zeros((), bool)
-    kb_r, vb_r, bad_r, state = lax.fori_loop(0, ring.size - 1, step, (kb, vb, bad0, state))
-    big_m, big_l, acc, seen, all_fully = visit(ring.size - 1, kb_r, vb_r, bad_r, state)
+    carry = lax.fori_loop(0, ring.size - 1, step, (kb, vb, bad_kv, state))
+    big_m, big_l, acc, seen, all_fully = visit(ring.size - 1, *carry)
     l_safe = jnp.where(seen, big_l, jnp.float32(1.0))
     out = jnp.where(seen[..., None], acc / l_safe[..., None], jnp.float32(0.0)).astype(vb.dtype)
     m = jnp.where(seen, big_m, jnp.float32(0.0))
@@ -712,37 +716,61 @@ def _ring_fwd(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
 
 
 def _ring_bwd(ring, res, cotangents):
+    """The ring again. What travels is the cheaper side: keys, values and their
+    gradients (``dk``, ``dv``) past stationary queries, or (when fewer bytes: no
+    grouped heads) queries, output gradients and their ``dq`` past stationary keys and
+    values. The travelling gradients arrive home after one more shift."""
     qb, kb, vb, bad, mleaves, smf, smo, offsets, out, fully, skip, m, log_l = res
     dout = cotangents[0]  # the lse is a residual: no gradient (as dense)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     idx = lax.axis_index(ring.axis)
     bad_q, bad_kv = bad if bad else (None, None)
-
-    def visit(r, kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm):
-        src = (idx - r) % ring.size
-        geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, src)
-        pair_bad = (bad_q, bad_r) if bad else None
-        pair = (qb, kb_r, vb_r, None, None, None, None, None, tab, mm, pf, po, pair_bad)
-        dq_p, dk_p, dv_p, _, dsm_p = blocked._backward(
-            geo, (*pair, out, fully, skip, m, log_l), dout
-        )
-        dsm = tuple(a + b for a, b in zip(dsm, dsm_p, strict=True))
-        return dk_r + dk_p, dv_r + dv_p, dq + dq_p, dsm
-
-    def step(r, carry):
-        kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm = carry
-        dk_r, dv_r, dq, dsm = visit(r, kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm)
-        moving = (kb_r, vb_r, dk_r, dv_r) + ((bad_r,) if bad else ())
-        moved = _shift(ring, *moving)
-        bad_r = moved[4] if bad else bad_r
-        return (*moved[:2], bad_r, *moved[2:4], dq, dsm)
-
     zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
-    dsm0 = tuple(zeros(jnp.shape(x)) for x in smf)
-    bad0 = bad_kv if bad else jnp.zeros((), bool)
-    carry = (kb, vb, bad0, zeros(kb.shape), zeros(vb.shape), zeros(qb.shape), dsm0)
-    kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm = lax.fori_loop(0, ring.size - 1, step, carry)
-    dk_r, dv_r, dq, dsm = visit(ring.size - 1, kb_r, vb_r, bad_r, dk_r, dv_r, dq, dsm)
-    dk, dv = _shift(ring, dk_r, dv_r)  # home: each shard's gradient to its own device
+    dsm = tuple(zeros(jnp.shape(x)) for x in smf)
+
+    def grads(q_dev, kv_dev, q_side, kv_side, dsm):
+        qb_, dout_, delta_, skip_, m_, log_l_, bad_q_ = q_side
+        kb_, vb_, bad_kv_ = kv_side
+        geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, q_dev, kv_dev)
+        pair_bad = (bad_q_, bad_kv_) if bad else None
+        pair = (qb_, kb_, vb_, None, None, None, None, None, tab, mm, pf, po, pair_bad)
+        dq, dk, dv, _, dsm_p = blocked._backward(
+            geo, (*pair, None, fully, skip_, m_, log_l_), dout_, delta_
+        )
+        return dq, dk, dv, tuple(a + b for a, b in zip(dsm, dsm_p, strict=True))
+
+    q_side = (qb, dout, delta, skip, m, log_l, bad_q)
+    kv_side = (kb, vb, bad_kv)
+    if ring.queries_travel:
+
+        def visit(r, moving, dk, dv, dsm):
+            *q_r, dq_r = moving
+            dq, dk_p, dv_p, dsm = grads((idx - r) % ring.size, idx, q_r, kv_side, dsm)
+            return (*q_r, dq_r + dq), dk + dk_p, dv + dv_p, dsm
+
+        def step(r, carry):
+            moving, dk, dv, dsm = visit(r, *carry)
+            return _shift(ring, *moving), dk, dv, dsm
+
+        carry = ((*q_side, zeros(qb.shape)), zeros(kb.shape), zeros(vb.shape), dsm)
+        carry = lax.fori_loop(0, ring.size - 1, step, carry)
+        moving, dk, dv, dsm = visit(ring.size - 1, *carry)
+        (dq,) = _shift(ring, moving[-1])  # home
+    else:
+
+        def visit(r, moving, dq, dsm):
+            *kv_r, dk_r, dv_r = moving
+            dq_p, dk, dv, dsm = grads(idx, (idx - r) % ring.size, q_side, kv_r, dsm)
+            return (*kv_r, dk_r + dk, dv_r + dv), dq + dq_p, dsm
+
+        def step(r, carry):
+            moving, dq, dsm = visit(r, *carry)
+            return _shift(ring, *moving), dq, dsm
+
+        carry = ((*kv_side, zeros(kb.shape), zeros(vb.shape)), zeros(qb.shape), dsm)
+        carry = lax.fori_loop(0, ring.size - 1, step, carry)
+        moving, dq, dsm = visit(ring.size - 1, *carry)
+        dk, dv = _shift(ring, *moving[-2:])  # home
     dsm = tuple(d.astype(jnp.result_type(x)) for d, x in zip(dsm, smf, strict=True))
     return (
         dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None,
