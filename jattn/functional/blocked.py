@@ -53,10 +53,10 @@ from jattn.functional.stochastic import keep_bits
 
 __all__ = ["MAX_TILE_ELEMENTS", "attend", "blocked_attention", "default_block_sizes"]
 
-_FILL = jnp.float32(MASK_FILL)
+_FILL = np.float32(MASK_FILL)
 # Padding keys and the running max's start: the lowest finite float, below the fill.
 # No -inf is made on any path (``jax.debug_infs`` stays quiet).
-_LOWEST = jnp.float32(np.finfo(np.float32).min)
+_LOWEST = np.float32(np.finfo(np.float32).min)
 
 
 #: Largest tile ``[B*N, block_q, block_kv]`` (elements) the default block sizes allow.
