@@ -49,7 +49,15 @@ def get_config(arg=None):
     config.train.max_to_keep = 2
     config.train.eval_every = 0
     config.train.stop_after_steps = 0
-    config.train.num_devices = 0  # data parallel over this many local devices; 0: all
+    config.train.num_devices = 0  # train over this many devices; 0: all
+    # "data" (state replicated, batches split), "fsdp" (parameters and optimizer state
+    # split too), "tensor" (heads, MLP features, vocabularies split over 'model') or
+    # "sequence" (batches split along their sequence axis over 'seq'); see
+    # jattn.training.sharding
+    config.train.parallelism = "data"
+    # sizes of the strategy's mesh axes: ('data',), or ('data', 'model') / ('data', 'seq');
+    # one may be -1; (): every device on the strategy's own axis
+    config.train.mesh_shape = ()
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 500

@@ -9,6 +9,13 @@ of a config file, optionally with ``:arg`` for its ``get_config(arg)``. Running 
 command again resumes from the last checkpoint in ``workdir``; Ctrl-C or SIGTERM finishes
 the current step, saves a checkpoint and exits. A loss that becomes NaN or infinite stops
 the run with a ``FloatingPointError`` naming the step and the last good checkpoint.
+
+``config.train.parallelism`` lays the run out over its devices: ``'data'`` (the default),
+``'fsdp'``, ``'tensor'`` or ``'sequence'``, on a mesh of ``config.train.mesh_shape``
+(:mod:`jattn.training.sharding`); a checkpoint resumes under any of them, also on another
+number of devices. Several processes (hosts) run the same command with ``--coordinator_address``,
+``--num_processes`` and ``--process_id``; process 0 writes the metrics, ``config.json``
+and the plots.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jattn.data import BOS, EOS, PAD, TASKS, Seq2SeqDataset, make_task
-from jattn.training import validate
+from jattn.training import sharding, validate
 from jattn.training.checkpoint import Checkpointer, CheckpointError, MetricsLog
 from jattn.training.config_files import (
     apply_overrides,
@@ -44,8 +51,8 @@ from jattn.training.config_files import (
 )
 from jattn.training.metrics import bleu, exact_match
 from jattn.training.optim import learning_rate_schedule, make_optimizer
-from jattn.training.parallel import data_parallel_mesh, replicated
-from jattn.training.state import create_train_state, make_eval_step, make_train_step
+from jattn.training.parallel import initialize_distributed
+from jattn.training.state import create_train_state
 from jattn.training.workdir import WorkdirLock, check_writable
 
 __all__ = [
@@ -127,18 +134,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "reach config.train.learning_rate"
         )
     validate.check_fields("eval", cfg["eval"], validate.SCHEMAS["eval"])
-    num_devices = _num_devices(cfg)
-    try:
-        mesh = data_parallel_mesh(num_devices)
-    except ValueError as e:
-        raise ValueError(f"config.train.{e}") from e
-    if cfg["train"]["batch_size"] % mesh.size:
-        which = "all local devices" if num_devices == 0 else "config.train.num_devices"
-        raise ValueError(
-            f"config.train.batch_size={cfg['train']['batch_size']} must be a multiple of the "
-            f"{mesh.size} devices it is split over ({which}); change it, or set "
-            "config.train.num_devices"
-        )
+    _check_batch_splits(cfg, _mesh(cfg))
     task = dict(cfg["task"])
     name = task.pop("name", None)
     if name not in TASKS:
@@ -251,8 +247,57 @@ def _eval_due(tcfg: dict, step: int) -> bool:
     return bool(tcfg["eval_every"]) and step % tcfg["eval_every"] == 0
 
 
-def _num_devices(cfg: dict) -> int:
-    return cfg["train"].get("num_devices", validate.DEFAULTS["train"]["num_devices"])
+def _train_option(cfg: dict, key: str):
+    """``config.train.<key>``, or its default for a config that leaves it out."""
+    return cfg["train"].get(key, validate.DEFAULTS["train"][key])
+
+
+def _mesh(cfg: dict) -> jax.sharding.Mesh:
+    """The mesh of ``config.train.parallelism``, ``mesh_shape`` and ``num_devices``."""
+    try:
+        return sharding.make_mesh(
+            _train_option(cfg, "parallelism"),
+            tuple(_train_option(cfg, "mesh_shape")),
+            _train_option(cfg, "num_devices"),
+        )
+    except ValueError as e:
+        raise ValueError(f"config.train.{e}") from e
+
+
+def _check_batch_splits(cfg: dict, mesh: jax.sharding.Mesh) -> None:
+    """``config.train.batch_size`` splits evenly over the mesh axis ``'data'``."""
+    batch_size, size = cfg["train"]["batch_size"], mesh.shape["data"]
+    if batch_size % size == 0:
+        return
+    if len(mesh.axis_names) == 1:
+        local = "local " * (jax.process_count() == 1)
+        which = (
+            f"all {local}devices"
+            if _train_option(cfg, "num_devices") == 0
+            else ("config.train.num_devices")
+        )
+        raise ValueError(
+            f"config.train.batch_size={batch_size} must be a multiple of the {size} devices "
+            f"it is split over ({which}); change it, or set config.train.num_devices"
+        )
+    raise ValueError(
+        f"config.train.batch_size={batch_size} must be a multiple of {size}, the size of "
+        f"the mesh axis 'data' it is split over (config.train.mesh_shape="
+        f"{tuple(_train_option(cfg, 'mesh_shape'))}, axes {mesh.axis_names}); change either"
+    )
+
+
+def _describe_layout(parallelism: str, mesh: jax.sharding.Mesh, shardings) -> str:
+    """One line on how the run lays out its state over ``mesh``."""
+    platform = mesh.devices.flat[0].platform
+    if parallelism == "data":
+        return f"data parallel over {mesh.size} {platform} devices"
+    params = jax.tree.leaves(shardings.params)
+    split = sum(not s.is_fully_replicated for s in params)
+    return (
+        f"{parallelism} parallel over {mesh.size} {platform} devices, mesh "
+        f"{dict(mesh.shape)}: {split} of {len(params)} parameter arrays split"
+    )
 
 
 def build_model(model_config: dict, *, src_vocab_size: int, tgt_vocab_size: int, seed: int):
@@ -368,11 +413,15 @@ def _eval_batches(ds: Seq2SeqDataset, batch_size: int):
         yield n, batch
 
 
-def evaluate(eval_step, state, ds: Seq2SeqDataset, *, batch_size: int, bleu_tokenize: str):
-    """Teacher-forced loss/token accuracy and exact match/BLEU of generated outputs."""
+def evaluate(
+    eval_step, state, ds: Seq2SeqDataset, *, batch_size: int, bleu_tokenize: str, place=None
+):
+    """Teacher-forced loss/token accuracy and exact match/BLEU of generated outputs;
+    ``place(batch)`` puts each batch where ``eval_step`` reads it."""
     loss_sum = correct = tokens = 0.0
     predictions = []
     for n, batch in _eval_batches(ds, batch_size):
+        batch = batch if place is None else place(batch)
         ls, c, t, generated = jax.device_get(eval_step(state.params, state.rest, batch))
         loss_sum, correct, tokens = loss_sum + ls, correct + c, tokens + t
         predictions += [ds.decode(row) for row in generated[:n]]
@@ -546,19 +595,20 @@ def restore_model(
     return nnx.merge(graphdef, state.params, state.rest)
 
 
-def _restore_newest_good(ckpt: Checkpointer, like):
+def _restore_newest_good(ckpt: Checkpointer, like, *, say=tqdm.write):
     """``(step, state)`` of the newest checkpoint that verifies (``(None, like)`` if there
-    is none); newer damaged ones are reported by name and set aside."""
+    is none), restored with the shardings of ``like``; newer damaged ones are reported
+    by name (with ``say``) and set aside."""
     step, state, skipped = ckpt.restore_latest(like)
     for _, why in skipped:
-        tqdm.write(f"skipping {why}")
+        say(f"skipping {why}")
     if step is None:
         return None, like
     moved = [ckpt.set_aside(bad) for bad, _ in skipped]
     note = ""
     if moved:
         note = f" (the newest good one; damaged ones moved to {moved[0].parent})"
-    tqdm.write(f"resumed from {ckpt.path(step)} at step {step}{note}")
+    say(f"resumed from {ckpt.path(step)} at step {step}{note}")
     return step, state
 
 
@@ -583,10 +633,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_writable(workdir, "the lock, config.json and metrics.jsonl")
-    lock = WorkdirLock(workdir).acquire()
+    # Process 0 of a multi-process run holds the lock and writes the files.
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     opened = []  # what _train_locked opens, closed here if it fails
     try:
-        if lock.stale:
+        if lock is not None and lock.stale:
             tqdm.write(f"{workdir}: taking over the lock of a trainer that died ({lock.stale})")
         return _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened)
     except BaseException:
@@ -597,13 +648,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 pass
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) -> dict:
     """:func:`train_and_evaluate` once it holds ``workdir``; appends the checkpointer and
     metrics log it opens to ``opened``."""
     tcfg, ecfg = cfg["train"], cfg["eval"]
+    primary = jax.process_index() == 0  # writes config.json, metrics and messages
+    say = tqdm.write if primary else lambda message: None
     (workdir / "checkpoints").mkdir(exist_ok=True)
     check_writable(workdir / "checkpoints", "checkpoints")
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
@@ -611,9 +665,10 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     start = ckpt.latest_step()
     if start is not None:
         _check_resume(workdir, cfg, start)
-    tmp = workdir / "config.json.tmp"  # the config, and what restore_model needs of the data
-    tmp.write_text(json.dumps({**cfg, "vocab_sizes": _vocab_sizes(train_ds)}, indent=2))
-    os.replace(tmp, workdir / "config.json")
+    if primary:
+        tmp = workdir / "config.json.tmp"  # the config, and what restore_model needs of the data
+        tmp.write_text(json.dumps({**cfg, "vocab_sizes": _vocab_sizes(train_ds)}, indent=2))
+        os.replace(tmp, workdir / "config.json")
 
     num_steps = tcfg["num_steps"]
     schedule = learning_rate_schedule(
@@ -623,19 +678,29 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         decay=tcfg["decay"],
         end_factor=tcfg["end_lr_factor"],
     )
-    mesh = data_parallel_mesh(_num_devices(cfg))
+    mesh, parallelism = _mesh(cfg), _train_option(cfg, "parallelism")
+    rules = sharding.RULES[parallelism]
+    shardings = sharding.state_shardings(state, mesh, rules)
     if mesh.size > 1:
-        tqdm.write(f"data parallel over {mesh.size} {mesh.devices.flat[0].platform} devices")
-    train_step = make_train_step(graphdef, tx, label_smoothing=tcfg["label_smoothing"], mesh=mesh)
-    eval_step = make_eval_step(
+        say(_describe_layout(parallelism, mesh, shardings))
+    train_step = sharding.sharded_train_step(
+        graphdef, tx, label_smoothing=tcfg["label_smoothing"], mesh=mesh, rules=rules
+    )
+    eval_step = sharding.sharded_eval_step(
         graphdef,
         max_len=test_ds.tgt.shape[1],
         beam_size=ecfg["beam_size"],
         length_penalty=ecfg["length_penalty"],
         mesh=mesh,
+        rules=rules,
     )
+
+    def place(batch):  # a batch laid out as the steps read it
+        return sharding.put(batch, sharding.batch_shardings(batch, mesh, rules))
+
     # Evaluation batches are padded anyway: round their size up to split evenly.
-    eval_batch_size = -(-ecfg["batch_size"] // mesh.size) * mesh.size
+    data_size = mesh.shape["data"]
+    eval_batch_size = -(-ecfg["batch_size"] // data_size) * data_size
 
     def run_eval(state):
         return evaluate(
@@ -644,17 +709,22 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
             test_ds,
             batch_size=eval_batch_size,
             bleu_tokenize=ecfg["bleu_tokenize"],
+            place=place,
         )
 
+    # Fresh and restored states get the same placement, hence the same compiled step; a
+    # checkpoint restores straight into it, whatever mesh saved it.
+    state = sharding.put(state, shardings)
     if start is not None:
-        start, state = _restore_newest_good(ckpt, state)
-    # fresh and restored states get the same placement, hence the same compiled step
-    state = jax.device_put(state, replicated(mesh))
-    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start, final_step=num_steps)
+        start, state = _restore_newest_good(ckpt, state, say=say)
+    state = sharding.put(state, shardings)
+    log = MetricsLog(
+        workdir / "metrics.jsonl", resume_step=start, final_step=num_steps, write=primary
+    )
     opened.append(log)
     if log.dropped:
         s = "s" * (log.dropped > 1)
-        tqdm.write(f"{log.path}: dropped {log.dropped} damaged line{s}; kept the others")
+        say(f"{log.path}: dropped {log.dropped} damaged line{s}; kept the others")
     start = start or 0
     if 0 < start < num_steps and _eval_due(tcfg, start) and start not in log.eval_steps:
         m, _ = run_eval(state)  # the run that saved this checkpoint stopped before its eval
@@ -667,12 +737,21 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     tokens_per_step = batch_size * (train_ds.src.shape[1] + train_ds.tgt.shape[1])
     step, saved, interrupted = start, start, None
     finite = _FiniteWatch(ckpt, tcfg)
-    bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=num_steps,
+        initial=start,
+        desc="train",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not primary,
+    )
     window_start, window_steps = time.perf_counter(), 0
     with _StopOnSignal() as stopper:
         while step < stop and stopper.signum is None:
             lr = np.float32(schedule(step))
-            state, metrics = train_step(state, train_ds.sample_batch(seed, step, batch_size), lr)
+            state, metrics = train_step(
+                state, place(train_ds.sample_batch(seed, step, batch_size)), lr
+            )
             step += 1
             window_steps += 1
             bar.update(1)
@@ -705,11 +784,11 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
                 finite.check()
                 m, _ = run_eval(state)
                 log.write({"step": step, "split": "eval", **m})
-                tqdm.write(f"step {step}: eval {m}")
+                say(f"step {step}: eval {m}")
         interrupted = stopper.signum
     bar.close()
     if interrupted is not None:
-        tqdm.write(f"signal {interrupted}: saving a checkpoint at step {step}")
+        say(f"signal {interrupted}: saving a checkpoint at step {step}")
     if saved != step or ckpt.latest_step() is None:
         finite.check_state(step, state)
         ckpt.save(step, state)
@@ -727,7 +806,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         result["interrupted"] = "stop_after_steps"
     if result["interrupted"] is not None:
         again = "" if step > start else " with a larger config.train.stop_after_steps"
-        tqdm.write(f"stopped at step {step}; run the same command{again} to resume")
+        say(f"stopped at step {step}; run the same command{again} to resume")
         log.close()
         ckpt.close()
         return result
@@ -736,6 +815,12 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     log.write({"step": step, "split": "eval", **metrics})
     log.close()
     ckpt.close()
+    result["eval"] = metrics
+    result["heatmaps"] = []
+    if jax.process_count() > 1 and ecfg["num_heatmaps"]:
+        state = sharding.local_copy(state)  # every process takes part in the gather
+    if not primary:
+        return result
     print(
         f"held-out ({len(test_ds)} examples) after {step} steps: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -746,7 +831,6 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
             f"  {mark} {test_ds.src_texts[i]!r:34} -> {predictions[i]!r}"
             f"  (reference {test_ds.tgt_texts[i]!r})"
         )
-    result["eval"] = metrics
     if not cfg.get("write_outside_workdir", True):
         _keep_matplotlib_cache_in(workdir)
     result["heatmaps"] = save_cross_attention_heatmaps(
@@ -780,10 +864,16 @@ overrides:
                         config.model also takes the options of its model class that
                         the config leaves out, e.g. --config.model.layer_norm_eps=1e-6
 
+several processes (hosts): start the same command in each, with
+  --coordinator_address HOST:PORT --num_processes N --process_id I
+  (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); process 0 writes
+  config.json, metrics.jsonl and the plots, all of them the checkpoints (orbax)
+
 examples:
   jattn-train --config dates --workdir workdir/dates
   jattn-train --config copy:small --workdir /tmp/copy --config.train.num_steps=100
-  jattn-train --config path/to/my_config.py --workdir /tmp/mine""",
+  jattn-train --config path/to/my_config.py --workdir /tmp/mine
+  jattn-train --config dates --workdir /tmp/fsdp --config.train.parallelism=fsdp""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -804,6 +894,12 @@ examples:
         metavar="N",
         help="absl logging level: -1 warnings (the default), 0 info (orbax logs every save)",
     )
+    group = parser.add_argument_group(
+        "several processes", "the arguments of jax.distributed.initialize; leave them out for one"
+    )
+    group.add_argument("--coordinator_address", metavar="HOST:PORT", help="process 0's address")
+    group.add_argument("--num_processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process_id", type=int, metavar="I", help="this process, 0 .. N-1")
     return parser
 
 
@@ -839,6 +935,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _argument_parser()
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
+    try:  # before anything touches a device
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         config = config_from_command_line(args.config, overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:

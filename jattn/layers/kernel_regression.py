@@ -8,6 +8,7 @@ from flax import nnx
 
 from jattn.functional import _checks
 from jattn.functional.kernel_regression import parametric_nadaraya_watson
+from jattn.layers.axes import names
 
 __all__ = ["NWKernelRegression"]
 
@@ -42,7 +43,8 @@ class NWKernelRegression(nnx.Module):
         self.num_features = _checks.check_optional_size("num_features", num_features)
         _checks.check_dtype("param_dtype", param_dtype)
         shape = tuple(d for d in (self.num_heads, self.num_features) if d is not None)
-        self.w = nnx.Param(w_init(rngs.params(), shape, param_dtype))
+        axes = ("heads",) * (self.num_heads is not None) + (None,) * (self.num_features is not None)
+        self.w = nnx.Param(w_init(rngs.params(), shape, param_dtype), **names(*axes))
         self.attention_weights = nnx.Intermediate(jnp.zeros((0, 0), jnp.float32))
 
     def __call__(

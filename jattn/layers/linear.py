@@ -17,6 +17,7 @@ from flax import nnx
 
 from jattn.functional import _checks, lowrank
 from jattn.functional import linear as lin
+from jattn.layers.axes import names
 from jattn.layers.multihead import MultiHeadAttention
 
 __all__ = ["KINDS", "LinearAttention", "LinearDecodeState"]
@@ -85,7 +86,13 @@ class LinearAttention(MultiHeadAttention):
                 lowrank.orthogonal_random_features(rngs.params(), num_features, self.head_dim)
             )
         if kind == "gla":
-            self.gate = nnx.Linear(in_features, num_heads * self.head_dim, rngs=rngs)
+            self.gate = nnx.Linear(
+                in_features,
+                num_heads * self.head_dim,  # [N * H]: split over heads, as the projections
+                kernel_metadata=names("embed", "heads"),
+                bias_metadata=names("heads"),
+                rngs=rngs,
+            )
         if kind == "retention":
             self.decay = nnx.data(lin.retnet_decays(num_heads))
 

@@ -14,6 +14,7 @@ from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.masks import causal_mask
 from jattn.functional.positional import rotary_embedding
 from jattn.layers import patterns
+from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, dropout_key
 from jattn.layers.scores import Score
 
@@ -61,7 +62,9 @@ class MultiHeadAttention(TrainEval, nnx.Module):
 
     Parameters have the layout of ``flax.nnx.MultiHeadAttention``: ``query``,
     ``key``, ``value`` are ``nnx.LinearGeneral`` with kernels ``[D, N|K, H]`` and
-    ``out`` has kernel ``[N, Hv, D_out]``, so weights copy across one to one.
+    ``out`` has kernel ``[N, Hv, D_out]``, so weights copy across one to one. Their
+    axes are named ``('embed', 'heads', 'head_dim')`` and ``('heads', 'head_dim',
+    'embed')`` in the sharding metadata (:mod:`jattn.layers.axes`).
 
     Args:
       num_heads: N, the number of query heads.
@@ -176,6 +179,8 @@ class MultiHeadAttention(TrainEval, nnx.Module):
                 param_dtype=param_dtype,
                 kernel_init=kernel_init,
                 bias_init=bias_init,
+                kernel_metadata=names("embed", "heads", "head_dim"),
+                bias_metadata=names("heads", "head_dim"),
                 rngs=rngs,
             )
 
@@ -191,6 +196,8 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             param_dtype=param_dtype,
             kernel_init=out_kernel_init or kernel_init,
             bias_init=bias_init,
+            kernel_metadata=names("heads", "head_dim", "embed"),
+            bias_metadata=names("embed"),
             rngs=rngs,
         )
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else nnx.data(None)

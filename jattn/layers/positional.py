@@ -18,6 +18,7 @@ from jattn.functional.positional import (
     rotary_embedding,
     sinusoidal_encoding,
 )
+from jattn.layers.axes import names
 
 __all__ = [
     "SinusoidalEncoding",
@@ -59,6 +60,7 @@ class LearnedPositionalEmbedding(nnx.Module):
             features,
             param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=names("position", "embed"),
             rngs=rngs,
         )
 
@@ -127,7 +129,13 @@ class RelativePositionBias(nnx.Module):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional
-        self.embedding = nnx.Embed(num_buckets, num_heads, param_dtype=param_dtype, rngs=rngs)
+        self.embedding = nnx.Embed(
+            num_buckets,
+            num_heads,
+            param_dtype=param_dtype,
+            embedding_metadata=names("position", "heads"),
+            rngs=rngs,
+        )
 
     def __call__(self, num_queries: int, num_keys: int, *, offset=0) -> jax.Array:
         rel = _relative_positions(num_queries, num_keys, offset)  # [..., T, S]

@@ -20,6 +20,7 @@ from jattn.functional.scores import (
     bilinear_scores,
     mlp_scores,
 )
+from jattn.layers.axes import names
 
 __all__ = ["Score", "AdditiveScore", "BilinearScore", "MLPScore"]
 
@@ -67,11 +68,17 @@ class AdditiveScore(Score):
     ):
         _check_sizes(param_dtype, num_heads=num_heads, query_head_dim=query_head_dim,
                      key_head_dim=key_head_dim, hidden=hidden)  # fmt: skip
+        axes = names("heads", "head_dim", "mlp")
         self.w_query = nnx.Param(
-            _init(rngs.params(), (num_heads, query_head_dim, hidden), param_dtype)
+            _init(rngs.params(), (num_heads, query_head_dim, hidden), param_dtype), **axes
         )
-        self.w_key = nnx.Param(_init(rngs.params(), (num_heads, key_head_dim, hidden), param_dtype))
-        self.w_value = nnx.Param(_init(rngs.params(), (num_heads, hidden, 1), param_dtype)[..., 0])
+        self.w_key = nnx.Param(
+            _init(rngs.params(), (num_heads, key_head_dim, hidden), param_dtype), **axes
+        )
+        self.w_value = nnx.Param(
+            _init(rngs.params(), (num_heads, hidden, 1), param_dtype)[..., 0],
+            **names("heads", "mlp"),
+        )
 
     def params(self) -> AdditiveParams:
         return AdditiveParams(self.w_query[...], self.w_key[...], self.w_value[...])
@@ -94,7 +101,8 @@ class BilinearScore(Score):
         _check_sizes(param_dtype, num_heads=num_heads, query_head_dim=query_head_dim,
                      key_head_dim=key_head_dim)  # fmt: skip
         self.w = nnx.Param(
-            _init(rngs.params(), (num_heads, query_head_dim, key_head_dim), param_dtype)
+            _init(rngs.params(), (num_heads, query_head_dim, key_head_dim), param_dtype),
+            **names("heads", "head_dim", "head_dim"),
         )
 
     def params(self) -> jax.Array:
@@ -117,11 +125,15 @@ class MLPScore(Score):
     ):
         _check_sizes(param_dtype, num_heads=num_heads, head_dim=head_dim, hidden=hidden)
         shape = (num_heads, head_dim, hidden)
-        self.w_query = nnx.Param(_init(rngs.params(), shape, param_dtype))
-        self.w_key = nnx.Param(_init(rngs.params(), shape, param_dtype))
-        self.w_product = nnx.Param(_init(rngs.params(), shape, param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_heads, hidden), param_dtype))
-        self.w_out = nnx.Param(_init(rngs.params(), (num_heads, hidden, 1), param_dtype)[..., 0])
+        axes = names("heads", "head_dim", "mlp")
+        self.w_query = nnx.Param(_init(rngs.params(), shape, param_dtype), **axes)
+        self.w_key = nnx.Param(_init(rngs.params(), shape, param_dtype), **axes)
+        self.w_product = nnx.Param(_init(rngs.params(), shape, param_dtype), **axes)
+        self.bias = nnx.Param(jnp.zeros((num_heads, hidden), param_dtype), **names("heads", "mlp"))
+        self.w_out = nnx.Param(
+            _init(rngs.params(), (num_heads, hidden, 1), param_dtype)[..., 0],
+            **names("heads", "mlp"),
+        )
 
     def params(self) -> MLPParams:
         return MLPParams(

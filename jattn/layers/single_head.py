@@ -13,6 +13,7 @@ from jattn.functional import _checks
 from jattn.functional.attention import attention
 from jattn.functional.masks import valid_lens_mask
 from jattn.functional.scores import AdditiveParams, additive_scores, scaled_dot_product_scores
+from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, dropout_key
 
 __all__ = ["DotProductAttention", "AdditiveAttention"]
@@ -147,9 +148,14 @@ class AdditiveAttention(_SingleHead):
             raise ValueError("AdditiveAttention needs rngs=nnx.Rngs(...) for its parameters")
         super().__init__(dropout_rate, rngs, deterministic)
         init = nnx.initializers.lecun_normal()
-        self.w_query = nnx.Param(init(rngs.params(), (query_size, num_hiddens), param_dtype))
-        self.w_key = nnx.Param(init(rngs.params(), (key_size, num_hiddens), param_dtype))
-        self.w_value = nnx.Param(init(rngs.params(), (num_hiddens, 1), param_dtype)[:, 0])
+        axes = names("embed", "mlp")
+        self.w_query = nnx.Param(
+            init(rngs.params(), (query_size, num_hiddens), param_dtype), **axes
+        )
+        self.w_key = nnx.Param(init(rngs.params(), (key_size, num_hiddens), param_dtype), **axes)
+        self.w_value = nnx.Param(
+            init(rngs.params(), (num_hiddens, 1), param_dtype)[:, 0], **names("mlp")
+        )
 
     def __call__(
         self, queries, keys, values, valid_lens=None, *, deterministic: bool | None = None

@@ -39,6 +39,7 @@ from jattn.functional import _checks
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention as score_attention
 from jattn.functional.attention import dot_product_attention
+from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import KINDS as LINEAR_KINDS
 from jattn.layers.linear import LinearAttention
@@ -81,6 +82,14 @@ def _check_config(features, num_heads, mlp_features, dropout_rate, activation,
     _checks.check_flag("pre_norm", pre_norm)
     if not isinstance(activation, str) or activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+
+
+def layer_norm(features: int, epsilon: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """``nnx.LayerNorm`` whose scale and bias name their axis ``'norm'``."""
+    axes = names("norm")
+    return nnx.LayerNorm(
+        features, epsilon=epsilon, scale_metadata=axes, bias_metadata=axes, rngs=rngs
+    )
 
 
 def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
@@ -134,8 +143,20 @@ class FeedForward(TrainEval, nnx.Module):
     ):
         _check_config(features, 1, mlp_features, dropout_rate, activation)
         self.activation = activation
-        self.linear1 = nnx.Linear(features, mlp_features, rngs=rngs)
-        self.linear2 = nnx.Linear(mlp_features, features, rngs=rngs)
+        self.linear1 = nnx.Linear(
+            features,
+            mlp_features,
+            kernel_metadata=names("embed", "mlp"),
+            bias_metadata=names("mlp"),
+            rngs=rngs,
+        )
+        self.linear2 = nnx.Linear(
+            mlp_features,
+            features,
+            kernel_metadata=names("mlp", "embed"),
+            bias_metadata=names("embed"),
+            rngs=rngs,
+        )
         self.dropout = Dropout(dropout_rate, deterministic=True, rngs=rngs)
         self.deterministic = True
 
@@ -157,7 +178,7 @@ class _Block(TrainEval, nnx.Module):
         self.features = features
         self.pre_norm = pre_norm
         for i in range(1, num_norms + 1):
-            setattr(self, f"norm{i}", nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs))
+            setattr(self, f"norm{i}", layer_norm(features, layer_norm_eps, rngs=rngs))
         self.mlp = FeedForward(
             features, mlp_features, activation=activation, dropout_rate=dropout_rate, rngs=rngs
         )
@@ -397,9 +418,7 @@ class TransformerEncoder(TrainEval, nnx.Module):
             [EncoderBlock(features, num_heads, mlp_features, mask_mod=m, score_mod=sm, **kw)
              for m, sm in zip(masks, scores, strict=True)]
         )  # fmt: skip
-        self.norm = (
-            nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
-        )
+        self.norm = layer_norm(features, layer_norm_eps, rngs=rngs) if final_norm else None
         self.deterministic = True
 
     def __call__(self, x, *, mask=None, bias=None, is_causal=False, deterministic=None,
@@ -457,9 +476,7 @@ class TransformerDecoder(TrainEval, nnx.Module):
             [DecoderBlock(features, num_heads, mlp_features, mask_mod=m, score_mod=sm, **kw)
              for m, sm in zip(masks, scores, strict=True)]
         )  # fmt: skip
-        self.norm = (
-            nnx.LayerNorm(features, epsilon=layer_norm_eps, rngs=rngs) if final_norm else None
-        )
+        self.norm = layer_norm(features, layer_norm_eps, rngs=rngs) if final_norm else None
         self.deterministic = True
 
     def __call__(self, y, memory, *, self_mask=None, cross_mask=None, self_bias=None,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional import _checks, _sharding
+from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval
 
 __all__ = ["GRUCell", "GRUEncoder"]
@@ -47,10 +48,11 @@ class GRUCell(nnx.Module):
         w_in = nnx.initializers.lecun_normal()(rngs.params(), (in_features, 3 * hidden))
         orth = nnx.initializers.orthogonal()
         w_h = jnp.concatenate([orth(rngs.params(), (hidden, hidden)) for _ in range(3)], axis=1)
-        self.w_input = nnx.Param(w_in)
-        self.b_input = nnx.Param(jnp.zeros((3 * hidden,), jnp.float32))
-        self.w_hidden = nnx.Param(w_h)
-        self.b_hidden = nnx.Param(jnp.zeros((3 * hidden,), jnp.float32))
+        gates = names("mlp")  # [3H]: the r, z, n gates
+        self.w_input = nnx.Param(w_in, **names("embed", "mlp"))
+        self.b_input = nnx.Param(jnp.zeros((3 * hidden,), jnp.float32), **gates)
+        self.w_hidden = nnx.Param(w_h, **names("mlp", "mlp"))
+        self.b_hidden = nnx.Param(jnp.zeros((3 * hidden,), jnp.float32), **gates)
 
     def project_inputs(self, x: jax.Array) -> jax.Array:
         """``x [..., F] -> [..., 3H]``: the input half of the gates (no recurrence)."""

@@ -22,6 +22,7 @@ from jattn.functional import _checks, _sharding
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
+from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.scores import AdditiveScore, BilinearScore
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
@@ -127,8 +128,13 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
         self.score_name = score
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
-        self.src_embed = nnx.Embed(src_vocab_size, embed_dim, rngs=rngs)
-        self.tgt_embed = nnx.Embed(tgt_vocab_size, embed_dim, rngs=rngs)
+        embed_axes = names("vocab", "embed")
+        self.src_embed = nnx.Embed(
+            src_vocab_size, embed_dim, embedding_metadata=embed_axes, rngs=rngs
+        )
+        self.tgt_embed = nnx.Embed(
+            tgt_vocab_size, embed_dim, embedding_metadata=embed_axes, rngs=rngs
+        )
         self.encoder = GRUEncoder(
             embed_dim,
             hidden,
@@ -138,7 +144,13 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
             rngs=rngs,
         )
         # Initial decoder state per layer from that encoder layer's final states.
-        self.bridge = nnx.Linear(key_size, hidden, rngs=rngs)
+        self.bridge = nnx.Linear(
+            key_size,
+            hidden,
+            kernel_metadata=names("mlp", "mlp"),
+            bias_metadata=names("mlp"),
+            rngs=rngs,
+        )
         if score == "additive":
             self.score = AdditiveScore(1, hidden, key_size, hidden, rngs=rngs)
         elif score == "bilinear":
@@ -151,7 +163,13 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
                 for i in range(num_layers)
             ]
         )
-        self.out = nnx.Linear(hidden + key_size, tgt_vocab_size, rngs=rngs)
+        self.out = nnx.Linear(
+            hidden + key_size,
+            tgt_vocab_size,
+            kernel_metadata=names("mlp", "vocab"),
+            bias_metadata=names("vocab"),
+            rngs=rngs,
+        )
         self.dropout = Dropout(
             dropout_rate, deterministic=True, rngs=rngs if dropout_rate > 0 else None
         )

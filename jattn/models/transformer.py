@@ -33,6 +33,7 @@ from jattn.functional._checks import (
     is_int,
 )
 from jattn.functional.masks import key_padding_mask
+from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import LinearDecodeState
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
@@ -45,6 +46,17 @@ __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
 _POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
 
 
+def _output_layer(features: int, vocab_size: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """The projection ``[D] -> [vocab]`` to the logits."""
+    return nnx.Linear(
+        features,
+        vocab_size,
+        kernel_metadata=names("embed", "vocab"),
+        bias_metadata=names("vocab"),
+        rngs=rngs,
+    )
+
+
 class _Embedding(TrainEval, nnx.Module):
     """Token embedding * sqrt(D) + positional encoding, then dropout."""
 
@@ -55,7 +67,9 @@ class _Embedding(TrainEval, nnx.Module):
         check_positive_int("max_len", max_len)
         self.features = features
         self.max_len = max_len
-        self.token = nnx.Embed(vocab_size, features, rngs=rngs)
+        self.token = nnx.Embed(
+            vocab_size, features, embedding_metadata=names("vocab", "embed"), rngs=rngs
+        )
         if positional == "sinusoidal":
             self.position = SinusoidalEncoding(features, max_len)
         elif positional == "learned":
@@ -218,7 +232,7 @@ class Transformer(TrainEval, nnx.Module):
             self.tgt_embed = _Embedding(
                 tgt_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
             )
-            self.output = nnx.Linear(features, tgt_vocab_size, rngs=rngs)
+            self.output = _output_layer(features, tgt_vocab_size, rngs=rngs)
         # num_layers is checked by the stacks; an override is checked here, by its name
         for name, value in (("num_encoder_layers", num_encoder_layers),
                             ("num_decoder_layers", num_decoder_layers)):  # fmt: skip
@@ -388,7 +402,7 @@ class DecoderLM(TrainEval, nnx.Module):
         check_special_ids(vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
-        self.output = None if tie_embeddings else nnx.Linear(features, vocab_size, rngs=rngs)
+        self.output = None if tie_embeddings else _output_layer(features, vocab_size, rngs=rngs)
         self.max_len = max_len
         self.deterministic = True  # eval; train() / eval() switch every layer
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
@@ -582,7 +596,13 @@ class EncoderClassifier(TrainEval, nnx.Module):
         _check_bidirectional(attention)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
-        self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
+        self.classifier = nnx.Linear(
+            features,
+            num_classes,
+            kernel_metadata=names("embed", None),
+            bias_metadata=names(None),
+            rngs=rngs,
+        )
         self.pooling = pooling
         self.max_len = max_len
         self.deterministic = True  # eval; train() / eval() switch every layer

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 __all__ = ["CheckpointError", "Checkpointer", "MetricsLog", "checksums", "read_metrics"]
 
@@ -36,9 +37,15 @@ def _flat(tree) -> dict:
 
 
 def _host_values(flat: dict) -> dict:
+    """The whole value of each array on this host. An array split over the devices of
+    several processes is gathered from all of them (a collective: every process of
+    the run saves and restores together, as orbax needs anyway)."""
+
     def data(leaf):  # typed PRNG keys hash by their raw key data
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.random.key_data(leaf)
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return multihost_utils.process_allgather(leaf, tiled=True)
         return leaf
 
     return jax.device_get({k: data(v) for k, v in flat.items()})
@@ -163,7 +170,12 @@ class Checkpointer:
     def restore(self, step: int, like):
         """The state saved at ``step``, with the pytree structure of ``like``, verified
         against the checksums recorded at save time (:class:`CheckpointError` if it
-        differs or cannot be read; a warning for one saved before checksums existed)."""
+        differs or cannot be read; a warning for one saved before checksums existed).
+
+        Each array is restored with the sharding of its counterpart in ``like``: a
+        checkpoint saved on one mesh (8 devices, parameters split) resumes on another
+        (4 devices, or 1) when ``like`` is placed there.
+        """
         where = self.path(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(like))
         try:
@@ -255,12 +267,21 @@ class MetricsLog:
     again). Damaged lines (a torn last line from a killed process, bytes that are not
     UTF-8 or not a JSON record) are dropped and counted in :attr:`dropped`. The kept
     lines replace the file atomically (a temporary file, then ``os.replace``).
+
+    With ``write=False`` (the processes other than process 0 of a multi-process run)
+    the log reads the file for :attr:`eval_steps` and never writes it.
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, resume_step: int | None, final_step: int | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        resume_step: int | None,
+        final_step: int | None = None,
+        write: bool = True,
     ):
         self.path = Path(path)
+        self._file = None
         kept = []
         self.eval_steps: set[int] = set()  # steps of the eval records kept on resume
         self.dropped = 0  # damaged lines dropped on resume
@@ -278,6 +299,8 @@ class MetricsLog:
                     kept.append(line + b"\n")
                     if record["split"] == "eval":
                         self.eval_steps.add(record["step"])
+        if not write:
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "wb") as f:
@@ -298,6 +321,8 @@ class MetricsLog:
         )
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            return
         try:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -306,7 +331,8 @@ class MetricsLog:
             raise self._write_error(e) from e
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

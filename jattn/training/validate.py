@@ -7,6 +7,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from jattn.training.sharding import STRATEGIES
+
 __all__ = ["DEFAULTS", "check_fields", "check_heads_divide", "check_sizes", "unknown_field"]
 
 _POS_INT = "a positive int"
@@ -14,6 +16,7 @@ _NONNEG_INT = "an int >= 0"
 _POS_FLOAT = "a finite number > 0"
 _NONNEG_FLOAT = "a finite number >= 0"
 _UNIT = "a number in [0, 1)"
+_MESH_SHAPE = "a tuple of positive ints (one of them may be -1)"
 
 
 def _ok(kind: str, value: Any) -> bool:
@@ -29,6 +32,10 @@ def _ok(kind: str, value: Any) -> bool:
         return is_num and value >= 0
     if kind == _UNIT:
         return is_num and 0 <= value < 1
+    if kind == _MESH_SHAPE:  # a list once saved in config.json
+        return isinstance(value, tuple | list) and all(
+            isinstance(n, int) and not isinstance(n, bool) and (n > 0 or n == -1) for n in value
+        )
     if isinstance(kind, tuple):  # one of the allowed strings
         return value in kind
     if kind is str:
@@ -86,6 +93,8 @@ SCHEMAS = {
         "eval_every": _NONNEG_INT,
         "stop_after_steps": _NONNEG_INT,
         "num_devices": _NONNEG_INT,
+        "parallelism": STRATEGIES,
+        "mesh_shape": _MESH_SHAPE,
     },
     "eval": {
         "batch_size": _POS_INT,
@@ -99,7 +108,11 @@ SCHEMAS = {
 
 # Optional fields and their values when a config leaves them out.
 DEFAULTS = {
-    "train": {"num_devices": 0},  # data parallel over this many local devices; 0: all
+    "train": {
+        "num_devices": 0,  # train over this many devices; 0: all
+        "parallelism": "data",  # a strategy of jattn.training.sharding
+        "mesh_shape": (),  # the sizes of its mesh axes; (): all devices on one axis
+    },
 }
 
 # Model options whose value is a size: they must be positive ints.
