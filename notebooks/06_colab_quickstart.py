@@ -112,3 +112,17 @@ plot_attention_grid(
     batch_index=0,
     title=f"causal self-attention on {backend}",
 )
+
+# %% [markdown]
+# ## Many devices: a TPU slice, several hosts
+#
+# A Colab TPU has 8 cores. `jattn-train --config dates --config.train.parallelism=fsdp` (or
+# `data`, `tensor`, `sequence`) lays a training run out over all of them. A sequence sharded
+# over a mesh axis (`jax.make_mesh((8,), ("seq",))`, `jax.device_put(x, NamedSharding(mesh,
+# P(None, "seq")))`) runs ring attention by itself: see notebook 10. On a multi-host TPU slice
+# or a GPU cluster every host runs the same command and JAX connects them: call
+# `jax.distributed.initialize()` before anything else in your own program, or pass
+# `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to `jattn-train`.
+
+# %%
+print(f"{jax.device_count()} devices on {jax.process_count()} process(es): {jax.devices()}")

@@ -457,15 +457,18 @@ def _plan(strategy, where, spec, mesh, axis_name, layout) -> _Call:
         )
     n_l, k_l = n // heads, k // heads  # heads per device before the exchange
     per, group = n_l // size, n_l // k_l
-    if strategy == "ulysses" and (
-        n_l % size or (k_l % size and (per == 0 or (per % group and group % per)))
-    ):
+    if strategy == "ulysses" and n_l % size:
         raise ValueError(
             f"ulysses_attention splits the query heads over the {size} devices of axis "
-            f"{axis_name!r}: it needs N={n_l} query heads per device a multiple of {size}, "
-            f"and K={k_l} key/value heads a multiple of {size} too, or each device's "
-            f"{max(per, 1)} query heads whole groups of G={group} (or within one); use "
-            "ring_attention or all_gather_attention"
+            f"{axis_name!r}: it needs N={n_l} query heads per device a multiple of {size}; "
+            "use ring_attention or all_gather_attention"
+        )
+    if strategy == "ulysses" and k_l % size and per % group and group % per:
+        raise ValueError(
+            f"ulysses_attention gives each of the {size} devices {per} query heads: with "
+            f"K={k_l} key/value heads (not a multiple of {size}) they must be whole groups "
+            f"of G={group} query heads or lie within one; use ring_attention or "
+            "all_gather_attention"
         )
     return _Call(strategy, mesh, axis_name, size, layout, batch_entries, head_entry, pad_q, pad_kv)
 
