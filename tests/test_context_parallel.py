@@ -174,6 +174,27 @@ SCRIPT = textwrap.dedent(
                       ).lower(*put).compile().as_text()
         out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True))(*put)
     err = float(np.max(np.abs(np.asarray(out) - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+    # a key padding mask array [B, 1, 1, S] (as the models pass) is a mask over keys
+    valid = np.array([48, 20, 33, 5])[:, None, None, None]
+    pad = jnp.asarray(np.arange(T)[None, None, None, :] < valid)
+    ref_pad = jattn.dot_product_attention(*a32, mask=pad, implementation="dense")
+    with jax.set_mesh(mesh):
+        out_pad = jax.jit(lambda q, k, v, m: jattn.dot_product_attention(q, k, v, mask=m))(
+            *put, pad)
+    results["key_mask"] = float(np.max(np.abs(np.asarray(out_pad) - ref_pad)))
+    # a decoder LM on tokens sharded along the sequence: its attention runs the ring
+    from flax import nnx
+    from jattn.models import DecoderLM
+    lm = DecoderLM(20, num_layers=1, features=16, num_heads=4, max_len=64, rngs=nnx.Rngs(0))
+    tok = jnp.asarray(rng.integers(3, 20, (4, T)), jnp.int32)
+    ref_lm = lm(tok)
+    with jax.set_mesh(mesh):
+        ts = jax.device_put(tok, NamedSharding(mesh, spec))
+        out_lm = nnx.jit(lambda m, t: m(t))(lm, ts)
+        lm_hlo = jax.jit(lambda t: lm(t)).lower(ts).compile().as_text()
+    results["lm"] = {"out": float(np.max(np.abs(np.asarray(out_lm) - ref_lm))),
+                     "spec": str(out_lm.sharding.spec),
+                     "collective_permute": "collective-permute" in lm_hlo}
     results["dispatch"] = {"chosen": chosen, "out": err,
                            "spec": str(out.sharding.spec),
                            "collective_permute": "collective-permute" in hlo,
@@ -239,6 +260,10 @@ def test_sequence_sharded_inputs_run_the_ring(results):
     assert r["out"] <= 1e-6
     assert r["spec"] == "P('data', 'seq', None, None)"
     assert r["collective_permute"] and not r["all_gather"]
+    assert results["key_mask"] <= 1e-6
+    lm = results["lm"]
+    assert lm["out"] <= 1e-5 and lm["collective_permute"], lm
+    assert lm["spec"] == "P('data', 'seq', None)", lm
 
 
 # ---------------------------------------------------------------------- in this process
@@ -302,3 +327,6 @@ def test_unsupported_options_are_named():
     # through dot_product_attention: a bias is not taken by the context-parallel paths
     with pytest.raises(ValueError, match=r"implementation='ring'\) does not take a bias"):
         jattn.dot_product_attention(q, q, q, jnp.zeros((8, 8)), implementation="ring")
+    # nor a mask array over queries and keys (a key or query mask is taken)
+    with pytest.raises(ValueError, match=r"varies along both queries and keys \(shape \[8, 8\]\)"):
+        jattn.dot_product_attention(q, q, q, mask=jnp.ones((8, 8), bool), implementation="ring")

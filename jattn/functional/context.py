@@ -188,7 +188,6 @@ class _Call(NamedTuple):
 
 _UNSUPPORTED = {
     "bias": "a bias array (use a score_mod over global positions)",
-    "mask": "a mask array (use a mask_mod over global positions, e.g. jattn.mods.segments)",
     "dropout_rate": "dropout",
     "block_mask": "a block_mask (built for the whole T x S; pass its mask_mod)",
 }
@@ -338,6 +337,7 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
         value = getattr(spec, name)
         if value is not None and not (name == "dropout_rate" and value == 0.0):
             raise ValueError(f"{where} does not take {what}")
+    mask_mod = _mask_array_mod(where, spec)
     if spec.fully_masked != "zeros":
         raise ValueError(
             f"{where} gives zeros for fully masked rows; fully_masked={spec.fully_masked!r} "
@@ -359,6 +359,8 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
         value = jnp.pad(value, pad + [(0, call.pad_kv), (0, 0), (0, 0)])
     t, s = spec.query.shape[-3], spec.key.shape[-3]
     mm = mods.spec_mask_mod(spec)
+    if mask_mod is not None:
+        mm = mask_mod if mm is None else mods.and_masks(mm, mask_mod)
     if call.pad_kv:  # padding keys are never seen (padding queries are sliced off)
         real = mods.lengths(None, s)
         mm = real if mm is None else mods.and_masks(mm, real)
@@ -400,6 +402,44 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
         return x[cut]
 
     return tuple(unpad(x) for x in result) if spec.return_residual else unpad(result)
+
+
+def _mask_array_problem(spec: _checks.AttentionSpec) -> str | None:
+    """Why a call's boolean ``mask`` array cannot be a mask over global positions, else
+    None: it may vary along queries or along keys, not both (a key padding mask
+    ``[B, 1, 1, S]`` or a query mask ``[B, 1, T, 1]``; a full ``[T, S]`` mask array would
+    be ``T x S`` on every device)."""
+    if not dispatch._full_mask_array(spec):
+        return None
+    mask = spec.mask
+    return (
+        f"a mask array that varies along both queries and keys (shape {list(mask.shape)}): "
+        "write it as a mask_mod over global positions (jattn.mods), or give a key mask "
+        "[B, 1, 1, S] / query mask [B, 1, T, 1]"
+    )
+
+
+def _mask_entry(arr, b, n, q, kv):
+    """``arr [B|1, N|1, T|1, S|1]`` at the (global) indices, its size-1 axes broadcast."""
+    idx = tuple(0 if size == 1 else i for size, i in zip(arr.shape, (b, n, q, kv), strict=True))
+    return arr[idx]
+
+
+def _mask_array_mod(where: str, spec: _checks.AttentionSpec):
+    """A boolean ``mask`` array of a call as a mask_mod (None without one)."""
+    problem = _mask_array_problem(spec)
+    if problem is not None:
+        raise ValueError(f"{where} does not take {problem}")
+    if spec.mask is None:
+        return None
+    mask, nb = spec.mask, len(spec.batch_shape)
+    mask = mask.reshape((1,) * (nb + 3 - mask.ndim) + mask.shape)
+    if any(d != 1 for d in mask.shape[:nb]):  # the batch axes flattened, as the mods see b
+        mask = jnp.broadcast_to(mask, spec.batch_shape + mask.shape[nb:])
+        mask = mask.reshape((-1,) + mask.shape[nb:])
+    else:
+        mask = mask.reshape((1,) + mask.shape[nb:])
+    return mods.Mod(_mask_entry, mask)
 
 
 def _plan(strategy, where, spec, mesh, axis_name, layout) -> _Call:

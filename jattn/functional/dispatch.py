@@ -114,13 +114,19 @@ def dense_in_layout(query, key, *arrays) -> bool:
     )
 
 
+def _full_mask_array(spec: AttentionSpec) -> bool:
+    """A mask array that varies along both T and S (the ring takes key or query masks)."""
+    mask = spec.mask
+    return mask is not None and mask.ndim >= 2 and mask.shape[-1] > 1 and mask.shape[-2] > 1
+
+
 def _ring_problems(spec: AttentionSpec) -> list[str]:
     """What the context-parallel paths do not take (they run only with none of it)."""
     problems = [
         what
         for what, present in (
             ("a bias array", spec.bias is not None),
-            ("a mask array", spec.mask is not None),
+            ("a mask array over queries and keys", _full_mask_array(spec)),
             ("dropout", spec.dropout_rate > 0.0),
             ("a block_mask", spec.block_mask is not None),
             ("fully_masked='uniform'", spec.fully_masked != "zeros"),
