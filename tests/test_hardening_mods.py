@@ -463,3 +463,27 @@ def test_numpy_probs_and_dims_give_what_floats_and_ints_give(p, rows, cols):
     a = stochastic.fold_in(KEY, np.int64(rows))
     b = stochastic.fold_in(KEY, jnp.uint32(rows))
     np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_per_head_arrays_need_one_entry_per_head(count):
+    # slopes[n] past the end would silently reuse the last slope
+    q = jnp.ones((1, 6, 4, 8))
+    alibi = mods.alibi(jattn.alibi_slopes(count))
+    with pytest.raises(ValueError, match=f"alibi's slopes has {count} entries, one per query "
+                       "head, but the call has N=4 query heads"):  # fmt: skip
+        jattn.dot_product_attention(q, q, q, score_mod=alibi)
+    # inside a combinator, and a T5 table's columns
+    t5 = mods.relative_position_bias(jnp.zeros((8, count)))
+    with pytest.raises(ValueError, match=f"table \\(its columns\\) has {count} entries"):
+        jattn.dot_product_attention(q, q, q, score_mod=mods.chain_scores(mods.softcap(5.0), t5))
+    ok = jattn.dot_product_attention(q, q, q, score_mod=mods.alibi(jattn.alibi_slopes(4)))
+    assert ok.shape == q.shape
+
+
+@pytest.mark.parametrize("window", [np.int32(2), jnp.int32(2), np.array(2), (np.array(2), 2)])
+def test_concrete_int_arrays_are_windows(window):
+    q = jax.random.normal(jax.random.key(0), (1, 9, 2, 4))
+    got = jattn.dot_product_attention(q, q, q, local_window_size=window)
+    want = jattn.dot_product_attention(q, q, q, local_window_size=(2, 2))
+    np.testing.assert_array_equal(got, want)

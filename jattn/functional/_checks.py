@@ -176,6 +176,15 @@ def check_bool_mask(name: str, mask, *, hint: str = "add float masks to the logi
     return mask
 
 
+def _concrete_int(x):
+    """A concrete 0-d integer array (NumPy or JAX, not traced) as a Python int; anything
+    else as it is."""
+    dtype = getattr(x, "dtype", None)
+    if getattr(x, "ndim", None) == 0 and dtype is not None and jnp.issubdtype(dtype, jnp.integer):
+        return int(x)
+    return x
+
+
 def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
     parts = window if isinstance(window, tuple | list) else (window,)
     if any(isinstance(w, jax.core.Tracer) for w in parts):
@@ -184,6 +193,8 @@ def _as_window(window: int | tuple[int, int]) -> tuple[int, int]:
             f"ints, got a traced value {window!r} (under jax.jit, close over the window or "
             "mark it static_argnames)"
         )
+    window = _concrete_int(window) if not isinstance(window, tuple | list) else (
+        tuple(_concrete_int(w) for w in window))  # fmt: skip
     if is_int(window):
         window = (window, window)
     if (
@@ -564,6 +575,10 @@ def check_mods(mask_mod, score_mod, block_mask, query, key):
     ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function {name}({args}), got {type(fn).__name__}")
+    from jattn.functional import mods  # mods imports this module
+
+    for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+        mods.check_heads(name, fn, query.shape[-2])
     if block_mask is None:
         return mask_mod
     if not all(hasattr(block_mask, a) for a in ("mask_mod", "seq_lengths", "block_map")):

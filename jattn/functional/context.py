@@ -162,6 +162,9 @@ def _global(mod, place, q_dev, kv_dev, b_offsets, n_off, *args):
     return mod(*score, b, n, q, kv)
 
 
+_global.remaps_heads = True  # the heads it sees are global: checked at the boundary
+
+
 def _at(mod, place: _Place, q_dev, kv_dev, b_offsets, n_off):
     """``mod`` (over global indices) as a mod over this device's local indices."""
     if mod is None:

@@ -671,6 +671,38 @@ def relative_position_bias(
     return Mod(_t5, table, _Static((bool(bidirectional), int(num_buckets), int(max_distance))))
 
 
+def _head_arrays(mod) -> list[tuple[str, int]]:
+    """``(what, count)`` of each array inside ``mod`` (a :class:`Mod`, through its
+    combinators) that is read at the query head ``n``. A mod that maps ``n`` to other
+    heads (a sequence shard's global heads) is not looked into."""
+    found = []
+
+    def walk(m):
+        if not isinstance(m, Mod) or getattr(m.fn, "remaps_heads", False):
+            return
+        if m.fn is _alibi:
+            found.append(("alibi's slopes", m.params[0].shape[0]))
+        elif m.fn is _t5:
+            found.append(("relative_position_bias's table (its columns)", m.params[0].shape[1]))
+        for p in m.params:
+            walk(p)
+
+    walk(mod)
+    return found
+
+
+def check_heads(name: str, mod, num_heads: int) -> None:
+    """A ValueError when an array of ``mod`` read per query head (ALiBi slopes, a T5
+    table's columns) does not have one entry per head: indexing past its end would
+    silently reuse the last entry."""
+    for what, count in _head_arrays(mod):
+        if count != num_heads:
+            raise ValueError(
+                f"{name}: {what} has {count} entries, one per query head, but the call has "
+                f"N={num_heads} query heads"
+            )
+
+
 def _softcap(cap, score, b, n, q, kv):
     return cap * jnp.tanh(score / cap)
 
