@@ -1,7 +1,9 @@
 """Flax NNX layers over the functional core."""
 
+from jattn.layers.composite import ParallelAttention, SeriesAttention
 from jattn.layers.dropout import Dropout
 from jattn.layers.flax_compat import flax_attention_fn
+from jattn.layers.gating import GatedAttention, MixtureOfHeads, sown_aux_loss
 from jattn.layers.kernel_regression import NWKernelRegression
 from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
@@ -22,14 +24,19 @@ __all__ = [
     "BilinearScore",
     "DotProductAttention",
     "Dropout",
+    "GatedAttention",
     "LearnedPositionalEmbedding",
     "LinearAttention",
     "MLPScore",
+    "MixtureOfHeads",
     "MultiHeadAttention",
     "NWKernelRegression",
+    "ParallelAttention",
     "RelativePositionBias",
     "RotaryEmbedding",
     "Score",
+    "SeriesAttention",
     "SinusoidalEncoding",
     "flax_attention_fn",
+    "sown_aux_loss",
 ]

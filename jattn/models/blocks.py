@@ -20,6 +20,15 @@ seen from the cache positions. Cross-attention takes none.
 ``"retention"``, ``"gla"``), which decodes with a constant-size state through the same
 ``init_cache``/``step`` protocol. Cross-attention stays softmax.
 
+``layer_pattern`` gives a stack's layers types in a pattern, as a config field can:
+``"local, local, global"`` (or a list of names), repeated over the layers (layer i
+takes entry ``i % len(pattern)``). The types (:data:`LAYER_TYPES`): ``"global"``
+(softmax attention over every position the block allows), ``"local"`` (softmax in a
+sliding window: keys at most ``local_window`` positions from the query; causal
+blocks see only the earlier side) and the :class:`jattn.layers.LinearAttention` kinds.
+A layer's own ``mask_mod`` still applies (with the window, by logical and); the
+pattern replaces ``attention``, so a stack takes one or the other.
+
 Training mode follows Flax's convention: every block and stack has a ``deterministic``
 attribute (True, eval, when built) that ``module.train()`` / ``module.eval()`` switch
 with those of all its sublayers; a call's ``deterministic=None`` (the default) uses it,
@@ -35,16 +44,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _checks
+from jattn.functional import _checks, mods
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention as score_attention
 from jattn.functional.attention import dot_product_attention
 from jattn.layers.axes import names
+from jattn.layers.composite import pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import KINDS as LINEAR_KINDS
 from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
-from jattn.layers.patterns import per_layer
+from jattn.layers.patterns import mask_pattern, per_layer
 from jattn.layers.scores import Score
 from jattn.models.decoding import (
     KVCache,
@@ -56,6 +66,7 @@ from jattn.models.decoding import (
 )
 
 __all__ = [
+    "LAYER_TYPES",
     "FeedForward",
     "EncoderBlock",
     "DecoderBlock",
@@ -63,6 +74,9 @@ __all__ = [
     "TransformerDecoder",
     "RotaryAttention",
 ]
+
+#: The layer types of a ``layer_pattern``.
+LAYER_TYPES = ("global", "local", *LINEAR_KINDS)
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
@@ -120,6 +134,44 @@ def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rot
         score_mod=score_mod,
         rngs=rngs,
     )
+
+
+def _layer_plan(num_layers: int, *, layer_pattern=None, local_window=None, attention="softmax",
+                mask_mod=None, score_mod=None) -> list[tuple[str, object, object]]:  # fmt: skip
+    """``(attention, mask_mod, score_mod)`` of each of a stack's ``num_layers`` layers,
+    from one value or a list per layer (``mask_mod``, ``score_mod``) and a
+    ``layer_pattern`` (module docstring) with the window of its ``"local"`` layers."""
+    masks = per_layer(mask_mod, num_layers, "mask_mod")
+    scores = per_layer(score_mod, num_layers, "score_mod")
+    if layer_pattern is None:
+        if local_window is not None:
+            raise ValueError(
+                "local_window is the window of a layer_pattern's 'local' layers, and there "
+                "is no layer_pattern"
+            )
+        return [(attention, m, sm) for m, sm in zip(masks, scores, strict=True)]
+    if attention != "softmax":
+        raise ValueError(
+            f"give either attention={attention!r} (every layer) or layer_pattern (per "
+            "layer), not both"
+        )
+    types = pattern_names(layer_pattern, LAYER_TYPES, num_layers=num_layers,
+                          name="layer_pattern")  # fmt: skip
+    window = None
+    if "local" in types:
+        if local_window is None:
+            raise ValueError(
+                f"layer_pattern {layer_pattern!r} has 'local' layers: set local_window, "
+                "the most positions a query of theirs looks back (a positive int)"
+            )
+        window = mods.sliding_window(check_positive_int("local_window", local_window))
+    plan = []
+    for kind, m, sm in zip(types, masks, scores, strict=True):
+        if kind == "local":
+            own = mask_pattern(m)
+            m = window if own is None else mods.and_masks(window, own)
+        plan.append(("softmax" if kind in ("global", "local") else kind, m, sm))
+    return plan
 
 
 class FeedForward(TrainEval, nnx.Module):
@@ -380,11 +432,20 @@ class DecoderBlock(_Block):
 
 def _stack_kwargs(kw):
     return {k: kw[k] for k in ("dropout_rate", "pre_norm", "activation", "layer_norm_eps",
-                               "attention_fn", "score", "rotary", "attention", "rngs")}  # fmt: skip
+                               "attention_fn", "score", "rotary", "rngs")}  # fmt: skip
+
+
+def _plan(kw):
+    return _layer_plan(kw["num_layers"], layer_pattern=kw["layer_pattern"],
+                       local_window=kw["local_window"], attention=kw["attention"],
+                       mask_mod=kw["mask_mod"], score_mod=kw["score_mod"])  # fmt: skip
 
 
 class TransformerEncoder(TrainEval, nnx.Module):
     """A stack of :class:`EncoderBlock` (``layers``) and an optional final ``norm``.
+
+    ``layer_pattern`` (with ``local_window``) gives each layer a type, e.g. ``"local,
+    local, global"`` (see the module docstring).
 
     ``final_norm=True`` adds a LayerNorm after the last block (needed with pre-norm;
     ``torch.nn.Transformer`` has one in both orders); ``norm`` is ``None`` otherwise.
@@ -408,15 +469,15 @@ class TransformerEncoder(TrainEval, nnx.Module):
         mask_mod=None,
         score_mod=None,
         attention: str = "softmax",
+        layer_pattern=None,
+        local_window: int | None = None,
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_layers", num_layers)
-        kw = _stack_kwargs(locals())
-        masks = per_layer(mask_mod, num_layers, "mask_mod")
-        scores = per_layer(score_mod, num_layers, "score_mod")
+        kw, plan = _stack_kwargs(locals()), _plan(locals())
         self.layers = nnx.List(
-            [EncoderBlock(features, num_heads, mlp_features, mask_mod=m, score_mod=sm, **kw)
-             for m, sm in zip(masks, scores, strict=True)]
+            [EncoderBlock(features, num_heads, mlp_features, attention=a, mask_mod=m, score_mod=sm,
+                   **kw) for a, m, sm in plan]
         )  # fmt: skip
         self.norm = layer_norm(features, layer_norm_eps, rngs=rngs) if final_norm else None
         self.deterministic = True
@@ -446,7 +507,9 @@ class TransformerEncoder(TrainEval, nnx.Module):
 
 
 class TransformerDecoder(TrainEval, nnx.Module):
-    """A stack of :class:`DecoderBlock` (``layers``) and an optional final ``norm``."""
+    """A stack of :class:`DecoderBlock` (``layers``) and an optional final ``norm``;
+    ``layer_pattern`` and ``local_window`` type its self-attention layers as
+    :class:`TransformerEncoder`'s."""
 
     def __init__(
         self,
@@ -466,15 +529,15 @@ class TransformerDecoder(TrainEval, nnx.Module):
         mask_mod=None,
         score_mod=None,
         attention: str = "softmax",
+        layer_pattern=None,
+        local_window: int | None = None,
         rngs: nnx.Rngs,
     ):
         check_positive_int("num_layers", num_layers)
-        kw = _stack_kwargs(locals())
-        masks = per_layer(mask_mod, num_layers, "mask_mod")
-        scores = per_layer(score_mod, num_layers, "score_mod")
+        kw, plan = _stack_kwargs(locals()), _plan(locals())
         self.layers = nnx.List(
-            [DecoderBlock(features, num_heads, mlp_features, mask_mod=m, score_mod=sm, **kw)
-             for m, sm in zip(masks, scores, strict=True)]
+            [DecoderBlock(features, num_heads, mlp_features, attention=a, mask_mod=m, score_mod=sm,
+                   **kw) for a, m, sm in plan]
         )  # fmt: skip
         self.norm = layer_norm(features, layer_norm_eps, rngs=rngs) if final_norm else None
         self.deterministic = True

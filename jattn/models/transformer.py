@@ -34,11 +34,17 @@ from jattn.functional._checks import (
 )
 from jattn.functional.masks import key_padding_mask
 from jattn.layers.axes import names
+from jattn.layers.composite import pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import LinearDecodeState
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
-from jattn.models.blocks import TransformerDecoder, TransformerEncoder, _check_config
+from jattn.models.blocks import (
+    LAYER_TYPES,
+    TransformerDecoder,
+    TransformerEncoder,
+    _check_config,
+)
 from jattn.models.decoding import beam_search, greedy_search, per_example
 
 __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
@@ -112,7 +118,8 @@ def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
 
 def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
                    layer_norm_eps, final_norm, attention_fn, score, positional,
-                   mask_mod=None, score_mod=None, attention="softmax"):  # fmt: skip
+                   mask_mod=None, score_mod=None, attention="softmax", layer_pattern=None,
+                   local_window=None):  # fmt: skip
     """Validates the options (before any parameter is created) and returns the stack kwargs."""
     if mlp_features is None and is_int(features):
         mlp_features = 4 * features
@@ -137,15 +144,25 @@ def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, ac
         mask_mod=mask_mod,
         score_mod=score_mod,
         attention=attention,
+        layer_pattern=layer_pattern,
+        local_window=local_window,
     )
 
 
-def _check_bidirectional(attention: str) -> None:
+def _check_bidirectional(attention: str, layer_pattern=None) -> None:
     if attention in ("retention", "gla"):
         raise ValueError(
             f"attention={attention!r} is causal only, and this model's encoder attends both "
             "ways: use it in a DecoderLM, or 'linear'/'performer' here"
         )
+    if layer_pattern is None:
+        return
+    for kind in pattern_names(layer_pattern, LAYER_TYPES, name="layer_pattern"):
+        if kind in ("retention", "gla"):
+            raise ValueError(
+                f"layer_pattern {layer_pattern!r} has {kind!r} layers, which are causal only, "
+                "and this model's encoder attends both ways: use them in a DecoderLM"
+            )
 
 
 class Transformer(TrainEval, nnx.Module):
@@ -178,6 +195,12 @@ class Transformer(TrainEval, nnx.Module):
         :class:`jattn.layers.LinearAttention` kind (``"linear"``, ``"performer"``; the
         causal-only ``"retention"`` and ``"gla"`` where every self-attention is causal:
         :class:`DecoderLM`). Linear layers decode with a constant-size state.
+      layer_pattern: instead of ``attention``, a type per layer, as a config can give
+        it: ``"local, local, global"`` or a list, repeated over each stack's layers;
+        types ``"global"``, ``"local"`` (a sliding window of ``local_window``
+        positions each side, only the earlier one in causal stacks) and the
+        LinearAttention kinds (:mod:`jattn.models.blocks`).
+      local_window: the window of the ``"local"`` layers (a positive int).
     """
 
     def __init__(
@@ -207,6 +230,8 @@ class Transformer(TrainEval, nnx.Module):
         mask_mod=None,
         score_mod=None,
         attention: str = "softmax",
+        layer_pattern=None,
+        local_window: int | None = None,
         rngs: nnx.Rngs,
     ):
         check_size("src_vocab_size", src_vocab_size)
@@ -218,7 +243,8 @@ class Transformer(TrainEval, nnx.Module):
             )
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional, mask_mod, score_mod, attention)  # fmt: skip
+                              positional, mask_mod, score_mod, attention, layer_pattern,
+                              local_window)  # fmt: skip
         self.src_embed = _Embedding(
             src_vocab_size, features, max_len, positional, dropout_rate, rngs=rngs
         )
@@ -244,7 +270,7 @@ class Transformer(TrainEval, nnx.Module):
         check_special_ids(
             src_vocab_size, "source vocabulary", vocab_name="src_vocab_size", pad_id=pad_id
         )
-        _check_bidirectional(attention)
+        _check_bidirectional(attention, layer_pattern)
         enc = num_layers if num_encoder_layers is None else num_encoder_layers
         dec = num_layers if num_decoder_layers is None else num_decoder_layers
         self.encoder = TransformerEncoder(enc, rngs=rngs, **opts)
@@ -394,11 +420,14 @@ class DecoderLM(TrainEval, nnx.Module):
         mask_mod=None,
         score_mod=None,
         attention: str = "softmax",
+        layer_pattern=None,
+        local_window: int | None = None,
         rngs: nnx.Rngs,
     ):
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional, mask_mod, score_mod, attention)  # fmt: skip
+                              positional, mask_mod, score_mod, attention, layer_pattern,
+                              local_window)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
@@ -584,6 +613,8 @@ class EncoderClassifier(TrainEval, nnx.Module):
         mask_mod=None,
         score_mod=None,
         attention: str = "softmax",
+        layer_pattern=None,
+        local_window: int | None = None,
         rngs: nnx.Rngs,
     ):
         if pooling not in ("mean", "cls"):
@@ -591,9 +622,10 @@ class EncoderClassifier(TrainEval, nnx.Module):
         check_positive_int("num_classes", num_classes)
         opts = _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm,
                               activation, layer_norm_eps, final_norm, attention_fn, score,
-                              positional, mask_mod, score_mod, attention)  # fmt: skip
+                              positional, mask_mod, score_mod, attention, layer_pattern,
+                              local_window)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id)
-        _check_bidirectional(attention)
+        _check_bidirectional(attention, layer_pattern)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.encoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.classifier = nnx.Linear(

@@ -131,7 +131,8 @@ _SIZE_SUFFIXES = (
 
 
 def check_sizes(section: str, options: dict) -> None:
-    """Size-like options (``*features``, ``num_*``, ``*_dim`` ...) are positive ints."""
+    """Size-like options (``*features``, ``num_*``, ``*_dim`` ...) are positive ints
+    (``*window``, such as ``local_window``: a positive int or None)."""
     for key, value in options.items():
         if key == "name":
             continue
@@ -145,6 +146,11 @@ def check_sizes(section: str, options: dict) -> None:
             raise ValueError(f"config.{section}.{key} must be a number in [0, 1), got {value!r}")
         if key.endswith("eps") and not _ok(_POS_FLOAT, value):
             raise ValueError(f"config.{section}.{key} must be {_POS_FLOAT}, got {value!r}")
+        if key.endswith("window") and value is not None and not _ok(_POS_INT, value):
+            raise ValueError(
+                f"config.{section}.{key} must be a positive int (or None), got {value!r} "
+                f"({type(value).__name__})"
+            )
 
 
 def check_heads_divide(model: dict, *, features_keys: tuple[str, ...], heads_key: str) -> None:
