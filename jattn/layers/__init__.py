@@ -7,6 +7,12 @@ from jattn.layers.gating import GatedAttention, MixtureOfHeads, sown_aux_loss
 from jattn.layers.kernel_regression import NWKernelRegression
 from jattn.layers.linear import LinearAttention
 from jattn.layers.multihead import MultiHeadAttention
+from jattn.layers.multimodal import (
+    AttentionPoolingHead,
+    CoAttention,
+    GatedCrossAttentionBlock,
+    PerceiverEncoder,
+)
 from jattn.layers.positional import (
     ALiBi,
     LearnedPositionalEmbedding,
@@ -21,10 +27,13 @@ __all__ = [
     "ALiBi",
     "AdditiveAttention",
     "AdditiveScore",
+    "AttentionPoolingHead",
     "BilinearScore",
+    "CoAttention",
     "DotProductAttention",
     "Dropout",
     "GatedAttention",
+    "GatedCrossAttentionBlock",
     "LearnedPositionalEmbedding",
     "LinearAttention",
     "MLPScore",
@@ -32,6 +41,7 @@ __all__ = [
     "MultiHeadAttention",
     "NWKernelRegression",
     "ParallelAttention",
+    "PerceiverEncoder",
     "RelativePositionBias",
     "RotaryEmbedding",
     "Score",
