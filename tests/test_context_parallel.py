@@ -59,13 +59,14 @@ SCRIPT = textwrap.dedent(
         return lambda sl: {}
 
     def run(fn, kind, q, k, v, ct, ids, sl, residual=False):
+        # one trace: the output (and lse) ride along with the gradients
         opts = case(kind, ids)
         def loss(q, k, v, sl):
-            out = fn(q, k, v, **opts(sl))
-            return jnp.sum(out * ct)
-        out = fn(q, k, v, **opts(sl))
-        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, sl)
-        lse = fn(q, k, v, **opts(sl), return_residual=True)[1] if residual else None
+            res = fn(q, k, v, **opts(sl), return_residual=residual)
+            out, lse = res if residual else (res, None)
+            return jnp.sum(out * ct), (out, lse)
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        grads, (out, lse) = grad(q, k, v, sl)
         return out, grads, lse
 
     def reference(kind, residual=False, dtype=jnp.float64, kv=None):
