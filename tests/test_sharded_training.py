@@ -183,6 +183,7 @@ SCRIPT = textwrap.dedent(
     import json, logging, sys, tempfile
     from pathlib import Path
     import jax
+    from jax.sharding import PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
     from _train_utils import load_config, train_losses
     import jattn.train as train_lib
@@ -206,11 +207,17 @@ SCRIPT = textwrap.dedent(
             mu = state.opt_state[1][0].mu["encoder"]["layers"][0]
             rules = kwargs["rules"]
             strategy = next(k for k, v in train_lib.sharding.RULES.items() if v == rules)
+            def spec(x):  # trailing unsplit axes dropped (Explicit meshes list them)
+                entries = list(x.sharding.spec)
+                while entries and entries[-1] is None:
+                    entries.pop()
+                return str(P(*entries))
             layouts[f"{strategy}:{kwargs['mesh'].size}"] = {
-                "query": str(enc["self_attention"]["query"]["kernel"].sharding.spec),
-                "query_mu": str(mu["self_attention"]["query"]["kernel"].sharding.spec),
-                "mlp": str(enc["mlp"]["linear1"]["kernel"].sharding.spec),
-                "src": str(batch["src"].sharding.spec),
+                "query": spec(enc["self_attention"]["query"]["kernel"]),
+                "query_mu": spec(mu["self_attention"]["query"]["kernel"]),
+                "mlp": spec(enc["mlp"]["linear1"]["kernel"]),
+                "src": spec(batch["src"]),
+                "explicit": all(str(t) == "AxisType.Explicit" for t in kwargs["mesh"].axis_types),
             }
             return state, metrics
         run._cache_size = step._cache_size
@@ -284,12 +291,15 @@ def test_sharded_runs_train_like_one_device_and_resume_on_another_count():
     # The state (parameters and Adam moments) and the batch as the rules lay them out:
     # encoder query kernel [16, 2, 8], MLP kernel [16, 32], source tokens [8, 32].
     assert out["layouts"] == {
-        "data:1": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data',)"},
+        "data:1": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data',)",
+                   "explicit": False},
         "fsdp:8": {"query": "P('data',)", "query_mu": "P('data',)", "mlp": "P(None, 'data')",
-                   "src": "P('data',)"},
+                   "src": "P('data',)", "explicit": False},
         "tensor:8": {"query": "P(None, 'model')", "query_mu": "P(None, 'model')",
-                     "mlp": "P(None, 'model')", "src": "P('data',)"},
-        "sequence:8": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data', 'seq')"},
+                     "mlp": "P(None, 'model')", "src": "P('data',)", "explicit": False},
+        # an Explicit mesh: the attention layers see the source sharded along the sequence
+        "sequence:8": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data', 'seq')",
+                       "explicit": True},
     }  # fmt: skip
     # One XLA compilation per layout; the resumed run reuses the one-device step.
     assert len(out["compiles"]) == 4, out["compiles"]

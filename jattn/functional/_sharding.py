@@ -23,15 +23,16 @@ def explicit_mesh(arrays):
 
 
 def sequence_axis(query, key) -> str | None:
-    """The one explicit mesh axis that shards both ``query``'s T axis (``[..., T, N, H]``)
-    and ``key``'s S axis, else None: inputs for context parallelism."""
+    """The one explicit mesh axis that shards ``key``'s S axis (``[..., S, K, H]``) when
+    ``query``'s T axis is sharded over it too or not at all (cross-attention from an
+    unsharded query to a sharded memory), else None: inputs for context parallelism."""
     mesh = explicit_mesh([query, key])
     if mesh is None:
         return None
     t_entry, s_entry = spec(query)[-3], spec(key)[-3]
-    if t_entry is None or t_entry != s_entry:
+    if s_entry is None or t_entry not in (None, s_entry):
         return None
-    names = (t_entry,) if isinstance(t_entry, str) else tuple(t_entry)
+    names = (s_entry,) if isinstance(s_entry, str) else tuple(s_entry)
     return names[0] if len(names) == 1 else None
 
 

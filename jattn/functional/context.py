@@ -381,9 +381,14 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     if spec.return_residual:
         out_specs = (out_specs, P(*bsp, ax, hsp))
     args = (query, key, value)
+    # Python numbers among the mods' parameters as arrays: shard_map takes arrays
+    mm, sm = (None if x is None else jax.tree.map(jnp.asarray, x) for x in (mm, sm))
     if getattr(call.mesh, "explicit_axes", ()):  # shard_map takes them as its specs say
         target = jax.sharding.NamedSharding(call.mesh, qkv_spec)
         args = tuple(jax.sharding.reshard(x, target) for x in args)
+        whole = jax.sharding.NamedSharding(call.mesh, P())  # the mods' arrays: replicated
+        mm, sm = (None if x is None else jax.tree.map(
+            lambda a: jax.sharding.reshard(a, whole), x) for x in (mm, sm))  # fmt: skip
     run = jax.shard_map(
         functools.partial(body, static),
         mesh=call.mesh,
@@ -391,8 +396,6 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
         out_specs=out_specs,
         check_vma=False,  # the transpose psums the mods' cotangents over the devices
     )
-    # Python numbers among the mods' parameters as arrays: shard_map takes arrays
-    mm, sm = (None if x is None else jax.tree.map(jnp.asarray, x) for x in (mm, sm))
     result = run(*args, mm, sm)
     if not (call.pad_q or call.pad_kv):
         return result

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _checks, _finite, mods
+from jattn.functional import _checks, _finite, _sharding, mods
 from jattn.functional.masks import combine_masks
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
@@ -245,6 +245,9 @@ def attend(
     if dropout_rate > 0.0:
         keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))  # rows: [B, N, T]
         keep = keep.reshape((nb,) + heads + (t, s))
+        batch = _sharding.batch_like(q)  # vmapped beside q: sharded over B as q is
+        if batch is not None:
+            keep = jax.sharding.reshard(keep, batch)
     params = score_params
     if per_head_params:
         params = jax.tree.map(lambda p: p.reshape(heads + p.shape[1:]), score_params)

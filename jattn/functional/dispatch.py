@@ -349,12 +349,35 @@ def dense_path(spec: AttentionSpec, *, return_weights: bool = False):
     (lse is None unless ``spec.return_residual``). On CPU a few queries against many
     keys run its products in the keys' own layout (:func:`dense_in_layout`)."""
     q, k = spec.query, spec.key
+    mesh = _sharding.explicit_mesh([q, k, spec.value])
+    if mesh is not None and not return_weights and _sequence_sharded(q, k, spec.value):
+        # T or S sharded over explicit axes (e.g. with dropout, which the ring does not
+        # take): [T, S] scores have no sharding type, so XLA places the work
+        def run(query, key, value, bias, mask, q_len, kv_len, rng):
+            inner = spec._replace(
+                query=query, key=key, value=value, bias=bias, mask=mask,
+                query_seq_lengths=q_len, key_value_seq_lengths=kv_len, dropout_rng=rng,
+            )  # fmt: skip
+            out, lse = dense_path(inner)
+            return (out, lse) if spec.return_residual else out
+
+        arrays = (q, k, spec.value, spec.bias, spec.mask, spec.query_seq_lengths,
+                  spec.key_value_seq_lengths, spec.dropout_rng)  # fmt: skip
+        result = _sharding.attention_in_auto_axes(
+            run, mesh, arrays, return_residual=spec.return_residual
+        )
+        return result if spec.return_residual else (result, None)
     if dense_in_layout(q, k, spec.value, spec.bias, spec.mask):
         out, weights, lse = dense._dense_in_layout(spec, return_weights=return_weights)
     else:
         score_fn = functools.partial(scaled_dot_product_scores, scale=spec.scale)
         out, weights, lse = dense.attend(spec, score_fn=score_fn, return_weights=return_weights)
     return (out, lse, weights) if return_weights else (out, lse)
+
+
+def _sequence_sharded(query, key, value) -> bool:
+    """Whether the T axis of ``query`` or the S axis of ``key`` / ``value`` is sharded."""
+    return any(_sharding.spec(x)[-3] is not None for x in (query, key, value))
 
 
 def _kernel_path(name):

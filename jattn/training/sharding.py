@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jattn.training.state import make_eval_step, make_train_step
 
@@ -152,10 +152,15 @@ def make_mesh(parallelism: str = "data", mesh_shape: Sequence[int] = (), num_dev
     """The mesh of ``parallelism`` (:data:`MESH_AXES`) with sizes ``mesh_shape`` (see
     :func:`resolve_mesh_shape`) over the first ``num_devices`` devices (0: all, of
     every process). Its axes are ``Auto``: the train step's shardings come from the
-    rules, and XLA lays out what lies between."""
+    rules, and XLA lays out what lies between; for ``'sequence'`` they are ``Explicit``,
+    so the attention layers see their inputs sharded along the sequence and run ring
+    attention (:func:`jattn.ring_attention`; calls with dropout, which the ring does not
+    take, are laid out by XLA)."""
     devices = _devices(num_devices)
     shape = resolve_mesh_shape(parallelism, mesh_shape, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES[parallelism])
+    names = MESH_AXES[parallelism]
+    kind = AxisType.Explicit if parallelism == "sequence" else AxisType.Auto
+    return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(kind,) * len(names))
 
 
 def mesh_spec(
@@ -253,7 +258,11 @@ def local_copy(tree):
     return jax.tree.map(one, tree)
 
 
-def _constrain(tree, shardings):
+def _constrain(tree, shardings, mesh: Mesh):
+    """``tree`` laid out as ``shardings``: a constraint on an Auto mesh, a ``reshard`` on
+    an Explicit one (where layouts are part of the types)."""
+    if mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(tree, shardings)
     return jax.lax.with_sharding_constraint(tree, shardings)
 
 
@@ -275,11 +284,11 @@ def sharded_train_step(graphdef, tx, *, label_smoothing: float, pad_id: int = 0,
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(state, batch, learning_rate):
-        state = _constrain(state, state_shardings(state, mesh, rules))
-        batch = _constrain(batch, batch_shardings(batch, mesh, rules))
+        state = _constrain(state, state_shardings(state, mesh, rules), mesh)
+        batch = _constrain(batch, batch_shardings(batch, mesh, rules), mesh)
         state, metrics = step(state, batch, learning_rate)  # traced inline
-        state = _constrain(state, state_shardings(state, mesh, rules))
-        return state, _constrain(metrics, replicated)
+        state = _constrain(state, state_shardings(state, mesh, rules), mesh)
+        return state, _constrain(metrics, replicated, mesh)
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -297,9 +306,9 @@ def sharded_eval_step(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def eval_step(params, rest, batch):
-        params = _constrain(params, state_shardings(params, mesh, rules))
-        rest = _constrain(rest, state_shardings(rest, mesh, rules))
-        batch = _constrain(batch, batch_shardings(batch, mesh, rules))
-        return _constrain(step(params, rest, batch), replicated)
+        params = _constrain(params, state_shardings(params, mesh, rules), mesh)
+        rest = _constrain(rest, state_shardings(rest, mesh, rules), mesh)
+        batch = _constrain(batch, batch_shardings(batch, mesh, rules), mesh)
+        return _constrain(step(params, rest, batch), replicated, mesh)
 
     return jax.jit(eval_step)
