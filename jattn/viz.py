@@ -30,6 +30,7 @@ __all__ = [
     "collect_attention_weights",
     "plot_attention",
     "plot_attention_grid",
+    "plot_attention_on_image",
     "save_figure",
 ]
 
@@ -504,6 +505,66 @@ def plot_attention_grid(
     if title is not None:
         grow_h += _wrap_text(fig.suptitle(title), 0.95 * fig.bbox.width)
     _grow(fig, grow_w, grow_h)
+    return fig
+
+
+def plot_attention_on_image(
+    image,
+    attn_map,
+    *,
+    alpha: float = 0.5,
+    cmap="jet",
+    title: str | None = None,
+    ax=None,
+    colorbar: bool = True,
+):
+    """An attention map over patches (e.g. :func:`jattn.layers.rollout_map`) laid over
+    its image.
+
+    Args:
+      image: ``[H, W, C]`` (C = 1, 3 or 4) or ``[H, W]``; floats in [0, 1] or ints in
+        [0, 255], as ``imshow`` takes them.
+      attn_map: ``[h, w]``, one value per patch; stretched over the whole image
+        (bilinear), so it needs no particular size.
+      alpha: the map's opacity, in [0, 1].
+      cmap, title, ax, colorbar: as :func:`plot_attention`.
+
+    Returns:
+      The ``matplotlib.figure.Figure``; ``fig.axes[0].images`` holds the image, then
+      the map.
+    """
+    import matplotlib.colors
+
+    img = _as_real("image", image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (3, 4))):
+        raise ValueError(
+            f"image must have shape [H, W, C] with C in (1, 3, 4), or [H, W], got {list(img.shape)}"
+        )
+    if np.issubdtype(np.asarray(image).dtype, np.integer):
+        img = img / 255.0
+    amap = _as_2d("attn_map", attn_map)
+    alpha = _checks.check_finite_scalar("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    hh, ww = img.shape[:2]
+    if ax is None:
+        fig = _new_figure((4.5 if colorbar else 3.5, 3.5))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    extent = (-0.5, ww - 0.5, hh - 0.5, -0.5)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=extent)
+    lo, hi = float(np.min(amap)), float(np.max(amap))
+    norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+    im = ax.imshow(amap, cmap=_cmap(cmap), norm=norm, alpha=alpha, extent=extent,
+                   interpolation="bilinear")  # fmt: skip
+    ax.set_axis_off()
+    if title is not None:
+        ax.set_title(title)
+    if colorbar:
+        fig.colorbar(im, ax=ax)
     return fig
 
 

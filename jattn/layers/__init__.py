@@ -22,14 +22,31 @@ from jattn.layers.positional import (
 )
 from jattn.layers.scores import AdditiveScore, BilinearScore, MLPScore, Score
 from jattn.layers.single_head import AdditiveAttention, DotProductAttention
+from jattn.layers.vision import (
+    CBAM,
+    ECA,
+    DETRDecoder,
+    PatchEmbedding,
+    SqueezeExcitation,
+    ViT,
+    hungarian_match,
+    rollout_map,
+)
 
 __all__ = [
+    "rollout_map",
+    "ViT",
+    "SqueezeExcitation",
+    "PatchEmbedding",
+    "ECA",
+    "CBAM",
     "ALiBi",
     "AdditiveAttention",
     "AdditiveScore",
     "AttentionPoolingHead",
     "BilinearScore",
     "CoAttention",
+    "DETRDecoder",
     "DotProductAttention",
     "Dropout",
     "GatedAttention",
@@ -48,5 +65,6 @@ __all__ = [
     "SeriesAttention",
     "SinusoidalEncoding",
     "flax_attention_fn",
+    "hungarian_match",
     "sown_aux_loss",
 ]
