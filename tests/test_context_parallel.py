@@ -52,6 +52,10 @@ SCRIPT = textwrap.dedent(
     def case(kind, ids):
         if kind == "masks":  # every mask of the issue in one call, and a score_mod
             return lambda sl: dict(mask_mod=mods.Mod(per_example, ids), score_mod=mods.alibi(sl))
+        if kind == "dropout":  # the keep-mask drawn at global coordinates: dense's
+            key = jax.random.key(3)
+            return lambda sl: dict(is_causal=True, dropout_rate=0.3, dropout_rng=key,
+                                   score_mod=mods.alibi(sl))
         if kind == "causal_lengths":
             lens = jnp.asarray([48, 30, 17, 1], jnp.int32)
             return lambda sl: dict(is_causal=True, query_seq_lengths=lens,
@@ -131,6 +135,9 @@ SCRIPT = textwrap.dedent(
     # small tiles: many blocks per shard, empty and partial ones
     small = lambda q, k, v, **o: jattn.ring_attention(q, k, v, block_sizes=(4, 8), **o)
     compare("ring-small-blocks-zigzag-4", small, "masks", 4, "zigzag")
+    # dropout: the same weights dropped as on one device
+    compare("ring-dropout-zigzag-4", jattn.ring_attention, "dropout", 4, "zigzag")
+    compare("ring-dropout-contiguous-8", jattn.ring_attention, "dropout", 8)
     # as many key/value heads as query heads: queries travel in the backward ring
     kv_mha = [rng.standard_normal((B, T, N, H)) for _ in range(2)]
     compare("ring-mha-zigzag-4", jattn.ring_attention, "masks", 4, "zigzag", kv=kv_mha)
@@ -246,7 +253,8 @@ def test_lengths_full_and_uneven(results, strategy):
 @pytest.mark.slow
 def test_small_blocks_mha_and_errors(results):
     assert results["one-device-f32"]["out"] <= 1e-6  # the measure is float32's
-    for name in ("ring-small-blocks-zigzag-4", "ring-mha-zigzag-4"):
+    for name in ("ring-small-blocks-zigzag-4", "ring-mha-zigzag-4", "ring-dropout-zigzag-4",
+                 "ring-dropout-contiguous-8"):  # fmt: skip
         r = results[name]
         assert r["out"] <= 1e-6 and r["grad"] <= 1e-5 and r["slopes_rel"] <= 1e-5, r
     errors = results["errors"]
@@ -328,6 +336,10 @@ def test_unsupported_options_are_named():
     # through dot_product_attention: a bias is not taken by the context-parallel paths
     with pytest.raises(ValueError, match=r"implementation='ring'\) does not take a bias"):
         jattn.dot_product_attention(q, q, q, jnp.zeros((8, 8)), implementation="ring")
+    # dropout is the ring's alone
+    with pytest.raises(ValueError, match=r"'all_gather'\) does not take dropout"):
+        jattn.dot_product_attention(q, q, q, implementation="all_gather", dropout_rate=0.1,
+                                    dropout_rng=jax.random.key(0))  # fmt: skip
     # nor a mask array over queries and keys (a key or query mask is taken)
     with pytest.raises(ValueError, match=r"varies along both queries and keys \(shape \[8, 8\]\)"):
         jattn.dot_product_attention(q, q, q, mask=jnp.ones((8, 8), bool), implementation="ring")

@@ -139,6 +139,10 @@ class _Geometry(NamedTuple):
     fully_masked: str
     table: bool = False  # a block table (from a mask_mod or a BlockMask) drives the loops
     score_def: object = None  # the score_mod's (treedef, float-leaf positions), if any
+    # ``(fn, static)`` when the tiles are a shard of a longer sequence (the ring): the
+    # dropout rng is then ``(key, coords)`` and ``fn(static, geo, coords, i, j)`` gives
+    # tile (i, j)'s global keep-mask rows and columns
+    keep_coords: object = None
 
 
 class _Table(NamedTuple):
@@ -420,6 +424,12 @@ def _tiles(geo: _Geometry, lo, hi, plain, step, carry):
 
 def _keep(geo: _Geometry, rng, i, j):
     """The dense path's keep-mask on tile (i, j): rows ``[B, N, T]``, columns ``S``."""
+    if geo.keep_coords is not None:  # global coordinates of a shard's tile
+        fn, static = geo.keep_coords
+        key, coords = rng
+        row, col = fn(static, geo, coords, i, j)
+        keep = keep_bits(key, 1.0 - geo.dropout_rate, row, col)
+        return keep.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
     shape = (geo.b * geo.k, geo.g, geo.bt, 1)
     bk, g, tl = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(3))
     t0 = jnp.asarray(i * geo.bt).astype(jnp.uint32)

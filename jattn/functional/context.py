@@ -191,7 +191,6 @@ class _Call(NamedTuple):
 
 _UNSUPPORTED = {
     "bias": "a bias array (use a score_mod over global positions)",
-    "dropout_rate": "dropout",
     "block_mask": "a block_mask (built for the whole T x S; pass its mask_mod)",
 }
 
@@ -213,6 +212,8 @@ def ring_attention(
     score_mod=None,
     return_residual: bool = False,
     block_sizes: tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ):
     """Exact attention with the sequence sharded over a mesh axis: a ring of key/value
     shards (see the module docstring).
@@ -230,6 +231,9 @@ def ring_attention(
       local_window_size, mask_mod, score_mod, return_residual: as in
         :func:`jattn.dot_product_attention`, over global positions.
       block_sizes: the blocked path's ``(block_q, block_kv)`` within a shard pair.
+      dropout_rate, dropout_rng: dropout on the attention weights, the keep-mask drawn
+        at global coordinates: the same weights as one device's dense and blocked paths
+        drop (contiguous layout with T a multiple of the devices, or zigzag).
 
     Returns:
       ``output [..., T, N, Hv]`` (sharded as the query), or ``(output, lse [..., T, N])``.
@@ -242,6 +246,7 @@ def ring_attention(
             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
             mask_mod=mask_mod, score_mod=score_mod, return_residual=return_residual,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
         ),
     )  # fmt: skip
 
@@ -321,9 +326,9 @@ def run_spec(strategy: str, spec: _checks.AttentionSpec):
 
 def _context(strategy, query, key, value, *, mesh, axis_name, layout, options,
              block_sizes=None, implementation=None):  # fmt: skip
+    options = {"dropout_rate": 0.0, "dropout_rng": None, **options}
     spec = _checks.check_attention_inputs(
-        query, key, value, None, None, same_head_dim=True, dropout_rate=0.0,
-        dropout_rng=None, fully_masked="zeros", **options,
+        query, key, value, None, None, same_head_dim=True, fully_masked="zeros", **options,
     )  # fmt: skip
     out = _run(strategy, spec, mesh=mesh, axis_name=axis_name, layout=layout,
                block_sizes=block_sizes, implementation=implementation)  # fmt: skip
@@ -340,6 +345,8 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
         value = getattr(spec, name)
         if value is not None and not (name == "dropout_rate" and value == 0.0):
             raise ValueError(f"{where} does not take {what}")
+    if spec.dropout_rate > 0.0 and strategy != "ring":
+        raise ValueError(f"{where} does not take dropout (ring_attention does)")
     mask_mod = _mask_array_mod(where, spec)
     if spec.fully_masked != "zeros":
         raise ValueError(
@@ -374,7 +381,8 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
         sm = mods.as_mod(spec.score_mod, example)
     body = {"ring": _ring_body, "all_gather": _gather_body, "ulysses": _ulysses_body}[strategy]
     scale = 1.0 / math.sqrt(query.shape[-1]) if spec.scale is None else spec.scale
-    static = (call, scale, block_sizes, implementation, spec.return_residual, spec.batch_shape)
+    static = (call, scale, block_sizes, implementation, spec.return_residual, spec.batch_shape,
+              spec.dropout_rate, spec.query.shape[-3], spec.query.shape[-2])  # fmt: skip
     bsp, hsp, ax = call.batch_entries, call.head_entry, call.axis
     qkv_spec = P(*bsp, ax, hsp, None)
     out_specs = P(*bsp, ax, hsp, None)
@@ -392,11 +400,14 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     run = jax.shard_map(
         functools.partial(body, static),
         mesh=call.mesh,
-        in_specs=(qkv_spec, qkv_spec, qkv_spec, P(), P()),
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, P(), P(), P()),
         out_specs=out_specs,
         check_vma=False,  # the transpose psums the mods' cotangents over the devices
     )
-    result = run(*args, mm, sm)
+    rng = spec.dropout_rng if spec.dropout_rate > 0.0 else None
+    if rng is not None and getattr(call.mesh, "explicit_axes", ()):
+        rng = jax.sharding.reshard(rng, jax.sharding.NamedSharding(call.mesh, P()))
+    result = run(*args, mm, sm, rng)
     if not (call.pad_q or call.pad_kv):
         return result
     cut = (slice(None),) * nb + (slice(0, t),)
@@ -567,7 +578,7 @@ def _place(call: _Call, query, key, gathered: bool = False) -> _Place:
 
 def _inner(static, query, key, value, mm, sm, place, q_dev, kv_dev, b_offsets, n_off):
     """Single-device attention on local arrays with the mods at their global indices."""
-    call, scale, _, implementation, return_residual, _ = static
+    call, scale, _, implementation, return_residual = static[:5]
     inner = _checks.check_attention_inputs(
         query, key, value, None, None, same_head_dim=True, query_seq_lengths=None,
         key_value_seq_lengths=None, local_window_size=None, dropout_rate=0.0,
@@ -579,7 +590,7 @@ def _inner(static, query, key, value, mm, sm, place, q_dev, kv_dev, b_offsets, n
     return (out, lse) if return_residual else out
 
 
-def _gather_body(static, query, key, value, mm, sm):
+def _gather_body(static, query, key, value, mm, sm, rng):
     call = static[0]
     nb = query.ndim - 3
     b_offsets, n_off = _offsets(call, query.shape, nb)
@@ -589,7 +600,7 @@ def _gather_body(static, query, key, value, mm, sm):
     return _inner(static, query, key, value, mm, sm, place, idx, 0, b_offsets, n_off)
 
 
-def _ulysses_body(static, query, key, value, mm, sm):
+def _ulysses_body(static, query, key, value, mm, sm, rng):
     call = static[0]
     nb = query.ndim - 3
     b_offsets, n_off = _offsets(call, query.shape, nb)
@@ -641,8 +652,8 @@ class _Ring(NamedTuple):
     queries_travel: bool  # in the backward pass (else keys and values do)
 
 
-def _ring_body(static, query, key, value, mm, sm):
-    call, scale, block_sizes, _, return_residual, _ = static
+def _ring_body(static, query, key, value, mm, sm, rng):
+    call, scale, block_sizes, _, return_residual, _, rate, t_real, n_global = static
     nb = query.ndim - 3
     b_offsets, n_off = _offsets(call, query.shape, nb)
     t, n, h = query.shape[-3:]
@@ -653,7 +664,7 @@ def _ring_body(static, query, key, value, mm, sm):
     bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
     geo = blocked._Geometry(
         b=b, k=k, g=n // k, t=t, s=s, bt=bt, bs=bs, causal=False, window=None,
-        dropout_rate=0.0, fully_masked="zeros", table=mm is not None,
+        dropout_rate=rate, fully_masked="zeros", table=mm is not None,
     )  # fmt: skip
     place = _place(call, query, key)
     hide = mm is not None or sm is not None
@@ -673,14 +684,39 @@ def _ring_body(static, query, key, value, mm, sm):
     hv, itemsize = value.shape[-1], query.dtype.itemsize
     q_bytes = t * n * (h * itemsize + hv * value.dtype.itemsize + 4 * h)
     kv_bytes = s * k * (h * itemsize + hv * value.dtype.itemsize + 4 * (h + hv))
+    if rate > 0.0:  # the keep-mask at global coordinates (blocked._keep)
+        geo = geo._replace(keep_coords=(_keep_coords, (place, t_real, n_global)))
     ring = _Ring(call.axis, call.size, geo, place, mdef, (sdef, is_float) if sm else None, hide,
                  q_bytes < kv_bytes)  # fmt: skip
-    offsets = (b_offsets, n_off)
+    offsets = (b_offsets, n_off, rng)
     ob, lse = _ring(ring, qb, kb, vb, bad, tuple(mleaves), smf, smo, offsets)
     out = blocked._unblock(geo, ob).reshape(query.shape[:-1] + (value.shape[-1],))
     if not return_residual:
         return out
     return out, blocked._unblock_rows(geo, lse).reshape(query.shape[:-1])
+
+
+def _keep_coords(static, geo, coords, i, j):
+    """The global keep-mask coordinates of tile (i, j) of a pair of shards (the dense
+    path's: rows ``(b * N + n) * T + q`` of the whole call, columns the key positions),
+    in uint32 as :func:`jattn.functional.blocked._keep` computes them."""
+    place, t_real, n_global = static
+    q_dev, kv_dev, b_offsets, n_off = coords
+    u32 = jnp.uint32
+    shape = (geo.b * geo.k, geo.g, geo.bt, 1)
+    bk, g, tl = (lax.broadcasted_iota(jnp.int32, shape, d) for d in range(3))
+    b, n = bk // geo.k, (bk % geo.k) * geo.g + g
+    if n_off is not None:
+        n = n + n_off
+    if any(o is not None for o in b_offsets):
+        idx = jnp.unravel_index(b, place.local_batch)
+        idx = [x if o is None else x + o for x, o in zip(idx, b_offsets, strict=True)]
+        b = jnp.ravel_multi_index(tuple(idx), place.global_batch, mode="clip")
+    q = _positions(i * geo.bt + tl, q_dev, place.q_len, place.num_shards, place.zigzag)
+    row = (b.astype(u32) * u32(n_global) + n.astype(u32)) * u32(t_real) + q.astype(u32)
+    cols = j * geo.bs + lax.broadcasted_iota(jnp.int32, (1, 1, 1, geo.bs), 3)
+    kv = _positions(cols, kv_dev, place.kv_len, place.num_shards, place.zigzag)
+    return row, kv.astype(u32)
 
 
 def _ring_block_sizes(t: int, s: int, h: int, dtype, batch_heads: int) -> tuple[int, int]:
@@ -704,7 +740,8 @@ def _pair(ring: _Ring, mleaves, smf, smo, offsets, q_dev, kv_dev):
     """The geometry, block table, mask_mod and score_mod parts of the queries of device
     ``q_dev`` against the key/value shard of device ``kv_dev``."""
     geo, place = ring.geo, ring.place
-    b_offsets, n_off = offsets
+    b_offsets, n_off, key = offsets
+    rng = None if key is None else (key, (q_dev, kv_dev, b_offsets, n_off))
     mm = tab = None
     if ring.mask_def is not None:
         mm = jax.tree.unflatten(ring.mask_def, mleaves)
@@ -719,7 +756,7 @@ def _pair(ring: _Ring, mleaves, smf, smo, offsets, q_dev, kv_dev):
         sm = _at(sm, place, q_dev, kv_dev, b_offsets, n_off)
         pf, po, score_def = blocked._split_score_mod(sm)
         geo = geo._replace(score_def=score_def)
-    return geo, tab, mm, pf, po
+    return geo, tab, mm, pf, po, rng
 
 
 def _shift(ring: _Ring, *xs):
@@ -735,8 +772,8 @@ def _ring(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
 
 def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, idx, src, state):
     """Merges this device's queries against the shard of device ``src`` into ``state``."""
-    geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, idx, src)
-    args = (qb, kb, vb, None, None, None, None, None, tab, mm, pf, po, bad or None)
+    geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, idx, src)
+    args = (qb, kb, vb, None, None, None, None, rng, tab, mm, pf, po, bad or None)
     out, fully, skip, m, log_l = blocked._forward(geo, *args, f32=True)
     big_m, big_l, acc, seen, all_fully = state
     ok = ~skip  # rows with visible, finite logits in this pair
@@ -797,9 +834,9 @@ def _ring_bwd(ring, res, cotangents):
     def grads(q_dev, kv_dev, q_side, kv_side, dsm):
         qb_, dout_, delta_, skip_, m_, log_l_, bad_q_ = q_side
         kb_, vb_, bad_kv_ = kv_side
-        geo, tab, mm, pf, po = _pair(ring, mleaves, smf, smo, offsets, q_dev, kv_dev)
+        geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, q_dev, kv_dev)
         pair_bad = (bad_q_, bad_kv_) if bad else None
-        pair = (qb_, kb_, vb_, None, None, None, None, None, tab, mm, pf, po, pair_bad)
+        pair = (qb_, kb_, vb_, None, None, None, None, rng, tab, mm, pf, po, pair_bad)
         dq, dk, dv, _, dsm_p = blocked._backward(
             geo, (*pair, None, fully, skip_, m_, log_l_), dout_, delta_
         )

@@ -127,7 +127,6 @@ def _ring_problems(spec: AttentionSpec) -> list[str]:
         for what, present in (
             ("a bias array", spec.bias is not None),
             ("a mask array over queries and keys", _full_mask_array(spec)),
-            ("dropout", spec.dropout_rate > 0.0),
             ("a block_mask", spec.block_mask is not None),
             ("fully_masked='uniform'", spec.fully_masked != "zeros"),
         )
