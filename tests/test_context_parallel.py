@@ -329,7 +329,10 @@ def test_bad_calls_are_named(kwargs, message):
 
 def test_unsupported_options_are_named():
     q = jnp.zeros((1, 8, 2, 4))
-    with pytest.raises(ValueError, match=r"'ring'\) gives zeros for fully masked rows"):
+    with pytest.raises(
+        ValueError,
+        match=r"'ring'\) does not take fully_masked='uniform' \(fully masked rows give zeros\)",
+    ):
         jattn.dot_product_attention(q, q, q, implementation="ring", fully_masked="uniform")
     with pytest.raises(ValueError, match="needs a mesh: pass mesh= and axis_name="):
         jattn.ring_attention(q, q, q)

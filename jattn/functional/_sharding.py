@@ -76,6 +76,31 @@ def attention_in_auto_axes(fn, mesh, arrays, *, return_residual: bool):
     return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out)(*arrays)
 
 
+def path_in_auto_axes(path, spec, mesh):
+    """``path(spec) -> (out, lse)`` for a checked call whose arrays are sharded over
+    ``mesh``'s explicit axes in a way the path's layout cannot express (its ``[B*K, ...]``
+    blocks, or ``[T, S]`` scores over a sharded sequence): run in auto axes
+    (:func:`attention_in_auto_axes`), the lengths carried in the batch shape."""
+    batch = spec.batch_shape
+
+    def run(query, key, value, bias, mask, q_len, kv_len, rng):
+        lens = [None if x is None else x.reshape(-1) for x in (q_len, kv_len)]
+        inner = spec._replace(
+            query=query, key=key, value=value, bias=bias, mask=mask,
+            query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], dropout_rng=rng,
+        )  # fmt: skip
+        out, lse = path(inner)
+        return (out, lse) if spec.return_residual else out
+
+    lens = [
+        None if x is None else x.reshape(batch)
+        for x in (spec.query_seq_lengths, spec.key_value_seq_lengths)
+    ]
+    arrays = (spec.query, spec.key, spec.value, spec.bias, spec.mask, *lens, spec.dropout_rng)
+    result = attention_in_auto_axes(run, mesh, arrays, return_residual=spec.return_residual)
+    return result if spec.return_residual else (result, None)
+
+
 def _to_arrays(x):
     """``x`` as a JAX array unless it is None, an array already, or a dict of them."""
     if x is None or isinstance(x, jax.Array):

@@ -771,22 +771,7 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     arrays = (query, key, value, bias, mask, q_len, kv_len, spec.dropout_rng)
     mesh = _sharding.explicit_mesh(arrays)
     if mesh is not None:  # explicit sharding cannot express the [B*K, ...] layout
-
-        def run(query, key, value, bias, mask, q_len, kv_len, rng):
-            lens = [None if x is None else x.reshape(-1) for x in (q_len, kv_len)]
-            inner = spec._replace(
-                query=query, key=key, value=value, bias=bias, mask=mask,
-                query_seq_lengths=lens[0], key_value_seq_lengths=lens[1], dropout_rng=rng,
-            )  # fmt: skip
-            out, lse = attend(inner, block_sizes)
-            return (out, lse) if spec.return_residual else out
-
-        lens = [None if x is None else x.reshape(batch_shape) for x in (q_len, kv_len)]
-        arrays = (query, key, value, bias, mask, *lens, spec.dropout_rng)
-        result = _sharding.attention_in_auto_axes(
-            run, mesh, arrays, return_residual=spec.return_residual
-        )
-        return result if spec.return_residual else (result, None)
+        return _sharding.path_in_auto_axes(lambda inner: attend(inner, block_sizes), spec, mesh)
 
     bt, bs = min(block_sizes[0], t), min(block_sizes[1], s)
     nq, nk = _nblocks(t, bt), _nblocks(s, bs)

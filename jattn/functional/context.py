@@ -52,7 +52,6 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jattn.functional import _checks, _finite, _sharding, blocked, dispatch, mods
-from jattn.functional.softmax import MASK_FILL
 
 __all__ = [
     "LAYOUTS",
@@ -68,8 +67,7 @@ __all__ = [
 LAYOUTS = ("contiguous", "zigzag")
 STRATEGIES = ("ring", "all_gather", "ulysses")
 
-_FILL = np.float32(MASK_FILL)
-_LOWEST = np.float32(np.finfo(np.float32).min)
+_FILL, _LOWEST = blocked._FILL, blocked._LOWEST  # the blocked path's fill and running-max start
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -127,8 +125,8 @@ def _seq_axis(x, axis) -> int:
 
 
 def _positions(i, dev0, shard_len: int, num_shards: int, zigzag: bool):
-    """Global positions of the indices ``i`` into ``count`` consecutive shards of
-    ``shard_len``, the first from device ``dev0``."""
+    """Global positions of the indices ``i`` into consecutive shards of ``shard_len``
+    (one, or all of them gathered), the first from device ``dev0``."""
     dev, r = dev0 + i // shard_len, i % shard_len
     if not zigzag:
         return dev * shard_len + r
@@ -147,14 +145,21 @@ class _Place(NamedTuple):
     global_batch: tuple[int, ...]
 
 
+def _global_example(b, b_offsets, place: _Place):
+    """The flattened global example index of the local one ``b`` (the batch axes offset
+    by ``b_offsets``, None where unsharded)."""
+    if all(o is None for o in b_offsets):
+        return b
+    idx = jnp.unravel_index(b, place.local_batch)
+    idx = [i if o is None else i + o for i, o in zip(idx, b_offsets, strict=True)]
+    return jnp.ravel_multi_index(tuple(idx), place.global_batch, mode="clip").astype(jnp.int32)
+
+
 def _global(mod, place, q_dev, kv_dev, b_offsets, n_off, *args):
     """``mod`` called with the global example index, head and positions."""
     *score, b, n, q, kv = args
     p = place.value
-    if any(o is not None for o in b_offsets):
-        idx = jnp.unravel_index(b, p.local_batch)
-        idx = [i if o is None else i + o for i, o in zip(idx, b_offsets, strict=True)]
-        b = jnp.ravel_multi_index(tuple(idx), p.global_batch, mode="clip").astype(jnp.int32)
+    b = _global_example(b, b_offsets, p)
     if n_off is not None:
         n = n + n_off
     q = _positions(q, q_dev, p.q_len, p.num_shards, p.zigzag)
@@ -189,10 +194,27 @@ class _Call(NamedTuple):
     pad_kv: int
 
 
-_UNSUPPORTED = {
-    "bias": "a bias array (use a score_mod over global positions)",
-    "block_mask": "a block_mask (built for the whole T x S; pass its mask_mod)",
-}
+def problems(strategy: str, spec: _checks.AttentionSpec) -> list[str]:
+    """What ``strategy`` does not take of a checked call, each with what to do instead
+    (empty: it runs). :func:`jattn.functional.dispatch.select` runs the ring by itself
+    only for calls without any."""
+    found = []
+    if spec.bias is not None:
+        found.append("a bias array (use a score_mod over global positions)")
+    mask = spec.mask  # a key [B, 1, 1, S] or query [B, 1, T, 1] mask is taken
+    if mask is not None and mask.ndim >= 2 and mask.shape[-1] > 1 and mask.shape[-2] > 1:
+        found.append(
+            f"a mask array that varies along both queries and keys (shape {list(mask.shape)}):"
+            " write it as a mask_mod over global positions (jattn.mods), or give a key mask "
+            "[B, 1, 1, S] / query mask [B, 1, T, 1]"
+        )
+    if spec.block_mask is not None:
+        found.append("a block_mask (built for the whole T x S; pass its mask_mod)")
+    if spec.fully_masked != "zeros":
+        found.append(f"fully_masked={spec.fully_masked!r} (fully masked rows give zeros)")
+    if spec.dropout_rate > 0.0 and strategy != "ring":
+        found.append("dropout (ring_attention takes it)")
+    return found
 
 
 def ring_attention(
@@ -341,18 +363,10 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     where = where or f"{strategy}_attention"
     if layout not in LAYOUTS:
         raise ValueError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
-    for name, what in _UNSUPPORTED.items():
-        value = getattr(spec, name)
-        if value is not None and not (name == "dropout_rate" and value == 0.0):
-            raise ValueError(f"{where} does not take {what}")
-    if spec.dropout_rate > 0.0 and strategy != "ring":
-        raise ValueError(f"{where} does not take dropout (ring_attention does)")
-    mask_mod = _mask_array_mod(where, spec)
-    if spec.fully_masked != "zeros":
-        raise ValueError(
-            f"{where} gives zeros for fully masked rows; fully_masked={spec.fully_masked!r} "
-            "is not supported"
-        )
+    found = problems(strategy, spec)
+    if found:
+        raise ValueError(f"{where} does not take " + "; ".join(found))
+    mask_mod = _mask_array_mod(spec)
     single = tuple(x for x in dispatch.IMPLEMENTATIONS if x not in STRATEGIES)
     if implementation not in single:
         raise ValueError(
@@ -421,32 +435,14 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     return tuple(unpad(x) for x in result) if spec.return_residual else unpad(result)
 
 
-def _mask_array_problem(spec: _checks.AttentionSpec) -> str | None:
-    """Why a call's boolean ``mask`` array cannot be a mask over global positions, else
-    None: it may vary along queries or along keys, not both (a key padding mask
-    ``[B, 1, 1, S]`` or a query mask ``[B, 1, T, 1]``; a full ``[T, S]`` mask array would
-    be ``T x S`` on every device)."""
-    if not dispatch._full_mask_array(spec):
-        return None
-    mask = spec.mask
-    return (
-        f"a mask array that varies along both queries and keys (shape {list(mask.shape)}): "
-        "write it as a mask_mod over global positions (jattn.mods), or give a key mask "
-        "[B, 1, 1, S] / query mask [B, 1, T, 1]"
-    )
-
-
 def _mask_entry(arr, b, n, q, kv):
     """``arr [B|1, N|1, T|1, S|1]`` at the (global) indices, its size-1 axes broadcast."""
     idx = tuple(0 if size == 1 else i for size, i in zip(arr.shape, (b, n, q, kv), strict=True))
     return arr[idx]
 
 
-def _mask_array_mod(where: str, spec: _checks.AttentionSpec):
-    """A boolean ``mask`` array of a call as a mask_mod (None without one)."""
-    problem = _mask_array_problem(spec)
-    if problem is not None:
-        raise ValueError(f"{where} does not take {problem}")
+def _mask_array_mod(spec: _checks.AttentionSpec):
+    """A key or query ``mask`` array of a call as a mask_mod (None without one)."""
     if spec.mask is None:
         return None
     mask, nb = spec.mask, len(spec.batch_shape)
@@ -498,8 +494,8 @@ def _plan(strategy, where, spec, mesh, axis_name, layout) -> _Call:
                 f"{where}: the sequence axis {axis_name!r} also shards the batch or heads "
                 f"of the query ({_sharding.spec(query)})"
             )
-    size = int(dict(zip(names, mesh.axis_sizes, strict=True))[axis_name])
-    sizes = dict(zip(names, mesh.axis_sizes, strict=True))
+    sizes = dict(mesh.shape)
+    size = int(sizes[axis_name])
     n, k = query.shape[-2], key.shape[-2]
     heads = 1 if head_entry is None else _entry_size(head_entry, sizes)
     if n % heads or k % heads:
@@ -546,7 +542,7 @@ def _entry_index(entry, sizes):
 
 def _offsets(call: _Call, q_local_shape, nb: int):
     """This device's offsets of the batch axes (None where unsharded) and heads."""
-    sizes = dict(zip(call.mesh.axis_names, call.mesh.axis_sizes, strict=True))
+    sizes = dict(call.mesh.shape)
     b_offsets = tuple(
         None if e is None else _entry_index(e, sizes) * q_local_shape[i]
         for i, e in enumerate(call.batch_entries)
@@ -560,7 +556,7 @@ def _offsets(call: _Call, q_local_shape, nb: int):
 def _place(call: _Call, query, key, gathered: bool = False) -> _Place:
     nb = query.ndim - 3
     local_batch = tuple(query.shape[:nb])
-    sizes = dict(zip(call.mesh.axis_names, call.mesh.axis_sizes, strict=True))
+    sizes = dict(call.mesh.shape)
     global_batch = tuple(
         d if e is None else d * _entry_size(e, sizes)
         for d, e in zip(local_batch, call.batch_entries, strict=True)
@@ -647,8 +643,7 @@ class _Ring(NamedTuple):
     geo: blocked._Geometry  # of one pair of shards
     place: _Place
     mask_def: object  # the mask_mod's treedef, or None
-    score_def: object  # the score_mod's treedef, or None
-    hide: bool  # non-finite inputs hidden (the call can hide a pair)
+    score_def: object  # the score_mod's (treedef, which leaves are float), or None
     queries_travel: bool  # in the backward pass (else keys and values do)
 
 
@@ -667,18 +662,16 @@ def _ring_body(static, query, key, value, mm, sm, rng):
         dropout_rate=rate, fully_masked="zeros", table=mm is not None,
     )  # fmt: skip
     place = _place(call, query, key)
-    hide = mm is not None or sm is not None
     bad = ()
-    if hide:  # non-finite vectors hidden: they reach only the rows that see them
+    if (
+        mm is not None or sm is not None
+    ):  # non-finite vectors hidden: they reach only the rows that see them
         query, key, value, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
         bad = (blocked._row_blocks(geo, bad_q), blocked._key_rows(geo, bad_kv))
     qb = blocked._query_blocks(geo, query, scale)
     kb, vb = blocked._kv_blocks(geo, key), blocked._kv_blocks(geo, value)
     mleaves, mdef = jax.tree.flatten(mm) if mm is not None else ((), None)
-    sleaves, sdef = jax.tree.flatten(sm) if sm is not None else ((), None)
-    is_float = tuple(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in sleaves)
-    smf = tuple(x for x, f in zip(sleaves, is_float, strict=True) if f)
-    smo = tuple(x for x, f in zip(sleaves, is_float, strict=True) if not f)
+    smf, smo, score_def = blocked._split_score_mod(sm) if sm is not None else ((), (), None)
     # bytes per backward step: queries, output gradients and dq (float32) against keys,
     # values and their float32 gradients
     hv, itemsize = value.shape[-1], query.dtype.itemsize
@@ -686,8 +679,7 @@ def _ring_body(static, query, key, value, mm, sm, rng):
     kv_bytes = s * k * (h * itemsize + hv * value.dtype.itemsize + 4 * (h + hv))
     if rate > 0.0:  # the keep-mask at global coordinates (blocked._keep)
         geo = geo._replace(keep_coords=(_keep_coords, (place, t_real, n_global)))
-    ring = _Ring(call.axis, call.size, geo, place, mdef, (sdef, is_float) if sm else None, hide,
-                 q_bytes < kv_bytes)  # fmt: skip
+    ring = _Ring(call.axis, call.size, geo, place, mdef, score_def, q_bytes < kv_bytes)
     offsets = (b_offsets, n_off, rng)
     ob, lse = _ring(ring, qb, kb, vb, bad, tuple(mleaves), smf, smo, offsets)
     out = blocked._unblock(geo, ob).reshape(query.shape[:-1] + (value.shape[-1],))
@@ -708,10 +700,7 @@ def _keep_coords(static, geo, coords, i, j):
     b, n = bk // geo.k, (bk % geo.k) * geo.g + g
     if n_off is not None:
         n = n + n_off
-    if any(o is not None for o in b_offsets):
-        idx = jnp.unravel_index(b, place.local_batch)
-        idx = [x if o is None else x + o for x, o in zip(idx, b_offsets, strict=True)]
-        b = jnp.ravel_multi_index(tuple(idx), place.global_batch, mode="clip")
+    b = _global_example(b, b_offsets, place)
     q = _positions(i * geo.bt + tl, q_dev, place.q_len, place.num_shards, place.zigzag)
     row = (b.astype(u32) * u32(n_global) + n.astype(u32)) * u32(t_real) + q.astype(u32)
     cols = j * geo.bs + lax.broadcasted_iota(jnp.int32, (1, 1, 1, geo.bs), 3)
@@ -750,9 +739,7 @@ def _pair(ring: _Ring, mleaves, smf, smo, offsets, q_dev, kv_dev):
         tab = blocked._Table.of(bm, all_partial=False)
     pf, po = (), ()
     if ring.score_def is not None:
-        sdef, is_float = ring.score_def
-        fl, ot = iter(smf), iter(smo)
-        sm = jax.tree.unflatten(sdef, [next(fl) if f else next(ot) for f in is_float])
+        sm = blocked._score_mod(geo._replace(score_def=ring.score_def), smf, smo)
         sm = _at(sm, place, q_dev, kv_dev, b_offsets, n_off)
         pf, po, score_def = blocked._split_score_mod(sm)
         geo = geo._replace(score_def=score_def)

@@ -114,27 +114,6 @@ def dense_in_layout(query, key, *arrays) -> bool:
     )
 
 
-def _full_mask_array(spec: AttentionSpec) -> bool:
-    """A mask array that varies along both T and S (the ring takes key or query masks)."""
-    mask = spec.mask
-    return mask is not None and mask.ndim >= 2 and mask.shape[-1] > 1 and mask.shape[-2] > 1
-
-
-def _ring_problems(spec: AttentionSpec) -> list[str]:
-    """What the context-parallel paths do not take (they run only with none of it)."""
-    problems = [
-        what
-        for what, present in (
-            ("a bias array", spec.bias is not None),
-            ("a mask array over queries and keys", _full_mask_array(spec)),
-            ("a block_mask", spec.block_mask is not None),
-            ("fully_masked='uniform'", spec.fully_masked != "zeros"),
-        )
-        if present
-    ]
-    return problems
-
-
 def _cudnn_problems(spec: AttentionSpec) -> list[str]:
     """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot give our results."""
     query, key, value = spec.query, spec.key, spec.value
@@ -315,8 +294,11 @@ def select(implementation, spec, *args, **options) -> str:
         return "dense"
     if implementation in ("blocked", *CONTEXT_PARALLEL):
         return implementation  # the context-parallel paths check what they take
-    if _sharding.sequence_axis(spec.query, spec.key) is not None and not _ring_problems(spec):
-        return "ring"
+    if _sharding.sequence_axis(spec.query, spec.key) is not None:
+        from jattn.functional import context  # it runs single-device paths from here
+
+        if not context.problems("ring", spec):
+            return "ring"
     checks = {"cudnn": _cudnn_problems, "pallas": _pallas_problems, "splash": _splash_problems}
     if implementation is not None:
         problems = checks[implementation](spec)
@@ -350,22 +332,9 @@ def dense_path(spec: AttentionSpec, *, return_weights: bool = False):
     q, k = spec.query, spec.key
     mesh = _sharding.explicit_mesh([q, k, spec.value])
     if mesh is not None and not return_weights and _sequence_sharded(q, k, spec.value):
-        # T or S sharded over explicit axes (e.g. with dropout, which the ring does not
-        # take): [T, S] scores have no sharding type, so XLA places the work
-        def run(query, key, value, bias, mask, q_len, kv_len, rng):
-            inner = spec._replace(
-                query=query, key=key, value=value, bias=bias, mask=mask,
-                query_seq_lengths=q_len, key_value_seq_lengths=kv_len, dropout_rng=rng,
-            )  # fmt: skip
-            out, lse = dense_path(inner)
-            return (out, lse) if spec.return_residual else out
-
-        arrays = (q, k, spec.value, spec.bias, spec.mask, spec.query_seq_lengths,
-                  spec.key_value_seq_lengths, spec.dropout_rng)  # fmt: skip
-        result = _sharding.attention_in_auto_axes(
-            run, mesh, arrays, return_residual=spec.return_residual
-        )
-        return result if spec.return_residual else (result, None)
+        # T or S sharded over explicit axes (calls the ring does not take): [T, S]
+        # scores have no sharding type, so XLA places the work
+        return _sharding.path_in_auto_axes(dense_path, spec, mesh)
     if dense_in_layout(q, k, spec.value, spec.bias, spec.mask):
         out, weights, lse = dense._dense_in_layout(spec, return_weights=return_weights)
     else:
