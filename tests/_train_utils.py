@@ -18,3 +18,22 @@ def train_losses(records) -> dict[int, float]:
     steps = [r["step"] for r in records if r["split"] == "train"]
     assert len(steps) == len(set(steps)), f"duplicated steps in metrics: {steps}"
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def train_step_compiles() -> list[str]:
+    """A list that fills with the message of every XLA compilation of a ``train_step``
+    from now on (``jax_log_compiles``), to count recompiles."""
+    import logging
+
+    import jax
+
+    compiles = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling jit(train_step)"):
+                compiles.append(record.getMessage())
+
+    logging.getLogger("jax._src.interpreters.pxla").addHandler(Compiles())
+    jax.config.update("jax_log_compiles", True)
+    return compiles

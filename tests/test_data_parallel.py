@@ -11,22 +11,15 @@ from _train_utils import ROOT
 
 SCRIPT = textwrap.dedent(
     """
-    import json, logging, sys, tempfile
+    import json, sys, tempfile
     from pathlib import Path
     import jax
     sys.path.insert(0, sys.argv[1])
-    from _train_utils import load_config, train_losses
+    from _train_utils import load_config, train_losses, train_step_compiles
     import jattn.train as train_lib
     from jattn.training import read_metrics
 
-    compiles = []
-    class Compiles(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("Compiling jit(train_step)"):
-                msg = record.getMessage()
-                compiles.append("Mesh('data': 8" in msg and "spec=P('data',)" in msg)
-    logging.getLogger("jax._src.interpreters.pxla").addHandler(Compiles())
-    jax.config.update("jax_log_compiles", True)
+    compiles = train_step_compiles()
 
     def config(num_devices, stop=0, batch_size=8):
         cfg = load_config("dates", "small")
@@ -47,7 +40,9 @@ SCRIPT = textwrap.dedent(
                 "eval": result.get("eval"),
                 "step": result["step"],
             }
-    out["step_compiles"] = compiles
+    out["step_compiles"] = [
+        "Mesh('data': 8" in msg and "spec=P('data',)" in msg for msg in compiles
+    ]
     errors = {}
     for name, cfg in [("batch", config(0, batch_size=12)), ("devices", config(9))]:
         try:

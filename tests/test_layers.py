@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
+from _layers import normal as _normal
+from _layers import randomize as _randomize
 from flax import nnx
 
 import jattn
@@ -22,19 +24,6 @@ from jattn.layers import (
 B, T, S = 2, 3, 4
 FLAX_TOL = dict(rtol=1e-6, atol=1e-6)
 F64_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _normal(seed, shape, scale=1.0):
-    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _randomize(module, seed=0):
-    """Random values for every parameter (biases included), drawn with NumPy."""
-    state = nnx.state(module, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    new = [_normal(seed + i, x.shape, 0.5).astype(x.dtype) for i, x in enumerate(leaves)]
-    nnx.update(module, jax.tree.unflatten(treedef, new))
-    return module
 
 
 def _params64(layer):

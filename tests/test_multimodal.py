@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
+from _layers import check_axis_names
+from _layers import normal as _normal
+from _layers import randomize as _randomize
 from flax import nnx
 from jax.test_util import check_grads
 
@@ -23,25 +26,11 @@ from jattn.layers import (
     GatedCrossAttentionBlock,
     MultiHeadAttention,
     PerceiverEncoder,
-    axes,
 )
 
 B, T, S = 2, 3, 5
 F64_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 layers against float64 NumPy
 SAME_TOL = dict(rtol=1e-6, atol=1e-6)  # one computation, another summation order
-
-
-def _normal(seed, shape, scale=1.0):
-    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _randomize(module, seed=0):
-    """Random values for every parameter (biases, norms and gates included)."""
-    state = nnx.state(module, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    new = [_normal(seed + i, x.shape, 0.5).astype(x.dtype) for i, x in enumerate(leaves)]
-    nnx.update(module, jax.tree.unflatten(treedef, new))
-    return module
 
 
 def _num_params(module) -> int:
@@ -323,16 +312,7 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_every_parameter_names_each_of_its_axes(name):
-    model = nnx.eval_shape(lambda: LAYERS[name](nnx.Rngs(0)))
-    params = jax.tree_util.tree_flatten_with_path(
-        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    assert params
-    for path, param in params:
-        where = jax.tree_util.keystr(path)
-        names = param.get_metadata().get("out_sharding")
-        assert names is not None and len(names) == param.ndim, (where, names, param.shape)
-        assert set(names) <= set(axes.NAMES) | {None}, (where, names)
+    check_axis_names(LAYERS[name])
 
 
 def _raises(exc, message, fn, *args, **kwargs):

@@ -13,8 +13,8 @@ import jattn.models
 
 def test_functional_core_imports_only_jax():
     code = (
-        "import sys, jattn, jattn.functional\n"
-        "heavy = ('flax', 'optax', 'orbax', 'ml_collections', 'matplotlib', 'torch')\n"
+        "import sys, jattn, jattn.functional, jattn.functional.vision\n"
+        "heavy = ('flax', 'optax', 'orbax', 'ml_collections', 'matplotlib', 'scipy', 'torch')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,6 +15,7 @@ import textwrap
 
 import jax
 import pytest
+from _layers import check_axis_names
 from _train_utils import ROOT, load_config, train_losses
 from flax import nnx
 from jax.sharding import AbstractMesh
@@ -65,17 +66,7 @@ MODELS = {
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_parameter_names_each_of_its_axes(name):
-    model = nnx.eval_shape(lambda: MODELS[name](nnx.Rngs(0)))
-    params = jax.tree_util.tree_flatten_with_path(
-        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    assert params
-    for path, param in params:
-        names = param.get_metadata().get("out_sharding")
-        where = jax.tree_util.keystr(path)
-        assert names is not None and len(names) == param.ndim, (where, names, param.shape)
-        assert set(names) <= set(axes.NAMES) | {None}, (where, names)
-        assert param.get_metadata()["eager_sharding"] is False, where
+    check_axis_names(MODELS[name])
 
 
 def test_names_read_back_with_flax_and_build_under_a_mesh():
@@ -180,22 +171,16 @@ def test_distributed_arguments_are_checked_before_jax_sees_them(monkeypatch):
 
 SCRIPT = textwrap.dedent(
     """
-    import json, logging, sys, tempfile
+    import json, sys, tempfile
     from pathlib import Path
     import jax
     from jax.sharding import PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
-    from _train_utils import load_config, train_losses
+    from _train_utils import load_config, train_losses, train_step_compiles
     import jattn.train as train_lib
     from jattn.training import read_metrics
 
-    compiles = []
-    class Compiles(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("Compiling jit(train_step)"):
-                compiles.append(record.getMessage())
-    logging.getLogger("jax._src.interpreters.pxla").addHandler(Compiles())
-    jax.config.update("jax_log_compiles", True)
+    compiles = train_step_compiles()
 
     layouts = {}  # what the train step returns: the state's and the batch's layout
     sharded_train_step = train_lib.sharding.sharded_train_step

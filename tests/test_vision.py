@@ -1,8 +1,5 @@
 """Vision: sincos positions, patches, PatchEmbedding, ViT, rollout maps, SE/ECA/CBAM."""
 
-import subprocess
-import sys
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,6 +8,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _layers import check_axis_names
 from flax import nnx  # noqa: E402
 
 from jattn.diagnostics import attention_rollout  # noqa: E402
@@ -22,7 +20,6 @@ from jattn.layers import (  # noqa: E402
     PatchEmbedding,
     SqueezeExcitation,
     ViT,
-    axes,  # noqa: E402
     hungarian_match,
     rollout_map,
 )
@@ -351,30 +348,8 @@ def test_hungarian_match_against_brute_force():
 
 LAYERS = {
     "PatchEmbedding": lambda r: PatchEmbedding(2, 3, 8, rngs=r),
-    "ViT-cls-learned": lambda r: ViT(
-        image_size=4,
-        patch=2,
-        in_channels=3,
-        num_classes=2,
-        features=8,
-        num_layers=1,
-        num_heads=2,
-        mlp_features=8,
-        posemb="learned",
-        rngs=r,
-    ),  # fmt: skip
-    "ViT-map": lambda r: ViT(
-        image_size=4,
-        patch=2,
-        in_channels=3,
-        num_classes=2,
-        features=8,
-        num_layers=1,
-        num_heads=2,
-        mlp_features=8,
-        pool="map",
-        rngs=r,
-    ),  # fmt: skip
+    "ViT-cls-learned": lambda r: _vit("cls", posemb="learned"),
+    "ViT-map": lambda r: _vit("map"),
     "DETRDecoder": lambda r: DETRDecoder(
         num_queries=2, features=8, num_classes=2, num_layers=1, num_heads=2, mlp_features=8, rngs=r
     ),  # fmt: skip
@@ -386,26 +361,7 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_every_parameter_names_each_of_its_axes(name):
-    model = nnx.eval_shape(lambda: LAYERS[name](nnx.Rngs(0)))
-    params = jax.tree_util.tree_flatten_with_path(
-        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    assert params
-    for path, param in params:
-        where = jax.tree_util.keystr(path)
-        axis_names = param.get_metadata().get("out_sharding")
-        assert axis_names is not None and len(axis_names) == param.ndim, (where, axis_names)
-        assert set(axis_names) <= set(axes.NAMES) | {None}, (where, axis_names)
-
-
-def test_functional_vision_imports_only_jax():
-    code = (
-        "import sys, jattn.functional.vision\n"
-        "heavy = ('flax', 'optax', 'matplotlib', 'scipy', 'torch')\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    check_axis_names(LAYERS[name])
 
 
 def test_vit_dropout_follows_train_and_eval():
