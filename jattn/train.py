@@ -1,8 +1,9 @@
-"""Train and evaluate a sequence-to-sequence model on a built-in task.
+"""Train and evaluate a model on a built-in task: sequence to sequence, or classification.
 
     jattn-train --config dates --workdir /tmp/dates
     python -m jattn.train --config copy:small --workdir /tmp/copy --config.train.num_steps=100
     python -m jattn.train --config configs/dates.py --workdir /tmp/dates  # a config file
+    jattn-train --config vit_digits --workdir /tmp/digits  # a ViT on scikit-learn's digits
 
 ``--config`` names a shipped config (``jattn-train --help`` lists them) or gives the path
 of a config file, optionally with ``:arg`` for its ``get_config(arg)``. Running the same
@@ -40,8 +41,17 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jattn.data import BOS, EOS, PAD, TASKS, Seq2SeqDataset, make_task
-from jattn.training import sharding, validate
+from jattn.data import (
+    BOS,
+    CLASSIFICATION_TASKS,
+    EOS,
+    PAD,
+    TASKS,
+    ClassificationDataset,
+    Seq2SeqDataset,
+    make_task,
+)
+from jattn.training import classify, sharding, validate
 from jattn.training.checkpoint import Checkpointer, CheckpointError, MetricsLog
 from jattn.training.config_files import (
     apply_overrides,
@@ -52,7 +62,7 @@ from jattn.training.config_files import (
 from jattn.training.metrics import bleu, exact_match
 from jattn.training.optim import learning_rate_schedule, make_optimizer
 from jattn.training.parallel import initialize_distributed
-from jattn.training.state import create_train_state
+from jattn.training.state import COUNTED, create_train_state
 from jattn.training.workdir import WorkdirLock, check_writable
 
 __all__ = [
@@ -71,6 +81,8 @@ __all__ = [
 MODELS = {
     "transformer": "jattn.models:Transformer",
     "bahdanau": "jattn.models.seq2seq:BahdanauSeq2Seq",
+    "vit": "jattn.layers.vision:ViT",
+    "vqa": "jattn.models.vqa:CoAttentionVQA",
 }
 # Optional top-level fields and their values when a config leaves them out.
 _OPTIONAL_TOP = {"write_outside_workdir": True}
@@ -90,13 +102,16 @@ def model_class(name: str):
     return entry
 
 
-# Constructor arguments that the program supplies, not the config.
-_SUPPLIED = ("src_vocab_size", "tgt_vocab_size", "rngs")
+# Constructor arguments that the program supplies (from the data), not the config.
+_SUPPLIED = (
+    *("src_vocab_size", "tgt_vocab_size", "vocab_size"),
+    *("num_classes", "image_size", "in_channels", "rngs"),
+)
 
 
 def model_options(name: str) -> dict:
     """``{option: default}``: what ``config.model`` may set for the model ``name``, the
-    keyword arguments of its class (the vocabulary sizes and ``rngs`` are supplied)."""
+    keyword arguments of its class (the data's sizes and ``rngs`` are supplied)."""
     params = inspect.signature(model_class(name).__init__).parameters
     return {
         key: (None if p.default is p.empty else p.default)
@@ -143,9 +158,36 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     validate.check_sizes("task", task)
     cls = model_class(cfg["model"].get("name"))
+    kind, wants = task_kind(name), _model_kind(cls)
+    if kind != wants:
+        fits = sorted(m for m in MODELS if _model_kind(model_class(m)) == kind)
+        raise ValueError(
+            f"config.model.name={cfg['model']['name']!r} is a {wants} model, but task "
+            f"{name!r} is {kind}: use one of {fits}"
+        )
+    if kind == "classification" and _train_option(cfg, "parallelism") == "sequence":
+        raise ValueError(
+            f"config.train.parallelism='sequence' splits sequences; task {name!r} is "
+            "classification: use 'data', 'fsdp' or 'tensor'"
+        )
     validate.check_sizes("model", cfg["model"])
     _check_model_options(cls, cfg["model"])
     validate.check_heads_divide(cfg["model"], features_keys=_FEATURE_KEYS, heads_key="num_heads")
+
+
+def task_kind(name: str) -> str:
+    """``'classification'`` or ``'seq2seq'``: what the task ``name`` of :data:`TASKS` is."""
+    return "classification" if name in CLASSIFICATION_TASKS else "seq2seq"
+
+
+def _model_kind(cls) -> str:
+    """What the model class trains on: classifiers take ``num_classes``."""
+    params = inspect.signature(cls.__init__).parameters
+    return "classification" if "num_classes" in params else "seq2seq"
+
+
+def _kind(ds) -> str:
+    return "classification" if isinstance(ds, ClassificationDataset) else "seq2seq"
 
 
 def _check_model_options(cls, model: dict) -> None:
@@ -176,7 +218,7 @@ def _check_model_options(cls, model: dict) -> None:
 def _check_lengths(cfg: dict, *datasets: Seq2SeqDataset) -> None:
     """``config.model.max_len`` (where the model has one) covers the task's sequences."""
     max_len = cfg["model"].get("max_len")
-    if max_len is None:
+    if max_len is None or not all(isinstance(ds, Seq2SeqDataset) for ds in datasets):
         return
     need = max(max(ds.src.shape[1], ds.tgt.shape[1]) for ds in datasets)
     if max_len < need:
@@ -185,6 +227,21 @@ def _check_lengths(cfg: dict, *datasets: Seq2SeqDataset) -> None:
             f"model reads up to {need} tokens (source, or target with BOS); set it to at "
             f"least {need}"
         )
+
+
+# config.json's record of the data's sizes (``vocab_sizes`` in older jattn versions).
+_SIZES_KEYS = ("data_sizes", "vocab_sizes")
+
+
+def _sizes_ok(sizes) -> bool:
+    """``{name: size}`` with positive int sizes (or lists of them: an image size)."""
+
+    def ok(v):
+        return validate._ok(validate._POS_INT, v) or (
+            isinstance(v, list) and bool(v) and all(validate._ok(validate._POS_INT, n) for n in v)
+        )
+
+    return isinstance(sizes, dict) and all(k in _SUPPLIED and ok(v) for k, v in sizes.items())
 
 
 def _read_saved_config(path: Path) -> dict:
@@ -197,13 +254,10 @@ def _read_saved_config(path: Path) -> dict:
         for section in ("task", "model"):
             if not isinstance(saved.get(section, {}), dict):
                 raise ValueError(f"its {section!r} is not a section")
-        sizes = saved.get("vocab_sizes")  # absent in workdirs of older jattn versions
-        if sizes is not None and not (
-            isinstance(sizes, dict)
-            and set(sizes) == {"src_vocab_size", "tgt_vocab_size"}
-            and all(validate._ok(validate._POS_INT, v) for v in sizes.values())
-        ):
-            raise ValueError(f"its 'vocab_sizes' is not two positive sizes: {sizes!r:.100}")
+        for key in _SIZES_KEYS:  # absent in workdirs of older jattn versions
+            sizes = saved.get(key)
+            if sizes is not None and not _sizes_ok(sizes):
+                raise ValueError(f"its {key!r} is not a mapping of positive sizes: {sizes!r:.100}")
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(
             f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}). It records the config "
@@ -247,9 +301,10 @@ def _eval_due(tcfg: dict, step: int) -> bool:
     return bool(tcfg["eval_every"]) and step % tcfg["eval_every"] == 0
 
 
-def _train_option(cfg: dict, key: str):
-    """``config.train.<key>``, or its default for a config that leaves it out."""
-    return cfg["train"].get(key, validate.DEFAULTS["train"][key])
+def _train_option(cfg: dict, key: str, section: str = "train"):
+    """``config.train.<key>`` (or ``config.<section>.<key>``), or its default for a config
+    that leaves it out."""
+    return cfg[section].get(key, validate.DEFAULTS[section][key])
 
 
 def _mesh(cfg: dict) -> jax.sharding.Mesh:
@@ -300,17 +355,16 @@ def _describe_layout(parallelism: str, mesh: jax.sharding.Mesh, shardings) -> st
     )
 
 
-def build_model(model_config: dict, *, src_vocab_size: int, tgt_vocab_size: int, seed: int):
-    """``MODELS[name](**options, src_vocab_size=, tgt_vocab_size=, rngs=)``."""
+def build_model(model_config: dict, *, seed: int, **sizes):
+    """``MODELS[name](**options, **sizes, rngs=)``: ``sizes`` are the data's
+    (``src_vocab_size=, tgt_vocab_size=`` for a sequence task; ``num_classes=`` and for
+    images ``image_size=, in_channels=`` for classification)."""
     options = dict(model_config)
     cls = model_class(options.pop("name"))
+    if "image_size" in sizes:
+        sizes = {**sizes, "image_size": tuple(sizes["image_size"])}
     try:
-        return cls(
-            **options,
-            src_vocab_size=src_vocab_size,
-            tgt_vocab_size=tgt_vocab_size,
-            rngs=nnx.Rngs(params=seed, dropout=seed + 1),
-        )
+        return cls(**options, **sizes, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model: {e}") from e
 
@@ -490,7 +544,7 @@ def _keep_matplotlib_cache_in(workdir: Path) -> None:
         os.environ["MPLCONFIGDIR"] = str(Path(workdir).absolute() / ".matplotlib")
 
 
-def make_datasets(config: ml_collections.ConfigDict) -> tuple[Seq2SeqDataset, Seq2SeqDataset]:
+def make_datasets(config: ml_collections.ConfigDict) -> tuple:
     """``(train, test)`` of ``config.task``, generated in-process from ``config.seed``."""
     cfg = config.to_dict()
     task_options = {k: v for k, v in cfg["task"].items() if k != "name"}
@@ -500,11 +554,10 @@ def make_datasets(config: ml_collections.ConfigDict) -> tuple[Seq2SeqDataset, Se
         raise ValueError(f"config.task: {e}") from e
 
 
-def _initial_train_state(cfg: dict, *, src_vocab_size: int, tgt_vocab_size: int):
-    """``(graphdef, state, tx)``: the model of ``cfg`` and its optimizer, freshly initialised."""
-    model = build_model(
-        cfg["model"], src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, seed=cfg["seed"]
-    )
+def _initial_train_state(cfg: dict, **sizes):
+    """``(graphdef, state, tx)``: the model of ``cfg`` (with the data's ``sizes``) and its
+    optimizer, freshly initialised."""
+    model = build_model(cfg["model"], seed=cfg["seed"], **sizes)
     tx = make_optimizer(
         weight_decay=cfg["train"]["weight_decay"], clip_norm=cfg["train"]["clip_norm"]
     )
@@ -512,13 +565,15 @@ def _initial_train_state(cfg: dict, *, src_vocab_size: int, tgt_vocab_size: int)
     return graphdef, state, tx
 
 
-def _vocab_sizes(ds: Seq2SeqDataset) -> dict[str, int]:
+def _data_sizes(ds) -> dict:
     """What the model needs of the data, saved in ``config.json`` for :func:`restore_model`."""
+    if isinstance(ds, ClassificationDataset):
+        return ds.model_sizes()
     return {"src_vocab_size": ds.src_vocab_size, "tgt_vocab_size": ds.tgt_vocab_size}
 
 
 def _saved_model_config(workdir: Path) -> tuple[dict, dict[str, int]]:
-    """``(config, vocab_sizes)`` as the run in ``workdir`` saved them in its ``config.json``
+    """``(config, data_sizes)`` as the run in ``workdir`` saved them in its ``config.json``
     (the sizes from the saved config's data set, for a workdir of a jattn version that
     did not save them)."""
     path = workdir / "config.json"
@@ -531,9 +586,11 @@ def _saved_model_config(workdir: Path) -> tuple[dict, dict[str, int]]:
     for key in ("seed", "model", "train"):
         if key not in cfg:
             raise ValueError(f"{path} has no {key!r}: it is not the config.json of a jattn run")
-    sizes = cfg.pop("vocab_sizes", None)
-    if sizes is None:
-        sizes = _vocab_sizes(make_datasets(ml_collections.ConfigDict(cfg))[0])
+    saved = [cfg.pop(key) for key in _SIZES_KEYS if key in cfg]
+    if saved:
+        sizes = saved[0]
+    else:
+        sizes = _data_sizes(make_datasets(ml_collections.ConfigDict(cfg))[0])
     return cfg, sizes
 
 
@@ -575,7 +632,7 @@ def restore_model(
         cfg, sizes = _saved_model_config(Path(workdir))
     else:
         validate_config(config)
-        cfg, sizes = config.to_dict(), _vocab_sizes(make_datasets(config)[0])
+        cfg, sizes = config.to_dict(), _data_sizes(make_datasets(config)[0])
     graphdef, like, _ = _initial_train_state(cfg, **sizes)
     ckpt = Checkpointer(directory, max_to_keep=cfg["train"]["max_to_keep"])
     try:
@@ -628,7 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.to_dict()
     train_ds, test_ds = make_datasets(config)
     # bad model options fail here
-    graphdef, state, tx = _initial_train_state(cfg, **_vocab_sizes(train_ds))
+    graphdef, state, tx = _initial_train_state(cfg, **_data_sizes(train_ds))
     _check_lengths(cfg, train_ds, test_ds)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -667,7 +724,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         _check_resume(workdir, cfg, start)
     if primary:
         tmp = workdir / "config.json.tmp"  # the config, and what restore_model needs of the data
-        tmp.write_text(json.dumps({**cfg, "vocab_sizes": _vocab_sizes(train_ds)}, indent=2))
+        tmp.write_text(json.dumps({**cfg, "data_sizes": _data_sizes(train_ds)}, indent=2))
         os.replace(tmp, workdir / "config.json")
 
     num_steps = tcfg["num_steps"]
@@ -683,16 +740,18 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     shardings = sharding.state_shardings(state, mesh, rules)
     if mesh.size > 1:
         say(_describe_layout(parallelism, mesh, shardings))
+    kind = _kind(train_ds)
     train_step = sharding.sharded_train_step(
-        graphdef, tx, label_smoothing=tcfg["label_smoothing"], mesh=mesh, rules=rules
+        graphdef, tx, label_smoothing=tcfg["label_smoothing"], mesh=mesh, rules=rules, kind=kind
     )
     eval_step = sharding.sharded_eval_step(
         graphdef,
-        max_len=test_ds.tgt.shape[1],
-        beam_size=ecfg["beam_size"],
-        length_penalty=ecfg["length_penalty"],
+        max_len=test_ds.tgt.shape[1] if kind == "seq2seq" else 1,
+        beam_size=_train_option(cfg, "beam_size", "eval"),
+        length_penalty=_train_option(cfg, "length_penalty", "eval"),
         mesh=mesh,
         rules=rules,
+        kind=kind,
     )
 
     def place(batch):  # a batch laid out as the steps read it
@@ -703,12 +762,16 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     eval_batch_size = -(-ecfg["batch_size"] // data_size) * data_size
 
     def run_eval(state):
+        if kind == "classification":
+            return classify.evaluate(
+                eval_step, state, test_ds, batch_size=eval_batch_size, place=place
+            )
         return evaluate(
             eval_step,
             state,
             test_ds,
             batch_size=eval_batch_size,
-            bleu_tokenize=ecfg["bleu_tokenize"],
+            bleu_tokenize=_train_option(cfg, "bleu_tokenize", "eval"),
             place=place,
         )
 
@@ -734,7 +797,11 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         stop = min(stop, max(start, tcfg["stop_after_steps"]))
 
     batch_size, seed = tcfg["batch_size"], cfg["seed"]
-    tokens_per_step = batch_size * (train_ds.src.shape[1] + train_ds.tgt.shape[1])
+    # throughput in tokens (source and target) or examples per second
+    counted = COUNTED[kind]
+    per_step = batch_size
+    if kind == "seq2seq":
+        per_step *= train_ds.src.shape[1] + train_ds.tgt.shape[1]
     step, saved, interrupted = start, start, None
     finite = _FiniteWatch(ckpt, tcfg)
     bar = tqdm(
@@ -760,20 +827,20 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
                 finite.check()
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                rate = window_steps * per_step / max(now - window_start, 1e-9)
                 window_start, window_steps = now, 0
                 record = {
                     "step": step,
                     "split": "train",
                     "learning_rate": float(lr),
-                    "tokens_per_s": rate,
+                    f"{counted}_per_s": rate,
                     **metrics,
                 }
                 log.write(record)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     acc=f"{metrics['accuracy']:.3f}",
-                    tok_s=f"{rate:,.0f}",
+                    **{"tok_s" if kind == "seq2seq" else "ex_s": f"{rate:,.0f}"},
                 )
             ckpt.poll()  # a checkpoint write that failed in the background stops here
             if step % tcfg["checkpoint_every"] == 0 and step < stop:
@@ -825,14 +892,20 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         f"held-out ({len(test_ds)} examples) after {step} steps: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     )
+    if not cfg.get("write_outside_workdir", True):
+        _keep_matplotlib_cache_in(workdir)
+    if kind == "classification":
+        print("\n".join(classify.sample_lines(test_ds, predictions, ecfg["num_samples"])))
+        result["heatmaps"] = classify.save_heatmaps(
+            graphdef, state, test_ds, predictions, workdir, count=ecfg["num_heatmaps"]
+        )
+        return result
     for i in range(min(ecfg["num_samples"], len(test_ds))):
         mark = "ok " if predictions[i] == test_ds.tgt_texts[i] else "BAD"
         print(
             f"  {mark} {test_ds.src_texts[i]!r:34} -> {predictions[i]!r}"
             f"  (reference {test_ds.tgt_texts[i]!r})"
         )
-    if not cfg.get("write_outside_workdir", True):
-        _keep_matplotlib_cache_in(workdir)
     result["heatmaps"] = save_cross_attention_heatmaps(
         graphdef, state, test_ds, predictions, workdir, count=ecfg["num_heatmaps"]
     )

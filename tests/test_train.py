@@ -71,7 +71,7 @@ def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys, mon
     np.testing.assert_array_equal(again, generated)  # the outputs the final eval scored
     monkeypatch.undo()
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved.pop("vocab_sizes") == sizes
+    assert saved.pop("data_sizes") == sizes
     (tmp_path / "config.json").write_text(json.dumps(saved))  # as older jattn versions wrote it
     older = train_lib.restore_model(tmp_path)  # the sizes from the saved config's data set
     jax.tree.map(np.testing.assert_array_equal, nnx.state(older, nnx.Param), trained)
@@ -287,10 +287,11 @@ def test_restore_model_from_the_workdir_alone_names_what_is_missing(tmp_path):
     config = load_config("copy", "small")
     _workdir_with_a_checkpoint(tmp_path / "run", config, step=8)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    saved["vocab_sizes"] = [13, 13]
-    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"its 'vocab_sizes' is not two positive sizes: \[13"):
-        train_lib.restore_model(tmp_path / "run")
+    for key, bad in [("data_sizes", [13, 13]), ("vocab_sizes", {"src_vocab_size": 0})]:
+        saved.pop("data_sizes", None)
+        (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, key: bad}))
+        with pytest.raises(ValueError, match=rf"its '{key}' is not a mapping of positive sizes"):
+            train_lib.restore_model(tmp_path / "run")
     (tmp_path / "run" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config.json: .* pass the config"):
         train_lib.restore_model(tmp_path / "run")

@@ -153,6 +153,27 @@ def test_vit_positions_added_before_cls():
     )
 
 
+def test_vit_conv_stem_is_a_3x3_convolution_and_gelu_before_the_patches():
+    model = ViT(image_size=(4, 6), patch=2, in_channels=3, num_classes=7, features=8,
+                num_layers=1, num_heads=2, mlp_features=16, stem_features=5,
+                rngs=nnx.Rngs(0))  # fmt: skip
+    images = _rand((2, 4, 6, 3))
+    x = np.pad(np.asarray(images, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = np.asarray(model.stem.kernel[...], np.float64)  # [3, 3, 3, 5]
+    conv = sum(
+        np.einsum("bhwc,cf->bhwf", x[:, i : i + 4, j : j + 6], kernel[i, j])
+        for i in range(3)
+        for j in range(3)
+    ) + np.asarray(model.stem.bias[...], np.float64)
+    stem = jax.nn.gelu(jnp.asarray(conv, jnp.float32))
+    want = model.patch_embed(stem) + sincos_2d(2, 3, 8)[None]
+    np.testing.assert_allclose(model.tokens(images)[:, 1:], want, atol=1e-5)
+    assert model.patch_embed.in_channels == 5
+    with pytest.raises(ValueError, match="stem_features must be a positive int"):
+        ViT(image_size=4, patch=2, in_channels=3, num_classes=2, features=8, num_layers=1,
+            num_heads=2, mlp_features=8, stem_features=0, rngs=nnx.Rngs(0))  # fmt: skip
+
+
 def test_vit_errors():
     with pytest.raises(
         ValueError, match=r"pool must be one of \('cls', 'mean', 'map'\), got 'max'"
@@ -350,6 +371,18 @@ LAYERS = {
     "PatchEmbedding": lambda r: PatchEmbedding(2, 3, 8, rngs=r),
     "ViT-cls-learned": lambda r: _vit("cls", posemb="learned"),
     "ViT-map": lambda r: _vit("map"),
+    "ViT-stem": lambda r: ViT(
+        image_size=4,
+        patch=2,
+        in_channels=3,
+        num_classes=2,
+        features=8,
+        num_layers=1,
+        num_heads=2,
+        mlp_features=8,
+        stem_features=4,
+        rngs=r,
+    ),  # fmt: skip
     "DETRDecoder": lambda r: DETRDecoder(
         num_queries=2, features=8, num_classes=2, num_layers=1, num_heads=2, mlp_features=8, rngs=r
     ),  # fmt: skip

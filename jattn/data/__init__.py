@@ -1,4 +1,6 @@
-"""Offline tasks generated in-process: copy, reverse, sort, addition and date translation."""
+"""Offline tasks: copy, reverse, sort, addition and date translation generated in-process;
+scikit-learn's bundled handwritten digits and a visual-question-answering toy
+(classification)."""
 
 from __future__ import annotations
 
@@ -6,36 +8,47 @@ import inspect
 
 from jattn.data.dataset import Seq2SeqDataset
 from jattn.data.dates import DATE_FORMATS, dates_task, format_date
+from jattn.data.images import ClassificationDataset, digits_task, shift_images
 from jattn.data.tasks import addition_task, copy_task, reverse_task, sort_task
 from jattn.data.tokenizer import BOS, EOS, PAD, CharTokenizer
+from jattn.data.vqa import vqa_task
 
 __all__ = [
     "BOS",
+    "CLASSIFICATION_TASKS",
     "DATE_FORMATS",
     "EOS",
     "PAD",
     "TASKS",
     "CharTokenizer",
+    "ClassificationDataset",
     "Seq2SeqDataset",
     "addition_task",
     "copy_task",
     "dates_task",
+    "digits_task",
     "format_date",
     "make_task",
     "reverse_task",
+    "shift_images",
     "sort_task",
+    "vqa_task",
 ]
 
 TASKS = {
     "addition": addition_task,
     "copy": copy_task,
     "dates": dates_task,
+    "digits": digits_task,
     "reverse": reverse_task,
     "sort": sort_task,
+    "vqa": vqa_task,
 }
+# Tasks whose examples have one class label each (ClassificationDataset), not a target text.
+CLASSIFICATION_TASKS = frozenset({"digits", "vqa"})
 
 
-def make_task(name: str, **kwargs) -> tuple[Seq2SeqDataset, Seq2SeqDataset]:
+def make_task(name: str, **kwargs) -> tuple:
     """``(train, test)`` of the task ``name`` (a key of :data:`TASKS`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")

@@ -125,6 +125,10 @@ class ViT(TrainEval, nnx.Module):
       posemb: ``'sincos'`` (fixed, :func:`jattn.functional.vision.sincos_2d`) or
         ``'learned'`` (``pos_embedding [h*w, D]``, normal(0.02)).
       dropout_rate: the encoder's dropout.
+      stem_features: None (the default): the patches are embedded straight from the
+        pixels. An int F: a 3 x 3 convolution to F channels and a GELU come first
+        (the convolutional stem of Xiao et al. 2021, "Early convolutions help
+        transformers see better"), which helps on small data sets.
       rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` for training).
 
     Submodules: ``patch_embed``, ``cls_token`` (``'cls'``: ``nnx.Param [1, D]``, zeros),
@@ -134,7 +138,7 @@ class ViT(TrainEval, nnx.Module):
     def __init__(self, *, image_size, patch: int, in_channels: int, num_classes: int,
                  features: int, num_layers: int, num_heads: int, mlp_features: int,
                  pool: str = "cls", posemb: str = "sincos", dropout_rate: float = 0.0,
-                 rngs: nnx.Rngs):  # fmt: skip
+                 stem_features: int | None = None, rngs: nnx.Rngs):  # fmt: skip
         from jattn.models.blocks import TransformerEncoder  # models import layers
 
         if pool not in _POOLS:
@@ -147,6 +151,14 @@ class ViT(TrainEval, nnx.Module):
             raise ValueError(f"image_size must be an int or a pair (H, W), got {image_size!r}")
         num_classes = check_positive_int("num_classes", num_classes)
         features = check_positive_int("features", features)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.stem = nnx.data(None)
+        if stem_features is not None:
+            stem_features = check_positive_int("stem_features", stem_features)
+            self.stem = nnx.Conv(in_channels, stem_features, kernel_size=(3, 3), padding="SAME",
+                                 kernel_metadata=names(None, None, None, "embed"),
+                                 bias_metadata=names("embed"), rngs=rngs)  # fmt: skip
+            in_channels = stem_features
         self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
         self.grid_hw = self.patch_embed.grid(*image_size)
         self.image_size, self.pool, self.posemb = tuple(image_size), pool, posemb
@@ -172,12 +184,14 @@ class ViT(TrainEval, nnx.Module):
     def tokens(self, images: jax.Array) -> jax.Array:
         """The encoder's input: ``images [B, H, W, C] -> [B, T, D]`` (patches plus
         positions, with the class token first for ``pool='cls'``)."""
-        images = _check_features("images", images, self.patch_embed.in_channels)
+        images = _check_features("images", images, self.in_channels)
         if tuple(images.shape[1:3]) != self.image_size:
             raise ValueError(
                 f"images must be {self.image_size[0]} x {self.image_size[1]} (the model's "
                 f"image_size), got {fmt(images.shape)}"
             )
+        if self.stem is not None:
+            images = jax.nn.gelu(self.stem(images))  # [B, H, W, stem_features]
         x = self.patch_embed(images)  # [B, h*w, D]
         if self.posemb == "sincos":
             pos = sincos_2d(*self.grid_hw, x.shape[-1])  # fixed, recomputed (no state)

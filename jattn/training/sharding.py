@@ -267,7 +267,9 @@ def _constrain(tree, shardings, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def sharded_train_step(graphdef, tx, *, label_smoothing: float, pad_id: int = 0, mesh, rules):
+def sharded_train_step(
+    graphdef, tx, *, label_smoothing: float, pad_id: int = 0, mesh, rules, kind: str = "seq2seq"
+):
     """:func:`~jattn.training.state.make_train_step` on ``mesh``: the state laid out by
     ``rules`` (:func:`state_shardings`: the parameters and their optimizer state as
     their axis names say, the rest replicated), the batch by :func:`batch_shardings`,
@@ -280,7 +282,7 @@ def sharded_train_step(graphdef, tx, *, label_smoothing: float, pad_id: int = 0,
     have to be built from a state before the cache lookup); ``make_train_step``'s
     unplaced step runs between them, traced inline.
     """
-    step = make_train_step(graphdef, tx, label_smoothing=label_smoothing, pad_id=pad_id)
+    step = make_train_step(graphdef, tx, label_smoothing=label_smoothing, pad_id=pad_id, kind=kind)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def train_step(state, batch, learning_rate):
@@ -295,13 +297,26 @@ def sharded_train_step(graphdef, tx, *, label_smoothing: float, pad_id: int = 0,
 
 @functools.lru_cache(maxsize=16)
 def sharded_eval_step(
-    graphdef, *, max_len: int, beam_size: int, length_penalty: float, pad_id: int = 0, mesh, rules
+    graphdef,
+    *,
+    max_len: int,
+    beam_size: int,
+    length_penalty: float,
+    pad_id: int = 0,
+    mesh,
+    rules,
+    kind: str = "seq2seq",
 ):
     """:func:`~jattn.training.state.make_eval_step` on ``mesh``: parameters and batch
     laid out as by :func:`sharded_train_step`, the outputs replicated (every process
     reads them whole)."""
     step = make_eval_step(
-        graphdef, max_len=max_len, beam_size=beam_size, length_penalty=length_penalty, pad_id=pad_id
+        graphdef,
+        max_len=max_len,
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+        pad_id=pad_id,
+        kind=kind,
     )
     replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -14,7 +14,15 @@ from jattn.training.losses import masked_cross_entropy
 from jattn.training.metrics import token_accuracy_counts
 from jattn.training.parallel import batch_sharding, replicated
 
-__all__ = ["TrainState", "create_train_state", "make_eval_step", "make_train_step"]
+__all__ = [
+    "COUNTED",
+    "PAD_LABEL",
+    "TrainState",
+    "create_train_state",
+    "forward_loss",
+    "make_eval_step",
+    "make_train_step",
+]
 
 
 class TrainState(NamedTuple):
@@ -42,6 +50,38 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
     return graphdef, state
 
 
+# What a training step counts, by kind of task: the accuracy's denominator.
+COUNTED = {"seq2seq": "tokens", "classification": "examples"}
+# Classification labels of padding rows (evaluation batches are filled up with them).
+PAD_LABEL = -1
+
+
+def forward_loss(kind: str, model, batch, *, label_smoothing: float, pad_id: int, **call):
+    """``(loss, count, correct, logits)`` of ``model`` on ``batch``: the mean
+    cross-entropy, how many predictions it averages, how many of them are right (argmax).
+
+    ``kind='seq2seq'``: ``model(src, tgt_in, **call)`` scored against ``tgt`` (padding
+    ``pad_id`` left out). ``kind='classification'``: ``model(**inputs, **call)`` with the
+    batch's other arrays as keyword arguments (``images=``), scored against ``label``
+    (``PAD_LABEL`` rows left out).
+    """
+    if kind == "classification":
+        inputs = {k: v for k, v in batch.items() if k != "label"}
+        logits = model(**inputs, **call)
+        labels, pad_id = batch["label"][:, None], PAD_LABEL
+        scored = logits[:, None]
+    elif kind == "seq2seq":
+        logits = scored = model(batch["src"], batch["tgt_in"], **call)
+        labels = batch["tgt"]
+    else:
+        raise ValueError(f"unknown kind of task {kind!r}; expected one of {sorted(COUNTED)}")
+    loss, count = masked_cross_entropy(
+        scored, labels, label_smoothing=label_smoothing, pad_id=pad_id
+    )
+    correct, _ = token_accuracy_counts(scored, labels, pad_id=pad_id)
+    return loss, count, correct, logits
+
+
 @functools.lru_cache(maxsize=16)
 def make_train_step(
     graphdef,
@@ -50,14 +90,17 @@ def make_train_step(
     label_smoothing: float,
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    kind: str = "seq2seq",
 ):
     """The jit-compiled ``(state, batch, learning_rate) -> (state, metrics)``; ``state`` is
     donated. ``tx`` runs at unit learning rate (:func:`make_optimizer`); the updates are
     scaled by the scalar ``learning_rate``, an input so that schedules never recompile.
 
     Cached on its (hashable) arguments, so a second run with the same model and
-    optimizer reuses the compiled step. ``batch`` holds ``src [B,S]``, ``tgt_in [B,T]``
-    and ``tgt [B,T]``. Dropout keys
+    optimizer reuses the compiled step. For ``kind='seq2seq'`` ``batch`` holds
+    ``src [B,S]``, ``tgt_in [B,T]`` and ``tgt [B,T]``; for ``kind='classification'`` the
+    model's inputs by argument name (e.g. ``images [B,H,W,C]``) and ``label [B]``
+    (:func:`forward_loss`). Dropout keys
     come from ``fold_in(state.rng, state.step)``, so a step is a pure function of
     the state and the batch.
 
@@ -71,29 +114,28 @@ def make_train_step(
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest)
-            logits = model(
-                batch["src"],
-                batch["tgt_in"],
+            loss, count, correct, _ = forward_loss(
+                kind,
+                model,
+                batch,
+                label_smoothing=label_smoothing,
+                pad_id=pad_id,
                 deterministic=False,
                 rngs=nnx.Rngs(dropout=dropout_rng),
             )
-            loss, num_tokens = masked_cross_entropy(
-                logits, batch["tgt"], label_smoothing=label_smoothing, pad_id=pad_id
-            )
             _, _, rest = nnx.split(model, nnx.Param, ...)
-            return loss, (logits, num_tokens, rest)
+            return loss, (count, correct, rest)
 
-        (loss, (logits, num_tokens, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (count, correct, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u: learning_rate * u, updates)
         params = optax.apply_updates(state.params, updates)
-        correct, _ = token_accuracy_counts(logits, batch["tgt"], pad_id=pad_id)
         metrics = {
             "loss": loss,
-            "accuracy": correct / jnp.maximum(num_tokens, 1.0),
-            "tokens": num_tokens,
+            "accuracy": correct / jnp.maximum(count, 1.0),
+            COUNTED[kind]: count,
             "grad_norm": optax.tree.norm(grads),
         }
         new_state = TrainState(state.step + 1, params, rest, opt_state, state.rng)
@@ -116,22 +158,28 @@ def make_eval_step(
     length_penalty: float,
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    kind: str = "seq2seq",
 ):
-    """The jit-compiled ``(params, rest, batch) -> (loss_sum, correct, tokens, generated)``.
+    """The jit-compiled ``(params, rest, batch) -> (loss_sum, correct, count, predicted)``.
 
-    Teacher-forced loss/accuracy sums and ``model.generate`` tokens ``[B, max_len]``.
-    With a ``mesh``, the batch (and ``generated``) is split over its ``'data'`` axis.
+    Loss and accuracy sums (teacher-forced for ``kind='seq2seq'``) and what the model
+    predicts: ``model.generate`` tokens ``[B, max_len]``, or for ``kind='classification'``
+    the argmax class ``[B]`` (rows labelled -1 are padding, left out of the sums).
+    With a ``mesh``, the batch (and ``predicted``) is split over its ``'data'`` axis.
     """
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(batch["src"], batch["tgt_in"], deterministic=True)
-        loss, num_tokens = masked_cross_entropy(logits, batch["tgt"], pad_id=pad_id)
-        correct, _ = token_accuracy_counts(logits, batch["tgt"], pad_id=pad_id)
-        generated = model.generate(
-            batch["src"], max_len=max_len, beam_size=beam_size, length_penalty=length_penalty
+        loss, count, correct, logits = forward_loss(
+            kind, model, batch, label_smoothing=0.0, pad_id=pad_id, deterministic=True
         )
-        return loss * num_tokens, correct, num_tokens, generated
+        if kind == "classification":
+            predicted = jnp.argmax(logits, axis=-1)
+        else:
+            predicted = model.generate(
+                batch["src"], max_len=max_len, beam_size=beam_size, length_penalty=length_penalty
+            )
+        return loss * count, correct, count, predicted
 
     if mesh is None:
         return jax.jit(eval_step)

@@ -108,6 +108,11 @@ SCHEMAS = {
 
 # Optional fields and their values when a config leaves them out.
 DEFAULTS = {
+    "eval": {  # what a classification config may leave out
+        "beam_size": 1,
+        "length_penalty": 0.6,
+        "bleu_tokenize": "char",
+    },
     "train": {
         "num_devices": 0,  # train over this many devices; 0: all
         "parallelism": "data",  # a strategy of jattn.training.sharding

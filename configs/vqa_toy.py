@@ -1,0 +1,67 @@
+"""Visual question answering on a generated toy, solved with co-attention.
+
+    python -m jattn.train --config vqa_toy --workdir /tmp/vqa
+    python -m jattn.train --config vqa_toy:small --workdir /tmp/vqa_small
+
+A 3 x 3 canvas of digit cells and a question ("how many 7 ?", "what is left of 3 ?"),
+generated in-process (:func:`jattn.data.vqa_task`); the answer is a digit. The model
+(:class:`jattn.models.vqa.CoAttentionVQA`) embeds each 8 x 8 cell as one patch, and the
+question and the cells attend to each other. Heatmaps of each question token's
+attention over the cells are written next to the checkpoints
+(``question_attention_*.png``). ``small`` is a seconds-long smoke setting for tests.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.compilation_cache_dir = "~/.cache/jattn/jax"
+    config.write_outside_workdir = True
+
+    config.task = ml_collections.ConfigDict(
+        dict(name="vqa", num_train=20000, num_test=1000, grid=3, fill=0.7)
+    )
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vqa"
+    config.model.patch = 8  # one patch per cell
+    config.model.features = 64
+    config.model.num_heads = 4
+    config.model.num_layers = 2
+    config.model.mlp_features = 128
+    config.model.dropout_rate = 0.0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 4000
+    config.train.batch_size = 128
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 200
+    config.train.decay = "cosine"
+    config.train.end_lr_factor = 0.01
+    config.train.weight_decay = 0.01
+    config.train.clip_norm = 1.0
+    config.train.label_smoothing = 0.0
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
+    config.train.max_to_keep = 2
+    config.train.eval_every = 500
+    config.train.stop_after_steps = 0
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 500
+    config.eval.num_samples = 8
+    config.eval.num_heatmaps = 3
+
+    if arg == "small":
+        config.task.update(num_train=256, num_test=64)
+        config.model.update(features=16, num_heads=2, num_layers=1, mlp_features=32)
+        config.train.update(
+            num_steps=6, batch_size=16, warmup_steps=2, log_every=1, checkpoint_every=3,
+            eval_every=0,
+        )  # fmt: skip
+        config.eval.update(batch_size=32, num_samples=2, num_heatmaps=1)
+    elif arg is not None:
+        raise ValueError(f"unknown config argument {arg!r}; expected None or 'small'")
+    return config

@@ -1,0 +1,124 @@
+"""A visual-question-answering toy, generated in-process: digits on a canvas, a question
+in tokens, a one-word answer.
+
+The canvas is a G x G grid of cells (8 x 8 pixels each); a cell holds a digit (drawn
+from a 3 x 5 pixel font at a random place in the cell, with random brightness and
+noise) or nothing. The questions:
+
+- ``how many 7 ?``: how often the digit appears (``0`` to ``9``);
+- ``what is left of 3 ?`` (``right``, ``above``, ``below``): the digit in the cell next
+  to the one holding the 3, which appears exactly once, in that direction.
+
+Every answer is a digit, so there are 10 classes. Answering takes both modalities: the
+question names a digit to find among the cells, and then a neighbour or a count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jattn.data.images import ClassificationDataset
+
+__all__ = ["QUESTION_WORDS", "render_digit", "vqa_task"]
+
+# 3 x 5 pixel digits ('#' on), rows top to bottom
+_FONT = {
+    0: ["###", "#.#", "#.#", "#.#", "###"],
+    1: [".#.", "##.", ".#.", ".#.", "###"],
+    2: ["###", "..#", "###", "#..", "###"],
+    3: ["###", "..#", ".##", "..#", "###"],
+    4: ["#.#", "#.#", "###", "..#", "..#"],
+    5: ["###", "#..", "###", "..#", "###"],
+    6: ["###", "#..", "###", "#.#", "###"],
+    7: ["###", "..#", ".#.", ".#.", ".#."],
+    8: ["###", "#.#", "###", "#.#", "###"],
+    9: ["###", "#.#", "###", "..#", "###"],
+}
+GLYPHS = np.array([[[c == "#" for c in row] for row in _FONT[d]] for d in range(10)], np.float32)
+CELL = 8
+# Token 0 pads; the digits' tokens follow the words.
+QUESTION_WORDS = (
+    "<pad>", "what", "is", "left", "right", "above", "below", "of", "how", "many", "?",
+    *(str(d) for d in range(10)),
+)  # fmt: skip
+_TOKEN = {w: i for i, w in enumerate(QUESTION_WORDS)}
+QUESTION_LEN = 6  # "what is left of 3 ?"
+# (row, column) step to the neighbour in each direction
+_DIRECTIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
+
+
+def render_digit(digit: int, rng: np.random.Generator) -> np.ndarray:
+    """One ``[8, 8]`` cell holding ``digit`` (or nothing for -1): the glyph at a random
+    offset with brightness in [0.7, 1], plus uniform noise of up to 0.15."""
+    cell = rng.uniform(0.0, 0.15, size=(CELL, CELL)).astype(np.float32)
+    if digit >= 0:
+        r, c = rng.integers(0, CELL - 5 + 1), rng.integers(0, CELL - 3 + 1)
+        glyph = GLYPHS[digit] * rng.uniform(0.7, 1.0)
+        cell[r : r + 5, c : c + 3] = np.maximum(cell[r : r + 5, c : c + 3], glyph)
+    return cell
+
+
+def _question(words: list[str]) -> np.ndarray:
+    ids = [_TOKEN[w] for w in words]
+    return np.asarray(ids + [0] * (QUESTION_LEN - len(ids)), np.int32)
+
+
+def _example(rng: np.random.Generator, grid: int, fill: float):
+    """``(cells [G, G] with -1 for empty, question ids, answer)``."""
+    while True:
+        cells = np.where(rng.random((grid, grid)) < fill, rng.integers(0, 10, (grid, grid)), -1)
+        if rng.random() < 0.5:
+            digit = int(rng.integers(0, 10))
+            return cells, _question(["how", "many", str(digit), "?"]), int(np.sum(cells == digit))
+        direction = list(_DIRECTIONS)[rng.integers(0, 4)]
+        dr, dc = _DIRECTIONS[direction]
+        anchors = []
+        for r in range(grid):
+            for c in range(grid):
+                d = cells[r, c]
+                nr, nc = r + dr, c + dc
+                if d >= 0 and np.sum(cells == d) == 1 and 0 <= nr < grid and 0 <= nc < grid:
+                    if cells[nr, nc] >= 0:
+                        anchors.append((int(d), int(cells[nr, nc])))
+        if anchors:
+            digit, answer = anchors[rng.integers(0, len(anchors))]
+            return cells, _question(["what", "is", direction, "of", str(digit), "?"]), answer
+
+
+def _split(n: int, rng: np.random.Generator, grid: int, fill: float) -> ClassificationDataset:
+    images = np.zeros((n, grid * CELL, grid * CELL, 1), np.float32)
+    questions = np.zeros((n, QUESTION_LEN), np.int32)
+    answers = np.zeros(n, np.int32)
+    for i in range(n):
+        cells, questions[i], answers[i] = _example(rng, grid, fill)
+        for r in range(grid):
+            for c in range(grid):
+                block = render_digit(int(cells[r, c]), rng)
+                images[i, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL, 0] = block
+    names = tuple(str(d) for d in range(10))
+    return ClassificationDataset(
+        {"images": images, "question": questions},
+        answers,
+        names,
+        sizes={"vocab_size": len(QUESTION_WORDS)},
+    )
+
+
+def vqa_task(*, num_train: int = 20000, num_test: int = 1000, seed: int = 0, grid: int = 3,
+             fill: float = 0.7):  # fmt: skip
+    """``(train, test)``: ``images [N, 8G, 8G, 1]``, ``question [N, 6]`` token ids (0 pads;
+    :data:`QUESTION_WORDS`), the answer digit as the label. Canvases of train and test
+    come from separate random streams of ``seed``. ``fill``: the chance that a cell holds
+    a digit."""
+    for name, value in (("num_train", num_train), ("num_test", num_test), ("grid", grid)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 2 <= grid <= 3:
+        raise ValueError(f"grid must be 2 or 3 (a count answer is one digit), got {grid}")
+    if isinstance(fill, bool) or not isinstance(fill, int | float) or not 0 < fill <= 1:
+        raise ValueError(f"fill must be a number in (0, 1], got {fill!r}")
+    streams = np.random.SeedSequence(seed).spawn(2)
+    return tuple(
+        _split(n, np.random.default_rng(s), grid, fill)
+        for n, s in zip((num_train, num_test), streams, strict=True)
+    )
