@@ -4,7 +4,8 @@
     python -m jattn.train --config vqa_toy:small --workdir /tmp/vqa_small
 
 A 3 x 3 canvas of digit cells and a question ("how many 7 ?", "what is left of 3 ?"),
-generated in-process (:func:`jattn.data.vqa_task`); the answer is a digit. The model
+generated in-process (:func:`jattn.data.vqa_task`: every training batch is new); the
+answer is a digit. The model
 (:class:`jattn.models.vqa.CoAttentionVQA`) embeds each 8 x 8 cell as one patch, and the
 question and the cells attend to each other. Heatmaps of each question token's
 attention over the cells are written next to the checkpoints
@@ -21,15 +22,16 @@ def get_config(arg=None):
     config.write_outside_workdir = True
 
     config.task = ml_collections.ConfigDict(
-        dict(name="vqa", num_train=20000, num_test=1000, grid=3, fill=0.7)
+        dict(name="vqa", num_train=1000, num_test=1000, grid=3, fill=0.7)
     )
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "vqa"
     config.model.patch = 8  # one patch per cell
+    config.model.stem_features = 16
     config.model.features = 64
     config.model.num_heads = 4
-    config.model.num_layers = 2
+    config.model.num_layers = 3
     config.model.mlp_features = 128
     config.model.dropout_rate = 0.0
 
@@ -56,7 +58,9 @@ def get_config(arg=None):
 
     if arg == "small":
         config.task.update(num_train=256, num_test=64)
-        config.model.update(features=16, num_heads=2, num_layers=1, mlp_features=32)
+        config.model.update(
+            features=16, num_heads=2, num_layers=1, mlp_features=32, stem_features=4
+        )
         config.train.update(
             num_steps=6, batch_size=16, warmup_steps=2, log_every=1, checkpoint_every=3,
             eval_every=0,

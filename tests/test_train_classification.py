@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _layers import check_axis_names
 from _train_utils import load_config, train_losses
 from flax import nnx
 
@@ -185,6 +186,12 @@ def test_vqa_answers_follow_from_the_cells_and_the_question():
     }  # fmt: skip
     again, _ = vqa.vqa_task(num_train=40, num_test=10, seed=3)
     np.testing.assert_array_equal(again.inputs["images"], train.inputs["images"])
+    # training batches are fresh examples, a function of (seed, step)
+    a, b, c = train.sample_batch(0, 5, 4), again.sample_batch(0, 5, 4), train.sample_batch(0, 6, 4)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not np.array_equal(a["images"], c["images"])
+    assert a["images"].shape == (4, 24, 24, 1) and a["question"].shape == (4, 6)
+    assert not any((a["images"] == x).all((1, 2, 3)).any() for x in train.inputs["images"])
     with pytest.raises(ValueError, match="grid must be 2 or 3"):
         vqa.vqa_task(grid=4)
 
@@ -194,7 +201,8 @@ def test_vqa_model_ignores_question_padding_and_checks_inputs():
 
     model = CoAttentionVQA(image_size=(16, 16), patch=8, in_channels=1, vocab_size=12,
                            num_classes=5, features=16, num_heads=2, num_layers=2,
-                           mlp_features=32, max_question_len=8, rngs=nnx.Rngs(0))  # fmt: skip
+                           mlp_features=32, max_question_len=8, stem_features=3,
+                           rngs=nnx.Rngs(0))  # fmt: skip
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.random((3, 16, 16, 1)), jnp.float32)
     question = jnp.asarray([[3, 4, 5, 0], [6, 7, 0, 0], [8, 9, 10, 11]], jnp.int32)
@@ -202,6 +210,9 @@ def test_vqa_model_ignores_question_padding_and_checks_inputs():
     assert out.shape == (3, 5)
     padded = jnp.pad(question, ((0, 0), (0, 3)))  # more padding: the same answers
     np.testing.assert_allclose(model(images, padded), out, atol=1e-5)
+    check_axis_names(lambda r: CoAttentionVQA(
+        image_size=8, patch=4, in_channels=1, vocab_size=5, num_classes=2, features=8,
+        num_heads=2, num_layers=1, mlp_features=8, stem_features=2, rngs=r))  # fmt: skip
     weights = model.question_to_image_weights(images, question)
     assert [w.shape for w in weights] == [(3, 2, 4, 4)] * 2
     np.testing.assert_allclose(np.sum(weights[0], -1), 1.0, atol=1e-5)

@@ -12,7 +12,12 @@ from _layers import check_axis_names
 from flax import nnx  # noqa: E402
 
 from jattn.diagnostics import attention_rollout  # noqa: E402
-from jattn.functional.vision import patchify, sincos_2d, unpatchify  # noqa: E402
+from jattn.functional.vision import (  # noqa: E402
+    patchify,
+    relative_position_bias_2d,
+    sincos_2d,
+    unpatchify,
+)
 from jattn.layers import (  # noqa: E402
     CBAM,
     ECA,
@@ -58,6 +63,23 @@ def test_sincos_2d_matches_big_vision_formula(h, w, dim):
     got = sincos_2d(h, w, dim)
     assert got.shape == (h * w, dim) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_relative_position_bias_2d_looks_up_each_offset():
+    h, w, n = 2, 3, 2
+    table = _rand((n, (2 * h - 1) * (2 * w - 1)))
+    out = relative_position_bias_2d(table, h, w)
+    assert out.shape == (n, h * w, h * w)
+    for i in range(h * w):
+        for j in range(h * w):
+            dy, dx = i // w - j // w, i % w - j % w
+            np.testing.assert_array_equal(
+                out[:, i, j], table[:, (dy + h - 1) * (2 * w - 1) + dx + w - 1]
+            )
+    with pytest.raises(
+        ValueError, match=r"table must be \[N, \(2h - 1\) \* \(2w - 1\)\] = \[N, 15\]"
+    ):
+        relative_position_bias_2d(table[:, :-1], h, w)
 
 
 def test_sincos_2d_bad_dim():

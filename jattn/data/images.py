@@ -9,6 +9,7 @@ The images ship inside scikit-learn (the ``digits`` extra): nothing is downloade
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,6 +31,9 @@ class ClassificationDataset:
       max_scale: ... and scale them by a factor in ``[1 - max_scale, 1 + max_scale]``
         (bilinear, about the image's centre: :func:`warp_images`).
       sizes: other sizes a model needs of the data (``{'vocab_size': 21}``).
+      sampler: None, or ``sampler(rng, n) -> (inputs, labels)`` drawing ``n`` fresh
+        examples: training batches are then new examples each step (a generated task
+        with no fixed training set), instead of rows of ``inputs``.
     """
 
     inputs: dict
@@ -39,6 +43,7 @@ class ClassificationDataset:
     max_rotation: float = 0.0
     max_scale: float = 0.0
     sizes: dict = dataclasses.field(default_factory=dict)
+    sampler: Callable | None = None
 
     def __post_init__(self):
         n = len(self.labels)
@@ -75,7 +80,11 @@ class ClassificationDataset:
         """The training batch of ``step``, augmented: a pure function of ``(seed, step)``,
         so a resumed run sees exactly the batches an uninterrupted one would."""
         rng = np.random.default_rng([seed, step])
-        batch = self.batch(rng.integers(0, len(self), size=batch_size))
+        if self.sampler is not None:
+            inputs, labels = self.sampler(rng, batch_size)
+            batch = {**inputs, "label": labels}
+        else:
+            batch = self.batch(rng.integers(0, len(self), size=batch_size))
         if "images" in batch and (self.max_shift or self.max_rotation or self.max_scale):
             b = batch_size
             shifts = rng.integers(-self.max_shift, self.max_shift + 1, size=(b, 2))

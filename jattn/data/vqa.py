@@ -64,14 +64,16 @@ def _question(words: list[str]) -> np.ndarray:
 
 
 def _example(rng: np.random.Generator, grid: int, fill: float):
-    """``(cells [G, G] with -1 for empty, question ids, answer)``."""
-    while True:
+    """``(cells [G, G] with -1 for empty, question ids, answer)``: half the questions
+    count, half ask for a neighbour (each direction a quarter of those)."""
+    count = rng.random() < 0.5
+    direction = list(_DIRECTIONS)[rng.integers(0, 4)]
+    dr, dc = _DIRECTIONS[direction]
+    while True:  # canvases until one answers the question
         cells = np.where(rng.random((grid, grid)) < fill, rng.integers(0, 10, (grid, grid)), -1)
-        if rng.random() < 0.5:
+        if count:
             digit = int(rng.integers(0, 10))
             return cells, _question(["how", "many", str(digit), "?"]), int(np.sum(cells == digit))
-        direction = list(_DIRECTIONS)[rng.integers(0, 4)]
-        dr, dc = _DIRECTIONS[direction]
         anchors = []
         for r in range(grid):
             for c in range(grid):
@@ -85,7 +87,8 @@ def _example(rng: np.random.Generator, grid: int, fill: float):
             return cells, _question(["what", "is", direction, "of", str(digit), "?"]), answer
 
 
-def _split(n: int, rng: np.random.Generator, grid: int, fill: float) -> ClassificationDataset:
+def _examples(rng: np.random.Generator, n: int, grid: int, fill: float):
+    """``({'images', 'question'}, answers)`` of ``n`` examples drawn with ``rng``."""
     images = np.zeros((n, grid * CELL, grid * CELL, 1), np.float32)
     questions = np.zeros((n, QUESTION_LEN), np.int32)
     answers = np.zeros(n, np.int32)
@@ -95,21 +98,25 @@ def _split(n: int, rng: np.random.Generator, grid: int, fill: float) -> Classifi
             for c in range(grid):
                 block = render_digit(int(cells[r, c]), rng)
                 images[i, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL, 0] = block
+    return {"images": images, "question": questions}, answers
+
+
+def _split(n, rng, grid, fill, sampler=None) -> ClassificationDataset:
+    inputs, answers = _examples(rng, n, grid, fill)
     names = tuple(str(d) for d in range(10))
-    return ClassificationDataset(
-        {"images": images, "question": questions},
-        answers,
-        names,
-        sizes={"vocab_size": len(QUESTION_WORDS)},
-    )
+    sizes = {"vocab_size": len(QUESTION_WORDS)}
+    return ClassificationDataset(inputs, answers, names, sizes=sizes, sampler=sampler)
 
 
-def vqa_task(*, num_train: int = 20000, num_test: int = 1000, seed: int = 0, grid: int = 3,
+def vqa_task(*, num_train: int = 1000, num_test: int = 1000, seed: int = 0, grid: int = 3,
              fill: float = 0.7):  # fmt: skip
     """``(train, test)``: ``images [N, 8G, 8G, 1]``, ``question [N, 6]`` token ids (0 pads;
-    :data:`QUESTION_WORDS`), the answer digit as the label. Canvases of train and test
-    come from separate random streams of ``seed``. ``fill``: the chance that a cell holds
-    a digit."""
+    :data:`QUESTION_WORDS`), the answer digit as the label. ``fill``: the chance that a
+    cell holds a digit.
+
+    Training batches are fresh examples each step (the train split's ``sampler``, a
+    function of the batch's ``(seed, step)``); its ``num_train`` stored examples are
+    for looking at. The test split is fixed, from another random stream of ``seed``."""
     for name, value in (("num_train", num_train), ("num_test", num_test), ("grid", grid)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -118,7 +125,9 @@ def vqa_task(*, num_train: int = 20000, num_test: int = 1000, seed: int = 0, gri
     if isinstance(fill, bool) or not isinstance(fill, int | float) or not 0 < fill <= 1:
         raise ValueError(f"fill must be a number in (0, 1], got {fill!r}")
     streams = np.random.SeedSequence(seed).spawn(2)
-    return tuple(
-        _split(n, np.random.default_rng(s), grid, fill)
-        for n, s in zip((num_train, num_test), streams, strict=True)
-    )
+
+    def sampler(rng, n):
+        return _examples(rng, n, grid, fill)
+
+    train = _split(num_train, np.random.default_rng(streams[0]), grid, fill, sampler)
+    return train, _split(num_test, np.random.default_rng(streams[1]), grid, fill)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.functional._checks import check_finite_scalar, check_real, check_size, fmt
 
-__all__ = ["patchify", "sincos_2d", "unpatchify"]
+__all__ = ["patchify", "relative_position_bias_2d", "sincos_2d", "unpatchify"]
 
 
 def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> jax.Array:
@@ -48,6 +49,34 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> jax.Arr
     y = jnp.einsum("m,d->md", y.reshape(-1).astype(jnp.float32), omega)  # [h*w, q]
     x = jnp.einsum("m,d->md", x.reshape(-1).astype(jnp.float32), omega)
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
+
+
+def relative_position_bias_2d(table: jax.Array, h: int, w: int) -> jax.Array:
+    """A learned bias per head and 2-D offset, spread over the token pairs of an ``h x w``
+    grid (Swin Transformer's relative position bias, Liu et al. 2021).
+
+    Args:
+      table: ``[N, (2h - 1) * (2w - 1)]``: head n's bias for the offset ``(dy, dx)`` of the
+        query cell from the key cell (``dy`` in ``(-h, h)``, ``dx`` in ``(-w, w)``) at
+        ``(dy + h - 1) * (2w - 1) + dx + w - 1``.
+      h, w: the grid's rows and columns (tokens row-major, token ``y * w + x``).
+
+    Returns:
+      ``[N, h * w, h * w]``, ``out[n, i, j] = table[n, index(cell_i - cell_j)]``: an
+      attention ``bias`` (the same offset, the same bias, wherever the pair is).
+    """
+    h, w = check_size("h", h), check_size("w", w)
+    table = check_real("table", table)
+    size = (2 * h - 1) * (2 * w - 1)
+    if table.ndim != 2 or table.shape[1] != size:
+        raise ValueError(
+            f"table must be [N, (2h - 1) * (2w - 1)] = [N, {size}] for a {h} x {w} grid, "
+            f"got {fmt(table.shape)}"
+        )
+    y, x = np.divmod(np.arange(h * w), w)
+    dy, dx = y[:, None] - y[None, :], x[:, None] - x[None, :]
+    index = (dy + h - 1) * (2 * w - 1) + dx + w - 1  # [h*w, h*w], static
+    return table[:, index]
 
 
 def _check_images(name: str, images) -> jax.Array:

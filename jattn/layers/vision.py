@@ -101,6 +101,15 @@ class PatchEmbedding(nnx.Module):
         return y.reshape(y.shape[0], -1, y.shape[-1])
 
 
+def conv_stem(in_channels: int, features: int, rngs: nnx.Rngs) -> nnx.Conv:
+    """A 3 x 3 convolution ``[B, H, W, C] -> [B, H, W, F]`` ("SAME" padding), applied with
+    a GELU before a patch embedding (Xiao et al. 2021)."""
+    features = check_positive_int("stem_features", features)
+    return nnx.Conv(in_channels, features, kernel_size=(3, 3), padding="SAME",
+                    kernel_metadata=names(None, None, None, "embed"),
+                    bias_metadata=names("embed"), rngs=rngs)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- ViT
 
 
@@ -154,10 +163,7 @@ class ViT(TrainEval, nnx.Module):
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.stem = nnx.data(None)
         if stem_features is not None:
-            stem_features = check_positive_int("stem_features", stem_features)
-            self.stem = nnx.Conv(in_channels, stem_features, kernel_size=(3, 3), padding="SAME",
-                                 kernel_metadata=names(None, None, None, "embed"),
-                                 bias_metadata=names("embed"), rngs=rngs)  # fmt: skip
+            self.stem = conv_stem(in_channels, stem_features, rngs)
             in_channels = stem_features
         self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
         self.grid_hw = self.patch_embed.grid(*image_size)

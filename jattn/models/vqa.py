@@ -1,8 +1,11 @@
 """Visual question answering with co-attention: a question in tokens about an image.
 
 Each layer lets the question attend to the image patches and the patches attend to the
-question (:class:`jattn.layers.CoAttention`), then each modality attends to itself; the
-answer is read from the question's tokens (mean over the real ones). Trained by the
+question (:class:`jattn.layers.CoAttention`), then each modality attends to itself (the
+patches with a learned bias per head and 2-D offset,
+:func:`jattn.functional.vision.relative_position_bias_2d`, so a head can look at a
+neighbour in one direction); the answer is read from the question's tokens (mean over
+the real ones). Trained by the
 training program on the toy of :func:`jattn.data.vqa_task` (``configs/vqa_toy.py``).
 """
 
@@ -13,19 +16,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional._checks import check_positive_int, fmt
+from jattn.functional.vision import relative_position_bias_2d
 from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
-from jattn.layers.vision import PatchEmbedding
+from jattn.layers.vision import PatchEmbedding, conv_stem
 
 __all__ = ["CoAttentionVQA"]
 
 
 class _CoLayer(nnx.Module):
     """``(t, i) += co_attention(norm(t), norm(i))``, then a pre-norm self-attention
-    block on each."""
+    block on each; the image's with a learned 2-D relative position bias per head."""
 
-    def __init__(self, features, num_heads, mlp_features, dropout_rate, eps, rngs):
+    def __init__(self, features, num_heads, mlp_features, dropout_rate, eps, grid_hw, rngs):
+        self.grid_hw = grid_hw
+        offsets = (2 * grid_hw[0] - 1) * (2 * grid_hw[1] - 1)
+        self.relative_bias = nnx.Param(jnp.zeros((num_heads, offsets)), **names("heads", None))
         self.text_norm = _layer_norm(features, eps, rngs)
         self.image_norm = _layer_norm(features, eps, rngs)
         self.co = CoAttention(features, features, num_heads, dropout_rate=dropout_rate,
@@ -38,14 +45,18 @@ class _CoLayer(nnx.Module):
     def __call__(self, t, i, text_mask, **kw):
         dt, di = self.co(self.text_norm(t), self.image_norm(i), text_mask=text_mask, **kw)
         t, i = t + dt, i + di
-        return self.text_block(t, mask=text_mask[:, None, None, :], **kw), self.image_block(i, **kw)
+        bias = relative_position_bias_2d(self.relative_bias[...], *self.grid_hw)
+        return (
+            self.text_block(t, mask=text_mask[:, None, None, :], **kw),
+            self.image_block(i, bias=bias.astype(i.dtype), **kw),
+        )
 
 
 class CoAttentionVQA(TrainEval, nnx.Module):
     """``images [B, H, W, C]``, ``question [B, L]`` token ids (0 pads) ``-> logits [B, K]``.
 
     Args:
-      image_size: ``(H, W)``, multiples of ``patch``.
+      image_size: ``(H, W)`` (or an int for square images), multiples of ``patch``.
       patch: p; the image becomes ``(H/p) * (W/p)`` tokens with learned positions.
       in_channels: C.
       vocab_size: the question's vocabulary (id 0 is padding).
@@ -54,6 +65,8 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         layers and MLP width.
       max_question_len: the longest question (learned positions).
       dropout_rate: dropout in every attention and residual branch.
+      stem_features: as :class:`jattn.layers.ViT`'s: a 3 x 3 convolution to this many
+        channels and a GELU before the patches (None: none).
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
 
     Every attention layer can sow its weights (``sow_weights=True``;
@@ -64,11 +77,17 @@ class CoAttentionVQA(TrainEval, nnx.Module):
     def __init__(self, *, image_size, patch: int, in_channels: int, vocab_size: int,
                  num_classes: int, features: int, num_heads: int, num_layers: int,
                  mlp_features: int, max_question_len: int = 16, dropout_rate: float = 0.0,
-                 rngs: nnx.Rngs):  # fmt: skip
+                 stem_features: int | None = None, rngs: nnx.Rngs):  # fmt: skip
         features = check_positive_int("features", features)
         num_layers = check_positive_int("num_layers", num_layers)
         self.max_question_len = check_positive_int("max_question_len", max_question_len)
+        self.stem = nnx.data(None)
+        if stem_features is not None:
+            self.stem = conv_stem(in_channels, stem_features, rngs)
+            in_channels = stem_features
         self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
         self.image_size = tuple(image_size)
         self.grid_hw = self.patch_embed.grid(*self.image_size)
         init = nnx.initializers.normal(0.02)
@@ -79,7 +98,7 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         self.text_pos = nnx.Param(init(rngs.params(), (max_question_len, features)),
                                   **names("position", "embed"))  # fmt: skip
         self.layers = nnx.List([
-            _CoLayer(features, num_heads, mlp_features, dropout_rate, 1e-6, rngs)
+            _CoLayer(features, num_heads, mlp_features, dropout_rate, 1e-6, self.grid_hw, rngs)
             for _ in range(num_layers)
         ])  # fmt: skip
         self.final_norm = _layer_norm(features, 1e-6, rngs)
@@ -108,6 +127,8 @@ class CoAttentionVQA(TrainEval, nnx.Module):
             )
         kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
                   sow_weights=sow_weights)  # fmt: skip
+        if self.stem is not None:
+            images = jax.nn.gelu(self.stem(images))
         i = self.patch_embed(images) + self.image_pos[...][None]
         real = question != 0  # [B, L]
         t = self.embed(question) + self.text_pos[: question.shape[1]][None]
