@@ -173,11 +173,19 @@ def test_vqa_answers_follow_from_the_cells_and_the_question():
         kinds.add(words[2] if words[0] == "what" else "count")
         assert answer == _answer(cells, words), (cells, words, answer)
     assert kinds == {"left", "right", "above", "below", "count"}
-    # a rendered cell holds its glyph (brightness >= 0.7 where the font is on)
-    cell = vqa.render_digit(7, np.random.default_rng(1))
-    on = vqa.GLYPHS[7] > 0
-    assert any((cell[r : r + 5, c : c + 3][on] >= 0.7).all() for r in range(4) for c in range(6))
-    assert vqa.render_digit(-1, np.random.default_rng(1)).max() <= 0.15
+    # a rendered cell holds its glyph (brightness >= 0.7 where the font is on) over noise
+    cells = np.array([[[7, -1], [0, 7]]])
+    image = vqa.render_cells(cells, np.random.default_rng(1))[0]
+    assert image.shape == (16, 16) and image.min() >= 0 and image.max() <= 1
+    for (r, c), digit in np.ndenumerate(cells[0]):
+        cell = image[8 * r : 8 * r + 8, 8 * c : 8 * c + 8]
+        if digit < 0:
+            assert cell.max() <= 0.15
+            continue
+        on = vqa.GLYPHS[digit] > 0
+        places = [(y, x) for y in range(4) for x in range(6)
+                  if (cell[y : y + 5, x : x + 3][on] >= 0.7).all()]  # fmt: skip
+        assert places, (r, c)
     train, test = vqa.vqa_task(num_train=40, num_test=10, seed=3)
     assert train.inputs["images"].shape == (40, 24, 24, 1)
     assert train.inputs["question"].shape == (40, 6) and len(test) == 10
@@ -233,3 +241,26 @@ def test_vqa_toy_trains_and_draws_question_heatmaps(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in result["heatmaps"]] == ["question_attention_0.png"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["data_sizes"]["vocab_size"] == 21
+
+
+def test_vqa_grid_neighbour_heads_see_one_neighbour_each():
+    from jattn.models.vqa import CoAttentionVQA
+    from jattn.viz import collect_attention_weights
+
+    model = CoAttentionVQA(image_size=(16, 24), patch=8, in_channels=1, vocab_size=6,
+                           num_classes=3, features=10, num_heads=5, num_layers=1,
+                           mlp_features=8, grid_neighbours=True, rngs=nnx.Rngs(0))  # fmt: skip
+    images = jnp.asarray(np.random.default_rng(0).random((1, 16, 24, 1)), jnp.float32)
+    sown = collect_attention_weights(model, images, jnp.ones((1, 3), jnp.int32))
+    weights = np.asarray(sown["layers/0/image_block/attention"])[0]  # [N, 6, 6], grid 2 x 3
+    cells = [(r, c) for r in range(2) for c in range(3)]
+    for head, (dy, dx) in enumerate([(0, -1), (0, 1), (-1, 0), (1, 0)]):
+        want = np.array([[k == q or cells[k] == (cells[q][0] + dy, cells[q][1] + dx)
+                          for k in range(6)] for q in range(6)])  # fmt: skip
+        np.testing.assert_array_equal(weights[head] > 0, want)
+    assert (weights[4] > 0).all()  # the fifth head sees every cell
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="grid_neighbours needs num_heads >= 4, got 2"):
+        CoAttentionVQA(image_size=8, patch=8, in_channels=1, vocab_size=6, num_classes=3,
+                       features=8, num_heads=2, num_layers=1, mlp_features=8,
+                       grid_neighbours=True, rngs=nnx.Rngs(0))  # fmt: skip

@@ -2,8 +2,8 @@
 in tokens, a one-word answer.
 
 The canvas is a G x G grid of cells (8 x 8 pixels each); a cell holds a digit (drawn
-from a 3 x 5 pixel font at a random place in the cell, with random brightness and
-noise) or nothing. The questions:
+from a 3 x 5 pixel font near the cell's centre, a pixel either way, with random
+brightness and noise) or nothing. The questions:
 
 - ``how many 7 ?``: how often the digit appears (``0`` to ``9``);
 - ``what is left of 3 ?`` (``right``, ``above``, ``below``): the digit in the cell next
@@ -19,7 +19,7 @@ import numpy as np
 
 from jattn.data.images import ClassificationDataset
 
-__all__ = ["QUESTION_WORDS", "render_digit", "vqa_task"]
+__all__ = ["QUESTION_WORDS", "render_cells", "vqa_task"]
 
 # 3 x 5 pixel digits ('#' on), rows top to bottom
 _FONT = {
@@ -47,15 +47,21 @@ QUESTION_LEN = 6  # "what is left of 3 ?"
 _DIRECTIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
 
 
-def render_digit(digit: int, rng: np.random.Generator) -> np.ndarray:
-    """One ``[8, 8]`` cell holding ``digit`` (or nothing for -1): the glyph at a random
-    offset with brightness in [0.7, 1], plus uniform noise of up to 0.15."""
-    cell = rng.uniform(0.0, 0.15, size=(CELL, CELL)).astype(np.float32)
-    if digit >= 0:
-        r, c = rng.integers(0, CELL - 5 + 1), rng.integers(0, CELL - 3 + 1)
-        glyph = GLYPHS[digit] * rng.uniform(0.7, 1.0)
-        cell[r : r + 5, c : c + 3] = np.maximum(cell[r : r + 5, c : c + 3], glyph)
-    return cell
+def render_cells(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``cells [n, G, G]`` digits (-1: empty) as images ``[n, 8G, 8G]``: each digit's glyph
+    near the centre of its 8 x 8 cell (its top-left corner at row 1 or 2, column 2 or 3)
+    with brightness in [0.7, 1], over uniform noise of up to 0.15 everywhere."""
+    n, g, _ = cells.shape
+    images = rng.uniform(0.0, 0.15, size=(n, g * CELL, g * CELL)).astype(np.float32)
+    i, r, c = np.nonzero(cells >= 0)  # the cells with a digit
+    top = r * CELL + rng.integers(1, 3, len(i))  # about the centre, a pixel either way
+    left = c * CELL + rng.integers(2, 4, len(i))
+    glyphs = GLYPHS[cells[i, r, c]] * rng.uniform(0.7, 1.0, (len(i), 1, 1)).astype(np.float32)
+    rows = (top[:, None] + np.arange(5))[:, :, None]  # [k, 5, 1]
+    cols = (left[:, None] + np.arange(3))[:, None, :]  # [k, 1, 3]
+    at = (i[:, None, None], rows, cols)
+    images[at] = np.maximum(images[at], glyphs)
+    return images
 
 
 def _question(words: list[str]) -> np.ndarray:
@@ -89,15 +95,12 @@ def _example(rng: np.random.Generator, grid: int, fill: float):
 
 def _examples(rng: np.random.Generator, n: int, grid: int, fill: float):
     """``({'images', 'question'}, answers)`` of ``n`` examples drawn with ``rng``."""
-    images = np.zeros((n, grid * CELL, grid * CELL, 1), np.float32)
+    cells = np.zeros((n, grid, grid), np.int64)
     questions = np.zeros((n, QUESTION_LEN), np.int32)
     answers = np.zeros(n, np.int32)
     for i in range(n):
-        cells, questions[i], answers[i] = _example(rng, grid, fill)
-        for r in range(grid):
-            for c in range(grid):
-                block = render_digit(int(cells[r, c]), rng)
-                images[i, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL, 0] = block
+        cells[i], questions[i], answers[i] = _example(rng, grid, fill)
+    images = render_cells(cells, rng)[..., None]
     return {"images": images, "question": questions}, answers
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn import mods
 from jattn.functional._checks import check_positive_int, fmt
 from jattn.functional.vision import relative_position_bias_2d
 from jattn.layers.axes import names
@@ -22,15 +23,36 @@ from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
 from jattn.layers.vision import PatchEmbedding, conv_stem
 
-__all__ = ["CoAttentionVQA"]
+__all__ = ["CoAttentionVQA", "neighbours_mod"]
+
+
+# (row, column) offsets of the neighbour that each of the first four heads sees
+_NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))
+
+
+def neighbours_mod(width: int, num_heads: int) -> mods.Mod:
+    """A per-head ``mask_mod`` over the patches of a grid ``width`` wide (tokens
+    row-major): head ``n < 4`` sees the query's own patch and its neighbour at
+    ``_NEIGHBOURS[n]`` (left, right, up, down), the other heads every patch."""
+
+    def neighbour(dy, dx):
+        def mod(b, n, q, kv):
+            same = (kv // width == q // width + dy) & (kv % width == q % width + dx)
+            return same | (q == kv)
+
+        return mod
+
+    heads = [neighbour(dy, dx) for dy, dx in _NEIGHBOURS] + [mods.full()] * (num_heads - 4)
+    return mods.per_head(heads)
 
 
 class _CoLayer(nnx.Module):
     """``(t, i) += co_attention(norm(t), norm(i))``, then a pre-norm self-attention
     block on each; the image's with a learned 2-D relative position bias per head."""
 
-    def __init__(self, features, num_heads, mlp_features, dropout_rate, eps, grid_hw, rngs):
-        self.grid_hw = grid_hw
+    def __init__(self, features, num_heads, mlp_features, dropout_rate, eps, grid_hw,
+                 image_mask_mod, rngs):  # fmt: skip
+        self.grid_hw, self.image_mask_mod = grid_hw, image_mask_mod
         offsets = (2 * grid_hw[0] - 1) * (2 * grid_hw[1] - 1)
         self.relative_bias = nnx.Param(jnp.zeros((num_heads, offsets)), **names("heads", None))
         self.text_norm = _layer_norm(features, eps, rngs)
@@ -48,7 +70,7 @@ class _CoLayer(nnx.Module):
         bias = relative_position_bias_2d(self.relative_bias[...], *self.grid_hw)
         return (
             self.text_block(t, mask=text_mask[:, None, None, :], **kw),
-            self.image_block(i, bias=bias.astype(i.dtype), **kw),
+            self.image_block(i, bias=bias.astype(i.dtype), mask_mod=self.image_mask_mod, **kw),
         )
 
 
@@ -67,6 +89,11 @@ class CoAttentionVQA(TrainEval, nnx.Module):
       dropout_rate: dropout in every attention and residual branch.
       stem_features: as :class:`jattn.layers.ViT`'s: a 3 x 3 convolution to this many
         channels and a GELU before the patches (None: none).
+      grid_neighbours: the image's self-attention gives its first four heads one
+        direction each: head 0 sees the patch itself and its left neighbour, heads 1, 2
+        and 3 the right, upper and lower one (:func:`neighbours_mod`; heads of
+        different kinds in one layer, by per-head masks); the other heads see every
+        patch. False: every head sees every patch.
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
 
     Every attention layer can sow its weights (``sow_weights=True``;
@@ -77,7 +104,8 @@ class CoAttentionVQA(TrainEval, nnx.Module):
     def __init__(self, *, image_size, patch: int, in_channels: int, vocab_size: int,
                  num_classes: int, features: int, num_heads: int, num_layers: int,
                  mlp_features: int, max_question_len: int = 16, dropout_rate: float = 0.0,
-                 stem_features: int | None = None, rngs: nnx.Rngs):  # fmt: skip
+                 stem_features: int | None = None, grid_neighbours: bool = False,
+                 rngs: nnx.Rngs):  # fmt: skip
         features = check_positive_int("features", features)
         num_layers = check_positive_int("num_layers", num_layers)
         self.max_question_len = check_positive_int("max_question_len", max_question_len)
@@ -90,6 +118,11 @@ class CoAttentionVQA(TrainEval, nnx.Module):
             image_size = (image_size, image_size)
         self.image_size = tuple(image_size)
         self.grid_hw = self.patch_embed.grid(*self.image_size)
+        image_mask_mod = None
+        if grid_neighbours:
+            if num_heads < 4:
+                raise ValueError(f"grid_neighbours needs num_heads >= 4, got {num_heads}")
+            image_mask_mod = neighbours_mod(self.grid_hw[1], num_heads)
         init = nnx.initializers.normal(0.02)
         s = self.grid_hw[0] * self.grid_hw[1]
         self.image_pos = nnx.Param(init(rngs.params(), (s, features)), **names("position", "embed"))
@@ -98,7 +131,8 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         self.text_pos = nnx.Param(init(rngs.params(), (max_question_len, features)),
                                   **names("position", "embed"))  # fmt: skip
         self.layers = nnx.List([
-            _CoLayer(features, num_heads, mlp_features, dropout_rate, 1e-6, self.grid_hw, rngs)
+            _CoLayer(features, num_heads, mlp_features, dropout_rate, 1e-6, self.grid_hw,
+                     image_mask_mod, rngs)
             for _ in range(num_layers)
         ])  # fmt: skip
         self.final_norm = _layer_norm(features, 1e-6, rngs)
