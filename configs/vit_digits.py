@@ -29,6 +29,10 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict()
     config.model.name = "vit"
     config.model.patch = 2  # 4 x 4 patches of 2 x 2 pixels
+    # two 3 x 3 convolutions (64 channels) before the patches: early convolutions help a
+    # transformer on a data set this small
+    config.model.stem_features = 64
+    config.model.stem_layers = 2
     config.model.features = 64
     config.model.num_layers = 4
     config.model.num_heads = 4
@@ -59,7 +63,9 @@ def get_config(arg=None):
     config.eval.num_heatmaps = 4
 
     if arg == "small":
-        config.model.update(features=16, num_layers=1, num_heads=2, mlp_features=32)
+        config.model.update(
+            features=16, num_layers=1, num_heads=2, mlp_features=32, stem_features=4
+        )
         config.train.update(
             num_steps=6, batch_size=16, warmup_steps=2, log_every=1, checkpoint_every=3,
             eval_every=0,

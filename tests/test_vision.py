@@ -21,6 +21,7 @@ from jattn.functional.vision import (  # noqa: E402
 from jattn.layers import (  # noqa: E402
     CBAM,
     ECA,
+    ConvStem,
     DETRDecoder,
     PatchEmbedding,
     SqueezeExcitation,
@@ -181,16 +182,24 @@ def test_vit_conv_stem_is_a_3x3_convolution_and_gelu_before_the_patches():
                 rngs=nnx.Rngs(0))  # fmt: skip
     images = _rand((2, 4, 6, 3))
     x = np.pad(np.asarray(images, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    kernel = np.asarray(model.stem.kernel[...], np.float64)  # [3, 3, 3, 5]
+    kernel = np.asarray(model.stem.convs[0].kernel[...], np.float64)  # [3, 3, 3, 5]
     conv = sum(
         np.einsum("bhwc,cf->bhwf", x[:, i : i + 4, j : j + 6], kernel[i, j])
         for i in range(3)
         for j in range(3)
-    ) + np.asarray(model.stem.bias[...], np.float64)
+    ) + np.asarray(model.stem.convs[0].bias[...], np.float64)
     stem = jax.nn.gelu(jnp.asarray(conv, jnp.float32))
     want = model.patch_embed(stem) + sincos_2d(2, 3, 8)[None]
     np.testing.assert_allclose(model.tokens(images)[:, 1:], want, atol=1e-5)
     assert model.patch_embed.in_channels == 5
+    deep = ConvStem(3, 4, 2, rngs=nnx.Rngs(1))  # two convolutions, a GELU after each
+    first, second = deep.convs
+    np.testing.assert_allclose(
+        deep(images), jax.nn.gelu(second(jax.nn.gelu(first(images)))), atol=1e-6
+    )
+    assert first.kernel.shape == (3, 3, 3, 4) and second.kernel.shape == (3, 3, 4, 4)
+    with pytest.raises(ValueError, match="stem_layers must be a positive int"):
+        ConvStem(3, 4, 0, rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="stem_features must be a positive int"):
         ViT(image_size=4, patch=2, in_channels=3, num_classes=2, features=8, num_layers=1,
             num_heads=2, mlp_features=8, stem_features=0, rngs=nnx.Rngs(0))  # fmt: skip

@@ -25,6 +25,7 @@ from jattn.layers.single_head import AdditiveAttention, DotProductAttention
 from jattn.layers.vision import (
     CBAM,
     ECA,
+    ConvStem,
     DETRDecoder,
     PatchEmbedding,
     SqueezeExcitation,
@@ -40,6 +41,7 @@ __all__ = [
     "PatchEmbedding",
     "ECA",
     "CBAM",
+    "ConvStem",
     "ALiBi",
     "AdditiveAttention",
     "AdditiveScore",

@@ -39,6 +39,7 @@ from jattn.layers.multimodal import AttentionPoolingHead
 
 __all__ = [
     "CBAM",
+    "ConvStem",
     "DETRDecoder",
     "ECA",
     "PatchEmbedding",
@@ -101,13 +102,28 @@ class PatchEmbedding(nnx.Module):
         return y.reshape(y.shape[0], -1, y.shape[-1])
 
 
-def conv_stem(in_channels: int, features: int, rngs: nnx.Rngs) -> nnx.Conv:
-    """A 3 x 3 convolution ``[B, H, W, C] -> [B, H, W, F]`` ("SAME" padding), applied with
-    a GELU before a patch embedding (Xiao et al. 2021)."""
-    features = check_positive_int("stem_features", features)
-    return nnx.Conv(in_channels, features, kernel_size=(3, 3), padding="SAME",
-                    kernel_metadata=names(None, None, None, "embed"),
-                    bias_metadata=names("embed"), rngs=rngs)  # fmt: skip
+class ConvStem(nnx.Module):
+    """``num_layers`` 3 x 3 convolutions ("SAME" padding), each followed by a GELU:
+    ``[B, H, W, C] -> [B, H, W, F]``, applied before a patch embedding (the
+    convolutional stem of Xiao et al. 2021, "Early convolutions help transformers see
+    better"). Submodules: ``convs``, an ``nnx.List`` of ``nnx.Conv``."""
+
+    def __init__(self, in_channels: int, features: int, num_layers: int = 1, *,
+                 rngs: nnx.Rngs):  # fmt: skip
+        features = check_positive_int("stem_features", features)
+        num_layers = check_positive_int("stem_layers", num_layers)
+        self.convs = nnx.List([
+            nnx.Conv(in_channels if i == 0 else features, features, kernel_size=(3, 3),
+                     padding="SAME", kernel_metadata=names(None, None, None, "embed"),
+                     bias_metadata=names("embed"), rngs=rngs)
+            for i in range(num_layers)
+        ])  # fmt: skip
+        self.out_features = features
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            images = jax.nn.gelu(conv(images))
+        return images
 
 
 # ---------------------------------------------------------------------------- ViT
@@ -135,9 +151,9 @@ class ViT(TrainEval, nnx.Module):
         ``'learned'`` (``pos_embedding [h*w, D]``, normal(0.02)).
       dropout_rate: the encoder's dropout.
       stem_features: None (the default): the patches are embedded straight from the
-        pixels. An int F: a 3 x 3 convolution to F channels and a GELU come first
-        (the convolutional stem of Xiao et al. 2021, "Early convolutions help
-        transformers see better"), which helps on small data sets.
+        pixels. An int F: ``stem_layers`` 3 x 3 convolutions to F channels, each with a
+        GELU, come first (:class:`ConvStem`), which helps on small data sets.
+      stem_layers: the stem's depth (1 by default).
       rngs: ``nnx.Rngs`` with a ``params`` stream (and ``dropout`` for training).
 
     Submodules: ``patch_embed``, ``cls_token`` (``'cls'``: ``nnx.Param [1, D]``, zeros),
@@ -147,7 +163,8 @@ class ViT(TrainEval, nnx.Module):
     def __init__(self, *, image_size, patch: int, in_channels: int, num_classes: int,
                  features: int, num_layers: int, num_heads: int, mlp_features: int,
                  pool: str = "cls", posemb: str = "sincos", dropout_rate: float = 0.0,
-                 stem_features: int | None = None, rngs: nnx.Rngs):  # fmt: skip
+                 stem_features: int | None = None, stem_layers: int = 1,
+                 rngs: nnx.Rngs):  # fmt: skip
         from jattn.models.blocks import TransformerEncoder  # models import layers
 
         if pool not in _POOLS:
@@ -163,8 +180,8 @@ class ViT(TrainEval, nnx.Module):
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.stem = nnx.data(None)
         if stem_features is not None:
-            self.stem = conv_stem(in_channels, stem_features, rngs)
-            in_channels = stem_features
+            self.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
+            in_channels = self.stem.out_features
         self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
         self.grid_hw = self.patch_embed.grid(*image_size)
         self.image_size, self.pool, self.posemb = tuple(image_size), pool, posemb
@@ -197,7 +214,7 @@ class ViT(TrainEval, nnx.Module):
                 f"image_size), got {fmt(images.shape)}"
             )
         if self.stem is not None:
-            images = jax.nn.gelu(self.stem(images))  # [B, H, W, stem_features]
+            images = self.stem(images)  # [B, H, W, stem_features]
         x = self.patch_embed(images)  # [B, h*w, D]
         if self.posemb == "sincos":
             pos = sincos_2d(*self.grid_hw, x.shape[-1])  # fixed, recomputed (no state)

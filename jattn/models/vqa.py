@@ -21,7 +21,7 @@ from jattn.functional.vision import relative_position_bias_2d
 from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
-from jattn.layers.vision import PatchEmbedding, conv_stem
+from jattn.layers.vision import ConvStem, PatchEmbedding
 
 __all__ = ["CoAttentionVQA", "neighbours_mod"]
 
@@ -111,7 +111,7 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         self.max_question_len = check_positive_int("max_question_len", max_question_len)
         self.stem = nnx.data(None)
         if stem_features is not None:
-            self.stem = conv_stem(in_channels, stem_features, rngs)
+            self.stem = ConvStem(in_channels, stem_features, rngs=rngs)
             in_channels = stem_features
         self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
         if isinstance(image_size, int):
@@ -162,7 +162,7 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
                   sow_weights=sow_weights)  # fmt: skip
         if self.stem is not None:
-            images = jax.nn.gelu(self.stem(images))
+            images = self.stem(images)
         i = self.patch_embed(images) + self.image_pos[...][None]
         real = question != 0  # [B, L]
         t = self.embed(question) + self.text_pos[: question.shape[1]][None]
