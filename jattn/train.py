@@ -866,7 +866,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         "workdir": str(workdir),
         # Entries in the jitted step's dispatch cache: 1 means compiled once. With several
         # devices JAX adds a second entry for the same executable once a checkpoint save
-        # has read the state's typed PRNG keys (no XLA recompile: tests/test_data_parallel).
+        # has read the state's typed PRNG keys (no XLA recompile: tests/test_sharded_training).
         "train_step_compiles": train_step._cache_size(),
     }
     if interrupted is None and step < num_steps:

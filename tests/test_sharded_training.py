@@ -1,8 +1,9 @@
 """Sharded models and training: every parameter names its axes (NNX sharding metadata),
 the rules table lays them out per strategy, the config's mesh fields fail with the field
 and the reason; the training program on 8 emulated CPU devices gives the one-device
-losses with the state split (fsdp, tensor) or the batch split along its sequence axis,
-and resumes a checkpoint saved split over 8 devices on 1; a run of 2 processes on this
+losses and evaluation data parallel (and resumes there with the same losses), the
+one-device losses with the state split (fsdp, tensor) or the batch split along its
+sequence axis, and resumes a checkpoint saved split over 8 devices on 1; a run of 2 processes on this
 machine gives the one-process losses. (The device count is fixed when jax starts: the
 multi-device runs are separate processes.)"""
 
@@ -213,30 +214,39 @@ SCRIPT = textwrap.dedent(
         cfg = load_config("dates", "small")
         cfg.train.update(num_steps=8, stop_after_steps=stop, num_devices=num_devices,
                          parallelism=parallelism, mesh_shape=mesh_shape, batch_size=batch_size)
+        cfg.eval.update(num_samples=0, num_heatmaps=0)  # generation is tested elsewhere
         return cfg
 
     out = {"device_count": jax.device_count(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [
-            ("one", config(num_devices=1, stop=6)),
-            ("fsdp", config("fsdp")),  # saves its state, split over 8 devices, at step 3
-            ("tensor", config("tensor", (4, 2))),
-            ("sequence", config("sequence", (-1, 2))),
-            ("resumed_on_one", config(num_devices=1, stop=6)),
+        runs = [  # (name, workdir, config)
+            ("one", "one", config(num_devices=1, stop=0)),  # all 8 steps, evaluated
+            ("data", "data", config(stop=0)),  # data parallel over all 8 devices
+            ("data_stopped", "data_run", config(stop=4)),  # stopped, resumed on 8 devices
+            ("data_resumed", "data_run", config(stop=0)),
+            ("fsdp", "fsdp", config("fsdp")),  # saves its state, split over 8, at step 3
+            ("tensor", "tensor", config("tensor", (4, 2))),
+            ("sequence", "sequence", config("sequence", (-1, 2))),
+            ("resumed_on_one", "fsdp", config(num_devices=1, stop=6)),
         ]
-        for name, cfg in runs:
-            workdir = Path(tmp) / ("fsdp" if name == "resumed_on_one" else name)
+        for name, where, cfg in runs:
+            workdir = Path(tmp) / where
             result = train_lib.train_and_evaluate(cfg, str(workdir))
             out["runs"][name] = {
                 "losses": train_losses(read_metrics(workdir / "metrics.jsonl")),
                 "step": result["step"],
+                "eval": result.get("eval"),
             }
     out["layouts"] = layouts
     out["compiles"] = compiles
-    try:
-        train_lib.validate_config(config("tensor", (4, 2), batch_size=6))
-    except ValueError as e:
-        out["batch_error"] = str(e)
+    errors = {}
+    for name, cfg in [("tensor_batch", config("tensor", (4, 2), batch_size=6)),
+                      ("batch", config(batch_size=12)), ("devices", config(num_devices=9))]:
+        try:
+            train_lib.validate_config(cfg)
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
     print("RESULT " + json.dumps(out))
     """
 )
@@ -266,17 +276,28 @@ def test_sharded_runs_train_like_one_device_and_resume_on_another_count():
     assert out["device_count"] == 8
     runs = out["runs"]
     one = runs["one"]["losses"]
-    assert sorted(one) == [str(s) for s in range(1, 7)]
+    assert sorted(one, key=int) == [str(s) for s in range(1, 9)]
+    # Data parallel over 8 devices: only the order of the gradient sum differs.
+    data = runs["data"]
+    assert data["step"] == 8 and _close(data["losses"], one), data
+    assert abs(data["eval"]["loss"] - runs["one"]["eval"]["loss"]) <= RTOL * data["eval"]["loss"]
+    assert data["eval"]["token_accuracy"] == runs["one"]["eval"]["token_accuracy"]
+    # Stopped at 4 and resumed on 8 devices: the same losses as the uninterrupted run.
+    assert runs["data_stopped"]["step"] == 4 and runs["data_resumed"]["step"] == 8
+    assert runs["data_resumed"]["losses"] == data["losses"]
     first = {k: v for k, v in one.items() if int(k) <= 3}
     for name in ("fsdp", "tensor", "sequence"):
         assert runs[name]["step"] == 3 and _close(runs[name]["losses"], first), (name, runs)
     # Saved split over 8 devices (fsdp), resumed on 1: the same continued losses.
     assert runs["resumed_on_one"]["step"] == 6
-    assert _close(runs["resumed_on_one"]["losses"], one), runs["resumed_on_one"]
+    six = {k: v for k, v in one.items() if int(k) <= 6}
+    assert _close(runs["resumed_on_one"]["losses"], six), runs["resumed_on_one"]
     # The state (parameters and Adam moments) and the batch as the rules lay them out:
     # encoder query kernel [16, 2, 8], MLP kernel [16, 32], source tokens [8, 32].
     assert out["layouts"] == {
         "data:1": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data',)",
+                   "explicit": False},
+        "data:8": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data',)",
                    "explicit": False},
         "fsdp:8": {"query": "P('data',)", "query_mu": "P('data',)", "mlp": "P(None, 'data')",
                    "src": "P('data',)", "explicit": False},
@@ -286,9 +307,18 @@ def test_sharded_runs_train_like_one_device_and_resume_on_another_count():
         "sequence:8": {"query": "P()", "query_mu": "P()", "mlp": "P()", "src": "P('data', 'seq')",
                        "explicit": True},
     }  # fmt: skip
-    # One XLA compilation per layout; the resumed run reuses the one-device step.
-    assert len(out["compiles"]) == 4, out["compiles"]
-    assert out["batch_error"] == (
+    # One XLA compilation per layout; the resumed runs reuse theirs (8-device data
+    # parallel; the one-device step).
+    assert len(out["compiles"]) == 5, out["compiles"]
+    errors = out["errors"]
+    assert errors["batch"] == (
+        "config.train.batch_size=12 must be a multiple of the 8 devices it is split over "
+        "(all local devices); change it, or set config.train.num_devices"
+    )
+    assert errors["devices"] == (
+        "config.train.num_devices=9, but this process has only 8 local cpu device(s)"
+    )
+    assert errors["tensor_batch"] == (
         "config.train.batch_size=6 must be a multiple of 4, the size of the mesh axis 'data' "
         "it is split over (config.train.mesh_shape=(4, 2), axes ('data', 'model')); change "
         "either"
