@@ -56,6 +56,9 @@ def get_config(arg=None):
     config.train.max_to_keep = 2
     config.train.eval_every = 500
     config.train.stop_after_steps = 0
+    config.train.num_devices = 0  # train over this many devices; 0: all
+    config.train.parallelism = "data"  # or "fsdp", "tensor" (jattn.training.sharding)
+    config.train.mesh_shape = ()
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 300
