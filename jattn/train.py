@@ -457,16 +457,6 @@ class _FiniteWatch:
         )
 
 
-def _eval_batches(ds: Seq2SeqDataset, batch_size: int):
-    """Fixed-size batches (one compiled shape); padded rows have all-PAD targets."""
-    for start in range(0, len(ds), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(ds)))
-        n = len(idx)
-        batch = ds.batch(np.concatenate([idx, np.zeros(batch_size - n, idx.dtype)]))
-        batch["tgt"][n:] = PAD
-        yield n, batch
-
-
 def evaluate(
     eval_step, state, ds: Seq2SeqDataset, *, batch_size: int, bleu_tokenize: str, place=None
 ):
@@ -474,7 +464,7 @@ def evaluate(
     ``place(batch)`` puts each batch where ``eval_step`` reads it."""
     loss_sum = correct = tokens = 0.0
     predictions = []
-    for n, batch in _eval_batches(ds, batch_size):
+    for n, batch in classify.eval_batches(ds, batch_size, "tgt", PAD):  # all-PAD targets
         batch = batch if place is None else place(batch)
         ls, c, t, generated = jax.device_get(eval_step(state.params, state.rest, batch))
         loss_sum, correct, tokens = loss_sum + ls, correct + c, tokens + t

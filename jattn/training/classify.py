@@ -16,6 +16,7 @@ from flax import nnx
 from jattn.training.state import PAD_LABEL
 
 __all__ = [
+    "eval_batches",
     "evaluate",
     "sample_lines",
     "save_heatmaps",
@@ -24,13 +25,15 @@ __all__ = [
 ]
 
 
-def _eval_batches(ds, batch_size: int):
-    """Fixed-size batches (one compiled shape); padded rows are labelled ``PAD_LABEL``."""
+def eval_batches(ds, batch_size: int, key: str, fill: int):
+    """``(n, batch)``: ``ds`` in order, in batches of ``batch_size`` rows (one compiled
+    shape); the last one is filled up with copies of row 0 whose ``batch[key]`` is set
+    to ``fill`` (padding that the metrics leave out), ``n`` the real rows."""
     for start in range(0, len(ds), batch_size):
         idx = np.arange(start, min(start + batch_size, len(ds)))
         n = len(idx)
         batch = ds.batch(np.concatenate([idx, np.zeros(batch_size - n, idx.dtype)]))
-        batch["label"][n:] = PAD_LABEL
+        batch[key][n:] = fill
         yield n, batch
 
 
@@ -40,7 +43,7 @@ def evaluate(eval_step, state, ds, *, batch_size: int, place=None):
     ``kind='classification'``) reads it."""
     loss_sum = correct = count = 0.0
     predicted = []
-    for n, batch in _eval_batches(ds, batch_size):
+    for n, batch in eval_batches(ds, batch_size, "label", PAD_LABEL):
         batch = batch if place is None else place(batch)
         ls, c, k, pred = jax.device_get(eval_step(state.params, state.rest, batch))
         loss_sum, correct, count = loss_sum + ls, correct + c, count + k
