@@ -917,8 +917,9 @@ def _argument_parser() -> argparse.ArgumentParser:
     configs = "\n".join(f"  {name:16} {doc}" for name, doc in shipped_configs().items())
     parser = argparse.ArgumentParser(
         prog="jattn-train",
-        description="Train and evaluate a sequence-to-sequence model on a built-in task; "
-        "the same command again resumes from the last checkpoint in --workdir.",
+        description="Train and evaluate a model on a built-in task (sequence to sequence, "
+        "or classification: images, questions about images); the same command again "
+        "resumes from the last checkpoint in --workdir.",
         epilog=f"""shipped configs (NAME, or NAME:small for a seconds-long run):
 {configs}
 
@@ -936,7 +937,8 @@ examples:
   jattn-train --config dates --workdir workdir/dates
   jattn-train --config copy:small --workdir /tmp/copy --config.train.num_steps=100
   jattn-train --config path/to/my_config.py --workdir /tmp/mine
-  jattn-train --config dates --workdir /tmp/fsdp --config.train.parallelism=fsdp""",
+  jattn-train --config dates --workdir /tmp/fsdp --config.train.parallelism=fsdp
+  jattn-train --config vit_digits --workdir /tmp/digits  # pip install 'jattn[digits]'""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
