@@ -3,9 +3,9 @@ the rules table lays them out per strategy, the config's mesh fields fail with t
 and the reason; the training program on 8 emulated CPU devices gives the one-device
 losses and evaluation data parallel (and resumes there with the same losses), the
 one-device losses with the state split (fsdp, tensor) or the batch split along its
-sequence axis, and resumes a checkpoint saved split over 8 devices on 1; a run of 2 processes on this
-machine gives the one-process losses. (The device count is fixed when jax starts: the
-multi-device runs are separate processes.)"""
+sequence axis, and resumes a checkpoint saved split over 8 devices on 1; a run of 2
+processes on this machine gives the one-process losses. (The device count is fixed when
+jax starts: the multi-device runs are separate processes.)"""
 
 import json
 import os
