@@ -8,6 +8,7 @@ import inspect
 
 from jattn.data.dataset import Seq2SeqDataset
 from jattn.data.dates import DATE_FORMATS, dates_task, format_date
+from jattn.data.detection import DetectionDataset, detection_task
 from jattn.data.images import ClassificationDataset, digits_task, shift_images
 from jattn.data.tasks import addition_task, copy_task, reverse_task, sort_task
 from jattn.data.tokenizer import BOS, EOS, PAD, CharTokenizer
@@ -22,10 +23,12 @@ __all__ = [
     "TASKS",
     "CharTokenizer",
     "ClassificationDataset",
+    "DetectionDataset",
     "Seq2SeqDataset",
     "addition_task",
     "copy_task",
     "dates_task",
+    "detection_task",
     "digits_task",
     "format_date",
     "make_task",

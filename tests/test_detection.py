@@ -1,8 +1,11 @@
-"""Detection metrics (jattn.training.detection) against hand-computed values."""
+"""The detection toy: its data (jattn.data.detection) against the font it draws, its
+metrics (jattn.training.detection) against hand-computed values."""
 
 import numpy as np
 import pytest
 
+from jattn.data.detection import detection_task
+from jattn.data.vqa import GLYPHS
 from jattn.training.detection import (
     average_precision,
     box_iou,
@@ -52,3 +55,36 @@ def test_mean_average_precision_over_classes_with_ground_truth():
     pred["pred_classes"] = [np.array([0, 2])]
     m = mean_average_precision(**pred, gt_boxes=gt_boxes, gt_classes=gt_classes, num_classes=3)
     assert m == pytest.approx(1.0)
+
+
+def test_detection_data_boxes_frame_their_glyphs():
+    train, test = detection_task(num_train=20, num_test=30, seed=1)
+    assert test.images.shape == (30, 32, 32, 1) and test.boxes.shape == (30, 3, 4)
+    sizes = set()
+    for image, boxes, classes in zip(test.images[..., 0], test.boxes, test.classes, strict=True):
+        real = classes >= 0
+        assert real[0] and (real[:-1] >= real[1:]).all()  # objects first, then padding
+        assert (boxes[~real] == 0).all()
+        corners = cxcywh_to_xyxy(boxes[real]) * 32
+        np.testing.assert_allclose(corners, np.round(corners), atol=1e-4)  # whole pixels
+        iou = box_iou(corners, corners)
+        np.testing.assert_allclose(iou, np.eye(len(corners)), atol=1e-12)  # no overlaps
+        outside = np.ones((32, 32), bool)
+        for (x0, y0, x1, y1), digit in zip(np.round(corners).astype(int), classes[real],
+                                           strict=True):  # fmt: skip
+            h, w = y1 - y0, x1 - x0
+            scale = h // 5
+            sizes.add(scale)
+            assert (h, w) == (5 * scale, 3 * scale)
+            glyph = np.kron(GLYPHS[digit], np.ones((scale, scale))) > 0
+            patch = image[y0:y1, x0:x1]
+            assert (patch[glyph] >= 0.7).all() and (patch[~glyph] <= 0.1).all()
+            outside[y0:y1, x0:x1] = False
+        assert (image[outside] <= 0.1).all()  # nothing but noise outside the boxes
+    assert sizes == {2, 3}
+    a, b = train.sample_batch(0, 4, 6), train.sample_batch(0, 4, 6)
+    for key in ("images", "boxes", "classes"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["images"], train.sample_batch(0, 5, 6)["images"])
+    with pytest.raises(ValueError, match="a digit at scale 7 is 35 pixels tall"):
+        detection_task(scales=(7,))
