@@ -1,6 +1,8 @@
 """The detection toy: its data (jattn.data.detection) against the font it draws, its
 metrics (jattn.training.detection) against hand-computed values."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -88,3 +90,79 @@ def test_detection_data_boxes_frame_their_glyphs():
     assert not np.array_equal(a["images"], train.sample_batch(0, 5, 6)["images"])
     with pytest.raises(ValueError, match="a digit at scale 7 is 35 pixels tall"):
         detection_task(scales=(7,))
+
+
+def test_generalized_iou_by_hand():
+    from jattn.training.detection import generalized_box_iou
+
+    a = np.array([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
+    b = np.array([[0.0, 0.0, 1.0, 1.0], [2.0, 0.0, 3.0, 1.0], [1.0, 1.0, 3.0, 3.0]])
+    # equal: 1; apart: IoU 0, hull 3, union 2 -> -1/3; overlapping: 1/7 - (9 - 7) / 9
+    want = [1.0, -1.0 / 3.0, 1.0 / 7.0 - 2.0 / 9.0]
+    np.testing.assert_allclose(generalized_box_iou(jnp.asarray(a), jnp.asarray(b)), want,
+                               rtol=1e-6)  # fmt: skip
+
+
+def _random_set(seed, b=2, q=4, m=3, k=5):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(b, q, k + 1)), jnp.float32)
+    boxes = jnp.asarray(rng.uniform(0.2, 0.6, (b, q, 4)), jnp.float32)
+    gt = jnp.asarray(rng.uniform(0.2, 0.6, (b, m, 4)), jnp.float32)
+    classes = jnp.asarray([[1, 4, -1], [0, 2, 3]][:b], jnp.int32)
+    return logits, boxes, gt, classes
+
+
+def test_matching_is_the_least_cost_assignment_inside_jit():
+    import itertools
+
+    from jattn.training.detection import _xyxy, generalized_box_iou, match_queries
+
+    logits, boxes, gt, classes = _random_set(0)
+    matched = np.asarray(jax.jit(match_queries)(logits, boxes, gt, classes))
+    assert matched[0, 2] == -1 and (matched[0, :2] >= 0).all() and (matched[1] >= 0).all()
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    for e in range(2):
+        real = [j for j in range(3) if classes[e, j] >= 0]
+
+        def cost(i, j, e=e):
+            giou = float(generalized_box_iou(_xyxy(boxes[e, i]), _xyxy(gt[e, j])))
+            l1 = float(np.abs(np.asarray(boxes[e, i] - gt[e, j])).sum())
+            return -probs[e, i, classes[e, j]] + 5 * l1 - 2 * giou
+
+        def total(qs, real=real):
+            return sum(cost(i, j) for i, j in zip(qs, real, strict=True))
+
+        best = min(itertools.permutations(range(4), len(real)), key=total)
+        assert [int(matched[e, j]) for j in real] == list(best)
+        assert len(set(matched[e][matched[e] >= 0])) == len(real)  # one query per target
+
+
+def test_set_loss_by_hand_and_gradients():
+    from jattn.training.detection import set_loss
+
+    logits, boxes, gt, classes = _random_set(1)
+    # uniform class logits: every query's cross-entropy is log(K + 1)
+    flat = jnp.zeros_like(logits)
+    loss, parts = set_loss(flat, boxes, gt, classes)
+    np.testing.assert_allclose(parts["class"], np.log(6.0), rtol=1e-6)
+    matched = np.asarray(parts["matched"])
+    real = np.asarray(classes) >= 0
+    picked = np.stack([np.asarray(boxes)[e, np.maximum(matched[e], 0)] for e in range(2)])
+    l1 = np.abs(picked - np.asarray(gt))[real].sum() / real.sum()
+    np.testing.assert_allclose(parts["l1"], l1, rtol=1e-5)
+    np.testing.assert_allclose(loss, parts["class"] + 5 * parts["l1"] + 2 * parts["giou"],
+                               rtol=1e-6)  # fmt: skip
+    # a perfect prediction: matched queries hold the targets, the rest say "no object"
+    perfect_boxes = np.asarray(boxes).copy()
+    perfect_logits = np.full(logits.shape, -20.0, np.float32)
+    perfect_logits[..., -1] = 20.0
+    for e in range(2):
+        for j in np.flatnonzero(real[e]):
+            perfect_boxes[e, j] = np.asarray(gt)[e, j]
+            perfect_logits[e, j] = -20.0
+            perfect_logits[e, j, classes[e, j]] = 20.0
+    loss, parts = jax.jit(set_loss)(jnp.asarray(perfect_logits), jnp.asarray(perfect_boxes),
+                                    gt, classes)  # fmt: skip
+    assert float(loss) < 1e-5 and float(parts["l1"]) == 0.0
+    grads = jax.grad(lambda lg, bx: set_loss(lg, bx, gt, classes)[0], argnums=(0, 1))(logits, boxes)
+    assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads)

@@ -1,15 +1,26 @@
-"""Object detection metrics: box conversions, IoU and average precision at an IoU threshold.
+"""Object detection: metrics (box conversions, IoU, average precision at an IoU
+threshold; NumPy, on the host) and DETR's set loss (Hungarian matching, classes, L1 and
+generalised IoU; JAX, inside ``jit``).
 
 Boxes are ``(cx, cy, w, h)`` (DETR's output, :class:`jattn.layers.DETRDecoder`) or corners
-``(x0, y0, x1, y1)``; the metric takes corners. NumPy, on the host: it scores a whole
-evaluation set once.
+``(x0, y0, x1, y1)``; the metric takes corners.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["average_precision", "box_iou", "cxcywh_to_xyxy", "mean_average_precision"]
+__all__ = [
+    "average_precision",
+    "box_iou",
+    "cxcywh_to_xyxy",
+    "generalized_box_iou",
+    "match_queries",
+    "mean_average_precision",
+    "set_loss",
+]
 
 
 def cxcywh_to_xyxy(boxes) -> np.ndarray:
@@ -103,3 +114,101 @@ def mean_average_precision(pred_boxes, pred_scores, pred_classes, gt_boxes, gt_c
         aps.append(average_precision(dets, gts, iou_threshold=iou_threshold))
     aps = [a for a in aps if not np.isnan(a)]
     return float(np.mean(aps)) if aps else float("nan")
+
+
+# ----------------------------------------------------------------- DETR's set loss
+
+
+def _xyxy(boxes):
+    cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
+    return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+
+
+def generalized_box_iou(a, b) -> jax.Array:
+    """Generalised IoU (Rezatofighi et al. 2019) of corner boxes ``a [..., 4]`` and
+    ``b [..., 4]`` pair by pair: ``IoU - (C - union) / C`` with C the smallest box
+    enclosing both; in [-1, 1], 1 for equal boxes. JAX, differentiable."""
+    lo, hi = jnp.maximum(a[..., :2], b[..., :2]), jnp.minimum(a[..., 2:], b[..., 2:])
+    inter = jnp.prod(jnp.clip(hi - lo, 0.0), axis=-1)
+    area = lambda x: jnp.prod(jnp.clip(x[..., 2:] - x[..., :2], 0.0), axis=-1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    hull = jnp.prod(
+        jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), axis=-1
+    )
+    eps = jnp.finfo(jnp.float32).tiny
+    return inter / jnp.maximum(union, eps) - (hull - union) / jnp.maximum(hull, eps)
+
+
+def _host_match(cost, valid):
+    """Per example, the query matched to each real target (-1 for padding)."""
+    from jattn.layers.vision import hungarian_match
+
+    out = np.full(valid.shape, -1, np.int32)
+    for b in range(cost.shape[0]):
+        real = np.flatnonzero(valid[b])
+        if len(real):
+            rows, cols = hungarian_match(np.asarray(cost[b][:, real], np.float64))
+            out[b, real[cols]] = rows
+    return out
+
+
+def match_queries(class_logits, boxes, gt_boxes, gt_classes, *, class_weight: float = 1.0,
+                  l1_weight: float = 5.0, giou_weight: float = 2.0) -> jax.Array:  # fmt: skip
+    """DETR's matching: for each real target, the query that the least-cost one-to-one
+    assignment gives it, by ``class_weight * -p(class) + l1_weight * L1(box) +
+    giou_weight * -GIoU(box)`` (Hungarian algorithm, scipy, on the host through
+    ``jax.pure_callback``: it runs inside ``jit``; no gradient flows through it).
+
+    Args:
+      class_logits: ``[B, Q, K + 1]`` (the last class is "no object").
+      boxes: ``[B, Q, 4]`` predicted ``(cx, cy, w, h)``.
+      gt_boxes: ``[B, M, 4]``; gt_classes: ``[B, M]`` int, -1 for padding (M <= Q).
+
+    Returns:
+      int32 ``[B, M]``: the matched query of each target, -1 for padding.
+    """
+    if gt_boxes.shape[1] > boxes.shape[1]:
+        raise ValueError(
+            f"{gt_boxes.shape[1]} target slots need at least as many queries, got {boxes.shape[1]}"
+        )
+    probs = jax.nn.softmax(jax.lax.stop_gradient(class_logits).astype(jnp.float32), axis=-1)
+    boxes, gt = jax.lax.stop_gradient(boxes).astype(jnp.float32), gt_boxes.astype(jnp.float32)
+    labels = jnp.maximum(gt_classes, 0)
+    p = jnp.take_along_axis(probs, labels[:, None, :], axis=-1)  # [B, Q, M]
+    l1 = jnp.sum(jnp.abs(boxes[:, :, None] - gt[:, None]), axis=-1)
+    giou = generalized_box_iou(_xyxy(boxes)[:, :, None], _xyxy(gt)[:, None])
+    cost = class_weight * -p + l1_weight * l1 + giou_weight * -giou  # [B, Q, M]
+    shape = jax.ShapeDtypeStruct(gt_classes.shape, jnp.int32)
+    return jax.pure_callback(_host_match, shape, cost, gt_classes >= 0)
+
+
+def set_loss(class_logits, boxes, gt_boxes, gt_classes, *, no_object_weight: float = 0.1,
+             l1_weight: float = 5.0, giou_weight: float = 2.0) -> tuple:  # fmt: skip
+    """DETR's loss for one matched set: cross-entropy of every query's class (matched
+    queries their target's, the others "no object", weighted ``no_object_weight``), plus
+    ``l1_weight`` * L1 and ``giou_weight`` * (1 - GIoU) of the matched boxes, both per
+    target. Shapes as :func:`match_queries`.
+
+    Returns:
+      ``(loss, {'class', 'l1', 'giou', 'matched'})``: the scalar loss, its parts, and
+      the matched query per target ``[B, M]``.
+    """
+    b, q, k1 = class_logits.shape
+    matched = match_queries(class_logits, boxes, gt_boxes, gt_classes,
+                            l1_weight=l1_weight, giou_weight=giou_weight)  # fmt: skip
+    real = gt_classes >= 0  # [B, M]
+    # each query's target class: its matched target's, else "no object" (K)
+    onehot = jax.nn.one_hot(jnp.where(real, matched, q), q + 1, dtype=jnp.int32)[..., :q]
+    target = jnp.full((b, q), k1 - 1, jnp.int32)
+    target = jnp.where(onehot.sum(1) > 0, jnp.einsum("bmq,bm->bq", onehot, gt_classes), target)
+    logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]  # [B, Q]
+    weight = jnp.where(target == k1 - 1, no_object_weight, 1.0)
+    class_loss = jnp.sum(ce * weight) / jnp.sum(weight)
+    picked = jnp.take_along_axis(boxes, jnp.maximum(matched, 0)[..., None], axis=1)  # [B, M, 4]
+    num = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+    l1 = jnp.sum(jnp.where(real[..., None], jnp.abs(picked - gt_boxes), 0.0)) / num
+    giou = generalized_box_iou(_xyxy(picked), _xyxy(gt_boxes))
+    giou_loss = jnp.sum(jnp.where(real, 1.0 - giou, 0.0)) / num
+    loss = class_loss + l1_weight * l1 + giou_weight * giou_loss
+    return loss, {"class": class_loss, "l1": l1, "giou": giou_loss, "matched": matched}
