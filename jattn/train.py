@@ -44,14 +44,16 @@ from tqdm import tqdm
 from jattn.data import (
     BOS,
     CLASSIFICATION_TASKS,
+    DETECTION_TASKS,
     EOS,
     PAD,
     TASKS,
     ClassificationDataset,
+    DetectionDataset,
     Seq2SeqDataset,
     make_task,
 )
-from jattn.training import classify, sharding, validate
+from jattn.training import classify, detection, sharding, validate
 from jattn.training.checkpoint import Checkpointer, CheckpointError, MetricsLog
 from jattn.training.config_files import (
     apply_overrides,
@@ -83,6 +85,7 @@ MODELS = {
     "bahdanau": "jattn.models.seq2seq:BahdanauSeq2Seq",
     "vit": "jattn.layers.vision:ViT",
     "vqa": "jattn.models.vqa:CoAttentionVQA",
+    "detr": "jattn.models.detr:DETR",
 }
 # Optional top-level fields and their values when a config leaves them out.
 _OPTIONAL_TOP = {"write_outside_workdir": True}
@@ -165,10 +168,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.name={cfg['model']['name']!r} is a {wants} model, but task "
             f"{name!r} is {kind}: use one of {fits}"
         )
-    if kind == "classification" and _train_option(cfg, "parallelism") == "sequence":
+    if kind != "seq2seq" and _train_option(cfg, "parallelism") == "sequence":
         raise ValueError(
             f"config.train.parallelism='sequence' splits sequences; task {name!r} is "
-            "classification: use 'data', 'fsdp' or 'tensor'"
+            f"{kind}: use 'data', 'fsdp' or 'tensor'"
         )
     validate.check_sizes("model", cfg["model"])
     _check_model_options(cls, cfg["model"])
@@ -176,17 +179,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def task_kind(name: str) -> str:
-    """``'classification'`` or ``'seq2seq'``: what the task ``name`` of :data:`TASKS` is."""
+    """``'classification'``, ``'detection'`` or ``'seq2seq'``: what the task ``name`` of
+    :data:`TASKS` is."""
+    if name in DETECTION_TASKS:
+        return "detection"
     return "classification" if name in CLASSIFICATION_TASKS else "seq2seq"
 
 
 def _model_kind(cls) -> str:
-    """What the model class trains on: classifiers take ``num_classes``."""
+    """What the model class trains on: detectors take ``num_queries``, classifiers
+    ``num_classes``."""
     params = inspect.signature(cls.__init__).parameters
+    if "num_queries" in params:
+        return "detection"
     return "classification" if "num_classes" in params else "seq2seq"
 
 
 def _kind(ds) -> str:
+    if isinstance(ds, DetectionDataset):
+        return "detection"
     return "classification" if isinstance(ds, ClassificationDataset) else "seq2seq"
 
 
@@ -557,7 +568,7 @@ def _initial_train_state(cfg: dict, **sizes):
 
 def _data_sizes(ds) -> dict:
     """What the model needs of the data, saved in ``config.json`` for :func:`restore_model`."""
-    if isinstance(ds, ClassificationDataset):
+    if isinstance(ds, ClassificationDataset | DetectionDataset):
         return ds.model_sizes()
     return {"src_vocab_size": ds.src_vocab_size, "tgt_vocab_size": ds.tgt_vocab_size}
 
@@ -756,6 +767,10 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
             return classify.evaluate(
                 eval_step, state, test_ds, batch_size=eval_batch_size, place=place
             )
+        if kind == "detection":
+            return detection.evaluate(
+                eval_step, state, test_ds, batch_size=eval_batch_size, place=place
+            )
         return evaluate(
             eval_step,
             state,
@@ -884,6 +899,9 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     )
     if not cfg.get("write_outside_workdir", True):
         _keep_matplotlib_cache_in(workdir)
+    if kind == "detection":
+        print("\n".join(detection.sample_lines(test_ds, predictions, ecfg["num_samples"])))
+        return result
     if kind == "classification":
         print("\n".join(classify.sample_lines(test_ds, predictions, ecfg["num_samples"])))
         result["heatmaps"] = classify.save_heatmaps(

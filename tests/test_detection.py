@@ -166,3 +166,46 @@ def test_set_loss_by_hand_and_gradients():
     assert float(loss) < 1e-5 and float(parts["l1"]) == 0.0
     grads = jax.grad(lambda lg, bx: set_loss(lg, bx, gt, classes)[0], argnums=(0, 1))(logits, boxes)
     assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads)
+
+
+def test_detr_shapes_errors_and_cross_attention_weights():
+    from flax import nnx
+
+    from jattn.models.detr import DETR
+    from jattn.viz import collect_attention_weights
+
+    model = DETR(image_size=16, patch=4, in_channels=1, num_classes=3, num_queries=5,
+                 features=16, num_heads=2, mlp_features=16, num_encoder_layers=1,
+                 num_decoder_layers=1, stem_features=4, rngs=nnx.Rngs(0))  # fmt: skip
+    images = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 1)), jnp.float32)
+    logits, boxes = model(images)
+    assert logits.shape == (2, 5, 4) and boxes.shape == (2, 5, 4)
+    assert (np.asarray(boxes) > 0).all() and (np.asarray(boxes) < 1).all()
+    sown = collect_attention_weights(model, images)
+    cross = [w for k, w in sown.items() if "cross" in k]
+    assert [w.shape for w in cross] == [(2, 2, 5, 16)]  # each query over the 4 x 4 patches
+    with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 1\]"):
+        model(jnp.zeros((2, 16, 16, 3)))
+
+
+@pytest.mark.slow
+def test_detection_toy_trains_and_reports_ap50(tmp_path):
+    from _train_utils import load_config
+
+    import jattn.train as train_lib
+    from jattn.models.detr import DETR
+    from jattn.training import read_metrics
+
+    config = load_config("detection_toy", "small")
+    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 6 and set(result["eval"]) == {"loss", "accuracy", "ap50"}
+    assert 0.0 <= result["eval"]["ap50"] <= 1.0
+    final = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"][-1]
+    assert final["ap50"] == result["eval"]["ap50"]
+    assert all("objects" in r for r in read_metrics(tmp_path / "metrics.jsonl")
+               if r["split"] == "train")  # fmt: skip
+    assert isinstance(train_lib.restore_model(tmp_path), DETR)
+    with config.unlocked():
+        config.task = load_config("vit_digits", "small").task
+    with pytest.raises(ValueError, match=r"'detr' is a detection model, but task 'digits' is"):
+        train_lib.validate_config(config)

@@ -17,6 +17,7 @@ from jattn.data.vqa import vqa_task
 __all__ = [
     "BOS",
     "CLASSIFICATION_TASKS",
+    "DETECTION_TASKS",
     "DATE_FORMATS",
     "EOS",
     "PAD",
@@ -42,6 +43,7 @@ TASKS = {
     "addition": addition_task,
     "copy": copy_task,
     "dates": dates_task,
+    "detection": detection_task,
     "digits": digits_task,
     "reverse": reverse_task,
     "sort": sort_task,
@@ -49,6 +51,8 @@ TASKS = {
 }
 # Tasks whose examples have one class label each (ClassificationDataset), not a target text.
 CLASSIFICATION_TASKS = frozenset({"digits", "vqa"})
+# Tasks whose examples have a set of boxed objects each (DetectionDataset).
+DETECTION_TASKS = frozenset({"detection"})
 
 
 def make_task(name: str, **kwargs) -> tuple:

@@ -43,6 +43,17 @@ class DetectionDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def model_sizes(self) -> dict:
+        """What a model needs of the data: ``num_classes``, ``image_size``,
+        ``in_channels``."""
+        _, h, w, c = self.images.shape
+        return {"num_classes": self.num_classes, "image_size": [int(h), int(w)],
+                "in_channels": int(c)}  # fmt: skip
+
     def batch(self, indices) -> dict[str, np.ndarray]:
         """Rows ``indices`` as ``{'images', 'boxes', 'classes'}``."""
         return {"images": self.images[indices], "boxes": self.boxes[indices],

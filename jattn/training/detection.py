@@ -14,11 +14,13 @@ import numpy as np
 
 __all__ = [
     "average_precision",
+    "evaluate",
     "box_iou",
     "cxcywh_to_xyxy",
     "generalized_box_iou",
     "match_queries",
     "mean_average_precision",
+    "sample_lines",
     "set_loss",
 ]
 
@@ -212,3 +214,61 @@ def set_loss(class_logits, boxes, gt_boxes, gt_classes, *, no_object_weight: flo
     giou_loss = jnp.sum(jnp.where(real, 1.0 - giou, 0.0)) / num
     loss = class_loss + l1_weight * l1 + giou_weight * giou_loss
     return loss, {"class": class_loss, "l1": l1, "giou": giou_loss, "matched": matched}
+
+
+# ------------------------------------------------------------ the training program
+
+
+def _detections(probs, boxes):
+    """Each query as a detection: its most likely real class and that probability."""
+    classes = np.argmax(probs[..., :-1], axis=-1)  # [N, Q]
+    scores = np.take_along_axis(probs[..., :-1], classes[..., None], axis=-1)[..., 0]
+    return cxcywh_to_xyxy(boxes), scores, classes
+
+
+def evaluate(eval_step, state, ds, *, batch_size: int, place=None):
+    """``({'loss', 'accuracy', 'ap50'}, (probs [N, Q, K + 1], boxes [N, Q, 4]))`` on the
+    detection set ``ds`` (:class:`jattn.data.DetectionDataset`): the set loss per object,
+    the class accuracy of the matched queries, and AP50 over every query as a detection
+    (scored by its most likely real class, as DETR is evaluated)."""
+    from jattn.training.classify import eval_batches
+
+    loss_sum = correct = count = 0.0
+    probs, boxes = [], []
+    for n, batch in eval_batches(ds, batch_size, "classes", -1):  # padding: no objects
+        batch = batch if place is None else place(batch)
+        ls, c, k, (p, b) = jax.device_get(eval_step(state.params, state.rest, batch))
+        loss_sum, correct, count = loss_sum + ls, correct + c, count + k
+        probs.append(np.asarray(p[:n])), boxes.append(np.asarray(b[:n]))
+    probs, boxes = np.concatenate(probs), np.concatenate(boxes)
+    corners, scores, classes = _detections(probs, boxes)
+    real = ds.classes >= 0
+    ap50 = mean_average_precision(
+        list(corners), list(scores), list(classes),
+        [cxcywh_to_xyxy(b[r]) for b, r in zip(ds.boxes, real, strict=True)],
+        [c[r] for c, r in zip(ds.classes, real, strict=True)],
+        num_classes=ds.num_classes,
+    )  # fmt: skip
+    metrics = {"loss": float(loss_sum / count), "accuracy": float(correct / count), "ap50": ap50}
+    return metrics, (probs, boxes)
+
+
+def sample_lines(ds, predictions, count: int, *, min_score: float = 0.5) -> list[str]:
+    """One line per test image for the first ``count``: its objects (class@box in
+    pixels) and the detections scoring at least ``min_score``."""
+    probs, boxes = predictions
+    corners, scores, classes = _detections(probs, boxes)
+    size = np.asarray(ds.images.shape[2:0:-1] * 2, np.float64)  # (W, H, W, H)
+
+    def show(cls, box):
+        return f"{ds.class_names[cls]}@" + ",".join(str(int(round(v))) for v in box * size)
+
+    lines = []
+    for i in range(min(count, len(ds))):
+        real = ds.classes[i] >= 0
+        gt = cxcywh_to_xyxy(ds.boxes[i][real])
+        truth = [show(c, b) for c, b in zip(ds.classes[i][real], gt, strict=True)]
+        keep = scores[i] >= min_score
+        found = [show(c, b) for c, b in zip(classes[i][keep], corners[i][keep], strict=True)]
+        lines.append(f"  image {i}: objects {' '.join(truth)} | detected {' '.join(found)}")
+    return lines

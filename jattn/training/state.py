@@ -51,7 +51,7 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
 
 
 # What a training step counts, by kind of task: the accuracy's denominator.
-COUNTED = {"seq2seq": "tokens", "classification": "examples"}
+COUNTED = {"seq2seq": "tokens", "classification": "examples", "detection": "objects"}
 # Classification labels of padding rows (evaluation batches are filled up with them).
 PAD_LABEL = -1
 
@@ -63,13 +63,25 @@ def forward_loss(kind: str, model, batch, *, label_smoothing: float, pad_id: int
     ``kind='seq2seq'``: ``model(src, tgt_in, **call)`` scored against ``tgt`` (padding
     ``pad_id`` left out). ``kind='classification'``: ``model(**inputs, **call)`` with the
     batch's other arrays as keyword arguments (``images=``), scored against ``label``
-    (``PAD_LABEL`` rows left out).
+    (``PAD_LABEL`` rows left out). ``kind='detection'``: ``model(images, **call) ->
+    (class_logits, boxes)`` scored by DETR's set loss against ``boxes`` and ``classes``
+    (:func:`jattn.training.detection.set_loss`; ``label_smoothing`` unused), counting
+    the objects and the matched queries of the right class; ``logits`` is the pair.
     """
     if kind == "classification":
         inputs = {k: v for k, v in batch.items() if k != "label"}
         logits = model(**inputs, **call)
         labels, pad_id = batch["label"][:, None], PAD_LABEL
         scored = logits[:, None]
+    elif kind == "detection":
+        from jattn.training.detection import set_loss
+
+        class_logits, boxes = model(batch["images"], **call)
+        loss, parts = set_loss(class_logits, boxes, batch["boxes"], batch["classes"])
+        real = batch["classes"] >= 0
+        picked = jnp.take_along_axis(class_logits, jnp.maximum(parts["matched"], 0)[..., None], 1)
+        correct = jnp.sum((jnp.argmax(picked, axis=-1) == batch["classes"]) & real)
+        return loss, jnp.sum(real).astype(jnp.float32), correct, (class_logits, boxes)
     elif kind == "seq2seq":
         logits = scored = model(batch["src"], batch["tgt_in"], **call)
         labels = batch["tgt"]
@@ -175,6 +187,9 @@ def make_eval_step(
         )
         if kind == "classification":
             predicted = jnp.argmax(logits, axis=-1)
+        elif kind == "detection":
+            class_logits, boxes = logits
+            predicted = (jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1), boxes)
         else:
             predicted = model.generate(
                 batch["src"], max_len=max_len, beam_size=beam_size, length_penalty=length_penalty

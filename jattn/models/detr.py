@@ -1,0 +1,86 @@
+"""A small DETR (Carion et al., 2020): object queries cross-attend to an image's patches
+and each predicts a class (or "no object") and a box.
+
+``images -> ConvStem (optional) -> patches + 2-D sine-cosine positions -> encoder ->
+DETRDecoder``. Trained with :func:`jattn.training.detection.set_loss` (Hungarian
+matching), scored by AP50 (:func:`jattn.training.detection.mean_average_precision`);
+``configs/detection_toy.py`` trains it on :func:`jattn.data.detection_task`.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jattn.functional._checks import check_positive_int, fmt
+from jattn.functional.vision import sincos_2d
+from jattn.layers.dropout import TrainEval, per_site_rngs
+from jattn.layers.vision import ConvStem, DETRDecoder, PatchEmbedding
+
+__all__ = ["DETR"]
+
+
+class DETR(TrainEval, nnx.Module):
+    """``images [B, H, W, C] -> (class_logits [B, Q, K + 1], boxes [B, Q, 4])``, boxes
+    ``(cx, cy, w, h)`` as fractions of the image.
+
+    Args:
+      image_size: ``(H, W)`` (or an int), multiples of ``patch``.
+      patch, in_channels: the patch side p and C.
+      num_classes: K (the class head has K + 1 outputs, the last "no object").
+      num_queries: Q, the most objects an image can hold.
+      features, num_heads, mlp_features: width D, heads N and MLP width of encoder and
+        decoder.
+      num_encoder_layers, num_decoder_layers: their depths.
+      stem_features, stem_layers: a :class:`jattn.layers.ConvStem` before the patches
+        (None: none).
+      dropout_rate: dropout in encoder and decoder.
+      rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
+
+    The decoder's cross-attention weights (each query over the patches) are sown with
+    ``sow_weights=True`` (:func:`jattn.viz.collect_attention_weights`).
+    """
+
+    def __init__(self, *, image_size, patch: int, in_channels: int, num_classes: int,
+                 num_queries: int, features: int, num_heads: int, mlp_features: int,
+                 num_encoder_layers: int, num_decoder_layers: int,
+                 stem_features: int | None = None, stem_layers: int = 1,
+                 dropout_rate: float = 0.0, rngs: nnx.Rngs):  # fmt: skip
+        from jattn.models.blocks import TransformerEncoder
+
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.image_size = tuple(image_size)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.stem = nnx.data(None)
+        if stem_features is not None:
+            self.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
+            in_channels = self.stem.out_features
+        self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
+        self.grid_hw = self.patch_embed.grid(*self.image_size)
+        self.encoder = TransformerEncoder(
+            check_positive_int("num_encoder_layers", num_encoder_layers), features, num_heads,
+            mlp_features, dropout_rate=dropout_rate, pre_norm=True, activation="gelu",
+            layer_norm_eps=1e-6, final_norm=True, rngs=rngs,
+        )  # fmt: skip
+        self.decoder = DETRDecoder(
+            num_queries=num_queries, features=features, num_classes=num_classes,
+            num_layers=num_decoder_layers, num_heads=num_heads, mlp_features=mlp_features,
+            dropout_rate=dropout_rate, rngs=rngs,
+        )  # fmt: skip
+        self.deterministic = True
+
+    def __call__(self, images: jax.Array, *, deterministic: bool | None = None, rngs=None,
+                 sow_weights: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        if images.ndim != 4 or tuple(images.shape[1:]) != (*self.image_size, self.in_channels):
+            raise ValueError(
+                f"images must be [B, {self.image_size[0]}, {self.image_size[1]}, "
+                f"{self.in_channels}] (the model's image_size and in_channels), got "
+                f"{fmt(images.shape)}"
+            )
+        kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
+                  sow_weights=sow_weights)  # fmt: skip
+        x = images if self.stem is None else self.stem(images)
+        x = self.patch_embed(x)
+        x = x + sincos_2d(*self.grid_hw, x.shape[-1]).astype(x.dtype)[None]
+        return self.decoder(self.encoder(x, **kw), **kw)
