@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.model.dropout_rate = 0.0
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 4000
+    config.train.num_steps = 1500
     config.train.batch_size = 64
     config.train.learning_rate = 1e-3
     config.train.warmup_steps = 200
@@ -50,7 +50,7 @@ def get_config(arg=None):
     config.train.log_every = 100
     config.train.checkpoint_every = 1000
     config.train.max_to_keep = 2
-    config.train.eval_every = 1000
+    config.train.eval_every = 500
     config.train.stop_after_steps = 0
     config.train.num_devices = 0  # train over this many devices; 0: all
     config.train.parallelism = "data"  # or "fsdp", "tensor" (jattn.training.sharding)
