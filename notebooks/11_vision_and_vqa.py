@@ -14,9 +14,9 @@
 # ---
 
 # %% [markdown]
-# # 11 Attention for vision: a ViT on handwritten digits, and questions about images
+# # 11 Attention for vision: a ViT on handwritten digits, questions about images, and a DETR
 #
-# Two tasks of the training program that are not sequence to sequence:
+# Three tasks of the training program that are not sequence to sequence:
 #
 # 1. A Vision Transformer classifies scikit-learn's bundled 8x8 handwritten digits
 #    (scikit-learn's example split: the first half trains, the second half tests; the
@@ -26,6 +26,7 @@
 #    "what is left of 3 ?" or "how many 7 ?". The question and the image cells attend to
 #    each other (co-attention); the heatmaps show each question token's attention over
 #    the cells.
+# 3. A detection toy: a small DETR's object queries find digits on a canvas.
 
 # %% [markdown]
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/jattn/jattn/blob/main/notebooks/11_vision_and_vqa.ipynb)
@@ -48,7 +49,7 @@ import jattn
 from jattn.data.vqa import QUESTION_WORDS
 from jattn.layers import rollout_map
 from jattn.train import load_config, make_datasets, restore_model, train_and_evaluate
-from jattn.viz import plot_attention_on_image
+from jattn.viz import collect_attention_weights, plot_attention_on_image
 
 SMALL = os.environ.get("JATTN_SMALL") == "1"  # the test suite runs a few-step tiny model
 
@@ -137,3 +138,34 @@ for path in result["heatmaps"]:
     plt.figure(figsize=(9, 5))
     plt.imshow(plt.imread(path)), plt.axis("off")
     plt.show()
+
+# %% [markdown]
+# ## Finding digits: a small DETR
+#
+# `configs/detection_toy.py`: one to three digits of two sizes on a 32x32 canvas. Six
+# object queries cross-attend to the image's patches; each predicts a digit or "no
+# object" and a box. Training matches queries to objects with the Hungarian algorithm
+# (scipy, inside the jitted step) and scores AP50; the full setting reaches 0.97 in about
+# 4 minutes on a 2-core CPU. Below, the decoder's cross-attention: where each query looks.
+
+# %%
+config = load_config(configs / "detection_toy.py", "small" if SMALL else None)
+train_ds, test_ds = make_datasets(config)
+workdir = Path(tempfile.mkdtemp(prefix="detection_toy_"))
+result = train_and_evaluate(config, str(workdir))
+print(result["eval"])
+
+# %%
+model = restore_model(workdir)
+image = test_ds.images[:1]
+probs, boxes = (np.asarray(x) for x in model(image, deterministic=True))
+sown = collect_attention_weights(model, image, deterministic=True)
+cross = np.asarray([w for k, w in sown.items() if "cross" in k][-1])[0].mean(0)  # [Q, S]
+h, w = model.grid_hw
+fig, axes = plt.subplots(1, len(cross), figsize=(2.2 * len(cross), 2.6))
+for q, ax in enumerate(axes):
+    digit = probs[0, q].argmax()
+    label = "none" if digit == probs.shape[-1] - 1 else str(digit)
+    plot_attention_on_image(image[0], cross[q].reshape(h, w), ax=ax, colorbar=False,
+                            title=f"query {q}: {label} ({probs[0, q].max():.2f})")  # fmt: skip
+plt.show()
