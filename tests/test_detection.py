@@ -184,8 +184,10 @@ def test_detr_shapes_errors_and_cross_attention_weights():
     sown = collect_attention_weights(model, images)
     cross = [w for k, w in sown.items() if "cross" in k]
     assert [w.shape for w in cross] == [(2, 2, 5, 16)]  # each query over the 4 x 4 patches
-    with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 1\]"):
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\] \(channels last\) with C=1"):
         model(jnp.zeros((2, 16, 16, 3)))
+    with pytest.raises(ValueError, match="images must be 16 x 16"):
+        model(jnp.zeros((2, 8, 8, 1)))
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from _train_utils import load_config, train_losses
 from flax import nnx
 
 import jattn.train as train_lib
-from jattn.data import ClassificationDataset, digits_task, shift_images
+from jattn.data import ClassificationDataset, digits_task, warp_images
 from jattn.layers import ViT
 from jattn.training import read_metrics
 from jattn.training.state import PAD_LABEL, forward_loss
@@ -39,11 +39,14 @@ def test_digits_are_scikit_learns_example_split():
     assert train.model_sizes() == {"num_classes": 10, "image_size": [8, 8], "in_channels": 1}
 
 
-def test_shift_images_moves_each_image_and_fills_zeros():
+def test_warp_images_shifts_exactly_and_turns_like_rot90():
     rng = np.random.default_rng(0)
     images = rng.random((3, 5, 4, 2)).astype(np.float32)
     shifts = np.array([[0, 0], [1, -2], [-1, 1]])
-    out = shift_images(images, shifts)
+    square = rng.random((2, 4, 4, 1)).astype(np.float32)
+    turned = warp_images(square, np.zeros((2, 2)), [90.0, 90.0], [1.0, 1.0])
+    np.testing.assert_allclose(turned, np.rot90(square, -1, axes=(1, 2)), atol=1e-6)
+    out = warp_images(images, shifts, np.zeros(3), np.ones(3))
     for img, (dr, dc), got in zip(images, shifts, out, strict=True):
         want = np.zeros_like(img)
         for r in range(5):

@@ -9,7 +9,7 @@ import inspect
 from jattn.data.dataset import Seq2SeqDataset
 from jattn.data.dates import DATE_FORMATS, dates_task, format_date
 from jattn.data.detection import DetectionDataset, detection_task
-from jattn.data.images import ClassificationDataset, digits_task, shift_images
+from jattn.data.images import ClassificationDataset, digits_task, warp_images
 from jattn.data.tasks import addition_task, copy_task, reverse_task, sort_task
 from jattn.data.tokenizer import BOS, EOS, PAD, CharTokenizer
 from jattn.data.vqa import vqa_task
@@ -34,9 +34,9 @@ __all__ = [
     "format_date",
     "make_task",
     "reverse_task",
-    "shift_images",
     "sort_task",
     "vqa_task",
+    "warp_images",
 ]
 
 TASKS = {

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["ClassificationDataset", "digits_task", "shift_images", "warp_images"]
+__all__ = ["ClassificationDataset", "digits_task", "warp_images"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,23 +94,12 @@ class ClassificationDataset:
         return batch
 
 
-def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """``images [B, H, W, C]`` each translated by ``shifts [B, 2]`` (rows, columns;
-    positive moves down / right), zeros shifted in."""
-    b, h, w, _ = images.shape
-    pad = int(np.abs(shifts).max(initial=0))
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows = pad - shifts[:, 0, None] + np.arange(h)  # [B, H]
-    cols = pad - shifts[:, 1, None] + np.arange(w)  # [B, W]
-    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
 def warp_images(images: np.ndarray, shifts, angles, scales) -> np.ndarray:
     """``images [B, H, W, C]`` each rotated by ``angles [B]`` degrees (clockwise as
     displayed, rows down: 90 is ``np.rot90(image, -1)``) and scaled by ``scales [B]``
     about its centre, then translated by ``shifts [B, 2]`` pixels (rows, columns);
-    bilinear (``scipy.ndimage``), zeros outside. Without rotation and scaling, integer
-    shifts are :func:`shift_images`."""
+    bilinear (``scipy.ndimage``), zeros outside (without rotation and scaling, integer
+    shifts move the pixels exactly)."""
     from scipy.ndimage import map_coordinates
 
     b, h, w, c = images.shape

@@ -126,6 +126,41 @@ class ConvStem(nnx.Module):
         return images
 
 
+def setup_patches(module: nnx.Module, *, image_size, patch: int, in_channels: int,
+                  features: int, stem_features: int | None, stem_layers: int = 1,
+                  rngs: nnx.Rngs) -> None:  # fmt: skip
+    """Gives an image model ``image_size`` (an int or ``(H, W)``, as a tuple),
+    ``in_channels``, ``stem`` (a :class:`ConvStem` with ``stem_features``, or None),
+    ``patch_embed`` and ``grid_hw``: what :func:`embed_patches` uses."""
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if not isinstance(image_size, tuple | list) or len(image_size) != 2:
+        raise ValueError(f"image_size must be an int or a pair (H, W), got {image_size!r}")
+    module.image_size = tuple(image_size)
+    module.in_channels = check_positive_int("in_channels", in_channels)
+    module.stem = nnx.data(None)
+    if stem_features is not None:
+        module.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
+        in_channels = module.stem.out_features
+    module.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
+    module.grid_hw = module.patch_embed.grid(*module.image_size)
+
+
+def embed_patches(module: nnx.Module, images: jax.Array) -> jax.Array:
+    """``images [B, H, W, C] -> [B, h * w, D]`` through the stem (if any) and the patch
+    embedding of a model set up by :func:`setup_patches`; a ValueError naming the
+    expected shape otherwise."""
+    images = _check_features("images", images, module.in_channels)
+    if tuple(images.shape[1:3]) != module.image_size:
+        raise ValueError(
+            f"images must be {module.image_size[0]} x {module.image_size[1]} (the model's "
+            f"image_size), got {fmt(images.shape)}"
+        )
+    if module.stem is not None:
+        images = module.stem(images)  # [B, H, W, stem_features]
+    return module.patch_embed(images)
+
+
 # ---------------------------------------------------------------------------- ViT
 
 
@@ -171,20 +206,12 @@ class ViT(TrainEval, nnx.Module):
             raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
         if posemb not in _POSEMBS:
             raise ValueError(f"posemb must be one of {_POSEMBS}, got {posemb!r}")
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        if not isinstance(image_size, tuple | list) or len(image_size) != 2:
-            raise ValueError(f"image_size must be an int or a pair (H, W), got {image_size!r}")
         num_classes = check_positive_int("num_classes", num_classes)
         features = check_positive_int("features", features)
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.stem = nnx.data(None)
-        if stem_features is not None:
-            self.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
-            in_channels = self.stem.out_features
-        self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
-        self.grid_hw = self.patch_embed.grid(*image_size)
-        self.image_size, self.pool, self.posemb = tuple(image_size), pool, posemb
+        setup_patches(self, image_size=image_size, patch=patch, in_channels=in_channels,
+                      features=features, stem_features=stem_features,
+                      stem_layers=stem_layers, rngs=rngs)  # fmt: skip
+        self.pool, self.posemb = pool, posemb
         t = self.grid_hw[0] * self.grid_hw[1]
         if posemb == "learned":
             init = nnx.initializers.normal(0.02)
@@ -207,15 +234,7 @@ class ViT(TrainEval, nnx.Module):
     def tokens(self, images: jax.Array) -> jax.Array:
         """The encoder's input: ``images [B, H, W, C] -> [B, T, D]`` (patches plus
         positions, with the class token first for ``pool='cls'``)."""
-        images = _check_features("images", images, self.in_channels)
-        if tuple(images.shape[1:3]) != self.image_size:
-            raise ValueError(
-                f"images must be {self.image_size[0]} x {self.image_size[1]} (the model's "
-                f"image_size), got {fmt(images.shape)}"
-            )
-        if self.stem is not None:
-            images = self.stem(images)  # [B, H, W, stem_features]
-        x = self.patch_embed(images)  # [B, h*w, D]
+        x = embed_patches(self, images)  # [B, h*w, D]
         if self.posemb == "sincos":
             pos = sincos_2d(*self.grid_hw, x.shape[-1])  # fixed, recomputed (no state)
         else:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jattn.functional._checks import check_positive_int, fmt
+from jattn.functional._checks import check_positive_int
 from jattn.functional.vision import sincos_2d
 from jattn.layers.dropout import TrainEval, per_site_rngs
-from jattn.layers.vision import ConvStem, DETRDecoder, PatchEmbedding
+from jattn.layers.vision import DETRDecoder, embed_patches, setup_patches
 
 __all__ = ["DETR"]
 
@@ -48,16 +48,9 @@ class DETR(TrainEval, nnx.Module):
                  dropout_rate: float = 0.0, rngs: nnx.Rngs):  # fmt: skip
         from jattn.models.blocks import TransformerEncoder
 
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        self.image_size = tuple(image_size)
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.stem = nnx.data(None)
-        if stem_features is not None:
-            self.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
-            in_channels = self.stem.out_features
-        self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
-        self.grid_hw = self.patch_embed.grid(*self.image_size)
+        setup_patches(self, image_size=image_size, patch=patch, in_channels=in_channels,
+                      features=features, stem_features=stem_features,
+                      stem_layers=stem_layers, rngs=rngs)  # fmt: skip
         self.encoder = TransformerEncoder(
             check_positive_int("num_encoder_layers", num_encoder_layers), features, num_heads,
             mlp_features, dropout_rate=dropout_rate, pre_norm=True, activation="gelu",
@@ -72,15 +65,8 @@ class DETR(TrainEval, nnx.Module):
 
     def __call__(self, images: jax.Array, *, deterministic: bool | None = None, rngs=None,
                  sow_weights: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-        if images.ndim != 4 or tuple(images.shape[1:]) != (*self.image_size, self.in_channels):
-            raise ValueError(
-                f"images must be [B, {self.image_size[0]}, {self.image_size[1]}, "
-                f"{self.in_channels}] (the model's image_size and in_channels), got "
-                f"{fmt(images.shape)}"
-            )
         kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
                   sow_weights=sow_weights)  # fmt: skip
-        x = images if self.stem is None else self.stem(images)
-        x = self.patch_embed(x)
+        x = embed_patches(self, images)
         x = x + sincos_2d(*self.grid_hw, x.shape[-1]).astype(x.dtype)[None]
         return self.decoder(self.encoder(x, **kw), **kw)

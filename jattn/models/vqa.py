@@ -21,7 +21,7 @@ from jattn.functional.vision import relative_position_bias_2d
 from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
-from jattn.layers.vision import ConvStem, PatchEmbedding
+from jattn.layers.vision import embed_patches, setup_patches
 
 __all__ = ["CoAttentionVQA", "neighbours_mod"]
 
@@ -109,15 +109,8 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         features = check_positive_int("features", features)
         num_layers = check_positive_int("num_layers", num_layers)
         self.max_question_len = check_positive_int("max_question_len", max_question_len)
-        self.stem = nnx.data(None)
-        if stem_features is not None:
-            self.stem = ConvStem(in_channels, stem_features, rngs=rngs)
-            in_channels = stem_features
-        self.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        self.image_size = tuple(image_size)
-        self.grid_hw = self.patch_embed.grid(*self.image_size)
+        setup_patches(self, image_size=image_size, patch=patch, in_channels=in_channels,
+                      features=features, stem_features=stem_features, rngs=rngs)  # fmt: skip
         image_mask_mod = None
         if grid_neighbours:
             if num_heads < 4:
@@ -154,16 +147,9 @@ class CoAttentionVQA(TrainEval, nnx.Module):
                 f"question has L={question.shape[1]} tokens, more than max_question_len="
                 f"{self.max_question_len}"
             )
-        if tuple(images.shape[1:3]) != self.image_size:
-            raise ValueError(
-                f"images must be {self.image_size[0]} x {self.image_size[1]} (the model's "
-                f"image_size), got {fmt(images.shape)}"
-            )
         kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
                   sow_weights=sow_weights)  # fmt: skip
-        if self.stem is not None:
-            images = self.stem(images)
-        i = self.patch_embed(images) + self.image_pos[...][None]
+        i = embed_patches(self, images) + self.image_pos[...][None]
         real = question != 0  # [B, L]
         t = self.embed(question) + self.text_pos[: question.shape[1]][None]
         for layer in self.layers:

@@ -69,7 +69,7 @@ def save_heatmaps(graphdef, state, ds, predicted, workdir, *, count: int) -> lis
     model = nnx.merge(graphdef, state.params, state.rest)
     if hasattr(model, "question_to_image_weights"):
         return save_question_heatmaps(model, ds, predicted, workdir, count=count)
-    return save_rollout_heatmaps(graphdef, state, ds, predicted, workdir, count=count)
+    return save_rollout_heatmaps(model, ds, predicted, workdir, count=count)
 
 
 def save_question_heatmaps(model, ds, predicted, workdir, *, count: int) -> list[str]:
@@ -107,12 +107,11 @@ def save_question_heatmaps(model, ds, predicted, workdir, *, count: int) -> list
     return paths
 
 
-def save_rollout_heatmaps(graphdef, state, ds, predicted, workdir, *, count: int) -> list[str]:
+def save_rollout_heatmaps(model, ds, predicted, workdir, *, count: int) -> list[str]:
     """Writes ``rollout_{i}.png`` for the first ``count`` test images: attention rollout
     (:func:`jattn.layers.rollout_map`) of the trained model laid over each image, titled
     with the label and the prediction. Models without ``attention_weights`` (or data
     without ``images``) get none."""
-    model = nnx.merge(graphdef, state.params, state.rest)
     if count <= 0 or "images" not in ds.inputs or not hasattr(model, "attention_weights"):
         return []  # nor import matplotlib, which writes its font cache on import
     from jattn.layers import rollout_map
