@@ -22,7 +22,7 @@ from jattn.layers import (
     sown_aux_loss,
 )
 from jattn.layers.gating import load_balancing_loss, top_k_routing
-from jattn.models import DecoderLM, Transformer
+from jattn.models import DecoderLM, Transformer, cache_index
 
 B, T, D, N = 2, 5, 8, 4
 X = jax.random.normal(jax.random.key(0), (B, T, D))
@@ -166,6 +166,49 @@ def test_prefill_and_cached_decode_equal_the_full_forward():
                                    err_msg=name)  # fmt: skip
 
 
+def test_models_decode_with_parallel_layer_types():
+    """A ``layer_pattern`` type joined by '+' is a gated ParallelAttention inside the
+    model's blocks, and the blocks decode it: prefill + cached steps equal the full
+    forward (DecoderLM; Transformer's decoder), ragged prompts generate as one at a time
+    (the KV caches rewound, a linear branch's state fed token by token)."""
+    lm = DecoderLM(11, num_layers=2, features=D, num_heads=2, max_len=12, dropout_rate=0.0,
+                   layer_pattern="global+local, linear+local", local_window=2,
+                   rngs=nnx.Rngs(0))  # fmt: skip
+    attn = [layer.self_attention for layer in lm.decoder.layers]
+    assert all(isinstance(a, ParallelAttention) and a.combine == "gate" for a in attn)
+    assert [type(b).__name__ for b in attn[1].branches] == ["LinearAttention",
+                                                            "MultiHeadAttention"]  # fmt: skip
+    assert attn[0].branches[0].mask_mod is None and attn[0].branches[1].mask_mod is not None
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 3, 11)
+    caches = lm.init_cache(2, 12)
+    outs = []
+    for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 8)):
+        logits, caches = lm.step(tokens[:, lo:hi], caches)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), lm(tokens), rtol=0, atol=DECODE_ATOL)
+    assert cache_index(caches).tolist() == [8, 8]
+    lengths = jnp.array([5, 3])
+    both = lm.generate(tokens[:, :5], lengths, max_new_tokens=3)
+    for b in range(2):
+        one = lm.generate(tokens[b : b + 1, : int(lengths[b])], lengths[b : b + 1],
+                          max_new_tokens=3)  # fmt: skip
+        np.testing.assert_array_equal(both[b], one[0])
+    model = Transformer(11, 11, num_layers=1, features=D, num_heads=2, max_len=12,
+                        dropout_rate=0.0, layer_pattern="global+local", local_window=1,
+                        rngs=nnx.Rngs(1))  # fmt: skip
+    memory = model.encode(tokens[:, :6])
+    ys = model.tgt_embed(tokens[:, 2:7])  # [B, 5, D]
+    cross = [layer.cross_kv(memory) for layer in model.decoder.layers]
+    caches = model.decoder.init_cache(2, 8)
+    first, caches = model.decoder.step(ys[:, :3], caches, cross)  # a prefill, then steps
+    rest = []
+    for t in (3, 4):
+        y, caches = model.decoder.step(ys[:, t : t + 1], caches, cross)
+        rest.append(y)
+    got = jnp.concatenate([first, *rest], axis=1)
+    np.testing.assert_allclose(got, model.decoder(ys, memory), rtol=0, atol=DECODE_ATOL)
+
+
 def test_router_top_k_and_load_balancing_loss_by_hand():
     logits = jnp.array([[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, -1.0, 4.0], [1.0, 1.0, 1.0, 9.0]])
     probs, selected = top_k_routing(logits, 2)
@@ -184,6 +227,17 @@ def test_router_top_k_and_load_balancing_loss_by_hand():
     assert abs(float(load_balancing_loss(*uniform)) - 1.0) < 1e-6
     collapsed = top_k_routing(jnp.tile(jnp.array([60.0, 0.0, 0.0, 0.0]), (6, 1)), 1)
     assert abs(float(load_balancing_loss(*collapsed)) - 4.0) < 1e-6
+    # padding does not count: where= keeps the real tokens' loss, whatever the padding says
+    pad = top_k_routing(jnp.tile(jnp.array([60.0, 0.0, 0.0, 0.0]), (2, 1)), 1)
+    joined = [jnp.concatenate([a, b]) for a, b in zip(uniform, pad, strict=True)]
+    real = jnp.arange(8) < 6
+    np.testing.assert_allclose(load_balancing_loss(*joined, where=real), 1.0, rtol=1e-6)
+    assert float(load_balancing_loss(*joined)) > 1.1  # counted, the padding skews it
+    assert float(load_balancing_loss(*uniform, where=jnp.zeros(6, bool))) == 0.0
+    with pytest.raises(ValueError, match=r"where must mark the tokens of probs \[6, 4\]: shape"):
+        load_balancing_loss(*uniform, where=jnp.ones(5, bool))
+    with pytest.raises(TypeError, match="where must be boolean"):
+        load_balancing_loss(*uniform, where=jnp.ones(6))
 
 
 def test_mixture_of_heads_uses_only_the_selected_heads_and_reports_its_loss():
@@ -199,6 +253,12 @@ def test_mixture_of_heads_uses_only_the_selected_heads_and_reports_its_loss():
     want = np.einsum("btnh,nhd->btd", np.asarray(heads, np.float64) * g[..., None], kernel) + bias
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(loss, load_balancing_loss(probs, selected), rtol=1e-6)
+    # token_mask keeps padding out of the loss: a padded call's loss is the real tokens'
+    real = jnp.array([[True] * T, [True] * 3 + [False] * 2])
+    _, masked = moh(X, is_causal=True, return_aux_loss=True, sow_aux_loss=False, token_mask=real)
+    want = load_balancing_loss(probs[real], selected[real])
+    np.testing.assert_allclose(masked, want, rtol=1e-6)
+    assert abs(float(masked) - float(loss)) > 1e-4
     (out2, sown) = nnx.capture(moh, nnx.Intermediate)(X, is_causal=True)
     np.testing.assert_allclose(sown_aux_loss(sown), loss, rtol=1e-6)
     np.testing.assert_allclose(out2, out, rtol=0, atol=ATOL)
@@ -384,7 +444,7 @@ def test_bad_arguments_raise_clear_errors():
         ),
         (
             TypeError,
-            "NoCache cannot decode: a part needs init_cache/step",
+            "NoCache cannot decode: a self-attention layer needs init_cache",
             lambda: SeriesAttention([NoCache()]).init_cache(1, 4),
         ),
     ]

@@ -89,9 +89,14 @@ def pattern_names(
     *,
     num_layers: int | None = None,
     name: str = "pattern",
+    parallel: bool = False,
 ) -> tuple[str, ...]:
     """The layer types of a pattern: ``"local, local, global"`` (names separated by
     commas, spaces ignored) or a list of names, each one of ``known``.
+
+    With ``parallel=True`` a type may also join known names with ``+``
+    (``"global+local"``: branches of one parallel layer), returned with its spaces
+    removed.
 
     With ``num_layers`` the pattern repeats to that many layers (layer i takes entry
     ``i % len(pattern)``, as Gemma's local/global cycle); it may not be longer.
@@ -112,9 +117,15 @@ def pattern_names(
         )
     if not types or any(not t for t in types):
         raise ValueError(f"{name} {pattern!r} has an empty layer type; known: {sorted(known)}")
+    if parallel:
+        types = tuple("+".join(p.strip() for p in t.split("+")) for t in types)
     for t in types:
-        if t not in known:
-            raise ValueError(f"{name}: unknown layer type {t!r}; known: {sorted(known)}")
+        for part in t.split("+") if parallel else (t,):
+            if part not in known:
+                joined = " (or several joined by '+')" if parallel else ""
+                raise ValueError(
+                    f"{name}: unknown layer type {part!r}; known: {sorted(known)}{joined}"
+                )
     if num_layers is None:
         return types
     if len(types) > num_layers:
@@ -172,26 +183,22 @@ def _call(layer, inputs_q, args, kwargs, return_weights, sow_weights):
 
 
 def _init_cache(layer, batch_size: int, max_len: int | None, dtype):
-    """The decoding cache of one part: its own (``init_cache`` + ``step``), or a
-    :class:`jattn.models.KVCache` for a ``MultiHeadAttention``."""
-    if callable(getattr(layer, "step", None)):
-        return layer.init_cache(batch_size, max_len, dtype)
-    if isinstance(layer, MultiHeadAttention):
-        from jattn.models.decoding import init_cache  # models import layers: lazily
+    """The decoding cache of one part (:func:`jattn.models.init_cache`): its own
+    (``init_cache`` + ``step``), or a :class:`jattn.models.KVCache` for a
+    ``MultiHeadAttention``, which needs ``max_len``."""
+    from jattn.models.decoding import init_cache  # models import layers: lazily
 
-        if max_len is None:
-            raise ValueError(f"a {type(layer).__name__} part needs max_len for its key/value cache")
-        return init_cache(layer, batch_size, max_len, dtype)
-    raise TypeError(
-        f"{type(layer).__name__} cannot decode: a part needs init_cache/step or to be a "
-        "jattn.layers.MultiHeadAttention"
-    )
+    if isinstance(layer, MultiHeadAttention) and max_len is None:
+        raise ValueError(f"a {type(layer).__name__} part needs max_len for its key/value cache")
+    if max_len is None:  # a state of constant size: its own init_cache takes None
+        if not callable(getattr(layer, "step", None)):
+            return init_cache(layer, batch_size, 1, dtype)  # raises the TypeError
+        return layer.init_cache(batch_size, max_len, dtype)
+    return init_cache(layer, batch_size, max_len, dtype)
 
 
 def _step(layer, x: jax.Array, cache):
     """``(output, cache)``: the causal, cached forward of new tokens ``x [B, T, D]``."""
-    if callable(getattr(layer, "step", None)):
-        return layer.step(x, cache)
     from jattn.models.decoding import cached_self_attention
 
     return cached_self_attention(layer, x, cache)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional._checks import check_positive_int
+from jattn.functional._checks import check_bool_mask, check_positive_int
 from jattn.layers.axes import names
 from jattn.layers.composite import _forms_weights, _init_cache, _step
 from jattn.layers.multihead import MultiHeadAttention
@@ -51,19 +51,33 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return probs, selected
 
 
-def load_balancing_loss(probs: jax.Array, selected: jax.Array) -> jax.Array:
+def load_balancing_loss(probs: jax.Array, selected: jax.Array, where: jax.Array | None = None
+                        ) -> jax.Array:  # fmt: skip
     """Switch Transformer's auxiliary loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021).
 
     ``f_i`` is the fraction of the routing slots (tokens times k) that go to expert i,
-    ``P_i`` the mean router probability of expert i, both over every token of
-    ``probs [..., E]`` / ``selected [..., E]`` (:func:`top_k_routing`). A uniform router
-    gives 1.0, the minimum; a router that sends everything to one expert with
-    probability 1 gives ``E / k``. Only ``P`` carries a gradient.
+    ``P_i`` the mean router probability of expert i, both over the tokens of
+    ``probs [..., E]`` / ``selected [..., E]`` (:func:`top_k_routing`) that ``where
+    [...]`` (bool, default every token) marks real: padding does not count. A uniform
+    router gives 1.0, the minimum; a router that sends everything to one expert with
+    probability 1 gives ``E / k``; no real token gives 0. Only ``P`` carries a gradient.
     """
     num = probs.shape[-1]
-    sel = selected.reshape(-1, num).astype(jnp.float32)  # [tokens, E]
-    frac = jnp.sum(sel, axis=0) / jnp.sum(sel)  # [E]
-    mean_prob = jnp.mean(probs.reshape(-1, num).astype(jnp.float32), axis=0)  # [E]
+    if where is None:
+        weight = jnp.ones(probs.shape[:-1], jnp.float32)
+    else:
+        where = check_bool_mask("where", where, hint="True marks a real token")
+        if where.shape != probs.shape[:-1]:
+            raise ValueError(
+                f"where must mark the tokens of probs {list(probs.shape)}: shape "
+                f"{list(probs.shape[:-1])}, got {list(where.shape)}"
+            )
+        weight = where.astype(jnp.float32)
+    weight = weight.reshape(-1, 1)  # [tokens, 1]
+    sel = selected.reshape(-1, num).astype(jnp.float32) * weight  # [tokens, E]
+    frac = jnp.sum(sel, axis=0) / jnp.maximum(jnp.sum(sel), 1.0)  # [E]
+    prob = probs.reshape(-1, num).astype(jnp.float32) * weight
+    mean_prob = jnp.sum(prob, axis=0) / jnp.maximum(jnp.sum(weight), 1.0)  # [E]
     return num * jnp.sum(frac * mean_prob)
 
 
@@ -211,7 +225,8 @@ class MixtureOfHeads(nnx.Module):
 
     The router's balance is kept by Switch's auxiliary loss
     (:func:`load_balancing_loss`, ``N * sum_i f_i * P_i``, 1.0 when balanced), over
-    every token of the call. A call returns it with ``return_aux_loss=True`` (``(out,
+    every token of the call, or those a call's ``token_mask`` marks real (padding
+    kept out). A call returns it with ``return_aux_loss=True`` (``(out,
     loss)``), and sows it as ``nnx.Intermediate`` ``load_balancing_loss`` with
     ``sow_aux_loss`` (call argument, default the constructor's): inside a model, call
     the model under ``nnx.capture(model, nnx.Intermediate)`` and add
@@ -247,29 +262,32 @@ class MixtureOfHeads(nnx.Module):
     def forms_weights(self) -> bool:
         return _forms_weights(self.attention)
 
-    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(weights [..., T, N], selected [..., T, N] bool, aux_loss)`` for ``x [..., T, D]``."""
+    def route(self, x: jax.Array, token_mask: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+        """``(weights [..., T, N], selected [..., T, N] bool, aux_loss)`` for ``x [..., T,
+        D]``; the loss counts the tokens ``token_mask [..., T]`` marks (default all)."""
         probs, selected = top_k_routing(self.router(x), self.k)
         weights = jnp.where(selected, self.num_heads * probs, 0.0)
-        return weights, selected, load_balancing_loss(probs, selected)
+        return weights, selected, load_balancing_loss(probs, selected, token_mask)
 
-    def _finish(self, x, heads):
-        weights, _, loss = self.route(x)
+    def _finish(self, x, heads, token_mask=None):
+        weights, _, loss = self.route(x, token_mask)
         mixed = (heads * weights[..., None]).astype(heads.dtype)  # [..., T, N, Hv]
         return self.out(mixed), loss
 
     def __call__(self, inputs_q: jax.Array, *args, return_weights: bool = False,
                  return_aux_loss: bool = False, sow_aux_loss: bool | None = None,
-                 **kwargs):  # fmt: skip
+                 token_mask: jax.Array | None = None, **kwargs):  # fmt: skip
         """As ``attention(inputs_q, *args, **kwargs)`` with routed heads -> ``out``, then
         ``weights`` (``return_weights``, the attention weights of all heads) and
-        ``aux_loss`` (``return_aux_loss``) appended as a tuple."""
+        ``aux_loss`` (``return_aux_loss``) appended as a tuple. ``token_mask [..., T]``
+        (bool, True = a real token) keeps padding out of the aux loss."""
         sow = self.sow_aux_loss if sow_aux_loss is None else sow_aux_loss
         if return_weights:
             heads, weights = self.attention(inputs_q, *args, return_weights=True, **kwargs)
         else:
             heads, weights = self.attention(inputs_q, *args, **kwargs), None
-        out, loss = self._finish(inputs_q, heads)
+        out, loss = self._finish(inputs_q, heads, token_mask)
         if sow:
             self.sow(nnx.Intermediate, _AUX_NAME, loss)
         extra = ((weights,) if return_weights else ()) + ((loss,) if return_aux_loss else ())

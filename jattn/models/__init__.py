@@ -11,12 +11,14 @@ from jattn.models.blocks import (
 from jattn.models.decoding import (
     KVCache,
     beam_search,
+    cache_index,
     cached_cross_attention,
     cached_self_attention,
     cross_attention_kv,
     greedy_search,
     init_cache,
     length_penalty_fn,
+    rewind_cache,
 )
 from jattn.models.rnn import GRUCell, GRUEncoder
 from jattn.models.seq2seq import BahdanauSeq2Seq
@@ -37,10 +39,12 @@ __all__ = [
     "TransformerDecoder",
     "TransformerEncoder",
     "beam_search",
+    "cache_index",
     "cached_cross_attention",
     "cached_self_attention",
     "cross_attention_kv",
     "greedy_search",
     "init_cache",
     "length_penalty_fn",
+    "rewind_cache",
 ]

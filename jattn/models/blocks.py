@@ -18,7 +18,10 @@ seen from the cache positions. Cross-attention takes none.
 ``attention`` picks the self-attention mechanism: ``"softmax"`` (the default), or a
 :class:`jattn.layers.LinearAttention` kind (``"linear"``, ``"performer"``,
 ``"retention"``, ``"gla"``), which decodes with a constant-size state through the same
-``init_cache``/``step`` protocol. Cross-attention stays softmax.
+``init_cache``/``step`` protocol. Cross-attention stays softmax. A tuple of kinds
+(with ``mask_mod`` a tuple of the same length) makes the self-attention a
+:class:`jattn.layers.ParallelAttention` of those branches, combined by learned,
+input-dependent sigmoid gates per feature (``combine="gate"``).
 
 ``layer_pattern`` gives a stack's layers types in a pattern, as a config field can:
 ``"local, local, global"`` (or a list of names), repeated over the layers (layer i
@@ -26,8 +29,15 @@ takes entry ``i % len(pattern)``). The types (:data:`LAYER_TYPES`): ``"global"``
 (softmax attention over every position the block allows), ``"local"`` (softmax in a
 sliding window: keys at most ``local_window`` positions from the query; causal
 blocks see only the earlier side) and the :class:`jattn.layers.LinearAttention` kinds.
-A layer's own ``mask_mod`` still applies (with the window, by logical and); the
-pattern replaces ``attention``, so a stack takes one or the other.
+A type may join several with ``+``: ``"global+local"`` is one layer of parallel
+branches, gated as above (a composite, :mod:`jattn.layers.composite`). A layer's own
+``mask_mod`` still applies (with the window, by logical and); the pattern replaces
+``attention``, so a stack takes one or the other.
+
+Cached decoding (``init_cache`` / ``step``) goes through
+:func:`jattn.models.init_cache` and :func:`jattn.models.cached_self_attention`, so a
+block decodes with any self-attention layer of the ``init_cache`` / ``step`` protocol:
+softmax, linear and the composites.
 
 Training mode follows Flax's convention: every block and stack has a ``deterministic``
 attribute (True, eval, when built) that ``module.train()`` / ``module.eval()`` switch
@@ -49,7 +59,7 @@ from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention as score_attention
 from jattn.functional.attention import dot_product_attention
 from jattn.layers.axes import names
-from jattn.layers.composite import pattern_names
+from jattn.layers.composite import ParallelAttention, pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.linear import KINDS as LINEAR_KINDS
 from jattn.layers.linear import LinearAttention
@@ -59,6 +69,7 @@ from jattn.layers.scores import Score
 from jattn.models.decoding import (
     KVCache,
     RotaryAttention,
+    cache_index,
     cached_cross_attention,
     cached_self_attention,
     cross_attention_kv,
@@ -108,6 +119,13 @@ def layer_norm(features: int, epsilon: float, *, rngs: nnx.Rngs) -> nnx.LayerNor
 
 def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary, rngs,
                      mask_mod=None, score_mod=None, attention="softmax"):  # fmt: skip
+    if isinstance(attention, tuple):  # parallel branches, mask_mod a tuple of theirs
+        branches = [
+            _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rotary,
+                             rngs, m, score_mod, a)
+            for a, m in zip(attention, mask_mod, strict=True)
+        ]  # fmt: skip
+        return ParallelAttention(branches, combine="gate", rngs=rngs)
     if attention != "softmax":
         if attention not in LINEAR_KINDS:
             raise ValueError(
@@ -156,21 +174,29 @@ def _layer_plan(num_layers: int, *, layer_pattern=None, local_window=None, atten
             "layer), not both"
         )
     types = pattern_names(layer_pattern, LAYER_TYPES, num_layers=num_layers,
-                          name="layer_pattern")  # fmt: skip
+                          name="layer_pattern", parallel=True)  # fmt: skip
     window = None
-    if "local" in types:
+    if any("local" in t.split("+") for t in types):
         if local_window is None:
             raise ValueError(
                 f"layer_pattern {layer_pattern!r} has 'local' layers: set local_window, "
                 "the most positions a query of theirs looks back (a positive int)"
             )
         window = mods.sliding_window(check_positive_int("local_window", local_window))
-    plan = []
-    for kind, m, sm in zip(types, masks, scores, strict=True):
+
+    def part(kind, m):
         if kind == "local":
             own = mask_pattern(m)
             m = window if own is None else mods.and_masks(window, own)
-        plan.append(("softmax" if kind in ("global", "local") else kind, m, sm))
+        return ("softmax" if kind in ("global", "local") else kind), m
+
+    plan = []
+    for kind, m, sm in zip(types, masks, scores, strict=True):
+        if "+" in kind:
+            parts = [part(k, m) for k in kind.split("+")]
+            plan.append((tuple(a for a, _ in parts), tuple(pm for _, pm in parts), sm))
+        else:
+            plan.append((*part(kind, m), sm))
     return plan
 
 
@@ -418,7 +444,7 @@ class DecoderBlock(_Block):
             out, new_cache = cached_self_attention(self.self_attention, h, cache)
             return out
 
-        positions = cache.index[:, None] + jnp.arange(y.shape[-2], dtype=jnp.int32)[None, :]
+        positions = cache_index(cache)[:, None] + jnp.arange(y.shape[-2], dtype=jnp.int32)[None, :]
 
         def cross_attend(h):
             return cached_cross_attention(

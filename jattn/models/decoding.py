@@ -25,12 +25,15 @@ from jattn.functional import _checks, _sharding
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.masks import causal_mask
 from jattn.functional.positional import rotary_embedding
-from jattn.layers.linear import LinearAttention
+from jattn.layers.linear import LinearDecodeState
+from jattn.layers.multihead import MultiHeadAttention
 
 __all__ = [
     "KVCache",
     "RotaryAttention",
     "init_cache",
+    "cache_index",
+    "rewind_cache",
     "cached_self_attention",
     "cross_attention_kv",
     "cached_cross_attention",
@@ -55,18 +58,67 @@ class KVCache(NamedTuple):
 
 
 def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of ``max_len`` positions for the self-attention layer ``mha``
-    (a constant-size state for a :class:`jattn.layers.LinearAttention`)."""
+    """An empty cache of ``max_len`` positions for the self-attention layer ``mha``.
+
+    A :class:`jattn.layers.MultiHeadAttention` gets a :class:`KVCache`; any other layer
+    that decodes by the ``init_cache(batch_size, max_len, dtype)`` / ``step(x, cache)``
+    protocol (:class:`jattn.layers.LinearAttention`'s constant-size state, the
+    composites of :mod:`jattn.layers.composite` and :mod:`jattn.layers.gating`, a
+    user's own layer) gets its own cache, a pytree that holds :class:`KVCache` or
+    :class:`jattn.layers.linear.LinearDecodeState` parts (:func:`cache_index` reads it).
+    """
     batch_size = _checks.check_size("batch_size", batch_size)
     max_len = _checks.check_size("max_len", max_len)
     _checks.check_dtype("dtype", dtype)
-    if isinstance(mha, LinearAttention):
+    if _own_step(mha):
         return mha.init_cache(batch_size, max_len, dtype)
+    if not isinstance(mha, MultiHeadAttention):
+        raise TypeError(
+            f"{type(mha).__name__} cannot decode: a self-attention layer needs "
+            "init_cache(batch_size, max_len, dtype) and step(x, cache) methods, or to "
+            "be a jattn.layers.MultiHeadAttention"
+        )
     return KVCache(
         key=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.head_dim), dtype),
         value=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.v_head_dim), dtype),
         index=jnp.zeros((batch_size,), jnp.int32),
     )
+
+
+def _own_step(layer) -> bool:
+    """Whether ``layer`` decodes by its own ``init_cache`` / ``step`` (a
+    ``MultiHeadAttention`` has Flax's ``init_cache`` but decodes through a KVCache)."""
+    return callable(getattr(layer, "step", None)) and callable(getattr(layer, "init_cache", None))
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, KVCache | LinearDecodeState)
+
+
+def cache_index(cache) -> jax.Array:
+    """``[B]``: how many positions of each example the cache (any pytree of
+    :class:`KVCache` / :class:`jattn.layers.linear.LinearDecodeState` parts, all advanced
+    together) holds, i.e. the position of the next token."""
+    states = [x for x in jax.tree.leaves(cache, is_leaf=_is_state) if _is_state(x)]
+    if not states:
+        raise TypeError(
+            f"the cache ({type(cache).__name__}) holds no KVCache or LinearDecodeState, "
+            "which carry the decoding position"
+        )
+    return states[0].index
+
+
+def rewind_cache(cache, index: jax.Array):
+    """The cache with every :class:`KVCache` part's next write position set to
+    ``index [B]`` (the keys beyond it are masked from then on). A
+    :class:`jattn.layers.linear.LinearDecodeState` cannot be rewound: a TypeError."""
+
+    def rewind(x):
+        if isinstance(x, LinearDecodeState):
+            raise TypeError("a linear-attention state cannot be rewound; feed tokens instead")
+        return x._replace(index=index) if isinstance(x, KVCache) else x
+
+    return jax.tree.map(rewind, cache, is_leaf=_is_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +205,7 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     Returns:
       ``([B, T, D_out], cache)`` with ``index`` advanced by T.
     """
-    if isinstance(mha, LinearAttention):  # a constant-size state instead of a cache
+    if _own_step(mha):  # its own cache: a state (linear attention), composites
         return mha.step(x, cache)
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     _check_room(cache.index, num_new, max_len)

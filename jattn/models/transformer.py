@@ -36,7 +36,6 @@ from jattn.functional.masks import key_padding_mask
 from jattn.layers.axes import names
 from jattn.layers.composite import pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
-from jattn.layers.linear import LinearDecodeState
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
 from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
 from jattn.models.blocks import (
@@ -45,7 +44,14 @@ from jattn.models.blocks import (
     TransformerEncoder,
     _check_config,
 )
-from jattn.models.decoding import beam_search, greedy_search, per_example
+from jattn.models.decoding import (
+    KVCache,
+    beam_search,
+    cache_index,
+    greedy_search,
+    per_example,
+    rewind_cache,
+)
 
 __all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
 
@@ -157,8 +163,9 @@ def _check_bidirectional(attention: str, layer_pattern=None) -> None:
         )
     if layer_pattern is None:
         return
-    for kind in pattern_names(layer_pattern, LAYER_TYPES, name="layer_pattern"):
-        if kind in ("retention", "gla"):
+    for kinds in pattern_names(layer_pattern, LAYER_TYPES, name="layer_pattern", parallel=True):
+        kind = next((k for k in kinds.split("+") if k in ("retention", "gla")), None)
+        if kind is not None:
             raise ValueError(
                 f"layer_pattern {layer_pattern!r} has {kind!r} layers, which are causal only, "
                 "and this model's encoder attends both ways: use them in a DecoderLM"
@@ -199,7 +206,9 @@ class Transformer(TrainEval, nnx.Module):
         it: ``"local, local, global"`` or a list, repeated over each stack's layers;
         types ``"global"``, ``"local"`` (a sliding window of ``local_window``
         positions each side, only the earlier one in causal stacks) and the
-        LinearAttention kinds (:mod:`jattn.models.blocks`).
+        LinearAttention kinds, or several joined by ``+`` (``"global+local"``: one
+        layer of gated parallel branches, :class:`jattn.layers.ParallelAttention`),
+        all of which decode (:mod:`jattn.models.blocks`).
       local_window: the window of the ``"local"`` layers (a positive int).
     """
 
@@ -345,7 +354,7 @@ class Transformer(TrainEval, nnx.Module):
 
     def _step_fn(self, cross_kvs, cross_mask):
         def step(tokens, caches):
-            positions = caches[0].index[:, None]  # [B, 1]
+            positions = cache_index(caches)[:, None]  # [B, 1]
             y = self.tgt_embed(tokens, positions)
             y, caches = self.decoder.step(y, caches, cross_kvs, cross_mask)
             return jax.nn.log_softmax(self._logits(y)[:, -1]), caches
@@ -467,14 +476,16 @@ class DecoderLM(TrainEval, nnx.Module):
         return self.decoder.init_cache(batch_size, max_len)
 
     def step(self, tokens, caches):
-        """Cached forward of ``tokens [B, T]`` at positions ``caches[0].index + t``.
+        """Cached forward of ``tokens [B, T]`` at positions ``cache_index(caches) + t``.
 
         A multi-token prefill or single-token steps; returns ``(logits [B, T, V], caches)``.
         The caches must have room: ``index + T <= `` their length (checked when the
         index is concrete; :meth:`generate` sizes them itself).
         """
         tokens = _check_tokens("tokens", tokens, vocab_size=self.embed.token.num_embeddings)
-        positions = caches[0].index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        positions = (
+            cache_index(caches)[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        )
         x = self.embed(tokens, positions)
         x, caches = self.decoder.step(x, caches)
         return self._logits(x), caches
@@ -545,12 +556,13 @@ def _generate_lm_jit(graphdef, state, prompt, lengths, max_new, beam_size, lengt
 def _generate_lm_body(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
     batch, plen = prompt.shape
     caches = model.init_cache(batch, plen + max_new)
-    if any(isinstance(c, LinearDecodeState) for c in caches):
-        caches = _prefill_states(model, prompt, lengths - 1, caches)
-    else:
+    parts = jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
+    if all(isinstance(c, KVCache) for c in parts):
         _, caches = model.step(prompt, caches)
         # re-feed each prompt's last token at its own position: the cache beyond it is masked
-        caches = [c._replace(index=lengths - 1) for c in caches]
+        caches = rewind_cache(caches, lengths - 1)
+    else:  # a state (linear attention, a user's) cannot be rewound: feed each prompt to its end
+        caches = _prefill_states(model, prompt, lengths - 1, caches)
     last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
 
     def step(tokens, caches):
