@@ -7,7 +7,8 @@ Layers of the design, from the inside out:
   blocked), positional encodings, Nadaraya-Watson pooling.
 - ``jattn.layers``: Flax NNX layers over the core.
 - ``jattn.models``: Transformers, RNN seq2seq, decoding.
-- ``jattn.viz``, ``jattn.diagnostics``: heatmaps and what attention attends to.
+- ``jattn.viz``, ``jattn.diagnostics``, ``jattn.explorer``: heatmaps, what attention attends
+  to, and an interactive explorer (HTML) of a model's weights.
 - ``jattn.train``, ``jattn.data``: the training program and its offline tasks.
 - ``jattn.interop``: weights from PyTorch.
 """
@@ -21,8 +22,8 @@ __all__ = list(_functional_all)
 
 #: Submodules reachable as attributes (``jattn.layers``), imported on first use so that
 #: ``import jattn`` stays the functional core (no Flax, optax or matplotlib import).
-_SUBMODULES = ("data", "demo", "diagnostics", "interop", "layers", "models", "train",
-               "training", "viz")  # fmt: skip
+_SUBMODULES = ("data", "demo", "diagnostics", "explorer", "interop", "layers", "models",
+               "train", "training", "viz")  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -595,18 +595,27 @@ def save_figure(fig, path, *, dpi: int = 100) -> str:
     """
     dpi = _checks.check_size("dpi", dpi)
     path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    extra = {} if fig.get_layout_engine() is not None else {"bbox_inches": "tight"}
+    return _write_atomically(path, lambda f: fig.savefig(f, format=ext, dpi=dpi, **extra))
+
+
+def _write_atomically(path, write) -> str:
+    """Calls ``write(f)`` on a binary temporary file beside ``path``, then moves it there
+    with ``os.replace`` (a reader never sees half a file); the file gets the permissions
+    ``open(path, "w")`` would give (see :func:`save_figure`); parent folders are
+    created. Returns the path as a string."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o666 & ~_umask()
-    extra = {} if fig.get_layout_engine() is not None else {"bbox_inches": "tight"}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="." + ext, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=ext, dpi=dpi, **extra)
+            write(f)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -18,7 +18,8 @@
 # encodings put order back in, either *absolutely* (sinusoidal vectors added to the
 # embeddings) or *relatively* (rotary embeddings rotate queries and keys, ALiBi adds a distance
 # penalty to the logits). This notebook draws each of them, then looks inside a small
-# multi-head self-attention stack: per-head weights, entropy and attention rollout.
+# multi-head self-attention stack trained to reverse words: per-head weights, an
+# interactive explorer, entropy and attention rollout.
 
 # %% [markdown]
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/jattn/jattn/blob/main/notebooks/04_multihead_and_positional.ipynb)
@@ -33,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+import optax
 from flax import nnx
 
 import jattn
 from jattn.diagnostics import attention_entropy, attention_rollout
+from jattn.explorer import attention_explorer
 from jattn.functional.positional import (
     alibi_bias,
     alibi_slopes,
@@ -134,18 +137,22 @@ plot_attention_grid(
 )
 
 # %% [markdown]
-# ## Multi-head self-attention on a toy sentence
+# ## Multi-head self-attention, trained
 #
-# Two self-attention layers (random weights) over token embeddings plus sinusoidal positions.
-# `collect_attention_weights` runs the stack once with `sow_weights=True` and returns every
-# layer's `[B, N, T, T]` weights without changing the outputs.
+# Two self-attention layers over token embeddings plus sinusoidal positions, trained for a
+# few seconds to **reverse** a sequence of words (the output at position i is the word at
+# position T-1-i). Random weights attend to nothing in particular; after training, the last
+# layer's heads look at the mirrored position: an anti-diagonal. `collect_attention_weights`
+# runs the stack once with `sow_weights=True` and returns every layer's `[B, N, T, T]`
+# weights without changing the outputs.
 
 # %%
 tokens = "the cat sat on the mat because it was warm".split()
 if SMALL:
     tokens = tokens[:6]
+words = sorted(set(tokens) | set("a dog ran to his bed when he felt cold".split()))
+vocab = {w: i for i, w in enumerate(words)}
 L_TOKENS, FEATURES, HEADS = len(tokens), 32, 4
-vocab = {w: i for i, w in enumerate(sorted(set(tokens)))}
 ids = jnp.array([[vocab[w] for w in tokens]])
 
 
@@ -155,20 +162,63 @@ class SelfAttentionStack(nnx.Module):
         self.layers = nnx.List(
             [MultiHeadAttention(HEADS, FEATURES, rngs=rngs) for _ in range(num_layers)]
         )
+        self.out = nnx.Linear(FEATURES, len(vocab), rngs=rngs)
 
     def __call__(self, ids, *, sow_weights=False):
         x = self.embed(ids) + sinusoidal_encoding(jnp.arange(ids.shape[1]), FEATURES)[None]
         for layer in self.layers:
             x = x + layer(x, sow_weights=sow_weights)
-        return x
+        return self.out(x)  # [B, T, vocab] logits
 
 
 model = SelfAttentionStack(2, rngs=nnx.Rngs(0))
+untrained = collect_attention_weights(model, ids)
+optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+
+@nnx.jit
+def train_step(model, optimizer, batch):
+    def loss_fn(model):
+        logits = model(batch)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, ::-1]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+rng = np.random.default_rng(0)
+for _ in range(300):
+    loss = train_step(model, optimizer, jnp.asarray(rng.integers(0, len(vocab), (64, L_TOKENS))))
+print(f"loss after 300 steps: {float(loss):.4f}")
+reversed_words = [words[i] for i in np.asarray(model(ids).argmax(-1)[0])]
+print("reversed:", reversed_words)
+assert reversed_words == tokens[::-1]
 weights = collect_attention_weights(model, ids)
 print({name: w.shape for name, w in weights.items()})
 plot_attention_grid(
-    weights, batch_index=0, row_labels=tokens, col_labels=tokens, title="per layer, per head"
+    weights,
+    batch_index=0,
+    row_labels=tokens,
+    col_labels=tokens,
+    title="trained: per layer, per head",
 )
+
+# %%
+plot_attention_grid(
+    untrained, batch_index=0, row_labels=tokens, col_labels=tokens,
+    title="the same stack before training",
+)  # fmt: skip
+
+# %% [markdown]
+# ## Explore it
+#
+# `jattn.explorer.attention_explorer` shows the same weights interactively: pick a layer and
+# heads, hover a word to see where it looks (head view), or see every layer and head at once
+# (model view). Its `.save("explorer.html")` writes it as one offline HTML file.
+
+# %%
+attention_explorer(weights, tokens, batch_index=0, title="reversal, trained")
 
 # %% [markdown]
 # ## Diagnostics
