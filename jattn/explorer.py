@@ -102,6 +102,12 @@ def attention_explorer(
     Returns:
       An :class:`AttentionExplorer`: shown in a notebook, ``.save(path)`` to a file.
 
+    >>> import numpy as np
+    >>> w = np.full((2, 3, 3), 1 / 3)  # [N, T, S]: two heads, uniform weights
+    >>> explorer = attention_explorer({"layer 0": w}, ["the", "cat", "sat"])
+    >>> explorer.layers, explorer.html.startswith("<!DOCTYPE html>")
+    (['layer 0'], True)
+
     Raises:
       ValueError: token counts that do not match the weights, non-finite weights, more
         than ``MAX_WEIGHTS`` numbers (pick fewer layers or a shorter input), and the

@@ -79,7 +79,7 @@ __all__ = [
     "validate_config",
 ]
 
-# name -> class or "module:attribute", imported on first use.
+#: The models by name: a class, or ``"module:attribute"`` imported on first use.
 MODELS = {
     "transformer": "jattn.models:Transformer",
     "bahdanau": "jattn.models.seq2seq:BahdanauSeq2Seq",

@@ -39,6 +39,7 @@ __all__ = [
     "warp_images",
 ]
 
+#: The offline tasks by name: each builds its data sets in-process (``make_task``).
 TASKS = {
     "addition": addition_task,
     "copy": copy_task,
@@ -49,9 +50,9 @@ TASKS = {
     "sort": sort_task,
     "vqa": vqa_task,
 }
-# Tasks whose examples have one class label each (ClassificationDataset), not a target text.
+#: Tasks whose examples have one class label each (ClassificationDataset), not a target text.
 CLASSIFICATION_TASKS = frozenset({"digits", "vqa"})
-# Tasks whose examples have a set of boxed objects each (DetectionDataset).
+#: Tasks whose examples have a set of boxed objects each (DetectionDataset).
 DETECTION_TASKS = frozenset({"detection"})
 
 

@@ -16,8 +16,10 @@ from jattn.data.tokenizer import CharTokenizer
 
 __all__ = ["DATE_FORMATS", "FIRST_DATE", "LAST_DATE", "dates_task", "format_date"]
 
-# Two-digit years are unambiguous in this range (as Python's %y: 69-99 -> 19xx, 00-68 -> 20xx).
+#: The first date the task draws. Two-digit years are unambiguous in this range (as
+#: Python's %y: 69-99 -> 19xx, 00-68 -> 20xx).
 FIRST_DATE = datetime.date(1969, 1, 1)
+#: The last date the task draws.
 LAST_DATE = datetime.date(2068, 12, 31)
 
 _MONTHS = (
@@ -65,6 +67,7 @@ _FORMATS = {
     "dd-mm-yyyy": lambda p: f"{p['d']:02d}-{p['m']:02d}-{p['y']}",
     "the dth of month yy": lambda p: f"the {_ordinal(p['d'])} of {p['B'].lower()} {p['yy']:02d}",
 }
+#: The names of the source formats a date is written in.
 DATE_FORMATS = tuple(_FORMATS)
 _NUM_DAYS = (LAST_DATE - FIRST_DATE).days + 1
 

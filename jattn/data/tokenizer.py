@@ -8,7 +8,12 @@ import numpy as np
 
 __all__ = ["BOS", "EOS", "PAD", "CharTokenizer"]
 
-PAD, BOS, EOS = 0, 1, 2
+#: The padding token's id (every tokenizer's first special token).
+PAD = 0
+#: The beginning-of-sequence token's id.
+BOS = 1
+#: The end-of-sequence token's id.
+EOS = 2
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 
 

@@ -36,7 +36,7 @@ _FONT = {
 }
 GLYPHS = np.array([[[c == "#" for c in row] for row in _FONT[d]] for d in range(10)], np.float32)
 CELL = 8
-# Token 0 pads; the digits' tokens follow the words.
+#: The questions' vocabulary: token 0 pads; the digits' tokens follow the words.
 QUESTION_WORDS = (
     "<pad>", "what", "is", "left", "right", "above", "below", "of", "how", "many", "?",
     *(str(d) for d in range(10)),

@@ -54,9 +54,10 @@ def dot_product_attention(
       query: ``[..., T, N, H]``.
       key: ``[..., S, K, H]``; N must be a multiple of K (GQA/MQA).
       value: ``[..., S, K, Hv]``.
-      bias, mask, is_causal, query_seq_lengths, key_value_seq_lengths,
-      local_window_size, dropout_rate, dropout_rng, fully_masked,
-      return_weights, return_residual: see :func:`attention`.
+      bias: see :func:`attention`, as for ``mask``, ``is_causal``,
+        ``query_seq_lengths``, ``key_value_seq_lengths``, ``local_window_size``,
+        ``dropout_rate``, ``dropout_rng``, ``fully_masked``, ``return_weights`` and
+        ``return_residual``.
       scale: logit scale; ``None`` means ``1 / sqrt(H)``.
       implementation: which algorithm computes the output:
 

@@ -689,9 +689,9 @@ def blocked_attention(
       value: ``[..., S, K, Hv]``.
       bias: optional float, broadcasts to ``[..., N, T, S]``.
       mask: optional boolean (True = attend), broadcasts to ``[..., N, T, S]``.
-      scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-      local_window_size, dropout_rate, dropout_rng, fully_masked,
-      return_residual: as in :func:`jattn.dot_product_attention`.
+      scale: as in :func:`jattn.dot_product_attention`, as are ``is_causal``,
+        ``query_seq_lengths``, ``key_value_seq_lengths``, ``local_window_size``,
+        ``dropout_rate``, ``dropout_rng``, ``fully_masked`` and ``return_residual``.
       block_sizes: ``(block_q, block_kv)``; ``None`` picks them from the shape
         and device (:func:`jattn.functional.dispatch.default_block_sizes`).
 

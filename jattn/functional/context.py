@@ -64,7 +64,9 @@ __all__ = [
     "zigzag_indices",
 ]
 
+#: How a sequence is laid out over the devices (:func:`to_zigzag`).
 LAYOUTS = ("contiguous", "zigzag")
+#: The context-parallel strategies.
 STRATEGIES = ("ring", "all_gather", "ulysses")
 
 _FILL, _LOWEST = blocked._FILL, blocked._LOWEST  # the blocked path's fill and running-max start
@@ -249,9 +251,9 @@ def ring_attention(
         axis.
       layout: ``'contiguous'`` or ``'zigzag'`` (:func:`to_zigzag`): how the sequence
         is laid out over the devices.
-      scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-      local_window_size, mask_mod, score_mod, return_residual: as in
-        :func:`jattn.dot_product_attention`, over global positions.
+      scale: as in :func:`jattn.dot_product_attention`, as are ``is_causal``,
+        ``query_seq_lengths``, ``key_value_seq_lengths``, ``local_window_size``,
+        ``mask_mod``, ``score_mod`` and ``return_residual``, over global positions.
       block_sizes: the blocked path's ``(block_q, block_kv)`` within a shard pair.
       dropout_rate, dropout_rng: dropout on the attention weights, the keep-mask drawn
         at global coordinates: the same weights as one device's dense and blocked paths
@@ -259,6 +261,7 @@ def ring_attention(
 
     Returns:
       ``output [..., T, N, Hv]`` (sharded as the query), or ``(output, lse [..., T, N])``.
+
     Fully masked rows give zeros. Differentiable in reverse mode (a custom VJP that
     rings again).
     """

@@ -55,6 +55,7 @@ __all__ = [
     "unchecked_spec",
 ]
 
+#: The names ``implementation=`` takes (``None``: chosen by :func:`select`).
 IMPLEMENTATIONS = (
     None, "dense", "xla", "blocked", "cudnn", "pallas", "splash", "ring", "all_gather", "ulysses",
 )  # fmt: skip
@@ -80,7 +81,11 @@ DENSE_MAX_ELEMENTS = 256 * 256
 #: (the unit batch axis is squeezed) and copies the cache several times per step:
 #: 1.65x slower than the per-head products there, so B = 1 keeps them.
 IN_LAYOUT_MIN_KEYS = 1024
+#: The in-layout products' range: at most this many queries per key/value head (see
+#: ``IN_LAYOUT_MIN_KEYS``).
 IN_LAYOUT_MAX_ROWS = 8
+#: The in-layout products' range: at most this much per-head work (see
+#: ``IN_LAYOUT_MIN_KEYS``).
 IN_LAYOUT_MAX_WORK = 64
 
 

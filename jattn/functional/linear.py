@@ -304,6 +304,18 @@ def linear_attention(
     Returns:
       ``[B, T, N, Hv]`` in the value dtype, and the :class:`LinearState` with
       ``return_state``.
+
+    The prompt's state, then one token at a time, equals the whole sequence at once:
+
+    >>> import jax, jax.numpy as jnp
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 6, 2, 4))  # [B, T, N, H]
+    >>> whole = linear_attention(q, k, v, is_causal=True)
+    >>> head, state = linear_attention(q[:, :5], k[:, :5], v[:, :5], is_causal=True,
+    ...                                return_state=True)
+    >>> last = linear_attention(q[:, 5:], k[:, 5:], v[:, 5:], is_causal=True,
+    ...                         initial_state=state, implementation="recurrent")
+    >>> bool(jnp.allclose(jnp.concatenate([head, last], axis=1), whole, atol=1e-5))
+    True
     """
     name = "linear_attention"
     b, t, n, _, _, hv = _check(query, key, value, name)

@@ -73,7 +73,9 @@ __all__ = [
     "strided",
 ]
 
+#: ``mask_mod(b, n, q_idx, kv_idx) -> bool`` (True = attend).
 MaskMod = Callable[..., jax.Array]
+#: ``score_mod(score, b, n, q_idx, kv_idx) -> score``.
 ScoreMod = Callable[..., jax.Array]
 
 
@@ -366,7 +368,16 @@ def _window(left, right, b, n, q, kv):
 
 def sliding_window(window: int | tuple[int, int]) -> Mod:
     """Keys ``q_idx - left <= kv_idx <= q_idx + right`` (``local_window_size``'s rule; an
-    int ``w`` means ``(w, w)``; ``(w, 0)`` is a causal local window)."""
+    int ``w`` means ``(w, w)``; ``(w, 0)`` is a causal local window).
+
+    >>> import numpy as np
+    >>> from jattn import mods
+    >>> print(np.asarray(mods.mask_grid(mods.sliding_window((1, 0)), 1, 1, 4, 4)[0, 0]) * 1)
+    [[1 0 0 0]
+     [1 1 0 0]
+     [0 1 1 0]
+     [0 0 1 1]]
+    """
     from jattn.functional.masks import _as_window
 
     left, right = _as_window(window)
@@ -951,6 +962,17 @@ def block_mask(
     ``jit`` (a traced mask_mod, e.g. segment ids of this batch, gives a traced
     table). The cost is one evaluation of the mask_mod per (query, key) pair, a query
     block at a time; the result is ``O((T / block_q) * (S / block_kv))``.
+
+    A causal mask in 4 x 4 tiles: on the diagonal the tiles are partial (1), below it
+    full (2), above it empty (0, never visited):
+
+    >>> import numpy as np
+    >>> from jattn import mods
+    >>> bm = block_mask(mods.causal(), 12, 12, (4, 4))
+    >>> print(np.asarray(bm.block_map[0, 0]))
+    [[1 0 0]
+     [2 1 0]
+     [2 2 1]]
     """
     sizes = (("q_len", q_len), ("kv_len", kv_len), ("batch", batch), ("heads", heads))
     q_len, kv_len, batch, heads = (_int_option(name, x) for name, x in sizes)

@@ -33,6 +33,7 @@ __all__ = [
     "mlp_scores",
 ]
 
+#: A score function: ``score_fn(query [T, H], key [S, H'], params) -> [T, S]`` logits.
 ScoreFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 

@@ -12,6 +12,7 @@ from jattn.functional.masks import broadcasts_to, check_bool_mask
 
 __all__ = ["FullyMasked", "MASK_FILL", "masked_softmax", "masked_softmax_with_lse"]
 
+#: The result of a fully masked row: ``"zeros"`` or ``"uniform"`` (jax.nn's).
 FullyMasked = Literal["zeros", "uniform"]
 
 #: Finite logit given to masked entries (the same value jax.nn uses for float32).

@@ -26,6 +26,7 @@ TILE_COST: dict[tuple[int, int], float] = {
     (64, 64): 2.05,
     (32, 32): 2.7,
 }
+#: The tile shapes ``block_sizes='auto'`` chooses from.
 CANDIDATES = tuple(TILE_COST)
 #: The finest candidate's edge: every candidate is a multiple of it.
 FINE = 32

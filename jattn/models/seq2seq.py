@@ -31,6 +31,7 @@ from jattn.models.rnn import GRUCell, GRUEncoder
 
 __all__ = ["BahdanauSeq2Seq", "SCORES"]
 
+#: The score functions :class:`BahdanauSeq2Seq` takes by name.
 SCORES = ("additive", "bilinear", "dot")
 
 

@@ -479,7 +479,7 @@ class DecoderLM(TrainEval, nnx.Module):
         """Cached forward of ``tokens [B, T]`` at positions ``cache_index(caches) + t``.
 
         A multi-token prefill or single-token steps; returns ``(logits [B, T, V], caches)``.
-        The caches must have room: ``index + T <= `` their length (checked when the
+        The caches must have room: ``index + T`` at most their length (checked when the
         index is concrete; :meth:`generate` sizes them itself).
         """
         tokens = _check_tokens("tokens", tokens, vocab_size=self.embed.token.num_embeddings)

@@ -50,9 +50,9 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
     return graphdef, state
 
 
-# What a training step counts, by kind of task: the accuracy's denominator.
+#: What a training step counts, by kind of task: the accuracy's denominator.
 COUNTED = {"seq2seq": "tokens", "classification": "examples", "detection": "objects"}
-# Classification labels of padding rows (evaluation batches are filled up with them).
+#: Classification labels of padding rows (evaluation batches are filled up with them).
 PAD_LABEL = -1
 
 

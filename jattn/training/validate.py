@@ -106,7 +106,7 @@ SCHEMAS = {
     },
 }
 
-# Optional fields and their values when a config leaves them out.
+#: Optional fields and their values when a config leaves them out.
 DEFAULTS = {
     "eval": {  # what a classification config may leave out
         "beam_size": 1,
