@@ -83,7 +83,7 @@ def _copy_notebooks() -> str:
     if given is not None or mode == "off":
         return "off"
     os.environ.setdefault("JATTN_SMALL", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     return "force"
 
 

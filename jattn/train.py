@@ -367,15 +367,17 @@ def _describe_layout(parallelism: str, mesh: jax.sharding.Mesh, shardings) -> st
 
 
 def build_model(model_config: dict, *, seed: int, **sizes):
-    """``MODELS[name](**options, **sizes, rngs=)``: ``sizes`` are the data's
+    """``MODELS[name]`` built from its config dataclass ``Config(**options, **sizes)``
+    (:mod:`jattn.models`): ``sizes`` are the data's
     (``src_vocab_size=, tgt_vocab_size=`` for a sequence task; ``num_classes=`` and for
     images ``image_size=, in_channels=`` for classification)."""
     options = dict(model_config)
     cls = model_class(options.pop("name"))
     if "image_size" in sizes:
         sizes = {**sizes, "image_size": tuple(sizes["image_size"])}
-    try:
-        return cls(**options, **sizes, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    try:  # every model has a config dataclass of its options (jattn.models)
+        config = cls.Config(**options, **sizes)
+        return cls.from_config(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model: {e}") from e
 

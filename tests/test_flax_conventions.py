@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import jattn.layers
+import jattn.models
 from jattn import mods
 from jattn.layers import (
     AdditiveAttention,
@@ -412,3 +413,45 @@ def test_jitted_training_step_without_rngs_draws_fresh_keys():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(g1))
     model.eval()
     np.testing.assert_array_equal(model(_TGT), model(_TGT, deterministic=True))
+
+
+# ----------------------------------------------------------- config dataclasses
+
+
+def test_every_model_has_a_config_dataclass_of_its_options():
+    """``M.Config``: frozen, keyword-only, fields and defaults exactly the constructor's
+    options (every model the training program builds); ``from_config`` builds the same
+    model as the keywords; configs are data (hashable, equal, replaceable)."""
+    import dataclasses
+    import inspect
+
+    import jattn.train as train_lib
+
+    for name in train_lib.MODELS:
+        cls = train_lib.model_class(name)
+        required = (inspect.Parameter.empty, dataclasses.MISSING)
+        params = {p.name: "required" if p.default in required else p.default
+                  for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name not in ("self", "rngs")}  # fmt: skip
+        fields = {f.name: "required" if f.default in required else f.default
+                  for f in dataclasses.fields(cls.Config)}  # fmt: skip
+        assert fields == params, name
+        assert cls.Config.__name__ == f"{cls.__name__}Config"
+    config = jattn.models.DecoderLMConfig(vocab_size=11, num_layers=1, features=8, num_heads=2,
+                                          max_len=8, dropout_rate=0.0)  # fmt: skip
+    by_config = DecoderLM.from_config(config, rngs=nnx.Rngs(0))
+    by_keywords = DecoderLM(11, num_layers=1, features=8, num_heads=2, max_len=8,
+                            dropout_rate=0.0, rngs=nnx.Rngs(0))  # fmt: skip
+    tokens = jnp.array([[3, 4, 5, 6]])
+    np.testing.assert_array_equal(by_config(tokens), by_keywords(tokens))
+    assert hash(config) == hash(jattn.models.DecoderLMConfig(**dataclasses.asdict(config)))
+    assert config.replace(max_len=16).max_len == 16 and config.max_len == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.features = 16
+    with pytest.raises(TypeError, match="unexpected keyword argument 'featurez'"):
+        jattn.models.DecoderLMConfig(vocab_size=11, featurez=8)
+    with pytest.raises(TypeError, match="positional argument"):
+        jattn.models.DecoderLMConfig(11)
+    with pytest.raises(TypeError, match="Transformer.from_config takes a TransformerConfig, got "
+                                        "DecoderLMConfig"):  # fmt: skip
+        Transformer.from_config(config, rngs=nnx.Rngs(0))

@@ -3,7 +3,7 @@
 One test per notebook, so a new notebook is picked up automatically. The kernel
 runs this interpreter (a kernelspec made on the fly points at ``sys.executable``),
 in a temporary working directory, with ``JATTN_SMALL=1`` (small sizes) and
-``MPLBACKEND=Agg``. A failing cell fails the test with the cell's traceback. The
+matplotlib's inline backend. A failing cell fails the test with the cell's traceback. The
 install cell carries the ``skip-execution`` tag, which nbclient honours, so
 nothing is installed; Colab ignores the tag and runs it.
 """
@@ -75,7 +75,9 @@ def test_notebook_executes(path, tmp_path, jupyter_path, monkeypatch):
 
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
     monkeypatch.setenv("JATTN_SMALL", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the kernel's inline backend (no display needed): figures become PNG outputs, which
+    # the documentation shows
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = jupytext.read(path)
     client = NotebookClient(
         nb,

@@ -30,6 +30,7 @@ from jattn.layers.vision import (
     PatchEmbedding,
     SqueezeExcitation,
     ViT,
+    ViTConfig,
     hungarian_match,
     rollout_map,
 )
@@ -37,6 +38,7 @@ from jattn.layers.vision import (
 __all__ = [
     "rollout_map",
     "ViT",
+    "ViTConfig",
     "SqueezeExcitation",
     "PatchEmbedding",
     "ECA",

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jattn._model_config import config_class
 from jattn.diagnostics import attention_rollout
 from jattn.functional import _checks
 from jattn.functional._checks import check_positive_int, fmt
@@ -38,6 +39,7 @@ from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import AttentionPoolingHead
 
 __all__ = [
+    "ViTConfig",
     "CBAM",
     "ConvStem",
     "DETRDecoder",
@@ -548,3 +550,6 @@ class CBAM(nnx.Module):
         a_s = jax.nn.sigmoid(self.spatial(pooled)[..., 0])  # [B, H, W]
         out = y * a_s[..., None]
         return (out, {"channel": a_c, "spatial": a_s}) if return_weights else out
+
+
+ViTConfig = config_class(ViT)

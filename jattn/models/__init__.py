@@ -1,4 +1,18 @@
-"""Transformer models built from :mod:`jattn.layers`: blocks, stacks, models and decoding."""
+"""Transformer models built from :mod:`jattn.layers`: blocks, stacks, models and decoding.
+
+Each model ``M`` has a config dataclass ``MConfig`` (``M.Config``): frozen, keyword-only,
+its fields and defaults exactly the constructor's options; ``M.from_config(config,
+rngs=...)`` builds the model from one, as in Flax's lm1b and wmt examples:
+
+>>> from flax import nnx
+>>> from jattn.models import DecoderLM, DecoderLMConfig
+>>> config = DecoderLMConfig(vocab_size=100, num_layers=2, features=64, num_heads=4)
+>>> config.max_len, config.replace(max_len=64).max_len
+(256, 64)
+>>> lm = DecoderLM.from_config(config, rngs=nnx.Rngs(0))
+>>> lm.max_len
+256
+"""
 
 from jattn.models.blocks import (
     DecoderBlock,
@@ -21,11 +35,22 @@ from jattn.models.decoding import (
     rewind_cache,
 )
 from jattn.models.rnn import GRUCell, GRUEncoder
-from jattn.models.seq2seq import BahdanauSeq2Seq
-from jattn.models.transformer import DecoderLM, EncoderClassifier, Transformer
+from jattn.models.seq2seq import BahdanauSeq2Seq, BahdanauSeq2SeqConfig
+from jattn.models.transformer import (
+    DecoderLM,
+    DecoderLMConfig,
+    EncoderClassifier,
+    EncoderClassifierConfig,
+    Transformer,
+    TransformerConfig,
+)
 
 __all__ = [
     "BahdanauSeq2Seq",
+    "BahdanauSeq2SeqConfig",
+    "DecoderLMConfig",
+    "EncoderClassifierConfig",
+    "TransformerConfig",
     "GRUCell",
     "GRUEncoder",
     "DecoderBlock",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from jattn._model_config import config_class
 from jattn.functional._checks import check_positive_int
 from jattn.functional.vision import sincos_2d
 from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.vision import DETRDecoder, embed_patches, setup_patches
 
-__all__ = ["DETR"]
+__all__ = ["DETR", "DETRConfig"]
 
 
 class DETR(TrainEval, nnx.Module):
@@ -70,3 +71,6 @@ class DETR(TrainEval, nnx.Module):
         x = embed_patches(self, images)
         x = x + sincos_2d(*self.grid_hw, x.shape[-1]).astype(x.dtype)[None]
         return self.decoder(self.encoder(x, **kw), **kw)
+
+
+DETRConfig = config_class(DETR)

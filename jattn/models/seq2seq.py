@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn._model_config import config_class
 from jattn.functional import _checks, _sharding
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention
@@ -29,7 +30,7 @@ from jattn.models._validate import check_search_options, check_special_ids, chec
 from jattn.models.decoding import beam_search, greedy_search, per_example
 from jattn.models.rnn import GRUCell, GRUEncoder
 
-__all__ = ["BahdanauSeq2Seq", "SCORES"]
+__all__ = ["BahdanauSeq2Seq", "BahdanauSeq2SeqConfig", "SCORES"]
 
 #: The score functions :class:`BahdanauSeq2Seq` takes by name.
 SCORES = ("additive", "bilinear", "dot")
@@ -357,3 +358,6 @@ def _generate_jit(graphdef, state, src, length_penalty, *, max_len: int, beam_si
         step_fn, state, first, beam_size=beam_size, length_penalty=length_penalty, **ids
     )
     return tokens
+
+
+BahdanauSeq2SeqConfig = config_class(BahdanauSeq2Seq)

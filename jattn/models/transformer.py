@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jattn._model_config import config_class
 from jattn.functional import _sharding
 from jattn.functional._checks import (
     check_int_array,
@@ -53,7 +54,14 @@ from jattn.models.decoding import (
     rewind_cache,
 )
 
-__all__ = ["Transformer", "DecoderLM", "EncoderClassifier"]
+__all__ = [
+    "Transformer",
+    "DecoderLM",
+    "EncoderClassifier",
+    "TransformerConfig",
+    "DecoderLMConfig",
+    "EncoderClassifierConfig",
+]
 
 _POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
 
@@ -670,3 +678,8 @@ class EncoderClassifier(TrainEval, nnx.Module):
             w = valid.astype(x.dtype)[..., None]  # [B, T, 1]
             pooled = (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
         return self.classifier(pooled).astype(jnp.float32)
+
+
+TransformerConfig = config_class(Transformer)
+DecoderLMConfig = config_class(DecoderLM)
+EncoderClassifierConfig = config_class(EncoderClassifier)

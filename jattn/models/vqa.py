@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn import mods
+from jattn._model_config import config_class
 from jattn.functional._checks import check_positive_int, fmt
 from jattn.functional.vision import relative_position_bias_2d
 from jattn.layers.axes import names
@@ -23,7 +24,7 @@ from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
 from jattn.layers.vision import embed_patches, setup_patches
 
-__all__ = ["CoAttentionVQA", "neighbours_mod"]
+__all__ = ["CoAttentionVQA", "CoAttentionVQAConfig", "neighbours_mod"]
 
 
 # (row, column) offsets of the neighbour that each of the first four heads sees
@@ -166,3 +167,6 @@ class CoAttentionVQA(TrainEval, nnx.Module):
 
         sown = collect_attention_weights(self, images, question, deterministic=True)
         return [v for k, v in sown.items() if k.endswith("co/text_to_image")]
+
+
+CoAttentionVQAConfig = config_class(CoAttentionVQA)
