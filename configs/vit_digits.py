@@ -12,13 +12,11 @@ the checkpoints. ``small`` is a seconds-long smoke setting for tests.
 """
 
 import ml_collections
+from jattn.configs import common
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.compilation_cache_dir = "~/.cache/jattn/jax"
-    config.write_outside_workdir = True
+    config = common.get_config()
 
     # training images move by up to a pixel each way, turn by up to 12 degrees and
     # scale by up to 10%
@@ -41,28 +39,14 @@ def get_config(arg=None):
     config.model.posemb = "learned"
     config.model.dropout_rate = 0.1
 
-    config.train = ml_collections.ConfigDict()
     config.train.num_steps = 3000
-    config.train.batch_size = 128
-    config.train.learning_rate = 1e-3
     config.train.warmup_steps = 200
-    config.train.decay = "cosine"
-    config.train.end_lr_factor = 0.01
     config.train.weight_decay = 0.05
-    config.train.clip_norm = 1.0
     config.train.label_smoothing = 0.1
     config.train.log_every = 100
     config.train.checkpoint_every = 1000
-    config.train.max_to_keep = 2
     config.train.eval_every = 500
-    config.train.stop_after_steps = 0
-    config.train.num_devices = 0  # train over this many devices; 0: all
-    config.train.parallelism = "data"  # or "fsdp", "tensor" (jattn.training.sharding)
-    config.train.mesh_shape = ()
-
-    config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 300
-    config.eval.num_samples = 8
     config.eval.num_heatmaps = 4
 
     if arg == "small":

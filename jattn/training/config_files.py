@@ -36,6 +36,11 @@ _OVERRIDE = re.compile(r"--config\.([^=]*)(?:=(.*))?", re.DOTALL)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
+#: Shipped modules that task configs extend, not configs to run (``common``: the shared
+#: run, train and eval settings).
+_NOT_RUNNABLE = ("common",)
+
+
 def _shipped_dir() -> Path:
     try:
         import jattn.configs
@@ -51,7 +56,7 @@ def shipped_configs() -> dict[str, str]:
     """``{name: the first line of its docstring}`` of the configs that ship with jattn."""
     found = {}
     for path in sorted(_shipped_dir().glob("*.py")):
-        if not path.name.startswith("_"):
+        if not path.name.startswith("_") and path.stem not in _NOT_RUNNABLE:
             doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
             found[path.stem] = doc.strip().split("\n", 1)[0]
     return found
