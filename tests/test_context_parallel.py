@@ -129,7 +129,7 @@ SCRIPT = textwrap.dedent(
         compare(f"{name}-{layout}-{devices}", strategies[name], "masks", devices, layout)
     for name, fn in strategies.items():
         compare(f"{name}-causal_lengths-4", fn, "causal_lengths", 4, residual=True)
-        compare(f"{name}-full-8", fn, "full", 8)
+    compare("ring-full-8", jattn.ring_attention, "full", 8)  # no mask: no block table
     # small tiles: many blocks per shard, empty and partial ones
     small = lambda q, k, v, **o: jattn.ring_attention(q, k, v, block_sizes=(4, 8), **o)
     compare("ring-small-blocks-zigzag-4", small, "masks", 4, "zigzag")
@@ -225,9 +225,11 @@ def results():
 
 STRATEGIES = ("ring", "all_gather", "ulysses")
 # Each strategy and layout under every mask and a score mod: the ring (a block table per
-# pair of shards, which changes with the device count) on 2, 4 and 8 devices in both
-# layouts; the others (one gather or all-to-all) on each count and layout once.
-MASKED_CASES = [("ring", layout, p) for p in (2, 4, 8) for layout in ("contiguous", "zigzag")]
+# pair of shards, which changes with the device count) on 2, 4 and 8 devices, both layouts
+# on 8 (zigzag on 4 also runs below: small blocks, dropout, as many kv heads as queries);
+# the others (one gather or all-to-all) on each count and layout once.
+MASKED_CASES = [("ring", "zigzag", 2), ("ring", "contiguous", 4)]
+MASKED_CASES += [("ring", layout, 8) for layout in ("contiguous", "zigzag")]
 MASKED_CASES += [
     (name, layout, p)
     for name in STRATEGIES[1:]
@@ -250,8 +252,9 @@ def test_every_strategy_equals_one_device(results, strategy, layout, devices):
 def test_lengths_full_and_uneven(results, strategy):
     r = results[f"{strategy}-causal_lengths-4"]
     assert max(r["out"], r["lse"]) <= 1e-6 and r["grad"] <= 1e-5, r
-    r = results[f"{strategy}-full-8"]
-    assert r["out"] <= 1e-6 and r["grad"] <= 1e-5, r
+    if strategy == "ring":
+        r = results["ring-full-8"]
+        assert r["out"] <= 1e-6 and r["grad"] <= 1e-5, r
     assert results[f"{strategy}-uneven-4"]["out"] <= 1e-6
 
 
