@@ -649,10 +649,12 @@ def collect_attention_weights(model, *args, **kwargs) -> dict:
     """
     from flax import nnx
 
-    def forward(module, *a, **kw):
-        return module(*a, sow_weights=True, **kw)
+    def forward(module, *a):
+        return module(*a, sow_weights=True, **kwargs)
 
-    _, sown = nnx.capture(forward, nnx.Intermediate)(model, *args, **kwargs)
+    # compiled: a whole model run op by op is many times slower (keyword arguments, often
+    # options such as deterministic=True, stay Python values)
+    _, sown = nnx.jit(nnx.capture(forward, nnx.Intermediate))(model, *args)
     out = {}
     for path, var in nnx.to_flat_state(sown):
         if not path or path[-1] != _SOWN_NAME:

@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
         # fn under jit on sharded args vs fn on unsharded args; output specs recorded
         # ready before the next dispatch: the Pallas interpreter's callbacks dispatch JAX
         # operations, and other work dispatched meanwhile can deadlock the CPU runtime
-        ref = jax.block_until_ready(fn(*args))
+        ref = jax.block_until_ready(jax.jit(fn)(*args))  # eager runs op by op: slower
         with jax.set_mesh(mesh):
             put = [a if s is None else jax.device_put(a, NamedSharding(mesh, s))
                    for a, s in zip(args, specs)]
