@@ -168,6 +168,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.name={cfg['model']['name']!r} is a {wants} model, but task "
             f"{name!r} is {kind}: use one of {fits}"
         )
+    if kind == "detection" and cfg["train"].get("label_smoothing", 0.0):
+        raise ValueError(
+            f"config.train.label_smoothing={cfg['train']['label_smoothing']!r}: task "
+            f"{name!r} is detection, whose set loss has no label smoothing; set it to 0.0"
+        )
     if kind != "seq2seq" and _train_option(cfg, "parallelism") == "sequence":
         raise ValueError(
             f"config.train.parallelism='sequence' splits sequences; task {name!r} is "

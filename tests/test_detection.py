@@ -207,6 +207,10 @@ def test_detection_toy_trains_and_reports_ap50(tmp_path):
     assert all("objects" in r for r in read_metrics(tmp_path / "metrics.jsonl")
                if r["split"] == "train")  # fmt: skip
     assert isinstance(train_lib.restore_model(tmp_path), DETR)
+    smoothed = load_config("detection_toy", "small")
+    smoothed.train.label_smoothing = 0.1  # the set loss has none: refused, not ignored
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1: task 'detection' is detection"):
+        train_lib.validate_config(smoothed)
     with config.unlocked():
         config.task = load_config("vit_digits", "small").task
     with pytest.raises(ValueError, match=r"'detr' is a detection model, but task 'digits' is"):

@@ -65,7 +65,8 @@ def forward_loss(kind: str, model, batch, *, label_smoothing: float, pad_id: int
     batch's other arrays as keyword arguments (``images=``), scored against ``label``
     (``PAD_LABEL`` rows left out). ``kind='detection'``: ``model(images, **call) ->
     (class_logits, boxes)`` scored by DETR's set loss against ``boxes`` and ``classes``
-    (:func:`jattn.training.detection.set_loss`; ``label_smoothing`` unused), counting
+    (:func:`jattn.training.detection.set_loss`; ``label_smoothing`` unused: the training
+    program refuses it for detection), counting
     the objects and the matched queries of the right class; ``logits`` is the pair.
     """
     if kind == "classification":
