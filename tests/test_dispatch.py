@@ -281,7 +281,7 @@ def test_cudnn_runner_gives_the_dense_results(platform, monkeypatch):
             out = dot_product_attention(q, k, v, bias, implementation=impl, **opts)
             return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
     (_, out), grads = loss("cudnn")(q, k, v)
     assert calls and set(calls) == {"cudnn"}
