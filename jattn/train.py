@@ -51,6 +51,7 @@ from jattn.data import (
     ClassificationDataset,
     DetectionDataset,
     Seq2SeqDataset,
+    eval_batches,
     make_task,
 )
 from jattn.training import classify, detection, sharding, validate
@@ -173,7 +174,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.train.label_smoothing={cfg['train']['label_smoothing']!r}: task "
             f"{name!r} is detection, whose set loss has no label smoothing; set it to 0.0"
         )
-    if kind != "seq2seq" and _train_option(cfg, "parallelism") == "sequence":
+    if kind != "seq2seq" and _config_option(cfg, "parallelism") == "sequence":
         raise ValueError(
             f"config.train.parallelism='sequence' splits sequences; task {name!r} is "
             f"{kind}: use 'data', 'fsdp' or 'tensor'"
@@ -317,7 +318,7 @@ def _eval_due(tcfg: dict, step: int) -> bool:
     return bool(tcfg["eval_every"]) and step % tcfg["eval_every"] == 0
 
 
-def _train_option(cfg: dict, key: str, section: str = "train"):
+def _config_option(cfg: dict, key: str, section: str = "train"):
     """``config.train.<key>`` (or ``config.<section>.<key>``), or its default for a config
     that leaves it out."""
     return cfg[section].get(key, validate.DEFAULTS[section][key])
@@ -327,9 +328,9 @@ def _mesh(cfg: dict) -> jax.sharding.Mesh:
     """The mesh of ``config.train.parallelism``, ``mesh_shape`` and ``num_devices``."""
     try:
         return sharding.make_mesh(
-            _train_option(cfg, "parallelism"),
-            tuple(_train_option(cfg, "mesh_shape")),
-            _train_option(cfg, "num_devices"),
+            _config_option(cfg, "parallelism"),
+            tuple(_config_option(cfg, "mesh_shape")),
+            _config_option(cfg, "num_devices"),
         )
     except ValueError as e:
         raise ValueError(f"config.train.{e}") from e
@@ -344,7 +345,7 @@ def _check_batch_splits(cfg: dict, mesh: jax.sharding.Mesh) -> None:
         local = "local " * (jax.process_count() == 1)
         which = (
             f"all {local}devices"
-            if _train_option(cfg, "num_devices") == 0
+            if _config_option(cfg, "num_devices") == 0
             else ("config.train.num_devices")
         )
         raise ValueError(
@@ -354,7 +355,7 @@ def _check_batch_splits(cfg: dict, mesh: jax.sharding.Mesh) -> None:
     raise ValueError(
         f"config.train.batch_size={batch_size} must be a multiple of {size}, the size of "
         f"the mesh axis 'data' it is split over (config.train.mesh_shape="
-        f"{tuple(_train_option(cfg, 'mesh_shape'))}, axes {mesh.axis_names}); change either"
+        f"{tuple(_config_option(cfg, 'mesh_shape'))}, axes {mesh.axis_names}); change either"
     )
 
 
@@ -482,7 +483,7 @@ def evaluate(
     ``place(batch)`` puts each batch where ``eval_step`` reads it."""
     loss_sum = correct = tokens = 0.0
     predictions = []
-    for n, batch in classify.eval_batches(ds, batch_size, "tgt", PAD):  # all-PAD targets
+    for n, batch in eval_batches(ds, batch_size, "tgt", PAD):  # all-PAD targets
         batch = batch if place is None else place(batch)
         ls, c, t, generated = jax.device_get(eval_step(state.params, state.rest, batch))
         loss_sum, correct, tokens = loss_sum + ls, correct + c, tokens + t
@@ -743,7 +744,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         decay=tcfg["decay"],
         end_factor=tcfg["end_lr_factor"],
     )
-    mesh, parallelism = _mesh(cfg), _train_option(cfg, "parallelism")
+    mesh, parallelism = _mesh(cfg), _config_option(cfg, "parallelism")
     rules = sharding.RULES[parallelism]
     shardings = sharding.state_shardings(state, mesh, rules)
     if mesh.size > 1:
@@ -755,8 +756,8 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     eval_step = sharding.sharded_eval_step(
         graphdef,
         max_len=test_ds.tgt.shape[1] if kind == "seq2seq" else 1,
-        beam_size=_train_option(cfg, "beam_size", "eval"),
-        length_penalty=_train_option(cfg, "length_penalty", "eval"),
+        beam_size=_config_option(cfg, "beam_size", "eval"),
+        length_penalty=_config_option(cfg, "length_penalty", "eval"),
         mesh=mesh,
         rules=rules,
         kind=kind,
@@ -783,7 +784,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
             state,
             test_ds,
             batch_size=eval_batch_size,
-            bleu_tokenize=_train_option(cfg, "bleu_tokenize", "eval"),
+            bleu_tokenize=_config_option(cfg, "bleu_tokenize", "eval"),
             place=place,
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 
-from jattn.data.dataset import Seq2SeqDataset
+from jattn.data.dataset import Seq2SeqDataset, eval_batches
 from jattn.data.dates import DATE_FORMATS, dates_task, format_date
 from jattn.data.detection import DetectionDataset, detection_task
 from jattn.data.images import ClassificationDataset, digits_task, warp_images
@@ -26,6 +26,7 @@ __all__ = [
     "ClassificationDataset",
     "DetectionDataset",
     "Seq2SeqDataset",
+    "eval_batches",
     "addition_task",
     "copy_task",
     "dates_task",

@@ -9,7 +9,7 @@ import numpy as np
 
 from jattn.data.tokenizer import BOS, CharTokenizer
 
-__all__ = ["Seq2SeqDataset", "split_unique"]
+__all__ = ["Seq2SeqDataset", "eval_batches", "split_unique"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +113,16 @@ def split_unique(
         )
     keys = list(keys)
     return keys[:num_train], keys[num_train:]
+
+
+def eval_batches(ds, batch_size: int, key: str, fill: int):
+    """``(n, batch)``: ``ds`` (any data set with ``len`` and ``batch(indices)``, of every
+    kind of task) in order, in batches of ``batch_size`` rows (one compiled shape); the
+    last one is filled up with copies of row 0 whose ``batch[key]`` is set
+    to ``fill`` (padding that the metrics leave out), ``n`` the real rows."""
+    for start in range(0, len(ds), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(ds)))
+        n = len(idx)
+        batch = ds.batch(np.concatenate([idx, np.zeros(batch_size - n, idx.dtype)]))
+        batch[key][n:] = fill
+        yield n, batch

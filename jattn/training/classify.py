@@ -13,28 +13,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jattn.data import eval_batches
 from jattn.training.state import PAD_LABEL
 
 __all__ = [
-    "eval_batches",
     "evaluate",
     "sample_lines",
     "save_heatmaps",
     "save_question_heatmaps",
     "save_rollout_heatmaps",
 ]
-
-
-def eval_batches(ds, batch_size: int, key: str, fill: int):
-    """``(n, batch)``: ``ds`` in order, in batches of ``batch_size`` rows (one compiled
-    shape); the last one is filled up with copies of row 0 whose ``batch[key]`` is set
-    to ``fill`` (padding that the metrics leave out), ``n`` the real rows."""
-    for start in range(0, len(ds), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(ds)))
-        n = len(idx)
-        batch = ds.batch(np.concatenate([idx, np.zeros(batch_size - n, idx.dtype)]))
-        batch[key][n:] = fill
-        yield n, batch
 
 
 def evaluate(eval_step, state, ds, *, batch_size: int, place=None):

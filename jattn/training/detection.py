@@ -231,7 +231,7 @@ def evaluate(eval_step, state, ds, *, batch_size: int, place=None):
     detection set ``ds`` (:class:`jattn.data.DetectionDataset`): the set loss per object,
     the class accuracy of the matched queries, and AP50 over every query as a detection
     (scored by its most likely real class, as DETR is evaluated)."""
-    from jattn.training.classify import eval_batches
+    from jattn.data import eval_batches
 
     loss_sum = correct = count = 0.0
     probs, boxes = [], []
