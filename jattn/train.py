@@ -510,7 +510,9 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
     """Writes ``cross_attention_{i}.png`` for the first ``count`` test inputs: every
     cross-attention layer (rows) and head (columns), input characters on x, output
     characters on y. The decoder is fed the model's own predictions, so the plot shows
-    the alignment behind what the model wrote."""
+    the alignment behind what the model wrote. Also writes ``attention_explorer.html``:
+    every attention layer of the model on the first input, in the interactive explorer
+    (:mod:`jattn.explorer`). Returns the PNGs' paths."""
     if count <= 0:
         return []  # nor import matplotlib, which writes its font cache on import
     from jattn.viz import collect_attention_weights, plot_attention_grid, save_figure
@@ -541,7 +543,36 @@ def save_cross_attention_heatmaps(graphdef, state, ds, predictions, workdir, *, 
             vmax=1.0,
         )
         paths.append(save_figure(fig, Path(workdir) / f"cross_attention_{i}.png", dpi=110))
+    _save_explorer(sown, ds, src[0], pred[0], min(len(predictions[0]) + 1, t), workdir)
     return paths
+
+
+def _save_explorer(sown, ds, src, pred, t_n: int, workdir) -> str | None:
+    """``attention_explorer.html`` of every sown layer for one example: the encoder's
+    self-attention over the input, the decoder's over the output, and any other layer
+    (cross-attention, Bahdanau's) from the output to the input."""
+    from jattn.explorer import attention_explorer
+
+    s_n = int(np.sum(src != PAD))
+    src_labels = [_label(ds.src_tokenizer, j) for j in src[:s_n]]
+    tgt_labels = [_label(ds.tgt_tokenizer, j) for j in pred[:t_n]]
+    layers, keys, queries = {}, {}, {}
+    for name, w in sown.items():
+        w = np.asarray(w)[0]
+        w = w if w.ndim == 3 else w[None]  # [N, T, S]; one "head" for additive attention
+        if "encoder" in name and "cross" not in name:
+            q, k = src_labels, src_labels
+        elif "self" in name:  # the decoder's self-attention
+            q, k = tgt_labels, tgt_labels
+        else:  # cross-attention, Bahdanau's attention
+            q, k = tgt_labels, src_labels
+        layers[name] = w[:, : len(q), : len(k)]
+        keys[name], queries[name] = k, q
+    if not layers:
+        return None
+    title = f"{ds.src_texts[0]!r} -> {''.join(tgt_labels)!r}"
+    explorer = attention_explorer(layers, keys, query_tokens=queries, title=title)
+    return explorer.save(Path(workdir) / "attention_explorer.html")
 
 
 def _keep_matplotlib_cache_in(workdir: Path) -> None:

@@ -39,6 +39,10 @@ def test_small_run_writes_metrics_checkpoints_and_heatmaps(tmp_path, capsys, mon
     assert png.endswith("cross_attention_0.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "attention_explorer.html").read_text(encoding="utf-8")
+    for layer in ("encoder/layers/0/self_attention", "decoder/layers/0/self_attention",
+                  "decoder/layers/0/cross_attention"):  # fmt: skip
+        assert f'"name":"{layer}"' in page
     out = capsys.readouterr().out
     assert "held-out (32 examples)" in out and "reference" in out
 
