@@ -211,6 +211,16 @@ def test_models_decode_with_parallel_layer_types():
     np.testing.assert_allclose(got, full, rtol=0, atol=DECODE_ATOL)
 
 
+def test_linear_parts_decode_with_a_state_of_constant_size():
+    """A composite of linear-attention parts needs no max_len (their states do not grow);
+    a MultiHeadAttention part does, and says so."""
+    parts = [LinearAttention(N, D, rngs=nnx.Rngs(i)) for i in range(2)]
+    cache = ParallelAttention(parts, combine="sum").init_cache(B)
+    assert [type(c).__name__ for c in cache] == ["LinearDecodeState"] * 2
+    with pytest.raises(ValueError, match="a MultiHeadAttention part needs max_len"):
+        ParallelAttention([mha(1)], combine="sum").init_cache(B)
+
+
 def test_router_top_k_and_load_balancing_loss_by_hand():
     logits = jnp.array([[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, -1.0, 4.0], [1.0, 1.0, 1.0, 9.0]])
     probs, selected = top_k_routing(logits, 2)

@@ -184,16 +184,18 @@ def _call(layer, inputs_q, args, kwargs, return_weights, sow_weights):
 
 def _init_cache(layer, batch_size: int, max_len: int | None, dtype):
     """The decoding cache of one part (:func:`jattn.models.init_cache`): its own
-    (``init_cache`` + ``step``), or a :class:`jattn.models.KVCache` for a
-    ``MultiHeadAttention``, which needs ``max_len``."""
+    (``init_cache`` + ``step``: a linear-attention state or a composite's, which may take
+    ``max_len=None``), or a :class:`jattn.models.KVCache` for a ``MultiHeadAttention``,
+    which needs ``max_len``."""
     from jattn.models.decoding import init_cache  # models import layers: lazily
 
-    if isinstance(layer, MultiHeadAttention) and max_len is None:
-        raise ValueError(f"a {type(layer).__name__} part needs max_len for its key/value cache")
-    if max_len is None:  # a state of constant size: its own init_cache takes None
-        if not callable(getattr(layer, "step", None)):
-            return init_cache(layer, batch_size, 1, dtype)  # raises the TypeError
+    own = callable(getattr(layer, "step", None)) and callable(getattr(layer, "init_cache", None))
+    if own and max_len is None:
         return layer.init_cache(batch_size, max_len, dtype)
+    if max_len is None:
+        if isinstance(layer, MultiHeadAttention):
+            raise ValueError(f"a {type(layer).__name__} part needs max_len for its key/value cache")
+        return init_cache(layer, batch_size, 1, dtype)  # raises the TypeError
     return init_cache(layer, batch_size, max_len, dtype)
 
 
