@@ -217,7 +217,7 @@ def test_linear_parts_decode_with_a_state_of_constant_size():
     parts = [LinearAttention(N, D, rngs=nnx.Rngs(i)) for i in range(2)]
     cache = ParallelAttention(parts, combine="sum").init_cache(B)
     assert [type(c).__name__ for c in cache] == ["LinearDecodeState"] * 2
-    with pytest.raises(ValueError, match="a MultiHeadAttention part needs max_len"):
+    with pytest.raises(ValueError, match="a MultiHeadAttention needs max_len"):
         ParallelAttention([mha(1)], combine="sum").init_cache(B)
 
 

@@ -41,7 +41,6 @@ from jattn.functional._checks import check_positive_int
 from jattn.layers.axes import names
 from jattn.layers.dropout import per_site_rngs
 from jattn.layers.linear import LinearAttention
-from jattn.layers.multihead import MultiHeadAttention
 
 __all__ = [
     "COMBINES",
@@ -183,19 +182,10 @@ def _call(layer, inputs_q, args, kwargs, return_weights, sow_weights):
 
 
 def _init_cache(layer, batch_size: int, max_len: int | None, dtype):
-    """The decoding cache of one part (:func:`jattn.models.init_cache`): its own
-    (``init_cache`` + ``step``: a linear-attention state or a composite's, which may take
-    ``max_len=None``), or a :class:`jattn.models.KVCache` for a ``MultiHeadAttention``,
-    which needs ``max_len``."""
+    """The decoding cache of one part (:func:`jattn.models.init_cache`: its own, or a
+    :class:`jattn.models.KVCache` for a ``MultiHeadAttention``, which needs ``max_len``)."""
     from jattn.models.decoding import init_cache  # models import layers: lazily
 
-    own = callable(getattr(layer, "step", None)) and callable(getattr(layer, "init_cache", None))
-    if own and max_len is None:
-        return layer.init_cache(batch_size, max_len, dtype)
-    if max_len is None:
-        if isinstance(layer, MultiHeadAttention):
-            raise ValueError(f"a {type(layer).__name__} part needs max_len for its key/value cache")
-        return init_cache(layer, batch_size, 1, dtype)  # raises the TypeError
     return init_cache(layer, batch_size, max_len, dtype)
 
 

@@ -57,7 +57,7 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+def init_cache(mha, batch_size: int, max_len: int | None, dtype=jnp.float32) -> KVCache:
     """An empty cache of ``max_len`` positions for the self-attention layer ``mha``.
 
     A :class:`jattn.layers.MultiHeadAttention` gets a :class:`KVCache`; any other layer
@@ -68,9 +68,9 @@ def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache
     :class:`jattn.layers.linear.LinearDecodeState` parts (:func:`cache_index` reads it).
     """
     batch_size = _checks.check_size("batch_size", batch_size)
-    max_len = _checks.check_size("max_len", max_len)
     _checks.check_dtype("dtype", dtype)
-    if _own_step(mha):
+    if _own_step(mha):  # a state of constant size (linear attention) may take max_len=None
+        max_len = None if max_len is None else _checks.check_size("max_len", max_len)
         return mha.init_cache(batch_size, max_len, dtype)
     if not isinstance(mha, MultiHeadAttention):
         raise TypeError(
@@ -78,6 +78,9 @@ def init_cache(mha, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache
             "init_cache(batch_size, max_len, dtype) and step(x, cache) methods, or to "
             "be a jattn.layers.MultiHeadAttention"
         )
+    if max_len is None:
+        raise ValueError(f"a {type(mha).__name__} needs max_len for its key/value cache")
+    max_len = _checks.check_size("max_len", max_len)
     return KVCache(
         key=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.head_dim), dtype),
         value=jnp.zeros((batch_size, max_len, mha.num_kv_heads, mha.v_head_dim), dtype),
