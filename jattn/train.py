@@ -48,8 +48,6 @@ from jattn.data import (
     EOS,
     PAD,
     TASKS,
-    ClassificationDataset,
-    DetectionDataset,
     Seq2SeqDataset,
     eval_batches,
     make_task,
@@ -199,12 +197,6 @@ def _model_kind(cls) -> str:
     if "num_queries" in params:
         return "detection"
     return "classification" if "num_classes" in params else "seq2seq"
-
-
-def _kind(ds) -> str:
-    if isinstance(ds, DetectionDataset):
-        return "detection"
-    return "classification" if isinstance(ds, ClassificationDataset) else "seq2seq"
 
 
 def _check_model_options(cls, model: dict) -> None:
@@ -605,13 +597,6 @@ def _initial_train_state(cfg: dict, **sizes):
     return graphdef, state, tx
 
 
-def _data_sizes(ds) -> dict:
-    """What the model needs of the data, saved in ``config.json`` for :func:`restore_model`."""
-    if isinstance(ds, ClassificationDataset | DetectionDataset):
-        return ds.model_sizes()
-    return {"src_vocab_size": ds.src_vocab_size, "tgt_vocab_size": ds.tgt_vocab_size}
-
-
 def _saved_model_config(workdir: Path) -> tuple[dict, dict[str, int]]:
     """``(config, data_sizes)`` as the run in ``workdir`` saved them in its ``config.json``
     (the sizes from the saved config's data set, for a workdir of a jattn version that
@@ -630,7 +615,7 @@ def _saved_model_config(workdir: Path) -> tuple[dict, dict[str, int]]:
     if saved:
         sizes = saved[0]
     else:
-        sizes = _data_sizes(make_datasets(ml_collections.ConfigDict(cfg))[0])
+        sizes = make_datasets(ml_collections.ConfigDict(cfg))[0].model_sizes()
     return cfg, sizes
 
 
@@ -672,7 +657,7 @@ def restore_model(
         cfg, sizes = _saved_model_config(Path(workdir))
     else:
         validate_config(config)
-        cfg, sizes = config.to_dict(), _data_sizes(make_datasets(config)[0])
+        cfg, sizes = config.to_dict(), make_datasets(config)[0].model_sizes()
     graphdef, like, _ = _initial_train_state(cfg, **sizes)
     ckpt = Checkpointer(directory, max_to_keep=cfg["train"]["max_to_keep"])
     try:
@@ -725,7 +710,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.to_dict()
     train_ds, test_ds = make_datasets(config)
     # bad model options fail here
-    graphdef, state, tx = _initial_train_state(cfg, **_data_sizes(train_ds))
+    graphdef, state, tx = _initial_train_state(cfg, **train_ds.model_sizes())
     _check_lengths(cfg, train_ds, test_ds)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -764,7 +749,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
         _check_resume(workdir, cfg, start)
     if primary:
         tmp = workdir / "config.json.tmp"  # the config, and what restore_model needs of the data
-        tmp.write_text(json.dumps({**cfg, "data_sizes": _data_sizes(train_ds)}, indent=2))
+        tmp.write_text(json.dumps({**cfg, "data_sizes": train_ds.model_sizes()}, indent=2))
         os.replace(tmp, workdir / "config.json")
 
     num_steps = tcfg["num_steps"]
@@ -780,7 +765,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     shardings = sharding.state_shardings(state, mesh, rules)
     if mesh.size > 1:
         say(_describe_layout(parallelism, mesh, shardings))
-    kind = _kind(train_ds)
+    kind = task_kind(cfg["task"]["name"])
     train_step = sharding.sharded_train_step(
         graphdef, tx, label_smoothing=tcfg["label_smoothing"], mesh=mesh, rules=rules, kind=kind
     )

@@ -62,6 +62,10 @@ class Seq2SeqDataset:
     def tgt_vocab_size(self) -> int:
         return self.tgt_tokenizer.vocab_size
 
+    def model_sizes(self) -> dict:
+        """What a model needs of the data: ``src_vocab_size``, ``tgt_vocab_size``."""
+        return {"src_vocab_size": self.src_vocab_size, "tgt_vocab_size": self.tgt_vocab_size}
+
     def decode(self, ids) -> str:
         """Target-side text of ``ids`` (up to EOS)."""
         return self.tgt_tokenizer.decode(ids)
@@ -126,3 +130,18 @@ def eval_batches(ds, batch_size: int, key: str, fill: int):
         batch = ds.batch(np.concatenate([idx, np.zeros(batch_size - n, idx.dtype)]))
         batch[key][n:] = fill
         yield n, batch
+
+
+def check_sizes(**sizes: int) -> None:
+    """A ValueError naming the first of ``sizes`` (a task's counts and dimensions) that is
+    not a positive int."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def image_sizes(images: np.ndarray) -> dict:
+    """``image_size [H, W]`` and ``in_channels`` C of ``images [N, H, W, C]``, as a model
+    takes them."""
+    _, h, w, c = images.shape
+    return {"image_size": [int(h), int(w)], "in_channels": int(c)}

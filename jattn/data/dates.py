@@ -11,7 +11,7 @@ import datetime
 
 import numpy as np
 
-from jattn.data.dataset import Seq2SeqDataset, split_unique
+from jattn.data.dataset import Seq2SeqDataset, check_sizes, split_unique
 from jattn.data.tokenizer import CharTokenizer
 
 __all__ = ["DATE_FORMATS", "FIRST_DATE", "LAST_DATE", "dates_task", "format_date"]
@@ -111,9 +111,7 @@ def dates_task(*, num_train=50000, num_test=1000, seed=0):
     Dates are uniform over 1969-01-01 .. 2068-12-31 and formats uniform over
     :data:`DATE_FORMATS`.
     """
-    for name, value in (("num_train", num_train), ("num_test", num_test)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_sizes(num_train=num_train, num_test=num_test)
     population = _NUM_DAYS * len(DATE_FORMATS)
     if num_train + num_test > population // 2:
         raise ValueError(f"num_train + num_test must be at most {population // 2}")

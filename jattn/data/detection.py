@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jattn.data.dataset import check_sizes, image_sizes
 from jattn.data.vqa import GLYPHS
 
 __all__ = ["DetectionDataset", "detection_task"]
@@ -50,9 +51,7 @@ class DetectionDataset:
     def model_sizes(self) -> dict:
         """What a model needs of the data: ``num_classes``, ``image_size``,
         ``in_channels``."""
-        _, h, w, c = self.images.shape
-        return {"num_classes": self.num_classes, "image_size": [int(h), int(w)],
-                "in_channels": int(c)}  # fmt: skip
+        return {"num_classes": self.num_classes, **image_sizes(self.images)}
 
     def batch(self, indices) -> dict[str, np.ndarray]:
         """Rows ``indices`` as ``{'images', 'boxes', 'classes'}``."""
@@ -114,10 +113,7 @@ def detection_task(*, num_train: int = 1000, num_test: int = 500, seed: int = 0,
     batches are fresh examples each step (the train split's ``sampler``); its
     ``num_train`` stored examples are for looking at. The test split is fixed, from
     another random stream of ``seed``."""
-    for name, value in (("num_train", num_train), ("num_test", num_test),
-                        ("canvas", canvas), ("max_objects", max_objects)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_sizes(num_train=num_train, num_test=num_test, canvas=canvas, max_objects=max_objects)
     scales = tuple(scales)
     if not scales or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
         raise ValueError(f"scales must be positive ints (glyph magnifications), got {scales!r}")

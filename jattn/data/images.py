@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jattn.data.dataset import image_sizes
+
 __all__ = ["ClassificationDataset", "digits_task", "warp_images"]
 
 
@@ -68,8 +70,7 @@ class ClassificationDataset:
         ``[N, H, W, C]``, ``image_size [H, W]`` and ``in_channels`` C; and :attr:`sizes`."""
         sizes = {"num_classes": self.num_classes, **self.sizes}
         if "images" in self.inputs:
-            _, h, w, c = self.inputs["images"].shape
-            sizes.update(image_size=[int(h), int(w)], in_channels=int(c))
+            sizes.update(image_sizes(self.inputs["images"]))
         return sizes
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:

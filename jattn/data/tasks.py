@@ -10,20 +10,14 @@ import string
 
 import numpy as np
 
-from jattn.data.dataset import Seq2SeqDataset, split_unique
+from jattn.data.dataset import Seq2SeqDataset, check_sizes, split_unique
 from jattn.data.tokenizer import CharTokenizer
 
 __all__ = ["addition_task", "copy_task", "reverse_task", "sort_task"]
 
 
-def _check_sizes(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _string_task(transform, *, num_train, num_test, seed, min_len, max_len, num_symbols):
-    _check_sizes(
+    check_sizes(
         num_train=num_train,
         num_test=num_test,
         min_len=min_len,
@@ -68,7 +62,7 @@ def sort_task(*, num_train=10000, num_test=500, seed=0, min_len=1, max_len=10, n
 
 def addition_task(*, num_train=10000, num_test=500, seed=0, max_digits=3):
     """``"123+45" -> "168"``: operands with 1..``max_digits`` digits, digit counts uniform."""
-    _check_sizes(num_train=num_train, num_test=num_test, max_digits=max_digits)
+    check_sizes(num_train=num_train, num_test=num_test, max_digits=max_digits)
     if max_digits > 18:  # operands are drawn as int64
         raise ValueError(f"max_digits must be at most 18, got {max_digits}")
 

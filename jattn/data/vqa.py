@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jattn.data.dataset import check_sizes
 from jattn.data.images import ClassificationDataset
 
 __all__ = ["QUESTION_WORDS", "render_cells", "vqa_task"]
@@ -120,9 +121,7 @@ def vqa_task(*, num_train: int = 1000, num_test: int = 1000, seed: int = 0, grid
     Training batches are fresh examples each step (the train split's ``sampler``, a
     function of the batch's ``(seed, step)``); its ``num_train`` stored examples are
     for looking at. The test split is fixed, from another random stream of ``seed``."""
-    for name, value in (("num_train", num_train), ("num_test", num_test), ("grid", grid)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_sizes(num_train=num_train, num_test=num_test, grid=grid)
     if not 2 <= grid <= 3:
         raise ValueError(f"grid must be 2 or 3 (a count answer is one digit), got {grid}")
     if isinstance(fill, bool) or not isinstance(fill, int | float) or not 0 < fill <= 1:
