@@ -15,6 +15,7 @@ constrained layout, so no title is cut off.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -630,6 +631,25 @@ def _path_name(path, root: str) -> str:
     return "/".join(parts) if parts else root
 
 
+class _Unhashable:
+    """Options that cannot be a jit cache key: equal only to themselves."""
+
+    def __init__(self, items):
+        self.items = items
+
+
+def _forward_sowing(module, args, arrays, options):
+    items = options.items if isinstance(options, _Unhashable) else options
+    return module(*args, sow_weights=True, **arrays, **dict(items))
+
+
+@functools.cache
+def _collector():
+    from flax import nnx
+
+    return nnx.jit(nnx.capture(_forward_sowing, nnx.Intermediate), static_argnums=3)
+
+
 def collect_attention_weights(model, *args, **kwargs) -> dict:
     """Runs ``model(*args, sow_weights=True, **kwargs)`` and returns every sown attention weight.
 
@@ -647,14 +667,18 @@ def collect_attention_weights(model, *args, **kwargs) -> dict:
       ... ``'path/to/layer/{k-1}'``; weights sown by ``model`` itself (a bare
       attention layer) are keyed by its class name.
     """
+    # compiled (a whole model run op by op is many times slower), once per model
+    # structure, shapes and options: array keyword arguments (masks) are traced, the
+    # others (deterministic=True, ...) are static
+    arrays = {k: v for k, v in kwargs.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+    try:
+        hash(options)
+    except TypeError:  # an unhashable option: compiled for this call only
+        options = _Unhashable(options)
     from flax import nnx
 
-    def forward(module, *a):
-        return module(*a, sow_weights=True, **kwargs)
-
-    # compiled: a whole model run op by op is many times slower (keyword arguments, often
-    # options such as deterministic=True, stay Python values)
-    _, sown = nnx.jit(nnx.capture(forward, nnx.Intermediate))(model, *args)
+    _, sown = _collector()(model, args, arrays, options)
     out = {}
     for path, var in nnx.to_flat_state(sown):
         if not path or path[-1] != _SOWN_NAME:
