@@ -115,7 +115,7 @@ def _random_set(seed, b=2, q=4, m=3, k=5):
 def test_matching_is_the_least_cost_assignment_inside_jit():
     import itertools
 
-    from jattn.training.detection import _xyxy, generalized_box_iou, match_queries
+    from jattn.training.detection import generalized_box_iou, match_queries
 
     logits, boxes, gt, classes = _random_set(0)
     matched = np.asarray(jax.jit(match_queries)(logits, boxes, gt, classes))
@@ -125,7 +125,7 @@ def test_matching_is_the_least_cost_assignment_inside_jit():
         real = [j for j in range(3) if classes[e, j] >= 0]
 
         def cost(i, j, e=e):
-            giou = float(generalized_box_iou(_xyxy(boxes[e, i]), _xyxy(gt[e, j])))
+            giou = float(generalized_box_iou(cxcywh_to_xyxy(boxes[e, i]), cxcywh_to_xyxy(gt[e, j])))
             l1 = float(np.abs(np.asarray(boxes[e, i] - gt[e, j])).sum())
             return -probs[e, i, classes[e, j]] + 5 * l1 - 2 * giou
 

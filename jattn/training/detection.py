@@ -30,8 +30,22 @@ def cxcywh_to_xyxy(boxes) -> np.ndarray:
     b = np.asarray(boxes, np.float64)
     if b.shape[-1:] != (4,):
         raise ValueError(f"boxes must have shape [..., 4], got {list(b.shape)}")
-    cx, cy, w, h = np.moveaxis(b, -1, 0)
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+    return _corners(b, np)
+
+
+def _corners(boxes, xp):
+    """Centre and size -> corners, in NumPy or JAX (``xp``)."""
+    cx, cy, w, h = xp.moveaxis(boxes, -1, 0)
+    return xp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+
+
+def _intersection_union(a, b, xp):
+    """``(intersection, union)`` areas of corner boxes ``a``, ``b`` (broadcast), in NumPy
+    or JAX (``xp``)."""
+    lo, hi = xp.maximum(a[..., :2], b[..., :2]), xp.minimum(a[..., 2:], b[..., 2:])
+    inter = xp.prod(xp.clip(hi - lo, 0.0, None), axis=-1)
+    area = lambda x: xp.prod(xp.clip(x[..., 2:] - x[..., :2], 0.0, None), axis=-1)  # noqa: E731
+    return inter, area(a) + area(b) - inter
 
 
 def box_iou(a, b) -> np.ndarray:
@@ -41,11 +55,7 @@ def box_iou(a, b) -> np.ndarray:
     for name, x in (("a", a), ("b", b)):
         if x.ndim != 2 or x.shape[1] != 4:
             raise ValueError(f"{name} must have shape [n, 4] (x0, y0, x1, y1), got {list(x.shape)}")
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=-1)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
+    inter, union = _intersection_union(a[:, None], b[None], np)
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
@@ -121,19 +131,11 @@ def mean_average_precision(pred_boxes, pred_scores, pred_classes, gt_boxes, gt_c
 # ----------------------------------------------------------------- DETR's set loss
 
 
-def _xyxy(boxes):
-    cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
-    return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
-
-
 def generalized_box_iou(a, b) -> jax.Array:
     """Generalised IoU (Rezatofighi et al. 2019) of corner boxes ``a [..., 4]`` and
     ``b [..., 4]`` pair by pair: ``IoU - (C - union) / C`` with C the smallest box
     enclosing both; in [-1, 1], 1 for equal boxes. JAX, differentiable."""
-    lo, hi = jnp.maximum(a[..., :2], b[..., :2]), jnp.minimum(a[..., 2:], b[..., 2:])
-    inter = jnp.prod(jnp.clip(hi - lo, 0.0), axis=-1)
-    area = lambda x: jnp.prod(jnp.clip(x[..., 2:] - x[..., :2], 0.0), axis=-1)  # noqa: E731
-    union = area(a) + area(b) - inter
+    inter, union = _intersection_union(a, b, jnp)
     hull = jnp.prod(
         jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), axis=-1
     )
@@ -178,7 +180,7 @@ def match_queries(class_logits, boxes, gt_boxes, gt_classes, *, class_weight: fl
     labels = jnp.maximum(gt_classes, 0)
     p = jnp.take_along_axis(probs, labels[:, None, :], axis=-1)  # [B, Q, M]
     l1 = jnp.sum(jnp.abs(boxes[:, :, None] - gt[:, None]), axis=-1)
-    giou = generalized_box_iou(_xyxy(boxes)[:, :, None], _xyxy(gt)[:, None])
+    giou = generalized_box_iou(_corners(boxes, jnp)[:, :, None], _corners(gt, jnp)[:, None])
     cost = class_weight * -p + l1_weight * l1 + giou_weight * -giou  # [B, Q, M]
     shape = jax.ShapeDtypeStruct(gt_classes.shape, jnp.int32)
     return jax.pure_callback(_host_match, shape, cost, gt_classes >= 0)
@@ -210,7 +212,7 @@ def set_loss(class_logits, boxes, gt_boxes, gt_classes, *, no_object_weight: flo
     picked = jnp.take_along_axis(boxes, jnp.maximum(matched, 0)[..., None], axis=1)  # [B, M, 4]
     num = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
     l1 = jnp.sum(jnp.where(real[..., None], jnp.abs(picked - gt_boxes), 0.0)) / num
-    giou = generalized_box_iou(_xyxy(picked), _xyxy(gt_boxes))
+    giou = generalized_box_iou(_corners(picked, jnp), _corners(gt_boxes, jnp))
     giou_loss = jnp.sum(jnp.where(real, 1.0 - giou, 0.0)) / num
     loss = class_loss + l1_weight * l1 + giou_weight * giou_loss
     return loss, {"class": class_loss, "l1": l1, "giou": giou_loss, "matched": matched}
