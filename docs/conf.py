@@ -11,6 +11,7 @@ API-coverage test, which needs only the reference).
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import shutil
@@ -138,17 +139,24 @@ def _attr_doc(module: str, name: str, obj) -> list[str]:
     """The doc comment (``#:``) of constant ``name`` where it is defined (any module of
     the package); a constant without one stops the build."""
     import importlib
+
+    for m, docs in _all_attr_docs():
+        if ("", name) in docs and getattr(importlib.import_module(m), name, None) is obj:
+            return [line for line in docs[("", name)] if line.strip()]
+    raise RuntimeError(f"{module}.{name} is public but has no doc comment (#:) where defined")
+
+
+@functools.cache
+def _all_attr_docs() -> list:
+    """``(module, its doc comments)`` of every module of the package, read once."""
     import pkgutil
 
     from sphinx.pycode import ModuleAnalyzer
 
     import jattn
 
-    for m in ["jattn", *(i.name for i in pkgutil.walk_packages(jattn.__path__, "jattn."))]:
-        docs = ModuleAnalyzer.for_module(m).find_attr_docs()
-        if ("", name) in docs and getattr(importlib.import_module(m), name, None) is obj:
-            return [line for line in docs[("", name)] if line.strip()]
-    raise RuntimeError(f"{module}.{name} is public but has no doc comment (#:) where defined")
+    names = ["jattn", *(i.name for i in pkgutil.walk_packages(jattn.__path__, "jattn."))]
+    return [(m, ModuleAnalyzer.for_module(m).find_attr_docs()) for m in names]
 
 
 def _write_api() -> None:
