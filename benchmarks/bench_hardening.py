@@ -2,7 +2,11 @@
 (decoding) and blocked paths with a causal mask and key lengths, forward and
 forward+backward, against jax.nn.dot_product_attention with the same mask, in one
 process, interleaved. Run it on the commit before the change and after: the ratios
-to jax.nn are what to compare (the machine is shared and noisy).
+to jax.nn are what to compare (the machine is shared and noisy). Then the decoding
+step's guard on its own: the in-layout path as it runs (deciding from its logits and
+output whether to hide anything, ``_finite.guarded_by_result``), against the same
+path with no guard and with the earlier guard (a sum over the inputs), interleaved
+without jax.nn (whose 5x longer call disturbs the short ones' timings).
 
     python benchmarks/bench_hardening.py [--repeats 30]
 """
@@ -72,6 +76,38 @@ def main():
             print(f"{name:22s} {mode:9s} {a:9.2f} {b:9.2f} {a / b:6.2f}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {peak:.2f} GiB (t={t}, s={s})")
+    guard_cost(args.repeats)
+
+
+def guard_cost(repeats):
+    """The decoding step (B=4, T=1, S=4096, key lengths) with each guard, forward."""
+    from jattn.functional import _finite
+
+    (name, q, k, v, lens, _, _) = list(cases())[1]
+    ours = _finite.guarded_by_result
+    guards = {
+        "as it runs (from the results)": ours,
+        "no guard": lambda run, spec: run(False, spec)[0],
+        "sum over the inputs": lambda run, spec: _finite.guarded(
+            lambda hide: run(hide, spec)[0], spec, spec.query, spec.key, spec.value
+        ),
+    }
+    fns = {}
+    try:
+        for label, guard in guards.items():
+            _finite.guarded_by_result = guard  # read at trace time
+            f = jax.jit(
+                lambda q, k, v: jattn.dot_product_attention(q, k, v, key_value_seq_lengths=lens)
+            )
+            f(q, k, v).block_until_ready()
+            fns[label] = lambda f=f: jax.block_until_ready(f(q, k, v))
+    finally:
+        _finite.guarded_by_result = ours
+    times = interleave(fns, 3 * repeats)
+    base = times["no guard"]
+    print(f"## {name}, forward: the guard's cost (in-layout path)")
+    for label, sec in times.items():
+        print(f"{label:30s} {sec * 1e3:7.2f} ms {sec / base:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,65 @@ def test_masked_non_finite_keys_stay_out():
     out = _in_layout(q, k, v, None, None, **options, return_weights=False, return_residual=False)
     want = attention(q[:, :, :], k[:, :8], v[:, :8])
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["key", "value", "query"])
+def test_hidden_non_finite_inputs_found_from_the_results(where):
+    """The in-layout path decides whether to hide non-finite vectors from its own logits
+    and output (``_finite.guarded_by_result``), not from a pass over the cache: a NaN or
+    inf only in a cache's hidden tail (keys: the logits, values: the output) or in a
+    padded query row still reaches nothing, forward and backward, and forward mode
+    (through the custom JVP) equals the per-head path's."""
+    q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 12, 2, 8)), _normal(2, (2, 12, 2, 8))
+    lengths = jnp.asarray([8, 5])
+    q_len = jnp.asarray([1, 0])  # example 1 has no real query
+    dirty = {"key": k, "value": v, "query": q}[where]
+    if where == "query":
+        dirty = dirty.at[1, 0, 2].set(jnp.nan)
+    else:
+        dirty = dirty.at[0, 9:].set(jnp.nan).at[1, 6, 1, 3].set(jnp.inf)
+    args = {"key": (q, dirty, v), "value": (q, k, dirty), "query": (dirty, k, v)}[where]
+    options = dict(OPTIONS, key_value_seq_lengths=lengths, query_seq_lengths=q_len)
+
+    @jax.jit
+    def run(q, k, v):
+        return _in_layout(q, k, v, None, None, **options, return_weights=False,
+                          return_residual=False)  # fmt: skip
+
+    def want(q, k, v):
+        return attention(q, k, v, key_value_seq_lengths=lengths, query_seq_lengths=q_len)
+
+    np.testing.assert_allclose(run(*args), want(q, k, v), rtol=1e-6, atol=1e-6)
+    w = _normal(3, (2, 1, 4, 8))
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), (0, 1, 2)))(*args)
+    want_grads = jax.grad(lambda *a: jnp.sum(want(*a) * w), (0, 1, 2))(q, k, v)
+    for got, ref_grad in zip(grads, want_grads, strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref_grad, rtol=1e-5, atol=1e-6)
+    tangents = (_normal(4, q.shape), _normal(5, k.shape), _normal(6, v.shape))
+    _, jvp = jax.jvp(run, (q, k, v), tangents)
+    _, want_jvp = jax.jvp(want, (q, k, v), tangents)
+    np.testing.assert_allclose(jvp, want_jvp, rtol=1e-5, atol=1e-6)
+
+
+def test_visible_key_of_minus_inf_makes_its_row_nan():
+    """A key whose logit is -inf (an -inf entry against a positive query entry) gets
+    weight 0 in a plain softmax and leaves its row finite; like every non-finite input
+    a row sees, it must make the row NaN (the per-head path's rule). With one key/value
+    head (no other heads' zeros to turn it to NaN) only the logits' probe shows it."""
+    q = jnp.abs(_normal(0, (2, 1, 4, 8)))
+    k, v = _normal(1, (2, 12, 1, 8)), _normal(2, (2, 12, 1, 8))
+    k = k.at[0, 3, 0, 0].set(-jnp.inf)  # visible to example 0's queries
+    lengths = jnp.asarray([8, 5])
+    options = dict(OPTIONS, key_value_seq_lengths=lengths)
+    out = jax.jit(
+        lambda q, k, v: _in_layout(
+            q, k, v, None, None, **options, return_weights=False, return_residual=False
+        )
+    )(q, k, v)
+    want = attention(q, k, v, key_value_seq_lengths=lengths)
+    nan_rows = np.zeros((2, 1, 4), bool)
+    nan_rows[0] = True
+    np.testing.assert_array_equal(np.isnan(want).all(-1), nan_rows)
+    np.testing.assert_array_equal(np.isnan(out).all(-1), nan_rows)
+    np.testing.assert_allclose(out[~nan_rows], want[~nan_rows], rtol=1e-6, atol=1e-6)

@@ -17,10 +17,13 @@ only on calls that can hide something (a mask, bias, lengths, causal mask, windo
 or mods): without any, every pair is visible and NaN spreads as it always did.
 
 The dense path always does it (two selects on inputs a fraction of the size of its
-``[T, S]`` work). The blocked and in-layout paths run it behind :func:`guarded`, a
-``lax.cond`` on whether any input is non-finite: their products read keys and values
-as they are, and a cleaned copy of a long KV cache would cost a decoding step several
-times its attention (``benchmarks/bench_hardening.py``); the check reads them once.
+``[T, S]`` work). The blocked path runs it behind :func:`guarded`, a ``lax.cond`` on
+whether any input is non-finite: its products read keys and values as they are, and
+the check reads them once, next to ``[T, S]`` work. The in-layout path (a decoding
+step: a few queries against a long KV cache) cannot afford even that read, nor a
+cleaned copy of the cache (either costs a step a large part of its attention,
+``benchmarks/bench_hardening.py``); it runs behind :func:`guarded_by_result`, which
+looks at the step's own small logits and output instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["guarded", "hide_nonfinite", "hide_qkv", "may_hide", "nan_pairs"]
+__all__ = ["guarded", "guarded_by_result", "hide_nonfinite", "hide_qkv", "may_hide", "nan_pairs"]
 
 
 def may_hide(spec) -> bool:
@@ -83,3 +86,50 @@ def guarded(run, spec, *inputs):
     # input once, three times faster on CPU than all(isfinite(x)).
     total = sum(jnp.sum(x, dtype=jnp.float32) for x in inputs)
     return jax.lax.cond(jnp.isfinite(total), lambda: run(False), lambda: run(True))
+
+
+def guarded_by_result(run, spec):
+    """Like :func:`guarded`, deciding from the results instead of the inputs.
+
+    ``run(hide, spec)`` returns ``(results, probe)`` for the checked call ``spec``,
+    ``probe`` a float32 scalar that is finite only if every input was: the sum of
+    the call's logits and of its output before any row is zeroed. A non-finite query
+    or key makes a logit NaN or inf (``q . k`` with an inf or NaN term is never
+    finite), and a non-finite value makes an output NaN or inf (``0 * inf`` is NaN),
+    masked or not. ``run(False, spec)`` always runs, reading the inputs as they are;
+    ``run(True, spec)`` runs in its place, behind a ``lax.cond``, only when the probe
+    is not finite (or, rarely, when finite entries overflow the sum: then hiding is
+    right anyway). The check reads ``[T, S]`` logits and ``[T, Hv]`` outputs per head,
+    not ``[S, H]`` keys and values: ``H`` times less for a decoding step.
+
+    Differentiated, the call is :func:`guarded`'s (a custom JVP): the fast branch's
+    products would carry a NaN input into the derivatives of a call that hid it
+    (a zero cotangent times a NaN key is NaN), and the result-side probe cannot be
+    had without running them.
+    """
+    if not may_hide(spec):
+        return run(False, spec)[0]
+    leaves, treedef = jax.tree.flatten(spec)
+    traced = [isinstance(x, jax.Array) for x in leaves]
+    static = (bool, int, float, str, type(None))
+    if not all(a or isinstance(x, static) for x, a in zip(leaves, traced, strict=True)):
+        # a mod given as a plain function may close over arrays a custom JVP cannot see
+        return guarded(lambda hide: run(hide, spec)[0], spec, spec.query, spec.key, spec.value)
+
+    def rebuild(arrays):
+        it = iter(arrays)
+        pairs = zip(leaves, traced, strict=True)
+        return treedef.unflatten([next(it) if a else x for x, a in pairs])
+
+    def differentiable(*arrays):
+        sp = rebuild(arrays)
+        return guarded(lambda hide: run(hide, sp)[0], sp, sp.query, sp.key, sp.value)
+
+    @jax.custom_jvp
+    def fast(*arrays):
+        sp = rebuild(arrays)
+        results, probe = run(False, sp)
+        return jax.lax.cond(jnp.isfinite(probe), lambda: results, lambda: run(True, sp)[0])
+
+    fast.defjvp(lambda primals, tangents: jax.jvp(differentiable, primals, tangents))
+    return fast(*[x for x, a in zip(leaves, traced, strict=True) if a])

@@ -342,17 +342,17 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     per-head path keeps it to its own head), in calls that hide nothing; a call that
     can hide a pair zeroes non-finite vectors first (:mod:`jattn.functional._finite`).
     """
-    query, key, value, bias, mask = spec.query, spec.key, spec.value, spec.bias, spec.mask
-    batch_shape, dropout_rate, q_len = spec.batch_shape, spec.dropout_rate, spec.query_seq_lengths
-    fully_masked, dropout_rng = spec.fully_masked, spec.dropout_rng
-    t, n, h = query.shape[-3:]
-    s, k, hv = value.shape[-3:]
+    batch_shape, dropout_rate, fully_masked = spec.batch_shape, spec.dropout_rate, spec.fully_masked
+    t, n, h = spec.query.shape[-3:]
+    s, k, hv = spec.value.shape[-3:]
     g, nb = n // k, math.prod(batch_shape)
     scale = 1.0 / math.sqrt(h) if spec.scale is None else spec.scale
-    eye = jnp.eye(k, dtype=bool)
 
-    def run(hide: bool):
-        q = _flatten_batch(query, batch_shape).reshape(nb, t, k, g, h)
+    def run(hide: bool, spec: _checks.AttentionSpec):  # closes over no array (a custom JVP)
+        eye = jnp.eye(k, dtype=bool)
+        bias, mask, dropout_rng = spec.bias, spec.mask, spec.dropout_rng
+        q_len = spec.query_seq_lengths
+        q = _flatten_batch(spec.query, batch_shape).reshape(nb, t, k, g, h)
         key, value = _flatten_batch(spec.key, batch_shape), _flatten_batch(spec.value, batch_shape)
         bad_q = bad_kv = None
         if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
@@ -370,6 +370,7 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
             (((2, 3), (1, 2)), ((0,), (0,))),
             preferred_element_type=jnp.float32,
         )  # [B, S, T*K*G]
+        probe = jnp.sum(logits)  # finite when the queries and keys are (guarded_by_result)
         logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
         index = mods.grid(nb, (k, g), t, s)  # b, n, q_idx, kv_idx over [B, K, G, T, S]
         if spec.score_mod is not None:
@@ -399,12 +400,13 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         )  # [B, T*K*G, K, Hv]: keep each query head's own value head
         out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
         out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
+        probe = probe + jnp.sum(out, dtype=jnp.float32)  # finite when the values are
         if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
             valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
             out = jnp.where(valid, out, jnp.zeros((), out.dtype))
-        return out, weights, lse
+        return (out, weights, lse), probe
 
-    out, weights, lse = _finite.guarded(run, spec, query, key, value)
+    out, weights, lse = _finite.guarded_by_result(run, spec)
     out = out.reshape(batch_shape + (t, n, hv))
     weights = weights.reshape(batch_shape + (n, t, s)) if return_weights else None
     if spec.return_residual:
