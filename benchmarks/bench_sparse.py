@@ -11,6 +11,7 @@ benchmark-only peer, never a dependency).
     python benchmarks/bench_sparse.py                      # T=8192 curve, windows, peers
     python benchmarks/bench_sparse.py --t 4096 --repeats 3
     python benchmarks/bench_sparse.py --smoke              # tiny shapes (CI-sized check)
+    python benchmarks/bench_sparse.py --only gemm          # XLA's batched products by size
 
 Shapes: B=1, N=8, H=64, float32, forward only.
 """
@@ -24,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 import jattn
 from jattn import mods
@@ -104,6 +106,27 @@ def tile_costs(t, repeats):
         row = dict(case="tile cost", blocks=bs, ms=round(1e3 * m, 1), ns_per_score=round(ns, 2))
         row["relative"] = round(m / ref, 2)
         row["table"] = tiles.TILE_COST[bs]
+        print(json.dumps(row))
+
+
+def gemm(t, repeats):
+    """What one tile's products cost by tile size: the logits of T queries in blocks of
+    ``rows`` against ``keys`` keys each, ``[N, T / rows]`` batched products (the shape a
+    narrow band's tiles make, looped or gathered), in GFLOP/s. A 64-wide window's best
+    tiles give 32 rows x 96 keys; a 512-wide window's 512 x 1024."""
+    fns, flops = {}, {}
+    for rows, keys in ((32, 96), (64, 128), (64, 192), (128, 256), (256, 512), (512, 1024)):
+        nb = t // rows
+        q = jax.random.normal(jax.random.key(1), (N, nb, rows, H))
+        k = jax.random.normal(jax.random.key(2), (N, nb, keys, H))
+        dot = jax.jit(lambda q, k: lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))))
+        fns[rows, keys] = lambda f=dot, q=q, k=k: jax.block_until_ready(f(q, k))
+        flops[rows, keys] = 2 * N * nb * rows * keys * H
+    med = interleave(fns, repeats)
+    print(f"## batched logits products, T={t}, N={N}, H={H}")
+    for (rows, keys), sec in med.items():
+        row = dict(case="batched product", rows=rows, keys=keys, ms=round(1e3 * sec, 1))
+        row["gflops"] = round(flops[rows, keys] / sec / 1e9, 1)
         print(json.dumps(row))
 
 
@@ -254,6 +277,8 @@ def main():
         tile_costs(a.tile_t, a.repeats)
     if "windows" in a.only:
         windows(a.window_t, a.repeats, blocks)
+    if "gemm" in a.only:
+        gemm(a.window_t, a.repeats)
     if "auto" in a.only:
         auto_tiles(a.t, a.repeats, blocks)
     if "peers" in a.only:
