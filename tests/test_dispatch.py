@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -254,6 +255,29 @@ def test_every_path_checks_inputs_at_the_boundary(platform, platform_name, kwarg
     for impl in (None, "cudnn" if platform_name == "gpu" else "pallas"):
         with pytest.raises(error[0], match=error[1]):
             dot_product_attention(q, q, q, bias, implementation=impl, **kwargs)
+
+
+def test_cudnn_path_hides_non_finite_inputs(platform, monkeypatch):
+    """jax.nn's XLA path standing in for cuDNN (no GPU here; it leaks as a kernel does:
+    ``0 * NaN`` at masked positions): behind the guard a NaN value hidden by the causal
+    mask reaches no row that cannot see it, and the rows that see it are NaN."""
+    platform("gpu")
+    original = jax.nn.dot_product_attention
+    monkeypatch.setattr(
+        jax.nn,
+        "dot_product_attention",
+        lambda *a, implementation=None, **kw: original(*a, implementation="xla", **kw),
+    )
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 16, 2, 8)), jnp.bfloat16) for _ in range(3))
+    v_nan = v.at[0, 5, 1, 0].set(jnp.nan)
+    run = jax.jit(functools.partial(dot_product_attention, implementation="cudnn", is_causal=True))
+    out = np.asarray(run(q, k, v_nan), np.float32)
+    ref = np.asarray(dot_product_attention(q, k, v, is_causal=True), np.float32)
+    nan_rows = np.zeros((1, 16, 2), bool)
+    nan_rows[:, 5:, 1] = True
+    np.testing.assert_array_equal(np.isnan(out).any(-1), nan_rows)
+    np.testing.assert_allclose(out[~nan_rows], ref[~nan_rows], atol=2e-2)
 
 
 def test_cudnn_runner_gives_the_dense_results(platform, monkeypatch):

@@ -67,3 +67,43 @@ def test_selection_and_refusals(monkeypatch):
     monkeypatch.setattr(dispatch, "_platform", lambda: "cpu")
     with pytest.raises(ValueError, match="the splash kernel needs a TPU"):
         dispatch.select("splash", *shapes, mask_mod=mods.causal())
+
+
+def test_kernels_hide_non_finite_inputs():
+    """The kernels read values at masked positions (``0 * NaN`` in a tile's product);
+    behind the guard (``dispatch._hiding``) a NaN or inf that no row sees reaches no
+    output or gradient, and one a row sees makes exactly that row NaN, as on the XLA
+    paths. Splash: the last 8 keys hidden from every query by the mask_mod; Pallas
+    flash attention: a NaN value at position 5 under the causal mask."""
+    hide_tail = mods.and_masks(mods.causal(), mods.as_mod(lambda b, n, q, kv: kv < T - 8))
+    k_bad = KEY.at[:, T - 8 :].set(jnp.nan)
+    v_bad = V.at[:, T - 8 :, 0, 3].set(jnp.inf)
+
+    def splash(q, k, v):
+        spec = dispatch.unchecked_spec(q, k, v, mask_mod=hide_tail)
+        return dispatch.PATHS["splash"](spec, interpret=True)[0]
+
+    def dense(q, k, v):
+        return jattn.dot_product_attention(q, k, v, implementation="dense", mask_mod=hide_tail)
+
+    got, got_grads = jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(splash(*a))), (0, 1, 2))(
+        Q, k_bad, v_bad
+    )  # value_and_grad: one interpreted run for both
+    want, want_grads = jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(dense(*a))), (0, 1, 2))(
+        Q, KEY, V
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, a, b in zip("qkv", got_grads, want_grads, strict=True):
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert (np.asarray(got_grads[1])[:, T - 8 :] == 0).all()
+
+    v_nan = V.at[0, 5, 1, 0].set(jnp.nan)  # key/value head 1: query heads 2 and 3
+    spec = dispatch.unchecked_spec(Q, KEY, v_nan, is_causal=True)
+    assert dispatch._pallas_problems(spec, interpret=True) == []
+    out = np.asarray(dispatch.PATHS["pallas"](spec, interpret=True)[0])
+    ref = np.asarray(jattn.dot_product_attention(Q, KEY, V, implementation="dense", is_causal=True))
+    nan_rows = np.zeros((B, T, N), bool)
+    nan_rows[:, 5:, 2:] = True  # the rows that see position 5 in those heads
+    np.testing.assert_array_equal(np.isnan(out).any(-1), nan_rows)
+    np.testing.assert_allclose(out[~nan_rows], ref[~nan_rows], rtol=0, atol=1e-6)

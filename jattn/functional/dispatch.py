@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _sharding, blocked, dense, kernels, mods
+from jattn.functional import _finite, _sharding, blocked, dense, kernels, mods
 from jattn.functional._checks import OPTION_DEFAULTS, AttentionSpec
 from jattn.functional.blocked import MAX_TILE_ELEMENTS, blocked_attention, default_block_sizes
 from jattn.functional.kernels import cudnn_attention, pallas_attention, pallas_block
@@ -354,13 +354,34 @@ def _sequence_sharded(query, key, value) -> bool:
 
 
 def _kernel_path(name):
-    def path(spec: AttentionSpec):
-        o = spec.options()
+    def path(spec: AttentionSpec, **kw):
+        o = {**spec.options(), **kw}
         return _run_kernel(name, spec.query, spec.key, spec.value, spec.bias, spec.mask, **o), None
 
     path.__name__ = path.__qualname__ = f"{name}_path"
     path.__doc__ = f"The {name} kernel: ``(out, None)`` (it gives no log-sum-exp)."
     return path
+
+
+def _hiding(path):
+    """A kernel path behind :func:`jattn.functional._finite.guarded`.
+
+    The kernels read keys and values as they are: a NaN or inf value at a masked
+    position reaches every row of its tile (``0 * NaN``). So a call that can hide a
+    pair checks its inputs first (one float32 sum of each, next to the kernel's
+    ``[T, S]`` work) and, only when one holds a NaN or inf, runs the blocked path
+    instead, which hides them (:mod:`jattn.functional._finite`): the results are the
+    library's on every path. ``**kw`` (e.g. ``interpret=True``) go to the kernel."""
+
+    def guarded(spec: AttentionSpec, **kw):
+        def run(hide: bool):
+            return blocked.attend(spec) if hide else path(spec, **kw)
+
+        return _finite.guarded(run, spec, spec.query, spec.key, spec.value)
+
+    guarded.__name__ = guarded.__qualname__ = path.__name__
+    guarded.__doc__ = f"{path.__doc__} Non-finite inputs: see ``_hiding``."
+    return guarded
 
 
 def _context_path(name):
@@ -378,9 +399,9 @@ def _context_path(name):
 PATHS = {
     "dense": dense_path,
     "blocked": blocked.attend,
-    "cudnn": _kernel_path("cudnn"),
-    "pallas": _kernel_path("pallas"),
-    "splash": kernels.splash_attention,
+    "cudnn": _hiding(_kernel_path("cudnn")),
+    "pallas": _hiding(_kernel_path("pallas")),
+    "splash": _hiding(kernels.splash_attention),
     **{name: _context_path(name) for name in CONTEXT_PARALLEL},
 }
 
