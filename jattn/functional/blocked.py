@@ -573,12 +573,14 @@ def _flash_bwd(geo, res, cotangents):
     )
 
 
-def _backward(geo, res, dout, delta=None):
+def _backward(geo, res, dout, delta=None, acc=None):
     """The float32 gradients ``(dq, dk, dv, dbias or None, d score_mod float leaves)``
     of the blocked layout's inputs from the residuals of :func:`_flash_fwd` (``out``,
     ``fully``, ``skip``, ``m``, ``log_l`` may be those of a larger softmax that these
     keys are a part of: the ring's) and ``dout [nq, B*K, G*bt, Hv]``. ``delta``:
-    ``sum(dout * out, -1)`` when the caller has it (then ``out`` may be None)."""
+    ``sum(dout * out, -1)`` when the caller has it (then ``out`` may be None).
+    ``acc``: float32 ``(dq, dk, dv)`` to add these gradients to (the ring's running
+    sums): they are updated in place, block by block, instead of summed after."""
     qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad, *rest = res
     out, fully, skip, m, log_l = rest
     sm = None if geo.score_def is None else _score_mod(geo, smf, smo)
@@ -591,7 +593,7 @@ def _backward(geo, res, dout, delta=None):
     dsm0 = tuple(jnp.zeros(jnp.shape(x), jnp.float32) for x in smf)
 
     def key_block(carry, j):
-        dq, dbias, dsm = carry
+        dq, dk_all, dv_all, dbias, dsm = carry
         kj, vj = kb[j], vb[j]
 
         def step(structured, i, c):
@@ -629,9 +631,7 @@ def _backward(geo, res, dout, delta=None):
                 dbias = lax.dynamic_update_slice(dbias, cur + blk, start)
             return dk, dv, dq, dbias, dsm
 
-        dk0 = jnp.zeros(kj.shape, jnp.float32)
-        dv0 = jnp.zeros(vj.shape, jnp.float32)
-        init = (dk0, dv0, dq, dbias, dsm)
+        init = (dk_all[j], dv_all[j], dq, dbias, dsm)
         if geo.table:
             col = (tab.q_indices[j], tab.q_num_partial[j], tab.q_num_full[j])
             dk, dv, dq, dbias, dsm = _table_tiles(*col, step, init)
@@ -641,11 +641,13 @@ def _backward(geo, res, dout, delta=None):
             if _has_structure(geo, q_len, kv_len):
                 plain = _plain_q_blocks(geo, j, q_len, kv_len)
             dk, dv, dq, dbias, dsm = _tiles(geo, lo, hi, plain, step, init)
-        return (dq, dbias, dsm), (dk, dv)
+        dk_all, dv_all = dk_all.at[j].set(dk), dv_all.at[j].set(dv)  # in place
+        return (dq, dk_all, dv_all, dbias, dsm), None
 
-    dq0 = jnp.zeros(qb.shape, jnp.float32)
-    (dq, dbias, dsm), (dk, dv) = lax.scan(
-        key_block, (dq0, dbias0, dsm0), jnp.arange(nk, dtype=jnp.int32)
+    if acc is None:
+        acc = tuple(jnp.zeros(x.shape, jnp.float32) for x in (qb, kb, vb))
+    (dq, dk, dv, dbias, dsm), _ = lax.scan(
+        key_block, (*acc, dbias0, dsm0), jnp.arange(nk, dtype=jnp.int32)
     )
     if geo.fully_masked == "uniform":  # each fully masked row averages every real value
         dsum = jnp.sum(jnp.where(fully[..., None], dout, 0.0), axis=(0, 2))  # [B*K, Hv]

@@ -821,14 +821,15 @@ def _ring_bwd(ring, res, cotangents):
     zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
     dsm = tuple(zeros(jnp.shape(x)) for x in smf)
 
-    def grads(q_dev, kv_dev, q_side, kv_side, dsm):
+    def grads(q_dev, kv_dev, q_side, kv_side, acc, dsm):
+        """``acc`` (dq, dk, dv) plus this pair's gradients, summed in place."""
         qb_, dout_, delta_, skip_, m_, log_l_, bad_q_ = q_side
         kb_, vb_, bad_kv_ = kv_side
         geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, q_dev, kv_dev)
         pair_bad = (bad_q_, bad_kv_) if bad else None
         pair = (qb_, kb_, vb_, None, None, None, None, rng, tab, mm, pf, po, pair_bad)
         dq, dk, dv, _, dsm_p = blocked._backward(
-            geo, (*pair, None, fully, skip_, m_, log_l_), dout_, delta_
+            geo, (*pair, None, fully, skip_, m_, log_l_), dout_, delta_, acc=acc
         )
         return dq, dk, dv, tuple(a + b for a, b in zip(dsm, dsm_p, strict=True))
 
@@ -838,8 +839,9 @@ def _ring_bwd(ring, res, cotangents):
 
         def visit(r, moving, dk, dv, dsm):
             *q_r, dq_r = moving
-            dq, dk_p, dv_p, dsm = grads((idx - r) % ring.size, idx, q_r, kv_side, dsm)
-            return (*q_r, dq_r + dq), dk + dk_p, dv + dv_p, dsm
+            acc = (dq_r, dk, dv)
+            dq_r, dk, dv, dsm = grads((idx - r) % ring.size, idx, q_r, kv_side, acc, dsm)
+            return (*q_r, dq_r), dk, dv, dsm
 
         def step(r, carry):
             moving, dk, dv, dsm = visit(r, *carry)
@@ -853,8 +855,9 @@ def _ring_bwd(ring, res, cotangents):
 
         def visit(r, moving, dq, dsm):
             *kv_r, dk_r, dv_r = moving
-            dq_p, dk, dv, dsm = grads(idx, (idx - r) % ring.size, q_side, kv_r, dsm)
-            return (*kv_r, dk_r + dk, dv_r + dv), dq + dq_p, dsm
+            acc = (dq, dk_r, dv_r)
+            dq, dk_r, dv_r, dsm = grads(idx, (idx - r) % ring.size, q_side, kv_r, acc, dsm)
+            return (*kv_r, dk_r, dv_r), dq, dsm
 
         def step(r, carry):
             moving, dq, dsm = visit(r, *carry)
