@@ -343,7 +343,7 @@ PROCESS = textwrap.dedent(
 
 _OVERRIDES = {
     "parallelism": "fsdp",
-    "num_steps": 4,
+    "num_steps": 6,
     "checkpoint_every": 2,
 }
 
@@ -355,7 +355,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
+    """Two processes (one CPU device each, jax.distributed on the loopback address) train
+    4 of 6 steps with the state split over both (fsdp) and stop; this process (one
+    device) resumes their checkpoint and finishes: the losses and the evaluation are
+    those of one process running all 6 steps."""
     config = load_config("dates", "small")
     config.train.update(**_OVERRIDES)
     config.eval.update(num_samples=0, num_heatmaps=0)
@@ -365,7 +369,7 @@ def test_two_processes_train_like_one(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     overrides = [f"--config.train.{k}={v}" for k, v in _OVERRIDES.items()]
     overrides += ["--config.compilation_cache_dir=", "--config.eval.num_samples=0"]
-    overrides += ["--config.eval.num_heatmaps=0"]
+    overrides += ["--config.eval.num_heatmaps=0", "--config.train.stop_after_steps=4"]
     port, workdir = _free_port(), tmp_path / "two"
     procs = [
         subprocess.Popen(
@@ -387,11 +391,17 @@ def test_two_processes_train_like_one(tmp_path):
         lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
         assert p.returncode == 0 and lines, stderr[-3000:]
         assert json.loads(lines[-1][len("RESULT ") :]) == {"processes": 2, "devices": 2}
+    two = read_metrics(workdir / "metrics.jsonl")
+    assert sorted(train_losses(two)) == [1, 2, 3, 4]  # process 0 alone wrote them
+    assert not [r for r in two if r["split"] == "eval"]  # stopped: no evaluation yet
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # saved by both
+    assert json.loads((workdir / "config.json").read_text())["train"]["parallelism"] == "fsdp"
+
+    resumed = train_lib.train_and_evaluate(config, str(workdir))  # here, on one device
+    assert resumed["step"] == 6 and resumed["interrupted"] is None
     one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
-    assert _close(train_losses(two), train_losses(one))  # process 0 alone wrote them
-    assert sorted(train_losses(two)) == [1, 2, 3, 4]
+    assert sorted(train_losses(two)) == [1, 2, 3, 4, 5, 6]
+    assert _close(train_losses(two), train_losses(one))
     (eval_one,), (eval_two,) = ([r for r in m if r["split"] == "eval"] for m in (one, two))
     assert abs(eval_two["loss"] - eval_one["loss"]) <= RTOL * eval_one["loss"]
     assert eval_two["token_accuracy"] == eval_one["token_accuracy"]
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # saved by both
-    assert json.loads((workdir / "config.json").read_text())["train"]["parallelism"] == "fsdp"
