@@ -404,6 +404,9 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
             valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
             out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+        # only what the caller asked for leaves the guard's lax.cond (its outputs are kept)
+        weights = weights if return_weights else None
+        lse = lse if spec.return_residual else None
         return (out, weights, lse), probe
 
     out, weights, lse = _finite.guarded_by_result(run, spec)
