@@ -351,7 +351,6 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
     def run(hide: bool, spec: _checks.AttentionSpec):  # closes over no array (a custom JVP)
         eye = jnp.eye(k, dtype=bool)
         bias, mask, dropout_rng = spec.bias, spec.mask, spec.dropout_rng
-        q_len = spec.query_seq_lengths
         q = _flatten_batch(spec.query, batch_shape).reshape(nb, t, k, g, h)
         key, value = _flatten_batch(spec.key, batch_shape), _flatten_batch(spec.value, batch_shape)
         bad_q = bad_kv = None
@@ -397,19 +396,21 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
             value,
             (((2,), (1,)), ((0,), (0,))),
             preferred_element_type=jnp.float32,
-        )  # [B, T*K*G, K, Hv]: keep each query head's own value head
-        out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
-        out = out.transpose(0, 1, 4, 2, 3).astype(value.dtype)  # [B, T, K, G, Hv]
-        probe = probe + jnp.sum(out, dtype=jnp.float32)  # finite when the values are
-        if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
-            valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
-            out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+        )  # [B, T*K*G, K, Hv]: each query head's own value head is kept below
+        probe = probe + jnp.sum(out)  # finite when the values are (any head's)
         # only what the caller asked for leaves the guard's lax.cond (its outputs are kept)
         weights = weights if return_weights else None
         lse = lse if spec.return_residual else None
         return (out, weights, lse), probe
 
+    # The diagonal after the guard: XLA fuses it with the final layout into one copy.
     out, weights, lse = _finite.guarded_by_result(run, spec)
+    out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
+    out = out.transpose(0, 1, 4, 2, 3).astype(spec.value.dtype)  # [B, T, K, G, Hv]
+    q_len = spec.query_seq_lengths
+    if q_len is not None:  # padded queries give zeros, whatever the policy (as jax.nn)
+        valid = jnp.arange(t).reshape(1, t, 1, 1, 1) < q_len.reshape(nb, 1, 1, 1, 1)
+        out = jnp.where(valid, out, jnp.zeros((), out.dtype))
     out = out.reshape(batch_shape + (t, n, hv))
     weights = weights.reshape(batch_shape + (n, t, s)) if return_weights else None
     if spec.return_residual:
