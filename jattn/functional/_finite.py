@@ -31,7 +31,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["guarded", "guarded_by_result", "hide_nonfinite", "hide_qkv", "may_hide", "nan_pairs"]
+__all__ = [
+    "guarded",
+    "guarded_by_inputs",
+    "guarded_by_result",
+    "hide_nonfinite",
+    "hide_qkv",
+    "may_hide",
+    "nan_pairs",
+]
 
 
 def may_hide(spec) -> bool:
@@ -88,6 +96,12 @@ def guarded(run, spec, *inputs):
     return jax.lax.cond(jnp.isfinite(total), lambda: run(False), lambda: run(True))
 
 
+def guarded_by_inputs(run, spec):
+    """:func:`guarded` on the query, key and value of ``spec`` for a ``run(hide, spec)
+    -> (results, probe)`` of :func:`guarded_by_result` (the probe is not used)."""
+    return guarded(lambda hide: run(hide, spec)[0], spec, spec.query, spec.key, spec.value)
+
+
 def guarded_by_result(run, spec):
     """Like :func:`guarded`, deciding from the results instead of the inputs.
 
@@ -114,7 +128,7 @@ def guarded_by_result(run, spec):
     static = (bool, int, float, str, type(None))
     if not all(a or isinstance(x, static) for x, a in zip(leaves, traced, strict=True)):
         # a mod given as a plain function may close over arrays a custom JVP cannot see
-        return guarded(lambda hide: run(hide, spec)[0], spec, spec.query, spec.key, spec.value)
+        return guarded_by_inputs(run, spec)
 
     def rebuild(arrays):
         it = iter(arrays)
@@ -122,8 +136,7 @@ def guarded_by_result(run, spec):
         return treedef.unflatten([next(it) if a else x for x, a in pairs])
 
     def differentiable(*arrays):
-        sp = rebuild(arrays)
-        return guarded(lambda hide: run(hide, sp)[0], sp, sp.query, sp.key, sp.value)
+        return guarded_by_inputs(run, rebuild(arrays))
 
     @jax.custom_jvp
     def fast(*arrays):
