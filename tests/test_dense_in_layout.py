@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn.functional import _checks, dispatch
+from jattn.functional import _checks, _finite, dispatch
 from jattn.functional.dense import _dense_in_layout, attention
 from jattn.functional.scores import scaled_dot_product_scores
 
@@ -224,12 +224,15 @@ def test_masked_non_finite_keys_stay_out():
 
 
 @pytest.mark.parametrize("where", ["key", "value", "query"])
-def test_hidden_non_finite_inputs_found_from_the_results(where):
+def test_hidden_non_finite_inputs_found_from_the_results(where, monkeypatch):
     """The in-layout path decides whether to hide non-finite vectors from its own logits
     and output (``_finite.guarded_by_result``), not from a pass over the cache: a NaN or
     inf only in a cache's hidden tail (keys: the logits, values: the output) or in a
     padded query row still reaches nothing, forward and backward, and forward mode
-    (through the custom JVP) equals the per-head path's."""
+    (through the custom JVP) equals the per-head path's. The hiding branch reads the
+    cache in chunks (``_finite.by_chunks``), here 5 positions of the 12 for the logits
+    and 10 for the output, so the last chunk overlaps the one before it."""
+    monkeypatch.setattr(_finite, "CHUNK_BYTES", 5 * 2 * (2 * 2 * 8 * 4))  # 5 (key, value) rows
     q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 12, 2, 8)), _normal(2, (2, 12, 2, 8))
     lengths = jnp.asarray([8, 5])
     q_len = jnp.asarray([1, 0])  # example 1 has no real query

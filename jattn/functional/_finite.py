@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "bad_vectors",
+    "by_chunks",
     "guarded",
     "guarded_by_inputs",
     "guarded_by_result",
@@ -54,11 +56,46 @@ def may_hide(spec) -> bool:
     ) or bool(spec.is_causal)  # fmt: skip
 
 
+def bad_vectors(x: jax.Array) -> jax.Array:
+    """``x.shape[:-1]``: True where the vector along the last axis holds a NaN or inf."""
+    return jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1))
+
+
 def hide_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(x with its non-finite vectors zeroed, bad)``: ``bad`` is ``x.shape[:-1]``,
-    True where the vector along the last axis holds a NaN or inf."""
-    bad = jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1))
+    """``(x with its non-finite vectors zeroed, bad)``, ``bad`` :func:`bad_vectors`."""
+    bad = bad_vectors(x)
     return jnp.where(bad[..., None], jnp.zeros((), x.dtype), x), bad
+
+
+#: Bytes of one cleaned chunk in :func:`by_chunks`.
+CHUNK_BYTES = 1 << 20
+
+
+def by_chunks(xs: tuple[jax.Array, ...], body, init):
+    """Fold ``body`` over arrays ``xs`` (each ``[B, S, ...]``) in chunks along S, each
+    chunk cleaned as it is read.
+
+    ``body(acc, start, fresh, chunks, bad)`` gets ``chunks``, each ``x[:, start:start + C]``
+    with its non-finite vectors zeroed, ``bad`` their :func:`bad_vectors`, and ``fresh
+    [C]``, True at the positions no earlier chunk held: the last chunk ends at S, so it
+    overlaps the one before it when C does not divide S. ``C`` keeps the chunks near
+    :data:`CHUNK_BYTES`. A branch that must hide non-finite entries of a large input (a
+    KV cache) so holds no cleaned copy of it, nor its ``[B, S, ..., H]`` finiteness:
+    a ``lax.cond``'s untaken branch still sizes the program's scratch memory, and on CPU
+    a scratch allocation over glibc's mmap threshold (32 MiB) comes fresh, page faults
+    and all, on every call.
+    """
+    s = xs[0].shape[1]
+    row = max(1, sum(x.size // s * x.dtype.itemsize for x in xs))
+    c = max(1, min(s, CHUNK_BYTES // row))
+
+    def step(acc, i):
+        start = jnp.minimum(i * c, s - c)
+        pairs = [hide_nonfinite(jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)) for x in xs]
+        fresh = start + jnp.arange(c) >= i * c
+        return body(acc, start, fresh, *zip(*pairs, strict=True)), None
+
+    return jax.lax.scan(step, init, jnp.arange(-(-s // c)))[0]
 
 
 def hide_qkv(query, key, value):

@@ -318,6 +318,18 @@ def attend(
     return out, weights, lse
 
 
+def _in_layout_logits(key, q):
+    """``key [B, S, K, H]`` . ``q [B, K, H, R]`` -> ``[B, S, R]`` float32."""
+    dims = (((2, 3), (1, 2)), ((0,), (0,)))
+    return jax.lax.dot_general(key, q, dims, preferred_element_type=jnp.float32)
+
+
+def _in_layout_output(p, value):
+    """``p [B, R, S]`` @ ``value [B, S, K, Hv]`` -> ``[B, R, K, Hv]`` float32."""
+    dims = (((2,), (1,)), ((0,), (0,)))
+    return jax.lax.dot_general(p, value, dims, preferred_element_type=jnp.float32)
+
+
 def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = False):
     """The dense path with its two products on keys and values in their own layout.
 
@@ -355,7 +367,7 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         key, value = _flatten_batch(spec.key, batch_shape), _flatten_batch(spec.value, batch_shape)
         bad_q = bad_kv = None
         if hide:  # hidden non-finite inputs reach nothing (jattn.functional._finite)
-            q, key, value, bad_q, bad_kv = _finite.hide_qkv(q, key, value)  # [B, T, K, G]
+            q, bad_q = _finite.hide_nonfinite(q)  # [B, T, K, G]
         # Q [B, K', H, T, K, G]: query (t, k, g) in the rows of key head k' == k, zeros elsewhere.
         q = q.transpose(0, 4, 1, 2, 3)
         q = jnp.where(eye[None, :, None, None, :, None], q[:, None], jnp.zeros((), q.dtype))
@@ -363,12 +375,19 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
         # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
         # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
-        logits = jax.lax.dot_general(
-            key,
-            q,
-            (((2, 3), (1, 2)), ((0,), (0,))),
-            preferred_element_type=jnp.float32,
-        )  # [B, S, T*K*G]
+        if hide:  # cleaned chunk by chunk: no cleaned copy of the cache (_finite.by_chunks)
+
+            def logits_and_bad(acc, start, fresh, chunks, bad):
+                part = (_in_layout_logits(chunks[0], q), bad[0] | bad[1])  # [B, C, *], [B, C, K]
+                return tuple(
+                    jax.lax.dynamic_update_slice_in_dim(a, x, start, axis=1)
+                    for a, x in zip(acc, part, strict=True)
+                )
+
+            init = jnp.zeros((nb, s, t * k * g), jnp.float32), jnp.zeros((nb, s, k), bool)
+            logits, bad_kv = _finite.by_chunks((key, value), logits_and_bad, init)
+        else:
+            logits = _in_layout_logits(key, q)  # [B, S, T*K*G]
         probe = jnp.sum(logits)  # finite when the queries and keys are (guarded_by_result)
         logits = logits.reshape(nb, s, t, k, g).transpose(0, 3, 4, 2, 1) * jnp.float32(scale)
         index = mods.grid(nb, (k, g), t, s)  # b, n, q_idx, kv_idx over [B, K, G, T, S]
@@ -391,12 +410,16 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
             probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
 
         p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
-        out = jax.lax.dot_general(
-            p,
-            value,
-            (((2,), (1,)), ((0,), (0,))),
-            preferred_element_type=jnp.float32,
-        )  # [B, T*K*G, K, Hv]: each query head's own value head is kept below
+        if hide:
+
+            def weighted_sum(acc, start, fresh, chunks, bad):
+                pc = jax.lax.dynamic_slice_in_dim(p, start, fresh.size, axis=2)
+                return acc + _in_layout_output(jnp.where(fresh, pc, 0), chunks[0])
+
+            init = jnp.zeros((nb, t * k * g, k, hv), jnp.float32)
+            out = _finite.by_chunks((value,), weighted_sum, init)
+        else:  # [B, T*K*G, K, Hv]: each query head's own value head is kept below
+            out = _in_layout_output(p, value)
         probe = probe + jnp.sum(out)  # finite when the values are (any head's)
         # only what the caller asked for leaves the guard's lax.cond (its outputs are kept)
         weights = weights if return_weights else None
