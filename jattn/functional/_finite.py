@@ -17,13 +17,15 @@ only on calls that can hide something (a mask, bias, lengths, causal mask, windo
 or mods): without any, every pair is visible and NaN spreads as it always did.
 
 The dense path always does it (two selects on inputs a fraction of the size of its
-``[T, S]`` work). The blocked path runs it behind :func:`guarded`, a ``lax.cond`` on
-whether any input is non-finite: its products read keys and values as they are, and
-the check reads them once, next to ``[T, S]`` work. The in-layout path (a decoding
-step: a few queries against a long KV cache) cannot afford even that read, nor a
-cleaned copy of the cache (either costs a step a large part of its attention,
+``[T, S]`` work). The blocked path cleans the inputs as it copies them into blocks
+(a select fused into a copy it makes anyway) and puts only the NaN pairs' select on
+each tile behind a ``lax.cond`` on the flags. The in-layout path (a decoding step: a
+few queries against a long KV cache) cannot afford a read of the cache to decide,
+nor a cleaned copy of it (either costs a step a large part of its attention,
 ``benchmarks/bench_hardening.py``); it runs behind :func:`guarded_by_result`, which
-looks at the step's own small logits and output instead.
+looks at the step's own small logits and output instead, and its hiding branch
+cleans the cache chunk by chunk (:func:`by_chunks`). The kernel paths (cuDNN,
+Pallas) run behind :func:`guarded`, which sums the inputs to decide.
 """
 
 from __future__ import annotations
