@@ -1,12 +1,13 @@
 """What hiding non-finite inputs costs (issue 19 section 1): jattn's dense, in-layout
 (decoding) and blocked paths with a causal mask and key lengths, forward and
 forward+backward, against jax.nn.dot_product_attention with the same mask, in one
-process, interleaved. Run it on the commit before the change and after: the ratios
-to jax.nn are what to compare (the machine is shared and noisy). Then the decoding
-step's guard on its own: the in-layout path as it runs (deciding from its logits and
-output whether to hide anything, ``_finite.guarded_by_result``), against the same
-path with no guard and with the earlier guard (a sum over the inputs), interleaved
-without jax.nn (whose 5x longer call disturbs the short ones' timings).
+process, interleaved, with XLA's scratch memory of each program. Run it on the
+commit before the change and after: the ratios to jax.nn are what to compare (the
+machine is shared and noisy). Then the decoding step's guard on its own, forward and
+forward+backward: the in-layout path as it runs (deciding from its logits and output
+whether to hide anything, ``_finite.guarded_by_result``), against the same path with
+no guard and with the earlier guard (a sum over the inputs), interleaved without
+jax.nn (whose 5x longer call disturbs the short ones' timings).
 
     python benchmarks/bench_hardening.py [--repeats 30]
 """
@@ -46,7 +47,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
-    print(f"{'case':22s} {'mode':9s} {'jattn ms':>9s} {'jax.nn ms':>9s} {'ratio':>6s}")
+    head = f"{'case':22s} {'mode':9s} {'jattn ms':>9s} {'jax.nn ms':>9s} {'ratio':>6s}"
+    print(head + f" {'jattn temp':>10s} {'jax.nn temp':>11s} (MiB)")
     for name, q, k, v, lens, fn, causal in cases():
         t, s = q.shape[1], k.shape[1]
 
@@ -65,6 +67,8 @@ def main():
             else:
                 f1 = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ours(q, k, v) ** 2), (0, 1, 2)))
                 f2 = jax.jit(jax.grad(lambda q, k, v: jnp.sum(peer(q, k, v) ** 2), (0, 1, 2)))
+            f1, f2 = (f.lower(q, k, v).compile() for f in (f1, f2))
+            m1, m2 = (f.memory_analysis().temp_size_in_bytes / 2**20 for f in (f1, f2))
             times = interleave(
                 {
                     "jattn": lambda f=f1, x=(q, k, v): jax.block_until_ready(f(*x)),
@@ -73,14 +77,18 @@ def main():
                 args.repeats,
             )
             a, b = times["jattn"] * 1e3, times["jax.nn"] * 1e3
-            print(f"{name:22s} {mode:9s} {a:9.2f} {b:9.2f} {a / b:6.2f}", flush=True)
+            print(
+                f"{name:22s} {mode:9s} {a:9.2f} {b:9.2f} {a / b:6.2f} {m1:10.1f} {m2:10.1f}",
+                flush=True,
+            )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {peak:.2f} GiB (t={t}, s={s})")
     guard_cost(args.repeats)
 
 
 def guard_cost(repeats):
-    """The decoding step (B=4, T=1, S=4096, key lengths) with each guard, forward."""
+    """The decoding step (B=4, T=1, S=4096, key lengths) with each guard, forward and
+    forward + backward: median time and XLA's scratch memory (``temp``)."""
     from jattn.functional import _finite
 
     (name, q, k, v, lens, _, _) = list(cases())[1]
@@ -90,22 +98,33 @@ def guard_cost(repeats):
         "no guard": lambda run, spec: run(False, spec)[0],
         "sum over the inputs": _finite.guarded_by_inputs,
     }
-    fns = {}
-    try:
-        for label, guard in guards.items():
-            _finite.guarded_by_result = guard  # read at trace time
-            f = jax.jit(
-                lambda q, k, v: jattn.dot_product_attention(q, k, v, key_value_seq_lengths=lens)
+
+    def step(q, k, v):
+        return jattn.dot_product_attention(q, k, v, key_value_seq_lengths=lens)
+
+    def step_grad(q, k, v):
+        return jax.grad(lambda *a: jnp.sum(step(*a) ** 2), (0, 1, 2))(q, k, v)
+
+    for mode, fn in (("forward", step), ("forward+backward", step_grad)):
+        fns, temp = {}, {}
+        try:
+            for label, guard in guards.items():
+                _finite.guarded_by_result = guard  # read at trace time
+                # a new function for each guard: jax.jit caches traces per function
+                f = jax.jit(lambda *a, fn=fn: fn(*a)).lower(q, k, v).compile()
+                temp[label] = f.memory_analysis().temp_size_in_bytes / 2**20
+                jax.block_until_ready(f(q, k, v))
+                fns[label] = lambda f=f: jax.block_until_ready(f(q, k, v))
+        finally:
+            _finite.guarded_by_result = ours
+        times = interleave(fns, 3 * repeats if mode == "forward" else repeats)
+        base = times["no guard"]
+        print(f"## {name}, {mode}: the guard's cost (in-layout path)")
+        for label, sec in times.items():
+            print(
+                f"{label:30s} {sec * 1e3:7.2f} ms {sec / base:6.2f}x  temp {temp[label]:6.1f} MiB",
+                flush=True,
             )
-            f(q, k, v).block_until_ready()
-            fns[label] = lambda f=f: jax.block_until_ready(f(q, k, v))
-    finally:
-        _finite.guarded_by_result = ours
-    times = interleave(fns, 3 * repeats)
-    base = times["no guard"]
-    print(f"## {name}, forward: the guard's cost (in-layout path)")
-    for label, sec in times.items():
-        print(f"{label:30s} {sec * 1e3:7.2f} ms {sec / base:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -230,17 +230,18 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, monkeypatch):
     inf only in a cache's hidden tail (keys: the logits, values: the output) or in a
     padded query row still reaches nothing, forward and backward, and forward mode
     (through the custom JVP) equals the per-head path's. The hiding branch reads the
-    cache in chunks (``_finite.by_chunks``), here 5 positions of the 12 for the logits
-    and 10 for the output, so the last chunk overlaps the one before it."""
+    cache in chunks (``_finite.map_chunks``, ``sum_chunks``), here 5 positions of the
+    12 for the logits and 10 for the output, so the last chunk overlaps the one before
+    it."""
     monkeypatch.setattr(_finite, "CHUNK_BYTES", 5 * 2 * (2 * 2 * 8 * 4))  # 5 (key, value) rows
     q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 12, 2, 8)), _normal(2, (2, 12, 2, 8))
-    lengths = jnp.asarray([8, 5])
+    lengths = jnp.asarray([11, 5])  # position 10, visible, only in the last logits chunk
     q_len = jnp.asarray([1, 0])  # example 1 has no real query
     dirty = {"key": k, "value": v, "query": q}[where]
     if where == "query":
         dirty = dirty.at[1, 0, 2].set(jnp.nan)
     else:
-        dirty = dirty.at[0, 9:].set(jnp.nan).at[1, 6, 1, 3].set(jnp.inf)
+        dirty = dirty.at[0, 11:].set(jnp.nan).at[1, 6, 1, 3].set(jnp.inf)
     args = {"key": (q, dirty, v), "value": (q, k, dirty), "query": (dirty, k, v)}[where]
     options = dict(OPTIONS, key_value_seq_lengths=lengths, query_seq_lengths=q_len)
 

@@ -24,7 +24,7 @@ few queries against a long KV cache) cannot afford a read of the cache to decide
 nor a cleaned copy of it (either costs a step a large part of its attention,
 ``benchmarks/bench_hardening.py``); it runs behind :func:`guarded_by_result`, which
 looks at the step's own small logits and output instead, and its hiding branch
-cleans the cache chunk by chunk (:func:`by_chunks`). The kernel paths (cuDNN,
+cleans the cache chunk by chunk (:func:`map_chunks`, :func:`sum_chunks`). The kernel paths (cuDNN,
 Pallas) run behind :func:`guarded`, which sums the inputs to decide.
 """
 
@@ -35,14 +35,15 @@ import jax.numpy as jnp
 
 __all__ = [
     "bad_vectors",
-    "by_chunks",
     "guarded",
     "guarded_by_inputs",
     "guarded_by_result",
     "hide_nonfinite",
     "hide_qkv",
+    "map_chunks",
     "may_hide",
     "nan_pairs",
+    "sum_chunks",
 ]
 
 
@@ -69,35 +70,72 @@ def hide_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(bad[..., None], jnp.zeros((), x.dtype), x), bad
 
 
-#: Bytes of one cleaned chunk in :func:`by_chunks`.
+#: Bytes of one cleaned chunk in :func:`map_chunks` and :func:`sum_chunks`.
 CHUNK_BYTES = 1 << 20
 
 
-def by_chunks(xs: tuple[jax.Array, ...], body, init):
-    """Fold ``body`` over arrays ``xs`` (each ``[B, S, ...]``) in chunks along S, each
-    chunk cleaned as it is read.
-
-    ``body(acc, start, fresh, chunks, bad)`` gets ``chunks``, each ``x[:, start:start + C]``
-    with its non-finite vectors zeroed, ``bad`` their :func:`bad_vectors`, and ``fresh
-    [C]``, True at the positions no earlier chunk held: the last chunk ends at S, so it
-    overlaps the one before it when C does not divide S. ``C`` keeps the chunks near
-    :data:`CHUNK_BYTES`. A branch that must hide non-finite entries of a large input (a
-    KV cache) so holds no cleaned copy of it, nor its ``[B, S, ..., H]`` finiteness:
-    a ``lax.cond``'s untaken branch still sizes the program's scratch memory, and on CPU
-    a scratch allocation over glibc's mmap threshold (32 MiB) comes fresh, page faults
-    and all, on every call.
-    """
+def _chunking(xs):
+    """``(S, C, number of chunks, chunk(i) -> (start, cleaned chunks, bad))`` for arrays
+    ``xs``, each ``[B, S, ...]``, read in chunks of C positions along S, each chunk
+    cleaned as it is read (:func:`hide_nonfinite`); the last chunk ends at S, so it
+    overlaps the one before it when C does not divide S."""
     s = xs[0].shape[1]
     row = max(1, sum(x.size // s * x.dtype.itemsize for x in xs))
     c = max(1, min(s, CHUNK_BYTES // row))
 
-    def step(acc, i):
+    def chunk(i):
         start = jnp.minimum(i * c, s - c)
         pairs = [hide_nonfinite(jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)) for x in xs]
-        fresh = start + jnp.arange(c) >= i * c
-        return body(acc, start, fresh, *zip(*pairs, strict=True)), None
+        return start, *zip(*pairs, strict=True)
 
-    return jax.lax.scan(step, init, jnp.arange(-(-s // c)))[0]
+    return s, c, -(-s // c), chunk
+
+
+def map_chunks(xs: tuple[jax.Array, ...], fn):
+    """``fn(chunks, bad)`` over ``xs`` (each ``[B, S, ...]``) in chunks along S, each
+    chunk cleaned as it is read, its results (each ``[B, C, ...]``) put together along
+    S: as ``fn(cleaned xs, their bad_vectors)`` for a ``fn`` that works position by
+    position, without a cleaned copy of ``xs``.
+
+    A branch that must hide non-finite entries of a large input (a KV cache) so holds
+    no cleaned copy of it, nor its ``[B, S, ..., H]`` finiteness: a ``lax.cond``'s
+    untaken branch still sizes the program's scratch memory (on CPU a scratch
+    allocation over glibc's mmap threshold, 32 MiB, comes fresh, page faults and all,
+    on every call). Each chunk is recomputed in the backward pass (``jax.checkpoint``):
+    differentiated, the residuals are not cleaned copies either.
+    """
+    s, c, n, chunk = _chunking(xs)
+
+    @jax.checkpoint
+    def one(i):
+        _, chunks, bad = chunk(i)
+        return fn(chunks, bad)
+
+    ys = jax.lax.map(one, jnp.arange(n))  # each [n, B, C, ...]
+    tail = s - (n - 1) * c  # fresh positions of the last chunk, at its end
+
+    def join(y):
+        y = jnp.moveaxis(y, 0, 1)  # [B, n, C, ...]
+        head = y[:, :-1].reshape((y.shape[0], (n - 1) * c) + y.shape[3:])
+        return jnp.concatenate([head, y[:, -1, c - tail :]], axis=1)
+
+    return jax.tree.map(join, ys)
+
+
+def sum_chunks(xs: tuple[jax.Array, ...], fn, init):
+    """``init + sum of fn(start, fresh, chunks)`` over ``xs`` (each ``[B, S, ...]``) in
+    chunks along S, each chunk cleaned as it is read (as :func:`map_chunks`): ``chunks``
+    ``x[:, start:start + C]`` cleaned, ``fresh [C]`` True at the positions no earlier
+    chunk held (the last chunk overlaps the one before it when C does not divide S)."""
+    s, c, n, chunk = _chunking(xs)
+
+    @jax.checkpoint
+    def step(acc, i):
+        start, chunks, _ = chunk(i)
+        fresh = start + jnp.arange(c) >= i * c
+        return acc + fn(start, fresh, chunks), None
+
+    return jax.lax.scan(step, init, jnp.arange(n))[0]
 
 
 def hide_qkv(query, key, value):
@@ -158,7 +196,8 @@ def guarded_by_result(run, spec):
     Differentiated, the call is :func:`guarded`'s (a custom JVP): the fast branch's
     products would carry a NaN input into the derivatives of a call that hid it
     (a zero cotangent times a NaN key is NaN), and the result-side probe cannot be
-    had without running them.
+    had without running them. A ``lax.cond`` keeps the residuals of both branches, so
+    ``run(True, spec)`` should leave few (:func:`map_chunks`, :func:`sum_chunks`).
     """
     if not may_hide(spec):
         return run(False, spec)[0]

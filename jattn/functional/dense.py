@@ -375,17 +375,11 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         # The products take key [B, S, K, H] and value [B, S, K, Hv] as given (no reshape in
         # the program: XLA can fuse a reshape with the in-place write of a KV cache in a
         # decoding loop into a copy of the whole cache; see dispatch.IN_LAYOUT_MIN_KEYS).
-        if hide:  # cleaned chunk by chunk: no cleaned copy of the cache (_finite.by_chunks)
-
-            def logits_and_bad(acc, start, fresh, chunks, bad):
-                part = (_in_layout_logits(chunks[0], q), bad[0] | bad[1])  # [B, C, *], [B, C, K]
-                return tuple(
-                    jax.lax.dynamic_update_slice_in_dim(a, x, start, axis=1)
-                    for a, x in zip(acc, part, strict=True)
-                )
-
-            init = jnp.zeros((nb, s, t * k * g), jnp.float32), jnp.zeros((nb, s, k), bool)
-            logits, bad_kv = _finite.by_chunks((key, value), logits_and_bad, init)
+        if hide:  # cleaned chunk by chunk: no cleaned copy of the cache (_finite.map_chunks)
+            logits, bad_kv = _finite.map_chunks(
+                (key, value),
+                lambda chunks, bad: (_in_layout_logits(chunks[0], q), bad[0] | bad[1]),
+            )  # [B, S, T*K*G], [B, S, K]
         else:
             logits = _in_layout_logits(key, q)  # [B, S, T*K*G]
         probe = jnp.sum(logits)  # finite when the queries and keys are (guarded_by_result)
@@ -412,12 +406,12 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
         if hide:
 
-            def weighted_sum(acc, start, fresh, chunks, bad):
+            def weighted(start, fresh, chunks):
                 pc = jax.lax.dynamic_slice_in_dim(p, start, fresh.size, axis=2)
-                return acc + _in_layout_output(jnp.where(fresh, pc, 0), chunks[0])
+                return _in_layout_output(jnp.where(fresh, pc, 0), chunks[0])
 
             init = jnp.zeros((nb, t * k * g, k, hv), jnp.float32)
-            out = _finite.by_chunks((value,), weighted_sum, init)
+            out = _finite.sum_chunks((value,), weighted, init)
         else:  # [B, T*K*G, K, Hv]: each query head's own value head is kept below
             out = _in_layout_output(p, value)
         probe = probe + jnp.sum(out)  # finite when the values are (any head's)
