@@ -815,10 +815,10 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     args = (bias5, mask5, *lens, rng, tab, mm, smf, smo)
     if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing (_finite)
         # Cleaned as they are copied into blocks (one fusion each), so the tiles and the
-        # residuals are one set either way; only the NaN pairs' select on each tile (10-20%
+        # residuals are one set either way; only the NaN pairs' select on each tile (9-20%
         # of a forward pass) sits behind a lax.cond, on the flags just computed. Before,
         # the cond chose between blocking raw and cleaned inputs: its untaken branch's
-        # copies and residuals cost 15-35% more memory for forward + backward.
+        # copies and residuals cost 8-17% more scratch for forward + backward.
         query, key, value, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
         bad = (_row_blocks(geo, bad_q), _key_rows(geo, bad_kv))
         qb = _query_blocks(geo, query, scale)
