@@ -322,6 +322,47 @@ def test_one_device_ring_equals_dense():
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+def test_one_device_ring_hides_non_finite_inputs():
+    """NaN and inf keys and values past the key lengths reach no output and no gradient
+    (both equal the dense path's, which hides them too); a NaN key that rows see makes
+    exactly those rows NaN. The ring's pairs skip the NaN pairs' select while every
+    input is finite (``blocked.if_bad``): the second case takes the other branch."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 4)), jnp.float32) for _ in range(3))
+    lengths = jnp.asarray([12, 9])
+    k = k.at[0, 12:].set(jnp.nan).at[1, 10, 1, 2].set(jnp.inf)
+    v = v.at[0, 13:].set(jnp.inf).at[1, 9:].set(jnp.nan)
+    options = dict(is_causal=True, key_value_seq_lengths=lengths)
+    mesh = _one_device()
+
+    @jax.jit
+    def ring(q, k, v):  # sharded over the mesh's "seq" axis (one device here)
+        return jattn.ring_attention(q, k, v, mesh=mesh, block_sizes=(4, 4), **options)
+
+    @jax.jit
+    def dense(q, k, v):
+        return jattn.dot_product_attention(q, k, v, implementation="dense", **options)
+
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    for fn in (ring, dense):
+        out = fn(q, k, v)
+        assert np.isfinite(out).all()
+    np.testing.assert_allclose(ring(q, k, v), dense(q, k, v), atol=1e-6)
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), (0, 1, 2))(q, k, v) for f in (ring, dense)
+    ]
+    for got, want in zip(*grads, strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    seen = k.at[0, 3, 0, 1].set(jnp.nan)  # seen by example 0's rows 3.. of head 0
+    out, want = np.asarray(ring(q, seen, v)), np.asarray(dense(q, seen, v))
+    nan_rows = np.zeros((2, 16, 2), bool)
+    nan_rows[0, 3:, 0] = True
+    np.testing.assert_array_equal(np.isnan(out).any(-1), nan_rows)
+    np.testing.assert_array_equal(np.isnan(want).any(-1), nan_rows)
+    np.testing.assert_allclose(out[~nan_rows], want[~nan_rows], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

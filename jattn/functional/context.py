@@ -763,8 +763,10 @@ def _ring(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
 def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, idx, src, state):
     """Merges this device's queries against the shard of device ``src`` into ``state``."""
     geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, idx, src)
-    args = (qb, kb, vb, None, None, None, None, rng, tab, mm, pf, po, bad or None)
-    out, fully, skip, m, log_l = blocked._forward(geo, *args, f32=True)
+    args = (qb, kb, vb, None, None, None, None, rng, tab, mm, pf, po)
+    out, fully, skip, m, log_l = blocked.if_bad(
+        lambda b: blocked._forward(geo, *args, b, f32=True), bad or None
+    )
     big_m, big_l, acc, seen, all_fully = state
     ok = ~skip  # rows with visible, finite logits in this pair
     m_new = jnp.where(ok, jnp.maximum(big_m, m), big_m)
@@ -827,9 +829,12 @@ def _ring_bwd(ring, res, cotangents):
         kb_, vb_, bad_kv_ = kv_side
         geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, q_dev, kv_dev)
         pair_bad = (bad_q_, bad_kv_) if bad else None
-        pair = (qb_, kb_, vb_, None, None, None, None, rng, tab, mm, pf, po, pair_bad)
-        dq, dk, dv, _, dsm_p = blocked._backward(
-            geo, (*pair, None, fully, skip_, m_, log_l_), dout_, delta_, acc=acc
+        pair = (qb_, kb_, vb_, None, None, None, None, rng, tab, mm, pf, po)
+        dq, dk, dv, _, dsm_p = blocked.if_bad(
+            lambda b: blocked._backward(
+                geo, (*pair, b, None, fully, skip_, m_, log_l_), dout_, delta_, acc=acc
+            ),
+            pair_bad,
         )
         return dq, dk, dv, tuple(a + b for a, b in zip(dsm, dsm_p, strict=True))
 
