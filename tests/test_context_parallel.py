@@ -326,7 +326,7 @@ def test_one_device_ring_hides_non_finite_inputs():
     """NaN and inf keys and values past the key lengths reach no output and no gradient
     (both equal the dense path's, which hides them too); a NaN key that rows see makes
     exactly those rows NaN. The ring's pairs skip the NaN pairs' select while every
-    input is finite (``blocked.if_bad``): the second case takes the other branch."""
+    input is finite (``_finite.guarded_by_flags``): the second case takes the other branch."""
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 4)), jnp.float32) for _ in range(3))
     lengths = jnp.asarray([12, 9])

@@ -17,15 +17,15 @@ only on calls that can hide something (a mask, bias, lengths, causal mask, windo
 or mods): without any, every pair is visible and NaN spreads as it always did.
 
 The dense path always does it (two selects on inputs a fraction of the size of its
-``[T, S]`` work). The blocked path cleans the inputs as it copies them into blocks
-(a select fused into a copy it makes anyway) and puts only the NaN pairs' select on
-each tile behind a ``lax.cond`` on the flags. The in-layout path (a decoding step: a
+``[T, S]`` work). The blocked path and the ring clean the inputs as they copy them
+into blocks (a select fused into a copy they make anyway) and put only the NaN pairs'
+select on each tile behind :func:`guarded_by_flags`. The in-layout path (a decoding step: a
 few queries against a long KV cache) cannot afford a read of the cache to decide,
 nor a cleaned copy of it (either costs a step a large part of its attention,
 ``benchmarks/bench_hardening.py``); it runs behind :func:`guarded_by_result`, which
 looks at the step's own small logits and output instead, and its hiding branch
-cleans the cache chunk by chunk (:func:`map_chunks`, :func:`sum_chunks`). The kernel paths (cuDNN,
-Pallas) run behind :func:`guarded`, which sums the inputs to decide.
+cleans the cache chunk by chunk (:func:`map_chunks`, :func:`sum_chunks`). The
+kernel paths (cuDNN, Pallas) run behind :func:`guarded`, which sums the inputs.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "bad_vectors",
     "guarded",
+    "guarded_by_flags",
     "guarded_by_inputs",
     "guarded_by_result",
     "hide_nonfinite",
@@ -59,14 +59,10 @@ def may_hide(spec) -> bool:
     ) or bool(spec.is_causal)  # fmt: skip
 
 
-def bad_vectors(x: jax.Array) -> jax.Array:
-    """``x.shape[:-1]``: True where the vector along the last axis holds a NaN or inf."""
-    return jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1))
-
-
 def hide_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(x with its non-finite vectors zeroed, bad)``, ``bad`` :func:`bad_vectors`."""
-    bad = bad_vectors(x)
+    """``(x with its non-finite vectors zeroed, bad)``: ``bad`` is ``x.shape[:-1]``,
+    True where the vector along the last axis holds a NaN or inf."""
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1))
     return jnp.where(bad[..., None], jnp.zeros((), x.dtype), x), bad
 
 
@@ -94,7 +90,7 @@ def _chunking(xs):
 def map_chunks(xs: tuple[jax.Array, ...], fn):
     """``fn(chunks, bad)`` over ``xs`` (each ``[B, S, ...]``) in chunks along S, each
     chunk cleaned as it is read, its results (each ``[B, C, ...]``) put together along
-    S: as ``fn(cleaned xs, their bad_vectors)`` for a ``fn`` that works position by
+    S: as ``fn(cleaned xs, their bad flags)`` for a ``fn`` that works position by
     position, without a cleaned copy of ``xs``.
 
     A branch that must hide non-finite entries of a large input (a KV cache) so holds
@@ -171,6 +167,17 @@ def guarded(run, spec, *inputs):
     # input once, three times faster on CPU than all(isfinite(x)).
     total = sum(jnp.sum(x, dtype=jnp.float32) for x in inputs)
     return jax.lax.cond(jnp.isfinite(total), lambda: run(False), lambda: run(True))
+
+
+def guarded_by_flags(fn, bad):
+    """``fn(bad)`` when a flag in ``bad`` (``(bad rows, bad keys)`` from
+    :func:`hide_qkv`, in any layout, or None) is set, else ``fn(None)``, behind a
+    ``lax.cond``: for a call whose inputs are cleaned already, so only the NaN pairs'
+    select (:func:`nan_pairs`, 9-20% of a blocked forward pass) waits on the flags
+    (the blocked path's call and the ring's pairs)."""
+    if bad is None:
+        return fn(None)
+    return jax.lax.cond(jnp.any(bad[0]) | jnp.any(bad[1]), lambda: fn(bad), lambda: fn(None))
 
 
 def guarded_by_inputs(run, spec):

@@ -541,16 +541,6 @@ def _table_tiles(indices, num_partial, num_full, step, carry):
     return lax.fori_loop(num_partial, end, functools.partial(visit, False), carry)
 
 
-def if_bad(fn, bad):
-    """``fn(bad)`` when a flag in ``bad`` (``(rows, keys)`` of non-finite inputs, or None)
-    is set, else ``fn(None)``, behind a ``lax.cond``: the tiles skip the NaN pairs'
-    select (9-20% of a forward pass) while every input is finite (the blocked path's
-    call and the ring's pairs)."""
-    if bad is None:
-        return fn(None)
-    return lax.cond(jnp.any(bad[0]) | jnp.any(bad[1]), lambda: fn(bad), lambda: fn(None))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad):
     args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad)
@@ -825,16 +815,15 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     bad = None
     if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing (_finite)
         # Cleaned as they are copied into blocks (one fusion each), so the tiles and the
-        # residuals are one set either way; only the NaN pairs' select on each tile sits
-        # behind a lax.cond on the flags (if_bad). Before, the cond chose between blocking
-        # raw and cleaned inputs: its untaken branch's copies and residuals cost 8-17%
-        # more scratch for forward + backward.
+        # residuals are one set either way; only the NaN pairs' select on each tile waits
+        # on the flags (_finite.guarded_by_flags). A cond between blocking the raw and the
+        # cleaned inputs held both sets of copies and residuals (8-17% more scratch).
         query, key, value, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
         bad = (_row_blocks(geo, bad_q), _key_rows(geo, bad_kv))
     qb = _query_blocks(geo, query, scale)
     kb, vb = _kv_blocks(geo, key), _kv_blocks(geo, value)
     args = (bias5, mask5, *lens, rng, tab, mm, smf, smo)
-    ob, lse = if_bad(lambda b: _flash(geo, qb, kb, vb, *args, b), bad)
+    ob, lse = _finite.guarded_by_flags(lambda b: _flash(geo, qb, kb, vb, *args, b), bad)
     out, lse = _unblock(geo, ob), _unblock_rows(geo, lse)
     if q_len is not None:  # padded queries give zeros, whatever the policy (as dense)
         valid = jnp.arange(t, dtype=jnp.int32).reshape(1, t, 1, 1) < q_len.reshape(b, 1, 1, 1)

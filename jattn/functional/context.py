@@ -764,7 +764,7 @@ def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, idx, s
     """Merges this device's queries against the shard of device ``src`` into ``state``."""
     geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, idx, src)
     args = (qb, kb, vb, None, None, None, None, rng, tab, mm, pf, po)
-    out, fully, skip, m, log_l = blocked.if_bad(
+    out, fully, skip, m, log_l = _finite.guarded_by_flags(
         lambda b: blocked._forward(geo, *args, b, f32=True), bad or None
     )
     big_m, big_l, acc, seen, all_fully = state
@@ -830,7 +830,7 @@ def _ring_bwd(ring, res, cotangents):
         geo, tab, mm, pf, po, rng = _pair(ring, mleaves, smf, smo, offsets, q_dev, kv_dev)
         pair_bad = (bad_q_, bad_kv_) if bad else None
         pair = (qb_, kb_, vb_, None, None, None, None, rng, tab, mm, pf, po)
-        dq, dk, dv, _, dsm_p = blocked.if_bad(
+        dq, dk, dv, _, dsm_p = _finite.guarded_by_flags(
             lambda b: blocked._backward(
                 geo, (*pair, b, None, fully, skip_, m_, log_l_), dout_, delta_, acc=acc
             ),
