@@ -34,12 +34,17 @@ OPTIONS = dict(
 )
 
 
-def _in_layout(q, k, v, bias, mask, *, return_weights, return_residual, **options):
-    """``_dense_in_layout`` on raw inputs, checked as ``dot_product_attention`` checks them."""
+def _in_layout(
+    q, k, v, bias, mask, *, return_weights, return_residual, forward_mode=False, **options
+):
+    """``_dense_in_layout`` on raw inputs, checked as ``dot_product_attention`` checks them;
+    by default as the automatic choice runs it (its guard a custom VJP)."""
     spec = _checks.check_attention_inputs(
         q, k, v, bias, mask, same_head_dim=True, **options, return_residual=return_residual
     )
-    out, weights, lse = _dense_in_layout(spec, return_weights=return_weights)
+    out, weights, lse = _dense_in_layout(
+        spec, return_weights=return_weights, forward_mode=forward_mode
+    )
     extras = [x for x in (weights, lse) if x is not None]
     return (out, *extras) if extras else out
 
@@ -223,16 +228,20 @@ def test_masked_non_finite_keys_stay_out():
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("forward_mode", [False, True])
 @pytest.mark.parametrize("where", ["key", "value", "query"])
-def test_hidden_non_finite_inputs_found_from_the_results(where, monkeypatch):
+def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, monkeypatch):
     """The in-layout path decides whether to hide non-finite vectors from its own logits
     and output (``_finite.guarded_by_result``), not from a pass over the cache: a NaN or
     inf only in a cache's hidden tail (keys: the logits, values: the output) or in a
-    padded query row still reaches nothing, forward and backward, and forward mode
-    (through the custom JVP) equals the per-head path's. The hiding branch reads the
-    cache in chunks (``_finite.map_chunks``, ``sum_chunks``), here 5 positions of the
-    12 for the logits and 10 for the output, so the last chunk overlaps the one before
-    it."""
+    padded query row still reaches nothing: the output, the gradients and the
+    Hessian-vector products (forward over reverse) equal the per-head path's on clean
+    inputs, with the guard as the automatic choice runs it (a custom VJP) and as
+    ``implementation='dense'`` does (a custom JVP), and so do forward mode and reverse
+    over reverse through the custom JVP (the custom VJP: the latter on finite inputs).
+    The hiding branch reads the cache in chunks (``_finite.map_chunks``,
+    ``sum_chunks``), here 5 positions of the 12 for the logits and 10 for the output,
+    so the last chunk overlaps the one before it."""
     monkeypatch.setattr(_finite, "CHUNK_BYTES", 5 * 2 * (2 * 2 * 8 * 4))  # 5 (key, value) rows
     q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 12, 2, 8)), _normal(2, (2, 12, 2, 8))
     lengths = jnp.asarray([11, 5])  # position 10, visible, only in the last logits chunk
@@ -248,7 +257,7 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, monkeypatch):
     @jax.jit
     def run(q, k, v):
         return _in_layout(q, k, v, None, None, **options, return_weights=False,
-                          return_residual=False)  # fmt: skip
+                          return_residual=False, forward_mode=forward_mode)  # fmt: skip
 
     def want(q, k, v):
         return attention(q, k, v, key_value_seq_lengths=lengths, query_seq_lengths=q_len)
@@ -261,9 +270,33 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, monkeypatch):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref_grad, rtol=1e-5, atol=1e-6)
     tangents = (_normal(4, q.shape), _normal(5, k.shape), _normal(6, v.shape))
-    _, jvp = jax.jvp(run, (q, k, v), tangents)
-    _, want_jvp = jax.jvp(want, (q, k, v), tangents)
-    np.testing.assert_allclose(jvp, want_jvp, rtol=1e-5, atol=1e-6)
+
+    def hvp(fn, args):
+        grad = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))
+        return jax.jit(lambda *a: jax.jvp(grad, a, tangents)[1])(*args)
+
+    for got, ref_hvp in zip(hvp(run, args), hvp(want, (q, k, v)), strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref_hvp, rtol=1e-4, atol=1e-5)
+    if where == "key":  # reverse over reverse, once
+
+        def grad_of_grad(fn, args):
+            grad = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))
+            outer = jax.grad(lambda *a: sum(jnp.sum(x**2) for x in grad(*a)), (0, 1, 2))
+            return jax.jit(outer)(*args)
+
+        # the custom VJP's forward pass, differentiated, multiplies the fast branch's
+        # NaNs by zeros: there only finite inputs (documented)
+        inputs = args if forward_mode else (q, k, v)
+        for got, ref_gg in zip(
+            grad_of_grad(run, inputs), grad_of_grad(want, (q, k, v)), strict=True
+        ):
+            assert np.isfinite(got).all()
+            np.testing.assert_allclose(got, ref_gg, rtol=1e-4, atol=1e-5)
+    if forward_mode:
+        _, jvp = jax.jvp(run, args, tangents)
+        _, want_jvp = jax.jvp(want, (q, k, v), tangents)
+        np.testing.assert_allclose(jvp, want_jvp, rtol=1e-5, atol=1e-6)
 
 
 def test_visible_key_of_minus_inf_makes_its_row_nan():

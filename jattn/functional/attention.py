@@ -87,7 +87,10 @@ def dot_product_attention(
         (``jax.jvp``, ``jax.jacfwd`` of the output) and reverse-over-reverse
         (``jax.grad`` of ``jax.grad``) need ``'dense'``: the blocked, cuDNN and
         Pallas paths are custom VJPs, which JAX cannot push tangents through, and
-        the blocked backward loops over a traced number of blocks.
+        the blocked backward loops over a traced number of blocks. So is the
+        automatic choice's decoding step (a few queries against a long KV cache,
+        :func:`jattn.functional.dispatch.dense_in_layout`): its guard against
+        non-finite hidden inputs keeps less in reverse mode as a custom VJP.
 
       mask_mod: ``mask_mod(b, n, q_idx, kv_idx) -> bool`` (True = attend), a pattern of
         :mod:`jattn.mods` or your own; combined with ``mask``, ``is_causal``, the
@@ -135,10 +138,15 @@ def dot_product_attention(
         block_mask=block_mask,
     )
     impl = dispatch.select(implementation, spec)
+    # Pure forward mode is promised with implementation='dense' only: the automatic
+    # choice takes the in-layout path's leaner reverse-mode-only guard.
+    forward_mode = implementation in ("dense", "xla")
     if impl == "dense" and return_weights:  # the dense path is the weights' path
-        out, lse, weights = dispatch.dense_path(spec, return_weights=True)
+        out, lse, weights = dispatch.dense_path(
+            spec, return_weights=True, forward_mode=forward_mode
+        )
     elif impl == "dense":
-        (out, lse), weights = dispatch.dense_path(spec), None
+        (out, lse), weights = dispatch.dense_path(spec, forward_mode=forward_mode), None
     else:
         out, lse = dispatch.run(impl, spec)
         # The weights are the [..., N, T, S] matrix the other paths never build: take

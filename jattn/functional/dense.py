@@ -330,11 +330,15 @@ def _in_layout_output(p, value):
     return jax.lax.dot_general(p, value, dims, preferred_element_type=jnp.float32)
 
 
-def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = False):
+def _dense_in_layout(
+    spec: _checks.AttentionSpec, *, return_weights: bool = False, forward_mode: bool = True
+):
     """The dense path with its two products on keys and values in their own layout.
 
     ``spec``: a checked call; the results are those of :func:`attend`'s
-    ``(output, weights or None, lse or None)``. The
+    ``(output, weights or None, lse or None)``; ``forward_mode=False`` gives up pure
+    forward-mode differentiation for a leaner reverse mode (the guard's custom VJP,
+    :func:`jattn.functional._finite.guarded_by_result`). The
     vmapped single-head math hands XLA products batched over the heads, which on CPU
     first transposes keys and values to ``[B, K, S, H]``: for a few queries against
     many keys (a decoding step against a KV cache) those two copies are most of the
@@ -421,7 +425,7 @@ def _dense_in_layout(spec: _checks.AttentionSpec, *, return_weights: bool = Fals
         return (out, weights, lse), probe
 
     # The diagonal after the guard: XLA fuses it with the final layout into one copy.
-    out, weights, lse = _finite.guarded_by_result(run, spec)
+    out, weights, lse = _finite.guarded_by_result(run, spec, forward_mode=forward_mode)
     out = jnp.diagonal(out.reshape(nb, t, k, g, k, hv), axis1=2, axis2=4)  # [B, T, G, Hv, K]
     out = out.transpose(0, 1, 4, 2, 3).astype(spec.value.dtype)  # [B, T, K, G, Hv]
     q_len = spec.query_seq_lengths

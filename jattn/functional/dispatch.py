@@ -330,18 +330,23 @@ def select(implementation, spec, *args, **options) -> str:
     return "blocked"
 
 
-def dense_path(spec: AttentionSpec, *, return_weights: bool = False):
+def dense_path(spec: AttentionSpec, *, return_weights: bool = False, forward_mode: bool = True):
     """The dense path: ``(out, lse)``, or ``(out, lse, weights)`` with ``return_weights``
     (lse is None unless ``spec.return_residual``). On CPU a few queries against many
-    keys run its products in the keys' own layout (:func:`dense_in_layout`)."""
+    keys run its products in the keys' own layout (:func:`dense_in_layout`), which
+    with ``forward_mode=False`` is differentiable in reverse mode only, and leaner
+    there (``jattn.functional.dense._dense_in_layout``)."""
     q, k = spec.query, spec.key
     mesh = _sharding.explicit_mesh([q, k, spec.value])
     if mesh is not None and not return_weights and _sequence_sharded(q, k, spec.value):
         # T or S sharded over explicit axes (calls the ring does not take): [T, S]
         # scores have no sharding type, so XLA places the work
-        return _sharding.path_in_auto_axes(dense_path, spec, mesh)
+        path = functools.partial(dense_path, forward_mode=forward_mode)
+        return _sharding.path_in_auto_axes(path, spec, mesh)
     if dense_in_layout(q, k, spec.value, spec.bias, spec.mask):
-        out, weights, lse = dense._dense_in_layout(spec, return_weights=return_weights)
+        out, weights, lse = dense._dense_in_layout(
+            spec, return_weights=return_weights, forward_mode=forward_mode
+        )
     else:
         score_fn = functools.partial(scaled_dot_product_scores, scale=spec.scale)
         out, weights, lse = dense.attend(spec, score_fn=score_fn, return_weights=return_weights)
