@@ -234,14 +234,14 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, mo
     """The in-layout path decides whether to hide non-finite vectors from its own logits
     and output (``_finite.guarded_by_result``), not from a pass over the cache: a NaN or
     inf only in a cache's hidden tail (keys: the logits, values: the output) or in a
-    padded query row still reaches nothing: the output, the gradients and the
-    Hessian-vector products (forward over reverse) equal the per-head path's on clean
-    inputs, with the guard as the automatic choice runs it (a custom VJP) and as
-    ``implementation='dense'`` does (a custom JVP), and so do forward mode and reverse
-    over reverse through the custom JVP (the custom VJP: the latter on finite inputs).
-    The hiding branch reads the cache in chunks (``_finite.map_chunks``,
-    ``sum_chunks``), here 5 positions of the 12 for the logits and 10 for the output,
-    so the last chunk overlaps the one before it."""
+    padded query row still reaches nothing. The output, the gradients (also under
+    ``jax.vmap``) and the Hessian-vector products (forward over reverse) equal the
+    per-head path's on clean inputs, with the guard as the automatic choice runs it (a
+    custom VJP) and as ``implementation='dense'`` does (a custom JVP), and so do forward
+    mode and reverse over reverse through the custom JVP (the custom VJP: the latter on
+    finite inputs). The hiding branch reads the cache in chunks
+    (``_finite.map_chunks``, ``sum_chunks``), here 5 positions of the 12 for the logits
+    and 10 for the output, so the last chunk overlaps the one before it."""
     monkeypatch.setattr(_finite, "CHUNK_BYTES", 5 * 2 * (2 * 2 * 8 * 4))  # 5 (key, value) rows
     q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 12, 2, 8)), _normal(2, (2, 12, 2, 8))
     lengths = jnp.asarray([11, 5])  # position 10, visible, only in the last logits chunk
@@ -266,6 +266,14 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, mo
     w = _normal(3, (2, 1, 4, 8))
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), (0, 1, 2)))(*args)
     want_grads = jax.grad(lambda *a: jnp.sum(want(*a) * w), (0, 1, 2))(q, k, v)
+    for got, ref_grad in zip(grads, want_grads, strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref_grad, rtol=1e-5, atol=1e-6)
+    # under jax.vmap the guard's predicate is batched (its lax.cond runs as a select)
+    vmapped = jax.vmap(run)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(vmapped(*(x[None] for x in a))[0] * w), (0, 1, 2)))(
+        *args
+    )
     for got, ref_grad in zip(grads, want_grads, strict=True):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref_grad, rtol=1e-5, atol=1e-6)
