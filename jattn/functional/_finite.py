@@ -204,14 +204,14 @@ def guarded_by_result(run, spec, *, forward_mode: bool = True):
     derivatives of a call that hid it (a zero cotangent times a NaN key is NaN), so
     the derivatives come from a rule:
 
-    * ``forward_mode=True``: a custom JVP (every mode of differentiation): the
-      derivatives of ``run(True)``, the hiding branch, which equal ``run(False)``'s on
-      finite inputs. Not :func:`guarded`'s: JAX linearises that ``lax.cond``, whose
-      primal side then outputs the inputs its tangent side reads as residuals (on CPU
-      copies of a decoding step's KV cache: 67.7 MiB of scratch against 2.1
-      unguarded, ``benchmarks/bench_hardening.py``), and under ``jax.vmap`` (a
-      batched predicate) its linearisation fails (``stop_gradient`` has no
-      transpose). The chunked branch costs 1.26x the unguarded step's time.
+    * ``forward_mode=True``: a custom JVP (every mode of differentiation) whose rule
+      runs ``run(True)``, the hiding branch, alone: its derivatives equal
+      ``run(False)``'s on finite inputs. Not :func:`guarded`'s rule: JAX linearises
+      that ``lax.cond``, whose primal side then outputs the inputs its tangent side
+      reads as residuals (on CPU copies of a decoding step's KV cache: 67.7 MiB of
+      scratch against 2.1 unguarded, ``benchmarks/bench_hardening.py``), and under
+      ``jax.vmap`` (a batched predicate) that linearisation fails (``stop_gradient``
+      has no transpose). The chunked branch is slower than the unguarded step.
     * ``forward_mode=False``: a custom VJP. The forward pass runs as undifferentiated
       and keeps the unguarded program's residuals (``jax.vjp`` of ``run(False)``);
       the backward pass is a ``lax.cond`` on the probe between that pullback and,
@@ -247,11 +247,8 @@ def guarded_by_result(run, spec, *, forward_mode: bool = True):
     if forward_mode:
         fast = jax.custom_jvp(forward)
 
-        def rule(primals, tangents):  # no lax.cond: linearised under vmap, one breaks
-            hidden = jax.jvp(lambda *a: run(True, rebuild(a))[0], primals, tangents)[1]
-            return fast(*primals), hidden  # fast, not forward: differentiable again
-
-        fast.defjvp(rule)
+        # no lax.cond in the rule: linearised under jax.vmap, one fails
+        fast.defjvp(lambda p, t: jax.jvp(lambda *a: run(True, rebuild(a))[0], p, t))
         return fast(*arrays)
     return _reverse_only(run, rebuild, forward, arrays)
 
