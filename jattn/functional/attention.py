@@ -87,10 +87,11 @@ def dot_product_attention(
         (``jax.jvp``, ``jax.jacfwd`` of the output) and reverse-over-reverse
         (``jax.grad`` of ``jax.grad``) need ``'dense'``: the blocked, cuDNN and
         Pallas paths are custom VJPs, which JAX cannot push tangents through, and
-        the blocked backward loops over a traced number of blocks. So is the
-        automatic choice's decoding step (a few queries against a long KV cache,
-        :func:`jattn.functional.dispatch.dense_in_layout`): its guard against
-        non-finite hidden inputs keeps less in reverse mode as a custom VJP.
+        the blocked backward loops over a traced number of blocks. The automatic
+        choice's decoding step (a few queries against a long KV cache,
+        :func:`jattn.functional.dispatch.dense_in_layout`) is a custom VJP too:
+        its guard against non-finite hidden inputs keeps less that way in reverse
+        mode. It differentiates reverse over reverse on finite inputs only.
 
       mask_mod: ``mask_mod(b, n, q_idx, kv_idx) -> bool`` (True = attend), a pattern of
         :mod:`jattn.mods` or your own; combined with ``mask``, ``is_causal``, the
