@@ -208,20 +208,32 @@ def test_fully_masked_rows_policies():
     np.testing.assert_allclose(np.asarray(out_u)[b, t, n], mean_v[b], atol=OUT_TOL)
 
 
+def _minus_inf_row_case(policy, which):
+    """Inputs and options of the -inf row test: row 1 of the query sees keys, all
+    with a -inf bias; ``which`` 0: a window, 1: a mask."""
+    q, k = _normal(1, (1, 2, 1, 4)), _normal(2, (1, 8, 1, 4))
+    v = jnp.arange(1.0, 9.0).reshape(1, 8, 1, 1)
+    bias = jnp.zeros((2, 8)).at[1].set(-jnp.inf)
+    mask = jnp.ones((2, 8), bool).at[1, 0].set(False)
+    mask_i, opts = ((None, dict(local_window_size=1)), (mask, {}))[which]
+    return (q, k, v, bias), mask_i, dict(opts, fully_masked=policy)
+
+
+@functools.cache
+def _minus_inf_row_dense(policy, which):
+    """The dense path's results on that case, once per process (not per block size)."""
+    return _outputs_and_grads(dot_product_attention, *_minus_inf_row_case(policy, which))
+
+
 @pytest.mark.parametrize("block_sizes", [(1, 1), (1, 2), (2, 3), (2, 8)])
 @pytest.mark.parametrize("policy", ["zeros", "uniform"])
 def test_a_row_of_minus_inf_logits_does_not_depend_on_the_blocks(block_sizes, policy):
     """Row 1 sees keys, all with a -inf bias: zeros and lse 0 as dense, whichever tiles
     (with or without masked entries) the row visits; row 0 is an ordinary row."""
-    q, k = _normal(1, (1, 2, 1, 4)), _normal(2, (1, 8, 1, 4))
-    v = jnp.arange(1.0, 9.0).reshape(1, 8, 1, 1)
-    bias = jnp.zeros((2, 8)).at[1].set(-jnp.inf)
-    mask = jnp.ones((2, 8), bool).at[1, 0].set(False)
-    for mask_i, opts in ((None, dict(local_window_size=1)), (mask, {})):
-        opts = dict(opts, fully_masked=policy)
-        dense = _outputs_and_grads(dot_product_attention, (q, k, v, bias), mask_i, opts)
+    for which in (0, 1):
+        dense = _minus_inf_row_dense(policy, which)
         blocked_fn = functools.partial(blocked_attention, block_sizes=block_sizes)
-        got = _outputs_and_grads(blocked_fn, (q, k, v, bias), mask_i, opts)
+        got = _outputs_and_grads(blocked_fn, *_minus_inf_row_case(policy, which))
         np.testing.assert_array_equal(got[0][0, 1], 0.0)
         np.testing.assert_array_equal(got[1][0, 1], 0.0)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(dense), strict=True):
