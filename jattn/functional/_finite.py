@@ -238,10 +238,13 @@ def guarded_by_result(run, spec, *, forward_mode: bool = True):
         pairs = zip(leaves, traced, strict=True)
         return treedef.unflatten([next(it) if a else x for x, a in pairs])
 
+    def choose(arrays, results, finite):
+        """``results`` of ``run(False)`` when the probe is finite, else ``run(True)``'s."""
+        return jax.lax.cond(finite, lambda: results, lambda: run(True, rebuild(arrays))[0])
+
     def forward(*arrays):
-        sp = rebuild(arrays)
-        results, probe = run(False, sp)
-        return jax.lax.cond(jnp.isfinite(probe), lambda: results, lambda: run(True, sp)[0])
+        results, probe = run(False, rebuild(arrays))
+        return choose(arrays, results, jnp.isfinite(probe))
 
     arrays = [x for x, a in zip(leaves, traced, strict=True) if a]
     if forward_mode:
@@ -250,12 +253,13 @@ def guarded_by_result(run, spec, *, forward_mode: bool = True):
         # no lax.cond in the rule: linearised under jax.vmap, one fails
         fast.defjvp(lambda p, t: jax.jvp(lambda *a: run(True, rebuild(a))[0], p, t))
         return fast(*arrays)
-    return _reverse_only(run, rebuild, forward, arrays)
+    return _reverse_only(run, rebuild, forward, choose, arrays)
 
 
-def _reverse_only(run, rebuild, forward, arrays):
-    """:func:`guarded_by_result`'s custom VJP on the call's ``arrays``; the integer,
-    boolean and key arrays (lengths, masks, a dropout key) get no cotangent."""
+def _reverse_only(run, rebuild, forward, choose, arrays):
+    """:func:`guarded_by_result`'s custom VJP on the call's ``arrays`` (``forward`` and
+    ``choose`` are its helpers); the integer, boolean and key arrays (lengths, masks, a
+    dropout key) get no cotangent."""
     inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in arrays]
 
     def with_floats(fn, arrays):
@@ -274,9 +278,7 @@ def _reverse_only(run, rebuild, forward, arrays):
         unguarded, floats = with_floats(lambda sp: run(False, sp), arrays)
         (results, probe), pullback = jax.vjp(unguarded, *floats)
         finite = jnp.isfinite(probe)
-        sp = rebuild(arrays)
-        out = jax.lax.cond(finite, lambda: results, lambda: run(True, sp)[0])
-        return out, (finite, pullback, arrays)
+        return choose(arrays, results, finite), (finite, pullback, arrays)
 
     def call_bwd(residuals, cotangent):
         finite, pullback, arrays = residuals
