@@ -270,49 +270,46 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, mo
     def want(q, k, v):
         return attention(q, k, v, key_value_seq_lengths=lengths, query_seq_lengths=q_len)
 
-    np.testing.assert_allclose(run(*args), want(q, k, v), rtol=1e-6, atol=1e-6)
+    def close(got, want, rtol, atol):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert np.isfinite(a).all()
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+    def squares_grad(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))
+
+    close(run(*args), want(q, k, v), 1e-6, 1e-6)
     w = _normal(3, (2, 1, 4, 8))
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), (0, 1, 2)))(*args)
     want_grads = jax.grad(lambda *a: jnp.sum(want(*a) * w), (0, 1, 2))(q, k, v)
-    for got, ref_grad in zip(grads, want_grads, strict=True):
-        assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, ref_grad, rtol=1e-5, atol=1e-6)
+    close(
+        jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), (0, 1, 2)))(*args), want_grads, 1e-5, 1e-6
+    )
     # under jax.vmap the guard's predicate is batched (its lax.cond runs as a select)
     vmapped = jax.vmap(run)
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(vmapped(*(x[None] for x in a))[0] * w), (0, 1, 2)))(
         *args
     )
-    for got, ref_grad in zip(grads, want_grads, strict=True):
-        assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, ref_grad, rtol=1e-5, atol=1e-6)
+    close(grads, want_grads, 1e-5, 1e-6)
     tangents = (_normal(4, q.shape), _normal(5, k.shape), _normal(6, v.shape))
 
-    def hvp(fn, args):
-        grad = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))
-        return jax.jit(lambda *a: jax.jvp(grad, a, tangents)[1])(*args)
+    def hvp(fn, args):  # forward over reverse
+        return jax.jit(lambda *a: jax.jvp(squares_grad(fn), a, tangents)[1])(*args)
 
-    for got, ref_hvp in zip(hvp(run, args), hvp(want, (q, k, v)), strict=True):
-        assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, ref_hvp, rtol=1e-4, atol=1e-5)
+    close(hvp(run, args), hvp(want, (q, k, v)), 1e-4, 1e-5)
     if where == "key":  # reverse over reverse, once
 
         def grad_of_grad(fn, args):
-            grad = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))
-            outer = jax.grad(lambda *a: sum(jnp.sum(x**2) for x in grad(*a)), (0, 1, 2))
-            return jax.jit(outer)(*args)
+            grad = squares_grad(fn)
+            return jax.jit(jax.grad(lambda *a: sum(jnp.sum(x**2) for x in grad(*a)), (0, 1, 2)))(
+                *args
+            )
 
         # the custom VJP's forward pass, differentiated, multiplies the fast branch's
         # NaNs by zeros: there only finite inputs (documented)
         inputs = args if forward_mode else (q, k, v)
-        for got, ref_gg in zip(
-            grad_of_grad(run, inputs), grad_of_grad(want, (q, k, v)), strict=True
-        ):
-            assert np.isfinite(got).all()
-            np.testing.assert_allclose(got, ref_gg, rtol=1e-4, atol=1e-5)
+        close(grad_of_grad(run, inputs), grad_of_grad(want, (q, k, v)), 1e-4, 1e-5)
     if forward_mode:
-        _, jvp = jax.jvp(run, args, tangents)
-        _, want_jvp = jax.jvp(want, (q, k, v), tangents)
-        np.testing.assert_allclose(jvp, want_jvp, rtol=1e-5, atol=1e-6)
+        close(jax.jvp(run, args, tangents)[1], jax.jvp(want, (q, k, v), tangents)[1], 1e-5, 1e-6)
 
 
 def test_visible_key_of_minus_inf_makes_its_row_nan():
