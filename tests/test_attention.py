@@ -171,6 +171,64 @@ def test_eager_matches_jax_nn():
     np.testing.assert_allclose(got, want, **JAX_NN_TOL)
 
 
+def test_an_eager_call_is_one_cached_program_equal_to_op_by_op():
+    """Eagerly, the checked call runs as one compiled program (jax.jit of the path,
+    the options static): a repeated call compiles nothing, a new shape or option
+    compiles once, and the results equal the op-by-op run (jax.disable_jit)."""
+    from jattn.functional._eager import _jitted as run
+
+    q, k, v = _qkv()
+    lens = jnp.asarray([S, 2], jnp.int32)
+    options = dict(is_causal=True, key_value_seq_lengths=lens, return_residual=True)
+    before = run._cache_size()
+    out, lse = jattn.dot_product_attention(q, k, v, **options)
+    assert run._cache_size() == before + 1
+    jattn.dot_product_attention(q, k, v, **options)
+    jattn.dot_product_attention(q, k, v, **dict(options, key_value_seq_lengths=lens[::-1]))
+    assert run._cache_size() == before + 1  # same shapes and options: no new program
+    jattn.dot_product_attention(q, k, v, **dict(options, scale=0.5))
+    assert run._cache_size() == before + 2  # a static option: a new program
+    with jax.disable_jit():
+        want_out, want_lse = jattn.dot_product_attention(q, k, v, **options)
+    np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-6)
+    # the blocked path's public function too (its block sizes, a list here, are static)
+    got = jattn.blocked_attention(q, k, v, block_sizes=[2, 3], **options)
+    assert run._cache_size() == before + 3
+    jattn.blocked_attention(q, k, v, block_sizes=(2, 3), **options)
+    assert run._cache_size() == before + 3
+    with jax.disable_jit():
+        want = jattn.blocked_attention(q, k, v, block_sizes=(2, 3), **options)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_an_eager_call_with_an_unhashable_option_runs_op_by_op():
+    """A score_mod whose class defines __eq__ (so no __hash__) cannot key a cache: the
+    call runs as before, op by op, with the same result as under jit."""
+
+    class Scaled:
+        def __init__(self, c):
+            self.c = c
+
+        def __eq__(self, other):
+            return isinstance(other, Scaled) and other.c == self.c
+
+        def __call__(self, score, b, n, q_idx, kv_idx):
+            return score * self.c
+
+    from jattn.functional._eager import _jitted as run
+
+    q, k, v = _qkv()
+    before = run._cache_size()
+    got = jattn.dot_product_attention(q, k, v, score_mod=Scaled(0.5), is_causal=True)
+    assert run._cache_size() == before
+    want = jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.5 / H**0.5)
+    )(q, k, v)
+    np.testing.assert_allclose(got, want, **JAX_NN_TOL)
+
+
 def _peaked_case():
     """Equal queries, keys differing in one entry: a peaked softmax whose gradient cancels."""
     q = np.full((1, 3, 2, 4), 2.0, np.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 
-from jattn.functional import _checks, dispatch
+from jattn.functional import _checks, _eager, dispatch
 from jattn.functional.dense import attention, single_head_attention
 from jattn.functional.mods import BlockMask, MaskMod, ScoreMod
 from jattn.functional.softmax import FullyMasked
@@ -49,6 +49,10 @@ def dot_product_attention(
     a value head dim that may differ from H, dropout, a choice of result for
     fully masked rows (zeros by default, where jax.nn gives uniform weights), any
     number of leading batch dims, and the attention weights on request.
+
+    Called eagerly, the checked call runs as one compiled program, cached by shapes,
+    dtypes and options (under ``jax.jit`` and other transformations it is traced into
+    the caller's program as usual); ``jax.disable_jit()`` runs it op by op.
 
     Args:
       query: ``[..., T, N, H]``.
@@ -138,6 +142,12 @@ def dot_product_attention(
         score_mod=score_mod,
         block_mask=block_mask,
     )
+    return _eager.run(_run, spec, implementation, return_weights)
+
+
+def _run(spec, implementation, return_weights):
+    """:func:`dot_product_attention` after its checks."""
+    return_residual = spec.return_residual
     impl = dispatch.select(implementation, spec)
     # Pure forward mode is promised with implementation='dense' only: the automatic
     # choice takes the in-layout path's leaner reverse-mode-only guard.

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jattn.functional import _checks, _finite, _sharding, mods, tiles
+from jattn.functional import _checks, _eager, _finite, _sharding, mods, tiles
 from jattn.functional.softmax import MASK_FILL, FullyMasked
 from jattn.functional.stochastic import keep_bits
 
@@ -726,7 +726,9 @@ def blocked_attention(
         score_mod=score_mod,
         block_mask=block_mask,
     )
-    out, lse = attend(spec, block_sizes)
+    if isinstance(block_sizes, list):
+        block_sizes = tuple(block_sizes)
+    out, lse = _eager.run(attend, spec, block_sizes)
     return (out, lse) if return_residual else out
 
 

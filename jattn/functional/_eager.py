@@ -1,0 +1,48 @@
+"""An eager call of a public attention function runs as one compiled program.
+
+Outside ``jax.jit`` (a notebook, a quick check) JAX runs each operation on its own,
+compiling every new one: a call of :func:`jattn.dot_product_attention` at a new shape
+compiled 20-50 small programs, and a repeated one took 10-20 ms on CPU (the blocked
+path's loops, 650 ms), against 0.3-7 ms as one program (``benchmarks/bench_eager.py``).
+:func:`run` runs a path on a checked call (:class:`~jattn.functional._checks.AttentionSpec`)
+under ``jax.jit``, its arrays traced and everything else static, so a repeated call
+reuses the program and a new shape or option compiles once. The checks stay outside,
+so their errors are raised as before. Under a transformation (an array is traced) the
+path runs as it is, traced into the caller's program; so does a call with an option
+that cannot key a cache (an unhashable mod). ``jax.disable_jit()`` runs it op by op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+__all__ = ["run"]
+
+
+def run(fn, spec, *options):
+    """``fn(spec, *options)``, as one cached program when nothing in ``spec`` is traced.
+
+    ``fn`` and ``options`` must be hashable (a module-level function, strings, ints,
+    tuples); the arrays of ``spec`` (inputs, masks, lengths, keys, a mod's arrays) are
+    the program's arguments, its other leaves static."""
+    leaves, treedef = jax.tree.flatten(spec)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return fn(spec, *options)
+    dynamic = tuple(isinstance(x, jax.Array | np.ndarray) for x in leaves)
+    statics = tuple(x for x, d in zip(leaves, dynamic, strict=True) if not d)
+    try:
+        hash((fn, treedef, statics, options))
+    except TypeError:
+        return fn(spec, *options)
+    arrays = [x for x, d in zip(leaves, dynamic, strict=True) if d]
+    return _jitted(fn, treedef, dynamic, statics, options, arrays)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _jitted(fn, treedef, dynamic, statics, options, arrays):
+    arrays, statics = iter(arrays), iter(statics)
+    spec = treedef.unflatten([next(arrays) if d else next(statics) for d in dynamic])
+    return fn(spec, *options)
