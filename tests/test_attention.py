@@ -203,6 +203,32 @@ def test_an_eager_call_is_one_cached_program_equal_to_op_by_op():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_an_eager_lambda_mod_is_compiled_from_its_second_call():
+    """A lambda written in the call is a new cache key each time: it runs op by op (no
+    program per call); a lambda kept and reused gets one program, from its second call.
+    Library mods (jattn.mods) compare by value: a fresh one reuses the program."""
+    from jattn import mods
+    from jattn.functional._eager import _jitted as run
+
+    q, k, v = _qkv()
+    want = jattn.dot_product_attention(q, k, v, is_causal=True)
+    before = run._cache_size()
+    for _ in range(2):
+        got = jattn.dot_product_attention(q, k, v, mask_mod=lambda b, n, i, j: i >= j)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert run._cache_size() == before
+    causal = lambda b, n, i, j: i >= j  # noqa: E731
+    sizes = []
+    for _ in range(3):
+        got = jattn.dot_product_attention(q, k, v, mask_mod=causal)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        sizes.append(run._cache_size() - before)
+    assert sizes == [0, 1, 1]
+    jattn.dot_product_attention(q, k, v, mask_mod=mods.sliding_window(2))
+    jattn.dot_product_attention(q, k, v, mask_mod=mods.sliding_window(2))
+    assert run._cache_size() - before == 2
+
+
 def test_an_eager_call_with_an_unhashable_option_runs_op_by_op():
     """A score_mod whose class defines __eq__ (so no __hash__) cannot key a cache: the
     call runs as before, op by op, with the same result as under jit."""
