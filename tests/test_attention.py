@@ -192,11 +192,15 @@ def test_an_eager_call_is_one_cached_program_equal_to_op_by_op():
         want_out, want_lse = jattn.dot_product_attention(q, k, v, **options)
     np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-6)
+    # the generic dense function too (its score function static, its params arrays)
+    got = jattn.attention(q, k, v, **options)
+    assert run._cache_size() == before + 3
+    np.testing.assert_allclose(got[0], out, rtol=1e-6, atol=1e-6)
     # the blocked path's public function too (its block sizes, a list here, are static)
     got = jattn.blocked_attention(q, k, v, block_sizes=[2, 3], **options)
-    assert run._cache_size() == before + 3
+    assert run._cache_size() == before + 4
     jattn.blocked_attention(q, k, v, block_sizes=(2, 3), **options)
-    assert run._cache_size() == before + 3
+    assert run._cache_size() == before + 4
     with jax.disable_jit():
         want = jattn.blocked_attention(q, k, v, block_sizes=(2, 3), **options)
     for a, b in zip(got, want, strict=True):

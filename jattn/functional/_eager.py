@@ -33,9 +33,10 @@ __all__ = ["run"]
 def run(fn, spec, *options):
     """``fn(spec, *options)``, as one cached program when nothing in ``spec`` is traced.
 
-    ``fn`` and ``options`` must be hashable (a module-level function, strings, ints,
-    tuples); the arrays of ``spec`` (inputs, masks, lengths, keys, a mod's arrays) are
-    the program's arguments, its other leaves static."""
+    ``spec``: a pytree (a checked call, with other arrays such as score parameters);
+    its arrays (inputs, masks, lengths, keys, a mod's arrays) are the program's
+    arguments, its other leaves static. ``fn`` and ``options`` are static: a
+    module-level function, strings, ints, functions, tuples."""
     leaves, treedef = jax.tree.flatten(spec)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         return fn(spec, *options)
@@ -45,7 +46,7 @@ def run(fn, spec, *options):
         hash((fn, treedef, statics, options))
     except TypeError:
         return fn(spec, *options)
-    if not _seen_before(spec):
+    if not _seen_before(spec, options):
         return fn(spec, *options)
     arrays = [x for x, d in zip(leaves, dynamic, strict=True) if d]
     return _jitted(fn, treedef, dynamic, statics, options, arrays)
@@ -64,9 +65,9 @@ def _made_in_place(f) -> bool:
     return "<lambda>" in name or "<locals>" in name
 
 
-def _seen_before(spec) -> bool:
-    """False when a mod of ``spec`` holds a lambda or nested function not seen in an
-    earlier call (it is remembered now); True otherwise."""
+def _seen_before(tree, options) -> bool:
+    """False when a mod or function in ``tree`` or ``options`` is a lambda or nested
+    function not seen in an earlier call (it is remembered now); True otherwise."""
     fresh = []
 
     def visit(x):
@@ -77,8 +78,7 @@ def _seen_before(spec) -> bool:
         elif callable(x) and not hasattr(x, "dtype") and _made_in_place(x) and x not in _SEEN:
             fresh.append(x)
 
-    block_mask = spec.block_mask
-    for x in (spec.mask_mod, spec.score_mod, None if block_mask is None else block_mask.mask_mod):
+    for x in jax.tree.leaves((tree, options), is_leaf=lambda y: isinstance(y, mods.Mod)):
         visit(x)
     for f in fresh:
         _SEEN.add(f)

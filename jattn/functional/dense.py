@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _checks, _finite, _sharding, mods
+from jattn.functional import _checks, _eager, _finite, _sharding, mods
 from jattn.functional.masks import combine_masks
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
@@ -194,15 +194,22 @@ def attention(
         mask_mod=mask_mod,
         score_mod=score_mod,
     )
-    out, weights, lse = attend(
+    options = (score_fn, per_head_params, return_weights)
+    out, weights, lse = _eager.run(_attend_eager, (spec, score_params), *options)
+    extras = [x for x in (weights, lse) if x is not None]
+    return (out, *extras) if extras else out
+
+
+def _attend_eager(args, score_fn, per_head_params, return_weights):
+    """:func:`attend` on ``args = (spec, score_params)`` (:func:`_eager.run` takes one tree)."""
+    spec, score_params = args
+    return attend(
         spec,
         score_fn=score_fn,
         score_params=score_params,
         per_head_params=per_head_params,
         return_weights=return_weights,
     )
-    extras = [x for x in (weights, lse) if x is not None]
-    return (out, *extras) if extras else out
 
 
 def attend(
