@@ -5,7 +5,8 @@ For each shape (each new, so each first call compiles), the first call's time an
 number of XLA programs it compiled, then the median of repeated calls, interleaved.
 jattn runs an eager call as one cached program (``jattn.functional._eager``); the
 ``op by op`` rows run it as it ran before (the path after the checks called directly),
-for comparison. Compilation is a large part of a first call: run on an idle machine.
+for comparison. Then the linear attentions' repeated calls, one program against op by
+op. Compilation is a large part of a first call: run on an idle machine.
 
     python benchmarks/bench_eager.py [--repeats 30]
 """
@@ -88,6 +89,44 @@ def main():
             print(f"{name:34s} {call:14s} {ms:9.1f} {programs:8d} {again[call] * 1e3:9.2f}")
         ratio = again["jattn"] / again["jax.nn"]
         print(f"{name:34s} jattn / jax.nn, again: {ratio:.2f}", flush=True)
+    linear_section(args.repeats, one_program, eager)
+
+
+def linear_section(repeats, one_program, eager):
+    """Repeated eager calls of the causal linear attention and GLA (chunked scans), as
+    one program against op by op (no jax.nn peer)."""
+    from jattn.functional import linear
+
+    rng = np.random.default_rng(1)
+
+    def op_by_op(f):
+        eager.run = lambda fn, spec, *options: fn(spec, *options)
+        try:
+            return f()
+        finally:
+            eager.run = one_program
+
+    print(f"{'case':34s} {'one program ms':>14s} {'op by op ms':>12s}")
+    for t in (64, 256):
+        q, k, v, g = (jnp.asarray(rng.standard_normal((2, t, 4, 32)), jnp.float32) for _ in "qkvg")
+        g = jax.nn.log_sigmoid(g + 2.0)
+        calls = {
+            "linear_attention causal": lambda q=q, k=k, v=v: jattn.linear_attention(
+                q, k, v, is_causal=True
+            ),
+            "gated_linear_attention": lambda q=q, k=k, v=v, g=g: linear.gated_linear_attention(
+                q, k, v, g
+            ),
+        }
+        for name, f in calls.items():
+            times = interleave(
+                {
+                    "one": lambda f=f: jax.block_until_ready(f()),
+                    "op": lambda f=f: jax.block_until_ready(op_by_op(f)),
+                },
+                repeats,
+            )
+            print(f"{f'T={t} {name}':34s} {times['one'] * 1e3:14.2f} {times['op'] * 1e3:12.2f}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,27 @@ def test_non_causal_linear_attention_equals_numpy(segments):
     _close(got, want, 1e-6)
 
 
+def test_an_eager_call_is_one_cached_program():
+    """Eagerly, each form runs as one compiled program (jattn.functional._eager): a
+    repeated call compiles nothing, and the results equal the op-by-op run."""
+    from jattn.functional._eager import _jitted as run
+
+    q, k, v, g, seg = (x[:, :19] for x in (Q, KEY, V, LOG_GATES, SEG))  # shapes new here
+    before = run._cache_size()
+    got = _run("gla", "chunked", q, k, v, g, None, seg)
+    _run("gla", "chunked", q, k, v, g, None, seg)
+    non_causal = jattn.linear_attention(q, k, v, segment_ids=seg)
+    jattn.linear_attention(q, k, v, segment_ids=seg)
+    assert run._cache_size() == before + 2
+    with jax.disable_jit():
+        want = _run("gla", "chunked", q, k, v, g, None, seg)
+        want_non_causal = jattn.linear_attention(q, k, v, segment_ids=seg)
+    got, want = jax.tree.leaves((got, non_causal)), jax.tree.leaves((want, want_non_causal))
+    assert len(got) == len(want) == 3  # output, state.kv; output
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, 1e-6)
+
+
 def test_prefill_then_token_steps_equal_the_whole_sequence():
     full, st_full = L.gated_linear_attention(Q, KEY, V, LOG_GATES, return_state=True)
     out, st = L.gated_linear_attention(
