@@ -233,6 +233,30 @@ def test_an_eager_lambda_mod_is_compiled_from_its_second_call():
     assert run._cache_size() - before == 2
 
 
+def test_an_eager_call_chooses_its_path_from_concrete_arrays(monkeypatch):
+    """The path is chosen before the program is traced (so from the call's values, as
+    before), and the splash kernel, which evaluates the mask_mod on the host, gets the
+    concrete call; the other paths get it traced in the one program."""
+    from jattn.functional import dispatch
+
+    seen = []
+
+    def select(implementation, spec, *args, **options):
+        seen.append(("select", isinstance(spec.query, jax.core.Tracer)))
+        return implementation
+
+    def run(impl, spec):
+        seen.append((impl, isinstance(spec.query, jax.core.Tracer)))
+        return spec.query, None
+
+    monkeypatch.setattr(dispatch, "select", select)
+    monkeypatch.setattr(dispatch, "run", run)
+    q, k, v = _qkv(t=5, s=9, h=5)
+    for impl in ("splash", "blocked"):
+        np.testing.assert_array_equal(jattn.dot_product_attention(q, k, v, implementation=impl), q)
+    assert seen == [("select", False), ("splash", False), ("select", False), ("blocked", True)]
+
+
 def test_an_eager_call_with_an_unhashable_option_runs_op_by_op():
     """A score_mod whose class defines __eq__ (so no __hash__) cannot key a cache: the
     call runs as before, op by op, with the same result as under jit."""

@@ -142,16 +142,19 @@ def dot_product_attention(
         score_mod=score_mod,
         block_mask=block_mask,
     )
-    return _eager.run(_run, spec, implementation, return_weights)
-
-
-def _run(spec, implementation, return_weights):
-    """:func:`dot_product_attention` after its checks."""
-    return_residual = spec.return_residual
+    # The path is chosen from the call as given (an eager call's arrays are concrete).
     impl = dispatch.select(implementation, spec)
     # Pure forward mode is promised with implementation='dense' only: the automatic
     # choice takes the in-layout path's leaner reverse-mode-only guard.
     forward_mode = implementation in ("dense", "xla")
+    if impl == "splash":  # evaluates the mask_mod on the host, from its values: as it is
+        return _run(spec, impl, forward_mode, return_weights)
+    return _eager.run(_run, spec, impl, forward_mode, return_weights)
+
+
+def _run(spec, impl, forward_mode, return_weights):
+    """:func:`dot_product_attention` after its checks, on the path ``impl``."""
+    return_residual = spec.return_residual
     if impl == "dense" and return_weights:  # the dense path is the weights' path
         out, lse, weights = dispatch.dense_path(
             spec, return_weights=True, forward_mode=forward_mode
