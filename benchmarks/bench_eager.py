@@ -12,7 +12,6 @@ op. Compilation is a large part of a first call: run on an idle machine.
 """
 
 import argparse
-import importlib
 import logging
 import time
 
@@ -22,6 +21,7 @@ import numpy as np
 from bench_sparse import interleave
 
 import jattn
+from jattn.functional import _eager
 
 
 class _Compiles(logging.Handler):
@@ -33,6 +33,21 @@ class _Compiles(logging.Handler):
 
     def emit(self, record):
         self.count += "Finished XLA compilation" in record.getMessage()
+
+
+def op_by_op(fn):
+    """``fn`` as jattn ran eager calls before: its path after the checks called directly
+    (``_eager.run`` bypassed), so operation by operation."""
+
+    def call(*args, **kwargs):
+        one_program = _eager.run
+        _eager.run = lambda f, fn_args, *options: f(*fn_args, *options)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _eager.run = one_program
+
+    return call
 
 
 def main():
@@ -49,19 +64,9 @@ def main():
     print(f"{'case':34s} {'call':14s} {'first ms':>9s} {'programs':>8s} {'again ms':>9s}")
     rng = np.random.default_rng(0)
 
-    def op_by_op(*a, **kw):
-        eager.run = lambda fn, spec, *options: fn(spec, *options)
-        try:
-            return jattn.dot_product_attention(*a, **kw)
-        finally:
-            eager.run = one_program
-
-    eager = importlib.import_module("jattn.functional._eager")
-    one_program = eager.run
-
     calls = {
         "jattn": jattn.dot_product_attention,
-        "jattn op by op": op_by_op,
+        "jattn op by op": op_by_op(jattn.dot_product_attention),
         "jax.nn": jax.nn.dot_product_attention,
     }
     for t, causal in ((16, False), (24, True), (128, True), (512, True)):
@@ -89,23 +94,15 @@ def main():
             print(f"{name:34s} {call:14s} {ms:9.1f} {programs:8d} {again[call] * 1e3:9.2f}")
         ratio = again["jattn"] / again["jax.nn"]
         print(f"{name:34s} jattn / jax.nn, again: {ratio:.2f}", flush=True)
-    linear_section(args.repeats, one_program, eager)
+    linear_section(args.repeats)
 
 
-def linear_section(repeats, one_program, eager):
+def linear_section(repeats):
     """Repeated eager calls of the causal linear attention and GLA (chunked scans), as
     one program against op by op (no jax.nn peer)."""
     from jattn.functional import linear
 
     rng = np.random.default_rng(1)
-
-    def op_by_op(f):
-        eager.run = lambda fn, spec, *options: fn(spec, *options)
-        try:
-            return f()
-        finally:
-            eager.run = one_program
-
     print(f"{'case':34s} {'one program ms':>14s} {'op by op ms':>12s}")
     for t in (64, 256):
         q, k, v, g = (jnp.asarray(rng.standard_normal((2, t, 4, 32)), jnp.float32) for _ in "qkvg")
@@ -122,7 +119,7 @@ def linear_section(repeats, one_program, eager):
             times = interleave(
                 {
                     "one": lambda f=f: jax.block_until_ready(f()),
-                    "op": lambda f=f: jax.block_until_ready(op_by_op(f)),
+                    "op": lambda f=f: jax.block_until_ready(op_by_op(f)()),
                 },
                 repeats,
             )

@@ -163,8 +163,8 @@ def test_no_inf_is_made_under_debug_infs(path):
     fn = {"dense": attention, "default": jattn.dot_product_attention}.get(
         path, functools.partial(blocked_attention, block_sizes=(4, 2))
     )
-    # op by op (an eager dot_product_attention is otherwise one compiled program, and
-    # jax.debug_infs then sees its outputs only)
+    # op by op (an eager call of an attention function is otherwise one compiled
+    # program, jattn.functional._eager, and jax.debug_infs then sees its outputs only)
     with jax.debug_infs(True), jax.disable_jit():
         for opts in (dict(is_causal=True), dict(mask=mask), dict(key_value_seq_lengths=[2, 0])):
             fn(q, k, k, **opts)

@@ -42,6 +42,34 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+class Skeleton(NamedTuple):
+    """A pytree with its arrays taken out (:func:`split_arrays`): hashable when its other
+    leaves are, so it can key a cache or be a static argument."""
+
+    treedef: Any
+    is_array: tuple[bool, ...]  # per leaf
+    others: tuple  # the leaves that are not arrays, in order
+
+
+def split_arrays(tree) -> tuple[list, Skeleton]:
+    """``(arrays, skeleton)``: the JAX and NumPy arrays of ``tree`` (traced ones too), and
+    the rest; :func:`join_arrays` puts them back together."""
+    leaves, treedef = jax.tree.flatten(tree)
+    is_array = tuple(isinstance(x, jax.Array | np.ndarray) for x in leaves)
+    others = tuple(x for x, a in zip(leaves, is_array, strict=True) if not a)
+    arrays = [x for x, a in zip(leaves, is_array, strict=True) if a]
+    return arrays, Skeleton(treedef, is_array, others)
+
+
+def join_arrays(skeleton: Skeleton, arrays):
+    """The tree :func:`split_arrays` took apart, with ``arrays`` (the same number, in
+    order) in place of its arrays."""
+    arrays, others = iter(arrays), iter(skeleton.others)
+    return skeleton.treedef.unflatten(
+        [next(arrays) if a else next(others) for a in skeleton.is_array]
+    )
+
+
 def type_note(value) -> str:
     """`` (a float)`` etc. after a value whose repr does not show its type."""
     if value is None or is_int(value):

@@ -23,33 +23,29 @@ import functools
 import weakref
 
 import jax
-import numpy as np
 
-from jattn.functional import mods
+from jattn.functional import _checks, mods
 
 __all__ = ["run"]
 
 
-def run(fn, spec, *options):
-    """``fn(spec, *options)``, as one cached program when nothing in ``spec`` is traced.
+def run(fn, args: tuple, *options):
+    """``fn(*args, *options)``, as one cached program when no array in ``args`` is traced.
 
-    ``spec``: a pytree (a checked call, with other arrays such as score parameters);
-    its arrays (inputs, masks, lengths, keys, a mod's arrays) are the program's
-    arguments, its other leaves static. ``fn`` and ``options`` are static: a
-    module-level function, strings, ints, functions, tuples."""
-    leaves, treedef = jax.tree.flatten(spec)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return fn(spec, *options)
-    dynamic = tuple(isinstance(x, jax.Array | np.ndarray) for x in leaves)
-    statics = tuple(x for x, d in zip(leaves, dynamic, strict=True) if not d)
+    ``args``: pytrees (a checked call, score parameters, ...); their arrays (inputs,
+    masks, lengths, keys, a mod's arrays) are the program's arguments, their other
+    leaves static. ``fn`` and ``options`` are static: a module-level function, strings,
+    ints, functions, tuples."""
+    arrays, skeleton = _checks.split_arrays(args)
+    if any(_checks._is_traced(x) for x in arrays):
+        return fn(*args, *options)
     try:
-        hash((fn, treedef, statics, options))
+        hash((fn, skeleton, options))
     except TypeError:
-        return fn(spec, *options)
-    if not _seen_before(spec, options):
-        return fn(spec, *options)
-    arrays = [x for x, d in zip(leaves, dynamic, strict=True) if d]
-    return _jitted(fn, treedef, dynamic, statics, options, arrays)
+        return fn(*args, *options)
+    if not _seen_before(args, options):
+        return fn(*args, *options)
+    return _jitted(fn, skeleton, options, arrays)
 
 
 #: The lambdas and nested functions among the mods of earlier eager calls.
@@ -65,8 +61,8 @@ def _made_in_place(f) -> bool:
     return "<lambda>" in name or "<locals>" in name
 
 
-def _seen_before(tree, options) -> bool:
-    """False when a mod or function in ``tree`` or ``options`` is a lambda or nested
+def _seen_before(args, options) -> bool:
+    """False when a mod or function in ``args`` or ``options`` is a lambda or nested
     function not seen in an earlier call (it is remembered now); True otherwise."""
     fresh = []
 
@@ -78,15 +74,13 @@ def _seen_before(tree, options) -> bool:
         elif callable(x) and not hasattr(x, "dtype") and _made_in_place(x) and x not in _SEEN:
             fresh.append(x)
 
-    for x in jax.tree.leaves((tree, options), is_leaf=lambda y: isinstance(y, mods.Mod)):
+    for x in jax.tree.leaves((args, options), is_leaf=lambda y: isinstance(y, mods.Mod)):
         visit(x)
     for f in fresh:
         _SEEN.add(f)
     return not fresh
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _jitted(fn, treedef, dynamic, statics, options, arrays):
-    arrays, statics = iter(arrays), iter(statics)
-    spec = treedef.unflatten([next(arrays) if d else next(statics) for d in dynamic])
-    return fn(spec, *options)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _jitted(fn, skeleton, options, arrays):
+    return fn(*_checks.join_arrays(skeleton, arrays), *options)

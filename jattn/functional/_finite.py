@@ -30,8 +30,12 @@ kernel paths (cuDNN, Pallas) run behind :func:`guarded`, which sums the inputs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from jattn.functional import _checks
 
 __all__ = [
     "guarded",
@@ -226,17 +230,12 @@ def guarded_by_result(run, spec, *, forward_mode: bool = True):
     """
     if not may_hide(spec):
         return run(False, spec)[0]
-    leaves, treedef = jax.tree.flatten(spec)
-    traced = [isinstance(x, jax.Array) for x in leaves]
+    arrays, skeleton = _checks.split_arrays(spec)
     static = (bool, int, float, str, type(None))
-    if not all(a or isinstance(x, static) for x, a in zip(leaves, traced, strict=True)):
+    if not all(isinstance(x, static) for x in skeleton.others):
         # a mod given as a plain function may close over arrays a custom rule cannot see
         return guarded_by_inputs(run, spec)
-
-    def rebuild(arrays):
-        it = iter(arrays)
-        pairs = zip(leaves, traced, strict=True)
-        return treedef.unflatten([next(it) if a else x for x, a in pairs])
+    rebuild = functools.partial(_checks.join_arrays, skeleton)
 
     def choose(arrays, results, finite):
         """``results`` of ``run(False)`` when the probe is finite, else ``run(True)``'s."""
@@ -246,7 +245,6 @@ def guarded_by_result(run, spec, *, forward_mode: bool = True):
         results, probe = run(False, rebuild(arrays))
         return choose(arrays, results, jnp.isfinite(probe))
 
-    arrays = [x for x, a in zip(leaves, traced, strict=True) if a]
     if forward_mode:
         fast = jax.custom_jvp(forward)
 

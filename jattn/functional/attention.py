@@ -149,7 +149,7 @@ def dot_product_attention(
     forward_mode = implementation in ("dense", "xla")
     if impl == "splash":  # evaluates the mask_mod on the host, from its values: as it is
         return _run(spec, impl, forward_mode, return_weights)
-    return _eager.run(_run, spec, impl, forward_mode, return_weights)
+    return _eager.run(_run, (spec,), impl, forward_mode, return_weights)
 
 
 def _run(spec, impl, forward_mode, return_weights):

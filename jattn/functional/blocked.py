@@ -728,7 +728,7 @@ def blocked_attention(
     )
     if isinstance(block_sizes, list):
         block_sizes = tuple(block_sizes)
-    out, lse = _eager.run(attend, spec, block_sizes)
+    out, lse = _eager.run(attend, (spec,), block_sizes)
     return (out, lse) if return_residual else out
 
 

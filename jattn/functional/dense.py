@@ -195,14 +195,13 @@ def attention(
         score_mod=score_mod,
     )
     options = (score_fn, per_head_params, return_weights)
-    out, weights, lse = _eager.run(_attend_eager, (spec, score_params), *options)
+    out, weights, lse = _eager.run(_attend_positional, (spec, score_params), *options)
     extras = [x for x in (weights, lse) if x is not None]
     return (out, *extras) if extras else out
 
 
-def _attend_eager(args, score_fn, per_head_params, return_weights):
-    """:func:`attend` on ``args = (spec, score_params)`` (:func:`_eager.run` takes one tree)."""
-    spec, score_params = args
+def _attend_positional(spec, score_params, score_fn, per_head_params, return_weights):
+    """:func:`attend` with its options given by position (for :func:`_eager.run`)."""
     return attend(
         spec,
         score_fn=score_fn,

@@ -235,16 +235,10 @@ def _initial(state, b, n, f, hv, normalize: bool, name: str) -> LinearState:
 
 def _run(name, q, k, v, log_a, resets, state: LinearState, form, chunk, normalize):
     """:func:`_compute`; an eager call as one cached program (:mod:`jattn.functional._eager`)."""
-    arrays = (q, k, v, log_a, resets, state)
-    return _eager.run(_compute_tree, arrays, name, form, chunk, normalize)
+    return _eager.run(_compute, (q, k, v, log_a, resets, state), name, form, chunk, normalize)
 
 
-def _compute_tree(arrays, name, form, chunk, normalize):
-    q, k, v, log_a, resets, state = arrays
-    return _compute(name, q, k, v, log_a, resets, state, form, chunk, normalize)
-
-
-def _compute(name, q, k, v, log_a, resets, state: LinearState, form, chunk, normalize):
+def _compute(q, k, v, log_a, resets, state: LinearState, name, form, chunk, normalize):
     """``q [B,T,N,F]``, ``k [B,T,K,F]``, ``v [B,T,K,Hv]``, ``log_a [B,T,N,F|1]`` ->
     ``(out [B,T,N,Hv] float32, LinearState)``; with ``normalize`` the ones column
     that carries ``z`` rides along with the values."""
@@ -355,14 +349,10 @@ def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_s
     if not is_causal:
         if initial_state is not None or return_state:
             raise ValueError(f"{name}: initial_state and return_state need is_causal=True")
-        return _eager.run(_non_causal_tree, (fq, fk, value, segment_ids)).astype(value.dtype)
+        return _eager.run(_non_causal, (fq, fk, value, segment_ids)).astype(value.dtype)
     state = _initial(initial_state, b, n, f, hv, True, name)
     out, state = _run(name, fq, fk, value, None, resets, state, form, chunk, True)
     return _finish(out, state, value.dtype, return_state)
-
-
-def _non_causal_tree(arrays):
-    return _non_causal(*arrays)
 
 
 def _non_causal(fq, fk, value, segment_ids):
