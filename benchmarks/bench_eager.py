@@ -5,8 +5,9 @@ For each shape (each new, so each first call compiles), the first call's time an
 number of XLA programs it compiled, then the median of repeated calls, interleaved.
 jattn runs an eager call as one cached program (``jattn.functional._eager``); the
 ``op by op`` rows run it as it ran before (the path after the checks called directly),
-for comparison. Then the linear attentions' repeated calls, one program against op by
-op. Compilation is a large part of a first call: run on an idle machine.
+for comparison. Then the linear attentions' and Nadaraya-Watson regression's repeated
+calls, one program against op by op. Compilation is a large part of a first call: run
+on an idle machine.
 
     python benchmarks/bench_eager.py [--repeats 30]
 """
@@ -94,13 +95,14 @@ def main():
             print(f"{name:34s} {call:14s} {ms:9.1f} {programs:8d} {again[call] * 1e3:9.2f}")
         ratio = again["jattn"] / again["jax.nn"]
         print(f"{name:34s} jattn / jax.nn, again: {ratio:.2f}", flush=True)
-    linear_section(args.repeats)
+    no_peer_section(args.repeats)
 
 
-def linear_section(repeats):
-    """Repeated eager calls of the causal linear attention and GLA (chunked scans), as
-    one program against op by op (no jax.nn peer)."""
-    from jattn.functional import linear
+def no_peer_section(repeats):
+    """Repeated eager calls of the causal linear attention and GLA (chunked scans) and of
+    Nadaraya-Watson regression over a sweep of widths, as one program against op by op
+    (no jax.nn peer)."""
+    from jattn.functional import kernel_regression, linear
 
     rng = np.random.default_rng(1)
     print(f"{'case':34s} {'one program ms':>14s} {'op by op ms':>12s}")
@@ -115,6 +117,11 @@ def linear_section(repeats):
                 q, k, v, g
             ),
         }
+        x = jnp.asarray(np.sort(rng.uniform(0, 5, t)), jnp.float32)
+        widths = iter(np.linspace(0.1, 2.0, 100_000))  # each call a new width
+        calls["nadaraya_watson, new width"] = lambda x=x, q=x[: t // 2], w=widths: (
+            kernel_regression.nadaraya_watson(q, x, jnp.sin(x), width=float(next(w)))
+        )
         for name, f in calls.items():
             times = interleave(
                 {

@@ -216,6 +216,31 @@ def test_gradient_where_a_query_sits_on_a_key(kernel):
         np.testing.assert_allclose(a[:, 0], b, rtol=1e-5, atol=1e-6)
 
 
+def test_an_eager_call_is_one_cached_program_over_widths():
+    """Eagerly, a call runs as one compiled program with the width an argument: a
+    sweep over widths reuses it, a new kernel compiles once, and the results equal the
+    op-by-op run (jax.disable_jit) and the float64 reference."""
+    from jattn.functional._eager import _jitted as run
+
+    q, k, v = _data(t=11, s=13)  # shapes no other test uses: no program cached yet
+    before = run._cache_size()
+    for width in (0.3, 0.7, 2.0):
+        pred, weights = nw.nadaraya_watson(q, k, v, width=width)
+        np.testing.assert_allclose(pred, _np_nw(q, k, v, "gaussian", width)[0], **TOL)
+    assert run._cache_size() == before + 1
+    nw.nadaraya_watson(q, k, v, kernel="boxcar", width=0.7)
+    assert run._cache_size() == before + 2
+    with jax.disable_jit():
+        want = nw.nadaraya_watson(q, k, v, width=2.0)
+    for a, b in zip((pred, weights), want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the parametric form: w an argument too
+    for w in (0.5, 1.5):
+        got = nw.parametric_nadaraya_watson(q, k, v, jnp.float32(w))
+        np.testing.assert_allclose(got[0], _np_nw(q, k, v, "gaussian", 1 / w)[0], **TOL)
+    assert run._cache_size() == before + 3
+
+
 def test_errors_name_the_shapes():
     for width in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"width must be finite and > 0, got {width}"):

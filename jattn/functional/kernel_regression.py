@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional import _checks, _finite
+from jattn.functional import _checks, _eager, _finite
 from jattn.functional.pooling import attention_pooling
 from jattn.functional.softmax import masked_softmax
 
@@ -199,7 +199,8 @@ def nadaraya_watson_weights(
       lies inside the kernel's support.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
-    return _nw_weights(queries, keys, kernel, width, mask, None)
+    kernel, width, traced = _kernel_and_width(kernel, width)
+    return _eager.run(_nadaraya_watson, (queries, keys, None, mask, width), kernel, traced)
 
 
 def _clean(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -228,9 +229,22 @@ def _softmax_hiding(logits, mask, bad_q, bad_k, bad_values) -> jax.Array:
     return masked_softmax(jnp.where(bad, jnp.float32(jnp.nan), logits), mask)
 
 
-def _nw_weights(queries, keys, kernel, width, mask, bad_values):
+def _kernel_and_width(kernel, width):
+    """``(kernel function, width as a float32 array, whether it is traced)``, checked:
+    the width is an argument of the computation (a sweep over widths reuses one
+    program), and a traced one, which cannot be checked, shows a width <= 0 as NaN."""
     kernel = _as_kernel(kernel)
     width = _check_width(width)
+    traced = isinstance(width, jax.core.Tracer)
+    return kernel, jnp.asarray(width, jnp.float32), traced
+
+
+def _nadaraya_watson(queries, keys, values, mask, width, kernel, traced):
+    """The weights ``[T, S]`` of checked inputs, or ``(predictions, weights)`` when
+    ``values`` is given."""
+    bad_values = None
+    if values is not None:
+        values, bad_values = _clean(values)
     diff, bad_q, bad_k = _clean_differences(queries, keys)
     dist = diff if diff.ndim == 2 else _norm(diff)  # [T, S]
     logits = kernel(dist, width)
@@ -240,9 +254,9 @@ def _nw_weights(queries, keys, kernel, width, mask, bad_values):
             f"{_checks.fmt(dist.shape)}; a kernel must act elementwise"
         )
     weights = _softmax_hiding(logits, mask, bad_q, bad_k, bad_values)
-    if isinstance(width, jax.core.Tracer):  # cannot be checked: a bad width shows as NaN
+    if traced:  # cannot be checked: a bad width shows as NaN
         weights = jnp.where(width > 0, weights, jnp.float32(jnp.nan))
-    return weights
+    return weights if values is None else (_pool(weights, values), weights)
 
 
 def _as_kernel(kernel) -> Kernel:
@@ -302,9 +316,8 @@ def nadaraya_watson(
       and the float32 weights ``[T, S]``.
     """
     queries, keys, values, mask = _check_inputs(queries, keys, values, mask)
-    values, bad_values = _clean(values)
-    weights = _nw_weights(queries, keys, kernel, width, mask, bad_values)
-    return _pool(weights, values), weights
+    kernel, width, traced = _kernel_and_width(kernel, width)
+    return _eager.run(_nadaraya_watson, (queries, keys, values, mask, width), kernel, traced)
 
 
 def _check_w(w, queries: jax.Array) -> jax.Array:
@@ -344,18 +357,23 @@ def parametric_nadaraya_watson_weights(
       float32 ``[T, S]`` weights.
     """
     queries, keys, _, mask = _check_inputs(queries, keys, mask=mask)
-    return _parametric_weights(queries, keys, w, mask, None)
-
-
-def _parametric_weights(queries, keys, w, mask, bad_values):
     w = _check_w(w, queries).astype(jnp.float32)
+    return _eager.run(_parametric, (queries, keys, None, mask, w))
+
+
+def _parametric(queries, keys, values, mask, w):
+    """As :func:`_nadaraya_watson` for a checked float32 ``w``."""
+    bad_values = None
+    if values is not None:
+        values, bad_values = _clean(values)
     diff, bad_q, bad_k = _clean_differences(queries, keys)  # [T, S] or [T, S, F]
     if diff.ndim == 2:
         logits = -jnp.square(diff * w.reshape(())) / 2
     else:
         scaled = diff * w.reshape((1, 1, -1))  # [T, S, F]
         logits = -jnp.sum(jnp.square(scaled), axis=-1) / 2
-    return _softmax_hiding(logits, mask, bad_q, bad_k, bad_values)
+    weights = _softmax_hiding(logits, mask, bad_q, bad_k, bad_values)
+    return weights if values is None else (_pool(weights, values), weights)
 
 
 def parametric_nadaraya_watson(
@@ -379,9 +397,8 @@ def parametric_nadaraya_watson(
       ``(predictions [T] or [T, Hv], weights [T, S])``.
     """
     queries, keys, values, mask = _check_inputs(queries, keys, values, mask)
-    values, bad_values = _clean(values)
-    weights = _parametric_weights(queries, keys, w, mask, bad_values)
-    return _pool(weights, values), weights
+    w = _check_w(w, queries).astype(jnp.float32)
+    return _eager.run(_parametric, (queries, keys, values, mask, w))
 
 
 def leave_one_out_mask(num_points: int) -> jax.Array:
