@@ -48,6 +48,28 @@ def test_nystrom_with_every_token_a_landmark_is_softmax():
     assert err < float(jnp.abs(LR.nystrom_attention(q, k, v, 2) - want).max())
 
 
+def test_eager_calls_are_one_cached_program_equal_to_op_by_op():
+    """Eagerly, Nystromformer (its pseudo-inverse a loop) and Linformer each run as one
+    compiled program: a repeat compiles nothing, new lengths neither, and the results
+    equal the op-by-op run (jax.disable_jit)."""
+    from jattn.functional._eager import _jitted as run
+
+    q, k, v = Q[:, :11, :, :7], KEY[:, :11, :, :7], V[:, :11]  # shapes no other test uses
+    e = _normal(7, (5, 11), 0.3)
+    calls = {
+        "nystrom": lambda lens: LR.nystrom_attention(q, k, v, 3),
+        "linformer": lambda lens: LR.linformer_attention(q, k, v, e, key_value_seq_lengths=lens),
+    }
+    for name, call in calls.items():
+        before = run._cache_size()
+        got = call(jnp.array([11, 4]))
+        call(jnp.array([6, 9]))
+        assert run._cache_size() == before + 1, name
+        with jax.disable_jit():
+            want = call(jnp.array([11, 4]))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_favor_features_are_unbiased_at_the_papers_rate():
     """The mean of phi(q).phi(k) over independent orthogonal draws is exp(q.k/sqrt(H))
     within 4 standard errors, and the error variance falls as 1/M."""

@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.functional import _checks, linear
+from jattn.functional import _checks, _eager, linear
 from jattn.functional._checks import check_positive_int
 
 __all__ = [
@@ -197,12 +197,21 @@ def linformer_attention(
     if projs[0].shape[:-1] != projs[1].shape[:-1]:
         raise ValueError(f"{name}: projection {list(projs[0].shape)} and value_projection "
                          f"{list(projs[1].shape)} must have the same shape")  # fmt: skip
+    lengths = None
     if key_value_seq_lengths is not None:
         lengths = jnp.asarray(key_value_seq_lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"{name}: key_value_seq_lengths must be an int [B] = [{b}] array, "
                              f"got {lengths.dtype} {list(lengths.shape)}")  # fmt: skip
-        real = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
+    if scale is not None:
+        scale = _checks.check_finite_scalar("scale", scale)
+    return _eager.run(_linformer, (query, key, value, *projs, lengths), scale)
+
+
+def _linformer(query, key, value, e, f, lengths, scale):
+    """:func:`linformer_attention` of checked inputs (projections cut to S, float32)."""
+    if lengths is not None:
+        real = (jnp.arange(key.shape[1])[None, :] < lengths[:, None])[:, :, None, None]
         key, value = jnp.where(real, key, 0), jnp.where(real, value, 0)
 
     def project(e, x):  # [k, S] or [K, k, S] with [B, S, K, D] -> [B, k, K, D]
@@ -212,9 +221,8 @@ def linformer_attention(
     from jattn.functional.attention import dot_product_attention
 
     return dot_product_attention(
-        query, project(projs[0], key), project(projs[1], value), scale=scale,
-        implementation="dense",
-    )  # fmt: skip
+        query, project(e, key), project(f, value), scale=scale, implementation="dense"
+    )
 
 
 # ------------------------------------------------------------------------- Nystromformer
@@ -266,6 +274,12 @@ def nystrom_attention(
         raise ValueError(f"{name}: num_landmarks={m} must be at most min(T, S) = {min(t, s)}")
     scale = 1.0 / math.sqrt(h) if scale is None else _checks.check_finite_scalar("scale", scale)
 
+    return _eager.run(_nystrom, (query, key, value), m, iters, scale)
+
+
+def _nystrom(query, key, value, m, iters, scale):
+    """:func:`nystrom_attention` of checked inputs."""
+
     def head(q, k, v):  # [T, H], [S, H], [S, Hv]
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         ql, kl = _segment_means(q, m), _segment_means(k, m)
@@ -274,6 +288,7 @@ def nystrom_attention(
         k3 = jax.nn.softmax(ql @ k.T * scale, axis=-1)
         return k1 @ (_pinv(k2, iters) @ (k3 @ v))
 
+    n = query.shape[2]
     key, value = _repeat_kv(key, n), _repeat_kv(value, n)
     per_head = jax.vmap(head, in_axes=(1, 1, 1), out_axes=1)
     return jax.vmap(per_head)(query, key, value).astype(value.dtype)
