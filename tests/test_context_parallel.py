@@ -322,6 +322,30 @@ def test_one_device_ring_equals_dense():
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+def test_eager_context_parallel_calls_are_one_cached_program():
+    """Eagerly, each strategy runs as one compiled program (op by op, a shard_map's
+    body takes seconds a call): a repeat or new lengths compile nothing, a lambda
+    mask_mod compiles at its first call (no op-by-op first sight), and each result
+    equals the jitted call's."""
+    from jattn.functional._eager import _jitted as run
+
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 2, 3)), jnp.float32) for _ in range(3))
+    mesh = _one_device()
+    for fn in (jattn.ring_attention, jattn.all_gather_attention, jattn.ulysses_attention):
+        options = dict(mesh=mesh, is_causal=True)
+        before = run._cache_size()
+        got = fn(q, k, v, key_value_seq_lengths=jnp.array([12, 5]), **options)
+        fn(q, k, v, key_value_seq_lengths=jnp.array([7, 9]), **options)
+        assert run._cache_size() == before + 1, fn.__name__
+        fn(q, k, v, mask_mod=lambda b, n, i, j: i >= j, **options)
+        assert run._cache_size() == before + 2, fn.__name__
+        jitted = jax.jit(lambda q, k, v, lens, fn=fn, o=options: fn(
+            q, k, v, key_value_seq_lengths=lens, **o))  # fmt: skip
+        want = jitted(q, k, v, jnp.array([12, 5]))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=fn.__name__)
+
+
 def test_one_device_ring_hides_non_finite_inputs():
     """NaN and inf keys and values past the key lengths reach no output and no gradient
     (both equal the dense path's, which hides them too); a NaN key that rows see makes

@@ -29,13 +29,14 @@ from jattn.functional import _checks, mods
 __all__ = ["run"]
 
 
-def run(fn, args: tuple, *options):
+def run(fn, args: tuple, *options, compile_first: bool = False):
     """``fn(*args, *options)``, as one cached program when no array in ``args`` is traced.
 
     ``args``: pytrees (a checked call, score parameters, ...); their arrays (inputs,
     masks, lengths, keys, a mod's arrays) are the program's arguments, their other
     leaves static. ``fn`` and ``options`` are static: a module-level function, strings,
-    ints, functions, tuples."""
+    ints, functions, tuples. ``compile_first``: compile even for a lambda seen the first
+    time (for a path much slower op by op than compiled, such as a ``shard_map``)."""
     arrays, skeleton = _checks.split_arrays(args)
     if any(_checks._is_traced(x) for x in arrays):
         return fn(*args, *options)
@@ -43,7 +44,7 @@ def run(fn, args: tuple, *options):
         hash((fn, skeleton, options))
     except TypeError:
         return fn(*args, *options)
-    if not _seen_before(args, options):
+    if not _seen_before(args, options) and not compile_first:
         return fn(*args, *options)
     return _jitted(fn, skeleton, options, arrays)
 

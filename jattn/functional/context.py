@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jattn.functional import _checks, _finite, _sharding, blocked, dispatch, mods
+from jattn.functional import _checks, _eager, _finite, _sharding, blocked, dispatch, mods
 
 __all__ = [
     "LAYOUTS",
@@ -369,7 +369,6 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     found = problems(strategy, spec)
     if found:
         raise ValueError(f"{where} does not take " + "; ".join(found))
-    mask_mod = _mask_array_mod(spec)
     single = tuple(x for x in dispatch.IMPLEMENTATIONS if x not in STRATEGIES)
     if implementation not in single:
         raise ValueError(
@@ -377,6 +376,13 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
             f"got {implementation!r}"
         )
     call = _plan(strategy, where, spec, mesh, axis_name, layout)
+    # eagerly one program: op by op, the shard_map's body runs a few seconds a call
+    return _eager.run(_execute, (spec,), call, block_sizes, implementation, compile_first=True)
+
+
+def _execute(spec, call: _Call, block_sizes, implementation):
+    """:func:`_run` after its checks: the strategy's ``shard_map`` over the mesh."""
+    mask_mod = _mask_array_mod(spec)
     query, key, value = spec.query, spec.key, spec.value
     nb = query.ndim - 3
     if call.pad_q or call.pad_kv:  # contiguous layout only: pad at the end, hide the padding
@@ -396,7 +402,8 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
     if spec.score_mod is not None:  # closed-over float arrays become (differentiable) leaves
         example = (jnp.zeros((1,) * 5, jnp.float32), *mods.grid(1, (1, 1), 1, 1))
         sm = mods.as_mod(spec.score_mod, example)
-    body = {"ring": _ring_body, "all_gather": _gather_body, "ulysses": _ulysses_body}[strategy]
+    body = {"ring": _ring_body, "all_gather": _gather_body, "ulysses": _ulysses_body}
+    body = body[call.strategy]
     scale = 1.0 / math.sqrt(query.shape[-1]) if spec.scale is None else spec.scale
     static = (call, scale, block_sizes, implementation, spec.return_residual, spec.batch_shape,
               spec.dropout_rate, spec.query.shape[-3], spec.query.shape[-2])  # fmt: skip
