@@ -487,3 +487,35 @@ def test_concrete_int_arrays_are_windows(window):
     got = jattn.dot_product_attention(q, q, q, local_window_size=window)
     want = jattn.dot_product_attention(q, q, q, local_window_size=(2, 2))
     np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 8), min_size=2, max_size=2),
+    per_head=st.booleans(),
+)
+def test_a_block_mask_for_one_example_or_head_of_a_varying_mask_is_refused(cuts, per_head):
+    """Was a silent wrong answer: a block mask built with the default batch=1 (heads=1)
+    from segment ids per example (a pattern per head) drove the blocked path with the
+    first example's (head's) tables, skipping blocks the others see. Built for the
+    call's B and N, it equals the mask_mod on the dense path."""
+    q = jax.random.normal(jax.random.key(1), (2, 8, 2, 4))
+    ids = jnp.asarray([[0] * c + [1] * (8 - c) for c in cuts])  # [2, 8], a cut per example
+    mask_mod = mods.and_masks(mods.causal(), mods.segments(ids))
+    if per_head:
+        mask_mod = mods.and_masks(mask_mod, mods.per_head([mods.full(), mods.sliding_window(1)]))
+    names = ("block_mask was built for batch=1, heads=1", "example b", "B=2", "batch=2")
+    if per_head:
+        names += ("head n", "heads=2")
+    bm = jattn.block_mask(mask_mod, 8, 8, (4, 4))
+    raises(ValueError, lambda: jattn.dot_product_attention(q, q, q, block_mask=bm), *names)
+    bm = jattn.block_mask(mask_mod, 8, 8, (4, 4), batch=2, heads=2)
+    got = jattn.dot_product_attention(q, q, q, block_mask=bm, implementation="blocked")
+    want = jattn.dot_product_attention(q, q, q, mask_mod=mask_mod, implementation="dense")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a mask the same for every example and head: one table serves them all
+    bm = jattn.block_mask(mods.causal(), 8, 8, (4, 4))
+    assert bm.varies == (False, False)
+    got = jattn.dot_product_attention(q, q, q, block_mask=bm, implementation="blocked")
+    want = jattn.dot_product_attention(q, q, q, is_causal=True, implementation="dense")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

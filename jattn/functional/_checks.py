@@ -627,6 +627,18 @@ def check_mods(mask_mod, score_mod, block_mask, query, key):
             f"block_mask was built for batch={mb}, heads={mn}, but the call has B={b} "
             f"(flattened) and N={n}"
         )
+    varies_b, varies_n = getattr(block_mask, "varies", (False, False))
+    if (varies_b and mb < b) or (varies_n and mn < n):
+        which = " and ".join(
+            x for x, v in (("example b", varies_b and mb < b), ("head n", varies_n and mn < n)) if v
+        )
+        needed = (("batch", b, varies_b), ("heads", n, varies_n))
+        sizes = ", ".join(f"{x}={y}" for x, y, v in needed if v)
+        raise ValueError(
+            f"block_mask was built for batch={mb}, heads={mn}, but its mask_mod depends on the "
+            f"{which} and the call has B={b} (flattened) and N={n}: its tables would skip "
+            f"blocks the others see; build it with jattn.block_mask(..., {sizes})"
+        )
     if mask_mod is not None and not _same_mod(mask_mod, block_mask.mask_mod):
         raise ValueError(
             "mask_mod and block_mask.mask_mod differ: pass the block mask alone (it carries "

@@ -852,15 +852,19 @@ class BlockMask:
     backward pass walks the transposed table (``q_indices``, ...). ``block_map``
     ``[B|1, N|1, nq, nk]`` int8 holds 0 (empty), 1 (partial), 2 (full) per example and
     head; the tables are the union over them (the kernel computes all heads of a tile
-    together). Metadata grows with ``(T / block) ** 2``, never ``T * S``.
+    together). Metadata grows with ``(T / block) ** 2``, never ``T * S``. ``varies``:
+    whether the mask_mod depends on the example ``b`` and on the head ``n``; a block
+    mask built for one example (or head) of a mask that varies is refused for more.
 
     A pytree (the arrays and the mask_mod's arrays are leaves): build it once outside
     ``jit`` and pass it to every layer and step.
     """
 
     def __init__(self, mask_mod, seq_lengths, block_sizes, kv_indices, kv_num_partial,
-                 kv_num_full, q_indices, q_num_partial, q_num_full, block_map):  # fmt: skip
+                 kv_num_full, q_indices, q_num_partial, q_num_full, block_map,
+                 varies=(False, False)):  # fmt: skip
         self.mask_mod = mask_mod
+        self.varies = tuple(varies)
         self.seq_lengths = tuple(seq_lengths)
         self.block_sizes = tuple(block_sizes)
         self.kv_indices = kv_indices
@@ -878,11 +882,12 @@ class BlockMask:
         return (self.mask_mod, *(getattr(self, a) for a in self._ARRAYS)), (
             self.seq_lengths,
             self.block_sizes,
+            self.varies,
         )
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux, *children[1:])
+        return cls(children[0], *aux[:2], *children[1:], varies=aux[2])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -958,7 +963,8 @@ def block_mask(
     are static, so a choice that changes between batches recompiles the step).
 
     ``batch`` and ``heads``: B (flattened) and N, needed when the mask_mod depends on
-    ``b`` or ``n`` (segment ids per example, :func:`per_head`). Works eagerly or under
+    ``b`` or ``n`` (segment ids or lengths per example, :func:`per_head`): a call with
+    more examples or heads than the block mask was built for is then refused. Works eagerly or under
     ``jit`` (a traced mask_mod, e.g. segment ids of this batch, gives a traced
     table). The cost is one evaluation of the mask_mod per (query, key) pair, a query
     block at a time; the result is ``O((T / block_q) * (S / block_kv))``.
@@ -998,7 +1004,16 @@ def _block_mask(mask_mod, q_len, kv_len, block_sizes, batch, heads, kinds=None):
     bq, bk = min(int(block_sizes[0]), q_len), min(int(block_sizes[1]), kv_len)
     if kinds is None:
         kinds = _kinds_jit(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), bq, bk)
-    return BlockMask(mask_mod, (q_len, kv_len), (bq, bk), *_tables(kinds), kinds)
+    varies = _varies(mask_mod)
+    return BlockMask(mask_mod, (q_len, kv_len), (bq, bk), *_tables(kinds), kinds, varies)
+
+
+def _varies(mask_mod) -> tuple[bool, bool]:
+    """Whether ``mask_mod`` depends on the example index ``b`` and on the head ``n``:
+    whether its result on two examples and two heads keeps those axes (traced only)."""
+    shape = jax.eval_shape(lambda m: call_mask(m, *grid(2, 2, 1, 1)), mask_mod).shape
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    return shape[0] > 1, shape[1] > 1
 
 
 @jax.jit  # one program: eagerly, op by op, a new shape compiled 17 (about 0.7 s)
