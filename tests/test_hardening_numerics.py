@@ -224,3 +224,62 @@ def test_nadaraya_watson_hidden_points_reach_nothing(seed, kernel):
     if not rows.any():
         g = jax.grad(lambda y: jnp.sum(run(x_bad, y) ** 2))(jnp.asarray(y_bad))
         assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[bad] == 0).all()
+
+
+def _np_decayed(q, k, v, log_a):
+    """float64 ``o_t = q_t S_t``, ``S_t = diag(exp(log_a_t)) S_{t-1} + k_t^T v_t`` for
+    one example and head: ``q, k [T, F]``, ``v [T, Hv]``, ``log_a [T, F|1]``."""
+    s, out = np.zeros((q.shape[1], v.shape[1])), []
+    for t in range(q.shape[0]):
+        s = np.exp(log_a[t].astype(np.float64))[:, None] * s + np.outer(k[t], v[t])
+        out.append(q[t] @ s)
+    return np.stack(out)
+
+
+_LINEAR_FORMS = {
+    form: jax.jit(
+        lambda q, k, v, g, d, form=form: (
+            jattn.gated_linear_attention(q, k, v, g, implementation=form, chunk_size=4),
+            jattn.retention(q, k, v, d, implementation=form, chunk_size=4),
+        )
+    )
+    for form in ("chunked", "parallel", "recurrent")
+}
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    where=st.integers(0, 9),
+    gate=st.sampled_from([-1e3, -1e6, -1e12, -1e30, -3e38, -np.inf]),
+    decay=st.sampled_from([1e-45, 1e-40, 1e-38, 1.2e-38, 1e-30, 0.5]),
+)
+def test_decays_near_zero_give_the_recurrence_in_every_form(where, gate, decay):
+    """Were wrong or NaN in the chunked and parallel forms: a gate of exp(-1e6) made the
+    prefix sums of the log gates -1e6, whose differences lose the other gates' -0.05
+    (0.23 off at -1e6, 1.07 at -1e8); a gate of 0 (-inf) and a retention decay that
+    float32 flushes to 0 (1e-38) made them NaN (-inf - -inf). Each form now equals a
+    float64 recurrence, finite, with finite gradients."""
+    rng = np.random.default_rng(where)
+    q, k, v = (rng.standard_normal((1, 10, 1, 4)).astype(np.float32) for _ in range(3))
+    gates = np.full((1, 10, 1, 4), -0.05, np.float32)
+    gates[0, where, 0, ::2] = gate
+    decays = np.array([decay], np.float32)
+    want_gla = _np_decayed(q[0, :, 0], k[0, :, 0], v[0, :, 0], gates[0, :, 0])
+    want_ret = _np_decayed(
+        q[0, :, 0], k[0, :, 0], v[0, :, 0], np.log(np.full((10, 1), decays[0], np.float64))
+    )
+    for form, fn in _LINEAR_FORMS.items():
+        gla, ret = fn(q, k, v, gates, decays)
+        np.testing.assert_allclose(gla[0, :, 0], want_gla, rtol=1e-4, atol=1e-4, err_msg=form)
+        np.testing.assert_allclose(ret[0, :, 0], want_ret, rtol=1e-4, atol=1e-4, err_msg=form)
+    grads = jax.grad(
+        lambda q, k, v: sum(jnp.sum(x) for x in _LINEAR_FORMS["chunked"](q, k, v, gates, decays)),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+
+
+def test_positive_log_gates_are_an_error():
+    q = jnp.ones((1, 4, 1, 2))
+    with pytest.raises(ValueError, match=r"log_gates must be <= 0 .* maximum of 5.0"):
+        jattn.gated_linear_attention(q, q, q, jnp.zeros((1, 4, 1, 2)).at[0, 2, 0, 1].set(5.0))

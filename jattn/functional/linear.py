@@ -158,6 +158,13 @@ def _chunked(q, k, v, log_a, resets, s0, chunk: int):
     return out.reshape(nc * chunk, hv)[:t], s_end.reshape(f, hv)
 
 
+#: The log decays' floor in the parallel and chunked forms: ``exp(-128)`` is 0 in
+#: float32, so a decay below it (a gate of 0, -inf) gives the same products, and the
+#: differences of prefix sums the forms take stay finite (``-inf - -inf`` is NaN) and
+#: precise (``-1e6 - 0.05`` is ``-1e6`` in float32).
+LOG_DECAY_FLOOR = -128.0
+
+
 def _head(q, k, v, log_a, resets, s0, form: str, chunk: int):
     """One head: ``q, k [T, F]``, ``v [T, Hv]``, ``log_a [T, F|1]`` (<= 0), ``resets
     [T]`` or None, ``s0 [F, Hv]`` -> ``(out [T, Hv], state [F, Hv])``, float32."""
@@ -166,6 +173,8 @@ def _head(q, k, v, log_a, resets, s0, form: str, chunk: int):
         if form == "chunked":
             return _chunked(q, k, v, None, resets, s0, chunk)
         log_a = jnp.zeros((q.shape[0], 1), jnp.float32)
+    elif form != "recurrent":
+        log_a = jnp.maximum(log_a, LOG_DECAY_FLOOR)
     if form == "parallel":
         return _parallel(q, k, v, log_a, resets, s0)
     if form == "recurrent":
@@ -433,9 +442,10 @@ def gated_linear_attention(
     ``S_t = diag(a_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, with data-dependent
     decays ``a_t = exp(log_gates_t)`` per key feature.
 
-    ``log_gates``: ``[B, T, N, H]`` (<= 0; e.g. ``log_sigmoid`` of a projection of the
-    input, as the paper). Other arguments as :func:`retention`; the chunked form
-    defaults to 16-token blocks (its block scores are ``[C, C, H]``).
+    ``log_gates``: ``[B, T, N, H]`` (<= 0, -inf for a gate of 0; e.g. ``log_sigmoid`` of
+    a projection of the input, as the paper; concrete gates above 0 are an error). Other
+    arguments as :func:`retention`; the chunked form defaults to 16-token blocks (its
+    block scores are ``[C, C, H]``).
     """
     name = "gated_linear_attention"
     b, t, n, f, _, hv = _check(query, key, value, name)
@@ -445,6 +455,13 @@ def gated_linear_attention(
             f"{name}: log_gates must be a float [B, T, N, H] = {[b, t, n, f]} array, got "
             f"{log_gates.dtype} {list(log_gates.shape)}"
         )
+    if not _checks._is_traced(log_gates):  # a traced (learned) gate cannot be checked here
+        top = float(jnp.max(log_gates, initial=-jnp.inf))  # one number to the host
+        if top > 0:
+            raise ValueError(
+                f"{name}: log_gates must be <= 0 (gates exp(log_gates) in [0, 1]), got a "
+                f"maximum of {top}; e.g. jax.nn.log_sigmoid of a projection"
+            )
     form, chunk = _options(name, implementation, chunk_size, 16)
     state = _initial(initial_state, b, n, f, hv, False, name)
     resets = _resets(segment_ids, b, t, name)
