@@ -8,6 +8,7 @@ loss function, and return arrays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -176,26 +177,44 @@ def head_masked(head_mask: jax.Array, attention_fn: Callable = dot_product_atten
     multiplied by ``head_mask[n]`` before the output projection, so a 0 removes
     the head and a 1 keeps it (masking is differentiable in ``head_mask``).
     The attention weights returned or sown are those of the unmasked heads.
+    :class:`jattn.layers.LinearAttention`, which calls no attention function, scales
+    its heads' outputs by it too. A :class:`jattn.models.decoding.RotaryAttention`
+    stays outermost (the mask goes inside it), so cached decoding still finds it and
+    applies RoPE at the cache positions.
 
     Args:
       head_mask: ``[N]`` floats (1 keep, 0 drop).
       attention_fn: the attention function being wrapped (same call signature).
     """
+    from jattn.models.decoding import RotaryAttention  # models import this module's users
+
     head_mask = _checks.check_real("head_mask", head_mask, allow_bool=True)
     if head_mask.ndim != 1:
         raise ValueError(f"head_mask must have shape [N], got {_checks.fmt(head_mask.shape)}")
+    if isinstance(attention_fn, RotaryAttention):
+        return dataclasses.replace(attention_fn, inner=head_masked(head_mask, attention_fn.inner))
+    return _HeadMasked(head_mask, attention_fn)
 
-    def fn(query, key, value, bias=None, mask=None, **kwargs):
-        result = attention_fn(query, key, value, bias, mask, **kwargs)
-        out, extras = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+
+@dataclasses.dataclass(eq=False)
+class _HeadMasked:
+    """:func:`head_masked`'s attention function."""
+
+    head_mask: jax.Array
+    inner: Callable
+
+    def scale_heads(self, out: jax.Array) -> jax.Array:
+        """``out [..., T, N, Hv]`` with head n scaled by ``head_mask[n]``."""
         n = out.shape[-2]
-        if head_mask.shape[0] != n:
-            raise ValueError(f"head_mask has {head_mask.shape[0]} entries for {n} heads")
-        scale = head_mask.astype(out.dtype).reshape((1,) * (out.ndim - 2) + (n, 1))
-        out = out * scale
-        return (out, *extras) if extras else out
+        if self.head_mask.shape[0] != n:
+            raise ValueError(f"head_mask has {self.head_mask.shape[0]} entries for {n} heads")
+        return out * self.head_mask.astype(out.dtype).reshape((1,) * (out.ndim - 2) + (n, 1))
 
-    return fn
+    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
+        result = self.inner(query, key, value, bias, mask, **kwargs)
+        out, extras = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+        out = self.scale_heads(out)
+        return (out, *extras) if extras else out
 
 
 @contextlib.contextmanager

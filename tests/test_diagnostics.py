@@ -137,6 +137,43 @@ def test_head_importance_of_an_attention_stack():
     np.testing.assert_allclose(scores[1, 0], dropped - base, rtol=1e-4, atol=1e-6)
 
 
+def test_head_masks_reach_linear_attention_and_keep_rope_for_decoding():
+    """Were silent: LinearAttention calls no attention function, so masking its heads
+    changed nothing (importance 0); a head mask around a RotaryAttention hid RoPE from
+    cached decoding (steps 0.49 off the whole sequence). A linear layer's heads are now
+    scaled (equal to zeroing its output projection's slice), and a RoPE block decodes
+    step by step as it runs whole under the mask."""
+    from jattn.layers import LinearAttention
+    from jattn.models import EncoderBlock
+
+    x = jax.random.normal(jax.random.key(3), (1, 5, 6))
+    keep = jnp.array([1.0, 0.0])
+    for kind in ("linear", "gla"):
+        layer = LinearAttention(2, 6, kind=kind, rngs=nnx.Rngs(0))
+        with masking_heads([layer], keep[None]):
+            ours = layer(x, is_causal=True)
+        assert layer.attention_fn is None  # restored
+        saved = layer.out.kernel[...]
+        layer.out.kernel[...] = saved * keep[:, None, None]
+        np.testing.assert_allclose(ours, layer(x, is_causal=True), err_msg=kind, **TOL)
+        layer.out.kernel[...] = saved
+    layer.attention_fn = lambda *a, **k: None
+    with pytest.raises(TypeError, match="LinearAttention calls no attention_fn"):
+        layer(x, is_causal=True)
+
+    block = EncoderBlock(8, 2, 12, rotary=True, dropout_rate=0.0, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (1, 5, 8))  # even head size, for RoPE
+    with masking_heads([block.self_attention], jnp.array([[1.0, 0.5]])):
+        whole = block(x, is_causal=True)
+        cache, steps = block.init_cache(1, 5), []
+        for t in range(5):
+            out, cache = block.step(x[:, t : t + 1], cache)
+            steps.append(out)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), whole, rtol=1e-5, atol=1e-5)
+    unmasked = block(x, is_causal=True)
+    assert float(jnp.abs(unmasked - whole).max()) > 1e-3  # the mask did something
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r"weights must have shape \[..., N, T, S\], got \[3, 4\]"):
         attention_entropy(jnp.ones((3, 4)))

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jattn
 from jattn.layers import LinearAttention, MultiHeadAttention
@@ -84,3 +86,67 @@ def test_models_and_errors():
         LinearAttention(4, 16, rngs=nnx.Rngs(0))(X, mask=jnp.ones((2, 1, 9, 9), bool))
     with pytest.raises(ValueError, match="never forms the"):
         LinearAttention(4, 16, rngs=nnx.Rngs(0))(X, return_weights=True)
+
+
+_PADDED = {}
+
+
+def _padded_layer(kind):
+    """A LinearAttention layer and its jitted (output, input gradient, parameter
+    gradients) of a key-padded cross call, compiled once per kind."""
+    if kind not in _PADDED:
+        layer = LinearAttention(2, 8, kind=kind, rngs=nnx.Rngs(0))
+        graph, params = nnx.split(layer)
+
+        @jax.jit
+        def run(params, x, kv, valid):
+            def loss(params, kv):
+                out = nnx.merge(graph, params)(x, kv, mask=jattn.key_padding_mask(valid))
+                return jnp.sum(out**2), out
+
+            (_, out), (dp, dkv) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, kv)
+            return out, dkv, dp
+
+        _PADDED[kind] = lambda *a: run(params, *a)
+    return _PADDED[kind]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 6), min_size=2, max_size=2),
+    fill=st.sampled_from([np.nan, np.inf, -np.inf]),
+    kind=st.sampled_from(["linear", "performer"]),
+)
+def test_padded_keys_reach_nothing(lengths, fill, kind):
+    """Was NaN: the layer masked the keys after the feature map, so a NaN in a padded
+    key (uninitialised padding) reached the gradients at the padded positions and the
+    parameter gradients. Now padded key inputs are zeroed before the projections: the
+    output and the real positions' gradients equal a clean run's, the padded ones are
+    exactly 0, and every parameter gradient is finite."""
+    rng = np.random.default_rng(lengths[0] * 7 + lengths[1])
+    x = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+    kv = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    valid = np.arange(6)[None, :] < np.asarray(lengths)[:, None]
+    dirty = np.where(valid[..., None], kv, np.float32(fill))
+    run = _padded_layer(kind)
+    out, dkv, dp = run(x, jnp.asarray(dirty), jnp.asarray(valid))
+    want_out, want_dkv, _ = run(x, jnp.asarray(kv), jnp.asarray(valid))
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(np.where(valid[..., None], dkv, 0.0), want_dkv * valid[..., None])
+    assert not np.asarray(dkv)[~valid].any()
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(dp))
+
+
+def test_bad_inputs_are_named():
+    layer = LinearAttention(2, 8, rngs=nnx.Rngs(0))
+    for x in (jnp.ones((3, 8)), jnp.ones((1, 2, 3, 8)), jnp.ones((2, 3, 4))):
+        with pytest.raises(ValueError, match=r"inputs_q must have shape \[B, L, 8\]"):
+            layer(x)
+    with pytest.raises(ValueError, match=r"key-padding mask \[B, 1, 1, S\] = \[2, 1, 1, 6\]"):
+        layer(jnp.ones((2, 3, 8)), jnp.ones((2, 6, 8)), mask=jnp.ones((2, 1, 1, 7), bool))
+    with pytest.raises(ValueError, match="must have the same batch size B"):
+        layer(jnp.ones((2, 3, 8)), jnp.ones((3, 6, 8)))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, L, 8\]"):
+        layer.step(jnp.ones((1, 8)), layer.init_cache(1))
+    with pytest.raises(ValueError, match=r"B=2 sequences, but the cache holds 3"):
+        layer.step(jnp.ones((2, 1, 8)), layer.init_cache(3))

@@ -41,11 +41,16 @@ def _key_validity(mask, b: int, s: int):
     if mask is None:
         return None
     mask = _checks.check_bool_mask("mask", mask, hint="pass jattn.key_padding_mask(valid)")
-    if mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+    if (
+        mask.ndim != 4
+        or mask.shape[1:3] != (1, 1)
+        or mask.shape[0] not in (1, b)
+        or (mask.shape[3] != s)
+    ):
         raise ValueError(
-            "linear attention takes only a boolean key-padding mask [B, 1, 1, S] (as "
-            f"jattn.key_padding_mask gives), got {mask.dtype} {list(mask.shape)}; other "
-            "masks need softmax attention"
+            f"linear attention takes only a boolean key-padding mask [B, 1, 1, S] = "
+            f"[{b}, 1, 1, {s}] (as jattn.key_padding_mask gives), got {mask.dtype} "
+            f"{list(mask.shape)}; other masks need softmax attention"
         )
     return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
 
@@ -152,18 +157,37 @@ class LinearAttention(MultiHeadAttention):
                 "LinearAttention has no bias, return_weights or sow_weights: it never "
                 "forms the [T, S] weights"
             )
-        inputs_k = inputs_q if inputs_k is None else inputs_k
-        inputs_v = inputs_k if inputs_v is None else inputs_v
+        inputs_k, inputs_v = self._check_inputs(inputs_q, inputs_k, inputs_v, "B")
         if is_causal and inputs_k is not inputs_q:
             raise ValueError("causal LinearAttention is self-attention: pass inputs_q only")
-        for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
-            _checks.check_real(name, x)
-        q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
-        valid = _key_validity(mask, k.shape[0], k.shape[1])
+        if inputs_q.shape[0] != inputs_k.shape[0]:
+            raise ValueError(
+                f"inputs_q {list(inputs_q.shape)} and inputs_k {list(inputs_k.shape)} must "
+                "have the same batch size B"
+            )
+        valid = _key_validity(mask, *inputs_k.shape[:2])
         if is_causal and valid is not None:
             raise ValueError("causal LinearAttention takes no mask (right padding is causal)")
+        if valid is not None:  # padding keys: zeros in (NaN there reaches no gradient)
+            inputs_k = jnp.where(valid[..., None], inputs_k, jnp.zeros((), inputs_k.dtype))
+            inputs_v = jnp.where(valid[..., None], inputs_v, jnp.zeros((), inputs_v.dtype))
+        q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
         out = self._attend(inputs_q, q, k, v, is_causal=is_causal, valid=valid)
-        return self.out(out.astype(v.dtype))
+        return self.out(self._scale_heads(out).astype(v.dtype))
+
+    def _scale_heads(self, out):
+        """``out [B, T, N, Hv]`` scaled per head by a :func:`jattn.diagnostics.head_masked`
+        ``attention_fn`` (set by :func:`jattn.diagnostics.masking_heads`): the layer
+        calls no attention function, so nothing else could be set there."""
+        fn = self.attention_fn
+        if fn is None:
+            return out
+        if not hasattr(fn, "scale_heads"):
+            raise TypeError(
+                "LinearAttention calls no attention_fn (it never forms the weights); only "
+                f"jattn.diagnostics.head_masked's can be set there, got {fn!r}"
+            )
+        return fn.scale_heads(out)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=jnp.float32):
         """The decoding state of ``batch_size`` empty sequences: constant size, whatever
@@ -183,10 +207,20 @@ class LinearAttention(MultiHeadAttention):
     def step(self, x: jax.Array, cache: LinearDecodeState):
         """Causal attention of new tokens ``x [B, T, D]`` after the cached ones ->
         ``([B, T, D_out], cache)``: chunked for a prompt, recurrent for single tokens."""
+        self._check_inputs(x, None, None, "B", q_name="x")
+        if not isinstance(cache, LinearDecodeState):
+            raise TypeError(
+                f"cache must be the LinearDecodeState of init_cache, got {type(cache).__name__}"
+            )
+        if cache.kv.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"x {list(x.shape)} has B={x.shape[0]} sequences, but the cache holds "
+                f"{cache.kv.shape[0]} (init_cache(batch_size={x.shape[0]}))"
+            )
         q, k, v = self.query(x), self.key(x), self.value(x)
         form = "recurrent" if x.shape[-2] == 1 else None
         state = lin.LinearState(cache.kv, cache.k_sum)
         out, state = self._attend(x, q, k, v, is_causal=True, state=state, return_state=True,
                                   implementation=form)  # fmt: skip
         new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2])
-        return self.out(out.astype(v.dtype)), new
+        return self.out(self._scale_heads(out).astype(v.dtype)), new

@@ -332,28 +332,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         Returns:
           ``[..., T, out_features]``, or ``(output, weights)`` with ``return_weights``.
         """
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_v was given without inputs_k")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
-        for name, x, width in (
-            ("inputs_q", inputs_q, self.query.in_features[0]),
-            ("inputs_k", inputs_k, self.key.in_features[0]),
-            ("inputs_v", inputs_v, self.value.in_features[0]),
-        ):
-            x = _checks.check_real(name, x)
-            if jnp.ndim(x) < 2 or jnp.shape(x)[-1] != width:
-                raise ValueError(
-                    f"{name} must have shape [..., L, {width}], got {list(jnp.shape(x))}"
-                )
-        if jnp.shape(inputs_k)[:-1] != jnp.shape(inputs_v)[:-1]:
-            raise ValueError(
-                f"inputs_k {list(jnp.shape(inputs_k))} and inputs_v {list(jnp.shape(inputs_v))} "
-                "must agree on all but the feature axis"
-            )
-
+        inputs_k, inputs_v = self._check_inputs(inputs_q, inputs_k, inputs_v)
         deterministic = self._deterministic(deterministic)
         decode = self.decode if decode is None else decode
         _checks.check_flags(decode=decode)
@@ -401,6 +380,35 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             self.sow(nnx.Intermediate, "attention_weights", weights)
         out = self.out(x)
         return (out, weights) if return_weights else out
+
+    def _check_inputs(self, inputs_q, inputs_k, inputs_v, batch_dims: str = "...",
+                      q_name: str = "inputs_q"):  # fmt: skip
+        """``(inputs_k, inputs_v)``, defaulted to the query's (self-attention), each
+        checked: real, ``[batch_dims, L, D]`` with the projection's D, keys and values
+        of one shape but the features (the query named ``q_name``)."""
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError("inputs_v was given without inputs_k")
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        rank = None if batch_dims == "..." else len(batch_dims.split(", ")) + 2
+        for name, x, width in (
+            (q_name, inputs_q, self.query.in_features[0]),
+            ("inputs_k", inputs_k, self.key.in_features[0]),
+            ("inputs_v", inputs_v, self.value.in_features[0]),
+        ):
+            x = _checks.check_real(name, x)
+            if jnp.ndim(x) < 2 or jnp.shape(x)[-1] != width or rank not in (None, jnp.ndim(x)):
+                raise ValueError(
+                    f"{name} must have shape [{batch_dims}, L, {width}], got {list(jnp.shape(x))}"
+                )
+        if jnp.shape(inputs_k)[:-1] != jnp.shape(inputs_v)[:-1]:
+            raise ValueError(
+                f"inputs_k {list(jnp.shape(inputs_k))} and inputs_v {list(jnp.shape(inputs_v))} "
+                "must agree on all but the feature axis"
+            )
+        return inputs_k, inputs_v
 
     def _decode_step(self, query, key, value, mask):
         """Flax-style cached step: writes the T new keys/values at ``cache_index`` and
