@@ -232,7 +232,8 @@ def relative_position_buckets(
     distances; the rest grow logarithmically up to ``max_distance``, beyond which
     everything shares the last bucket. The causal form puts all future keys in bucket 0.
 
-    ``relative_position`` holds integers (floats are a TypeError, not truncated);
+    ``relative_position`` holds integers within int32 (floats are a TypeError, not
+    truncated; every int32 value, the extremes included, gets its bucket);
     ``num_buckets`` and ``max_distance`` are ints.
 
     Returns:
@@ -241,7 +242,10 @@ def relative_position_buckets(
     bidirectional, num_buckets, max_distance = check_buckets(
         bidirectional, num_buckets, max_distance
     )
-    n = -check_int_array("relative_position", relative_position)
+    rel = check_int_array("relative_position", relative_position)
+    # -(-2**31) does not fit int32 (it wraps to -2**31, a negative bucket); -(2**31 - 1)
+    # is as far beyond max_distance, in the same direction: the same bucket
+    n = -jnp.maximum(rel, jnp.int32(-(2**31 - 1)))
     ret = jnp.zeros_like(n)
     if bidirectional:
         num_buckets //= 2

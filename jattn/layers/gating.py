@@ -51,6 +51,17 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return probs, selected
 
 
+def _check_token_mask(name: str, mask, shape: tuple[int, ...], what: str) -> jax.Array:
+    """``mask`` as a bool array of ``shape`` (one entry per token of ``what``), else a
+    TypeError / ValueError naming ``name``."""
+    mask = check_bool_mask(name, mask, hint="True marks a real token")
+    if mask.shape != shape:
+        raise ValueError(
+            f"{name} must mark the tokens of {what}: shape {list(shape)}, got {list(mask.shape)}"
+        )
+    return mask
+
+
 def load_balancing_loss(probs: jax.Array, selected: jax.Array, where: jax.Array | None = None
                         ) -> jax.Array:  # fmt: skip
     """Switch Transformer's auxiliary loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021).
@@ -58,26 +69,32 @@ def load_balancing_loss(probs: jax.Array, selected: jax.Array, where: jax.Array 
     ``f_i`` is the fraction of the routing slots (tokens times k) that go to expert i,
     ``P_i`` the mean router probability of expert i, both over the tokens of
     ``probs [..., E]`` / ``selected [..., E]`` (:func:`top_k_routing`) that ``where
-    [...]`` (bool, default every token) marks real: padding does not count. A uniform
-    router gives 1.0, the minimum; a router that sends everything to one expert with
-    probability 1 gives ``E / k``; no real token gives 0. Only ``P`` carries a gradient.
+    [...]`` (bool, default every token) marks real: padding does not count, whatever it
+    holds (NaN or inf included). A uniform router gives 1.0, the minimum; a router that
+    sends everything to one expert with probability 1 gives ``E / k``; no real token
+    gives 0. Only ``P`` carries a gradient (zero at the padding).
     """
+    if where is not None:
+        where = _check_token_mask("where", where, probs.shape[:-1], f"probs {list(probs.shape)}")
+    return _load_balancing_loss(probs, selected, where)
+
+
+def _load_balancing_loss(probs: jax.Array, selected: jax.Array, where: jax.Array | None
+                         ) -> jax.Array:  # fmt: skip
+    """:func:`load_balancing_loss` of a checked ``where``."""
     num = probs.shape[-1]
+    probs = probs.reshape(-1, num).astype(jnp.float32)  # [tokens, E]
+    sel = selected.reshape(-1, num).astype(jnp.float32)
     if where is None:
-        weight = jnp.ones(probs.shape[:-1], jnp.float32)
+        count = jnp.float32(probs.shape[0])
     else:
-        where = check_bool_mask("where", where, hint="True marks a real token")
-        if where.shape != probs.shape[:-1]:
-            raise ValueError(
-                f"where must mark the tokens of probs {list(probs.shape)}: shape "
-                f"{list(probs.shape[:-1])}, got {list(where.shape)}"
-            )
-        weight = where.astype(jnp.float32)
-    weight = weight.reshape(-1, 1)  # [tokens, 1]
-    sel = selected.reshape(-1, num).astype(jnp.float32) * weight  # [tokens, E]
+        real = where.reshape(-1, 1)  # [tokens, 1]
+        # jnp.where, not a product: 0 * NaN is NaN (a padded token's router may read NaN)
+        sel = jnp.where(real, sel, 0.0)
+        probs = jnp.where(real, probs, 0.0)
+        count = jnp.sum(real.astype(jnp.float32))
     frac = jnp.sum(sel, axis=0) / jnp.maximum(jnp.sum(sel), 1.0)  # [E]
-    prob = probs.reshape(-1, num).astype(jnp.float32) * weight
-    mean_prob = jnp.sum(prob, axis=0) / jnp.maximum(jnp.sum(weight), 1.0)  # [E]
+    mean_prob = jnp.sum(probs, axis=0) / jnp.maximum(count, 1.0)  # [E]
     return num * jnp.sum(frac * mean_prob)
 
 
@@ -265,10 +282,21 @@ class MixtureOfHeads(nnx.Module):
     def route(self, x: jax.Array, token_mask: jax.Array | None = None
               ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
         """``(weights [..., T, N], selected [..., T, N] bool, aux_loss)`` for ``x [..., T,
-        D]``; the loss counts the tokens ``token_mask [..., T]`` marks (default all)."""
+        D]``; the loss counts the tokens ``token_mask [..., T]`` marks (default all),
+        whatever the others hold (NaN or inf included: they get zero gradients)."""
         probs, selected = top_k_routing(self.router(x), self.k)
         weights = jnp.where(selected, self.num_heads * probs, 0.0)
-        return weights, selected, load_balancing_loss(probs, selected, token_mask)
+        if token_mask is None:
+            return weights, selected, _load_balancing_loss(probs, selected, None)
+        token_mask = _check_token_mask(
+            "token_mask", token_mask, x.shape[:-1], f"x {list(x.shape)} ([..., T, D])"
+        )
+        # The loss routes the padded tokens from zeros (double where): a NaN there would
+        # make NaN router gradients (0 * NaN in the softmax's and the router's backward
+        # pass) even with the loss's own where. Real tokens route as above.
+        kept = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
+        loss_probs, loss_selected = top_k_routing(self.router(kept), self.k)
+        return weights, selected, _load_balancing_loss(loss_probs, loss_selected, token_mask)
 
     def _finish(self, x, heads, token_mask=None):
         weights, _, loss = self.route(x, token_mask)

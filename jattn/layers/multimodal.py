@@ -347,11 +347,18 @@ class PerceiverEncoder(nnx.Module):
         """``inputs [..., S, D_in]`` -> the latents ``[..., M, D]``.
 
         ``input_mask``: bool ``[..., S]``, True = a real input token (padding is
-        ignored: its values do not change the output). An example with no real token
-        gets a zero cross-attention read (the library's fully-masked result).
+        ignored: its values, NaN or inf included, do not change the output and get
+        zero gradients). An example with no real token gets a zero cross-attention
+        read (the library's fully-masked result).
         """
         inputs = _check_input("inputs", inputs, self.in_features, "[..., S, D_in]")
         mask = _key_mask("input_mask", input_mask, inputs, "S")  # [..., 1, 1, S]
+        if mask is not None:
+            # padding is zeroed before the input norm (double where): the attention's
+            # mask alone would leave a NaN row's norm a NaN gradient (0 * NaN), for the
+            # row and for the norm's scale and bias
+            real = mask[..., 0, 0, :, None]  # [..., S, 1]
+            inputs = jnp.where(real, inputs, jnp.zeros((), inputs.dtype))
         latents = self.latents[...].astype(inputs.dtype)
         z = jnp.broadcast_to(latents, (*inputs.shape[:-2], *latents.shape))  # [..., M, D]
         kw = _kwargs(deterministic, per_site_rngs(rngs), sow_weights)

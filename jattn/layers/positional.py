@@ -47,7 +47,10 @@ class SinusoidalEncoding(nnx.Module):
 class LearnedPositionalEmbedding(nnx.Module):
     """A learned table ``[max_len, D]``: ``__call__(positions [...]) -> [..., D]``.
 
-    Positions at or beyond ``max_len`` are clipped to the last row (jit cannot raise).
+    Positions must be in ``[0, max_len)``: concrete ones (outside ``jax.jit``) outside
+    that range are a ValueError, as out-of-vocabulary token ids are. Traced positions
+    (under ``jax.jit``, where nothing can raise) are clipped to the table instead: a
+    negative one reads row 0, one at or beyond ``max_len`` the last row.
     """
 
     def __init__(self, max_len: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -65,7 +68,15 @@ class LearnedPositionalEmbedding(nnx.Module):
         )
 
     def __call__(self, positions: jax.Array) -> jax.Array:
-        positions = _check_positions(positions)
+        positions = _check_positions(positions)  # int32, or a ValueError naming positions
+        values = _checks.concrete(positions)
+        if values is not None and values.size:
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= self.max_len:
+                raise ValueError(
+                    f"positions must be in [0, {self.max_len}) (the rows of the learned "
+                    f"table, max_len={self.max_len}), got min {lo}, max {hi}"
+                )
         return self.embedding(jnp.clip(positions, 0, self.max_len - 1))
 
 

@@ -4,7 +4,9 @@ The recurrences run with ``jax.lax.scan`` over time. The input projections of a
 whole sequence are computed once, outside the scan, so each step only multiplies
 the hidden state. Padding is handled by a boolean mask ``[B, S]`` (True = token):
 at a padded position the carry is frozen and the output is zero, so a sequence's
-states never depend on its padding, whichever direction the scan runs.
+states never depend on its padding, whichever direction the scan runs. Padded inputs
+are zeroed before they are used, so even a NaN or inf there gets a zero gradient and
+leaves every other gradient finite.
 """
 
 from __future__ import annotations
@@ -88,11 +90,16 @@ def masked_scan(
 
     Returns:
       ``(outputs [B, S, H], final [B, H])``; outputs are zero at padded positions,
-      and ``final`` is the state after the last valid token in scan order.
+      and ``final`` is the state after the last valid token in scan order. Padded
+      ``x_proj`` steps (NaN or inf included) reach neither: their gradient is zero.
     """
 
     def body(h, inputs):
         xp, ok = inputs  # [B, 3H], [B]
+        # a padded step's input never enters the cell (double where): a NaN or inf there
+        # would otherwise make NaN gradients for the whole example (0 * NaN in the
+        # backward pass of the step whose result the outer where drops)
+        xp = jnp.where(ok[:, None], xp, jnp.zeros((), xp.dtype))
         # the state keeps h0's dtype (float64 inputs under x64 would promote it)
         h_new = jnp.where(ok[:, None], cell.step(h, xp).astype(h.dtype), h)
         return h_new, jnp.where(ok[:, None], h_new, 0.0)
@@ -184,6 +191,9 @@ class GRUEncoder(TrainEval, nnx.Module):
         b = x.shape[0]
         h0 = jnp.zeros((b, self.hidden), jnp.float32, out_sharding=_sharding.batch_like(x))
         finals = []
+        # padded steps are zeroed before the input projections (masked_scan drops them
+        # too): a NaN or inf there would give the projection weights NaN gradients
+        x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
         for i in range(self.num_layers):
             if i > 0:
                 x = self.dropout(x, deterministic=deterministic, rngs=rngs)
