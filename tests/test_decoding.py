@@ -372,3 +372,46 @@ def test_greedy_pads_after_eos():
     first = jnp.array([BOS, 3], jnp.int32)
     out = greedy_search(step, jnp.zeros((2,)), first, max_len=4, eos_id=EOS, pad_id=PAD)
     np.testing.assert_array_equal(np.asarray(out), [[4, 2, 0, 0], [3, 3, 3, 3]])
+
+
+def test_flax_style_decode_reads_its_cache_dtype_and_names_bad_calls():
+    """Were a dtype error on every step, a raw broadcasting error, a layer left in
+    decode mode by a refused set_view, and clamped writes past the cache under jit."""
+    from jattn.layers import MultiHeadAttention
+
+    layer = MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    whole = layer(x, is_causal=True)
+    layer.init_cache((2, 6, 8), dtype=jnp.bfloat16)  # a bfloat16 cache, float32 parameters
+    steps = jnp.concatenate([layer(x[:, t : t + 1], decode=True) for t in range(4)], axis=1)
+    assert steps.dtype == jnp.float32
+    np.testing.assert_allclose(steps, whole, atol=2e-2)  # keys and values rounded to bfloat16
+    layer.init_cache((2, 6, 8))
+    with pytest.raises(ValueError, match=r"mask of shape \[2, 1, 1, 5\] does not broadcast to "
+                       r"\[..., N, T, max_length\] \(the cache\) = \[2, 2, 1, 6\]"):  # fmt: skip
+        layer(x[:, :1], decode=True, mask=jnp.ones((2, 1, 1, 5), bool))
+    with pytest.raises(TypeError, match="pass both batch_size and max_length"):
+        layer.set_view(decode=True, batch_size=2)
+    assert layer.decode is False  # unchanged by the refused call
+    layer.init_cache((2, 3, 8))
+    step = nnx.jit(lambda layer, x: layer(x, decode=True))
+    outs = [step(layer, x[:, :1]) for _ in range(4)]  # one more than the cache holds
+    assert all(bool(jnp.isfinite(o).all()) for o in outs[:3]) and bool(jnp.isnan(outs[3]).all())
+
+
+def test_rewind_cache_checks_its_index():
+    from jattn.models import cache_index, rewind_cache
+
+    model = DecoderLM(20, num_layers=1, rngs=nnx.Rngs(0), **SMALL)
+    cache = model.init_cache(3, 8)
+    tokens = jnp.ones((3, 4), jnp.int32)
+    _, cache = model.step(tokens, cache)
+    back = rewind_cache(cache, 2)  # an int rewinds every example
+    np.testing.assert_array_equal(cache_index(cache), [4, 4, 4])
+    np.testing.assert_array_equal(cache_index(back), [2, 2, 2])
+    with pytest.raises(ValueError, match=r"index has shape \[2\]; the cache holds B=3"):
+        rewind_cache(cache, jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"index must be in \[0, 8\].*\[-3, 0, 0\]"):
+        rewind_cache(cache, jnp.array([-3, 0, 0]))
+    with pytest.raises(TypeError, match=r"index must be an int or an int array \[B\], got float32"):
+        rewind_cache(cache, jnp.array([1.0, 2.0, 3.0]))

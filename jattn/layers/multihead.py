@@ -259,12 +259,12 @@ class MultiHeadAttention(TrainEval, nnx.Module):
           batch_size, max_length: with ``decode=True``, a new cache of that batch shape
             and length (:meth:`init_cache`); both or neither.
         """
+        if (batch_size is None) != (max_length is None):  # checked before anything changes
+            raise TypeError("set_view: pass both batch_size and max_length (for a new cache)")
         if deterministic is not None:
             self.deterministic = deterministic
         if decode is not None:
             self.decode = decode
-        if (batch_size is None) != (max_length is None):
-            raise TypeError("set_view: pass both batch_size and max_length (for a new cache)")
         if batch_size is not None:
             batch = (batch_size,) if not isinstance(batch_size, tuple | list) else batch_size
             self.init_cache((*batch, max_length, self.in_features), self.cache_dtype or jnp.float32)
@@ -324,6 +324,9 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             use, more (a prefill) work too. The cache mask is causal, so
             ``is_causal`` needs no change; ``mask``/``bias`` broadcast to
             ``[..., N, T, max_length]``, and mask/score mods see the cache positions.
+            A cache of another dtype is read in the inputs'. More tokens than the
+            cache has room for are an error, or, under ``jax.jit`` (a traced
+            ``cache_index``), NaN outputs.
           return_weights: also return the float32 weights ``[..., N, T, S]``.
           sow_weights: sow the weights as ``nnx.Intermediate`` ``attention_weights``;
             call under ``nnx.capture(fn, nnx.Intermediate)`` (or use
@@ -433,6 +436,10 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             )
         if t > max_len:
             raise ValueError(f"decode=True: {t} new tokens do not fit a cache of {max_len}")
+        if mask is not None:
+            mask = _checks.check_bool_mask("mask", mask, hint="pass additive float masks as bias")
+            target = (*batch, query.shape[-2], t, max_len)
+            _checks.check_broadcast("mask", mask, target, "[..., N, T, max_length] (the cache)")
         index = self.cache_index[...]
         concrete = _checks.concrete(index)
         if concrete is not None and int(concrete) + t > max_len:
@@ -440,6 +447,8 @@ class MultiHeadAttention(TrainEval, nnx.Module):
                 f"decode=True: the cache is full: writing {t} tokens at cache_index "
                 f"{int(concrete)} needs {int(concrete) + t} positions, it has {max_len}"
             )
+        if concrete is None:  # traced (under jit): an overflow cannot raise; its rows are NaN
+            query = jnp.where(index + t > max_len, jnp.asarray(jnp.nan, query.dtype), query)
         fn, wavelengths = _rotary_unwrapped(self.attention_fn)
         if wavelengths:
             positions = index + jnp.arange(t, dtype=jnp.int32)
@@ -456,10 +465,11 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         self.cached_key[...] = keys
         self.cached_value[...] = values
         self.cache_index[...] = index + t
+        # a cache stored in another dtype (init_cache(dtype=...)) is read in the inputs'
+        keys, values = keys.astype(key.dtype), values.astype(value.dtype)
         visible = causal_mask(t, max_len, offset=index)  # [T, L]: up to its own position
         if mask is None:
             return query, keys, values, visible[None], index, fn
-        mask = _checks.check_bool_mask("mask", mask, hint="pass additive float masks as bias")
         rank = max(mask.ndim, 3)
         mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
         visible = jnp.logical_and(mask, visible.reshape((1,) * (rank - 2) + visible.shape))

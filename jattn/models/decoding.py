@@ -113,13 +113,32 @@ def cache_index(cache) -> jax.Array:
 
 def rewind_cache(cache, index: jax.Array):
     """The cache with every :class:`KVCache` part's next write position set to
-    ``index [B]`` (the keys beyond it are masked from then on). A
+    ``index [B]`` (an int, or an int array ``[B]``; the keys beyond it are masked from
+    then on), each in ``[0, S_max]`` (checked when concrete). A
     :class:`jattn.layers.linear.LinearDecodeState` cannot be rewound: a TypeError."""
+    index = _checks.as_array("index", index)
+    if not jnp.issubdtype(index.dtype, jnp.integer) or index.ndim > 1:
+        raise TypeError(
+            f"index must be an int or an int array [B], got {index.dtype}{_checks.fmt(index.shape)}"
+        )
+    values = _checks.concrete(index)
 
     def rewind(x):
         if isinstance(x, LinearDecodeState):
             raise TypeError("a linear-attention state cannot be rewound; feed tokens instead")
-        return x._replace(index=index) if isinstance(x, KVCache) else x
+        if not isinstance(x, KVCache):
+            return x
+        (b, max_len), new = x.key.shape[:2], index
+        if new.ndim == 1 and new.shape != (b,):
+            raise ValueError(f"index has shape {_checks.fmt(new.shape)}; the cache holds B={b}")
+        if (
+            values is not None
+            and values.size
+            and not (0 <= values.min() <= values.max() <= max_len)
+        ):
+            raise ValueError(f"index must be in [0, {max_len}] (the cache's positions), got "
+                             f"{values.tolist()}")  # fmt: skip
+        return x._replace(index=jnp.broadcast_to(new, (b,)).astype(x.index.dtype))
 
     return jax.tree.map(rewind, cache, is_leaf=_is_state)
 
