@@ -5,9 +5,12 @@
 - Chunked against the scan (recurrent) form, forward+backward (target: chunked at least
   as fast), at ``--scan-t``.
 - Time against T for the chunked form (target: linear), 1k .. 64k.
+- The log decays' floor (``linear.LOG_DECAY_FLOOR``, issue 19): GLA and retention
+  heads, chunked, with the floor (as they run) against without it, at ``--scan-t``.
 
     python benchmarks/bench_linear.py
     python benchmarks/bench_linear.py --only exact --t 8192 --repeats 3
+    python benchmarks/bench_linear.py --only floor --repeats 15
     python benchmarks/bench_linear.py --smoke
 """
 
@@ -78,6 +81,37 @@ def scaling(lengths, repeats):
         print(json.dumps(row))
 
 
+def floor(t, repeats):
+    """One head's chunked form with the log decays floored (``_head``, as it runs)
+    against without (``_chunked`` called directly), forward and forward+backward."""
+    from jattn.functional import linear
+
+    q, k, v = (x[0, :, 0] * 0.3 for x in inputs(t))  # [T, H]: one head
+    s0 = jnp.zeros((H, H), jnp.float32)
+    cases = {"GLA (a decay per feature)": (H, 16), "retention (one per token)": (1, 64)}
+    for case, (width, chunk) in cases.items():
+        log_a = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(3), (t, width)) + 3.0)
+        runs = {
+            "floored": lambda q, k, v, la, c=chunk: linear._head(
+                q, k, v, la, None, s0, "chunked", c
+            ),
+            "no floor": lambda q, k, v, la, c=chunk: linear._chunked(q, k, v, la, None, s0, c),
+        }
+        fns = {}
+        for name, run in runs.items():
+            fwd = jax.jit(lambda *a, run=run: run(*a)[0])
+            bwd = jax.jit(jax.grad(lambda *a, run=run: jnp.sum(run(*a)[0] * a[2]), (0, 1, 2, 3)))
+            args = (q, k, v, log_a)
+            fns[f"{name} fwd"] = lambda f=fwd, a=args: jax.block_until_ready(f(*a))
+            fns[f"{name} fwd+bwd"] = lambda f=bwd, a=args: jax.block_until_ready(f(*a))
+        med = interleave(fns, repeats)
+        row = dict(case=f"log decay floor: {case}", T=t)
+        row["ms"] = {n: round(1e3 * m, 2) for n, m in med.items()}
+        for mode in ("fwd", "fwd+bwd"):
+            row[f"ratio {mode}"] = round(med[f"floored {mode}"] / med[f"no floor {mode}"], 3)
+        print(json.dumps(row))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--t", type=int, default=16384)
@@ -96,6 +130,8 @@ def main():
         scan(a.scan_t, a.repeats)
     if "scaling" in a.only:
         scaling(a.lengths, a.repeats)
+    if "floor" in a.only:
+        floor(a.scan_t, a.repeats)
 
 
 if __name__ == "__main__":
