@@ -62,6 +62,9 @@ def orthogonal_random_features(key: jax.Array, num_features: int, head_dim: int)
     """FAVOR+'s projection ``[M, H]``: blocks of H orthogonal rows (QR of a Gaussian
     matrix), each row rescaled to the norm of an independent Gaussian vector, so every
     row is marginally ``N(0, I)`` and rows within a block are orthogonal."""
+    from jattn.functional.mods import _check_prng_key  # mods imports masks: no cycle
+
+    _check_prng_key("key", key)
     m = check_positive_int("num_features", num_features)
     h = check_positive_int("head_dim", head_dim)
     nblocks = -(-m // h)
@@ -84,7 +87,17 @@ def favor_features(x: jax.Array, projection: jax.Array, *, kind: str = "softmax"
     ``exp(-c_q - c_k)``: a stabiliser ``c`` that the attention's normaliser cancels);
     ``stabilizer``: None (no shift), ``"row"`` (each row's max) or ``"all"`` (the max
     over the last two axes). ``kind="relu"``: ``relu(w . x) / sqrt(M)``.
+
+    ``x`` and ``projection`` hold real numbers: complex ones are a TypeError (a cast
+    would drop their imaginary parts).
     """
+    x = _checks.check_real("x", x)
+    projection = _checks.check_real("projection", projection)
+    if x.ndim < 1 or (stabilizer == "all" and x.ndim < 3):
+        need = "[..., L, heads, H]" if stabilizer == "all" else "[..., H]"
+        raise ValueError(
+            f"x must be {need} (stabilizer={stabilizer!r}), got shape {_checks.fmt(x.shape)}"
+        )
     h = x.shape[-1]
     if projection.ndim != 2 or projection.shape[1] != h:
         raise ValueError(f"projection must be [M, H] = [M, {h}], got {list(projection.shape)}")
@@ -137,7 +150,7 @@ def performer_attention(
         raise ValueError(
             f"{name}: T={query.shape[1]} queries and S={key.shape[1]} keys must be equal"
         )
-    projection = jnp.asarray(projection)
+    projection = _checks.check_real(f"{name}: projection", projection)
     if projection.ndim != 2 or projection.shape[1] != query.shape[-1]:
         raise ValueError(
             f"{name}: projection must be [M, H] = [M, {query.shape[-1]}], got "
@@ -184,7 +197,7 @@ def linformer_attention(
     fv = projection if value_projection is None else value_projection
     projs = []
     for arg, e in (("projection", projection), ("value_projection", fv)):
-        e = jnp.asarray(e)
+        e = _checks.check_real(f"{name}: {arg}", e)  # a cast would drop an imaginary part
         if e.ndim not in (2, 3) or (e.ndim == 3 and e.shape[0] != k):
             raise ValueError(f"{name}: {arg} must be [k, S_max] or [K={k}, k, S_max], got "
                              f"{list(e.shape)}")  # fmt: skip

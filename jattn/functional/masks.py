@@ -16,6 +16,7 @@ from jattn.functional._checks import (  # noqa: F401  (re-exported: softmax, mod
     check_bool_mask,
     check_int_array,
     check_size,
+    fmt,
     is_int,
 )
 
@@ -134,14 +135,32 @@ def key_padding_mask(key_valid: jax.Array) -> jax.Array:
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     """Logical AND of the given masks (``None`` entries are skipped); ``None`` if none given.
 
-    Masks of lower rank are aligned on the right, as NumPy broadcasting does.
+    Masks of lower rank are aligned on the right, as NumPy broadcasting does; masks
+    whose shapes do not broadcast together are a ValueError naming their positions.
     """
-    present = [check_bool_mask("mask", m) for m in masks if m is not None]
-    if not present:
+    indexed = [(i, check_bool_mask("mask", m)) for i, m in enumerate(masks) if m is not None]
+    if not indexed:
         return None
+    _check_broadcast_together(indexed)
+    present = [m for _, m in indexed]
     ndim = max(m.ndim for m in present)
     out = None
     for m in present:
         m = m.reshape((1,) * (ndim - m.ndim) + m.shape)
         out = m if out is None else jnp.logical_and(out, m)
     return out
+
+
+def _check_broadcast_together(indexed: list[tuple[int, jax.Array]]) -> None:
+    """A ValueError naming the first two of ``(position, mask)`` whose shapes do not
+    broadcast together (a set of shapes broadcasts when every pair does)."""
+    for j, (pos_b, b) in enumerate(indexed):
+        for pos_a, a in indexed[:j]:
+            try:
+                jnp.broadcast_shapes(a.shape, b.shape)
+            except ValueError:
+                raise ValueError(
+                    f"combine_masks: masks[{pos_a}] {fmt(a.shape)} and masks[{pos_b}] "
+                    f"{fmt(b.shape)} do not broadcast together (shapes are aligned on the "
+                    "right; each axis must match or be 1)"
+                ) from None

@@ -77,8 +77,15 @@ class LinearAttention(MultiHeadAttention):
                  **kwargs):  # fmt: skip
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        for bad in ("score", "dropout_rate", "mask_mod", "score_mod", "attention_fn"):
-            if kwargs.get(bad) not in (None, 0.0):
+        for bad in ("score", "dropout_rate", "mask_mod", "score_mod", "attention_fn", "decode"):
+            if kwargs.get(bad) not in (None, 0.0):  # decode=False (== 0.0) is the default
+                if bad == "decode":
+                    raise ValueError(
+                        f"LinearAttention(kind={kind!r}) takes no decode={kwargs[bad]!r}: it "
+                        "has no Flax autoregressive cache; it decodes with a constant-size "
+                        "state through init_cache(batch_size) and step(x, cache), as "
+                        "jattn.models' cached decoding (generate) does"
+                    )
                 raise ValueError(f"LinearAttention(kind={kind!r}) takes no {bad}")
         num_features = _checks.check_size("num_features", num_features)
         chunk_size = _checks.check_optional_size("chunk_size", chunk_size)

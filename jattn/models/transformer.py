@@ -130,6 +130,17 @@ def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
     return tokens
 
 
+def _check_nonempty(name, tokens, *, length: bool = True):
+    """A ValueError naming ``name`` and its shape when ``tokens [B, L]`` holds no
+    sequence (B = 0) or, with ``length``, sequences of no tokens (L = 0): nothing to
+    decode from."""
+    if tokens.shape[0] == 0 or (length and tokens.shape[1] == 0):
+        what = "one sequence (B >= 1)" if tokens.shape[0] == 0 else "one token (L >= 1)"
+        raise ValueError(
+            f"{name} must hold at least {what} to decode from, got shape {list(tokens.shape)}"
+        )
+
+
 def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, activation,
                    layer_norm_eps, final_norm, attention_fn, score, positional,
                    mask_mod=None, score_mod=None, attention="softmax", layer_pattern=None,
@@ -350,6 +361,7 @@ class Transformer(TrainEval, nnx.Module):
         src = _check_tokens(
             "src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings
         )
+        _check_nonempty("src", src, length=False)
         if not is_int(max_len) or not 0 < max_len <= self.max_len:
             raise ValueError(f"max_len must be an int in [1, {self.max_len}], got {max_len!r}")
         max_len = int(max_len)
@@ -491,9 +503,15 @@ class DecoderLM(TrainEval, nnx.Module):
         index is concrete; :meth:`generate` sizes them itself).
         """
         tokens = _check_tokens("tokens", tokens, vocab_size=self.embed.token.num_embeddings)
-        positions = (
-            cache_index(caches)[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-        )
+        index = cache_index(caches)
+        if index.shape != tokens.shape[:1]:
+            held = f"B={index.shape[0]}" if index.ndim == 1 else f"index {list(index.shape)}"
+            raise ValueError(
+                f"tokens {list(tokens.shape)} hold B={tokens.shape[0]} sequences, but the "
+                f"caches hold {held} (init_cache(batch_size={tokens.shape[0]}, ...) makes "
+                "caches for this batch)"
+            )
+        positions = index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
         x = self.embed(tokens, positions)
         x, caches = self.decoder.step(x, caches)
         return self._logits(x), caches
@@ -511,6 +529,7 @@ class DecoderLM(TrainEval, nnx.Module):
         prompt_tokens = _check_tokens(
             "prompt_tokens", prompt_tokens, vocab_size=self.embed.token.num_embeddings
         )
+        _check_nonempty("prompt_tokens", prompt_tokens)
         if not isinstance(prompt_lengths, jax.Array | np.ndarray):
             prompt_lengths = np.asarray(prompt_lengths)  # NumPy first: int64 must not wrap
         if prompt_lengths.shape != prompt_tokens.shape[:1]:
