@@ -12,6 +12,7 @@ wall time measures total work plus the emulation's overhead, never a speedup.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_context.py
     ... --only memory,balance,comm          # the compile-time measurements only
     ... --only long                         # the ring at T=131072 (forward)
+    ... --only eager --repeats 10           # eager calls: one program against op by op
     ... --smoke                             # tiny shapes
 
 Peers: jax.nn.dot_product_attention on the same sequence-sharded inputs (XLA's SPMD
@@ -274,6 +275,43 @@ def timing(t, p, repeats):
     return med
 
 
+def eager(t, p, repeats):
+    """Eager calls (a notebook's): each strategy's repeated call as jattn runs it (one
+    cached program, ``jattn.functional._eager``), op by op (the path after the checks
+    called directly, as before) and jitted by the caller, interleaved; causal, forward."""
+    from bench_eager import op_by_op
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, t, p, 16)), jnp.float32) for _ in "qkv")
+    mesh = mesh_of(p)
+    rows = {}
+    for name, fn in STRATEGIES.items():
+        calls = {
+            "jattn": fn,
+            "op by op": op_by_op(fn),
+            "jitted": jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, mesh=mesh, is_causal=True)),
+        }
+        runs = {
+            c: (lambda f=f, jit=c == "jitted": jax.block_until_ready(
+                f(q, k, v) if jit else f(q, k, v, mesh=mesh, is_causal=True)))
+            for c, f in calls.items()
+        }  # fmt: skip
+        times = {c: [] for c in runs}
+        for run in runs.values():
+            run()
+        for _ in range(repeats):
+            for c, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[c].append(time.perf_counter() - t0)
+        med = {c: statistics.median(ts) for c, ts in times.items()}
+        rows[name] = med
+        print(
+            f"eager {name:11s} T={t}: " + ", ".join(f"{c} {m * 1e3:.2f} ms" for c, m in med.items())
+        )
+    return rows
+
+
 def long_ring(t, p):
     """The ring's forward at T = t (causal, zigzag), N=1: completes, and its per-device
     memory next to one device's blocked and dense programs."""
@@ -338,6 +376,8 @@ def main():
         results["time"] = timing(a.time_t, p, a.repeats)
     if "long" in only:
         results["long"] = long_ring(a.long_t, p)
+    if "eager" in only:
+        results["eager"] = eager(min(a.time_t, 64), p, a.repeats)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

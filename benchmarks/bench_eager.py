@@ -42,7 +42,7 @@ def op_by_op(fn):
 
     def call(*args, **kwargs):
         one_program = _eager.run
-        _eager.run = lambda f, fn_args, *options: f(*fn_args, *options)
+        _eager.run = lambda f, fn_args, *options, **_: f(*fn_args, *options)
         try:
             return fn(*args, **kwargs)
         finally:
