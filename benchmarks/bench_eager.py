@@ -99,10 +99,10 @@ def main():
 
 
 def no_peer_section(repeats):
-    """Repeated eager calls of the causal linear attention and GLA (chunked scans) and of
-    Nadaraya-Watson regression over a sweep of widths, as one program against op by op
-    (no jax.nn peer)."""
-    from jattn.functional import kernel_regression, linear
+    """Repeated eager calls of the causal linear attention and GLA (chunked scans), of
+    Nystromformer (its pseudo-inverse a loop) and of Nadaraya-Watson regression over a
+    sweep of widths, as one program against op by op (no jax.nn peer)."""
+    from jattn.functional import kernel_regression, linear, lowrank
 
     rng = np.random.default_rng(1)
     print(f"{'case':34s} {'one program ms':>14s} {'op by op ms':>12s}")
@@ -117,6 +117,9 @@ def no_peer_section(repeats):
                 q, k, v, g
             ),
         }
+        calls["nystrom_attention, 8 landmarks"] = lambda q=q, k=k, v=v: lowrank.nystrom_attention(
+            q, k, v, 8
+        )
         x = jnp.asarray(np.sort(rng.uniform(0, 5, t)), jnp.float32)
         widths = iter(np.linspace(0.1, 2.0, 100_000))  # each call a new width
         calls["nadaraya_watson, new width"] = lambda x=x, q=x[: t // 2], w=widths: (
