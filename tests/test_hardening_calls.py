@@ -229,3 +229,15 @@ def test_linear_attention_without_decode_still_works():
         layer = layers.LinearAttention(2, 8, rngs=nnx.Rngs(0), **decode)
         assert layer(X).shape == X.shape
     assert layers.MultiHeadAttention(2, 8, decode=True, rngs=nnx.Rngs(0)).decode
+
+
+def test_lowrank_attentions_name_a_list_given_for_an_array():
+    """Was an AttributeError ('list' object has no attribute 'shape')."""
+    x = [[[[1.0, 2.0]]]]
+    for name, call in (
+        ("nystrom_attention", lambda: lowrank.nystrom_attention(x, x, x, 1)),
+        ("linformer_attention", lambda: lowrank.linformer_attention(x, x, x, jnp.eye(1))),
+        ("performer_attention", lambda: lowrank.performer_attention(x, x, x, jnp.ones((2, 2)))),
+    ):
+        with pytest.raises(TypeError, match=f"{name}: query must be an array, got list"):
+            call()

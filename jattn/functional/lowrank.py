@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.functional import _checks, _eager, linear
 from jattn.functional._checks import check_positive_int
@@ -35,6 +36,8 @@ __all__ = [
 
 def _check_qkv(query, key, value, name):
     for arg, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, jax.Array | np.ndarray):
+            raise TypeError(f"{name}: {arg} must be an array, got {type(x).__name__}")
         if jnp.ndim(x) != 4:
             raise ValueError(
                 f"{name}: {arg} must be [B, L, heads, features], got shape {list(jnp.shape(x))}"
