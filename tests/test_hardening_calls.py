@@ -222,6 +222,10 @@ def test_linear_attention_refuses_decode(kind, decode):
     with pytest.raises(ValueError, match=r"takes no decode=.*init_cache\(batch_size\) and "
                                          r"step\(x, cache\).*jattn\.models"):  # fmt: skip
         layers.LinearAttention(2, 8, kind=kind, decode=decode, rngs=nnx.Rngs(0))
+    layer = layers.LinearAttention(2, 8, kind=kind, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"nnx.view of LinearAttention.*takes no decode=True"):
+        nnx.view(layer, decode=True)
+    assert layer.decode is False and nnx.view(layer, deterministic=False).deterministic is False
 
 
 def test_linear_attention_without_decode_still_works():

@@ -55,6 +55,14 @@ def _key_validity(mask, b: int, s: int):
     return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
 
 
+def _no_decode(where: str, value) -> str:
+    return (
+        f"{where} takes no decode={value!r}: it has no Flax autoregressive cache; it "
+        "decodes with a constant-size state through init_cache(batch_size) and step(x, "
+        "cache), as jattn.models' cached decoding (generate) does"
+    )
+
+
 class LinearAttention(MultiHeadAttention):
     """Multi-head linear attention with ``MultiHeadAttention``'s projections.
 
@@ -80,12 +88,7 @@ class LinearAttention(MultiHeadAttention):
         for bad in ("score", "dropout_rate", "mask_mod", "score_mod", "attention_fn", "decode"):
             if kwargs.get(bad) not in (None, 0.0):  # decode=False (== 0.0) is the default
                 if bad == "decode":
-                    raise ValueError(
-                        f"LinearAttention(kind={kind!r}) takes no decode={kwargs[bad]!r}: it "
-                        "has no Flax autoregressive cache; it decodes with a constant-size "
-                        "state through init_cache(batch_size) and step(x, cache), as "
-                        "jattn.models' cached decoding (generate) does"
-                    )
+                    raise ValueError(_no_decode(f"LinearAttention(kind={kind!r})", kwargs[bad]))
                 raise ValueError(f"LinearAttention(kind={kind!r}) takes no {bad}")
         num_features = _checks.check_size("num_features", num_features)
         chunk_size = _checks.check_optional_size("chunk_size", chunk_size)
@@ -107,6 +110,13 @@ class LinearAttention(MultiHeadAttention):
             )
         if kind == "retention":
             self.decay = nnx.data(lin.retnet_decays(num_heads))
+
+    def set_view(self, deterministic=None, decode=None, batch_size=None, max_length=None):
+        """Used by ``nnx.view``: ``deterministic`` as :class:`MultiHeadAttention`'s; a
+        Flax cache (``decode=True``, ``batch_size``, ``max_length``) is refused."""
+        if decode or batch_size is not None or max_length is not None:
+            raise ValueError(_no_decode(f"nnx.view of LinearAttention(kind={self.kind!r})", decode))
+        super().set_view(deterministic=deterministic)
 
     def redraw(self, key: jax.Array) -> None:
         """New FAVOR+ random features (kind ``"performer"``)."""
