@@ -1,8 +1,20 @@
-"""What the hardening tests share: the error check and the integers beyond int32."""
+"""What the hardening tests share: hypothesis settings, the error check and the
+integers beyond int32."""
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+
+def generated(max_examples: int):
+    """Hypothesis settings: ``max_examples`` cases, no deadline (a first case compiles),
+    no health check failing a slow case or a function-scoped fixture."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
 
 
 def raises(exc, fn, *names):

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _hardening import generated
 from flax import nnx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -20,11 +21,7 @@ import jattn
 from jattn import layers, models
 from jattn.functional import lowrank
 
-SETTINGS = settings(
-    max_examples=10,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+SETTINGS = generated(10)
 
 Q = jnp.ones((1, 4, 2, 4), jnp.float32)  # [B, T, N, H]
 X = jnp.zeros((1, 4, 8), jnp.float32)  # [B, T, D]

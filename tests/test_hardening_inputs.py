@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hardening import beyond_int32, raises
+from _hardening import beyond_int32, generated, raises
 from flax import nnx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -25,11 +25,7 @@ from jattn import diagnostics, layers, models, viz
 from jattn.functional import _checks
 from jattn.interop import torch as torch_interop
 
-SETTINGS = settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+SETTINGS = generated(40)
 
 Q = jnp.zeros((1, 4, 2, 8), jnp.float32)  # [B, T, N, H]
 X = jnp.zeros((1, 4, 8), jnp.float32)  # [B, T, D]

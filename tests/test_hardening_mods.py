@@ -10,18 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hardening import beyond_int32, raises, too_big
-from hypothesis import HealthCheck, assume, given, settings
+from _hardening import beyond_int32, generated, raises, too_big
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import jattn
 from jattn.functional import mods, stochastic
 
-SETTINGS = settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+SETTINGS = generated(30)
 
 INT32_MAX = 2**31 - 1
 KEY = jax.random.key(0)
