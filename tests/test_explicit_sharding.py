@@ -94,6 +94,13 @@ SCRIPT = textwrap.dedent(
     rnn = BahdanauSeq2Seq(20, 20, embed_dim=8, hidden=8, rngs=nnx.Rngs(0))
     compare("bahdanau", lambda s, t: rnn(s, t), (src, tgt), (bspec, bspec))
     compare("bahdanau_beam", lambda s: rnn.generate(s, max_len=5, beam_size=2), (src,), (bspec,))
+    # learned latents / probes broadcast over the batch: split over it as the inputs are
+    from jattn.layers import AttentionPoolingHead, PerceiverEncoder
+    x, valid = normal(4, 10, 6), jnp.arange(10)[None] < jnp.asarray([10, 3, 7, 1])[:, None]
+    perceiver = PerceiverEncoder(3, 8, 6, 2, 1, rngs=nnx.Rngs(0))
+    compare("perceiver", lambda x, v: perceiver(x, input_mask=v), (x, valid), (bspec, bspec))
+    head = AttentionPoolingHead(6, 2, rngs=nnx.Rngs(0))
+    compare("pooling_head", lambda x, v: head(x, mask=v), (x, valid), (bspec, bspec))
     print(json.dumps(results))
     """
 )
@@ -127,5 +134,7 @@ def test_explicitly_sharded_inputs_give_the_unsharded_results():
     assert results["pallas"]["specs"] == [head]
     assert results["decode"]["specs"] == [head]
     assert results["transformer"]["specs"] == ["P('data', None, None)"]
+    assert results["perceiver"]["specs"] == ["P('data', None, None)"]
+    assert results["pooling_head"]["specs"][0].startswith("P('data'")
     for name in ("transformer_beam", "lm_greedy", "bahdanau_beam"):
         assert results[name]["specs"] == ["P('data', None)"], name

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _checks
+from jattn.functional import _checks, _sharding
 from jattn.functional._checks import check_positive_int, check_size, fmt
 from jattn.layers.axes import names
 from jattn.layers.dropout import per_site_rngs
@@ -360,12 +360,21 @@ class PerceiverEncoder(nnx.Module):
             real = mask[..., 0, 0, :, None]  # [..., S, 1]
             inputs = jnp.where(real, inputs, jnp.zeros((), inputs.dtype))
         latents = self.latents[...].astype(inputs.dtype)
-        z = jnp.broadcast_to(latents, (*inputs.shape[:-2], *latents.shape))  # [..., M, D]
+        z = jnp.broadcast_to(  # [..., M, D], split over the batch as the inputs are
+            latents, (*inputs.shape[:-2], *latents.shape), out_sharding=_batch_sharding(inputs)
+        )
         kw = _kwargs(deterministic, per_site_rngs(rngs), sow_weights)
         z = self.cross(z, inputs, mask=mask, **kw)
         for layer in self.layers:
             z = layer(z, **kw)
         return self.norm(z)
+
+
+def _batch_sharding(x):
+    """The sharding of ``x [..., L, D]``'s batch axes alone when ``x`` is sharded over
+    explicit mesh axes (else None): the ``out_sharding`` of a new ``[..., M, D]``."""
+    mesh = _sharding.explicit_mesh([x])
+    return None if mesh is None else _sharding.sharding(mesh, *_sharding.spec(x)[:-2])
 
 
 # ------------------------------------------------------------------- pooling head
@@ -417,7 +426,9 @@ class AttentionPoolingHead(nnx.Module):
         x = _check_input("x", x, self.in_features, "[..., S, D]")
         keys = _key_mask("mask", mask, x, "S")  # [..., 1, 1, S]
         probe = self.probe[...].astype(x.dtype)
-        probe = jnp.broadcast_to(probe, (*x.shape[:-2], *probe.shape))  # [..., P, D]
+        probe = jnp.broadcast_to(  # [..., P, D], split over the batch as x is
+            probe, (*x.shape[:-2], *probe.shape), out_sharding=_batch_sharding(x)
+        )
         y = self.attention(probe, x, mask=keys, return_weights=return_weights,
                            sow_weights=sow_weights)  # fmt: skip
         y, weights = y if return_weights else (y, None)
