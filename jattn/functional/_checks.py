@@ -627,17 +627,17 @@ def check_mods(mask_mod, score_mod, block_mask, query, key):
             f"block_mask was built for batch={mb}, heads={mn}, but the call has B={b} "
             f"(flattened) and N={n}"
         )
-    varies_b, varies_n = getattr(block_mask, "varies", (False, False))
-    if (varies_b and mb < b) or (varies_n and mn < n):
-        which = " and ".join(
-            x for x, v in (("example b", varies_b and mb < b), ("head n", varies_n and mn < n)) if v
-        )
-        needed = (("batch", b, varies_b), ("heads", n, varies_n))
-        sizes = ", ".join(f"{x}={y}" for x, y, v in needed if v)
+    varies = getattr(block_mask, "varies", (False, False))
+    short = [(index, option, size)
+             for index, option, size, built, v in (("example b", "batch", b, mb, varies[0]),
+                                                   ("head n", "heads", n, mn, varies[1]))
+             if v and built < size]  # fmt: skip
+    if short:
         raise ValueError(
             f"block_mask was built for batch={mb}, heads={mn}, but its mask_mod depends on the "
-            f"{which} and the call has B={b} (flattened) and N={n}: its tables would skip "
-            f"blocks the others see; build it with jattn.block_mask(..., {sizes})"
+            f"{' and '.join(x[0] for x in short)} and the call has B={b} (flattened) and N={n}: "
+            "its tables would skip blocks the others see; build it with jattn.block_mask(..., "
+            f"{', '.join(f'{x[1]}={x[2]}' for x in short)})"
         )
     if mask_mod is not None and not _same_mod(mask_mod, block_mask.mask_mod):
         raise ValueError(

@@ -402,8 +402,7 @@ def _execute(spec, call: _Call, block_sizes, implementation):
     if spec.score_mod is not None:  # closed-over float arrays become (differentiable) leaves
         example = (jnp.zeros((1,) * 5, jnp.float32), *mods.grid(1, (1, 1), 1, 1))
         sm = mods.as_mod(spec.score_mod, example)
-    body = {"ring": _ring_body, "all_gather": _gather_body, "ulysses": _ulysses_body}
-    body = body[call.strategy]
+    body = dict(ring=_ring_body, all_gather=_gather_body, ulysses=_ulysses_body)[call.strategy]
     scale = 1.0 / math.sqrt(query.shape[-1]) if spec.scale is None else spec.scale
     static = (call, scale, block_sizes, implementation, spec.return_residual, spec.batch_shape,
               spec.dropout_rate, spec.query.shape[-3], spec.query.shape[-2])  # fmt: skip

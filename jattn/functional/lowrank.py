@@ -219,8 +219,7 @@ def linformer_attention(
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"{name}: key_value_seq_lengths must be an int [B] = [{b}] array, "
                              f"got {lengths.dtype} {list(lengths.shape)}")  # fmt: skip
-    if scale is not None:
-        scale = _checks.check_finite_scalar("scale", scale)
+    scale = _checks.check_scale(scale)
     return _eager.run(_linformer, (query, key, value, *projs, lengths), scale)
 
 
@@ -288,7 +287,8 @@ def nystrom_attention(
     iters = check_positive_int("pinv_iterations", pinv_iterations)
     if m > min(t, s):
         raise ValueError(f"{name}: num_landmarks={m} must be at most min(T, S) = {min(t, s)}")
-    scale = 1.0 / math.sqrt(h) if scale is None else _checks.check_finite_scalar("scale", scale)
+    scale = _checks.check_scale(scale)
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
 
     return _eager.run(_nystrom, (query, key, value), m, iters, scale)
 

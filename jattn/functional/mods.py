@@ -964,9 +964,9 @@ def block_mask(
 
     ``batch`` and ``heads``: B (flattened) and N, needed when the mask_mod depends on
     ``b`` or ``n`` (segment ids or lengths per example, :func:`per_head`): a call with
-    more examples or heads than the block mask was built for is then refused. Works eagerly or under
-    ``jit`` (a traced mask_mod, e.g. segment ids of this batch, gives a traced
-    table). The cost is one evaluation of the mask_mod per (query, key) pair, a query
+    more examples or heads than the block mask was built for is then refused. Works
+    eagerly or under ``jit`` (a traced mask_mod, e.g. segment ids of this batch, gives a
+    traced table). The cost is one evaluation of the mask_mod per (query, key) pair, a query
     block at a time; the result is ``O((T / block_q) * (S / block_kv))``.
 
     A causal mask in 4 x 4 tiles: on the diagonal the tiles are partial (1), below it

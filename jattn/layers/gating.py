@@ -284,19 +284,17 @@ class MixtureOfHeads(nnx.Module):
         """``(weights [..., T, N], selected [..., T, N] bool, aux_loss)`` for ``x [..., T,
         D]``; the loss counts the tokens ``token_mask [..., T]`` marks (default all),
         whatever the others hold (NaN or inf included: they get zero gradients)."""
+        if token_mask is not None:
+            token_mask = _check_token_mask(
+                "token_mask", token_mask, x.shape[:-1], f"x {list(x.shape)} ([..., T, D])"
+            )
+            # padded tokens are routed from zeros (double where): a NaN there would make
+            # NaN router gradients (0 * NaN in the softmax's and the router's backward
+            # pass) even with the loss's own where; real tokens route as they are
+            x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
         probs, selected = top_k_routing(self.router(x), self.k)
         weights = jnp.where(selected, self.num_heads * probs, 0.0)
-        if token_mask is None:
-            return weights, selected, _load_balancing_loss(probs, selected, None)
-        token_mask = _check_token_mask(
-            "token_mask", token_mask, x.shape[:-1], f"x {list(x.shape)} ([..., T, D])"
-        )
-        # The loss routes the padded tokens from zeros (double where): a NaN there would
-        # make NaN router gradients (0 * NaN in the softmax's and the router's backward
-        # pass) even with the loss's own where. Real tokens route as above.
-        kept = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
-        loss_probs, loss_selected = top_k_routing(self.router(kept), self.k)
-        return weights, selected, _load_balancing_loss(loss_probs, loss_selected, token_mask)
+        return weights, selected, _load_balancing_loss(probs, selected, token_mask)
 
     def _finish(self, x, heads, token_mask=None):
         weights, _, loss = self.route(x, token_mask)

@@ -174,7 +174,7 @@ class LinearAttention(MultiHeadAttention):
                 "LinearAttention has no bias, return_weights or sow_weights: it never "
                 "forms the [T, S] weights"
             )
-        inputs_k, inputs_v = self._check_inputs(inputs_q, inputs_k, inputs_v, "B")
+        inputs_k, inputs_v = self._check_inputs(inputs_q, inputs_k, inputs_v, True)
         if is_causal and inputs_k is not inputs_q:
             raise ValueError("causal LinearAttention is self-attention: pass inputs_q only")
         if inputs_q.shape[0] != inputs_k.shape[0]:
@@ -224,7 +224,7 @@ class LinearAttention(MultiHeadAttention):
     def step(self, x: jax.Array, cache: LinearDecodeState):
         """Causal attention of new tokens ``x [B, T, D]`` after the cached ones ->
         ``([B, T, D_out], cache)``: chunked for a prompt, recurrent for single tokens."""
-        self._check_inputs(x, None, None, "B", q_name="x")
+        self._check_inputs(x, None, None, True, q_name="x")
         if not isinstance(cache, LinearDecodeState):
             raise TypeError(
                 f"cache must be the LinearDecodeState of init_cache, got {type(cache).__name__}"

@@ -384,18 +384,19 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         out = self.out(x)
         return (out, weights) if return_weights else out
 
-    def _check_inputs(self, inputs_q, inputs_k, inputs_v, batch_dims: str = "...",
+    def _check_inputs(self, inputs_q, inputs_k, inputs_v, one_batch_axis: bool = False,
                       q_name: str = "inputs_q"):  # fmt: skip
         """``(inputs_k, inputs_v)``, defaulted to the query's (self-attention), each
-        checked: real, ``[batch_dims, L, D]`` with the projection's D, keys and values
-        of one shape but the features (the query named ``q_name``)."""
+        checked: real, ``[..., L, D]`` (``[B, L, D]`` with ``one_batch_axis``) with the
+        projection's D, keys and values of one shape but the features (the query named
+        ``q_name``)."""
         if inputs_k is None:
             if inputs_v is not None:
                 raise ValueError("inputs_v was given without inputs_k")
             inputs_k = inputs_q
         if inputs_v is None:
             inputs_v = inputs_k
-        rank = None if batch_dims == "..." else len(batch_dims.split(", ")) + 2
+        batch, rank = ("B", 3) if one_batch_axis else ("...", None)
         for name, x, width in (
             (q_name, inputs_q, self.query.in_features[0]),
             ("inputs_k", inputs_k, self.key.in_features[0]),
@@ -404,7 +405,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
             x = _checks.check_real(name, x)
             if jnp.ndim(x) < 2 or jnp.shape(x)[-1] != width or rank not in (None, jnp.ndim(x)):
                 raise ValueError(
-                    f"{name} must have shape [{batch_dims}, L, {width}], got {list(jnp.shape(x))}"
+                    f"{name} must have shape [{batch}, L, {width}], got {list(jnp.shape(x))}"
                 )
         if jnp.shape(inputs_k)[:-1] != jnp.shape(inputs_v)[:-1]:
             raise ValueError(

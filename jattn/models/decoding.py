@@ -128,17 +128,13 @@ def rewind_cache(cache, index: jax.Array):
             raise TypeError("a linear-attention state cannot be rewound; feed tokens instead")
         if not isinstance(x, KVCache):
             return x
-        (b, max_len), new = x.key.shape[:2], index
-        if new.ndim == 1 and new.shape != (b,):
-            raise ValueError(f"index has shape {_checks.fmt(new.shape)}; the cache holds B={b}")
-        if (
-            values is not None
-            and values.size
-            and not (0 <= values.min() <= values.max() <= max_len)
-        ):
+        b, max_len = x.key.shape[:2]
+        if index.ndim == 1 and index.shape != (b,):
+            raise ValueError(f"index has shape {_checks.fmt(index.shape)}; the cache holds B={b}")
+        if values is not None and values.size and not 0 <= values.min() <= values.max() <= max_len:
             raise ValueError(f"index must be in [0, {max_len}] (the cache's positions), got "
                              f"{values.tolist()}")  # fmt: skip
-        return x._replace(index=jnp.broadcast_to(new, (b,)).astype(x.index.dtype))
+        return x._replace(index=jnp.broadcast_to(index, (b,)).astype(x.index.dtype))
 
     return jax.tree.map(rewind, cache, is_leaf=_is_state)
 
