@@ -202,6 +202,29 @@ def test_generate_names_an_empty_prompt_batch(lm):
     assert out.shape == (1, 2) and out.dtype == jnp.int32
 
 
+_GENERATE = nnx.jit(lambda lm, prompt, lengths: lm.generate(prompt, lengths, max_new_tokens=3))
+
+
+@SETTINGS
+@given(lengths=st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 6), min_size=3,
+                        max_size=3))  # fmt: skip
+def test_traced_prompt_lengths_outside_the_prompts_mark_their_examples(lm, lengths):
+    """Under jax.jit the lengths cannot be checked: an example whose length is outside
+    [1, P] gets -1 tokens (never a token id) instead of continuing a clipped prompt; the
+    others equal an eager call with their lengths (which raises for the bad ones)."""
+    prompt = jnp.asarray([[3, 4, 5, 6], [7, 8, 9, 10], [4, 4, 9, 3]], jnp.int32)
+    lengths = np.asarray(lengths, np.int32)
+    got = np.asarray(_GENERATE(lm, prompt, jnp.asarray(lengths)))
+    bad = (lengths < 1) | (lengths > 4)
+    if bad.any():
+        with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 4\]"):
+            lm.generate(prompt, lengths, max_new_tokens=3)
+    np.testing.assert_array_equal(got[bad], -1)
+    want = np.asarray(lm.generate(prompt, np.where(bad, 1, lengths), max_new_tokens=3))
+    np.testing.assert_array_equal(got[~bad], want[~bad])
+    assert (want >= 0).all()
+
+
 def test_seq2seq_generate_names_an_empty_source_batch():
     model = models.Transformer(11, 11, num_layers=1, features=8, num_heads=2, max_len=8,
                                dropout_rate=0.0, rngs=nnx.Rngs(0))  # fmt: skip

@@ -521,7 +521,10 @@ class DecoderLM(TrainEval, nnx.Module):
         """Continues right-padded prompts ``[B, P]`` of ``prompt_lengths [B]`` (each >= 1).
 
         The prompts are prefilled into the cache in one pass, then tokens are generated
-        greedily (or by beam search) in a compiled loop.
+        greedily (or by beam search) in a compiled loop. A concrete ``prompt_lengths``
+        outside ``[1, P]`` is a ValueError; a traced one (under ``jax.jit``) cannot raise,
+        so an example whose length is outside gets ``-1`` for every token (never a
+        token id), not a continuation of a clipped prompt.
 
         Returns:
           ``[B, max_new_tokens]`` int32: the continuation only, PAD after EOS.
@@ -581,6 +584,16 @@ def _generate_lm_jit(graphdef, state, prompt, lengths, max_new, beam_size, lengt
 
 
 def _generate_lm_body(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
+    batch, plen = prompt.shape
+    # checked when concrete; traced, a length outside [1, P] marks its example's tokens
+    outside = (lengths < 1) | (lengths > plen)
+    tokens = _continue_lm(model, prompt, jnp.clip(lengths, 1, plen), max_new, beam_size,
+                          length_penalty)  # fmt: skip
+    return jnp.where(outside[:, None], -1, tokens)
+
+
+def _continue_lm(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
+    """:func:`_generate_lm_body` for ``lengths`` in ``[1, P]``."""
     batch, plen = prompt.shape
     caches = model.init_cache(batch, plen + max_new)
     parts = jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
