@@ -231,6 +231,15 @@ def test_an_eager_lambda_mod_is_compiled_from_its_second_call():
     jattn.dot_product_attention(q, k, v, mask_mod=mods.sliding_window(2))
     jattn.dot_product_attention(q, k, v, mask_mod=mods.sliding_window(2))
     assert run._cache_size() - before == 2
+    # mods.mask_grid (references, plots) too: one program, the mod's arrays its arguments
+    ids = jnp.asarray([[0, 0, 1, 1, 1, 2]])
+    grid = mods.mask_grid(mods.segments(ids), 1, 1, 6, 6)
+    mods.mask_grid(mods.segments(ids[:, ::-1]), 1, 1, 6, 6)
+    assert run._cache_size() - before == 3
+    with jax.disable_jit():
+        want_grid = mods.mask_grid(mods.segments(ids), 1, 1, 6, 6)
+    np.testing.assert_array_equal(grid, want_grid)
+    np.testing.assert_array_equal(grid[0, 0], ids[0][:, None] == ids[0][None, :])
 
 
 def test_an_eager_call_chooses_its_path_from_concrete_arrays(monkeypatch):
