@@ -237,8 +237,7 @@ def test_masked_non_finite_keys_stay_out():
 
 
 @pytest.mark.parametrize("forward_mode", [False, True])
-@pytest.mark.parametrize("where", ["key", "value", "query"])
-def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, monkeypatch):
+def test_hidden_non_finite_inputs_found_from_the_results(forward_mode, monkeypatch):
     """The in-layout path decides whether to hide non-finite vectors from its own logits
     and output (``_finite.guarded_by_result``), not from a pass over the cache: a NaN or
     inf only in a cache's hidden tail (keys: the logits, values: the output) or in a
@@ -249,20 +248,14 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, mo
     mode and reverse over reverse through the custom JVP (the custom VJP: the latter on
     finite inputs). The hiding branch reads the cache in chunks
     (``_finite.map_chunks``, ``sum_chunks``), here 5 positions of the 12 for the logits
-    and 10 for the output, so the last chunk overlaps the one before it."""
+    and 10 for the output, so the last chunk overlaps the one before it. Each program is
+    compiled once and run on the key, value and query cases."""
     monkeypatch.setattr(_finite, "CHUNK_BYTES", 5 * 2 * (2 * 2 * 8 * 4))  # 5 (key, value) rows
     q, k, v = _normal(0, (2, 1, 4, 8)), _normal(1, (2, 12, 2, 8)), _normal(2, (2, 12, 2, 8))
     lengths = jnp.asarray([11, 5])  # position 10, visible, only in the last logits chunk
     q_len = jnp.asarray([1, 0])  # example 1 has no real query
-    dirty = {"key": k, "value": v, "query": q}[where]
-    if where == "query":
-        dirty = dirty.at[1, 0, 2].set(jnp.nan)
-    else:
-        dirty = dirty.at[0, 11:].set(jnp.nan).at[1, 6, 1, 3].set(jnp.inf)
-    args = {"key": (q, dirty, v), "value": (q, k, dirty), "query": (dirty, k, v)}[where]
     options = dict(OPTIONS, key_value_seq_lengths=lengths, query_seq_lengths=q_len)
 
-    @jax.jit
     def run(q, k, v):
         return _in_layout(q, k, v, None, None, **options, return_weights=False,
                           return_residual=False, forward_mode=forward_mode)  # fmt: skip
@@ -278,38 +271,48 @@ def test_hidden_non_finite_inputs_found_from_the_results(where, forward_mode, mo
     def squares_grad(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))
 
-    close(run(*args), want(q, k, v), 1e-6, 1e-6)
     w = _normal(3, (2, 1, 4, 8))
-    want_grads = jax.grad(lambda *a: jnp.sum(want(*a) * w), (0, 1, 2))(q, k, v)
-    close(
-        jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), (0, 1, 2)))(*args), want_grads, 1e-5, 1e-6
-    )
+    tangents = (_normal(4, q.shape), _normal(5, k.shape), _normal(6, v.shape))
     # under jax.vmap the guard's predicate is batched (its lax.cond runs as a select)
     vmapped = jax.vmap(run)
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(vmapped(*(x[None] for x in a))[0] * w), (0, 1, 2)))(
-        *args
+    programs = dict(
+        out=jax.jit(run),
+        grads=jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), (0, 1, 2))),
+        vmapped=jax.jit(
+            jax.grad(lambda *a: jnp.sum(vmapped(*(x[None] for x in a))[0] * w), (0, 1, 2))
+        ),
+        # forward over reverse
+        hvp=jax.jit(lambda *a: jax.jvp(squares_grad(run), a, tangents)[1]),
     )
-    close(grads, want_grads, 1e-5, 1e-6)
-    tangents = (_normal(4, q.shape), _normal(5, k.shape), _normal(6, v.shape))
-
-    def hvp(fn, args):  # forward over reverse
-        return jax.jit(lambda *a: jax.jvp(squares_grad(fn), a, tangents)[1])(*args)
-
-    close(hvp(run, args), hvp(want, (q, k, v)), 1e-4, 1e-5)
-    if where == "key":  # reverse over reverse, once
-
-        def grad_of_grad(fn, args):
-            grad = squares_grad(fn)
-            return jax.jit(jax.grad(lambda *a: sum(jnp.sum(x**2) for x in grad(*a)), (0, 1, 2)))(
-                *args
-            )
-
-        # the custom VJP's forward pass, differentiated, multiplies the fast branch's
-        # NaNs by zeros: there only finite inputs (documented)
-        inputs = args if forward_mode else (q, k, v)
-        close(grad_of_grad(run, inputs), grad_of_grad(want, (q, k, v)), 1e-4, 1e-5)
+    want_out = want(q, k, v)
+    want_grads = jax.grad(lambda *a: jnp.sum(want(*a) * w), (0, 1, 2))(q, k, v)
+    want_hvp = jax.jit(lambda *a: jax.jvp(squares_grad(want), a, tangents)[1])(q, k, v)
     if forward_mode:
-        close(jax.jvp(run, args, tangents)[1], jax.jvp(want, (q, k, v), tangents)[1], 1e-5, 1e-6)
+        want_jvp = jax.jvp(want, (q, k, v), tangents)[1]
+        jvp = jax.jit(lambda *a: jax.jvp(run, a, tangents)[1])
+
+    def grad_of_grad(fn, args):  # reverse over reverse
+        grad = squares_grad(fn)
+        return jax.jit(jax.grad(lambda *a: sum(jnp.sum(x**2) for x in grad(*a)), (0, 1, 2)))(*args)
+
+    for where in ("key", "value", "query"):
+        dirty = {"key": k, "value": v, "query": q}[where]
+        if where == "query":
+            dirty = dirty.at[1, 0, 2].set(jnp.nan)
+        else:
+            dirty = dirty.at[0, 11:].set(jnp.nan).at[1, 6, 1, 3].set(jnp.inf)
+        args = {"key": (q, dirty, v), "value": (q, k, dirty), "query": (dirty, k, v)}[where]
+        close(programs["out"](*args), want_out, 1e-6, 1e-6)
+        close(programs["grads"](*args), want_grads, 1e-5, 1e-6)
+        close(programs["vmapped"](*args), want_grads, 1e-5, 1e-6)
+        close(programs["hvp"](*args), want_hvp, 1e-4, 1e-5)
+        if where == "key":  # reverse over reverse, once
+            # the custom VJP's forward pass, differentiated, multiplies the fast branch's
+            # NaNs by zeros: there only finite inputs (documented)
+            inputs = args if forward_mode else (q, k, v)
+            close(grad_of_grad(run, inputs), grad_of_grad(want, (q, k, v)), 1e-4, 1e-5)
+        if forward_mode:
+            close(jvp(*args), want_jvp, 1e-5, 1e-6)
 
 
 def test_visible_key_of_minus_inf_makes_its_row_nan():

@@ -103,6 +103,10 @@ def test_bigbird_pattern_and_seed():
     np.testing.assert_array_equal(m, again[0, 0])  # same key, same pattern
 
 
+def _plain(b, n, q, kv):  # a plain function (module level: an eager call compiles it once)
+    return (q * 7 + kv * 3 + b) % 4 == 0
+
+
 # Every pattern, one per head, through both paths (one compilation of each).
 PER_HEAD = mods.per_head(
     [
@@ -113,7 +117,7 @@ PER_HEAD = mods.per_head(
         mods.longformer((4, 9), [0, 33], S),
         mods.dilated(6, 2),
         mods.prefix_lm(jnp.array([12, 0])),
-        lambda b, n, q, kv: (q * 7 + kv * 3 + b) % 4 == 0,  # a plain function
+        _plain,
     ]
 )
 

@@ -39,8 +39,10 @@ def test_splash_equals_dense_with_gradients(name):
 
     spec = dispatch.unchecked_spec(Q, KEY, V, **kw)
     assert dispatch._splash_problems(spec, interpret=True) == []
-    (_, got), g_got = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("splash", Q, KEY, V)
-    (_, want), g_want = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("dense", Q, KEY, V)
+    # compiled (op by op the interpreter and the gradients are several times slower)
+    grad = jax.jit(jax.value_and_grad(loss, (1, 2, 3), has_aux=True), static_argnums=0)
+    (_, got), g_got = grad("splash", Q, KEY, V)
+    (_, want), g_want = grad("dense", Q, KEY, V)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     for a, b in zip(g_got, g_want, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
@@ -86,12 +88,11 @@ def test_kernels_hide_non_finite_inputs():
     def dense(q, k, v):
         return jattn.dot_product_attention(q, k, v, implementation="dense", mask_mod=hide_tail)
 
-    got, got_grads = jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(splash(*a))), (0, 1, 2))(
-        Q, k_bad, v_bad
-    )  # value_and_grad: one interpreted run for both
-    want, want_grads = jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(dense(*a))), (0, 1, 2))(
-        Q, KEY, V
-    )
+    def value_and_grads(fn):  # one compiled interpreted run for both
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), (0, 1, 2)))
+
+    got, got_grads = value_and_grads(splash)(Q, k_bad, v_bad)
+    want, want_grads = value_and_grads(dense)(Q, KEY, V)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for name, a, b in zip("qkv", got_grads, want_grads, strict=True):
         assert np.isfinite(a).all(), name
@@ -101,7 +102,12 @@ def test_kernels_hide_non_finite_inputs():
     v_nan = V.at[0, 5, 1, 0].set(jnp.nan)  # key/value head 1: query heads 2 and 3
     spec = dispatch.unchecked_spec(Q, KEY, v_nan, is_causal=True)
     assert dispatch._pallas_problems(spec, interpret=True) == []
-    out = np.asarray(dispatch.PATHS["pallas"](spec, interpret=True)[0])
+    pallas = jax.jit(
+        lambda q, k, v: dispatch.PATHS["pallas"](
+            dispatch.unchecked_spec(q, k, v, is_causal=True), interpret=True
+        )[0]
+    )
+    out = np.asarray(pallas(Q, KEY, v_nan))
     ref = np.asarray(jattn.dot_product_attention(Q, KEY, V, implementation="dense", is_causal=True))
     nan_rows = np.zeros((B, T, N), bool)
     nan_rows[:, 5:, 2:] = True  # the rows that see position 5 in those heads
