@@ -239,9 +239,15 @@ def test_vqa_model_ignores_question_padding_and_checks_inputs():
 
 @pytest.mark.slow
 def test_vqa_toy_trains_and_draws_question_heatmaps(tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
     result = train_lib.train_and_evaluate(load_config("vqa_toy", "small"), str(tmp_path))
     assert result["step"] == 6 and set(result["eval"]) == {"loss", "accuracy"}
     assert [p.rsplit("/", 1)[-1] for p in result["heatmaps"]] == ["question_attention_0.png"]
+    # the figures are closed once saved: none left to pyplot (a notebook would show it
+    # again, and a long run would keep every one in memory)
+    assert plt.get_fignums() == before
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["data_sizes"]["vocab_size"] == 21
 

@@ -92,6 +92,7 @@ def save_question_heatmaps(model, ds, predicted, workdir, *, count: int) -> list
         fig.suptitle(f"{words}  answer {answer}, predicted {guess}")
         fig.tight_layout()
         paths.append(save_figure(fig, Path(workdir) / f"question_attention_{i}.png", dpi=90))
+        plt.close(fig)  # made by pyplot: closed, or it stays in memory (and on a notebook)
     return paths
 
 
