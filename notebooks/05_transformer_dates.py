@@ -37,6 +37,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
@@ -63,6 +64,10 @@ candidates = [
 ]
 config_file = next(p / "dates.py" for p in candidates if (p / "dates.py").exists())
 config = load_config(config_file, "small" if SMALL else None)
+if SMALL:  # 3 steps, fewer weight shapes to initialise, no heatmap files (drawn below)
+    config.model.mlp_features = config.model.features
+    config.train.update(num_steps=3, checkpoint_every=3)
+    config.eval.num_heatmaps = 0
 print(config.model)
 
 train_ds, test_ds = make_datasets(config)
@@ -162,6 +167,7 @@ masks = {
     "encoder": src_valid[:, None, :, None] & src_valid[:, None, None, :],  # [B, 1, S, S]
     "cross": tgt_valid[:, None, :, None] & src_valid[:, None, None, :],  # [B, 1, T, S]
 }
+entropy_of = jax.jit(attention_entropy)  # one program per shape, not one per operation
 names, entropies = [], []
 for name, w in weights.items():
     if name.startswith("encoder"):
@@ -171,7 +177,7 @@ for name, w in weights.items():
     else:  # decoder self-attention: causal and padded rows are already zero
         mask = None
     names.append(name)
-    entropies.append(np.asarray(attention_entropy(w, mask).mean(axis=0)))  # [N]
+    entropies.append(np.asarray(entropy_of(w, mask)).mean(axis=0))  # [N]
 entropies = np.stack(entropies)  # [layers, N]
 
 fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5), layout="constrained")

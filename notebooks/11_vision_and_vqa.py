@@ -42,8 +42,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import matplotlib.pyplot as plt
 import numpy as np
+from flax import nnx
 
 import jattn
 from jattn.data.vqa import QUESTION_WORDS
@@ -70,6 +72,10 @@ configs = next(p for p in candidates if (p / "vit_digits.py").exists())
 
 # %%
 config = load_config(configs / "vit_digits.py", "small" if SMALL else None)
+if SMALL:  # 3 steps, fewer weight shapes to initialise, no heatmap files (drawn below)
+    config.model.update(stem_layers=1, stem_features=16, mlp_features=16)
+    config.train.update(num_steps=3, checkpoint_every=3)
+    config.eval.num_heatmaps = 0
 train_ds, test_ds = make_datasets(config)
 print(f"{len(train_ds)} training and {len(test_ds)} test images of {train_ds.model_sizes()}")
 fig, axes = plt.subplots(1, 8, figsize=(8, 1.3))
@@ -94,7 +100,9 @@ print(result["eval"])
 model = restore_model(workdir)
 images = test_ds.inputs["images"][:6]
 maps = np.asarray(rollout_map(model.attention_weights(images), model.grid_hw))
-logits = np.asarray(model(images, deterministic=True))
+# one compiled forward pass (run op by op, a model compiles each of its operations)
+predict = nnx.jit(lambda model, x: model(x, deterministic=True))
+logits = np.asarray(predict(model, images))
 fig, axes = plt.subplots(1, 6, figsize=(13, 2.4))
 for ax, image, m, label, guess in zip(
     axes, images, maps, test_ds.labels[:6], logits.argmax(-1), strict=True
@@ -150,6 +158,9 @@ for path in result["heatmaps"]:
 
 # %%
 config = load_config(configs / "detection_toy.py", "small" if SMALL else None)
+if SMALL:  # 3 steps, fewer weight shapes to initialise
+    config.model.update(stem_features=16, mlp_features=16)
+    config.train.update(num_steps=3, checkpoint_every=3)
 train_ds, test_ds = make_datasets(config)
 workdir = Path(tempfile.mkdtemp(prefix="detection_toy_"))
 result = train_and_evaluate(config, str(workdir))
@@ -158,7 +169,8 @@ print(result["eval"])
 # %%
 model = restore_model(workdir)
 image = test_ds.images[:1]
-probs, boxes = (np.asarray(x) for x in model(image, deterministic=True))
+logits, boxes = predict(model, image)  # class logits [1, Q, K + 1], boxes [1, Q, 4]
+probs = np.asarray(jax.nn.softmax(logits, axis=-1))
 sown = collect_attention_weights(model, image, deterministic=True)
 cross = np.asarray([w for k, w in sown.items() if "cross" in k][-1])[0].mean(0)  # [Q, S]
 h, w = model.grid_hw
