@@ -78,6 +78,30 @@ def type_note(value) -> str:
     return f" ({article} {type(value).__name__})"
 
 
+def check_prng_key(name: str, key) -> None:
+    """A TypeError naming ``name`` unless ``key`` is one PRNG key (typed, or raw uint32
+    data such as ``jax.random.PRNGKey(0)``)."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return
+    elif (
+        hasattr(key, "dtype")
+        and hasattr(key, "shape")
+        and key.dtype == np.uint32
+        and len(key.shape) == 1
+        and key.shape[0] >= 2
+    ):
+        return
+    got = (
+        f"dtype {key.dtype} shape {list(key.shape)}"
+        if hasattr(key, "dtype") and hasattr(key, "shape")
+        else f"{key!r}{type_note(key)}"
+    )
+    raise TypeError(
+        f"{name} must be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got {got}"
+    )
+
+
 def check_static(name: str, value, what: str) -> None:
     """A TypeError naming ``name`` when ``value`` is traced (a static ``what`` is needed)."""
     if _is_traced(value):

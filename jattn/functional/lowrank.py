@@ -65,9 +65,7 @@ def orthogonal_random_features(key: jax.Array, num_features: int, head_dim: int)
     """FAVOR+'s projection ``[M, H]``: blocks of H orthogonal rows (QR of a Gaussian
     matrix), each row rescaled to the norm of an independent Gaussian vector, so every
     row is marginally ``N(0, I)`` and rows within a block are orthogonal."""
-    from jattn.functional.mods import _check_prng_key  # mods imports masks: no cycle
-
-    _check_prng_key("key", key)
+    _checks.check_prng_key("key", key)
     m = check_positive_int("num_features", num_features)
     h = check_positive_int("head_dim", head_dim)
     nblocks = -(-m // h)

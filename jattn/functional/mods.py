@@ -569,7 +569,7 @@ def bigbird(
         raise ValueError(f"window_blocks must be odd and >= 1, got {window_blocks}")
     num_global_blocks = _int_option("num_global_blocks", num_global_blocks, minimum=0)
     num_random_blocks = _int_option("num_random_blocks", num_random_blocks, minimum=0)
-    _check_prng_key("key", key)
+    _checks.check_prng_key("key", key)
     nb = -(-length // block)
     r = int(min(num_random_blocks, nb))
     if r > 0:
@@ -579,26 +579,6 @@ def bigbird(
         draw = jnp.full((nb, 1), -1)
     half = window_blocks // 2
     return Mod(_bigbird, block, half, half, num_global_blocks, draw.astype(jnp.int32))
-
-
-def _check_prng_key(name: str, key) -> None:
-    """A TypeError naming ``name`` unless ``key`` is one PRNG key (typed, or raw uint32
-    data such as ``jax.random.PRNGKey(0)``)."""
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape == ():
-            return
-    elif (
-        hasattr(key, "dtype")
-        and hasattr(key, "shape")
-        and key.dtype == np.uint32
-        and len(key.shape) == 1
-        and key.shape[0] >= 2
-    ):
-        return
-    raise TypeError(
-        f"{name} must be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got "
-        f"{_describe(key)}"
-    )
 
 
 # ---------------------------------------------------------------------------- score mods

@@ -584,7 +584,7 @@ def _generate_lm_jit(graphdef, state, prompt, lengths, max_new, beam_size, lengt
 
 
 def _generate_lm_body(model: DecoderLM, prompt, lengths, max_new, beam_size, length_penalty):
-    batch, plen = prompt.shape
+    plen = prompt.shape[1]
     # checked when concrete; traced, a length outside [1, P] marks its example's tokens
     outside = (lengths < 1) | (lengths > plen)
     tokens = _continue_lm(model, prompt, jnp.clip(lengths, 1, plen), max_new, beam_size,
