@@ -225,6 +225,30 @@ def test_traced_prompt_lengths_outside_the_prompts_mark_their_examples(lm, lengt
     assert (want >= 0).all()
 
 
+_STEP = nnx.jit(lambda lm, tokens, caches: lm.step(tokens, caches)[0])
+
+
+@SETTINGS
+@given(index=st.lists(st.integers(0, 4), min_size=3, max_size=3), num_new=st.integers(1, 2))
+def test_a_traced_cache_overflow_makes_only_its_examples_nan(lm, index, num_new):
+    """Under jax.jit a cache index that leaves no room cannot raise: the overflowing
+    examples' logits are NaN (no clamped write that overwrites the last slots); the
+    others equal an eager step, which raises for the overflowing ones."""
+    tokens = jnp.asarray([[3, 4], [5, 6], [7, 8]], jnp.int32)[:, :num_new]
+    _, full = lm.step(jnp.full((3, 4), 2, jnp.int32), lm.init_cache(3, 4))
+    index = np.asarray(index, np.int32)
+    got = np.asarray(_STEP(lm, tokens, models.decoding.rewind_cache(full, jnp.asarray(index))))
+    over = index + num_new > 4
+    if over.any():
+        with pytest.raises(ValueError, match="the cache is full"):
+            lm.step(tokens, models.decoding.rewind_cache(full, index))
+    assert np.isnan(got[over]).all()
+    fits = models.decoding.rewind_cache(full, np.where(over, 0, index))
+    want = np.asarray(lm.step(tokens, fits)[0])
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got[~over], want[~over], rtol=1e-5, atol=1e-6)
+
+
 def test_seq2seq_generate_names_an_empty_source_batch():
     model = models.Transformer(11, 11, num_layers=1, features=8, num_heads=2, max_len=8,
                                dropout_rate=0.0, rngs=nnx.Rngs(0))  # fmt: skip

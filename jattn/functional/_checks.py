@@ -78,6 +78,19 @@ def type_note(value) -> str:
     return f" ({article} {type(value).__name__})"
 
 
+def nan_if_overflowing(query: jax.Array, index, num_new: int, max_len: int) -> jax.Array:
+    """``query`` with NaN in the examples whose traced cache ``index`` (a scalar, or
+    ``[B]`` along the query's first axis) leaves no room for ``num_new`` tokens in
+    ``max_len``: under ``jax.jit`` an overflow cannot raise, and a clamped write would
+    be a silent wrong answer; a NaN query makes exactly those rows NaN. A concrete
+    ``index`` is returned as it is (its overflow is the caller's ValueError)."""
+    if concrete(index) is not None:
+        return query
+    over = jnp.asarray(index) + num_new > max_len
+    over = over.reshape(over.shape + (1,) * (query.ndim - over.ndim))
+    return jnp.where(over, jnp.asarray(jnp.nan, query.dtype), query)
+
+
 def check_prng_key(name: str, key) -> None:
     """A TypeError naming ``name`` unless ``key`` is one PRNG key (typed, or raw uint32
     data such as ``jax.random.PRNGKey(0)``)."""

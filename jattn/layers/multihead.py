@@ -448,8 +448,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
                 f"decode=True: the cache is full: writing {t} tokens at cache_index "
                 f"{int(concrete)} needs {int(concrete) + t} positions, it has {max_len}"
             )
-        if concrete is None:  # traced (under jit): an overflow cannot raise; its rows are NaN
-            query = jnp.where(index + t > max_len, jnp.asarray(jnp.nan, query.dtype), query)
+        query = _checks.nan_if_overflowing(query, index, t, max_len)
         fn, wavelengths = _rotary_unwrapped(self.attention_fn)
         if wavelengths:
             positions = index + jnp.arange(t, dtype=jnp.int32)

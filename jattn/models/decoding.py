@@ -216,9 +216,10 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     values are written there and each query sees the cache up to its own position
     (``jattn.causal_mask(T, S_max, offset=index)``). Works for a multi-token prefill
     and for single-token steps. ``index + T <= S_max`` is the caller's to keep: a
-    concrete index that overflows raises, a traced one (under ``jax.jit``) cannot be
-    checked and would be clamped. A layer whose ``attention_fn`` is a
-    :class:`RotaryAttention` gets its RoPE at those positions.
+    concrete index that overflows raises; a traced one (under ``jax.jit``) cannot
+    raise, so an example that overflows gets NaN rows, not a clamped write. A layer
+    whose ``attention_fn`` is a :class:`RotaryAttention` gets its RoPE at those
+    positions.
 
     Returns:
       ``([B, T, D_out], cache)`` with ``index`` advanced by T.
@@ -228,6 +229,7 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     _check_room(cache.index, num_new, max_len)
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
+    q = _checks.nan_if_overflowing(q, cache.index, num_new, max_len)
     wavelengths = _unwrap(mha)[1]
     if wavelengths:
         positions = cache.index[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
