@@ -70,6 +70,14 @@ def hide_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(bad[..., None], jnp.zeros((), x.dtype), x), bad
 
 
+def zero_padding(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """``x [..., L, D]`` with the vectors that ``valid [..., L]`` marks False set to 0,
+    for a layer to apply before it uses its padded inputs (the double-where rule):
+    masking only the result leaves ``0 * NaN`` in the backward pass, so a NaN or inf
+    in the padding would reach the gradients of the example and of the weights."""
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
 #: Bytes of one cleaned chunk in :func:`map_chunks` and :func:`sum_chunks`.
 CHUNK_BYTES = 1 << 20
 

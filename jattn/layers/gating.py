@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.functional._checks import check_bool_mask, check_positive_int
+from jattn.functional._finite import zero_padding
 from jattn.layers.axes import names
 from jattn.layers.composite import _forms_weights, _init_cache, _step
 from jattn.layers.multihead import MultiHeadAttention
@@ -288,10 +289,9 @@ class MixtureOfHeads(nnx.Module):
             token_mask = _check_token_mask(
                 "token_mask", token_mask, x.shape[:-1], f"x {list(x.shape)} ([..., T, D])"
             )
-            # padded tokens are routed from zeros (double where): a NaN there would make
-            # NaN router gradients (0 * NaN in the softmax's and the router's backward
-            # pass) even with the loss's own where; real tokens route as they are
-            x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
+            # padded tokens are routed from zeros, so a NaN there reaches no router
+            # gradient (the loss's own where is not enough); real tokens as they are
+            x = zero_padding(x, token_mask)
         probs, selected = top_k_routing(self.router(x), self.k)
         weights = jnp.where(selected, self.num_heads * probs, 0.0)
         return weights, selected, _load_balancing_loss(probs, selected, token_mask)

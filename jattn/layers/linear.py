@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _checks, lowrank
+from jattn.functional import _checks, _finite, lowrank
 from jattn.functional import linear as lin
 from jattn.layers.axes import names
 from jattn.layers.multihead import MultiHeadAttention
@@ -186,8 +186,8 @@ class LinearAttention(MultiHeadAttention):
         if is_causal and valid is not None:
             raise ValueError("causal LinearAttention takes no mask (right padding is causal)")
         if valid is not None:  # padding keys: zeros in (NaN there reaches no gradient)
-            inputs_k = jnp.where(valid[..., None], inputs_k, jnp.zeros((), inputs_k.dtype))
-            inputs_v = jnp.where(valid[..., None], inputs_v, jnp.zeros((), inputs_v.dtype))
+            inputs_k = _finite.zero_padding(inputs_k, valid)
+            inputs_v = _finite.zero_padding(inputs_v, valid)
         q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
         out = self._attend(inputs_q, q, k, v, is_causal=is_causal, valid=valid)
         return self.out(self._scale_heads(out).astype(v.dtype))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _checks, _sharding
+from jattn.functional import _checks, _finite, _sharding
 from jattn.functional._checks import check_positive_int, check_size, fmt
 from jattn.layers.axes import names
 from jattn.layers.dropout import per_site_rngs
@@ -354,11 +354,9 @@ class PerceiverEncoder(nnx.Module):
         inputs = _check_input("inputs", inputs, self.in_features, "[..., S, D_in]")
         mask = _key_mask("input_mask", input_mask, inputs, "S")  # [..., 1, 1, S]
         if mask is not None:
-            # padding is zeroed before the input norm (double where): the attention's
-            # mask alone would leave a NaN row's norm a NaN gradient (0 * NaN), for the
-            # row and for the norm's scale and bias
-            real = mask[..., 0, 0, :, None]  # [..., S, 1]
-            inputs = jnp.where(real, inputs, jnp.zeros((), inputs.dtype))
+            # padding zeroed before the input norm: the attention's mask alone would
+            # give a NaN row's norm, and the norm's scale and bias, NaN gradients
+            inputs = _finite.zero_padding(inputs, mask[..., 0, 0, :])
         latents = self.latents[...].astype(inputs.dtype)
         z = jnp.broadcast_to(  # [..., M, D], split over the batch as the inputs are
             latents, (*inputs.shape[:-2], *latents.shape), out_sharding=_batch_sharding(inputs)

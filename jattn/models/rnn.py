@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _checks, _sharding
+from jattn.functional import _checks, _finite, _sharding
 from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval
 
@@ -96,10 +96,9 @@ def masked_scan(
 
     def body(h, inputs):
         xp, ok = inputs  # [B, 3H], [B]
-        # a padded step's input never enters the cell (double where): a NaN or inf there
-        # would otherwise make NaN gradients for the whole example (0 * NaN in the
-        # backward pass of the step whose result the outer where drops)
-        xp = jnp.where(ok[:, None], xp, jnp.zeros((), xp.dtype))
+        # a padded step's input never enters the cell: a NaN or inf there would make
+        # NaN gradients for the whole example (the outer where drops only the result)
+        xp = _finite.zero_padding(xp, ok)
         # the state keeps h0's dtype (float64 inputs under x64 would promote it)
         h_new = jnp.where(ok[:, None], cell.step(h, xp).astype(h.dtype), h)
         return h_new, jnp.where(ok[:, None], h_new, 0.0)
@@ -193,7 +192,7 @@ class GRUEncoder(TrainEval, nnx.Module):
         finals = []
         # padded steps are zeroed before the input projections (masked_scan drops them
         # too): a NaN or inf there would give the projection weights NaN gradients
-        x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+        x = _finite.zero_padding(x, valid)
         for i in range(self.num_layers):
             if i > 0:
                 x = self.dropout(x, deterministic=deterministic, rngs=rngs)
