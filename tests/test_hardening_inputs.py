@@ -231,6 +231,20 @@ SCALAR_TARGETS = [
         not_positive,
         lambda w: jattn.nadaraya_watson(jnp.ones(3), jnp.ones(3), jnp.ones(3), width=w),
     ),  # fmt: skip
+    *[
+        (
+            "width",
+            not_positive,
+            lambda w, kernel=kernel: kernel(jnp.ones((2, 3)), w),
+        )  # a kernel called directly: was NaN (width 0) or a silently wrong sign (< 0)
+        for kernel in (
+            jattn.gaussian_kernel,
+            jattn.boxcar_kernel,
+            jattn.constant_kernel,
+            jattn.triangular_kernel,
+            jattn.epanechnikov_kernel,
+        )
+    ],  # fmt: skip
     (
         "cell_size",
         not_positive,
@@ -395,6 +409,63 @@ def test_float_offset_message():
     assert message == f"offset={2**40} does not fit int32 [-2147483648, 2147483647]"
 
 
+# -------------------------------------------- arguments that are not arrays (section 4)
+
+# Each was an error from inside jnp (``None is not a valid value for jnp.array``), an
+# AttributeError (``'NoneType' object has no attribute 'shape'``) or, for
+# nadaraya_watson's values, the weights alone returned in place of (predictions, weights).
+NOT_ARRAY_TARGETS = [
+    ("query", lambda x: jattn.single_head_attention(x, jnp.ones((3, 8)), jnp.ones((3, 8)))),
+    ("key", lambda x: jattn.single_head_attention(jnp.ones((2, 8)), x, jnp.ones((3, 8)))),
+    ("value", lambda x: jattn.single_head_attention(jnp.ones((2, 8)), jnp.ones((3, 8)), x)),
+    ("decay", lambda x: jattn.retention(Q, Q, Q, x)),
+    ("log_gates", lambda x: jattn.gated_linear_attention(Q, Q, Q, x)),
+    ("x", lambda x: jattn.to_zigzag(x, 2)),
+    ("x", lambda x: jattn.from_zigzag(x, 2)),
+    ("distances", lambda x: jattn.gaussian_kernel(x)),
+    ("values", lambda x: jattn.nadaraya_watson(jnp.ones(2), jnp.ones(3), x)),
+    ("values", lambda x: jattn.parametric_nadaraya_watson(jnp.ones(2), jnp.ones(3), x, 1.0)),
+]
+not_arrays = st.one_of(
+    st.none(), st.text(max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)
+)
+
+
+def test_keep_mask_shape_is_a_sequence():
+    key = jax.random.key(0)
+    for shape in (jnp.asarray(3), 3, "3"):  # a 0-d array was "iteration over a 0-d array"
+        message = raises(TypeError, lambda shape=shape: jattn.keep_mask(key, 0.5, shape))
+        assert message.startswith("shape must be a sequence of ints, got ")
+    assert jattn.keep_mask(key, 0.5, jnp.asarray([2, 3])).shape == (2, 3)
+
+
+@SETTINGS
+@given(target=st.sampled_from(NOT_ARRAY_TARGETS), value=not_arrays)
+def test_arguments_that_are_not_arrays_are_named(target, value):
+    name, call = target
+    raises(TypeError, lambda: call(value), name)
+
+
+def test_one_head_takes_one_head():
+    """single_head_attention is the per-head math: [B, T, N, H] inputs, mismatched key and
+    value lengths and a bias of another rank (which would broadcast over the rows) are
+    errors, not a wrong result."""
+    q, k = jnp.ones((2, 8)), jnp.ones((3, 8))
+    message = raises(ValueError, lambda: jattn.single_head_attention(Q, Q, Q))
+    assert message == (
+        "single_head_attention takes one head: query [T, H], key [S, H'] and value [S, Hv], "
+        "got [1, 4, 2, 8], [1, 4, 2, 8] and [1, 4, 2, 8]; for [B, T, N, H] inputs use attention"
+    )
+    raises(ValueError, lambda: jattn.single_head_attention(q, k, jnp.ones((4, 8))), "[4, 8]")
+    message = raises(ValueError, lambda: jattn.single_head_attention(q, k, k, jnp.ones(3)))
+    assert message == "bias must have rank 2 and broadcast to [T, S] = [2, 3], got [3]"
+    raises(ValueError, lambda: jattn.single_head_attention(q, k, k, jnp.ones((2, 4))), "bias")
+    # the good forms: a bias broadcasting along either axis
+    for bias in (jnp.ones((1, 3)), jnp.ones((2, 1)), jnp.ones((2, 3))):
+        out, weights, _ = jattn.single_head_attention(q, k, k, bias)
+        np.testing.assert_allclose(weights, np.full((2, 3), 1 / 3), rtol=1e-6)
+
+
 # ------------------------------------------------------ complex inputs (section 3)
 
 
@@ -417,6 +488,8 @@ COMPLEX_TARGETS = [
     ("positions", (4,), lambda z: jattn.sinusoidal_encoding(z, 4)),
     ("slopes", (2,), lambda z: jattn.alibi_bias(z, 3, 3)),
     ("queries", (3,), lambda z: jattn.nadaraya_watson(z, jnp.ones(3), jnp.ones(3))),
+    ("distances", (2, 3), lambda z: jattn.gaussian_kernel(z)),
+    ("value", (3, 8), lambda z: jattn.single_head_attention(jnp.ones((2, 8)), z.real, z)),
     ("inputs_q", (1, 4, 8), lambda z: layers.MultiHeadAttention(2, 8, rngs=_rngs())(z)),
     ("weights", (3, 3), lambda z: viz.plot_attention(z)),
     ("weights", (1, 3, 3), lambda z: diagnostics.attention_entropy(z)),

@@ -101,14 +101,14 @@ def zigzag_indices(length: int, num_shards: int) -> np.ndarray:
 def to_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
     """``x`` with its sequence axis ``axis`` (1 for ``[B, T, ...]``) in the zigzag order
     (:func:`zigzag_indices`); shard it over P = ``num_shards`` devices afterwards."""
-    x = jnp.asarray(x)
+    x = _checks.as_array("x", x)
     axis = _seq_axis(x, axis)
     return _take(x, zigzag_indices(x.shape[axis], num_shards), axis)
 
 
 def from_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
     """The inverse of :func:`to_zigzag`: the sequence axis back in its natural order."""
-    x = jnp.asarray(x)
+    x = _checks.as_array("x", x)
     axis = _seq_axis(x, axis)
     order = zigzag_indices(x.shape[axis], num_shards)
     return _take(x, np.argsort(order).astype(np.int32), axis)

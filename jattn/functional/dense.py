@@ -58,6 +58,7 @@ def single_head_attention(
       ``(output [T, Hv], weights [T, S] float32, lse [T] float32)``. The weights are
       the softmax before dropout.
     """
+    query, key, value, bias = _check_one_head(query, key, value, bias)
     t, s = query.shape[0], key.shape[0]
     logits = score_fn(query, key, score_params)  # [T, S]
     if logits.shape != (t, s):
@@ -76,6 +77,34 @@ def single_head_attention(
         probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
     out = attention_pooling(probs.astype(value.dtype), value)
     return out, weights, lse
+
+
+_QKV = ("query", "key", "value")
+
+
+def _check_one_head(query, key, value, bias):
+    """:func:`single_head_attention`'s inputs as real arrays of one head each (a
+    ``[B, T, N, H]`` array here would be read as rows of a matrix; ``attention`` takes
+    those)."""
+    query, key, value = (
+        _checks.check_real(n, x) for n, x in zip(_QKV, (query, key, value), strict=True)
+    )
+    if (query.ndim, key.ndim, value.ndim) != (2, 2, 2) or key.shape[0] != value.shape[0]:
+        raise ValueError(
+            "single_head_attention takes one head: query [T, H], key [S, H'] and value "
+            f"[S, Hv], got {_checks.fmt(query.shape)}, {_checks.fmt(key.shape)} and "
+            f"{_checks.fmt(value.shape)}; for [B, T, N, H] inputs use attention"
+        )
+    if bias is not None:
+        bias = _checks.check_real("bias", bias)
+        target = (query.shape[0], key.shape[0])
+        if bias.ndim != 2:
+            raise ValueError(
+                f"bias must have rank 2 and broadcast to [T, S] = {_checks.fmt(target)}, got "
+                f"{_checks.fmt(bias.shape)}"
+            )
+        _checks.check_broadcast("bias", bias, target, "[T, S]")
+    return query, key, value, bias
 
 
 def _flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:

@@ -57,20 +57,27 @@ _NEG_INF = float("-inf")
 
 def gaussian_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
     """Log of the Gaussian kernel ``exp(-d^2 / (2 width^2))``: ``-d^2 / (2 width^2)``."""
-    d = jnp.asarray(distances, jnp.float32)
+    d, width = _kernel_inputs(distances, width)
     return -jnp.square(d / width) / 2
 
 
 def boxcar_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
     """Log of the boxcar kernel ``1[|d| < width]``: 0 inside the window, ``-inf`` outside."""
-    d = jnp.asarray(distances, jnp.float32)
+    d, width = _kernel_inputs(distances, width)
     return jnp.where(jnp.abs(d) < width, jnp.float32(0.0), jnp.float32(_NEG_INF))
 
 
 def constant_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
     """Log of the constant kernel ``1``: every key gets the same weight (plain averaging)."""
-    del width
-    return jnp.zeros(jnp.shape(distances), jnp.float32)
+    d, _ = _kernel_inputs(distances, width)
+    return jnp.zeros(d.shape, jnp.float32)
+
+
+def _kernel_inputs(distances, width) -> tuple[jax.Array, jax.Array | float]:
+    """A kernel's ``distances`` as float32 and its checked ``width`` (a positive
+    finite scalar; a traced one, as :func:`nadaraya_watson` passes, as it is)."""
+    d = _checks.check_real("distances", distances).astype(jnp.float32)
+    return d, _check_width(width)
 
 
 def _log_positive_part(k):
@@ -84,14 +91,15 @@ def triangular_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
 
     (d2l calls this kernel "Epanechikov"; the Epanechnikov kernel is
     :func:`epanechnikov_kernel`.)"""
-    d = jnp.asarray(distances, jnp.float32)
+    d, width = _kernel_inputs(distances, width)
     return _log_positive_part(1.0 - jnp.abs(d) / width)
 
 
 def epanechnikov_kernel(distances: jax.Array, width: float = 1.0) -> jax.Array:
     """Log of the Epanechnikov kernel ``3/4 (1 - (d / width)^2)`` for ``|d| < width``;
     ``-inf`` outside the window."""
-    d = jnp.asarray(distances, jnp.float32) / width
+    d, width = _kernel_inputs(distances, width)
+    d = d / width
     return _log_positive_part(0.75 * (1.0 - jnp.square(d)))
 
 
@@ -128,7 +136,10 @@ def _points(name: str, x, letters: str) -> jax.Array:
     return x
 
 
-def _check_inputs(queries, keys, values=None, mask=None):
+_NO_VALUES = object()  # the weights' functions: no values to check
+
+
+def _check_inputs(queries, keys, values=_NO_VALUES, mask=None):
     queries = _points("queries", queries, "[T] or [T, F]")
     keys = _points("keys", keys, "[S] or [S, F]")
     if queries.ndim != keys.ndim or queries.shape[1:] != keys.shape[1:]:
@@ -137,7 +148,14 @@ def _check_inputs(queries, keys, values=None, mask=None):
             "be [T], [S] (scalar inputs) or [T, F], [S, F] with the same F"
         )
     t, s = queries.shape[0], keys.shape[0]
-    if values is not None:
+    if values is _NO_VALUES:
+        values = None
+    elif values is None:
+        raise TypeError(
+            "values must be an array [S] or [S, Hv], got None; for the weights alone use "
+            "nadaraya_watson_weights or parametric_nadaraya_watson_weights"
+        )
+    else:
         values = _points("values", values, "[S] or [S, Hv]")
         if values.shape[0] != s:
             raise ValueError(

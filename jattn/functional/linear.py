@@ -405,7 +405,7 @@ def retention(
     """
     name = "retention"
     b, t, n, f, _, hv = _check(query, key, value, name)
-    decay = jnp.asarray(decay)
+    decay = _checks.as_array("decay", decay)
     if decay.shape != (n,) or not jnp.issubdtype(decay.dtype, jnp.floating):
         raise ValueError(f"{name}: decay must be a float [N] = [{n}] array, got {decay.dtype} "
                          f"{list(decay.shape)}")  # fmt: skip
@@ -449,7 +449,7 @@ def gated_linear_attention(
     """
     name = "gated_linear_attention"
     b, t, n, f, _, hv = _check(query, key, value, name)
-    log_gates = jnp.asarray(log_gates)
+    log_gates = _checks.as_array("log_gates", log_gates)
     if log_gates.shape != (b, t, n, f) or not jnp.issubdtype(log_gates.dtype, jnp.floating):
         raise ValueError(
             f"{name}: log_gates must be a float [B, T, N, H] = {[b, t, n, f]} array, got "

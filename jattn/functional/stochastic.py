@@ -170,7 +170,8 @@ def keep_mask(rng, keep_prob: float, shape: Sequence[int]) -> jax.Array:
     ints >= 0."""
     _check_key(rng)
     keep_prob = _check_keep_prob(keep_prob)
-    if isinstance(shape, str | bytes) or not isinstance(shape, Iterable):
+    scalar = getattr(shape, "ndim", 1) == 0  # a 0-d array is Iterable, and fails to iterate
+    if isinstance(shape, str | bytes) or not isinstance(shape, Iterable) or scalar:
         raise TypeError(
             f"shape must be a sequence of ints, got {shape!r}{_checks.type_note(shape)}"
         )
