@@ -354,9 +354,12 @@ def test_bad_constructor_arguments(kw, match):
 
 def test_bad_inputs():
     model = _model(0)
-    with pytest.raises(ValueError, match=r"src must have shape \[B, L\] \(token ids\), got \[5\]"):
+    with pytest.raises(ValueError, match=r"src must be integer tokens \[B, L\], got int64\[5\]"):
         model(SRC[0], TGT_IN)
-    with pytest.raises(TypeError, match=r"tgt_in must hold integer token ids, got dtype float32"):
+    for bad in ("abc", None):  # were a NumPy ufunc error and int()'s TypeError, unnamed
+        with pytest.raises(ValueError, match=r"src must be integer tokens \[B, L\], got "):
+            model(bad, TGT_IN)
+    with pytest.raises(ValueError, match=r"tgt_in must be integer tokens \[B, L\], got float32"):
         model(SRC, TGT_IN.astype(np.float32))
     with pytest.raises(ValueError, match=r"src \[4, 5\] and tgt_in \[2, 3\] have different batch"):
         model(SRC, TGT_IN[:2])
@@ -366,7 +369,9 @@ def test_bad_inputs():
         model.generate(SRC, max_len=3, beam_size=0)
     with pytest.raises(ValueError, match=r"length_penalty must be a float >= 0, got -1"):
         model.generate(SRC, max_len=3, length_penalty=-1)
-    with pytest.raises(ValueError, match=r"src must have shape \[B, L\]"):
+    with pytest.raises(
+        ValueError, match=r"src must be integer tokens \[B, L\], got int64\[1, 4, 5\]"
+    ):
         model.generate(SRC[None], max_len=3)
     with pytest.raises(ValueError, match=r"src holds token ids outside the vocabulary"):
         model(SRC + SRC_V, TGT_IN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jattn.functional._checks import check_size, check_static, concrete, is_int, type_note
@@ -53,3 +55,24 @@ def check_search_options(beam_size, length_penalty) -> tuple[int, float]:
     if length_penalty == float("inf"):
         raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
     return int(beam_size), float(length_penalty)
+
+
+def check_tokens(name: str, tokens, max_len: int | None = None, *, vocab_size: int | None = None):
+    """``tokens`` as an integer ``[B, L]`` jax array: a ValueError naming ``name`` for
+    another rank or dtype (a str, None), ids outside ``[0, vocab_size)`` (when concrete)
+    or a length beyond ``max_len``."""
+    if not isinstance(tokens, jax.Array | np.ndarray):  # NumPy first: an int64 id must not wrap
+        try:
+            tokens = np.asarray(tokens)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be integer tokens [B, L], got {tokens!r}") from e
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} must be integer tokens [B, L], got {tokens.dtype}{list(tokens.shape)}"
+        )
+    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
+        check_token_ids(name, tokens, vocab_size)
+    tokens = jnp.asarray(tokens)
+    if max_len is not None and tokens.shape[1] > max_len:
+        raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
+    return tokens

@@ -26,7 +26,7 @@ from jattn.functional.scores import AdditiveParams, dot_product_scores
 from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.scores import AdditiveScore, BilinearScore
-from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
+from jattn.models._validate import check_search_options, check_special_ids, check_tokens
 from jattn.models.decoding import beam_search, greedy_search, per_example
 from jattn.models.rnn import GRUCell, GRUEncoder
 
@@ -46,17 +46,6 @@ def _additive_scores_projected_keys(
     q = jnp.einsum("th,ha->ta", query, params.w_query, preferred_element_type=jnp.float32)
     hidden = jnp.tanh(q[:, None, :] + key_proj.astype(jnp.float32)[None, :, :])  # [T, S, A]
     return jnp.einsum("tsa,a->ts", hidden, params.w_value.astype(jnp.float32))
-
-
-def _check_tokens(name: str, x, vocab_size: int | None = None) -> jax.Array:
-    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
-        check_token_ids(name, x, vocab_size)
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape [B, L] (token ids), got {list(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {x.dtype}")
-    return x
 
 
 class BahdanauSeq2Seq(TrainEval, nnx.Module):
@@ -199,7 +188,7 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
         """``src [B, S]`` -> ``(states [B, S, Hk], valid [B, S], h0 [L, B, H])``."""
         deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
-        src = _check_tokens("src", src, self.src_embed.num_embeddings)
+        src = check_tokens("src", src, vocab_size=self.src_embed.num_embeddings)
         valid = src != self.pad_id
         x = self.dropout(
             self.src_embed(src, out_sharding=_sharding.like(src)),
@@ -271,7 +260,7 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
         """
         deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
-        tgt_in = _check_tokens("tgt_in", tgt_in, self.tgt_embed.num_embeddings)
+        tgt_in = check_tokens("tgt_in", tgt_in, vocab_size=self.tgt_embed.num_embeddings)
         states, valid, h0 = self.encode(src, deterministic=deterministic, rngs=rngs)  # checks src
         if valid.shape[0] != tgt_in.shape[0]:
             raise ValueError(
@@ -314,7 +303,7 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
         the best one (:func:`jattn.models.decoding.beam_search`). Runs as one
         jit-compiled ``lax.while_loop`` that stops when every sequence has ended.
         """
-        src = _check_tokens("src", src, self.src_embed.num_embeddings)
+        src = check_tokens("src", src, vocab_size=self.src_embed.num_embeddings)
         check_positive_int("max_len", max_len)
         beam_size, length_penalty = check_search_options(beam_size, length_penalty)
         penalty = jnp.float32(length_penalty)

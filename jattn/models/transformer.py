@@ -38,7 +38,7 @@ from jattn.layers.axes import names
 from jattn.layers.composite import pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
-from jattn.models._validate import check_search_options, check_special_ids, check_token_ids
+from jattn.models._validate import check_search_options, check_special_ids, check_tokens
 from jattn.models.blocks import (
     LAYER_TYPES,
     TransformerDecoder,
@@ -102,7 +102,7 @@ class _Embedding(TrainEval, nnx.Module):
     def __call__(self, tokens, positions=None, *, deterministic=None, rngs=None):
         """``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1``) -> ``[B, T, D]``.
 
-        Token ids are checked by the models' entry points (``_check_tokens``)."""
+        Token ids are checked by the models' entry points (``_validate.check_tokens``)."""
         deterministic = self._deterministic(deterministic)
         x = self.token(tokens, out_sharding=_sharding.like(tokens)) * math.sqrt(self.features)
         if self.position is not None:
@@ -110,24 +110,6 @@ class _Embedding(TrainEval, nnx.Module):
                 positions = jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None, :]
             x = x + self.position(positions).astype(x.dtype)
         return self.dropout(x, deterministic=deterministic, rngs=rngs)
-
-
-def _check_tokens(name, tokens, max_len=None, *, vocab_size=None):
-    if not isinstance(tokens, jax.Array | np.ndarray):  # NumPy first: an int64 id must not wrap
-        try:
-            tokens = np.asarray(tokens)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{name} must be integer tokens [B, L], got {tokens!r}") from e
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(
-            f"{name} must be integer tokens [B, L], got {tokens.dtype}{list(tokens.shape)}"
-        )
-    if vocab_size is not None:  # before any int64 -> int32 conversion can wrap an id
-        check_token_ids(name, tokens, vocab_size)
-    tokens = jnp.asarray(tokens)
-    if max_len is not None and tokens.shape[1] > max_len:
-        raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
-    return tokens
 
 
 def _check_nonempty(name, tokens, *, length: bool = True):
@@ -316,9 +298,7 @@ class Transformer(TrainEval, nnx.Module):
         """``src [B, S]`` -> memory ``[B, S, D]`` (padding keys masked)."""
         deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
-        src = _check_tokens(
-            "src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings
-        )
+        src = check_tokens("src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings)
         x = self.src_embed(src, deterministic=deterministic, rngs=rngs)
         mask = key_padding_mask(src != self.pad_id)
         return self.encoder(x, mask=mask, deterministic=deterministic, rngs=rngs,
@@ -329,7 +309,7 @@ class Transformer(TrainEval, nnx.Module):
         (for its padding mask) -> logits ``[B, T, V]`` float32 (causal self-attention)."""
         deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
-        tgt_in = _check_tokens(
+        tgt_in = check_tokens(
             "tgt_in", tgt_in, self.max_len, vocab_size=self.tgt_embed.token.num_embeddings
         )
         y = self.tgt_embed(tgt_in, deterministic=deterministic, rngs=rngs)
@@ -358,9 +338,7 @@ class Transformer(TrainEval, nnx.Module):
 
         Output has no BOS; tokens after EOS are PAD. Compiled once per shape and options.
         """
-        src = _check_tokens(
-            "src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings
-        )
+        src = check_tokens("src", src, self.max_len, vocab_size=self.src_embed.token.num_embeddings)
         _check_nonempty("src", src, length=False)
         if not is_int(max_len) or not 0 < max_len <= self.max_len:
             raise ValueError(f"max_len must be an int in [1, {self.max_len}], got {max_len!r}")
@@ -475,7 +453,7 @@ class DecoderLM(TrainEval, nnx.Module):
         the model's mode)."""
         deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
-        tokens = _check_tokens(
+        tokens = check_tokens(
             "tokens", tokens, self.max_len, vocab_size=self.embed.token.num_embeddings
         )
         x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
@@ -502,7 +480,7 @@ class DecoderLM(TrainEval, nnx.Module):
         The caches must have room: ``index + T`` at most their length (checked when the
         index is concrete; :meth:`generate` sizes them itself).
         """
-        tokens = _check_tokens("tokens", tokens, vocab_size=self.embed.token.num_embeddings)
+        tokens = check_tokens("tokens", tokens, vocab_size=self.embed.token.num_embeddings)
         index = cache_index(caches)
         if index.shape != tokens.shape[:1]:
             held = f"B={index.shape[0]}" if index.ndim == 1 else f"index {list(index.shape)}"
@@ -529,7 +507,7 @@ class DecoderLM(TrainEval, nnx.Module):
         Returns:
           ``[B, max_new_tokens]`` int32: the continuation only, PAD after EOS.
         """
-        prompt_tokens = _check_tokens(
+        prompt_tokens = check_tokens(
             "prompt_tokens", prompt_tokens, vocab_size=self.embed.token.num_embeddings
         )
         _check_nonempty("prompt_tokens", prompt_tokens)
@@ -697,7 +675,7 @@ class EncoderClassifier(TrainEval, nnx.Module):
         the model's mode)."""
         deterministic = self._deterministic(deterministic)
         rngs = per_site_rngs(rngs)
-        tokens = _check_tokens(
+        tokens = check_tokens(
             "tokens", tokens, self.max_len, vocab_size=self.embed.token.num_embeddings
         )
         valid = tokens != self.pad_id  # [B, T]
