@@ -225,6 +225,40 @@ def test_traced_prompt_lengths_outside_the_prompts_mark_their_examples(lm, lengt
     assert (want >= 0).all()
 
 
+_FORWARD = nnx.jit(lambda model, *tokens: model(*tokens, deterministic=True))
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    return models.BahdanauSeq2Seq(11, 11, embed_dim=8, hidden=8, rngs=nnx.Rngs(0))
+
+
+@SETTINGS
+@given(token=st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 12), where=st.integers(0, 3))
+def test_traced_token_ids_outside_the_vocabulary_give_nan(lm, seq2seq, token, where):
+    """Under jax.jit token ids cannot be checked: an id outside [0, 11) gives NaN from
+    its position on (a decoder) or everywhere (a source every output attends to). A
+    negative id read the table from its end before (a -1 used as padding, silently);
+    an in-range one equals the eager call, which raises for the others."""
+    tokens = np.asarray([[3, 4, 5, 6]], np.int32)
+    tokens[0, where] = token
+    bad = not 0 <= token < 11
+    if bad:
+        with pytest.raises(ValueError, match=r"tokens holds token ids outside the vocabulary"):
+            lm(tokens, deterministic=True)
+    clean = tokens.copy()
+    clean[0, where] = 1 if bad else token
+    got = np.asarray(_FORWARD(lm, jnp.asarray(tokens)))
+    assert np.isnan(got[0, where:]).all() == bad
+    want = np.asarray(lm(clean, deterministic=True))
+    np.testing.assert_allclose(got[0, :where], want[0, :where], rtol=1e-5, atol=1e-6)
+    if not bad:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    target = jnp.asarray([[1, 5, 6]], jnp.int32)
+    got = np.asarray(_FORWARD(seq2seq, jnp.asarray(tokens), target))
+    assert np.isnan(got).all() if bad else np.isfinite(got).all()
+
+
 _STEP = nnx.jit(lambda lm, tokens, caches: lm.step(tokens, caches)[0])
 
 

@@ -235,6 +235,17 @@ def test_vqa_model_ignores_question_padding_and_checks_inputs():
         model(images, jnp.ones((2, 4), jnp.int32))
     with pytest.raises(ValueError, match=r"images must be 16 x 16"):
         model(jnp.zeros((3, 8, 8, 1)), question)
+    # ids outside the vocabulary were NaN answers (12) or the table read from its end
+    # (-1), silently; a float question or a str was an error that did not name it
+    for bad in (12, -1):
+        vocab = rf"outside the vocabulary \[0, 12\): min {min(bad, 0)}, max {max(bad, 11)}"
+        with pytest.raises(ValueError, match=rf"question holds token ids {vocab}"):
+            model(images, question.at[0, 1].set(bad))
+    for bad, what in ((question.astype(jnp.float32), "float32"), ("ab", "<U2")):
+        with pytest.raises(
+            ValueError, match=rf"question must be integer tokens \[B, L\], got {what}"
+        ):
+            model(images, bad)
 
 
 @pytest.mark.slow

@@ -38,7 +38,12 @@ from jattn.layers.axes import names
 from jattn.layers.composite import pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
 from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
-from jattn.models._validate import check_search_options, check_special_ids, check_tokens
+from jattn.models._validate import (
+    check_search_options,
+    check_special_ids,
+    check_tokens,
+    embed_tokens,
+)
 from jattn.models.blocks import (
     LAYER_TYPES,
     TransformerDecoder,
@@ -104,7 +109,8 @@ class _Embedding(TrainEval, nnx.Module):
 
         Token ids are checked by the models' entry points (``_validate.check_tokens``)."""
         deterministic = self._deterministic(deterministic)
-        x = self.token(tokens, out_sharding=_sharding.like(tokens)) * math.sqrt(self.features)
+        x = embed_tokens(self.token, tokens, out_sharding=_sharding.like(tokens))
+        x = x * math.sqrt(self.features)
         if self.position is not None:
             if positions is None:
                 positions = jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None, :]

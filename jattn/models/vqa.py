@@ -23,6 +23,7 @@ from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
 from jattn.layers.vision import embed_patches, setup_patches
+from jattn.models._validate import check_tokens, embed_tokens
 
 __all__ = ["CoAttentionVQA", "CoAttentionVQAConfig", "neighbours_mod"]
 
@@ -138,9 +139,11 @@ class CoAttentionVQA(TrainEval, nnx.Module):
     def __call__(self, images: jax.Array, question: jax.Array, *,
                  deterministic: bool | None = None, rngs=None,
                  sow_weights: bool = False) -> jax.Array:  # fmt: skip
-        if question.ndim != 2 or question.shape[0] != images.shape[0]:
+        i = embed_patches(self, images) + self.image_pos[...][None]  # checks the images
+        question = check_tokens("question", question, vocab_size=self.embed.num_embeddings)
+        if question.shape[0] != i.shape[0]:
             raise ValueError(
-                f"question must be [B, L] token ids with the images' B={images.shape[0]}, "
+                f"question must be [B, L] token ids with the images' B={i.shape[0]}, "
                 f"got {fmt(question.shape)}"
             )
         if question.shape[1] > self.max_question_len:
@@ -150,9 +153,8 @@ class CoAttentionVQA(TrainEval, nnx.Module):
             )
         kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
                   sow_weights=sow_weights)  # fmt: skip
-        i = embed_patches(self, images) + self.image_pos[...][None]
         real = question != 0  # [B, L]
-        t = self.embed(question) + self.text_pos[: question.shape[1]][None]
+        t = embed_tokens(self.embed, question) + self.text_pos[: question.shape[1]][None]
         for layer in self.layers:
             t, i = layer(t, i, real, **kw)
         t = self.final_norm(t)
