@@ -8,6 +8,7 @@ generated cases stay cheap; the good inputs next to them (NumPy ints, in-range i
 values, boolean masks) must still be accepted.
 """
 
+import functools
 import re
 
 import jax
@@ -425,7 +426,28 @@ NOT_ARRAY_TARGETS = [
     ("distances", lambda x: jattn.gaussian_kernel(x)),
     ("values", lambda x: jattn.nadaraya_watson(jnp.ones(2), jnp.ones(3), x)),
     ("values", lambda x: jattn.parametric_nadaraya_watson(jnp.ones(2), jnp.ones(3), x, 1.0)),
+    ("images", lambda x: _stem()(x)),
 ]
+
+
+@functools.cache
+def _stem():
+    return layers.ConvStem(2, 4, rngs=_rngs())
+
+
+def test_conv_stem_checks_its_images_and_patches_take_an_empty_batch():
+    """ConvStem's images were unchecked (an AttributeError for None, XLA's convolution
+    error for the wrong channels, complex images taken); PatchEmbedding failed on an
+    empty batch (a ZeroDivisionError from its reshape)."""
+    message = raises(ValueError, lambda: _stem()(jnp.ones((1, 4, 4, 3))))
+    assert message == (
+        "images must have shape [B, H, W, C] (channels last) with C=2, got [1, 4, 4, 3]"
+    )
+    raises(TypeError, lambda: _stem()(jnp.ones((1, 4, 4, 2), jnp.complex64)), "images")
+    patches = layers.PatchEmbedding(2, 2, 4, rngs=_rngs())
+    assert patches(jnp.ones((0, 4, 4, 2))).shape == (0, 4, 4)
+
+
 not_arrays = st.one_of(
     st.none(), st.text(max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)
 )

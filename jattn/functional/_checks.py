@@ -350,6 +350,8 @@ def fmt(shape: Sequence[int]) -> str:
 
 
 def as_array(name: str, x) -> jax.Array:
+    if isinstance(x, str | bytes):  # jnp.asarray may parse one as a dtype ("01": SyntaxError)
+        raise TypeError(f"{name} must be an array, got {type(x).__name__} {x!r}")
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:  # e.g. a str, a dict, or None

@@ -101,7 +101,7 @@ class PatchEmbedding(nnx.Module):
         images = _check_features("images", images, self.in_channels)
         self.grid(images.shape[1], images.shape[2])
         y = self.conv(images)  # [B, h, w, D]
-        return y.reshape(y.shape[0], -1, y.shape[-1])
+        return y.reshape(y.shape[0], y.shape[1] * y.shape[2], y.shape[-1])  # B may be 0
 
 
 class ConvStem(nnx.Module):
@@ -123,6 +123,7 @@ class ConvStem(nnx.Module):
         self.out_features = features
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        images = _check_features("images", images, self.convs[0].in_features)
         for conv in self.convs:
             images = jax.nn.gelu(conv(images))
         return images
