@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.functional import _checks
 from jattn.functional.attention import attention, dot_product_attention
@@ -94,8 +95,9 @@ def attention_rollout(weights, *, residual: bool = True) -> jax.Array:
         shapes = {tuple(jnp.shape(w)) for w in weights}
         if len(shapes) != 1:
             raise ValueError(f"every layer must have the same shape, got {sorted(shapes)}")
-        weights = jnp.stack([jnp.asarray(w) for w in weights])
+        weights = jnp.stack([_checks.as_array("weights", w) for w in weights])
     weights = _checks.as_array("weights", weights)
+    residual = _checks.check_flag("residual", residual)
     if weights.ndim < 4 or weights.shape[-1] != weights.shape[-2]:
         raise ValueError(
             "attention_rollout needs self-attention weights [L, ..., N, T, T] (square in T), "
@@ -147,14 +149,20 @@ def head_importance(loss_fn: Callable[[jax.Array], jax.Array], head_mask_shape) 
     """
     shape = _head_mask_shape(head_mask_shape)
     ones = jnp.ones(shape, jnp.float32)
-    base = jnp.asarray(loss_fn(ones), jnp.float32)
-    if base.shape != ():
-        raise ValueError(f"loss_fn must return a scalar, got shape {_checks.fmt(base.shape)}")
+    base = _scalar_loss(loss_fn, ones)
     flat = []
     for i in range(ones.size):
         masked = ones.reshape(-1).at[i].set(0.0).reshape(shape)
-        flat.append(jnp.asarray(loss_fn(masked), jnp.float32) - base)
+        flat.append(_scalar_loss(loss_fn, masked) - base)
     return jnp.stack(flat).reshape(shape)
+
+
+def _scalar_loss(loss_fn, head_mask: jax.Array) -> jax.Array:
+    """``loss_fn(head_mask)`` as a float32 scalar, else a ValueError naming its shape."""
+    loss = jnp.asarray(loss_fn(head_mask), jnp.float32)
+    if loss.shape != ():
+        raise ValueError(f"loss_fn must return a scalar, got shape {_checks.fmt(loss.shape)}")
+    return loss
 
 
 def head_importance_gradient(
@@ -166,7 +174,7 @@ def head_importance_gradient(
     differentiable in the mask (as with :func:`head_masked`).
     """
     ones = jnp.ones(_head_mask_shape(head_mask_shape), jnp.float32)
-    return jnp.abs(jax.grad(lambda m: jnp.asarray(loss_fn(m), jnp.float32))(ones))
+    return jnp.abs(jax.grad(lambda m: _scalar_loss(loss_fn, m))(ones))
 
 
 def head_masked(head_mask: jax.Array, attention_fn: Callable = dot_product_attention) -> Callable:
@@ -191,6 +199,9 @@ def head_masked(head_mask: jax.Array, attention_fn: Callable = dot_product_atten
     head_mask = _checks.check_real("head_mask", head_mask, allow_bool=True)
     if head_mask.ndim != 1:
         raise ValueError(f"head_mask must have shape [N], got {_checks.fmt(head_mask.shape)}")
+    values = _checks.concrete(head_mask)  # a traced mask (differentiated) cannot be checked
+    if values is not None and not np.isfinite(values).all():
+        raise ValueError(f"head_mask must be finite, got {values.tolist()}")
     if isinstance(attention_fn, RotaryAttention):
         return dataclasses.replace(attention_fn, inner=head_masked(head_mask, attention_fn.inner))
     return _HeadMasked(head_mask, attention_fn)

@@ -111,20 +111,25 @@ def _masked(weights: np.ndarray, mask) -> np.ndarray:
     return np.ma.masked_array(weights, mask=~mask)
 
 
+def _check_drawn(data: np.ma.MaskedArray, name: str) -> None:
+    """A ValueError naming ``name`` for a NaN or inf outside the mask: one would wreck
+    the colour scale without a word, and a NaN is a bug to see."""
+    bad = ~np.isfinite(data.filled(0.0))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s) outside the mask (first: "
+            f"{data.data[where]} at index {list(where)}); attention weights are finite, "
+            "so look upstream (e.g. jnp.isnan on the scores), or mask those cells"
+        )
+
+
 def _color_top(vmax, datas, names) -> float:
     """Top of the colour scale: ``vmax`` (finite, > 0) or the largest weight shown.
 
-    Weights drawn (not masked) must be finite: one NaN or inf would otherwise
-    wreck the shared colour scale without a word, and a NaN is a bug to see."""
+    Weights drawn (not masked) must be finite (:func:`_check_drawn`)."""
     for data, name in zip(datas, names, strict=True):
-        bad = ~np.isfinite(data.filled(0.0))
-        if bad.any():
-            where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{name} has {int(bad.sum())} non-finite value(s) outside the mask (first: "
-                f"{data.data[where]} at index {list(where)}); attention weights are finite, "
-                "so look upstream (e.g. jnp.isnan on the scores), or mask those cells"
-            )
+        _check_drawn(data, name)
     if vmax is None:
         return max(float(np.max(d.filled(0.0), initial=0.0)) for d in datas) or 1.0
     if isinstance(vmax, bool) or not isinstance(vmax, int | float | np.number):
@@ -546,6 +551,7 @@ def plot_attention_on_image(
     if np.issubdtype(np.asarray(image).dtype, np.integer):
         img = img / 255.0
     amap = _as_2d("attn_map", attn_map)
+    _check_drawn(_masked(amap, None), "attn_map")  # a NaN made the colour scale NaN
     alpha = _checks.check_finite_scalar("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -594,6 +600,10 @@ def save_figure(fig, path, *, dpi: int = 100) -> str:
     its artists (``bbox_inches="tight"``), so no title is cut off. Returns the
     path as a string.
     """
+    from matplotlib.figure import Figure  # matplotlib is imported on first use
+
+    if not isinstance(fig, Figure):  # was an AttributeError from inside
+        raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
     dpi = _checks.check_size("dpi", dpi)
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"

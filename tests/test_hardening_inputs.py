@@ -627,6 +627,27 @@ def test_viz_and_diagnostics_arguments():
     assert layer.num_heads == 2
 
 
+def test_more_viz_and_diagnostics_arguments():
+    """Each was accepted or failed from inside: a str weights (JAX's dtype error), a
+    truthy str residual, a NaN head mask (NaN outputs), a non-scalar loss (jax.grad's
+    error), a NaN attention map (a NaN colour scale) and no figure (AttributeError)."""
+    w = np.ones((2, 1, 2, 3, 3), np.float32) / 3
+    raises(TypeError, lambda: diagnostics.attention_rollout("abc"), "weights")
+    raises(TypeError, lambda: diagnostics.attention_rollout(w, residual="no"), "residual")
+    raises(ValueError, lambda: diagnostics.head_masked(jnp.asarray([1.0, jnp.nan])), "head_mask")
+    for importance in (diagnostics.head_importance, diagnostics.head_importance_gradient):
+        message = raises(ValueError, lambda f=importance: f(lambda m: m * 2, (2, 2)))
+        assert message == "loss_fn must return a scalar, got shape [2, 2]"
+    image, amap = np.ones((8, 8, 3)), np.ones((2, 2))
+    nan_map = np.where(np.eye(2, dtype=bool), np.nan, amap)
+    message = raises(ValueError, lambda: viz.plot_attention_on_image(image, nan_map))
+    assert message.startswith("attn_map has 2 non-finite value(s) outside the mask (first: nan")
+    raises(TypeError, lambda: viz.save_figure(None, "unused.png"), "fig", "NoneType")
+    import matplotlib.pyplot as plt
+
+    plt.close(viz.plot_attention_on_image(image, amap))
+
+
 def test_check_helpers_directly():
     """The shared checks: what each accepts and refuses."""
     assert _checks.check_size("n", np.int64(3)) == 3
