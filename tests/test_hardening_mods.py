@@ -477,6 +477,59 @@ def test_per_head_arrays_need_one_entry_per_head(count):
     assert ok.shape == q.shape
 
 
+# (pattern, what the message names, the axis it is read along): each builds a mod from
+# an int array whose length is the argument; the call has B=2 examples of T=S=6
+PER_INDEX_MODS = [
+    (lambda k: mods.causal(jnp.zeros(k, jnp.int32)), "causal's offset", "batch"),
+    (lambda k: mods.lengths(jnp.full(k, 3)), "lengths' q_lengths", "batch"),
+    (lambda k: mods.lengths(None, jnp.full(k, 3)), "lengths' kv_lengths", "batch"),
+    (lambda k: mods.prefix_lm(jnp.full(k, 2)), "prefix_lm's prefix_lengths", "batch"),
+    (lambda k: mods.offset(mods.causal(), jnp.zeros(k, jnp.int32)), "offset's q_offset", "batch"),
+    (lambda k: mods.segments(jnp.zeros((k, 6), jnp.int32)), "q_segment_ids (its rows)", "batch"),
+    (lambda k: mods.segments(jnp.zeros((2, k), jnp.int32)), "q_segment_ids (its columns)", "pos"),
+    (lambda k: mods.segments(jnp.zeros((2, 6), jnp.int32), jnp.zeros((1, k), jnp.int32)),
+     "kv_segment_ids (its columns)", "pos"),
+]  # fmt: skip
+Q6 = jax.random.normal(jax.random.key(3), (2, 6, 2, 4))
+
+
+@generated(15)  # a case that fits compiles three programs
+@given(target=st.sampled_from(PER_INDEX_MODS), count=st.integers(1, 9), combine=st.booleans())
+def test_per_example_and_per_position_arrays_must_fit_the_call(target, count, combine):
+    """Was a silent wrong answer: JAX clamps an index past an array's end, so [B]
+    offsets or lengths for another batch size, or segment ids shorter than the sequence,
+    reused their last entry (and extra entries went unused). Every path gets the error
+    at its boundary (dense, blocked, a block mask), also inside a combinator; an array
+    that fits (B or 1 entries, at least T or S positions) is taken."""
+    build, what, axis = target
+    mod = build(count)
+    if combine:
+        mod = mods.and_masks(mods.full(), mod)
+    fits = count in (1, 2) if axis == "batch" else count >= 6
+    calls = [
+        lambda: jattn.dot_product_attention(Q6, Q6, Q6, mask_mod=mod),
+        lambda: jattn.blocked_attention(Q6, Q6, Q6, mask_mod=mod, block_sizes=(2, 2)),
+        lambda: jattn.dot_product_attention(
+            Q6, Q6, Q6, block_mask=jattn.block_mask(mod, 6, 6, (2, 2), batch=2)
+        ),
+    ]
+    if not fits:
+        for call in calls:
+            message = raises(ValueError, call, what, f"has {count} ")
+            size = "B=2 examples" if axis == "batch" else "T=6" if "q_" in what else "S=6"
+            assert size in message
+        return
+    want = np.asarray(calls[0]())
+    assert np.isfinite(want).all()
+    for call in calls[1:]:
+        np.testing.assert_allclose(call(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_segments_need_query_ids():
+    message = raises(TypeError, lambda: mods.segments(None))  # was an IndexError
+    assert message == "q_segment_ids must be an int array [B, T] or [T], got None"
+
+
 @pytest.mark.parametrize("window", [np.int32(2), jnp.int32(2), np.array(2), (np.array(2), 2)])
 def test_concrete_int_arrays_are_windows(window):
     q = jax.random.normal(jax.random.key(0), (1, 9, 2, 4))

@@ -644,8 +644,9 @@ def check_mods(mask_mod, score_mod, block_mask, query, key):
             raise TypeError(f"{name} must be a function {name}({args}), got {type(fn).__name__}")
     from jattn.functional import mods  # mods imports this module
 
+    shape = (math.prod(query.shape[:-3]), query.shape[-2], query.shape[-3], key.shape[-3])
     for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):
-        mods.check_heads(name, fn, query.shape[-2])
+        mods.check_shapes(name, fn, *shape)
     if block_mask is None:
         return mask_mod
     if not all(hasattr(block_mask, a) for a in ("mask_mod", "seq_lengths", "block_map")):
@@ -678,6 +679,7 @@ def check_mods(mask_mod, score_mod, block_mask, query, key):
             "its tables would skip blocks the others see; build it with jattn.block_mask(..., "
             f"{', '.join(f'{x[1]}={x[2]}' for x in short)})"
         )
+    mods.check_shapes("block_mask.mask_mod", block_mask.mask_mod, *shape)
     if mask_mod is not None and not _same_mod(mask_mod, block_mask.mask_mod):
         raise ValueError(
             "mask_mod and block_mask.mask_mod differ: pass the block mask alone (it carries "

@@ -423,6 +423,8 @@ def segments(q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None) 
     (``and_masks(causal(), segments(ids))``). Padding can be a segment id of its own.
     """
     ids = []
+    if q_segment_ids is None:  # was an IndexError
+        raise TypeError("q_segment_ids must be an int array [B, T] or [T], got None")
     for name, x in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
         if x is None:
             ids.append(ids[0])
@@ -662,35 +664,82 @@ def relative_position_bias(
     return Mod(_t5, table, _Static((bool(bidirectional), int(num_buckets), int(max_distance))))
 
 
-def _head_arrays(mod) -> list[tuple[str, int]]:
-    """``(what, count)`` of each array inside ``mod`` (a :class:`Mod`, through its
-    combinators) that is read at the query head ``n``. A mod that maps ``n`` to other
-    heads (a sequence shard's global heads) is not looked into."""
+def _indexed_arrays(mod) -> list[tuple[str, str, int]]:
+    """``(what, axis, count)`` of each array axis inside ``mod`` (a :class:`Mod`, through
+    its combinators) that is read at an index of the call: ``"heads"`` at the query head
+    ``n`` (ALiBi slopes, a T5 table's columns), ``"batch"`` at the example ``b`` (``[B]``
+    offsets and lengths, segment ids' rows), ``"queries"``/``"keys"`` at ``q_idx`` and
+    ``kv_idx`` (segment ids' columns; not under :func:`offset`, whose shifted positions
+    the call's T and S do not bound). A mod that maps ``n`` to other heads (a sequence
+    shard's global heads) is not looked into."""
     found = []
 
-    def walk(m):
+    def per_example(what, x):
+        if getattr(x, "ndim", 0) == 1:
+            found.append((what, "batch", x.shape[0]))
+
+    def walk(m, positions=True):
         if not isinstance(m, Mod) or getattr(m.fn, "remaps_heads", False):
             return
+        params = m.params
         if m.fn is _alibi:
-            found.append(("alibi's slopes", m.params[0].shape[0]))
+            found.append(("alibi's slopes", "heads", params[0].shape[0]))
         elif m.fn is _t5:
-            found.append(("relative_position_bias's table (its columns)", m.params[0].shape[1]))
-        for p in m.params:
-            walk(p)
+            found.append(
+                ("relative_position_bias's table (its columns)", "heads", params[0].shape[1])
+            )
+        elif m.fn is _causal:
+            per_example("causal's offset", params[0])
+        elif m.fn is _lengths:
+            per_example("lengths' q_lengths", params[0])
+            per_example("lengths' kv_lengths", params[1])
+        elif m.fn is _prefix:
+            per_example("prefix_lm's prefix_lengths", params[0])
+        elif m.fn is _offset:
+            per_example("offset's q_offset", params[1])
+            per_example("offset's kv_offset", params[2])
+            positions = False
+        elif m.fn is _segments:
+            for ids, side, axis in ((params[0], "q", "queries"), (params[1], "kv", "keys")):
+                if ids.shape[0] != 1:
+                    found.append(
+                        (f"segments' {side}_segment_ids (its rows)", "batch", ids.shape[0])
+                    )
+                if positions:
+                    found.append(
+                        (f"segments' {side}_segment_ids (its columns)", axis, ids.shape[1])
+                    )
+        for p in params:
+            walk(p, positions)
 
     walk(mod)
     return found
 
 
-def check_heads(name: str, mod, num_heads: int) -> None:
-    """A ValueError when an array of ``mod`` read per query head (ALiBi slopes, a T5
-    table's columns) does not have one entry per head: indexing past its end would
-    silently reuse the last entry."""
-    for what, count in _head_arrays(mod):
-        if count != num_heads:
+def check_shapes(name: str, mod, batch: int, num_heads: int, t: int, s: int) -> None:
+    """A ValueError when an array of ``mod`` read at an index of the call (see
+    :func:`_indexed_arrays`) does not fit it: one entry per query head (exactly N), per
+    example (B, or 1 for all), or per position (at least T or S). JAX clamps an index
+    past the end of an array, so a short one would silently reuse its last entry (and
+    a longer per-head or per-example one leave entries unused)."""
+    sizes = {"heads": num_heads, "batch": batch, "queries": t, "keys": s}
+    for what, axis, count in _indexed_arrays(mod):
+        size = sizes[axis]
+        if axis == "heads" and count != size:
             raise ValueError(
                 f"{name}: {what} has {count} entries, one per query head, but the call has "
-                f"N={num_heads} query heads"
+                f"N={size} query heads"
+            )
+        if axis == "batch" and count not in (1, size):
+            raise ValueError(
+                f"{name}: {what} has {count} entries, one per example, but the call has "
+                f"B={size} examples (flattened); give B entries, or 1 (or a scalar) for all"
+            )
+        if axis in ("queries", "keys") and count < size:
+            letter = "T" if axis == "queries" else "S"
+            raise ValueError(
+                f"{name}: {what} has {count} positions, but the call has {letter}={size} "
+                f"{axis}: give one per position"
             )
 
 
