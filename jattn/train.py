@@ -694,6 +694,10 @@ def _restore_newest_good(ckpt: Checkpointer, like, *, say=tqdm.write):
     return step, state
 
 
+#: What the workdir is for, in the message when it cannot be written.
+WORKDIR_USE = "the lock, config.json and metrics.jsonl"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``config.model`` on ``config.task``, resuming from ``workdir`` if it holds a
     checkpoint; then evaluates on the held-out split and writes samples and heatmaps.
@@ -713,8 +717,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     graphdef, state, tx = _initial_train_state(cfg, **train_ds.model_sizes())
     _check_lengths(cfg, train_ds, test_ds)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_writable(workdir, "the lock, config.json and metrics.jsonl")
+    check_writable(workdir, WORKDIR_USE)  # creates it
     # Process 0 of a multi-process run holds the lock and writes the files.
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     opened = []  # what _train_locked opens, closed here if it fails
@@ -740,8 +743,7 @@ def _train_locked(cfg, workdir, train_ds, test_ds, graphdef, state, tx, opened) 
     tcfg, ecfg = cfg["train"], cfg["eval"]
     primary = jax.process_index() == 0  # writes config.json, metrics and messages
     say = tqdm.write if primary else lambda message: None
-    (workdir / "checkpoints").mkdir(exist_ok=True)
-    check_writable(workdir / "checkpoints", "checkpoints")
+    check_writable(workdir / "checkpoints", "checkpoints")  # creates it
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tcfg["max_to_keep"])
     opened.append(ckpt)
     start = ckpt.latest_step()
@@ -1050,6 +1052,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_command_line(args.config, overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(f"--config {args.config}: {e}")
+    try:  # before the model is built: a workdir that cannot be written is a usage error
+        check_writable(args.workdir, WORKDIR_USE)
+    except OSError as e:
+        parser.error(f"--workdir {args.workdir}: {e.strerror or e}")
     from absl import logging
 
     logging.set_verbosity(args.verbosity)  # orbax logs every save at INFO

@@ -224,6 +224,24 @@ def test_an_unwritable_directory_stops_the_run_before_the_first_step(tmp_path, m
     assert not (target / "3").exists()
 
 
+@pytest.mark.parametrize("which", ["workdir", "checkpoints"])
+def test_a_file_where_a_directory_goes_is_named(tmp_path, which):
+    """Was a bare FileExistsError traceback from mkdir; the command line says it as a
+    usage error (exit code 2) before it builds the model."""
+    workdir = tmp_path / "run"
+    target = workdir if which == "workdir" else workdir / "checkpoints"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("not a directory")
+    with pytest.raises(FileExistsError, match=rf"{target} cannot be created as a directory "
+                       r"\(FileExistsError: File exists\); training needs it for"):  # fmt: skip
+        run(workdir, 3)
+    assert target.read_text() == "not a directory"
+    if which == "workdir":
+        with pytest.raises(SystemExit) as info:
+            train_lib.main(["--config", "copy:small", "--workdir", str(target)])
+        assert info.value.code == 2
+
+
 def busy_threads(before, timeout=5.0):
     """The non-daemon threads started since ``before`` that are still working (each with
     its innermost frame), after up to ``timeout`` seconds. A thread-pool worker waiting

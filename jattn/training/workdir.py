@@ -24,9 +24,19 @@ class WorkdirLockedError(RuntimeError):
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
-    """Raises ``PermissionError`` naming ``path`` unless a file can be created, written,
-    synced and removed in the directory ``path`` (``what`` says what it is for)."""
+    """Creates the directory ``path`` (and its parents) if needed, and raises
+    ``PermissionError`` naming it unless a file can be created, written, synced and
+    removed there (``what`` says what it is for). A directory that cannot be created
+    (a file on the way, no permission) is an ``OSError`` of its kind naming it too."""
     path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # was a bare traceback from mkdir (e.g. a file in the way)
+        raise type(e)(
+            e.errno,
+            f"{path} cannot be created as a directory ({type(e).__name__}: {e.strerror or e}); "
+            f"training needs it for {what}. Choose another --workdir; nothing was trained",
+        ) from e
     problem = None
     if not os.access(path, os.W_OK | os.X_OK):
         problem = "no write permission"
