@@ -1,5 +1,6 @@
 """KV-cache decoding equals the full forward; greedy and beam search against references."""
 
+import functools
 import itertools
 
 import jax
@@ -415,3 +416,41 @@ def test_rewind_cache_checks_its_index():
         rewind_cache(cache, jnp.array([-3, 0, 0]))
     with pytest.raises(TypeError, match=r"index must be an int or an int array \[B\], got float32"):
         rewind_cache(cache, jnp.array([1.0, 2.0, 3.0]))
+
+
+def test_decoding_functions_name_bad_inputs():
+    """Were errors from inside JAX (vmap's inconsistent sizes, dot_general's shapes,
+    dynamic_update_slice's ranks) or an AttributeError; a negative length penalty,
+    refused by the models' generate, was taken by beam_search."""
+    from jattn.layers import MultiHeadAttention
+    from jattn.models import (
+        cached_cross_attention,
+        cached_self_attention,
+        cross_attention_kv,
+        init_cache,
+    )
+
+    layer = MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+    cache, x = init_cache(layer, 2, 4), jnp.ones((2, 1, 8))
+    for bad in (jnp.ones((3, 1, 8)), jnp.ones((2, 1, 6)), jnp.ones((1, 8))):
+        with pytest.raises(ValueError, match=r"x must have shape \[B, L, 8\] \(B=2, the cache's\)"):
+            cached_self_attention(layer, bad, cache)
+    with pytest.raises(TypeError, match="cache must be a KVCache \\(init_cache\\), got NoneType"):
+        cached_self_attention(layer, x, None)
+    with pytest.raises(ValueError, match=r"memory must have shape \[B, L, 8\], got \[2, 3, 6\]"):
+        cross_attention_kv(layer, jnp.ones((2, 3, 6)))
+    kv = cross_attention_kv(layer, jnp.ones((2, 3, 8)))
+    with pytest.raises(ValueError, match=r"y must have shape \[B, L, 8\] \(B=2, the cache's\)"):
+        cached_cross_attention(layer, jnp.ones((1, 1, 8)), kv, None)
+
+    def step(tokens, state):  # [B, 1, V]: the token axis kept by mistake
+        return jax.nn.one_hot(tokens, 5), state
+
+    first = jnp.asarray([1, 3])
+    for search, rows in ((greedy_search, 2), (functools.partial(beam_search, beam_size=2), 4)):
+        shape = rf"\[B, 1\] with B={rows}, got log_probs of shape \[{rows}, 1, 5\]"
+        with pytest.raises(ValueError, match=rf"step_fn must return .* for tokens {shape}"):
+            search(step, None, first, max_len=3, eos_id=2, pad_id=0)
+    with pytest.raises(ValueError, match="length_penalty must be a float >= 0, got -0.5"):
+        beam_search(step, None, first, beam_size=2, max_len=3, eos_id=2, pad_id=0,
+                    length_penalty=-0.5)  # fmt: skip

@@ -226,6 +226,9 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     """
     if _own_step(mha):  # its own cache: a state (linear attention), composites
         return mha.step(x, cache)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (init_cache), got {type(cache).__name__}")
+    x = _check_tokens_in("x", x, mha.query, cache.key.shape[0])
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     _check_room(cache.index, num_new, max_len)
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
@@ -239,6 +242,25 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     mask = causal_mask(num_new, max_len, offset=cache.index)[:, None]  # [B, 1, T, S_max]
     out = _attend(mha, q, keys, values, mask, cache.index)
     return out, KVCache(keys, values, cache.index + num_new)
+
+
+def _check_tokens_in(name: str, x, projection, batch: int | None) -> jax.Array:
+    """``x`` as a real ``[B, L, D]`` array with the ``projection``'s D (and the cache's
+    ``batch``): an error naming ``name`` instead of one from inside vmap or a matmul."""
+    x = _checks.check_real(name, x)
+    width = getattr(projection, "in_features", None)
+    width = width[0] if isinstance(width, tuple) else width
+    if (
+        x.ndim != 3
+        or (width is not None and x.shape[-1] != width)
+        or (batch is not None and x.shape[0] != batch)
+    ):
+        where = "" if batch is None else f" (B={batch}, the cache's)"
+        raise ValueError(
+            f"{name} must have shape [B, L, {width if width is not None else 'D'}]{where}, got "
+            f"{_checks.fmt(x.shape)}"
+        )
+    return x
 
 
 def _check_room(index, num_new: int, max_len: int) -> None:
@@ -257,6 +279,7 @@ def _check_room(index, num_new: int, max_len: int) -> None:
 def cross_attention_kv(mha, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Projects the encoder memory ``[B, S, D]`` once: keys ``[B, S, K, H]``, values
     (keys with the RoPE of a :class:`RotaryAttention` layer at positions ``0..S-1``)."""
+    memory = _check_tokens_in("memory", memory, mha.key, None)
     k = mha.key(memory)
     wavelengths = _unwrap(mha)[1]
     if wavelengths:
@@ -273,6 +296,7 @@ def cached_cross_attention(
     the layer's ``attention_fn`` is a :class:`RotaryAttention`, which rotates the
     queries there, or the layer has its own ``mask_mod``/``score_mod``, seen from there.
     """
+    y = _check_tokens_in("y", y, mha.query, kv[0].shape[0])
     q = mha.query(y)
     wavelengths = _unwrap(mha)[1]
     has_mods = mha.mask_mod is not None or mha.score_mod is not None
@@ -303,6 +327,16 @@ def _check_search(first_tokens, max_len, eos_id, pad_id):
     eos_id = _checks.check_size("eos_id", eos_id, minimum=0)
     pad_id = _checks.check_size("pad_id", pad_id, minimum=0)
     return first_tokens, max_len, eos_id, pad_id
+
+
+def _check_step_output(log_probs, rows: int) -> None:
+    """A ValueError (at trace time) unless ``step_fn`` returned ``[rows, V]`` scores."""
+    shape = jnp.shape(log_probs)
+    if len(shape) != 2 or shape[0] != rows:
+        raise ValueError(
+            f"step_fn must return (log_probs [B, V], state) for tokens [B, 1] with B={rows}, "
+            f"got log_probs of shape {_checks.fmt(shape)}"
+        )
 
 
 def greedy_search(
@@ -336,6 +370,7 @@ def greedy_search(
     def body(carry):
         i, tokens, state, out, done = carry
         log_probs, state = step_fn(tokens[:, None], state)
+        _check_step_output(log_probs, batch)
         nxt = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
@@ -375,6 +410,8 @@ def beam_search(
     beam_size = _checks.check_size("beam_size", beam_size)
     length_penalty = _checks.check_finite_scalar("length_penalty", length_penalty,
                                                  allow_traced=True)  # fmt: skip
+    if isinstance(length_penalty, float) and length_penalty < 0:  # as the models' generate
+        raise ValueError(f"length_penalty must be a float >= 0, got {length_penalty!r}")
     batch, width = first_tokens.shape[0], beam_size
     state = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), state)
     tokens = jnp.repeat(first_tokens.astype(jnp.int32), width)  # [B*W]
@@ -391,6 +428,7 @@ def beam_search(
     def body(carry):
         i, tokens, state, seqs, log_p, finished, lengths = carry
         step_lp, state = step_fn(tokens[:, None], state)
+        _check_step_output(step_lp, batch * width)
         vocab = step_lp.shape[-1]
         step_lp = step_lp.astype(jnp.float32).reshape(batch, width, vocab)
         pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, _NEG)  # [V]
