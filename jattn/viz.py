@@ -358,6 +358,11 @@ def _select_batch(
         return x[batch_index]
     if x.ndim != ndim:
         raise ValueError(f"{name} must have shape [N, T, S] or [B, N, T, S], got {list(x.shape)}")
+    if batch_index is not None and not broadcast:  # was ignored: the caller meant a batch
+        raise ValueError(
+            f"batch_index={batch_index} was given, but {name} {list(x.shape)} is read as "
+            "[N, T, S], with no batch axis; drop batch_index, or pass [B, N, T, S]"
+        )
     return x
 
 
@@ -386,6 +391,12 @@ def _per_layer(weights, layer_names, batch_index):
                 f"{arr.shape[1]}"
             )
         arr = arr[:, batch_index]
+    elif arr.ndim == 4 and batch_index is not None:  # was ignored: [B, N, T, S] read as layers
+        raise ValueError(
+            f"batch_index={batch_index} was given, but weights {list(arr.shape)} are read as "
+            "[L, N, T, S], with no batch axis; one layer's [B, N, T, S] weights go in a dict "
+            "{name: weights}, a stack of layers' as [L, B, N, T, S]"
+        )
     if arr.ndim != 4:
         raise ValueError(
             "weights must be [L, N, T, S], [L, B, N, T, S] (with batch_index) or a dict of "

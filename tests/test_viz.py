@@ -283,6 +283,15 @@ def test_errors():
         plot_attention_grid({"a": np.zeros((1, 1, 3, 3))}, batch_index=2)
     with pytest.raises(ValueError, match=r"batch_index=5 is out of range for weights .* of 2"):
         plot_attention_grid(np.zeros((1, 2, 1, 3, 3)), batch_index=5)
+    # batch_index on weights without a batch axis was ignored: one layer's [B, N, T, S]
+    # weights were drawn as B layers
+    with pytest.raises(ValueError, match=r"batch_index=1 was given, but weights \[2, 1, 3, 3\] "
+                       r"are read as \[L, N, T, S\], with no batch axis; one layer's"):  # fmt: skip
+        plot_attention_grid(np.zeros((2, 1, 3, 3)), batch_index=1)
+    with pytest.raises(
+        ValueError, match=r"batch_index=0 was given, but weights\['a'\] \[1, 3, 3\]"
+    ):
+        plot_attention_grid({"a": np.zeros((1, 3, 3))}, batch_index=0)
     with pytest.raises(ValueError, match=r"weights of shape \[0, 3, 4, 5\] have no layer"):
         plot_attention_grid(np.zeros((0, 3, 4, 5)))
     for vmax in (0.0, -1.0, float("nan"), float("inf")):
