@@ -116,6 +116,8 @@ def attention_explorer(
     """
     if not isinstance(title, str):
         raise TypeError(f"title must be a string, got {type(title).__name__}")
+    if tokens is None:  # was "tokens has no entry for layer ..."
+        _labels("tokens", tokens, 0, "")
     names, arrays = _per_layer(weights, layer_names, batch_index)
     keys = list(weights) if isinstance(weights, Mapping) else names
     for what, value in (("tokens", tokens), ("query_tokens", query_tokens)):
