@@ -192,3 +192,5 @@ def test_errors():
         jattn.linear_attention(Q, KEY[:, :5], V[:, :5])
     with pytest.raises(ValueError, match="feature_map must map"):
         jattn.linear_attention(Q, KEY, V, feature_map=lambda x: x.sum(-1))
+    with pytest.raises(TypeError, match=r"feature_map must be a function .* got str"):
+        jattn.linear_attention(Q, KEY, V, feature_map="elu")  # was "'str' ... not callable"

@@ -334,6 +334,11 @@ def linear_attention(
     name = "linear_attention"
     b, t, n, _, _, hv = _check(query, key, value, name)
     phi = elu_feature_map if feature_map is None else feature_map
+    if not callable(phi):  # was "'int' object is not callable"
+        raise TypeError(
+            f"{name}: feature_map must be a function [..., H] -> [..., F] (or None), got "
+            f"{type(phi).__name__}"
+        )
     fq, fk = phi(query), phi(key)
     if fq.shape[-1] != fk.shape[-1] or fq.shape[:-1] != query.shape[:-1]:
         raise ValueError(
