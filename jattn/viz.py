@@ -613,9 +613,9 @@ def save_figure(fig, path, *, dpi: int = 100) -> str:
     """
     from matplotlib.figure import Figure  # matplotlib is imported on first use
 
+    dpi = _checks.check_size("dpi", dpi)
     if not isinstance(fig, Figure):  # was an AttributeError from inside
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
-    dpi = _checks.check_size("dpi", dpi)
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     extra = {} if fig.get_layout_engine() is not None else {"bbox_inches": "tight"}

@@ -50,6 +50,9 @@ bad_sizes = st.one_of(
     st.just(np.bool_(True)),
 )
 
+VIT = dict(patch=4, in_channels=1, num_classes=2, features=8, num_heads=2, num_layers=1,
+           mlp_features=8, rngs=nnx.Rngs(0))  # fmt: skip
+
 # (argument name, a call that passes the value as that argument)
 SIZE_TARGETS = [
     ("num_queries", lambda v: jattn.causal_mask(v, 4)),
@@ -93,6 +96,10 @@ SIZE_TARGETS = [
         ),
     ),  # fmt: skip
     ("dpi", lambda v: viz.save_figure(None, "/nonexistent/x.png", dpi=v)),
+    ("media_features", lambda v: layers.GatedCrossAttentionBlock(8, v, 2, rngs=_rngs())),
+    ("mlp_features", lambda v: layers.AttentionPoolingHead(8, 2, mlp_features=v, rngs=_rngs())),
+    ("image_size", lambda v: layers.ViT(image_size=v, **VIT)),
+    ("stem_layers", lambda v: layers.ViT(image_size=8, stem_layers=v, **VIT)),
     ("head_mask_shape[0]", lambda v: diagnostics.head_importance(jnp.sum, (v, 2))),
 ]
 
@@ -103,6 +110,38 @@ def test_bad_sizes_name_the_argument_and_value(target, value):
     name, call = target
     message = raises(ValueError, lambda: call(value), name)
     assert repr(value) in message, message  # the value, as the user wrote it
+
+
+def test_zero_sizes_of_composites_and_vit_are_named():
+    """Each drawn above too; here always: 0 was taken (mlp_features=0 as the default, a
+    ViT of 0 x 0 images, stem_layers without a stem) or named another argument
+    (media_features as in_kv_features)."""
+    for name, call in SIZE_TARGETS[-4:]:
+        raises(ValueError, lambda call=call: call(0), name)
+    raises(ValueError, lambda: layers.ViT(image_size=8, stem_layers=2, **VIT), "stem_features")
+
+
+# Bool options: a str, an int or None was taken for its truth value (use_bias=None: no
+# biases; final_norm="no": a final norm)
+FLAG_TARGETS = [
+    ("use_bias", lambda v: layers.MultiHeadAttention(2, 8, use_bias=v, rngs=_rngs())),
+    ("use_bias", lambda v: layers.CoAttention(8, 8, 2, use_bias=v, rngs=_rngs())),
+    ("final_norm", lambda v: models.DecoderLM(9, features=8, num_heads=2, final_norm=v,
+                                              rngs=_rngs())),
+    ("share_embeddings", lambda v: models.Transformer(9, 9, features=8, num_heads=2,
+                                                      share_embeddings=v, rngs=_rngs())),
+    ("tie_embeddings", lambda v: models.DecoderLM(9, features=8, num_heads=2, tie_embeddings=v,
+                                                  rngs=_rngs())),
+]  # fmt: skip
+
+
+@SETTINGS
+@given(target=st.sampled_from(FLAG_TARGETS),
+       value=st.sampled_from(["no", "yes", 0, 1, 2, 0.0]) | st.text(max_size=3))  # fmt: skip
+def test_bool_options_are_bools(target, value):
+    name, call = target
+    message = raises(TypeError, lambda: call(value), name)
+    assert message.startswith(f"{name} must be a bool, got ")
 
 
 @SETTINGS

@@ -155,6 +155,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
                 f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
             )
         dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
+        use_bias = _checks.check_flag("use_bias", use_bias)  # None or "yes" was taken
         _checks.check_dtype("dtype", dtype, allow_none=True)
         _checks.check_dtype("param_dtype", param_dtype)
         head_dim = qkv_features // num_heads

@@ -210,9 +210,13 @@ class GatedCrossAttentionBlock(nnx.Module):
                  dropout_rate: float = 0.0, layer_norm_eps: float = 1e-5,
                  rngs: nnx.Rngs):  # fmt: skip
         features = check_positive_int("features", features)
-        mlp_features = check_positive_int("mlp_features", mlp_features or 4 * features)
+        mlp_features = check_positive_int(
+            "mlp_features",
+            4 * features if mlp_features is None else mlp_features,  # 0 is not None
+        )
         _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
         self.attn_norm = _layer_norm(features, layer_norm_eps, rngs)
+        media_features = check_positive_int("media_features", media_features)
         self.cross_attention = MultiHeadAttention(
             num_heads, features, in_kv_features=media_features, num_kv_heads=num_kv_heads,
             dropout_rate=dropout_rate, rngs=rngs,
@@ -326,7 +330,10 @@ class PerceiverEncoder(nnx.Module):
         features = check_positive_int("latent_features", latent_features)
         input_features = check_positive_int("input_features", input_features)
         num_self_layers = check_size("num_self_layers", num_self_layers, minimum=0)
-        mlp_features = check_positive_int("mlp_features", mlp_features or 4 * features)
+        mlp_features = check_positive_int(
+            "mlp_features",
+            4 * features if mlp_features is None else mlp_features,  # 0 is not None
+        )
         _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
         init = nnx.initializers.truncated_normal(0.02)
         self.latents = nnx.Param(init(rngs.params(), (num_latents, features)),
@@ -403,7 +410,10 @@ class AttentionPoolingHead(nnx.Module):
                  layer_norm_eps: float = 1e-6, rngs: nnx.Rngs):  # fmt: skip
         features = check_positive_int("features", features)
         num_probes = check_positive_int("num_probes", num_probes)
-        mlp_features = check_positive_int("mlp_features", mlp_features or 4 * features)
+        mlp_features = check_positive_int(
+            "mlp_features",
+            4 * features if mlp_features is None else mlp_features,  # 0 is not None
+        )
         _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
         xavier = nnx.initializers.xavier_uniform()
         self.probe = nnx.Param(xavier(rngs.params(), (num_probes, features)),

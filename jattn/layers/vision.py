@@ -135,13 +135,19 @@ def setup_patches(module: nnx.Module, *, image_size, patch: int, in_channels: in
     """Gives an image model ``image_size`` (an int or ``(H, W)``, as a tuple),
     ``in_channels``, ``stem`` (a :class:`ConvStem` with ``stem_features``, or None),
     ``patch_embed`` and ``grid_hw``: what :func:`embed_patches` uses."""
-    if isinstance(image_size, int):
+    if _checks.is_int(image_size):
         image_size = (image_size, image_size)
     if not isinstance(image_size, tuple | list) or len(image_size) != 2:
         raise ValueError(f"image_size must be an int or a pair (H, W), got {image_size!r}")
-    module.image_size = tuple(image_size)
+    # each a positive int: 0 made a model of no patches, True a 1 x 1 image
+    module.image_size = tuple(
+        check_positive_int(f"image_size[{i}]", d) for i, d in enumerate(image_size)
+    )
     module.in_channels = check_positive_int("in_channels", in_channels)
     module.stem = nnx.data(None)
+    stem_layers = check_positive_int("stem_layers", stem_layers)
+    if stem_features is None and stem_layers != 1:  # was ignored: no stem without its width
+        raise ValueError(f"stem_layers={stem_layers} needs stem_features (the stem's width)")
     if stem_features is not None:
         module.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
         in_channels = module.stem.out_features

@@ -27,6 +27,7 @@ from flax import nnx
 from jattn._model_config import config_class
 from jattn.functional import _sharding
 from jattn.functional._checks import (
+    check_flag,
     check_int_array,
     check_positive_int,
     check_size,
@@ -140,6 +141,8 @@ def _stack_options(features, num_heads, mlp_features, dropout_rate, pre_norm, ac
                   pre_norm)  # fmt: skip
     if positional not in _POSITIONAL:
         raise ValueError(f"positional must be one of {_POSITIONAL}, got {positional!r}")
+    if final_norm is not None:  # "yes" was taken as True
+        check_flag("final_norm", final_norm)
     if positional == "sinusoidal" and features % 2:
         raise ValueError(f"sinusoidal encoding needs an even positive features, got {features!r}")
     return dict(
@@ -252,6 +255,7 @@ class Transformer(TrainEval, nnx.Module):
     ):
         check_size("src_vocab_size", src_vocab_size)
         check_size("tgt_vocab_size", tgt_vocab_size)
+        share_embeddings = check_flag("share_embeddings", share_embeddings)
         if share_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings needs src_vocab_size == tgt_vocab_size, "
@@ -442,6 +446,7 @@ class DecoderLM(TrainEval, nnx.Module):
                               positional, mask_mod, score_mod, attention, layer_pattern,
                               local_window)  # fmt: skip
         check_special_ids(vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+        tie_embeddings = check_flag("tie_embeddings", tie_embeddings)
         self.embed = _Embedding(vocab_size, features, max_len, positional, dropout_rate, rngs=rngs)
         self.decoder = TransformerEncoder(num_layers, rngs=rngs, **opts)
         self.output = None if tie_embeddings else _output_layer(features, vocab_size, rngs=rngs)
