@@ -440,7 +440,7 @@ def test_decoding_functions_name_bad_inputs():
     with pytest.raises(ValueError, match=r"memory must have shape \[B, L, 8\], got \[2, 3, 6\]"):
         cross_attention_kv(layer, jnp.ones((2, 3, 6)))
     kv = cross_attention_kv(layer, jnp.ones((2, 3, 8)))
-    with pytest.raises(ValueError, match=r"y must have shape \[B, L, 8\] \(B=2, the cache's\)"):
+    with pytest.raises(ValueError, match=r"y must have shape \[B, L, 8\] \(B=2, the memory's\)"):
         cached_cross_attention(layer, jnp.ones((1, 1, 8)), kv, None)
 
     def step(tokens, state):  # [B, 1, V]: the token axis kept by mistake

@@ -184,6 +184,13 @@ class CoAttention(nnx.Module):
 # ----------------------------------------------------------------------- Flamingo
 
 
+def _mlp_features(mlp_features, features: int) -> int:
+    """The MLP width: ``4 * features`` for None (0 is an error, not the default)."""
+    return check_positive_int(
+        "mlp_features", 4 * features if mlp_features is None else mlp_features
+    )
+
+
 class GatedCrossAttentionBlock(nnx.Module):
     """Flamingo's gated cross-attention block (Alayrac et al. 2022)::
 
@@ -210,10 +217,7 @@ class GatedCrossAttentionBlock(nnx.Module):
                  dropout_rate: float = 0.0, layer_norm_eps: float = 1e-5,
                  rngs: nnx.Rngs):  # fmt: skip
         features = check_positive_int("features", features)
-        mlp_features = check_positive_int(
-            "mlp_features",
-            4 * features if mlp_features is None else mlp_features,  # 0 is not None
-        )
+        mlp_features = _mlp_features(mlp_features, features)
         _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
         self.attn_norm = _layer_norm(features, layer_norm_eps, rngs)
         media_features = check_positive_int("media_features", media_features)
@@ -330,10 +334,7 @@ class PerceiverEncoder(nnx.Module):
         features = check_positive_int("latent_features", latent_features)
         input_features = check_positive_int("input_features", input_features)
         num_self_layers = check_size("num_self_layers", num_self_layers, minimum=0)
-        mlp_features = check_positive_int(
-            "mlp_features",
-            4 * features if mlp_features is None else mlp_features,  # 0 is not None
-        )
+        mlp_features = _mlp_features(mlp_features, features)
         _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
         init = nnx.initializers.truncated_normal(0.02)
         self.latents = nnx.Param(init(rngs.params(), (num_latents, features)),
@@ -410,10 +411,7 @@ class AttentionPoolingHead(nnx.Module):
                  layer_norm_eps: float = 1e-6, rngs: nnx.Rngs):  # fmt: skip
         features = check_positive_int("features", features)
         num_probes = check_positive_int("num_probes", num_probes)
-        mlp_features = check_positive_int(
-            "mlp_features",
-            4 * features if mlp_features is None else mlp_features,  # 0 is not None
-        )
+        mlp_features = _mlp_features(mlp_features, features)
         _checks.check_finite_scalar("layer_norm_eps", layer_norm_eps, positive=True)
         xavier = nnx.initializers.xavier_uniform()
         self.probe = nnx.Param(xavier(rngs.params(), (num_probes, features)),

@@ -228,7 +228,7 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
         return mha.step(x, cache)
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (init_cache), got {type(cache).__name__}")
-    x = _check_tokens_in("x", x, mha.query, cache.key.shape[0])
+    x = _check_features_in("x", x, mha.query, cache.key.shape[0])
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     _check_room(cache.index, num_new, max_len)
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
@@ -244,9 +244,12 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     return out, KVCache(keys, values, cache.index + num_new)
 
 
-def _check_tokens_in(name: str, x, projection, batch: int | None) -> jax.Array:
-    """``x`` as a real ``[B, L, D]`` array with the ``projection``'s D (and the cache's
-    ``batch``): an error naming ``name`` instead of one from inside vmap or a matmul."""
+def _check_features_in(
+    name: str, x, projection, batch: int | None, whose: str = "cache"
+) -> jax.Array:
+    """``x`` as a real ``[B, L, D]`` array with the ``projection``'s D (and the ``batch``
+    of the ``whose`` it meets): an error naming ``name`` instead of one from inside vmap
+    or a matmul."""
     x = _checks.check_real(name, x)
     width = getattr(projection, "in_features", None)
     width = width[0] if isinstance(width, tuple) else width
@@ -255,7 +258,7 @@ def _check_tokens_in(name: str, x, projection, batch: int | None) -> jax.Array:
         or (width is not None and x.shape[-1] != width)
         or (batch is not None and x.shape[0] != batch)
     ):
-        where = "" if batch is None else f" (B={batch}, the cache's)"
+        where = "" if batch is None else f" (B={batch}, the {whose}'s)"
         raise ValueError(
             f"{name} must have shape [B, L, {width if width is not None else 'D'}]{where}, got "
             f"{_checks.fmt(x.shape)}"
@@ -279,7 +282,7 @@ def _check_room(index, num_new: int, max_len: int) -> None:
 def cross_attention_kv(mha, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Projects the encoder memory ``[B, S, D]`` once: keys ``[B, S, K, H]``, values
     (keys with the RoPE of a :class:`RotaryAttention` layer at positions ``0..S-1``)."""
-    memory = _check_tokens_in("memory", memory, mha.key, None)
+    memory = _check_features_in("memory", memory, mha.key, None)
     k = mha.key(memory)
     wavelengths = _unwrap(mha)[1]
     if wavelengths:
@@ -296,7 +299,7 @@ def cached_cross_attention(
     the layer's ``attention_fn`` is a :class:`RotaryAttention`, which rotates the
     queries there, or the layer has its own ``mask_mod``/``score_mod``, seen from there.
     """
-    y = _check_tokens_in("y", y, mha.query, kv[0].shape[0])
+    y = _check_features_in("y", y, mha.query, kv[0].shape[0], "memory")
     q = mha.query(y)
     wavelengths = _unwrap(mha)[1]
     has_mods = mha.mask_mod is not None or mha.score_mod is not None
