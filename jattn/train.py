@@ -710,12 +710,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns a dict with ``step``, ``interrupted`` (``None``, ``'stop_after_steps'`` or the
     signal number), the final ``eval`` metrics, ``train_step_compiles`` and output paths.
     """
+    return _train(_prepare(config), workdir)
+
+
+def _prepare(config: ml_collections.ConfigDict) -> tuple:
+    """Everything :func:`train_and_evaluate` checks and builds before it touches the
+    workdir: ``(cfg, train_ds, test_ds, graphdef, state, tx)``. A bad config field, data
+    option or model option fails here, as a ValueError or TypeError naming it."""
     validate_config(config)
     cfg = config.to_dict()
     train_ds, test_ds = make_datasets(config)
     # bad model options fail here
     graphdef, state, tx = _initial_train_state(cfg, **train_ds.model_sizes())
     _check_lengths(cfg, train_ds, test_ds)
+    return cfg, train_ds, test_ds, graphdef, state, tx
+
+
+def _train(prepared: tuple, workdir) -> dict:
+    """:func:`train_and_evaluate` of a run that :func:`_prepare` checked and built."""
+    cfg, train_ds, test_ds, graphdef, state, tx = prepared
     workdir = Path(workdir)
     check_writable(workdir, WORKDIR_USE)  # creates it
     # Process 0 of a multi-process run holds the lock and writes the files.
@@ -1056,12 +1069,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_writable(args.workdir, WORKDIR_USE)
     except OSError as e:
         parser.error(f"--workdir {args.workdir}: {e.strerror or e}")
+    try:  # a model option or length the config's own checks leave to the model
+        prepared = _prepare(config)
+    except (ValueError, TypeError) as e:
+        parser.error(f"--config {args.config}: {e}")
     from absl import logging
 
     logging.set_verbosity(args.verbosity)  # orbax logs every save at INFO
     if config.get("write_outside_workdir", True):
         enable_compilation_cache(config.compilation_cache_dir)
-    result = train_and_evaluate(config, args.workdir)
+    result = _train(prepared, args.workdir)
     if isinstance(result["interrupted"], int):
         sys.exit(128 + result["interrupted"])
 

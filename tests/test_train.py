@@ -379,7 +379,8 @@ def _main(monkeypatch, capsys, *args):
         seen.update(config=config, workdir=workdir)
         return {"interrupted": None}
 
-    monkeypatch.setattr(train_lib, "train_and_evaluate", record)
+    monkeypatch.setattr(train_lib, "_prepare", lambda config: config)  # what _train gets
+    monkeypatch.setattr(train_lib, "_train", record)
     monkeypatch.setattr(sys, "argv", ["jattn-train", *args])
     code = 0
     try:
@@ -499,3 +500,22 @@ def test_validate_config_names_any_field_with_a_bad_value(field, value):
     cfg["train"][field] = value
     with pytest.raises(ValueError, match=rf"config\.train\.{field} must be "):
         train_lib.validate_config(ConfigDict(cfg))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.model.positional=xyz", r"config.model: positional must be one of"),
+        ("--config.model.max_len=4", r"config.model.max_len=4 is shorter than the task's"),
+    ],
+)
+def test_command_line_model_option_errors_exit_2(monkeypatch, capsys, tmp_path, override, message):
+    """Found by the model as it is built, not by the config's checks: they were a
+    traceback (exit code 1); now a usage error naming the config, and no workdir files."""
+    monkeypatch.setattr(sys, "argv", ["jattn-train", "--config", "copy:small", "--workdir",
+                                      str(tmp_path / "run"), override])  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        train_lib.main()
+    assert info.value.code == 2
+    assert re.search(r"error: --config copy:small: " + message, capsys.readouterr().err)
+    assert not list((tmp_path / "run").iterdir())  # checked and created, nothing written
