@@ -332,12 +332,14 @@ def test_learned_positions_out_of_the_table_are_refused(positions, as_array):
         np.testing.assert_array_equal(np.asarray(layer(as_array(p))), table[p])
 
 
-def test_learned_positions_refuse_python_ints_and_keep_traced_clipping():
+def test_learned_positions_refuse_python_ints_and_give_traced_ones_outside_nan():
     layer = _learned()
     table = np.asarray(layer.embedding.embedding[...])
     raises(ValueError, lambda: layer(-1), "positions", "-1", "[0, 6)")
     raises(ValueError, lambda: layer(6), "positions", "6", "[0, 6)")
     np.testing.assert_array_equal(np.asarray(layer(5)), table[5])
-    # traced positions cannot be checked: clipped to the table, as documented
-    got = nnx.jit(lambda m, p: m(p))(layer, jnp.array([-3, 0, 5, 9], jnp.int32))
-    np.testing.assert_array_equal(np.asarray(got), table[[0, 0, 5, 5]])
+    # traced positions cannot be checked: outside the table a NaN row (they were clipped
+    # to its first and last rows, a row they do not name), as a traced token id
+    got = np.asarray(nnx.jit(lambda m, p: m(p))(layer, jnp.array([-3, 0, 5, 9, -1], jnp.int32)))
+    np.testing.assert_array_equal(got[[1, 2]], table[[0, 5]])
+    assert np.isnan(got[[0, 3, 4]]).all()

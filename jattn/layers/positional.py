@@ -48,9 +48,10 @@ class LearnedPositionalEmbedding(nnx.Module):
     """A learned table ``[max_len, D]``: ``__call__(positions [...]) -> [..., D]``.
 
     Positions must be in ``[0, max_len)``: concrete ones (outside ``jax.jit``) outside
-    that range are a ValueError, as out-of-vocabulary token ids are. Traced positions
-    (under ``jax.jit``, where nothing can raise) are clipped to the table instead: a
-    negative one reads row 0, one at or beyond ``max_len`` the last row.
+    that range are a ValueError, as out-of-vocabulary token ids are. A traced position
+    (under ``jax.jit``, where nothing can raise) outside it gives a NaN row, as a traced
+    token id outside the vocabulary does, instead of a row of the table it does not
+    name.
     """
 
     def __init__(self, max_len: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -77,7 +78,9 @@ class LearnedPositionalEmbedding(nnx.Module):
                     f"positions must be in [0, {self.max_len}) (the rows of the learned "
                     f"table, max_len={self.max_len}), got min {lo}, max {hi}"
                 )
-        return self.embedding(jnp.clip(positions, 0, self.max_len - 1))
+        # the gather fills NaN at or beyond the table; a negative position is moved there
+        # (it would read the table from its end)
+        return self.embedding(jnp.where(positions < 0, self.max_len, positions))
 
 
 class RotaryEmbedding(nnx.Module):
