@@ -33,6 +33,14 @@ def _check_positions(positions):
     return _checks.check_int_array("positions", positions)
 
 
+def embed_ids(embed: nnx.Embed, ids: jax.Array, **kwargs) -> jax.Array:
+    """``embed(ids)`` with every id outside ``[0, num_embeddings)`` a NaN row: for traced
+    ids (under ``jax.jit``), which no check can see. The gather already fills NaN at or
+    beyond the table, but would read a negative id (a ``-1`` used as padding) from the
+    end of the table, silently; it is moved beyond the table first."""
+    return embed(jnp.where(ids < 0, embed.num_embeddings, ids), **kwargs)
+
+
 class SinusoidalEncoding(nnx.Module):
     """Fixed sinusoidal encodings (no parameters): ``__call__(positions [...]) -> [..., D]``."""
 
@@ -78,9 +86,7 @@ class LearnedPositionalEmbedding(nnx.Module):
                     f"positions must be in [0, {self.max_len}) (the rows of the learned "
                     f"table, max_len={self.max_len}), got min {lo}, max {hi}"
                 )
-        # the gather fills NaN at or beyond the table; a negative position is moved there
-        # (it would read the table from its end)
-        return self.embedding(jnp.where(positions < 0, self.max_len, positions))
+        return embed_ids(self.embedding, positions)
 
 
 class RotaryEmbedding(nnx.Module):

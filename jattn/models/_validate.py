@@ -14,7 +14,7 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
 
     An out-of-range id would gather NaN (beyond the table) or wrap around (negative)
     in the embedding, silently. Traced tokens (inside ``jax.jit``) cannot be checked:
-    :func:`embed_tokens` gives their rows NaN.
+    :func:`jattn.layers.positional.embed_ids` gives their rows NaN.
     """
     values = concrete(tokens)
     if values is None or not values.size:
@@ -24,16 +24,6 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
         raise ValueError(
             f"{name} holds token ids outside the vocabulary [0, {vocab_size}): min {lo}, max {hi}"
         )
-
-
-def embed_tokens(embed, tokens: jax.Array, **kwargs) -> jax.Array:
-    """``embed(tokens)`` for an ``nnx.Embed`` whose ids :func:`check_token_ids` cannot
-    see (traced, under ``jax.jit``): every id outside ``[0, vocab_size)`` gives a NaN
-    row. The gather already fills NaN for ids at or beyond the table, but would read a
-    negative id (a ``-1`` used as padding) from the end of the table, silently; it is
-    moved beyond the table first."""
-    tokens = jnp.where(tokens < 0, embed.num_embeddings, tokens)
-    return embed(tokens, **kwargs)
 
 
 def check_special_ids(

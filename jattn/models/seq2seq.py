@@ -25,12 +25,12 @@ from jattn.functional.attention import attention
 from jattn.functional.scores import AdditiveParams, dot_product_scores
 from jattn.layers.axes import names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
+from jattn.layers.positional import embed_ids
 from jattn.layers.scores import AdditiveScore, BilinearScore
 from jattn.models._validate import (
     check_search_options,
     check_special_ids,
     check_tokens,
-    embed_tokens,
 )
 from jattn.models.decoding import beam_search, greedy_search, per_example
 from jattn.models.rnn import GRUCell, GRUEncoder
@@ -196,7 +196,7 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
         src = check_tokens("src", src, vocab_size=self.src_embed.num_embeddings)
         valid = src != self.pad_id
         x = self.dropout(
-            embed_tokens(self.src_embed, src, out_sharding=_sharding.like(src)),
+            embed_ids(self.src_embed, src, out_sharding=_sharding.like(src)),
             deterministic=deterministic,
             rngs=rngs,
         )
@@ -273,7 +273,7 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
                 "sizes"
             )
         emb = self.dropout(
-            embed_tokens(self.tgt_embed, tgt_in, out_sharding=_sharding.like(tgt_in)),
+            embed_ids(self.tgt_embed, tgt_in, out_sharding=_sharding.like(tgt_in)),
             deterministic=deterministic,
             rngs=rngs,
         )
@@ -323,7 +323,7 @@ class BahdanauSeq2Seq(TrainEval, nnx.Module):
         ``(h [B, L, H], keys [B, S, .], values [B, S, Hk], valid [B, S])`` ->
         ``(log_probs [B, V], state)``."""
         h, keys, values, valid = state
-        emb = embed_tokens(self.tgt_embed, tokens[:, 0])
+        emb = embed_ids(self.tgt_embed, tokens[:, 0])
         h_new, ctx, _ = self._step(score, jnp.swapaxes(h, 0, 1), emb, keys, values, valid)
         logits = self.out(jnp.concatenate([h_new[-1], ctx], axis=-1)).astype(jnp.float32)
         return jax.nn.log_softmax(logits), (jnp.swapaxes(h_new, 0, 1), keys, values, valid)

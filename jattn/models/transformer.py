@@ -38,12 +38,11 @@ from jattn.functional.masks import key_padding_mask
 from jattn.layers.axes import names
 from jattn.layers.composite import pattern_names
 from jattn.layers.dropout import Dropout, TrainEval, per_site_rngs
-from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding
+from jattn.layers.positional import LearnedPositionalEmbedding, SinusoidalEncoding, embed_ids
 from jattn.models._validate import (
     check_search_options,
     check_special_ids,
     check_tokens,
-    embed_tokens,
 )
 from jattn.models.blocks import (
     LAYER_TYPES,
@@ -110,7 +109,7 @@ class _Embedding(TrainEval, nnx.Module):
 
         Token ids are checked by the models' entry points (``_validate.check_tokens``)."""
         deterministic = self._deterministic(deterministic)
-        x = embed_tokens(self.token, tokens, out_sharding=_sharding.like(tokens))
+        x = embed_ids(self.token, tokens, out_sharding=_sharding.like(tokens))
         x = x * math.sqrt(self.features)
         if self.position is not None:
             if positions is None:

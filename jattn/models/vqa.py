@@ -22,8 +22,9 @@ from jattn.functional.vision import relative_position_bias_2d
 from jattn.layers.axes import names
 from jattn.layers.dropout import TrainEval, per_site_rngs
 from jattn.layers.multimodal import CoAttention, _layer_norm, _PreNormBlock
+from jattn.layers.positional import embed_ids
 from jattn.layers.vision import embed_patches, setup_patches
-from jattn.models._validate import check_tokens, embed_tokens
+from jattn.models._validate import check_tokens
 
 __all__ = ["CoAttentionVQA", "CoAttentionVQAConfig", "neighbours_mod"]
 
@@ -154,7 +155,7 @@ class CoAttentionVQA(TrainEval, nnx.Module):
         kw = dict(deterministic=self._deterministic(deterministic), rngs=per_site_rngs(rngs),
                   sow_weights=sow_weights)  # fmt: skip
         real = question != 0  # [B, L]
-        t = embed_tokens(self.embed, question) + self.text_pos[: question.shape[1]][None]
+        t = embed_ids(self.embed, question) + self.text_pos[: question.shape[1]][None]
         for layer in self.layers:
             t, i = layer(t, i, real, **kw)
         t = self.final_norm(t)
