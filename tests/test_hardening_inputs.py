@@ -53,6 +53,15 @@ bad_sizes = st.one_of(
 VIT = dict(patch=4, in_channels=1, num_classes=2, features=8, num_heads=2, num_layers=1,
            mlp_features=8, rngs=nnx.Rngs(0))  # fmt: skip
 
+# The composites' and ViT's sizes, also checked one by one below (0 was taken or named
+# another argument)
+COMPOSITE_SIZE_TARGETS = [
+    ("media_features", lambda v: layers.GatedCrossAttentionBlock(8, v, 2, rngs=_rngs())),
+    ("mlp_features", lambda v: layers.AttentionPoolingHead(8, 2, mlp_features=v, rngs=_rngs())),
+    ("image_size", lambda v: layers.ViT(image_size=v, **VIT)),
+    ("stem_layers", lambda v: layers.ViT(image_size=8, stem_layers=v, **VIT)),
+]
+
 # (argument name, a call that passes the value as that argument)
 SIZE_TARGETS = [
     ("num_queries", lambda v: jattn.causal_mask(v, 4)),
@@ -96,10 +105,7 @@ SIZE_TARGETS = [
         ),
     ),  # fmt: skip
     ("dpi", lambda v: viz.save_figure(None, "/nonexistent/x.png", dpi=v)),
-    ("media_features", lambda v: layers.GatedCrossAttentionBlock(8, v, 2, rngs=_rngs())),
-    ("mlp_features", lambda v: layers.AttentionPoolingHead(8, 2, mlp_features=v, rngs=_rngs())),
-    ("image_size", lambda v: layers.ViT(image_size=v, **VIT)),
-    ("stem_layers", lambda v: layers.ViT(image_size=8, stem_layers=v, **VIT)),
+    *COMPOSITE_SIZE_TARGETS,
     ("head_mask_shape[0]", lambda v: diagnostics.head_importance(jnp.sum, (v, 2))),
 ]
 
@@ -116,7 +122,7 @@ def test_zero_sizes_of_composites_and_vit_are_named():
     """Each drawn above too; here always: 0 was taken (mlp_features=0 as the default, a
     ViT of 0 x 0 images, stem_layers without a stem) or named another argument
     (media_features as in_kv_features)."""
-    for name, call in SIZE_TARGETS[-4:]:
+    for name, call in COMPOSITE_SIZE_TARGETS:
         raises(ValueError, lambda call=call: call(0), name)
     raises(ValueError, lambda: layers.ViT(image_size=8, stem_layers=2, **VIT), "stem_features")
 
