@@ -47,8 +47,11 @@
 import os
 
 # 8 emulated CPU devices: must be set before jax starts (restart the kernel if jax is
-# already imported). On a TPU or GPU host the real devices are used instead.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# already imported), added to any XLA flags already set. On a TPU or GPU host the real
+# devices are used instead.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = flags.strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -37,3 +37,16 @@ def train_step_compiles() -> list[str]:
     logging.getLogger("jax._src.interpreters.pxla").addHandler(Compiles())
     jax.config.update("jax_log_compiles", True)
     return compiles
+
+
+def device_env(count: int | None) -> dict[str, str]:
+    """This process's environment for a child process with ``count`` emulated CPU
+    devices (None: one, the default), keeping the other XLA flags (the test-wide
+    compile options, tests/conftest.py)."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    if count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={count}")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")

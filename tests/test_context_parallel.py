@@ -10,7 +10,6 @@ gradients 1e-5 absolute, the ALiBi slopes' gradient (a sum over B*T*T terms) 1e-
 relative."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _train_utils import ROOT
+from _train_utils import ROOT, device_env
 
 import jattn
 from jattn.functional import context
@@ -214,8 +213,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = device_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", f"MASKED_CASES = {MASKED_CASES!r}\n" + SCRIPT], cwd=ROOT,
         env=env, capture_output=True, text=True, timeout=600,

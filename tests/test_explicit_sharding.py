@@ -4,13 +4,12 @@ the query's / tokens' sharding on the output (a separate process: the device cou
 fixed when jax starts)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from _train_utils import ROOT
+from _train_utils import ROOT, device_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -108,8 +107,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_explicitly_sharded_inputs_give_the_unsharded_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = device_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,

@@ -17,7 +17,7 @@ import textwrap
 import jax
 import pytest
 from _layers import check_axis_names
-from _train_utils import ROOT, load_config, train_losses
+from _train_utils import ROOT, device_env, load_config, train_losses
 from flax import nnx
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
@@ -270,8 +270,7 @@ def _close(a: dict, b: dict) -> bool:
 
 @pytest.mark.slow
 def test_sharded_runs_train_like_one_device_and_resume_on_another_count():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = device_env(8)
     out = _result(_run([sys.executable, "-c", SCRIPT, str(ROOT / "tests")], env))
     assert out["device_count"] == 8
     runs = out["runs"]
@@ -365,8 +364,7 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     config.eval.update(num_samples=0, num_heatmaps=0)
     train_lib.train_and_evaluate(config, str(tmp_path / "one"))
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
-    env["JAX_PLATFORMS"] = "cpu"
+    env = device_env(None)  # one CPU device each
     overrides = [f"--config.train.{k}={v}" for k, v in _OVERRIDES.items()]
     overrides += ["--config.compilation_cache_dir=", "--config.eval.num_samples=0"]
     overrides += ["--config.eval.num_heatmaps=0", "--config.train.stop_after_steps=4"]
