@@ -55,7 +55,7 @@ def attention_entropy(weights: jax.Array, mask: jax.Array | None = None) -> jax.
     p = weights.astype(jnp.float32)
     if mask is not None:
         mask = _checks.check_bool_mask("mask", mask, hint="masked entries are ignored")
-        _checks.check_broadcast("mask", mask, p.shape, "[..., N, T, S]")
+        _checks.check_heads_mask("mask", mask, p.shape, "[..., N, T, S]")
         mask = jnp.broadcast_to(mask, p.shape)
         p = jnp.where(mask, p, 0.0)
     positive = p > 0

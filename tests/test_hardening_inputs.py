@@ -382,6 +382,56 @@ def test_additive_key_padding_mask_is_not_read_inverted():
     np.testing.assert_array_equal(jattn.key_padding_mask(valid), valid[:, None, None, :])
 
 
+# A rank-3 mask or bias reads as [N, T, S], one per head, as broadcasting reads it. Keras
+# and PyTorch users pass [B, T, S], one per example: where the batch has N examples too,
+# the two are the same shape, and it was read per head without a word.
+@SETTINGS
+@given(
+    b=st.integers(1, 3), n=st.integers(1, 3), kind=st.sampled_from(["mask", "bias"]),
+    data=st.data(),
+)  # fmt: skip
+def test_a_rank_3_mask_is_per_head_and_refused_where_it_could_be_per_example(b, n, kind, data):
+    t, s = 3, 4
+    rng = np.random.default_rng(10 * b + n)
+    q = rng.standard_normal((b, t, n, 2)).astype(np.float32)
+    k = rng.standard_normal((b, s, n, 2)).astype(np.float32)
+    lead = data.draw(st.sampled_from([b, n]), label="leading axis")
+    if kind == "mask":
+        x = data.draw(hnp.arrays(np.bool_, (lead, t, s)), label="mask")
+    else:
+        x = rng.standard_normal((lead, t, s)).astype(np.float32)
+
+    def call(x):
+        return jattn.dot_product_attention(q, k, k, **{kind: x})
+
+    if lead == n == b > 1:
+        message = raises(ValueError, lambda: call(x), kind, "ambiguous", f"[{b}, 1, T, S]")
+        assert f"[1, {n}, T, S] per head" in message
+    elif lead == n or lead == 1:  # per head (or one for all): as the rank-4 [1, N, T, S]
+        np.testing.assert_array_equal(call(x), call(x[None]))
+    else:  # [B, T, S] against N heads: the heads axis is missing
+        raises(ValueError, lambda: call(x), kind, "does not broadcast")
+    if lead == b:  # with its heads axis, the same array is a mask per example
+        per_example = call(x[:, None])
+        want = jattn.dot_product_attention(
+            q, k, k, **{kind: np.broadcast_to(x[:, None], (b, n, t, s))}, implementation="dense"
+        )
+        np.testing.assert_allclose(per_example, want, rtol=1e-6, atol=1e-6)
+
+
+def test_ambiguous_rank_3_masks_of_layers_and_diagnostics():
+    layer = layers.MultiHeadAttention(2, 8, rngs=_rngs())
+    x = jnp.ones((2, 4, 8))
+    mask = jnp.tril(jnp.ones((2, 4, 4), bool))
+    raises(ValueError, lambda: layer(x, mask=mask), "mask of shape [2, 4, 4] is ambiguous")
+    np.testing.assert_array_equal(layer(x, mask=mask[:, None]), layer(x, mask=mask[:1, None]))
+    layer.init_cache((2, 4, 8))
+    step = jnp.ones((2, 1, 4), bool)
+    raises(ValueError, lambda: layer(x[:, :1], mask=step, decode=True), "ambiguous")
+    weights = jnp.ones((2, 2, 4, 4)) / 4
+    raises(ValueError, lambda: diagnostics.attention_entropy(weights, mask), "ambiguous")
+
+
 # ------------------------------------- integers: offsets, positions, lengths (section 3)
 
 non_integral = st.one_of(

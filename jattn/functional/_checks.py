@@ -402,6 +402,26 @@ def check_broadcast(name: str, x: jax.Array, target: Sequence[int], letters: str
         )
 
 
+def check_heads_mask(name: str, x: jax.Array, target: Sequence[int], letters: str) -> None:
+    """:func:`check_broadcast` for a mask or bias of ``target = [..., N, T, S]``, which
+    also refuses the one ambiguous rank: ``[B, T, S]`` (a mask per example, as Keras and
+    PyTorch take it) and ``[N, T, S]`` (per head, as broadcasting reads it) are the same
+    shape when the batch's last axis and N are the same size, and reading one as the
+    other is a silent wrong answer."""
+    check_broadcast(name, x, target, letters)
+    batch, n = tuple(target[:-3]), target[-3]
+    if batch and 3 <= x.ndim < len(target) and x.shape[-3] == n == batch[-1] > 1:
+        per_example = ", ".join([*map(str, batch), "1", "T", "S"])
+        per_head = ", ".join(["1"] * len(batch) + [str(n), "T", "S"])
+        raise ValueError(
+            f"{name} of shape {fmt(x.shape)} is ambiguous: rank {x.ndim} reads its axis "
+            f"{x.ndim - 3} as the heads N={n} (a {name} per head), but the batch "
+            f"{fmt(batch)} ends in the same size, so it may be a {name} per example "
+            f"without its heads axis; give it rank {len(target)}: [{per_example}] per "
+            f"example ({name}[..., None, :, :]) or [{per_head}] per head"
+        )
+
+
 def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array, *, same_head_dim: bool):
     """Checks ``query [..., T, N, H]``, ``key [..., S, K, H']``, ``value [..., S, K, Hv]``."""
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -594,11 +614,11 @@ def check_attention_inputs(
     if mask is not None:
         hint = "pass additive float masks as bias"
         mask = check_bool_mask("mask", as_array("mask", mask), hint=hint)
-        check_broadcast("mask", mask, target, letters)
+        check_heads_mask("mask", mask, target, letters)
     if bias is not None:
         bias = as_array("bias", bias)
         check_float("bias", bias)
-        check_broadcast("bias", bias, target, letters)
+        check_heads_mask("bias", bias, target, letters)
     lengths = []
     for name, x in (
         ("query_seq_lengths", query_seq_lengths),

@@ -441,7 +441,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         if mask is not None:
             mask = _checks.check_bool_mask("mask", mask, hint="pass additive float masks as bias")
             target = (*batch, query.shape[-2], t, max_len)
-            _checks.check_broadcast("mask", mask, target, "[..., N, T, max_length] (the cache)")
+            _checks.check_heads_mask("mask", mask, target, "[..., N, T, max_length] (the cache)")
         index = self.cache_index[...]
         concrete = _checks.concrete(index)
         if concrete is not None and int(concrete) + t > max_len:
