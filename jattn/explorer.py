@@ -36,12 +36,16 @@ __all__ = ["AttentionExplorer", "attention_explorer"]
 MAX_WEIGHTS = 4_000_000
 
 
-def _labels(what: str, value, n: int, layer: str) -> list[str]:
+def _check_labels_type(what: str, value) -> None:
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise TypeError(
             f"{what} must be a list of token strings (or a dict of them by layer), got "
             f"{type(value).__name__}"
         )
+
+
+def _labels(what: str, value, n: int, layer: str) -> list[str]:
+    _check_labels_type(what, value)
     if len(value) != n:
         raise ValueError(
             f"{what} has {len(value)} tokens but layer {layer!r}'s weights have {n} along that axis"
@@ -117,7 +121,7 @@ def attention_explorer(
     if not isinstance(title, str):
         raise TypeError(f"title must be a string, got {type(title).__name__}")
     if tokens is None:  # was "tokens has no entry for layer ..."
-        _labels("tokens", tokens, 0, "")
+        _check_labels_type("tokens", tokens)
     names, arrays = _per_layer(weights, layer_names, batch_index)
     keys = list(weights) if isinstance(weights, Mapping) else names
     for what, value in (("tokens", tokens), ("query_tokens", query_tokens)):

@@ -111,15 +111,16 @@ def _masked(weights: np.ndarray, mask) -> np.ndarray:
     return np.ma.masked_array(weights, mask=~mask)
 
 
-def _check_drawn(data: np.ma.MaskedArray, name: str) -> None:
-    """A ValueError naming ``name`` for a NaN or inf outside the mask: one would wreck
-    the colour scale without a word, and a NaN is a bug to see."""
-    bad = ~np.isfinite(data.filled(0.0))
+def _check_drawn(data: np.ndarray, name: str) -> None:
+    """A ValueError naming ``name`` for a NaN or inf outside the mask (``data`` a masked
+    array, or a plain one drawn whole): one would wreck the colour scale without a
+    word, and a NaN is a bug to see."""
+    bad = ~np.isfinite(np.ma.filled(data, 0.0))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{name} has {int(bad.sum())} non-finite value(s) outside the mask (first: "
-            f"{data.data[where]} at index {list(where)}); attention weights are finite, "
+            f"{np.ma.getdata(data)[where]} at index {list(where)}); attention weights are finite, "
             "so look upstream (e.g. jnp.isnan on the scores), or mask those cells"
         )
 
@@ -562,7 +563,7 @@ def plot_attention_on_image(
     if np.issubdtype(np.asarray(image).dtype, np.integer):
         img = img / 255.0
     amap = _as_2d("attn_map", attn_map)
-    _check_drawn(_masked(amap, None), "attn_map")  # a NaN made the colour scale NaN
+    _check_drawn(amap, "attn_map")  # a NaN made the colour scale NaN
     alpha = _checks.check_finite_scalar("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")

@@ -14,9 +14,10 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # Two XLA CPU options cut the compile time again: the older loop emitters instead of
 # the MLIR fusion emitters, and one LLVM module per program instead of several for
-# parallel code generation (2.5-3.5x on a small model's gradient, 1.6x on an eager op,
-# 1.8x on the suite's CPU time). XLA aborts the process on a flag it does not know, so
-# a child process tries them first; a jaxlib without them runs the default compiles.
+# parallel code generation (3.4-4.2x on a small model's gradient, 1.6-1.9x on an eager
+# op, 1.9x on the suite's CPU time: BENCHMARKS.md). XLA aborts the process on a flag it
+# does not know, so a child process tries them first; a jaxlib without them runs the
+# default compiles.
 FAST_COMPILE_FLAGS = (
     "--xla_cpu_use_fusion_emitters=false",
     "--xla_cpu_parallel_codegen_split_count=1",

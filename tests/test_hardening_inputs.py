@@ -421,10 +421,16 @@ def test_a_rank_3_mask_is_per_head_and_refused_where_it_could_be_per_example(b, 
 
 def test_ambiguous_rank_3_masks_of_layers_and_diagnostics():
     layer = layers.MultiHeadAttention(2, 8, rngs=_rngs())
-    x = jnp.ones((2, 4, 8))
-    mask = jnp.tril(jnp.ones((2, 4, 4), bool))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 8)), jnp.float32)
+    causal = np.tril(np.ones((4, 4), bool))
+    mask = jnp.asarray(np.stack([causal, causal.T]))  # [B, T, S]: one per example
     raises(ValueError, lambda: layer(x, mask=mask), "mask of shape [2, 4, 4] is ambiguous")
-    np.testing.assert_array_equal(layer(x, mask=mask[:, None]), layer(x, mask=mask[:1, None]))
+    # the rank-4 form the message names is a mask per example
+    per_example = layer(x, mask=mask[..., None, :, :])
+    for b in range(2):
+        np.testing.assert_allclose(
+            per_example[b], layer(x[b : b + 1], mask=mask[b][None, None])[0], rtol=1e-6, atol=1e-6
+        )
     layer.init_cache((2, 4, 8))
     step = jnp.ones((2, 1, 4), bool)
     raises(ValueError, lambda: layer(x[:, :1], mask=step, decode=True), "ambiguous")
