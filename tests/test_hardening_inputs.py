@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hardening import beyond_int32, generated, raises
+from _hardening import beyond_int32, generated, raises, too_big
 from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,6 +25,7 @@ import jattn
 from jattn import diagnostics, layers, models, viz
 from jattn.functional import _checks
 from jattn.interop import torch as torch_interop
+from jattn.layers import gating, vision
 
 SETTINGS = generated(40)
 
@@ -107,6 +108,8 @@ SIZE_TARGETS = [
     ("dpi", lambda v: viz.save_figure(None, "/nonexistent/x.png", dpi=v)),
     *COMPOSITE_SIZE_TARGETS,
     ("head_mask_shape[0]", lambda v: diagnostics.head_importance(jnp.sum, (v, 2))),
+    ("channels", lambda v: vision.eca_kernel_size(v)),  # 0: "math domain error"
+    ("k", lambda v: gating.top_k_routing(jnp.ones((2, 4)), v)),  # 0: no expert chosen
 ]
 
 
@@ -138,7 +141,15 @@ FLAG_TARGETS = [
                                                       share_embeddings=v, rngs=_rngs())),
     ("tie_embeddings", lambda v: models.DecoderLM(9, features=8, num_heads=2, tie_embeddings=v,
                                                   rngs=_rngs())),
+    # a call's flags as its constructor's (both were read for their truth value)
+    ("return_aux_loss", lambda v: _moh()(X, return_aux_loss=v)),
+    ("sow_aux_loss", lambda v: _moh()(X, sow_aux_loss=v)),
 ]  # fmt: skip
+
+
+@functools.cache
+def _moh():
+    return layers.MixtureOfHeads(layers.MultiHeadAttention(2, 8, rngs=_rngs()), k=1, rngs=_rngs())
 
 
 @SETTINGS
@@ -494,6 +505,54 @@ def test_lengths_beyond_the_sequence_mean_all_of_it(big):
     np.testing.assert_array_equal(got, [[True] * 4, [True, True, False, False]])
 
 
+QL = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 2, 4)), jnp.float32)
+KL = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 2, 4)), jnp.float32)
+PROJ = jnp.asarray(np.random.default_rng(2).standard_normal((3, 6)), jnp.float32)
+
+
+@SETTINGS
+@given(
+    big=too_big,
+    form=st.sampled_from([list, lambda x: np.asarray(x, np.int64)]),
+    target=st.sampled_from([None, "dense", "blocked", "linformer"]),
+    which=st.sampled_from(["query_seq_lengths", "key_value_seq_lengths"]),
+)
+def test_attention_lengths_beyond_int32_are_clipped_not_wrapped(big, form, target, which):
+    """An int64 length past int32 is clipped to [0, T or S] like any other, on every
+    path: it was converted to int32 first, so 2**32 + 1 read as 1 and -(2**32) + 2 as 2."""
+    if target == "linformer":
+        which = "key_value_seq_lengths"
+    bound = 0 if big < 0 else (QL if which == "query_seq_lengths" else KL).shape[1]
+
+    def call(lengths):
+        if target == "linformer":
+            return jattn.linformer_attention(QL, KL, KL, PROJ, key_value_seq_lengths=lengths)
+        return jattn.dot_product_attention(QL, KL, KL, implementation=target, **{which: lengths})
+
+    got = call(form([big, 3]))
+    np.testing.assert_array_equal(got, call(np.asarray([bound, 3], np.int32)))
+
+
+# Integer arrays that are not lengths: a value past int32 is an error naming the argument
+WRAP_TARGETS = [
+    ("index", lambda i: models.rewind_cache(_kv_cache(), np.asarray([0, i]))),
+    ("index", lambda i: models.rewind_cache(_kv_cache(), i)),  # was a bare OverflowError
+    ("segment_ids", lambda i: jattn.linear_attention(Q, Q, Q, segment_ids=[[0, 0, i, i]])),
+]
+
+
+@functools.cache
+def _kv_cache():
+    return models.init_cache(layers.MultiHeadAttention(2, 8, rngs=_rngs()), 2, 6)
+
+
+@SETTINGS
+@given(target=st.sampled_from(WRAP_TARGETS), value=too_big)
+def test_integer_arrays_beyond_int32_are_errors(target, value):
+    name, call = target
+    raises(ValueError, lambda: call(value), name, "int32")
+
+
 @SETTINGS
 @given(offset=st.integers(-(2**20), 2**20))
 def test_in_range_int64_offsets_equal_ints(offset):
@@ -761,3 +820,51 @@ def test_check_helpers_directly():
     ints = _checks.check_int_array("o", np.array([1, -2], np.int64))
     assert ints.dtype == jnp.int32 and ints.tolist() == [1, -2]
     assert _checks.check_int_array("o", np.array([2**40]), clip=(0, 9)).tolist() == [9]
+    for bad, kind in ((None, "NoneType"), ({"a": 1}, "dict"), ([1, [2, 3]], "list")):
+        raises(TypeError, lambda b=bad: _checks.as_array("x", b), f"x must be an array, got {kind}")
+    raises(ValueError, lambda: _checks.as_array("x", 2**70), "x holds integers beyond int64")
+    raises(ValueError, lambda: _checks.as_array("x", [2**63 + 5]), "do not fit uint32")
+    param = nnx.Param(jnp.ones(3))  # converts itself (__jax_array__)
+    np.testing.assert_array_equal(_checks.as_array("bias", param), jnp.ones(3))
+
+
+def test_special_ids_must_be_tokens_of_the_vocabulary():
+    """With pad_id >= V a finished beam could continue only with a -1e9 token, so it lost
+    to live ones and beam search returned a worse sequence without a word; an eos_id
+    >= V never stopped a search early."""
+    table = jnp.log(jnp.full((5, 5), 0.2))
+    step = lambda tokens, state: (table[tokens[:, 0]], state)  # noqa: E731
+    first, state = jnp.array([0, 0]), jnp.zeros((2, 1))
+    search = functools.partial(models.beam_search, step, state, first, beam_size=2, max_len=4)
+    message = raises(ValueError, lambda: search(eos_id=3, pad_id=7))
+    assert message == (
+        "pad_id=7 is not a token of step_fn's vocabulary: its log_probs have V=5 entries "
+        "per row (ids 0 to 4)"
+    )
+    raises(ValueError, lambda: search(eos_id=5, pad_id=4), "eos_id=5", "V=5")
+    greedy = functools.partial(models.greedy_search, step, state, first, max_len=4)
+    raises(ValueError, lambda: greedy(eos_id=9, pad_id=0), "eos_id=9", "V=5")
+    assert search(eos_id=4, pad_id=4)[0].shape == (2, 4)  # the last id is a token
+
+
+def test_options_found_unchecked():
+    """Each was accepted and ignored, or failed inside Python or JAX."""
+    mha = layers.MultiHeadAttention(2, 8, rngs=_rngs())
+    cache = models.init_cache(mha, 1, 6, jnp.bfloat16)  # a float32 layer
+    message = raises(ValueError, lambda: models.cached_self_attention(mha, X[:, :2], cache))
+    assert message.startswith("the cache holds bfloat16 keys and bfloat16 values, but this "
+                              "layer makes float32 keys and float32 values")  # fmt: skip
+    assert "init_cache(layer, batch_size, max_len, dtype=jnp.float32)" in message
+    x, proj = jnp.ones((2, 3, 4)), jnp.ones((5, 4))
+    for kind in ("softmax", "relu"):  # relu returned before looking at it
+        raises(ValueError, lambda k=kind: jattn.favor_features(x, proj, kind=k, stabilizer="x"),
+               "stabilizer must be None, 'row' or 'all', got 'x'")  # fmt: skip
+    want = ((5.0 + 3.0) / 6.0) ** 0.6  # an int length was an AttributeError ('astype')
+    np.testing.assert_allclose(models.length_penalty_fn(3, 0.6), want, rtol=1e-6)
+    raises(ValueError, lambda: models.length_penalty_fn(3, float("nan")), "alpha")
+    raises(ValueError, lambda: vision.eca_kernel_size(8, gamma=0), "gamma")  # ZeroDivisionError
+    raises(ValueError, lambda: gating.top_k_routing(jnp.ones((2, 4)), 5), "k=5", "E=4")
+    weights = jnp.ones((1, 2, 5, 5)) / 5
+    for count in (True, 1.0):  # both were read as 1
+        raises(ValueError, lambda c=count: vision.rollout_map(weights, (2, 2), num_prefix_tokens=c),
+               "num_prefix_tokens must be 0 or 1")  # fmt: skip

@@ -349,12 +349,41 @@ def fmt(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
-def as_array(name: str, x) -> jax.Array:
+def host_array(name: str, x):
+    """``x`` as it is if it is a jax array or traced, else as a NumPy array of its own
+    dtype (an int64 stays int64: jax without x64 would wrap it into int32)."""
     if isinstance(x, str | bytes):  # jnp.asarray may parse one as a dtype ("01": SyntaxError)
         raise TypeError(f"{name} must be an array, got {type(x).__name__} {x!r}")
+    if isinstance(x, jax.Array) or _is_traced(x) or hasattr(x, "__jax_array__"):
+        return x  # (an nnx.Variable converts itself)
+    try:
+        array = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. a ragged list
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+    if array.dtype == object:  # None, a dict, Python ints beyond int64: jax takes none
+        if array.size and all(is_int(v) for v in array.flat):
+            raise ValueError(f"{name} holds integers beyond int64 (max {max(array.flat)})")
+        what = f"a NumPy array of dtype {x.dtype}" if isinstance(x, np.ndarray) else None
+        raise TypeError(f"{name} must be an array, got {what or type(x).__name__}")
+    return array
+
+
+def as_array(name: str, x) -> jax.Array:
+    """``x`` as a jax array; a TypeError naming ``name`` for what is not an array, and a
+    ValueError for integers that jax's dtype would wrap (an int64 beyond int32 without
+    x64): ``2**32 + 1`` would silently become 1."""
+    x = host_array(name, x)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.size:
+        target = jax.dtypes.canonicalize_dtype(x.dtype)
+        info = np.iinfo(target)
+        if x.min() < info.min or x.max() > info.max:
+            raise ValueError(
+                f"{name} holds values that do not fit {target} (min {x.min()}, max "
+                f"{x.max()}): jax without x64 would wrap them"
+            )
     try:
         return jnp.asarray(x)
-    except (TypeError, ValueError) as e:  # e.g. a str, a dict, or None
+    except (TypeError, ValueError) as e:  # e.g. a NumPy array of strings
         what = f"a NumPy array of dtype {x.dtype}" if isinstance(x, np.ndarray) else None
         raise TypeError(f"{name} must be an array, got {what or type(x).__name__}") from e
 
@@ -466,11 +495,15 @@ def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array, *, same_head_d
         )
 
 
-def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array | None:
+def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...], bound: int) -> jax.Array | None:
+    """Lengths ``x`` (one per example, broadcasting to ``batch_shape``) as int32 ``[B]``
+    clipped to ``[0, bound]``: a length beyond the sequence is the whole sequence. The
+    clip comes before int32 (on the NumPy value, or on the device for a traced or jax
+    array), so no length wraps around (an int64 ``2**32 + 1``, a uint32)."""
     if x is None:
         return None
-    x = as_array(name, x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
+    x = host_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_:
         raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
     if not batch_shape and x.shape == (1,):  # jax.nn's [B] = [1] for unbatched [T, N, H] inputs
         x = x.reshape(())
@@ -479,7 +512,8 @@ def check_seq_lengths(name: str, x, batch_shape: tuple[int, ...]) -> jax.Array |
             f"{name} of shape {fmt(x.shape)} must have (or broadcast to) the batch shape of "
             f"query {fmt(batch_shape)} (one length per example)"
         )
-    return x
+    x = check_int_array(name, x, clip=(0, bound))
+    return jnp.broadcast_to(x, batch_shape).reshape(-1)  # [B]
 
 
 def check_dropout(rate, rng) -> float:
@@ -624,13 +658,8 @@ def check_attention_inputs(
         ("query_seq_lengths", query_seq_lengths),
         ("key_value_seq_lengths", key_value_seq_lengths),
     ):
-        x = check_seq_lengths(name, x, batch_shape)
-        if x is not None:
-            # clipped to [0, T or S] before int32, so no length (uint32, int64) wraps around
-            bound = query.shape[-3] if name == "query_seq_lengths" else key.shape[-3]
-            x = jnp.clip(x, 0, min(bound, int(jnp.iinfo(x.dtype).max))).astype(jnp.int32)
-            x = jnp.broadcast_to(x, batch_shape).reshape(-1)  # [B]
-        lengths.append(x)
+        bound = query.shape[-3] if name == "query_seq_lengths" else key.shape[-3]
+        lengths.append(check_seq_lengths(name, x, batch_shape, bound))
     mask_mod = check_mods(mask_mod, score_mod, block_mask, query, key)
     return AttentionSpec(
         query,

@@ -216,7 +216,7 @@ def _options(name, form, chunk_size, default_chunk):
 def _resets(segment_ids, b: int, t: int, name: str):
     if segment_ids is None:
         return None
-    ids = jnp.asarray(segment_ids)
+    ids = _checks.as_array(f"{name}: segment_ids", segment_ids)  # an int64 id must not wrap
     if ids.shape != (b, t) or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
             f"{name}: segment_ids must be an int [B, T] = {[b, t]} array, got {ids.dtype} "

@@ -94,6 +94,8 @@ def favor_features(x: jax.Array, projection: jax.Array, *, kind: str = "softmax"
     """
     x = _checks.check_real("x", x)
     projection = _checks.check_real("projection", projection)
+    if stabilizer not in (None, "row", "all"):
+        raise ValueError(f"stabilizer must be None, 'row' or 'all', got {stabilizer!r}")
     if x.ndim < 1 or (stabilizer == "all" and x.ndim < 3):
         need = "[..., L, heads, H]" if stabilizer == "all" else "[..., H]"
         raise ValueError(
@@ -114,8 +116,6 @@ def favor_features(x: jax.Array, projection: jax.Array, *, kind: str = "softmax"
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     elif stabilizer == "all":
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=(-3, -1), keepdims=True))
-    elif stabilizer is not None:
-        raise ValueError(f"stabilizer must be None, 'row' or 'all', got {stabilizer!r}")
     return jnp.exp(logits) / math.sqrt(m)
 
 
@@ -213,10 +213,13 @@ def linformer_attention(
                          f"{list(projs[1].shape)} must have the same shape")  # fmt: skip
     lengths = None
     if key_value_seq_lengths is not None:
-        lengths = jnp.asarray(key_value_seq_lengths)
-        if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        lengths = _checks.host_array("key_value_seq_lengths", key_value_seq_lengths)
+        integer = jnp.issubdtype(lengths.dtype, jnp.integer) and lengths.dtype != np.bool_
+        if lengths.shape != (b,) or not integer:
             raise ValueError(f"{name}: key_value_seq_lengths must be an int [B] = [{b}] array, "
                              f"got {lengths.dtype} {list(lengths.shape)}")  # fmt: skip
+        # clipped to [0, S] before int32: an int64 2**32 + 1 is all keys, not 1
+        lengths = _checks.check_int_array("key_value_seq_lengths", lengths, clip=(0, s))
     scale = _checks.check_scale(scale)
     return _eager.run(_linformer, (query, key, value, *projs, lengths), scale)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional._checks import check_bool_mask, check_positive_int
+from jattn.functional._checks import check_bool_mask, check_flag, check_positive_int, check_real
 from jattn.functional._finite import zero_padding
 from jattn.layers.axes import names
 from jattn.layers.composite import _forms_weights, _init_cache, _step
@@ -46,6 +46,13 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
       ``(probs [..., E] float32, selected [..., E] bool)``: the softmax of the logits
       and the top-k mask (exactly k True per token).
     """
+    logits = check_real("logits", logits)
+    if logits.ndim < 1:
+        raise ValueError("logits must be [..., E] (one per expert), got a scalar")
+    e = logits.shape[-1]
+    k = check_positive_int("k", k)
+    if k > e:
+        raise ValueError(f"k={k} experts per token, but the logits have E={e} experts")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     _, top = jax.lax.top_k(probs, k)  # [..., k]
     selected = jnp.any(jax.nn.one_hot(top, probs.shape[-1], dtype=jnp.bool_), axis=-2)
@@ -308,7 +315,10 @@ class MixtureOfHeads(nnx.Module):
         ``weights`` (``return_weights``, the attention weights of all heads) and
         ``aux_loss`` (``return_aux_loss``) appended as a tuple. ``token_mask [..., T]``
         (bool, True = a real token) keeps padding out of the aux loss."""
-        sow = self.sow_aux_loss if sow_aux_loss is None else sow_aux_loss
+        check_flag("return_aux_loss", return_aux_loss)
+        sow = self.sow_aux_loss
+        if sow_aux_loss is not None:
+            sow = check_flag("sow_aux_loss", sow_aux_loss)
         if return_weights:
             heads, weights = self.attention(inputs_q, *args, return_weights=True, **kwargs)
         else:

@@ -302,8 +302,11 @@ def rollout_map(weights, grid_hw: tuple[int, int], *, num_prefix_tokens: int = 1
     if not isinstance(grid_hw, tuple | list) or len(grid_hw) != 2:
         raise ValueError(f"grid_hw must be a pair (h, w), got {grid_hw!r}")
     h, w = (check_positive_int(f"grid_hw[{i}]", n) for i, n in enumerate(grid_hw))
-    if num_prefix_tokens not in (0, 1):
-        raise ValueError(f"num_prefix_tokens must be 0 or 1, got {num_prefix_tokens!r}")
+    if not _checks.is_int(num_prefix_tokens) or num_prefix_tokens not in (0, 1):
+        raise ValueError(
+            f"num_prefix_tokens must be 0 or 1, got {num_prefix_tokens!r}"
+            f"{_checks.type_note(num_prefix_tokens)}"
+        )
     rollout = attention_rollout(weights, residual=residual)  # [..., T, T]
     t = rollout.shape[-1]
     if t != num_prefix_tokens + h * w:
@@ -484,6 +487,9 @@ class SqueezeExcitation(nnx.Module):
 def eca_kernel_size(channels: int, *, gamma: float = 2.0, b: float = 1.0) -> int:
     """ECA's adaptive kernel size: ``t = int(|log2(C) + b| / gamma)``, made odd (``t + 1``
     when even), as the reference implementation."""
+    channels = check_positive_int("channels", channels)
+    gamma = _checks.check_finite_scalar("gamma", gamma, positive=True)
+    b = _checks.check_finite_scalar("b", b)
     t = int(abs((math.log2(channels) + b) / gamma))
     return t if t % 2 else t + 1
 

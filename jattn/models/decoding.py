@@ -232,6 +232,13 @@ def cached_self_attention(mha, x: jax.Array, cache: KVCache) -> tuple[jax.Array,
     num_new, max_len = x.shape[-2], cache.key.shape[1]
     _check_room(cache.index, num_new, max_len)
     q, k, v = mha.query(x), mha.key(x), mha.value(x)  # [B, T, N|K, H]
+    if (k.dtype, v.dtype) != (cache.key.dtype, cache.value.dtype):  # else a late, vague error
+        raise ValueError(
+            f"the cache holds {cache.key.dtype} keys and {cache.value.dtype} values, but "
+            f"this layer makes {k.dtype} keys and {v.dtype} values from x of dtype "
+            f"{x.dtype}: make the cache with init_cache(layer, batch_size, max_len, "
+            f"dtype=jnp.{k.dtype})"
+        )
     q = _checks.nan_if_overflowing(q, cache.index, num_new, max_len)
     wavelengths = _unwrap(mha)[1]
     if wavelengths:
@@ -316,7 +323,10 @@ def cached_cross_attention(
 
 
 def length_penalty_fn(length: jax.Array, alpha: float) -> jax.Array:
-    """GNMT's length penalty ``((5 + length) / 6) ** alpha``."""
+    """GNMT's length penalty ``((5 + length) / 6) ** alpha`` (``length``: an int or an
+    array of token counts; ``alpha``: a finite float, traced allowed)."""
+    length = _checks.check_real("length", length)
+    alpha = _checks.check_finite_scalar("alpha", alpha, allow_traced=True)
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
@@ -332,14 +342,21 @@ def _check_search(first_tokens, max_len, eos_id, pad_id):
     return first_tokens, max_len, eos_id, pad_id
 
 
-def _check_step_output(log_probs, rows: int) -> None:
-    """A ValueError (at trace time) unless ``step_fn`` returned ``[rows, V]`` scores."""
+def _check_step_output(log_probs, rows: int, **ids: int) -> None:
+    """A ValueError (at trace time) unless ``step_fn`` returned ``[rows, V]`` scores and
+    each of ``ids`` (``eos_id=3``) is a token of those V."""
     shape = jnp.shape(log_probs)
     if len(shape) != 2 or shape[0] != rows:
         raise ValueError(
             f"step_fn must return (log_probs [B, V], state) for tokens [B, 1] with B={rows}, "
             f"got log_probs of shape {_checks.fmt(shape)}"
         )
+    for name, value in ids.items():
+        if value >= shape[1]:
+            raise ValueError(
+                f"{name}={value} is not a token of step_fn's vocabulary: its log_probs "
+                f"have V={shape[1]} entries per row (ids 0 to {shape[1] - 1})"
+            )
 
 
 def greedy_search(
@@ -358,6 +375,8 @@ def greedy_search(
       state: the decoder state (caches), leaves with a leading batch axis B.
       first_tokens: ``[B]`` the token fed first (BOS, or the last prompt token).
       max_len: number of tokens to generate.
+      eos_id, pad_id: ids of tokens of the vocabulary (``0 <= id < V``; checked against
+        ``log_probs`` at trace time).
 
     Returns:
       ``[B, max_len]`` int32: argmax tokens up to and including EOS, then PAD.
@@ -373,7 +392,7 @@ def greedy_search(
     def body(carry):
         i, tokens, state, out, done = carry
         log_probs, state = step_fn(tokens[:, None], state)
-        _check_step_output(log_probs, batch)
+        _check_step_output(log_probs, batch, eos_id=eos_id)  # else it never stops early
         nxt = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
@@ -431,7 +450,8 @@ def beam_search(
     def body(carry):
         i, tokens, state, seqs, log_p, finished, lengths = carry
         step_lp, state = step_fn(tokens[:, None], state)
-        _check_step_output(step_lp, batch * width)
+        # a finished beam continues with PAD at no cost: PAD must be a token it can take
+        _check_step_output(step_lp, batch * width, eos_id=eos_id, pad_id=pad_id)
         vocab = step_lp.shape[-1]
         step_lp = step_lp.astype(jnp.float32).reshape(batch, width, vocab)
         pad_only = jnp.where(jnp.arange(vocab) == pad_id, 0.0, _NEG)  # [V]
