@@ -237,6 +237,47 @@ def test_perceiver_padding_reaches_no_gradient(case):
     _check_param_grads(g_params, ref_g_params)
 
 
+@functools.cache
+def _co_attention():
+    co = layers.CoAttention(4, 4, 2, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def run(co, text, image, text_valid, image_valid):
+        def loss(co, text, image):
+            outs = co(text, image, text_mask=text_valid, image_mask=image_valid)
+            # the caller ignores the padded query rows, as the docstring says
+            real = [
+                jnp.where(v[..., None], o, 0.0)
+                for o, v in zip(outs, (text_valid, image_valid), strict=True)
+            ]
+            return sum(jnp.sum(jnp.sin(r)) for r in real), real
+
+        grad = nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+        (_, outs), grads = grad(co, text, image)
+        return outs, grads
+
+    return co, run
+
+
+@SETTINGS
+@given(text=padded_inputs(4), image=padded_inputs(4))
+def test_co_attention_padding_reaches_no_gradient(text, image):
+    """Padding is a key of the other direction and a query of its own: its NaN rows,
+    ignored by the caller, gave every projection NaN gradients (0 * NaN)."""
+    co, run = _co_attention()
+    (t_bad, t_clean, t_valid), (i_bad, i_clean, i_valid) = text, image
+    valid = (jnp.asarray(t_valid), jnp.asarray(i_valid))
+    outs, (g_params, g_text, g_image) = run(co, jnp.asarray(t_bad), jnp.asarray(i_bad), *valid)
+    ref_outs, (ref_params, ref_text, ref_image) = run(
+        co, jnp.asarray(t_clean), jnp.asarray(i_clean), *valid
+    )
+    for out, ref in zip(outs, ref_outs, strict=True):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    _check_grads(g_text, ref_text, ~t_valid)
+    _check_grads(g_image, ref_image, ~i_valid)
+    _check_param_grads(g_params, ref_params)
+
+
 # --------------------------------------------------------- T5 relative buckets (4)
 
 INT32 = np.iinfo(np.int32)

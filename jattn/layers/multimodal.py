@@ -164,13 +164,21 @@ class CoAttention(nnx.Module):
           ``(text_out [..., T, Dt], image_out [..., S, Di])``: the text attended to the
           image and the image attended to the text; with ``return_weights``, ``(text_out,
           image_out, {'text_to_image': [..., N, T, S], 'image_to_text': [..., N, S,
-          T]})``. Rows of padded queries are computed as for real ones: ignore them.
+          T]})``. Rows of padded queries are computed from zeroed inputs: ignore them.
+          Padding (its values, NaN or inf included) changes no real row and gets zero
+          gradients, as do the parameters through it.
         """
         text = _check_input("text", text, self.text_features, "[..., T, D]")
         image = _check_input("image", image, self.image_features, "[..., S, D]")
         _same_batch("text", text, "image", image)
         text_keys = _key_mask("text_mask", text_mask, text, "T")  # [..., 1, 1, T]
         image_keys = _key_mask("image_mask", image_mask, image, "S")  # [..., 1, 1, S]
+        # padding zeroed first: it is also a query, whose NaN row, ignored by the caller,
+        # would give NaN gradients to every projection (0 * NaN in the backward pass)
+        if text_keys is not None:
+            text = _finite.zero_padding(text, text_keys[..., 0, 0, :])
+        if image_keys is not None:
+            image = _finite.zero_padding(image, image_keys[..., 0, 0, :])
         kw = dict(return_weights=return_weights,
                   **_kwargs(deterministic, per_site_rngs(rngs), sow_weights))  # fmt: skip
         t2i = self.text_to_image(text, image, mask=image_keys, **kw)
