@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -151,13 +152,12 @@ def attention_explorer(
         longest = max(longest, w.shape[1], w.shape[2])
         layers.append({"name": str(name), "q": q, "k": k, "w": np.round(w, 4).tolist()})
     data = json.dumps({"title": title, "layers": layers}, separators=(",", ":"))
-    data = data.replace("</", "<\\/")  # no "</script>" can end the data block early
-    document = (
-        _PAGE.replace("__TITLE__", html.escape(title))
-        .replace("__STYLE__", _STYLE)
-        .replace("__SCRIPT__", _SCRIPT)
-        .replace("__DATA__", data)
-    )
+    # No "<" in the data block: neither "</script>" nor "<!--" (which would swallow the
+    # rest of the page) can change where it ends; JSON.parse reads the escapes back.
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    parts = {"TITLE": html.escape(title), "STYLE": _STYLE, "SCRIPT": _SCRIPT, "DATA": data}
+    # one pass over the template: a title (or token) reading "__DATA__" stays text
+    document = re.sub(r"__(TITLE|STYLE|SCRIPT|DATA)__", lambda m: parts[m.group(1)], _PAGE)
     height = min(900, 160 + 22 * longest)
     return AttentionExplorer(document, [str(n) for n in names], height)
 

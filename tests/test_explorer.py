@@ -35,7 +35,8 @@ def page_data(explorer) -> dict:
     block = re.search(
         r'<script type="application/json" id="attention-data">(.*?)</script>', explorer.html, re.S
     )
-    return json.loads(block.group(1).replace("<\\/", "</"))
+    assert "<" not in block.group(1)  # no "</script>" nor "<!--" can move its end
+    return json.loads(block.group(1))
 
 
 def test_the_page_carries_the_weights_and_tokens(weights, tmp_path):
@@ -65,6 +66,21 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_titles_and_tokens_are_shown_as_written():
+    """A title naming a placeholder of the page was replaced by the page's data (its
+    tokens unescaped, so a token's markup became live HTML) or its script; a "<!--" in a
+    token put the data block's end out of reach."""
+    w = np.full((1, 2, 2), 0.5)
+    tokens = ["<img src=x onerror=alert(1)>", "<!--<script>"]
+    for title in ("__DATA__", "__SCRIPT__", "__STYLE__", "__TITLE__"):
+        explorer = attention_explorer({"layer": w}, tokens, title=title)
+        assert f'<h1 id="title">{title}</h1>' in explorer.html
+        assert f"<title>{title}</title>" in explorer.html
+        data = page_data(explorer)
+        assert data["title"] == title and data["layers"][0]["k"] == tokens
+        assert "<img" not in explorer.html and explorer.html.count("<script") == 2
 
 
 def test_cross_attention_layers_take_query_tokens():
