@@ -1077,7 +1077,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     logging.set_verbosity(args.verbosity)  # orbax logs every save at INFO
     if config.get("write_outside_workdir", True):
-        enable_compilation_cache(config.compilation_cache_dir)
+        try:
+            enable_compilation_cache(config.compilation_cache_dir)
+        except OSError as e:
+            parser.error(
+                f"config.compilation_cache_dir={config.compilation_cache_dir!r}: "
+                f"{e.strerror or e} (--config.compilation_cache_dir= runs without the cache)"
+            )
     result = _train(prepared, args.workdir)
     if isinstance(result["interrupted"], int):
         sys.exit(128 + result["interrupted"])

@@ -403,12 +403,13 @@ def test_command_line_help_lists_the_configs_and_missing_flags_are_named(monkeyp
 
 def test_command_line_configs_by_name_and_path_and_model_options(monkeypatch, capsys, tmp_path):
     no_cache = "--config.compilation_cache_dir="
-    args = ["--config", "dates:small", "--workdir", "w", no_cache, "--config.train.num_steps", "9"]
+    w = str(tmp_path / "w")
+    args = ["--config", "dates:small", "--workdir", w, no_cache, "--config.train.num_steps", "9"]
     code, _, config = _main(monkeypatch, capsys, *args, "--config.model.layer_norm_eps=1e-6")
     assert code == 0 and config.train.num_steps == 9 and config.is_locked
     assert config.model.layer_norm_eps == 1e-6  # a Transformer option dates.py leaves out
     code, _, by_path = _main(monkeypatch, capsys, "--config", "configs/dates.py:small",
-                             "--workdir", "w", no_cache)  # fmt: skip
+                             "--workdir", w, no_cache)  # fmt: skip
     assert code == 0 and by_path.train.num_steps == 6  # relative to the current directory
     mine = tmp_path / "my.py"
     mine.write_text(
@@ -418,10 +419,10 @@ def test_command_line_configs_by_name_and_path_and_model_options(monkeypatch, ca
         "    config.seed = int(arg)\n"
         "    return config\n"
     )
-    code, _, own = _main(monkeypatch, capsys, "--config", f"{mine}:7", "--workdir", "w", no_cache)
+    code, _, own = _main(monkeypatch, capsys, "--config", f"{mine}:7", "--workdir", w, no_cache)
     assert code == 0 and own.seed == 7 and own.task.name == "copy"
     monkeypatch.chdir(tmp_path)  # a shipped config by name from any directory
-    code, _, config = _main(monkeypatch, capsys, "--config", "copy", "--workdir", "w", no_cache)
+    code, _, config = _main(monkeypatch, capsys, "--config", "copy", "--workdir", w, no_cache)
     assert code == 0 and config.train.num_steps == 600
 
 
@@ -435,14 +436,48 @@ def test_command_line_configs_by_name_and_path_and_model_options(monkeypatch, ca
         (["--config.train.batch_size=0"], r"config.train.batch_size must be a positive int"),
         (["--config.model.name=lstm"], r"config.model.name: unknown model 'lstm'"),
         (["--config", "date"], r"unknown config 'date'; the shipped configs are bahdanau_dates"),
+        (  # was a FileNotFoundError's traceback
+            ["--config.compilation_cache_dir=/dev/null/cache"],
+            r"config.compilation_cache_dir='/dev/null/cache': Not a directory "
+            r"\(--config.compilation_cache_dir= runs without the cache\)",
+        ),
     ],
 )
-def test_command_line_errors_name_the_field_and_exit_2(monkeypatch, capsys, args, message):
+def test_command_line_errors_name_the_field_and_exit_2(
+    monkeypatch, capsys, tmp_path, args, message
+):
     if args[0] != "--config":
         args = ["--config", "dates", *args]
-    code, out, config = _main(monkeypatch, capsys, *args, "--workdir", "w")
+    code, out, config = _main(monkeypatch, capsys, *args, "--workdir", str(tmp_path / "w"))
     assert code == 2 and config is None
     assert re.search(message, out), out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [  # a str where a function or module goes: a TypeError at the first step, mid-run
+        (
+            "attention_fn=foo",
+            "attention_fn must be a function attention_fn(q, k, v, bias, "
+            "mask, **kwargs) or None, got 'foo' (a str)",
+        ),
+        (
+            "score=xyz",
+            "score must be a jattn.layers.Score, a factory score(num_heads, "
+            "head_dim, *, rngs) or None, got 'xyz' (a str)",
+        ),  # was: 'str' object
+    ],  # fmt: skip
+)
+def test_model_options_of_the_wrong_kind_are_usage_errors(
+    monkeypatch, capsys, tmp_path, override, message
+):
+    monkeypatch.setattr(train_lib, "_train", lambda config, workdir: pytest.fail("trained"))
+    argv = ["--config", "dates:small", "--workdir", str(tmp_path), f"--config.model.{override}"]
+    monkeypatch.setattr(sys, "argv", ["jattn-train", *argv])
+    with pytest.raises(SystemExit) as e:
+        train_lib.main()
+    assert e.value.code == 2
+    assert f"--config dates:small: config.model: {message}" in capsys.readouterr().err
 
 
 # Fields of the dates config (and options of its model), for the generated inputs below.

@@ -158,6 +158,16 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         use_bias = _checks.check_flag("use_bias", use_bias)  # None or "yes" was taken
         _checks.check_dtype("dtype", dtype, allow_none=True)
         _checks.check_dtype("param_dtype", param_dtype)
+        if score is not None and not isinstance(score, Score):  # else at the first call
+            raise TypeError(
+                "score must be a jattn.layers.Score module (AdditiveScore, BilinearScore, "
+                f"MLPScore) or None, got {score!r}{_checks.type_note(score)}"
+            )
+        if attention_fn is not None and not callable(attention_fn):
+            raise TypeError(
+                "attention_fn must be a function attention_fn(q, k, v, bias, mask, **kwargs) "
+                f"or None, got {attention_fn!r}{_checks.type_note(attention_fn)}"
+            )
         head_dim = qkv_features // num_heads
         v_head_dim = check_positive_int("v_head_dim", _default(v_head_dim, head_dim))
 

@@ -138,6 +138,11 @@ def _attention_layer(features, num_heads, dropout_rate, attention_fn, score, rot
                 raise ValueError(f"attention={attention!r} takes no {name}")
         return LinearAttention(num_heads, features, kind=attention, rngs=rngs)
     if score is not None and not isinstance(score, Score):
+        if not callable(score):
+            raise TypeError(
+                "score must be a jattn.layers.Score, a factory score(num_heads, head_dim, *, "
+                f"rngs) or None, got {score!r}{_checks.type_note(score)}"
+            )
         score = score(num_heads, features // num_heads, rngs=rngs)
     if rotary:
         inner = attention_fn or (score_attention if score is not None else dot_product_attention)
