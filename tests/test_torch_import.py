@@ -221,6 +221,29 @@ def test_mask_errors():
         torch_masks_to_jattn(attn_mask=np.array([[0.0, np.nan]], np.float32))
 
 
+def test_bfloat16_and_float64_values_keep_their_meaning():
+    """bfloat16 state dicts and masks were refused ("must be a float array"); a finite
+    float64 mask entry or weight past float32's range became -inf/inf without a word (a
+    visible key with an -inf logit: zeros where torch averages the values)."""
+    from jax.numpy import bfloat16
+
+    sd, x, _, meta = load_fixture("mha_packed")
+    bf16 = {k: v.astype(bfloat16) for k, v in sd.items()}
+    exact = {k: v.astype(np.float32) for k, v in bf16.items()}  # the same values
+    got = load_multihead_attention(bf16, num_heads=meta["num_heads"])(x["x"])
+    want = load_multihead_attention(exact, num_heads=meta["num_heads"])(x["x"])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    mask, bias = torch_masks_to_jattn(attn_mask=np.array([[0.0, -2.0]], bfloat16))
+    np.testing.assert_array_equal(bias, [[[[0.0, -2.0]]]])
+    lowest = np.finfo(np.float64).min
+    mask, bias = torch_masks_to_jattn(attn_mask=np.array([[lowest, lowest, -np.inf]]))
+    assert mask.tolist() == [[[[True, True, False]]]] and np.isfinite(bias).all()
+    big = {**sd, "out_proj.weight": sd["out_proj.weight"].astype(np.float64) * 1e300}
+    message = r"'out_proj.weight' holds finite values beyond float32's range \(largest "
+    with pytest.raises(ValueError, match=message + r"magnitude .*\): as float32 they would be inf"):
+        load_multihead_attention(big, num_heads=meta["num_heads"])
+
+
 # --- state dict errors ---------------------------------------------------------------------
 
 

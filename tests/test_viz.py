@@ -68,6 +68,17 @@ def test_plot_attention_content():
     assert cbar.get_label() == "<colorbar>"
 
 
+def test_bfloat16_weights_are_drawn_and_float64_beyond_float32_is_named():
+    """A bfloat16 model's weights were refused ("must hold real numbers"); float64 values
+    past float32's range were called non-finite ("look upstream") though finite."""
+    w = jnp.asarray(_weights(3, 4), jnp.bfloat16)
+    arr = plot_attention(w).axes[0].images[0].get_array()
+    np.testing.assert_array_equal(arr.data, np.asarray(w, np.float32))
+    with pytest.raises(ValueError, match=r"weights holds finite values beyond float32's range "
+                       r"\(largest magnitude 1e\+39\); the figures draw float32"):  # fmt: skip
+        plot_attention(np.full((2, 2), 1e39))
+
+
 def test_plot_attention_into_given_axes_and_long_labels():
     import matplotlib.pyplot as plt
 

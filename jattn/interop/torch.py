@@ -77,8 +77,9 @@ class _StateDict:
             raise ValueError(
                 f"{self.what}: {key!r} has shape {_fmt(x.shape)}, expected {_fmt(shape)}"
             )
-        if not np.issubdtype(x.dtype, np.floating):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 included
             raise TypeError(f"{self.what}: {key!r} must be a float array, got dtype {x.dtype}")
+        _check_float32_range(f"{self.what}: {key!r}", x)
         self.used.add(key)
         return x
 
@@ -89,6 +90,18 @@ class _StateDict:
                 f"{self.what}: unexpected keys in the state dict: {extra} "
                 "(options such as add_bias_kv or bias=False in the layers are not supported)"
             )
+
+
+def _check_float32_range(name: str, x: np.ndarray) -> None:
+    """A ValueError if finite float64 values of ``x`` would overflow float32 (to inf)."""
+    if x.dtype.itemsize <= 4 or not x.size:
+        return
+    finite = np.abs(x[np.isfinite(x)])
+    if finite.size and finite.max() > np.finfo(np.float32).max:
+        raise ValueError(
+            f"{name} holds finite values beyond float32's range (largest magnitude "
+            f"{finite.max():.3g}): as float32 they would be inf"
+        )
 
 
 def _assign(param: nnx.Param, value: np.ndarray) -> None:
@@ -407,7 +420,7 @@ def _torch_mask(m, name: str) -> np.ndarray:
         m = np.asarray(m)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be a boolean or float array, got {type(m).__name__}") from e
-    if m.dtype != np.bool_ and not np.issubdtype(m.dtype, np.floating):
+    if m.dtype != np.bool_ and not jnp.issubdtype(m.dtype, jnp.floating):  # bfloat16 too
         raise TypeError(f"{name} must be boolean or float, got dtype {m.dtype}")
     return m
 
@@ -416,12 +429,16 @@ def _split_torch_mask(m: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray 
     """torch mask -> (jattn mask True = attend, additive bias or None)."""
     if m.dtype == np.bool_:
         return ~m, None
-    if not np.issubdtype(m.dtype, np.floating):
+    if not jnp.issubdtype(m.dtype, jnp.floating):
         raise TypeError(f"{name} must be boolean or float, got dtype {m.dtype}")
+    m = m.astype(np.promote_types(m.dtype, np.float32))  # bfloat16: NumPy's checks below
     if np.isnan(m).any() or np.isposinf(m).any():
         raise ValueError(f"{name} contains NaN or +inf")
     blocked = np.isneginf(m)
-    bias = np.where(blocked, 0.0, m).astype(np.float32)
+    # finite float64 entries stay finite (clipped to float32's range: a float64 min would
+    # become -inf, i.e. a visible key with an -inf logit, not torch's finite bias)
+    f32 = np.finfo(np.float32)
+    bias = np.clip(np.where(blocked, 0.0, m), f32.min, f32.max).astype(np.float32)
     return ~blocked, (bias if bias.any() else None)
 
 
