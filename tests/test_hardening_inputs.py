@@ -26,6 +26,8 @@ from jattn import diagnostics, layers, models, viz
 from jattn.functional import _checks
 from jattn.interop import torch as torch_interop
 from jattn.layers import gating, vision
+from jattn.training.losses import masked_cross_entropy
+from jattn.training.metrics import token_accuracy_counts
 
 SETTINGS = generated(40)
 
@@ -471,6 +473,9 @@ INT_ARRAY_TARGETS = OFFSET_TARGETS + [
     ("positions", lambda p: layers.LearnedPositionalEmbedding(8, 4, rngs=_rngs())(p)),
     ("valid_lens", lambda v: jattn.valid_lens_mask(v, 2, 4)),
     ("lengths", lambda v: jattn.sequence_mask(v, 4)),
+    # a float label one-hot encoded to zeros: a loss of log 2 for log 4, a miss counted
+    ("labels", lambda v: masked_cross_entropy(jnp.zeros((1, 1, 4)), v)),
+    ("labels", lambda v: token_accuracy_counts(jnp.zeros((1, 1, 4)), v)),
 ]
 
 
@@ -864,6 +869,8 @@ def test_options_found_unchecked():
     raises(ValueError, lambda: models.length_penalty_fn(3, float("nan")), "alpha")
     raises(ValueError, lambda: vision.eca_kernel_size(8, gamma=0), "gamma")  # ZeroDivisionError
     raises(ValueError, lambda: gating.top_k_routing(jnp.ones((2, 4)), 5), "k=5", "E=4")
+    for metric in (masked_cross_entropy, token_accuracy_counts):  # 1.5 matched no label
+        raises(TypeError, lambda f=metric: f(jnp.zeros((1, 1, 4)), [[1]], pad_id=1.5), "pad_id")
     weights = jnp.ones((1, 2, 5, 5)) / 5
     for count in (True, 1.0):  # both were read as 1
         raises(ValueError, lambda c=count: vision.rollout_map(weights, (2, 2), num_prefix_tokens=c),

@@ -8,9 +8,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jattn.functional import _checks
 from jattn.functional._checks import concrete
 
 __all__ = ["masked_cross_entropy"]
+
+
+def check_logits_and_labels(logits, labels, pad_id) -> tuple[jax.Array, jax.Array]:
+    """``logits [B, T, V]`` (real numbers) and ``labels [B, T]`` (integer ids) as arrays,
+    ``pad_id`` an int: a float label (``1.5``) would one-hot to zeros and count as a
+    miss without a word."""
+    logits = _checks.check_real("logits", logits)
+    labels = _checks.check_int_array("labels", labels)
+    if not _checks.is_int(pad_id):
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}{_checks.type_note(pad_id)}")
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits must be [B, T, V] and labels [B, T], got {list(logits.shape)} and "
+            f"{list(labels.shape)}"
+        )
+    return logits, labels
 
 
 def masked_cross_entropy(
@@ -31,11 +48,7 @@ def masked_cross_entropy(
       ``(loss, num_tokens)``: the float32 mean over non-padding positions (0 when
       there are none) and their count.
     """
-    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"logits must be [B, T, V] and labels [B, T], got {list(logits.shape)} and "
-            f"{list(labels.shape)}"
-        )
+    logits, labels = check_logits_and_labels(logits, labels, pad_id)
     if (
         isinstance(label_smoothing, bool)
         or not isinstance(label_smoothing, numbers.Real)

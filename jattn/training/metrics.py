@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import sacrebleu
 
+from jattn.training.losses import check_logits_and_labels
+
 __all__ = ["bleu", "exact_match", "token_accuracy_counts"]
 
 
@@ -18,13 +20,9 @@ def token_accuracy_counts(
 
     Args:
       logits: ``[B, T, V]``.
-      labels: ``[B, T]``.
+      labels: ``[B, T]`` int ids; positions equal to ``pad_id`` are not counted.
     """
-    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"logits must be [B, T, V] and labels [B, T], got {list(logits.shape)} and "
-            f"{list(labels.shape)}"
-        )
+    logits, labels = check_logits_and_labels(logits, labels, pad_id)
     mask = labels != pad_id
     correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask)
     return correct, jnp.sum(mask)
