@@ -23,11 +23,13 @@ from hypothesis.extra import numpy as hnp
 
 import jattn
 from jattn import diagnostics, layers, models, viz
+from jattn.data import dates_task, eval_batches
 from jattn.functional import _checks
 from jattn.interop import torch as torch_interop
 from jattn.layers import gating, vision
 from jattn.training.losses import masked_cross_entropy
 from jattn.training.metrics import token_accuracy_counts
+from jattn.training.optim import learning_rate_schedule
 
 SETTINGS = generated(40)
 
@@ -112,7 +114,14 @@ SIZE_TARGETS = [
     ("head_mask_shape[0]", lambda v: diagnostics.head_importance(jnp.sum, (v, 2))),
     ("channels", lambda v: vision.eca_kernel_size(v)),  # 0: "math domain error"
     ("k", lambda v: gating.top_k_routing(jnp.ones((2, 4)), v)),  # 0: no expert chosen
+    ("num_steps", lambda v: learning_rate_schedule(1e-3, num_steps=v, warmup_steps=0)),
+    ("batch_size", lambda v: next(eval_batches(_dates(), v, "tgt", 0))),  # -1: no batch
 ]
+
+
+@functools.cache
+def _dates():
+    return dates_task(num_train=4, num_test=4)[1]
 
 
 @SETTINGS
@@ -308,6 +317,13 @@ SCALAR_TARGETS = [
         "cell_size",
         not_positive,
         lambda c: viz.plot_attention_grid(np.ones((1, 1, 2, 2)) / 2, cell_size=c),
+    ),  # fmt: skip
+    # the schedule of the training loop, public: a NaN or negative rate, gradient ascent
+    ("peak", not_positive, lambda p: learning_rate_schedule(p, num_steps=9, warmup_steps=2)),
+    (
+        "end_factor",
+        st.one_of(non_finite, st.floats(max_value=-1e-6)),
+        lambda f: learning_rate_schedule(1e-3, num_steps=9, warmup_steps=2, end_factor=f),
     ),  # fmt: skip
 ]
 

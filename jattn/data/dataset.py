@@ -124,6 +124,7 @@ def eval_batches(ds, batch_size: int, key: str, fill: int):
     kind of task) in order, in batches of ``batch_size`` rows (one compiled shape); the
     last one is filled up with copies of row 0 whose ``batch[key]`` is set
     to ``fill`` (padding that the metrics leave out), ``n`` the real rows."""
+    check_sizes(batch_size=batch_size)  # -1 gave no batch at all: an empty evaluation
     for start in range(0, len(ds), batch_size):
         idx = np.arange(start, min(start + batch_size, len(ds)))
         n = len(idx)

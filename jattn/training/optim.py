@@ -7,6 +7,8 @@ import functools
 import jax
 import optax
 
+from jattn.functional import _checks
+
 __all__ = ["learning_rate_schedule", "make_optimizer"]
 
 
@@ -18,7 +20,16 @@ def learning_rate_schedule(
     decay: str = "cosine",
     end_factor: float = 0.0,
 ) -> optax.Schedule:
-    """Linear warmup from 0 to ``peak``, then cosine or linear decay to ``peak * end_factor``."""
+    """Linear warmup from 0 to ``peak``, then cosine or linear decay to ``peak * end_factor``.
+
+    ``peak`` a finite float > 0, ``num_steps`` a positive int, ``warmup_steps`` an int >= 0,
+    ``end_factor`` >= 0 (a negative one would end in gradient ascent)."""
+    peak = _checks.check_finite_scalar("peak", peak, positive=True)
+    num_steps = _checks.check_size("num_steps", num_steps)
+    warmup_steps = _checks.check_size("warmup_steps", warmup_steps, minimum=0)
+    end_factor = _checks.check_finite_scalar("end_factor", end_factor)
+    if end_factor < 0.0:
+        raise ValueError(f"end_factor must be >= 0 (a multiple of peak), got {end_factor!r}")
     end = peak * end_factor
     if decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
