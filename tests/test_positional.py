@@ -51,6 +51,19 @@ def test_sinusoidal_relative_shift_is_a_fixed_rotation():
     assert np.abs(pe[k:] - pe[:-k]).max() > 0.5  # the shift is not trivial
 
 
+def test_sinusoidal_layer_keeps_to_its_max_len():
+    """max_len was stored and never used: position 9 of a 4-position layer, or -1, were
+    encoded without a word (the learned table refuses them)."""
+    layer = SinusoidalEncoding(8, max_len=4)
+    np.testing.assert_array_equal(layer(jnp.arange(4)), sinusoidal_encoding(jnp.arange(4), 8))
+    for bad, (lo, hi) in ((jnp.arange(10), (0, 9)), (jnp.array([-1, 2]), (-1, 2))):
+        with pytest.raises(ValueError, match=rf"positions must be in \[0, 4\) \(the encoded "
+                           rf"positions, max_len=4\), got min {lo}, max {hi}"):  # fmt: skip
+            layer(bad)
+    traced = jax.jit(layer)(jnp.arange(6))  # no check can run: computed, not looked up
+    np.testing.assert_array_equal(traced, sinusoidal_encoding(jnp.arange(6), 8))
+
+
 def test_sinusoidal_rejects_odd_features():
     with pytest.raises(ValueError, match="even positive features"):
         sinusoidal_encoding(jnp.arange(3), 7)

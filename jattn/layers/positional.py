@@ -41,15 +41,35 @@ def embed_ids(embed: nnx.Embed, ids: jax.Array, **kwargs) -> jax.Array:
     return embed(jnp.where(ids < 0, embed.num_embeddings, ids), **kwargs)
 
 
+def _check_in_table(positions, max_len: int, what: str) -> jax.Array:
+    """``positions`` as int32; concrete ones outside ``[0, max_len)`` a ValueError."""
+    positions = _check_positions(positions)  # int32, or a ValueError naming positions
+    values = _checks.concrete(positions)
+    if values is not None and values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= max_len:
+            raise ValueError(
+                f"positions must be in [0, {max_len}) ({what}, max_len={max_len}), got min "
+                f"{lo}, max {hi}"
+            )
+    return positions
+
+
 class SinusoidalEncoding(nnx.Module):
-    """Fixed sinusoidal encodings (no parameters): ``__call__(positions [...]) -> [..., D]``."""
+    """Fixed sinusoidal encodings (no parameters): ``__call__(positions [...]) -> [..., D]``.
+
+    Positions must be in ``[0, max_len)`` (the rows of d2l's precomputed table), checked
+    when they are concrete, as :class:`LearnedPositionalEmbedding`'s; the encoding itself
+    is computed, not looked up, so traced positions need no table.
+    """
 
     def __init__(self, features: int, max_len: int = 10_000):
         self.features = check_even_features(features)
         self.max_len = check_positive_int("max_len", max_len)
 
     def __call__(self, positions: jax.Array) -> jax.Array:
-        return sinusoidal_encoding(_check_positions(positions), self.features)
+        positions = _check_in_table(positions, self.max_len, "the encoded positions")
+        return sinusoidal_encoding(positions, self.features)
 
 
 class LearnedPositionalEmbedding(nnx.Module):
@@ -77,15 +97,7 @@ class LearnedPositionalEmbedding(nnx.Module):
         )
 
     def __call__(self, positions: jax.Array) -> jax.Array:
-        positions = _check_positions(positions)  # int32, or a ValueError naming positions
-        values = _checks.concrete(positions)
-        if values is not None and values.size:
-            lo, hi = int(values.min()), int(values.max())
-            if lo < 0 or hi >= self.max_len:
-                raise ValueError(
-                    f"positions must be in [0, {self.max_len}) (the rows of the learned "
-                    f"table, max_len={self.max_len}), got min {lo}, max {hi}"
-                )
+        positions = _check_in_table(positions, self.max_len, "the rows of the learned table")
         return embed_ids(self.embedding, positions)
 
 
