@@ -75,6 +75,11 @@ def test_dataset_checks_rows_and_labels():
         ClassificationDataset({"images": np.zeros((2, 4, 4, 1))}, np.zeros(3, np.int32), ("a",))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got \[0, 2\]"):
         ClassificationDataset({"x": np.zeros((2, 1))}, np.array([0, 2]), ("a", "b"))
+    for labels in (np.array([0.5, 1.2]), np.zeros((2, 1), np.int32)):  # were class ids
+        with pytest.raises(TypeError, match=r"labels must be \[N\] integer class ids, got "):
+            ClassificationDataset({"x": np.zeros((2, 1))}, labels, ("a", "b"))
+    ds = ClassificationDataset({"x": np.zeros((2, 1))}, [1, 0], ("a", "b"))  # a list: 'min'
+    assert ds.labels.tolist() == [1, 0] and ds.batch(np.array([0]))["label"].tolist() == [1]
 
 
 def test_classification_loss_matches_numpy_and_skips_padding_rows():

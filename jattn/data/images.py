@@ -48,6 +48,12 @@ class ClassificationDataset:
     sampler: Callable | None = None
 
     def __post_init__(self):
+        labels = np.asarray(self.labels)  # a list too
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(  # a float label 0.5 was taken as a class id, 2-D labels too
+                f"labels must be [N] integer class ids, got {labels.dtype}{list(labels.shape)}"
+            )
+        object.__setattr__(self, "labels", labels)  # frozen
         n = len(self.labels)
         for name, x in self.inputs.items():
             if len(x) != n:
