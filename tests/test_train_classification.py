@@ -210,6 +210,9 @@ def test_vqa_answers_follow_from_the_cells_and_the_question():
     assert not any((a["images"] == x).all((1, 2, 3)).any() for x in train.inputs["images"])
     with pytest.raises(ValueError, match="grid must be 2 or 3"):
         vqa.vqa_task(grid=4)
+    # a tiny fill: neighbour questions were drawn until one fitted, for hours
+    with pytest.raises(ValueError, match=r"fill=0.001 leaves a 2x2 grid too few digits: none "):
+        vqa.vqa_task(num_train=4, num_test=4, grid=2, fill=0.001)
 
 
 def test_vqa_model_ignores_question_padding_and_checks_inputs():

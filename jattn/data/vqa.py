@@ -76,7 +76,7 @@ def _example(rng: np.random.Generator, grid: int, fill: float):
     count = rng.random() < 0.5
     direction = list(_DIRECTIONS)[rng.integers(0, 4)]
     dr, dc = _DIRECTIONS[direction]
-    while True:  # canvases until one answers the question
+    for _ in range(_MAX_CANVASES):  # canvases until one answers the question
         cells = np.where(rng.random((grid, grid)) < fill, rng.integers(0, 10, (grid, grid)), -1)
         if count:
             digit = int(rng.integers(0, 10))
@@ -92,6 +92,15 @@ def _example(rng: np.random.Generator, grid: int, fill: float):
         if anchors:
             digit, answer = anchors[rng.integers(0, len(anchors))]
             return cells, _question(["what", "is", direction, "of", str(digit), "?"]), answer
+    raise ValueError(  # a small fill leaves too few neighbours: this would never end
+        f"fill={fill} leaves a {grid}x{grid} grid too few digits: none of {_MAX_CANVASES} "
+        f"canvases had two neighbours to ask about; raise fill (0.7 by default) or grid"
+    )
+
+
+#: Canvases drawn for one neighbour question before the fill is called too small (at
+#: the default fill=0.7 on a 3x3 grid about 0.83 of the canvases have one).
+_MAX_CANVASES = 10_000
 
 
 def _examples(rng: np.random.Generator, n: int, grid: int, fill: float):
