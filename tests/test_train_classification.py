@@ -56,6 +56,21 @@ def test_warp_images_shifts_exactly_and_turns_like_rot90():
         np.testing.assert_array_equal(got, want)
 
 
+def test_warp_images_checks_one_value_per_image():
+    """A scalar angle or a [2] shift was an IndexError, a batch mismatch a broadcast
+    error, a scale of 0 or a NaN angle a black image with a RuntimeWarning."""
+    images, zeros, ones = np.zeros((2, 4, 4, 1), np.float32), np.zeros(2), np.ones(2)
+    for args, message in (
+        ((np.zeros((2, 2)), 0.0, ones), r"angles must have shape \[2\] \(one per image\), got"),
+        (([0, 0], zeros, ones), r"shifts must have shape \[2, 2\] \(one per image\), got \[2\]"),
+        ((np.zeros((3, 2)), zeros, ones), r"shifts must have shape \[2, 2\]"),
+        ((np.zeros((2, 2)), [0.0, np.nan], ones), r"angles must be finite, got nan"),
+        ((np.zeros((2, 2)), zeros, [1.0, 0.0]), r"scales must be > 0, got 0.0"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            warp_images(images, *args)
+
+
 def test_training_batches_are_a_function_of_seed_and_step():
     train, _ = digits_task(max_shift=1)
     a, b = train.sample_batch(0, 5, 8), train.sample_batch(0, 5, 8)

@@ -109,10 +109,15 @@ def warp_images(images: np.ndarray, shifts, angles, scales) -> np.ndarray:
     shifts move the pixels exactly)."""
     from scipy.ndimage import map_coordinates
 
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {list(images.shape)}")
     b, h, w, c = images.shape
-    shifts = np.asarray(shifts, np.float64)
-    theta = np.deg2rad(np.asarray(angles, np.float64))[:, None, None]
-    scale = np.asarray(scales, np.float64)[:, None, None]
+    shifts = _per_image("shifts", shifts, (b, 2))
+    theta = np.deg2rad(_per_image("angles", angles, (b,)))[:, None, None]
+    scale = _per_image("scales", scales, (b,))[:, None, None]
+    if (scale <= 0).any():  # 0 drew a black image, a negative one a flipped image
+        raise ValueError(f"scales must be > 0, got {scale.min()}")
     cy, cx = (h - 1) / 2, (w - 1) / 2
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     y = rows - cy - shifts[:, 0, None, None]  # [B, H, W], about the centre
@@ -127,6 +132,21 @@ def warp_images(images: np.ndarray, shifts, angles, scales) -> np.ndarray:
         for ch in range(c)
     ]
     return np.stack(out, axis=-1).astype(images.dtype)
+
+
+def _per_image(name: str, x, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as finite float64 of ``shape`` (one value, or one pair, per image)."""
+    try:
+        x = np.asarray(x, np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be real numbers, got {type(x).__name__}") from e
+    if x.shape != shape:
+        raise ValueError(
+            f"{name} must have shape {list(shape)} (one per image), got {list(x.shape)}"
+        )
+    if not np.isfinite(x).all():  # a NaN angle drew a black image
+        raise ValueError(f"{name} must be finite, got {x[~np.isfinite(x)][0]}")
+    return x
 
 
 def _load_digits():
