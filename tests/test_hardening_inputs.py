@@ -891,3 +891,26 @@ def test_options_found_unchecked():
     for count in (True, 1.0):  # both were read as 1
         raises(ValueError, lambda c=count: vision.rollout_map(weights, (2, 2), num_prefix_tokens=c),
                "num_prefix_tokens must be 0 or 1")  # fmt: skip
+
+
+def test_training_helpers_refuse_what_they_would_misread(tmp_path):
+    """A lone string was scored character by character (exact_match('abc', 'abd') was
+    2/3), an unknown tokenizer a KeyError; a metrics record with a float step was written
+    and the whole file refused on reading, a NumPy float a JSON TypeError."""
+    from jattn.training import MetricsLog, read_metrics
+    from jattn.training.metrics import bleu, exact_match
+
+    for metric in (exact_match, bleu):
+        raises(TypeError, lambda f=metric: f("abc", "abd"), "predictions must be a sequence")
+        raises(TypeError, lambda f=metric: f(["abc"], "abd"), "references must be a sequence")
+    raises(ValueError, lambda: bleu(["ab"], ["ab"], tokenize="foo"), "tokenize='foo'")
+    assert exact_match(np.array(["a", "b"]), ["a", "c"]) == 0.5  # an array of strings is fine
+    log = MetricsLog(tmp_path / "metrics.jsonl", resume_step=None)
+    for record in ({"step": 2.0, "split": "train"}, {"step": 3}, ["step", 1]):
+        raises(ValueError, lambda r=record: log.write(r), "needs an int 'step' and a str 'split'")
+    raises(TypeError, lambda: log.write({"step": 1, "split": "x", "v": object()}), "object")
+    log.write({"step": 1, "split": "train", "loss": np.float32(0.5), "n": jnp.int32(3)})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "split": "train", "loss": 0.5, "n": 3}
+    ]

@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jattn.functional._checks import is_int
+
 __all__ = ["CheckpointError", "Checkpointer", "MetricsLog", "checksums", "read_metrics"]
 
 _CHECKSUMS = "jattn_sha256"  # key of the per-array digests in the step's custom metadata
@@ -242,6 +244,14 @@ class Checkpointer:
         self.manager.close()
 
 
+def _json_scalar(x):
+    """A NumPy or JAX scalar (``np.float32(0.5)``, a 0-d array) as its Python value, for
+    ``json.dumps``; a TypeError naming the type for anything else."""
+    if isinstance(x, np.generic) or (hasattr(x, "ndim") and x.ndim == 0 and hasattr(x, "item")):
+        return x.item()
+    raise TypeError(f"a metrics value must be a number, str, list or dict, got {type(x).__name__}")
+
+
 def _record(line: bytes) -> dict | None:
     """The metrics record on ``line``; ``None`` if it is damaged (not UTF-8, not JSON,
     or not an object with an int ``step`` and a str ``split``)."""
@@ -321,10 +331,19 @@ class MetricsLog:
         )
 
     def write(self, record: dict) -> None:
+        """Appends ``record``: a dict with an int ``step`` and a str ``split`` (what
+        :func:`read_metrics` reads back), its values JSON or NumPy/JAX scalars."""
+        step = record.get("step") if isinstance(record, dict) else None
+        if not is_int(step) or not isinstance(record.get("split"), str):
+            # else written, and the whole file refused by read_metrics later
+            raise ValueError(
+                f"a metrics record needs an int 'step' and a str 'split', got {record!r:.120}"
+            )
+        line = json.dumps(record, default=_json_scalar)  # before the file: no torn line
         if self._file is None:
             return
         try:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(line + "\n")
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as e:

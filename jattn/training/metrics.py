@@ -28,21 +28,40 @@ def token_accuracy_counts(
     return correct, jnp.sum(mask)
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of predictions equal to their reference string."""
+def _check_texts(predictions, references) -> None:
+    """One string per example in each: a lone string would be compared (or scored)
+    character by character, as a sequence of one-character examples."""
+    for name, texts in (("predictions", predictions), ("references", references)):
+        if isinstance(texts, str | bytes) or not hasattr(texts, "__len__"):
+            raise TypeError(
+                f"{name} must be a sequence of strings (one per example), got "
+                f"{type(texts).__name__} {texts!r:.40}"
+            )
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of predictions equal to their reference string."""
+    _check_texts(predictions, references)
     if not references:
         raise ValueError("exact_match needs at least one reference")
     return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str], *, tokenize: str = "char") -> float:
-    """Corpus BLEU (sacrebleu, 0..100); ``tokenize='char'`` suits character tasks."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    """Corpus BLEU (sacrebleu, 0..100); ``tokenize='char'`` suits character tasks (the
+    others: sacrebleu's, e.g. ``'13a'``, ``'intl'``, ``'none'``)."""
+    _check_texts(predictions, references)
     if not references:
         raise ValueError("bleu needs at least one reference")
-    return float(
-        sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize).score
-    )
+    try:
+        score = sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize)
+    except KeyError as e:  # sacrebleu's own error is the bare name: KeyError: 'foo'
+        if e.args != (tokenize,):
+            raise
+        raise ValueError(
+            f"tokenize={tokenize!r} is not one of sacrebleu's tokenizers ('char', '13a', "
+            "'intl', 'none', ...)"
+        ) from e
+    return float(score.score)
