@@ -88,6 +88,14 @@ def _as_real(name: str, x) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _check_axes(ax) -> None:
+    """None, or a matplotlib Axes to draw into (a str was an AttributeError)."""
+    from matplotlib.axes import Axes
+
+    if ax is not None and not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__} {ax!r}")
+
+
 def _check_batch_index(batch_index) -> int | None:
     if batch_index is None:
         return None
@@ -100,6 +108,8 @@ def _as_2d(name: str, x) -> np.ndarray:
     x = _as_real(name, x)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [T, S], got {list(x.shape)}")
+    if not x.size:  # was an error from inside NumPy's reductions
+        raise ValueError(f"{name} of shape {list(x.shape)} has no entry to draw")
     return x
 
 
@@ -322,6 +332,7 @@ def plot_attention(
     """
     import matplotlib.colors
 
+    _check_axes(ax)
     data = _masked(_as_2d("weights", weights), mask)
     top = _color_top(vmax, [data], ["weights"])
     t, s = data.shape
@@ -487,6 +498,9 @@ def plot_attention_grid(
     keys = list(weights) if isinstance(weights, Mapping) else names
     for what, value in (("mask", mask), ("row_labels", row_labels), ("col_labels", col_labels)):
         _check_layer_keys(what, value, keys, names)
+    for name, w in zip(names, layers, strict=True):
+        if not w.size:  # was matplotlib's "Number of columns must be a positive integer"
+            raise ValueError(f"weights of {name!r}, {list(w.shape)}, have no entry to draw")
     num_cols = max(w.shape[0] for w in layers)
     heads = [f"head {j}" for j in range(num_cols)] if head_names is None else list(head_names)
     if len(heads) < num_cols:
@@ -561,6 +575,7 @@ def plot_attention_on_image(
     """
     import matplotlib.colors
 
+    _check_axes(ax)
     img = _as_real("image", image)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
@@ -625,10 +640,21 @@ def save_figure(fig, path, *, dpi: int = 100) -> str:
     dpi = _checks.check_size("dpi", dpi)
     if not isinstance(fig, Figure):  # was an AttributeError from inside
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
-    path = os.fspath(path)
+    path = _check_path(path)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     extra = {} if fig.get_layout_engine() is not None else {"bbox_inches": "tight"}
     return _write_atomically(path, lambda f: fig.savefig(f, format=ext, dpi=dpi, **extra))
+
+
+def _check_path(path) -> str:
+    """``path`` (a str or ``os.PathLike``) as a str; a TypeError for bytes or anything
+    else, a ValueError for an empty path or a folder (was an error from inside)."""
+    if isinstance(path, bytes) or not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    path = os.fspath(path)
+    if not path or path.endswith(os.sep) or os.path.isdir(path):
+        raise ValueError(f"path must name a file, got {path!r}")
+    return path
 
 
 def _write_atomically(path, write) -> str:
@@ -636,7 +662,7 @@ def _write_atomically(path, write) -> str:
     with ``os.replace`` (a reader never sees half a file); the file gets the permissions
     ``open(path, "w")`` would give (see :func:`save_figure`); parent folders are
     created. Returns the path as a string."""
-    path = os.fspath(path)
+    path = _check_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     try:

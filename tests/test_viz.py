@@ -19,6 +19,7 @@ from jattn.viz import (  # noqa: E402
     collect_attention_weights,
     plot_attention,
     plot_attention_grid,
+    plot_attention_on_image,
     save_figure,
 )
 
@@ -312,6 +313,25 @@ def test_errors():
             plot_attention_grid(np.zeros((1, 1, 3, 4)), vmax=vmax)
     with pytest.raises(TypeError, match="vmax must be a number, got '1'"):
         plot_attention(np.zeros((3, 4)), vmax="1")
+    # each was an error from inside NumPy, matplotlib or the file system
+    with pytest.raises(ValueError, match=r"weights of shape \[0, 4\] has no entry to draw"):
+        plot_attention(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match=r"attn_map of shape \[0, 0\] has no entry to draw"):
+        plot_attention_on_image(np.ones((4, 4, 3)), np.zeros((0, 0)))
+    with pytest.raises(ValueError, match=r"weights of 'layer 0', \[0, 2, 2\], have no entry"):
+        plot_attention_grid(np.zeros((1, 0, 2, 2)))
+    for draw in (plot_attention, lambda w, ax: plot_attention_on_image(np.ones((3, 4)), w, ax=ax)):
+        with pytest.raises(TypeError, match="ax must be a matplotlib Axes or None, got str 'foo'"):
+            draw(np.zeros((3, 4)), ax="foo")
+
+
+def test_save_paths_are_checked(tmp_path):
+    fig = plot_attention(np.ones((2, 2)) / 2)
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike, got bytes b'x.png'"):
+        save_figure(fig, b"x.png")
+    for path in ("", str(tmp_path), f"{tmp_path}/sub/"):
+        with pytest.raises(ValueError, match="path must name a file, got"):
+            save_figure(fig, path)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
