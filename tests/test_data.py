@@ -75,6 +75,15 @@ def test_tokenizer_round_trip_and_specials():
         tok.encode_batch(["abc"], 3)
     # ids of no character: '?' in text, an error for one label (-1 is not '<eos>')
     assert tok.decode([3, -1, 8, 4]) == "a??b"
+    # floats are no ids, an int no alphabet (were errors from inside Python)
+    with pytest.raises(TypeError, match="ids must be integers, got dtype float64"):
+        tok.decode(np.array([3.0]))
+    with pytest.raises(TypeError, match="token id must be an int, got 3.5"):
+        tok.token(3.5)
+    with pytest.raises(ValueError, match="alphabet entries must be single characters, got 1"):
+        CharTokenizer([1, 2])
+    with pytest.raises(TypeError, match="alphabet must be characters"):
+        CharTokenizer(5)
     assert tok.token(EOS) == "<eos>" and tok.token(3) == "a"
     for bad in (-1, 8):
         with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary \[0, 8\)"):
@@ -119,6 +128,8 @@ def test_examples_from_the_issue():
     } <= written
     with pytest.raises(ValueError, match="unknown date format 'iso'"):
         format_date(date, "iso")
+    with pytest.raises(TypeError, match="date must be a datetime.date, got str '2021-03-03'"):
+        format_date("2021-03-03", DATE_FORMATS[0])  # was an AttributeError
 
 
 def test_dates_task_targets_are_iso_of_the_source():

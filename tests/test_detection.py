@@ -90,6 +90,8 @@ def test_detection_data_boxes_frame_their_glyphs():
     assert not np.array_equal(a["images"], train.sample_batch(0, 5, 6)["images"])
     with pytest.raises(ValueError, match="a digit at scale 7 is 35 pixels tall"):
         detection_task(scales=(7,))
+    with pytest.raises(TypeError, match=r"scales must be a tuple of positive ints, e.g. \(2, 3\)"):
+        detection_task(scales=2)  # was "'int' object is not iterable"
 
 
 def test_generalized_iou_by_hand():

@@ -319,6 +319,10 @@ def test_separate_projection_errors():
     with pytest.raises(ValueError, match=r"'k_proj_weight' has shape \[8, 12\], expected "
                        r"\[16, 12\]"):  # fmt: skip
         load_multihead_attention(bad, num_heads=4)
+    bad = {**sd, "k_proj_weight": np.zeros((), np.float32)}  # was an IndexError
+    with pytest.raises(ValueError, match=r"'k_proj_weight' has shape \[\], expected "
+                       r"\[embed_dim, kdim\]"):  # fmt: skip
+        load_multihead_attention(bad, num_heads=4)
     layer_sd, *_ = load_fixture("encoder_layer_post_relu")
     layer_sd = {k: v for k, v in layer_sd.items() if k != "self_attn.in_proj_weight"}
     layer_sd.update({f"self_attn.{c}_proj_weight": sd[f"{c}_proj_weight"] for c in "qkv"})

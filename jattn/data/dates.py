@@ -79,6 +79,8 @@ def format_date(date: datetime.date, fmt: str) -> str:
     """``date`` written in the format named ``fmt`` (one of :data:`DATE_FORMATS`)."""
     if fmt not in _FORMATS:
         raise ValueError(f"unknown date format {fmt!r}; expected one of {DATE_FORMATS}")
+    if not isinstance(date, datetime.date):  # a str was an AttributeError ('month')
+        raise TypeError(f"date must be a datetime.date, got {type(date).__name__} {date!r}")
     month, day = _MONTHS[date.month - 1], _DAYS[date.weekday()]
     parts = dict(
         y=date.year,

@@ -114,6 +114,8 @@ def detection_task(*, num_train: int = 1000, num_test: int = 500, seed: int = 0,
     ``num_train`` stored examples are for looking at. The test split is fixed, from
     another random stream of ``seed``."""
     check_sizes(num_train=num_train, num_test=num_test, canvas=canvas, max_objects=max_objects)
+    if not hasattr(scales, "__iter__"):  # scales=2 was "'int' object is not iterable"
+        raise TypeError(f"scales must be a tuple of positive ints, e.g. (2, 3), got {scales!r}")
     scales = tuple(scales)
     if not scales or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
         raise ValueError(f"scales must be positive ints (glyph magnifications), got {scales!r}")

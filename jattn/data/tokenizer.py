@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -25,9 +26,11 @@ class CharTokenizer:
     """
 
     def __init__(self, alphabet: Iterable[str]):
+        if not hasattr(alphabet, "__iter__"):  # an int was "object of type 'int' has no len()"
+            raise TypeError(f"alphabet must be characters (a str or strs), got {alphabet!r}")
         chars = list(dict.fromkeys(alphabet))
         for c in chars:
-            if len(c) != 1:
+            if not isinstance(c, str) or len(c) != 1:
                 raise ValueError(f"alphabet entries must be single characters, got {c!r}")
         self.chars = tuple(chars)
         self._ids = {c: i + len(_SPECIALS) for i, c in enumerate(chars)}
@@ -64,8 +67,11 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` up to the first EOS; PAD and BOS are skipped."""
+        ids = np.asarray(ids)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):  # 3.0 is not an id
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
         chars = []
-        for i in np.asarray(ids).reshape(-1).tolist():
+        for i in ids.reshape(-1).tolist():
             if i == EOS:
                 break
             if not 0 <= i < self.vocab_size:  # not an id of this vocabulary
@@ -76,6 +82,8 @@ class CharTokenizer:
 
     def token(self, i: int) -> str:
         """The printable label of one id (specials as ``<eos>`` etc.)."""
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"token id must be an int, got {i!r}")
         if not 0 <= i < self.vocab_size:
             raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return _SPECIALS[i] if i < len(_SPECIALS) else self.chars[i - len(_SPECIALS)]

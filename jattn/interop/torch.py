@@ -142,8 +142,14 @@ def _mha_sizes(sd: _StateDict, p: str) -> tuple[int, int, int, bool]:
                 "expected [embed_dim, embed_dim]"
             )
         d = shape[0]
-        kdim = sd.shape(p + "k_proj_weight")[-1]
-        vdim = sd.shape(p + "v_proj_weight")[-1]
+        kdim, vdim = (sd.shape(p + f"{x}_proj_weight") for x in "kv")
+        for name, dim in (("k_proj_weight", kdim), ("v_proj_weight", vdim)):
+            if len(dim) != 2:  # a 0-d array was an IndexError
+                raise ValueError(
+                    f"{sd.what}: {p + name!r} has shape {_fmt(dim)}, expected [embed_dim, "
+                    f"{name[0]}dim]"
+                )
+        kdim, vdim = kdim[-1], vdim[-1]
     return d, kdim, vdim, p + "in_proj_bias" in sd
 
 
