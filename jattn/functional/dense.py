@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jattn.functional import _checks, _eager, _finite, _sharding, mods
 from jattn.functional.masks import combine_masks
-from jattn.functional.pooling import attention_pooling
+from jattn.functional.pooling import attention_pooling, weighted_values
 from jattn.functional.scores import ScoreFn, scaled_dot_product_scores
 from jattn.functional.softmax import FullyMasked, masked_softmax_with_lse
 from jattn.functional.stochastic import keep_mask
@@ -75,7 +75,7 @@ def single_head_attention(
     probs = weights
     if dropout_keep is not None:
         probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
-    out = attention_pooling(probs.astype(value.dtype), value)
+    out = attention_pooling(probs, value)  # float32 probabilities: see weighted_values
     return out, weights, lse
 
 
@@ -360,9 +360,9 @@ def _in_layout_logits(key, q):
 
 
 def _in_layout_output(p, value):
-    """``p [B, R, S]`` @ ``value [B, S, K, Hv]`` -> ``[B, R, K, Hv]`` float32."""
-    dims = (((2,), (1,)), ((0,), (0,)))
-    return jax.lax.dot_general(p, value, dims, preferred_element_type=jnp.float32)
+    """``p [B, R, S]`` (float32) @ ``value [B, S, K, Hv]`` -> ``[B, R, K, Hv]`` float32,
+    with ``p``'s derivative in float32 (:func:`jattn.functional.pooling.weighted_values`)."""
+    return weighted_values(p, value, (((2,), (1,)), ((0,), (0,))))
 
 
 def _dense_in_layout(
@@ -442,7 +442,7 @@ def _dense_in_layout(
             keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
             probs = jnp.where(keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
 
-        p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s).astype(value.dtype)
+        p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, t * k * g, s)  # float32
         if hide:
 
             def weighted(start, fresh, chunks):
