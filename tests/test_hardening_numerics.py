@@ -191,6 +191,45 @@ def test_blocked_equals_float64_at_extreme_logits(scale):
 
 
 @functools.cache
+def _flax_fn_grads(broadcast_dropout):
+    def loss(q, k, v, mask):
+        out = jattn.flax_attention_fn(
+            q, k, v, mask=mask, dropout_rng=jax.random.key(0), dropout_rate=0.3,
+            broadcast_dropout=broadcast_dropout, deterministic=False,
+        )  # fmt: skip
+        return jnp.sum(jnp.sin(out)), out
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lengths=st.lists(st.integers(1, 4), min_size=2, max_size=2),
+    fill=st.sampled_from([np.nan, np.inf, -np.inf]),
+    broadcast_dropout=st.booleans(),
+)
+def test_flax_attention_fn_dropout_hides_masked_values(seed, lengths, fill, broadcast_dropout):
+    """Flax's default broadcast dropout recomputed the output from the raw values: a NaN
+    value at a masked key made every output and dq, dk NaN (0 * NaN)."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((2, 4, 2, 4)), jnp.float32)
+    k, v = (rng.standard_normal((2, 5, 2, 4)).astype(np.float32) for _ in range(2))
+    real = np.arange(5)[None, :] < np.array(lengths)[:, None]  # [B, S]
+    mask = jnp.asarray(np.broadcast_to(real[:, None, None, :], (2, 1, 4, 5)))
+    bad_k, bad_v = k.copy(), v.copy()
+    bad_k[~real], bad_v[~real] = fill, fill
+    grads, out = _flax_fn_grads(broadcast_dropout)(q, bad_k, bad_v, mask)
+    want_grads, want = _flax_fn_grads(broadcast_dropout)(q, k, v, mask)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    for g in grads[1:]:  # exactly zero at the masked keys and values
+        assert (np.asarray(g)[~real] == 0).all()
+
+
+@functools.cache
 def _f16_grads(path):
     def loss(q, k, v):
         return jnp.sum(PATHS[path](q, k, v, mask=None, is_causal=True).astype(jnp.float32))

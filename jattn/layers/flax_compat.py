@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
-from jattn.functional import _checks
+from jattn.functional import _checks, _finite
 from jattn.functional.attention import dot_product_attention
 from jattn.functional.stochastic import keep_mask
 
@@ -164,5 +164,8 @@ def flax_attention_fn(
         # Flax: one [T, S] mask for every batch entry and head.
         keep = keep_mask(dropout_rng, 1.0 - rate, weights.shape[-2:])
         probs = jnp.where(keep, weights / jnp.float32(1.0 - rate), 0.0).astype(dtype)
-        out = _weighted_values(probs, value, precision)
+        # the values again, so their non-finite vectors zeroed as the attention did: a
+        # hidden one has weight 0 (0 * NaN would be NaN, in the output and the gradients),
+        # a visible one made its rows' weights NaN already
+        out = _weighted_values(probs, _finite.hide_nonfinite(value)[0], precision)
     return out.astype(dtype)
