@@ -123,9 +123,10 @@ for name, g, r in zip("qkv", grads, ref_grads, strict=True):
 # the **contiguous** layout the last device holds the last queries, which see every key, and
 # the first device sees almost nothing: the ring waits for the busiest device. The **zigzag**
 # layout cuts the sequence into 2P chunks and gives device *d* chunks *d* and 2P-1-*d*: one
-# early and one late, so every device does the same work. `jattn.to_zigzag` puts tokens (and
-# positions, segment ids) in that order once, at the input; `jattn.from_zigzag` reads results
-# back.
+# early and one late, so every device does the same work. `jattn.to_zigzag` puts the tokens
+# (and the positions the model embeds) in that order once, at the input; `jattn.from_zigzag`
+# reads results back. Mask functions see global positions: the segment ids of
+# `jattn.mods.segments` stay in the natural order.
 
 # %%
 Tp = 64  # a small picture

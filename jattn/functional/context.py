@@ -27,8 +27,12 @@ shard pairs that the mask hides entirely cost no products.
 Layouts (``layout=``): ``'contiguous'`` (device d holds positions ``[d*L, (d+1)*L)``,
 L = T / P) and ``'zigzag'`` (the sequence cut into 2P chunks, device d holds chunks d
 and 2P-1-d: with a causal mask every device then does the same work). Put a
-sequence in the zigzag order once, at the input, with :func:`to_zigzag` (tokens,
-positions, segment ids alike), and read results back with :func:`from_zigzag`.
+sequence in the zigzag order once, at the input, with :func:`to_zigzag` (the tokens,
+and what the model computes per token from them, e.g. the positions it embeds), and
+read results back with :func:`from_zigzag`. What a ``mask_mod`` or ``score_mod``
+indexes by position (the segment ids of :func:`jattn.mods.segments`, per-position
+arrays) stays in the *natural* order: the mods see global positions, so zigzagged
+segment ids would be read at the wrong positions, without an error.
 
 The functions take global arrays: sharded over an *explicit* mesh axis
 (``jax.make_mesh``'s default axis type; the sequence axis and the mesh are then read
