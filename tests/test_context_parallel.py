@@ -390,6 +390,13 @@ def test_one_device_ring_hides_non_finite_inputs():
         (dict(layout="diagonal"), "layout must be one of ('contiguous', 'zigzag')"),
         (dict(axis_name="model"), "axis_name='model' is not an axis of the mesh ('seq',)"),
         (dict(implementation="ring"), "implementation must be a single-device path"),
+        *[  # each was an error from inside (ZeroDivisionError, IndexError, pad_width)
+            (
+                dict(block_sizes=b),
+                f"ring_attention: block_sizes must be a pair of positive ints, got {b!r}",
+            )
+            for b in [(0, 2), (2,), "big", (2.0, 2), (-1, 4)]
+        ],
     ],
 )
 def test_bad_calls_are_named(kwargs, message):

@@ -732,6 +732,18 @@ def blocked_attention(
     return (out, lse) if return_residual else out
 
 
+def check_block_sizes(block_sizes) -> tuple[int, int]:
+    """``block_sizes`` as a pair of positive ints ``(block_q, block_kv)``, else a
+    ValueError (the blocked path and the ring's shard pairs)."""
+    if (
+        not isinstance(block_sizes, tuple | list)
+        or len(block_sizes) != 2
+        or not all(_checks.is_int(x) and x > 0 for x in block_sizes)
+    ):
+        raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
+    return tuple(int(x) for x in block_sizes)
+
+
 def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = None):
     """The blocked path on a checked call: ``(output, lse or None)``."""
     query, key, value, bias, mask = spec.query, spec.key, spec.value, spec.bias, spec.mask
@@ -764,13 +776,7 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
         block_sizes = default_block_sizes(
             t, s, h, query.dtype, masked_band=band, batch_heads=b * n, window=window
         )
-    if (
-        not isinstance(block_sizes, tuple | list)
-        or len(block_sizes) != 2
-        or not all(_checks.is_int(x) and x > 0 for x in block_sizes)
-    ):
-        raise ValueError(f"block_sizes must be a pair of positive ints, got {block_sizes!r}")
-    block_sizes = tuple(int(x) for x in block_sizes)
+    block_sizes = check_block_sizes(block_sizes)
 
     arrays = (query, key, value, bias, mask, q_len, kv_len, spec.dropout_rng)
     mesh = _sharding.explicit_mesh(arrays)

@@ -379,6 +379,11 @@ def _run(strategy, spec, *, mesh, axis_name, layout, block_sizes=None, implement
             f"{where}: implementation must be a single-device path, one of {single}, "
             f"got {implementation!r}"
         )
+    if block_sizes is not None:  # was a ZeroDivisionError or an IndexError inside
+        try:
+            block_sizes = blocked.check_block_sizes(block_sizes)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     call = _plan(strategy, where, spec, mesh, axis_name, layout)
     # eagerly one program: op by op, the shard_map's body runs a few seconds a call
     return _eager.run(_execute, (spec,), call, block_sizes, implementation, compile_first=True)
