@@ -349,6 +349,22 @@ def test_layer_passes_mods_down():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_a_block_mask_reaches_layers_with_a_score_module():
+    """A layer with an additive score passed block_mask to jattn.attention, which did not
+    take it (a TypeError); its mask_mod now applies there as on the dot-product paths."""
+    from flax import nnx
+
+    from jattn.layers import AdditiveScore, MultiHeadAttention
+
+    rngs = nnx.Rngs(0)
+    mha = MultiHeadAttention(2, 8, score=AdditiveScore(2, 4, 4, 6, rngs=rngs), rngs=rngs)
+    x = _normal(14, (2, 5, 8))
+    bm = jattn.block_mask(mods.causal(), 5, 5, (4, 4))
+    got = mha(x, block_mask=bm)
+    np.testing.assert_array_equal(got, mha(x, mask=np.tril(np.ones((5, 5), bool))))
+    assert not np.allclose(got, mha(x))
+
+
 def test_block_sizes_chosen_from_the_pattern(monkeypatch):
     """block_mask(block_sizes=None) picks small tiles for a narrow window and large ones
     for a wide pattern, its map equals the mask evaluated at the chosen size directly

@@ -162,6 +162,7 @@ def attention(
     return_residual: bool = False,
     mask_mod=None,
     score_mod=None,
+    block_mask=None,
 ):
     """Multi-head attention with any score function.
 
@@ -199,6 +200,8 @@ def attention(
       mask_mod, score_mod: masks and score modifiers as functions (:mod:`jattn.mods`;
         see :func:`jattn.dot_product_attention`); ``score_mod`` rewrites the output of
         ``score_fn``.
+      block_mask: a :class:`jattn.BlockMask`, as in :func:`jattn.dot_product_attention`:
+        its ``mask_mod`` applies (this dense path computes every block anyway).
 
     Returns:
       ``output [..., T, N, Hv]`` in the value dtype, or a tuple
@@ -222,6 +225,7 @@ def attention(
         return_residual=return_residual,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        block_mask=block_mask,
     )
     options = (score_fn, per_head_params, return_weights)
     out, weights, lse = _eager.run(_attend_positional, (spec, score_params), *options)
