@@ -332,6 +332,37 @@ def hold_lock(workdir):
     return proc
 
 
+def test_restoring_into_another_layout_is_named_not_called_damage(tmp_path):
+    """A state of other dtypes, shapes or arrays was restored (orbax cast it), failed
+    its checksums and was called damaged: the training program sets damaged checkpoints
+    aside. Now it is a ValueError naming the array; the checkpoints stay where they are."""
+    from jattn.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "c", max_to_keep=3)
+    state = {"w": jnp.ones((2, 3), jnp.float32), "n": jnp.int32(3)}
+    for step in (1, 2):
+        ckpt.save(step, state)
+        ckpt.wait()
+    for like, message in (
+        ({**state, "w": state["w"].astype(jnp.bfloat16)}, r"holds \['w'\] as float32\[2, 3\], "
+         r"but the state to restore into has bfloat16\[2, 3\]"),
+        ({**state, "w": jnp.ones((3, 2))}, r"holds \['w'\] as float32\[2, 3\]"),
+        ({"w": state["w"]}, r"lacks 1 the checkpoint holds \(\[\"\['n'\]\"\]\)"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ckpt.restore_latest(like)
+    assert ckpt.all_steps() == [1, 2]  # nothing set aside
+    step, restored, skipped = ckpt.restore_latest({**state, "n": 0})  # a Python int: int32
+    assert (step, skipped) == (2, []) and int(restored["n"]) == 3
+    for bad in (2.5, -3, "2"):  # 2.5 made a directory "2.5" that no listing counts
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            ckpt.save(bad, state)
+    ckpt.close()
+    for bad in (0, "2"):  # 0 kept none, "2" was a TypeError from orbax
+        with pytest.raises(ValueError, match="max_to_keep must be a positive int"):
+            Checkpointer(tmp_path / "d", max_to_keep=bad)
+
+
 def test_a_second_trainer_is_refused_naming_the_holder_and_a_crashed_one_is_detected(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()

@@ -16,11 +16,12 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jattn.functional._checks import is_int
+from jattn.functional._checks import check_size, is_int
 
 __all__ = ["CheckpointError", "Checkpointer", "MetricsLog", "checksums", "read_metrics"]
 
@@ -76,6 +77,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int):
+        max_to_keep = check_size("max_to_keep", max_to_keep)  # 0 kept none, "2" a TypeError
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -123,6 +125,8 @@ class Checkpointer:
     def save(self, step: int, state) -> None:
         """Saves ``state`` as ``step`` with the checksums of its arrays (in the
         background; :meth:`poll` reports a failure, :meth:`wait` blocks)."""
+        if not is_int(step) or step < 0:  # "2.5" made a directory no listing counts
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
         if self._pending is not None:
             self.wait()  # orbax would wait too, and blame its failure on this step
         flat = _flat(state)
@@ -179,7 +183,13 @@ class Checkpointer:
         (4 devices, or 1) when ``like`` is placed there.
         """
         where = self.path(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(like))
+        # a Python scalar leaf restores as the array it was saved as (not as a Python
+        # value, whose checksum would differ)
+        flat_like = {
+            k: v if hasattr(v, "dtype") else jnp.asarray(v) for k, v in _flat(like).items()
+        }
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat_like)
+        self._check_layout(step, abstract)
         try:
             recorded = self._recorded_checksums(step)
             flat = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -206,6 +216,37 @@ class Checkpointer:
                 )
         treedef = jax.tree.structure(like)
         return jax.tree.unflatten(treedef, [flat[k] for k in _flat(like)])
+
+    def _check_layout(self, step: int, abstract: dict) -> None:
+        """A ValueError if ``abstract`` (the state to restore into) names other arrays,
+        dtypes or shapes than checkpoint ``step`` holds: orbax would cast or fail, and
+        the checksums would then call an intact checkpoint damaged (the training program
+        sets damaged ones aside). Unreadable metadata is left to :meth:`restore`."""
+        try:
+            saved = dict(self.manager.item_metadata(step).items())
+        except Exception:  # noqa: BLE001 (damaged: restore() says how)
+            return
+        where, canonical = self.path(step), jax.dtypes.canonicalize_dtype
+        missing, extra = (
+            sorted(abstract.keys() - saved.keys()),
+            sorted(saved.keys() - abstract.keys()),
+        )
+        if missing or extra:
+            raise ValueError(
+                f"the state to restore into does not match checkpoint {where}: it has "
+                f"{len(missing)} array(s) the checkpoint lacks ({missing[:3]}) and lacks "
+                f"{len(extra)} the checkpoint holds ({extra[:3]}); restore with the config "
+                "that saved it"
+            )
+        for key, want in abstract.items():
+            got = saved[key]
+            dtype, shape = canonical(want.dtype), tuple(want.shape)
+            if canonical(got.dtype) != dtype or tuple(got.shape) != shape:
+                raise ValueError(
+                    f"checkpoint {where} holds {key} as {got.dtype}{list(got.shape)}, but the "
+                    f"state to restore into has {dtype}{list(shape)}: restore with the "
+                    "config (dtypes, sizes) that saved it"
+                )
 
     def restore_latest(self, like) -> tuple[int | None, object, list[tuple[int, str]]]:
         """``(step, state, skipped)``: the newest checkpoint that restores and verifies,
