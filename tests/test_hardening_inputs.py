@@ -788,6 +788,14 @@ def test_score_params_message():
         "jattn.AdditiveParams), got NoneType"
     )
     raises(TypeError, lambda: jattn.mlp_scores(q, q, {"w_query": q}), "MLPParams", "got dict")
+    # list leaves are arrays (einsum refused them without naming the parameter)
+    rng = np.random.default_rng(0)
+    wq, wk, wv = rng.standard_normal((8, 7)), rng.standard_normal((8, 7)), rng.standard_normal(7)
+    as_lists = jattn.AdditiveParams(wq.tolist(), wk.tolist(), wv.tolist())
+    as_arrays = jattn.AdditiveParams(*(jnp.asarray(w, jnp.float32) for w in (wq, wk, wv)))
+    np.testing.assert_array_equal(
+        jattn.additive_scores(q, q, as_lists), jattn.additive_scores(q, q, as_arrays)
+    )
 
 
 # -------------------------------------------------- viz and torch odd arguments

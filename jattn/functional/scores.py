@@ -65,16 +65,17 @@ def _check_shapes(fn: str, query, key, *, same_dim: bool, params=None):
     return query, key
 
 
-def _check_params(fn: str, params, cls) -> None:
-    """A TypeError naming the expected parameter type unless ``params`` has its fields
-    (``None`` or a dict would otherwise fail with an AttributeError)."""
+def _check_params(fn: str, params, cls):
+    """``params`` as a ``cls`` of real arrays (a list leaf becomes an array: einsum
+    refused it without naming it); a TypeError naming the expected parameter type
+    unless ``params`` has its fields (``None`` or a dict would otherwise fail with an
+    AttributeError)."""
     if not all(hasattr(params, f) for f in cls._fields):
         raise TypeError(
             f"{fn}: params must be {cls.__name__}({', '.join(cls._fields)}) (from "
             f"jattn.{cls.__name__}), got {type(params).__name__}"
         )
-    for f in cls._fields:
-        _checks.check_real(f"{fn}: params.{f}", getattr(params, f))
+    return cls(*(_checks.check_real(f"{fn}: params.{f}", getattr(params, f)) for f in cls._fields))
 
 
 def _hidden_size(*candidates) -> tuple[int, ...]:
@@ -157,7 +158,7 @@ def additive_scores(query: jax.Array, key: jax.Array, params: AdditiveParams) ->
     Returns:
       ``[T, S]`` float32 logits.
     """
-    _check_params("additive_scores", params, AdditiveParams)
+    params = _check_params("additive_scores", params, AdditiveParams)
     a = _hidden_size((params.w_query, 2, 1), (params.w_key, 2, 1), (params.w_value, 1, 0))
     query, key = _check_shapes(
         "additive_scores",
@@ -235,7 +236,7 @@ def mlp_scores(query: jax.Array, key: jax.Array, params: MLPParams) -> jax.Array
     Returns:
       ``[T, S]`` float32 logits.
     """
-    _check_params("mlp_scores", params, MLPParams)
+    params = _check_params("mlp_scores", params, MLPParams)
     a = _hidden_size(
         *((w, 2, 1) for w in (params.w_query, params.w_key, params.w_product)),
         (params.bias, 1, 0),
