@@ -893,6 +893,9 @@ def test_options_found_unchecked():
     raises(ValueError, lambda: models.length_penalty_fn(3, float("nan")), "alpha")
     raises(ValueError, lambda: vision.eca_kernel_size(8, gamma=0), "gamma")  # ZeroDivisionError
     raises(ValueError, lambda: gating.top_k_routing(jnp.ones((2, 4)), 5), "k=5", "E=4")
+    dropout = layers.Dropout(0.5, rngs=_rngs())
+    for flag in ("no", 1):  # "no" was read as True: no dropout in training, silently
+        raises(TypeError, lambda f=flag: dropout(jnp.ones(4), deterministic=f), "deterministic")
     for metric in (masked_cross_entropy, token_accuracy_counts):  # 1.5 matched no label
         raises(TypeError, lambda f=metric: f(jnp.zeros((1, 1, 4)), [[1]], pad_id=1.5), "pad_id")
     weights = jnp.ones((1, 2, 5, 5)) / 5

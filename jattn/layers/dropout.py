@@ -128,11 +128,11 @@ class Dropout(nnx.Dropout):
           deterministic: no dropout when True.
           rngs: ``nnx.Rngs``, an ``RngStream`` or a key; defaults to the layer's stream.
         """
-        deterministic = self.deterministic if deterministic is None else deterministic
-        if deterministic is None:
+        if (deterministic if deterministic is not None else self.deterministic) is None:
             raise ValueError(
                 "Dropout needs deterministic=True/False, in the constructor or the call"
             )
+        deterministic = resolve_deterministic(self, deterministic)  # "no" read as True
         if self.rate == 0.0 or deterministic:
             return inputs
         key = dropout_key(rngs, self.rngs, self.rng_collection)
