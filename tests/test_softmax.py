@@ -121,3 +121,13 @@ def test_masked_key_never_wins_over_neg_inf_logits(fully_masked):
     np.testing.assert_array_equal(w[0], 0.0)
     np.testing.assert_array_equal(w[1], [0.0, 0.0, 1.0])
     assert np.all(np.isfinite(grad)) and np.all(np.isfinite(lse))
+
+
+def test_scalar_and_complex_logits_are_named():
+    """A scalar was JAX's "axis -1 is out of bounds", complex logits lost their imaginary
+    part with only a ComplexWarning."""
+    with pytest.raises(ValueError, match=r"logits must be \[..., S\] .*got a scalar"):
+        jattn.masked_softmax(jnp.float32(1.0))
+    with pytest.raises(TypeError, match="logits must be real, got dtype complex64"):
+        jattn.masked_softmax(jnp.ones(3, jnp.complex64))
+    np.testing.assert_allclose(jattn.masked_softmax([1, 1]), [0.5, 0.5])  # ints are fine

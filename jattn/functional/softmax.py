@@ -60,9 +60,14 @@ def masked_softmax_with_lse(
     """
     check_fully_masked(fully_masked)
     try:
-        logits = jnp.asarray(logits, jnp.float32)
+        logits = jnp.asarray(logits)
     except (TypeError, ValueError) as e:
         raise TypeError(f"logits must be a real array, got {type(logits).__name__}") from e
+    if jnp.issubdtype(logits.dtype, jnp.complexfloating):  # the cast dropped the imaginary part
+        raise TypeError(f"logits must be real, got dtype {logits.dtype}")
+    if logits.ndim == 0:  # was JAX's "axis -1 is out of bounds"
+        raise ValueError("logits must be [..., S] (a softmax over the last axis), got a scalar")
+    logits = logits.astype(jnp.float32)
     visible = logits
     if mask is not None:
         mask = check_bool_mask("mask", mask)
