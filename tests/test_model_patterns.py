@@ -114,6 +114,24 @@ def test_patterns_from_a_training_config():
         (dict(score_mod="relu"), ValueError, "unknown score_mod pattern 'relu'"),
         (dict(score_mod={"name": "softcap", "cap": 1.0, "x": 1}), ValueError, "softcap"),
         (dict(mask_mod=[WINDOW]), ValueError, "mask_mod has 1 entries, one per layer"),
+        # each was truncated (seed 1.7 as 1), read letter by letter ('causal' as 'c', ...),
+        # accepted until the first call (no mods) or an error from inside Python
+        *[
+            (
+                dict(mask_mod={"name": "bigbird", "seed": seed, "length": 8, "block": 2}),
+                ValueError,
+                r"mask_mod pattern 'bigbird': seed must be an int in \[0, 2\*\*32\)",
+            )
+            for seed in (1.7, "abc", 2**70)
+        ],
+        (dict(mask_mod={"name": ["causal"]}), TypeError, r"name must be a str, got \['causal'\]"),
+        (
+            dict(mask_mod={"name": "per_head", "mods": "causal"}),
+            ValueError,
+            "'mods' must be a non-empty list of patterns, got 'causal'",
+        ),
+        (dict(mask_mod={"name": "and", "mods": []}), ValueError, "a non-empty list"),
+        (dict(score_mod={"name": "chain", "mods": []}), ValueError, "a non-empty list"),
     ],
 )
 def test_pattern_errors(kwargs, error, match):

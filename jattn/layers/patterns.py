@@ -28,7 +28,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jattn.functional import mods
+from jattn.functional import _checks, mods
 from jattn.functional.positional import alibi_slopes
 from jattn.layers.positional import RelativePositionBias
 
@@ -73,9 +73,19 @@ def _name_and_args(spec, kind: str, known) -> tuple[str, dict]:
                 f"got {spec!r}"
             )
         name = args.pop("name")
+    if not isinstance(name, str):  # a list was "unhashable type"
+        raise TypeError(f"a {kind}'s name must be a str, got {name!r}")
     if name not in known:
         raise ValueError(f"unknown {kind} {name!r}; known: {sorted(known)}")
     return name, args
+
+
+def _parts(parts, name: str) -> list:
+    """The ``mods`` of a combining pattern: a non-empty list (a str was read letter by
+    letter as patterns, an empty list failed at the first call)."""
+    if isinstance(parts, str | Mapping) or not isinstance(parts, Sequence) or not parts:
+        raise TypeError(f"'mods' must be a non-empty list of patterns, got {parts!r}")
+    return list(parts)
 
 
 def _lists(args: dict) -> dict:
@@ -92,7 +102,7 @@ def mask_pattern(spec) -> mods.MaskMod | None:
     name, args = _name_and_args(spec, "mask_mod pattern", known)
     try:
         if name in ("per_head", "and", "or"):
-            parts = [mask_pattern(m) for m in args.pop("mods")]
+            parts = [mask_pattern(m) for m in _parts(args.pop("mods"), name)]
             if args:
                 raise TypeError(f"unexpected arguments {sorted(args)}")
             if name == "per_head":
@@ -103,8 +113,11 @@ def mask_pattern(spec) -> mods.MaskMod | None:
             if args:
                 raise TypeError(f"unexpected arguments {sorted(args)}")
             return mods.not_mask(inner)
-        if name == "bigbird" and "seed" in args:
-            args["key"] = jax.random.key(int(args.pop("seed")))
+        if name == "bigbird" and "seed" in args:  # 1.7 was truncated to 1, "abc" a bare error
+            seed = args.pop("seed")
+            if not _checks.is_int(seed) or not 0 <= seed < 2**32:
+                raise TypeError(f"seed must be an int in [0, 2**32), got {seed!r}")
+            args["key"] = jax.random.key(int(seed))
         return _MASKS[name](**_lists(args))
     except KeyError as e:
         raise ValueError(f"mask_mod pattern {name!r} needs {e}") from None
@@ -145,7 +158,9 @@ def score_pattern(spec, *, num_heads: int, rngs: nnx.Rngs | None = None):
             return RelativePositionBias(num_heads, **args, rngs=rngs)
         if name == "softcap":
             return mods.softcap(**args)
-        parts = [score_pattern(m, num_heads=num_heads, rngs=rngs) for m in args.pop("mods")]
+        parts = [
+            score_pattern(m, num_heads=num_heads, rngs=rngs) for m in _parts(args.pop("mods"), name)
+        ]
         if args:
             raise TypeError(f"unexpected arguments {sorted(args)}")
         return ScoreChain(parts)
