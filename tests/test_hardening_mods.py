@@ -489,6 +489,9 @@ PER_INDEX_MODS = [
     (lambda k: mods.segments(jnp.zeros((2, k), jnp.int32)), "q_segment_ids (its columns)", "pos"),
     (lambda k: mods.segments(jnp.zeros((2, 6), jnp.int32), jnp.zeros((1, k), jnp.int32)),
      "kv_segment_ids (its columns)", "pos"),
+    # built for a shorter length, the queries past it drew no random blocks
+    (lambda k: mods.bigbird(jax.random.key(0), length=k, block=1), "bigbird's random blocks",
+     "pos"),
 ]  # fmt: skip
 Q6 = jax.random.normal(jax.random.key(3), (2, 6, 2, 4))
 
@@ -516,13 +519,28 @@ def test_per_example_and_per_position_arrays_must_fit_the_call(target, count, co
     if not fits:
         for call in calls:
             message = raises(ValueError, call, what, f"has {count} ")
-            size = "B=2 examples" if axis == "batch" else "T=6" if "q_" in what else "S=6"
+            queries = "q_" in what or "bigbird" in what  # bigbird's names the queries first
+            size = "B=2 examples" if axis == "batch" else "T=6" if queries else "S=6"
             assert size in message
         return
     want = np.asarray(calls[0]())
     assert np.isfinite(want).all()
     for call in calls[1:]:
         np.testing.assert_allclose(call(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_short_bigbird_and_segment_ids_are_refused_early():
+    """Always (the generated test above may not draw them): a bigbird pattern built for
+    length 4 gave queries 4..7 no random blocks without a word, and a block mask of
+    segment ids shorter than T was built and failed only at its first use."""
+    q = jnp.zeros((1, 8, 2, 4))
+    short = mods.bigbird(jax.random.key(0), length=4, block=2)
+    message = r"bigbird's random blocks \(built with length <= 4\) has 4 positions, but the "
+    with pytest.raises(ValueError, match=message + r"call has T=8 queries"):
+        jattn.dot_product_attention(q, q, q, mask_mod=short)
+    for mod in (short, mods.segments(jnp.zeros((1, 5), jnp.int32))):
+        with pytest.raises(ValueError, match=r"has \d positions, but the call has T=8"):
+            jattn.block_mask(mod, 8, 8, (4, 4))
 
 
 def test_segments_need_query_ids():

@@ -709,6 +709,10 @@ def _indexed_arrays(mod) -> list[tuple[str, str, int]]:
                     found.append(
                         (f"segments' {side}_segment_ids (its columns)", axis, ids.shape[1])
                     )
+        elif m.fn is _bigbird and positions:  # built for length: past it, no random blocks
+            covered = params[4].shape[0] * params[0]  # query blocks drawn x block
+            what = f"bigbird's random blocks (built with length <= {covered})"
+            found.extend([(what, "queries", covered), (what, "keys", covered)])
         for p in params:
             walk(p, positions)
 
@@ -716,7 +720,9 @@ def _indexed_arrays(mod) -> list[tuple[str, str, int]]:
     return found
 
 
-def check_shapes(name: str, mod, batch: int, num_heads: int, t: int, s: int) -> None:
+def check_shapes(
+    name: str, mod, batch: int, num_heads: int, t: int, s: int, *, positions_only: bool = False
+) -> None:
     """A ValueError when an array of ``mod`` read at an index of the call (see
     :func:`_indexed_arrays`) does not fit it: one entry per query head (exactly N), per
     example (B, or 1 for all), or per position (at least T or S). JAX clamps an index
@@ -724,6 +730,8 @@ def check_shapes(name: str, mod, batch: int, num_heads: int, t: int, s: int) -> 
     a longer per-head or per-example one leave entries unused)."""
     sizes = {"heads": num_heads, "batch": batch, "queries": t, "keys": s}
     for what, axis, count in _indexed_arrays(mod):
+        if positions_only and axis not in ("queries", "keys"):
+            continue
         size = sizes[axis]
         if axis == "heads" and count != size:
             raise ValueError(
@@ -1028,6 +1036,9 @@ def block_mask(
             f"block_sizes must be a pair of positive ints, None or 'auto', got {block_sizes!r}"
         )
     mask_mod = as_mod(mask_mod)  # a pytree all the way down (a BlockMask goes through jit)
+    # its per-position arrays fit T and S now, not at the first call (batch and heads
+    # may legitimately be left at 1: a pattern the same for all)
+    check_shapes("mask_mod", mask_mod, batch, heads, q_len, kv_len, positions_only=True)
     kinds = None
     if block_sizes in (None, "auto"):
         with_data = block_sizes == "auto"
