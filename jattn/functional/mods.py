@@ -709,8 +709,10 @@ def _indexed_arrays(mod) -> list[tuple[str, str, int]]:
                     found.append(
                         (f"segments' {side}_segment_ids (its columns)", axis, ids.shape[1])
                     )
-        elif m.fn is _bigbird and positions:  # built for length: past it, no random blocks
-            covered = params[4].shape[0] * params[0]  # query blocks drawn x block
+        elif (  # built for length: past it, no random blocks (block traced under jit: unknown)
+            m.fn is _bigbird and positions and not isinstance(params[0], jax.core.Tracer)
+        ):
+            covered = params[4].shape[0] * int(params[0])  # query blocks drawn x block
             what = f"bigbird's random blocks (built with length <= {covered})"
             found.extend([(what, "queries", covered), (what, "keys", covered)])
         for p in params:
