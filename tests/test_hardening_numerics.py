@@ -237,27 +237,31 @@ def _f16_grads(path):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    offset=st.floats(1100.0, 8000.0),
+    offset=st.floats(4200.0, 8000.0),  # 16 of them sum past float16's 65504
     sign=st.sampled_from([1.0, -1.0]),
-    path=st.sampled_from(["dense", "in-layout", "default"]),
+    path=st.sampled_from(["dense", "in-layout", "default", "blocked"]),
+    dtype=st.sampled_from(["float16", "bfloat16"]),
 )
-def test_float16_gradients_are_finite_and_right(seed, offset, sign, path):
-    """float16 values near 2000 (64 of them sum past 65504): the weights' derivative,
+def test_low_precision_gradients_are_finite_and_right(seed, offset, sign, path, dtype):
+    """float16 values near 5000 (16 of them sum past 65504): the weights' derivative,
     computed in float16 as in jax.nn, overflowed to inf and the softmax's backward made
     every dq and dk NaN from finite inputs. Now it is float32: the float32 gradient of the
-    same (float16) numbers, to float16's precision."""
+    same (float16) numbers, to float16's precision. The blocked path's dq and dk were
+    10-100% off (bfloat16 too): its output came from weights rounded to the values'
+    dtype, its backward from float32 weights, and ds takes the difference of the two."""
     rng = np.random.default_rng(seed)
-    q, k = (jnp.asarray(rng.standard_normal((2, 3, 2, 64)), jnp.float16) for _ in range(2))
-    v = jnp.asarray(sign * offset + 10 * rng.standard_normal((2, 3, 2, 64)), jnp.float16)
+    q, k = (jnp.asarray(3 * rng.standard_normal((2, 8, 2, 16)), dtype) for _ in range(2))
+    v = jnp.asarray(sign * offset + 10 * rng.standard_normal((2, 8, 2, 16)), dtype)
     grads = _f16_grads(path)(q, k, v)
     want = _f16_grads(path)(*(x.astype(jnp.float32) for x in (q, k, v)))
     for got, expected in zip(grads, want, strict=True):
         got, expected = np.asarray(got, np.float32), np.asarray(expected)
         assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max(), rtol=0)
+        tol = 1e-2 if dtype == "float16" else 4e-2  # 8 bits of mantissa
+        np.testing.assert_allclose(got, expected, atol=tol * np.abs(expected).max(), rtol=0)
 
 
 @SETTINGS

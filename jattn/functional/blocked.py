@@ -481,7 +481,7 @@ def _forward(
             l = l * corr + jnp.sum(p, axis=-1)
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
-            acc = acc * corr[..., None] + _dot(p.astype(vb.dtype), vb[j], ((2,), (1,)))
+            acc = acc * corr[..., None] + _pv(p, vb[j])
             return m_new, l, acc, seen
 
         if geo.table:  # a full block: every row sees all of it, unless the mask hides it
@@ -529,6 +529,17 @@ def _forward(
     return out if f32 else out.astype(vb.dtype), fully, skip, m, log_l
 
 
+def _pv(p, v):
+    """``p [.., rows, bs]`` (float32) @ ``v [.., bs, Hv]``, accumulated in float32. For
+    bfloat16 and float16 values the weights stay float32 (the values are widened): the
+    backward's ds = p * (dp - delta) takes the difference of two large sums, so an output
+    from weights rounded to the values' dtype put dq and dk 10-100% off when the values
+    share a large offset (2000 + noise), where the dense path is exact."""
+    if jnp.dtype(v.dtype).itemsize < 4:
+        return _dot(p, v.astype(jnp.float32), ((2,), (1,)))
+    return _dot(p.astype(v.dtype), v, ((2,), (1,)))
+
+
 def _table_tiles(indices, num_partial, num_full, step, carry):
     """``carry = step(structured, indices[p], carry)`` over the partial blocks
     (``p < num_partial``, masked) and then the full ones (no mask)."""
@@ -550,8 +561,10 @@ def _flash(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, b
 
 def _flash_fwd(geo, qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad):
     args = (qb, kb, vb, bias, mask, q_len, kv_len, rng, tab, mm, smf, smo, bad)
-    out, fully, skip, m, log_l = _forward(geo, *args)
-    return (out, m + log_l), (*args, out, fully, skip, m, log_l)
+    # the residual output stays float32: the backward's delta = sum(dout * out) must be
+    # the sum over the float32 weights its ds uses (see _pv)
+    out, fully, skip, m, log_l = _forward(geo, *args, f32=True)
+    return (out.astype(vb.dtype), m + log_l), (*args, out, fully, skip, m, log_l)
 
 
 def _flash_bwd(geo, res, cotangents):
