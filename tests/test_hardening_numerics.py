@@ -190,6 +190,73 @@ def test_blocked_equals_float64_at_extreme_logits(scale):
         assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
+LINEAR = {
+    "linear parallel": lambda q, k, v, seg: jattn.linear_attention(
+        q, k, v, is_causal=True, segment_ids=seg, implementation="parallel"),
+    "linear chunked": lambda q, k, v, seg: jattn.linear_attention(
+        q, k, v, is_causal=True, segment_ids=seg, chunk_size=3, implementation="chunked"),
+    "linear recurrent": lambda q, k, v, seg: jattn.linear_attention(
+        q, k, v, is_causal=True, segment_ids=seg, implementation="recurrent"),
+    "linear non-causal": lambda q, k, v, seg: jattn.linear_attention(q, k, v, segment_ids=seg),
+    "retention": lambda q, k, v, seg: jattn.retention(
+        q, k, v, jattn.retnet_decays(2), segment_ids=seg),
+    "gla": lambda q, k, v, seg: jattn.gated_linear_attention(
+        q, k, v, jnp.full(q.shape, -0.1), segment_ids=seg),
+}  # fmt: skip
+
+
+@functools.cache
+def _linear_grads(name):
+    def loss(q, k, v, seg, keep, w):
+        return jnp.sum(jnp.where(keep, LINEAR[name](q, k, v, seg), 0.0) * w)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+@settings(max_examples=24, deadline=None)
+@given(
+    name=st.sampled_from(sorted(LINEAR)),
+    which=st.sampled_from([0, 1, 2]),
+    pos=st.integers(1, 7),
+    split=st.integers(1, 7),
+    fill=st.sampled_from([np.nan, np.inf, -np.inf]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_linear_attention_hidden_non_finite_inputs_reach_no_row(
+    name, which, pos, split, fill, seed
+):
+    """A NaN/inf at a future position or in another segment reached earlier rows (the
+    parallel and chunked forms) and every gradient (0 * NaN); now it reaches exactly the
+    rows that see it, and nothing else: the other rows and their gradients are the clean
+    run's."""
+    causal = name != "linear non-causal"
+    rng = np.random.default_rng(seed)
+    qkv = [rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(3)]
+    seg = jnp.asarray((np.arange(8) >= split).astype(np.int32)[None])  # two segments
+    bad = [x.copy() for x in qkv]
+    bad[which][0, pos, 0, 1] = fill
+    t = np.arange(8)
+    same = (t >= split) == (pos >= split)  # rows in the bad position's segment
+    sees = same & ((t >= pos) if causal else True)
+    if which == 0:
+        sees = t == pos  # a bad query spoils its own row only
+    out = np.asarray(LINEAR[name](*bad, seg))
+    want = np.asarray(LINEAR[name](*qkv, seg))
+    np.testing.assert_allclose(out[0, ~sees], want[0, ~sees], rtol=1e-5, atol=1e-6)
+    assert np.isnan(out[0, sees, 0]).all()
+    keep = jnp.asarray(np.broadcast_to(~sees[None, :, None, None], (1, 8, 2, 4)))
+    w = jnp.asarray(rng.standard_normal((1, 8, 2, 4)), jnp.float32)
+    grads = _linear_grads(name)(*bad, seg, keep, w)
+    clean = _linear_grads(name)(*qkv, seg, keep, w)
+    for i, (g, c) in enumerate(zip(grads, clean, strict=True)):
+        g, c = np.array(g), np.array(c)  # writable copies
+        assert np.isfinite(g).all()
+        if i == which:  # exactly zero at the bad vector
+            assert (g[0, pos, 0] == 0).all()
+            g[0, pos, 0], c[0, pos, 0] = 0, 0
+        np.testing.assert_allclose(g, c, rtol=1e-4, atol=1e-5)
+
+
 @functools.cache
 def _flax_fn_grads(broadcast_dropout):
     def loss(q, k, v, mask):

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jattn.functional import _checks, _eager
+from jattn.functional import _checks, _eager, _finite
 from jattn.functional._checks import check_positive_int
 
 __all__ = [
@@ -252,7 +252,10 @@ def _compute(q, k, v, log_a, resets, state: LinearState, name, form, chunk, norm
     ``(out [B,T,N,Hv] float32, LinearState)``; with ``normalize`` the ones column
     that carries ``z`` rides along with the values."""
     n, kh = q.shape[2], k.shape[2]
-    k, v = (jnp.repeat(x, n // kh, axis=2) if kh != n else x for x in (k, v))
+    # non-finite vectors zeroed, the rows that see one made NaN below (_finite): a NaN at
+    # a future position or in another segment reached earlier rows through 0 * NaN
+    q, k, v, bad_q, bad_kv = _finite.hide_qkv(q, k, v)
+    k, v, bad_kv = (jnp.repeat(x, n // kh, axis=2) if kh != n else x for x in (k, v, bad_kv))
     v = v.astype(jnp.float32)
     s0 = state.kv
     if normalize:  # z_t is the state of a value column of ones
@@ -268,10 +271,27 @@ def _compute(q, k, v, log_a, resets, state: LinearState, name, form, chunk, norm
     batch = jax.vmap(head, in_axes=(0, 0, 0, la_axis, r_axis, 0, None, None))
     out, s = batch(q, k, v, log_a, resets, s0, form, chunk)
     out = jnp.swapaxes(out, 1, 2)
-    if not normalize:
-        return out, LinearState(s)
-    num, den = out[..., :-1], out[..., -1:]
-    return num / (den + EPS), LinearState(s[..., :-1], s[..., -1])
+    seen = _seen_causally(bad_kv, resets)  # [B, T, N]
+    nan = jnp.float32(jnp.nan)
+    last = seen[:, -1][..., None, None]  # the state holds the last segment's tokens
+    s = jnp.where(last, nan, s)
+    if normalize:
+        num, den = out[..., :-1], out[..., -1:]
+        out, state = num / (den + EPS), LinearState(s[..., :-1], s[..., -1])
+    else:
+        state = LinearState(s)
+    return jnp.where((seen | bad_q)[..., None], nan, out), state
+
+
+def _seen_causally(bad, resets):
+    """``[B, T, N]``: whether position t sees a bad position s <= t of its segment."""
+    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # bad positions up to t
+    if resets is None:
+        return count > 0
+    t = bad.shape[1]
+    start = jax.lax.cummax(jnp.where(resets, jnp.arange(t)[None, :], 0), axis=1)  # [B, T]
+    before = jnp.take_along_axis(count, jnp.maximum(start - 1, 0)[..., None], axis=1)
+    return count - jnp.where(start[..., None] > 0, before, 0) > 0
 
 
 def _finish(out, state, dtype, return_state):
@@ -339,12 +359,23 @@ def linear_attention(
             f"{name}: feature_map must be a function [..., H] -> [..., F] (or None), got "
             f"{type(phi).__name__}"
         )
+    is_causal = _checks.check_flag("is_causal", is_causal)
+    bad_q = bad_k = None
+    if is_causal or segment_ids is not None:  # something is hidden from some row
+        # the feature map sees finite inputs (its derivative at a NaN would meet the zero
+        # cotangent of a hidden row: NaN); the NaN goes back on the features, which the
+        # core then hides from the rows that do not see it
+        query, bad_q = _finite.hide_nonfinite(_checks.as_array("query", query))
+        key, bad_k = _finite.hide_nonfinite(_checks.as_array("key", key))
     fq, fk = phi(query), phi(key)
     if fq.shape[-1] != fk.shape[-1] or fq.shape[:-1] != query.shape[:-1]:
         raise ValueError(
             f"{name}: feature_map must map [..., H] to [..., F] for queries and keys alike, "
             f"got {list(fq.shape)} and {list(fk.shape)}"
         )
+    if bad_q is not None:
+        fq = jnp.where(bad_q[..., None], jnp.nan, fq)
+        fk = jnp.where(bad_k[..., None], jnp.nan, fk)
     return normalized_attention(
         name, fq, fk, value, is_causal, initial_state, return_state, chunk_size, segment_ids,
         implementation,
@@ -372,6 +403,12 @@ def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_s
 def _non_causal(fq, fk, value, segment_ids):
     """``phi(q) (phi(k)^T v) / (phi(q) sum phi(k))``, per segment when given."""
     n, kh = fq.shape[2], fk.shape[2]
+    bad = None
+    if segment_ids is not None:  # other segments are hidden: their NaN reaches no row
+        fq, fk, value, bad_q, bad_kv = _finite.hide_qkv(fq, fk, value)
+        same_b = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+        sees = jnp.einsum("bts,bsk->btk", same_b.astype(jnp.int32), bad_kv.astype(jnp.int32))
+        bad = bad_q | (jnp.repeat(sees, n // kh, axis=2) > 0)  # [B, T, N]
     fq = fq.astype(jnp.float32).reshape(fq.shape[:2] + (kh, n // kh, fq.shape[-1]))
     fk, v = fk.astype(jnp.float32), value.astype(jnp.float32)
     if segment_ids is None:
@@ -384,7 +421,8 @@ def _non_causal(fq, fk, value, segment_ids):
         num = jnp.einsum("btkgs,bskh->btkgh", scores, v)
         den = scores.sum(axis=-1, keepdims=True)
     out = num / (den + EPS)
-    return out.reshape(out.shape[:2] + (n, out.shape[-1]))
+    out = out.reshape(out.shape[:2] + (n, out.shape[-1]))
+    return out if bad is None else jnp.where(bad[..., None], jnp.float32(jnp.nan), out)
 
 
 def retention(
