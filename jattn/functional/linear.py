@@ -242,19 +242,24 @@ def _initial(state, b, n, f, hv, normalize: bool, name: str) -> LinearState:
     return LinearState(*(None if x is None else jnp.asarray(x, jnp.float32) for x in state))
 
 
-def _run(name, q, k, v, log_a, resets, state: LinearState, form, chunk, normalize):
+def _run(name, q, k, v, log_a, resets, state: LinearState, form, chunk, normalize, bad=None):
     """:func:`_compute`; an eager call as one cached program (:mod:`jattn.functional._eager`)."""
-    return _eager.run(_compute, (q, k, v, log_a, resets, state), name, form, chunk, normalize)
+    args = (q, k, v, log_a, resets, state, bad)
+    return _eager.run(_compute, args, name, form, chunk, normalize)
 
 
-def _compute(q, k, v, log_a, resets, state: LinearState, name, form, chunk, normalize):
+def _compute(q, k, v, log_a, resets, state: LinearState, bad, name, form, chunk, normalize):
     """``q [B,T,N,F]``, ``k [B,T,K,F]``, ``v [B,T,K,Hv]``, ``log_a [B,T,N,F|1]`` ->
     ``(out [B,T,N,Hv] float32, LinearState)``; with ``normalize`` the ones column
     that carries ``z`` rides along with the values."""
     n, kh = q.shape[2], k.shape[2]
     # non-finite vectors zeroed, the rows that see one made NaN below (_finite): a NaN at
     # a future position or in another segment reached earlier rows through 0 * NaN
-    q, k, v, bad_q, bad_kv = _finite.hide_qkv(q, k, v)
+    if bad is None:
+        q, k, v, bad_q, bad_kv = _finite.hide_qkv(q, k, v)
+    else:  # query and key features made from cleaned inputs: their flags come along
+        (bad_q, bad_k), (v, bad_v) = bad, _finite.hide_nonfinite(v)
+        bad_kv = bad_k | bad_v
     k, v, bad_kv = (jnp.repeat(x, n // kh, axis=2) if kh != n else x for x in (k, v, bad_kv))
     v = v.astype(jnp.float32)
     s0 = state.kv
@@ -363,8 +368,8 @@ def linear_attention(
     bad_q = bad_k = None
     if is_causal or segment_ids is not None:  # something is hidden from some row
         # the feature map sees finite inputs (its derivative at a NaN would meet the zero
-        # cotangent of a hidden row: NaN); the NaN goes back on the features, which the
-        # core then hides from the rows that do not see it
+        # cotangent of a hidden row: NaN); the core gets the flags of the bad vectors and
+        # makes the rows that see one NaN
         query, bad_q = _finite.hide_nonfinite(_checks.as_array("query", query))
         key, bad_k = _finite.hide_nonfinite(_checks.as_array("key", key))
     fq, fk = phi(query), phi(key)
@@ -373,17 +378,14 @@ def linear_attention(
             f"{name}: feature_map must map [..., H] to [..., F] for queries and keys alike, "
             f"got {list(fq.shape)} and {list(fk.shape)}"
         )
-    if bad_q is not None:
-        fq = jnp.where(bad_q[..., None], jnp.nan, fq)
-        fk = jnp.where(bad_k[..., None], jnp.nan, fk)
     return normalized_attention(
         name, fq, fk, value, is_causal, initial_state, return_state, chunk_size, segment_ids,
-        implementation,
+        implementation, None if bad_q is None else (bad_q, bad_k),
     )  # fmt: skip
 
 
 def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_state,
-                         chunk_size, segment_ids, implementation):  # fmt: skip
+                         chunk_size, segment_ids, implementation, bad=None):  # fmt: skip
     """Normalised linear attention of features ``fq [B, T, N, F]``, ``fk [B, T, K, F]``
     (already mapped) and ``value``: the core of :func:`linear_attention` and of the
     random-feature attentions (:mod:`jattn.functional.lowrank`)."""
@@ -394,18 +396,22 @@ def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_s
     if not is_causal:
         if initial_state is not None or return_state:
             raise ValueError(f"{name}: initial_state and return_state need is_causal=True")
-        return _eager.run(_non_causal, (fq, fk, value, segment_ids)).astype(value.dtype)
+        return _eager.run(_non_causal, (fq, fk, value, segment_ids, bad)).astype(value.dtype)
     state = _initial(initial_state, b, n, f, hv, True, name)
-    out, state = _run(name, fq, fk, value, None, resets, state, form, chunk, True)
+    out, state = _run(name, fq, fk, value, None, resets, state, form, chunk, True, bad)
     return _finish(out, state, value.dtype, return_state)
 
 
-def _non_causal(fq, fk, value, segment_ids):
+def _non_causal(fq, fk, value, segment_ids, flags=None):
     """``phi(q) (phi(k)^T v) / (phi(q) sum phi(k))``, per segment when given."""
     n, kh = fq.shape[2], fk.shape[2]
     bad = None
     if segment_ids is not None:  # other segments are hidden: their NaN reaches no row
-        fq, fk, value, bad_q, bad_kv = _finite.hide_qkv(fq, fk, value)
+        if flags is None:
+            fq, fk, value, bad_q, bad_kv = _finite.hide_qkv(fq, fk, value)
+        else:
+            (bad_q, bad_k), (value, bad_v) = flags, _finite.hide_nonfinite(value)
+            bad_kv = bad_k | bad_v
         same_b = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
         sees = jnp.einsum("bts,bsk->btk", same_b.astype(jnp.int32), bad_kv.astype(jnp.int32))
         bad = bad_q | (jnp.repeat(sees, n // kh, axis=2) > 0)  # [B, T, N]
