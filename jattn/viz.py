@@ -78,13 +78,7 @@ def _as_real(name: str, x) -> np.ndarray:
         raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}") from e
     if arr.dtype.kind not in "biuf" and not jnp.issubdtype(arr.dtype, jnp.floating):  # bf16
         raise TypeError(f"{name} must hold real numbers (int or float), got dtype {arr.dtype}")
-    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and arr.size:
-        finite = np.abs(arr[np.isfinite(arr)])
-        if finite.size and finite.max() > np.finfo(np.float32).max:  # would draw as inf
-            raise ValueError(
-                f"{name} holds finite values beyond float32's range (largest magnitude "
-                f"{finite.max():.3g}); the figures draw float32"
-            )
+    _checks.check_float32_range(name, arr)  # the figures draw float32
     return arr.astype(np.float32)
 
 

@@ -76,7 +76,7 @@ def test_bfloat16_weights_are_drawn_and_float64_beyond_float32_is_named():
     arr = plot_attention(w).axes[0].images[0].get_array()
     np.testing.assert_array_equal(arr.data, np.asarray(w, np.float32))
     with pytest.raises(ValueError, match=r"weights holds finite values beyond float32's range "
-                       r"\(largest magnitude 1e\+39\); the figures draw float32"):  # fmt: skip
+                       r"\(largest magnitude 1e\+39\): as float32 they would be inf"):  # fmt: skip
         plot_attention(np.full((2, 2), 1e39))
 
 

@@ -368,6 +368,19 @@ def host_array(name: str, x):
     return array
 
 
+def check_float32_range(name: str, x: np.ndarray) -> None:
+    """A ValueError if finite float64 values of ``x`` would overflow float32 (to inf,
+    which a later check would call non-finite though the input was not)."""
+    if x.dtype.kind != "f" or x.dtype.itemsize <= 4 or not x.size:
+        return
+    finite = np.abs(x[np.isfinite(x)])
+    if finite.size and finite.max() > np.finfo(np.float32).max:
+        raise ValueError(
+            f"{name} holds finite values beyond float32's range (largest magnitude "
+            f"{finite.max():.3g}): as float32 they would be inf"
+        )
+
+
 def as_array(name: str, x) -> jax.Array:
     """``x`` as a jax array; a TypeError naming ``name`` for what is not an array, and a
     ValueError for integers that jax's dtype would wrap (an int64 beyond int32 without

@@ -79,7 +79,7 @@ class _StateDict:
             )
         if not jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 included
             raise TypeError(f"{self.what}: {key!r} must be a float array, got dtype {x.dtype}")
-        _check_float32_range(f"{self.what}: {key!r}", x)
+        _checks.check_float32_range(f"{self.what}: {key!r}", x)
         self.used.add(key)
         return x
 
@@ -90,18 +90,6 @@ class _StateDict:
                 f"{self.what}: unexpected keys in the state dict: {extra} "
                 "(options such as add_bias_kv or bias=False in the layers are not supported)"
             )
-
-
-def _check_float32_range(name: str, x: np.ndarray) -> None:
-    """A ValueError if finite float64 values of ``x`` would overflow float32 (to inf)."""
-    if x.dtype.itemsize <= 4 or not x.size:
-        return
-    finite = np.abs(x[np.isfinite(x)])
-    if finite.size and finite.max() > np.finfo(np.float32).max:
-        raise ValueError(
-            f"{name} holds finite values beyond float32's range (largest magnitude "
-            f"{finite.max():.3g}): as float32 they would be inf"
-        )
 
 
 def _assign(param: nnx.Param, value: np.ndarray) -> None:
