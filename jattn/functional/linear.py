@@ -255,11 +255,7 @@ def _compute(q, k, v, log_a, resets, state: LinearState, bad, name, form, chunk,
     n, kh = q.shape[2], k.shape[2]
     # non-finite vectors zeroed, the rows that see one made NaN below (_finite): a NaN at
     # a future position or in another segment reached earlier rows through 0 * NaN
-    if bad is None:
-        q, k, v, bad_q, bad_kv = _finite.hide_qkv(q, k, v)
-    else:  # query and key features made from cleaned inputs: their flags come along
-        (bad_q, bad_k), (v, bad_v) = bad, _finite.hide_nonfinite(v)
-        bad_kv = bad_k | bad_v
+    q, k, v, bad_q, bad_kv = _hide(q, k, v, bad)
     k, v, bad_kv = (jnp.repeat(x, n // kh, axis=2) if kh != n else x for x in (k, v, bad_kv))
     v = v.astype(jnp.float32)
     s0 = state.kv
@@ -365,13 +361,7 @@ def linear_attention(
             f"{type(phi).__name__}"
         )
     is_causal = _checks.check_flag("is_causal", is_causal)
-    bad_q = bad_k = None
-    if is_causal or segment_ids is not None:  # something is hidden from some row
-        # the feature map sees finite inputs (its derivative at a NaN would meet the zero
-        # cotangent of a hidden row: NaN); the core gets the flags of the bad vectors and
-        # makes the rows that see one NaN
-        query, bad_q = _finite.hide_nonfinite(_checks.as_array("query", query))
-        key, bad_k = _finite.hide_nonfinite(_checks.as_array("key", key))
+    query, key, bad = hide_before_features(query, key, is_causal, segment_ids)
     fq, fk = phi(query), phi(key)
     if fq.shape[-1] != fk.shape[-1] or fq.shape[:-1] != query.shape[:-1]:
         raise ValueError(
@@ -380,8 +370,31 @@ def linear_attention(
         )
     return normalized_attention(
         name, fq, fk, value, is_causal, initial_state, return_state, chunk_size, segment_ids,
-        implementation, None if bad_q is None else (bad_q, bad_k),
+        implementation, bad,
     )  # fmt: skip
+
+
+def hide_before_features(query, key, is_causal: bool, segment_ids):
+    """``(query, key, flags)`` for a call that maps them to features: when it hides
+    something from some row (causal, or segments), their non-finite vectors zeroed and
+    ``flags = (bad_query, bad_key)`` for :func:`normalized_attention`; else as they are,
+    and None. Features must come from finite inputs: a feature map's derivative at a NaN
+    meets the zero cotangent of a hidden row (NaN), and the Performer's shared key
+    stabiliser would make every feature NaN."""
+    if not is_causal and segment_ids is None:  # every row sees every key: NaN spreads
+        return query, key, None
+    query, bad_q = _finite.hide_nonfinite(_checks.as_array("query", query))
+    key, bad_k = _finite.hide_nonfinite(_checks.as_array("key", key))
+    return query, key, (bad_q, bad_k)
+
+
+def _hide(q, k, v, flags):
+    """:func:`jattn.functional._finite.hide_qkv` of features ``q``, ``k`` and values
+    ``v``; with ``flags`` from :func:`hide_before_features` only ``v`` is looked at."""
+    if flags is None:
+        return _finite.hide_qkv(q, k, v)
+    (bad_q, bad_k), (v, bad_v) = flags, _finite.hide_nonfinite(v)
+    return q, k, v, bad_q, bad_k | bad_v
 
 
 def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_state,
@@ -407,11 +420,7 @@ def _non_causal(fq, fk, value, segment_ids, flags=None):
     n, kh = fq.shape[2], fk.shape[2]
     bad = None
     if segment_ids is not None:  # other segments are hidden: their NaN reaches no row
-        if flags is None:
-            fq, fk, value, bad_q, bad_kv = _finite.hide_qkv(fq, fk, value)
-        else:
-            (bad_q, bad_k), (value, bad_v) = flags, _finite.hide_nonfinite(value)
-            bad_kv = bad_k | bad_v
+        fq, fk, value, bad_q, bad_kv = _hide(fq, fk, value, flags)
         same_b = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
         sees = jnp.einsum("bts,bsk->btk", same_b.astype(jnp.int32), bad_kv.astype(jnp.int32))
         bad = bad_q | (jnp.repeat(sees, n // kh, axis=2) > 0)  # [B, T, N]

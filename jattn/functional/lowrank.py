@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.functional import _checks, _eager, _finite, linear
+from jattn.functional import _checks, _eager, linear
 from jattn.functional._checks import check_positive_int
 
 __all__ = [
@@ -158,13 +158,7 @@ def performer_attention(
             f"{list(projection.shape)}"
         )
     is_causal = _checks.check_flag("is_causal", is_causal)
-    bad = None
-    if is_causal or segment_ids is not None:  # something is hidden from some row
-        # the features see finite inputs: one NaN key made the keys' shared stabiliser,
-        # hence every key feature, NaN; the core makes the rows that see a bad one NaN
-        query, bad_q = _finite.hide_nonfinite(_checks.as_array("query", query))
-        key, bad_k = _finite.hide_nonfinite(_checks.as_array("key", key))
-        bad = (bad_q, bad_k)
+    query, key, bad = linear.hide_before_features(query, key, is_causal, segment_ids)
     fq = favor_features(query, projection, kind=kind, stabilizer="row")
     fk = favor_features(key, projection, kind=kind, stabilizer="all")
     return linear.normalized_attention(
