@@ -7,10 +7,15 @@
 - Time against T for the chunked form (target: linear), 1k .. 64k.
 - The log decays' floor (``linear.LOG_DECAY_FLOOR``, issue 19): GLA and retention
   heads, chunked, with the floor (as they run) against without it, at ``--scan-t``.
+- The causal Performer's running key stabiliser (issue 19): ``performer_attention``
+  (keys stabilised by the max up to each row, the sums decayed as it grows) against
+  one max over the sequence (as before: the same features and core, no decays), M=64,
+  chunked, forward and forward+backward, at ``--scan-t``.
 
     python benchmarks/bench_linear.py
     python benchmarks/bench_linear.py --only exact --t 8192 --repeats 3
     python benchmarks/bench_linear.py --only floor --repeats 15
+    python benchmarks/bench_linear.py --only performer --repeats 15
     python benchmarks/bench_linear.py --smoke
 """
 
@@ -112,6 +117,34 @@ def floor(t, repeats):
         print(json.dumps(row))
 
 
+def performer(t, repeats):
+    from jattn.functional import linear
+
+    q, k, v = inputs(t)
+    w = jattn.orthogonal_random_features(jax.random.PRNGKey(4), 64, H)
+
+    def one_max(q, k, v):  # the stabiliser before issue 19: one max over the sequence
+        fq = jattn.favor_features(q, w, stabilizer="row")
+        fk = jattn.favor_features(k, w, stabilizer="all")
+        return linear.normalized_attention("p", fq, fk, v, True, None, False, None, None, None)
+
+    runs = {
+        "running max": lambda q, k, v: jattn.performer_attention(q, k, v, w, is_causal=True),
+        "one max": one_max,
+    }
+    fns = {}
+    for name, run in runs.items():
+        fwd, bwd = jax.jit(run), fwd_bwd(run)
+        fns[f"{name} fwd"] = lambda f=fwd: jax.block_until_ready(f(q, k, v))
+        fns[f"{name} fwd+bwd"] = lambda f=bwd: jax.block_until_ready(f(q, k, v))
+    med = interleave(fns, repeats)
+    row = dict(case="causal performer key stabiliser, M=64, chunked", T=t)
+    row["ms"] = {n: round(1e3 * m, 2) for n, m in med.items()}
+    for mode in ("fwd", "fwd+bwd"):
+        row[f"ratio {mode}"] = round(med[f"running max {mode}"] / med[f"one max {mode}"], 3)
+    print(json.dumps(row))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--t", type=int, default=16384)
@@ -132,6 +165,8 @@ def main():
         scaling(a.lengths, a.repeats)
     if "floor" in a.only:
         floor(a.scan_t, a.repeats)
+    if "performer" in a.only:
+        performer(a.scan_t, a.repeats)
 
 
 if __name__ == "__main__":

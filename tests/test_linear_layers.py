@@ -137,6 +137,56 @@ def test_padded_keys_reach_nothing(lengths, fill, kind):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(dp))
 
 
+_CAUSAL = {}
+
+
+def _causal_layer(kind):
+    """A causal LinearAttention layer's jitted (output, input gradient) of a loss over
+    the rows that ``keep`` marks, compiled once per kind."""
+    if kind not in _CAUSAL:
+        layer = LinearAttention(2, 8, kind=kind, num_features=16, chunk_size=3,
+                                rngs=nnx.Rngs(0))  # fmt: skip
+        graph, params = nnx.split(layer)
+
+        @jax.jit
+        def run(x, keep):
+            def loss(x):
+                out = nnx.merge(graph, params)(x, is_causal=True)
+                return jnp.sum(jnp.where(keep, out, 0.0) ** 2), out
+
+            (_, out), dx = jax.value_and_grad(loss, has_aux=True)(x)
+            return out, dx
+
+        _CAUSAL[kind] = run
+    return _CAUSAL[kind]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kind=st.sampled_from(["linear", "performer", "retention", "gla"]),
+    pos=st.integers(1, 6),
+    fill=st.sampled_from([np.nan, np.inf, -np.inf]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_causal_layer_bad_token_reaches_only_later_rows(kind, pos, fill, seed):
+    """A NaN/inf input token made the input gradient NaN (kinds linear and performer:
+    the feature map's derivative at NaN met the zero cotangent; gla: its gate's) and,
+    for gla, reached every earlier row's gradient through the NaN decay. Now the rows
+    before it and their gradients equal a clean run's, its own gradient is exactly 0,
+    and the rows from it on are NaN."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 7, 8)).astype(np.float32)
+    bad = x.copy()
+    bad[0, pos, rng.integers(8)] = fill
+    keep = jnp.asarray((np.arange(7) < pos)[None, :, None])
+    out, dx = _causal_layer(kind)(jnp.asarray(bad), keep)
+    want, want_dx = _causal_layer(kind)(jnp.asarray(x), keep)
+    np.testing.assert_allclose(out[0, :pos], want[0, :pos], rtol=1e-5, atol=1e-6)
+    assert np.isnan(np.asarray(out)[0, pos:]).all()
+    assert np.isfinite(np.asarray(dx)).all() and not np.asarray(dx)[0, pos:].any()
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_are_named():
     layer = LinearAttention(2, 8, rngs=nnx.Rngs(0))
     for x in (jnp.ones((3, 8)), jnp.ones((1, 2, 3, 8)), jnp.ones((2, 3, 4))):

@@ -97,14 +97,23 @@ def test_favor_features_are_unbiased_at_the_papers_rate():
 @pytest.mark.parametrize("kind", ["softmax", "relu"])
 def test_performer_is_normalised_feature_attention_in_every_form(kind):
     w = LR.orthogonal_random_features(jax.random.key(10), 32, H)
-    stab = dict(row=None, all=None) if kind == "relu" else dict(row="row", all="all")
-    fq = np.asarray(LR.favor_features(Q, w, kind=kind, stabilizer=stab["row"]), np.float64)
-    fk = LR.favor_features(KEY, w, kind=kind, stabilizer=stab["all"])
-    fk = np.repeat(np.asarray(fk, np.float64), 2, 2)
+    fq = LR.favor_features(Q, w, kind=kind, stabilizer=None if kind == "relu" else "row")
+    fq = np.asarray(fq, np.float64)
+    if kind == "relu":
+        fk, log_fk = np.asarray(LR.favor_features(KEY, w, kind=kind), np.float64), None
+    else:  # float64 logs of the features, stabilised below by the max each row sees
+        x = np.asarray(KEY, np.float64) * H**-0.25
+        log_fk = x @ np.asarray(w, np.float64).T - 0.5 * (x * x).sum(-1, keepdims=True)
+        fk = np.exp(log_fk) / np.sqrt(w.shape[0])
+    fk = np.repeat(fk, 2, 2)
     v = np.repeat(np.asarray(V, np.float64), 2, 2)
     s = np.einsum("btnf,bsnf->bnts", fq, fk)
     for causal in (False, True):
         sc = s * np.tril(np.ones((T, T))) if causal else s
+        if log_fk is not None:  # keys: the max over the keys a row sees (causal: up to it)
+            top = np.repeat(log_fk.max(-1), 2, 2).transpose(0, 2, 1)  # [B, N, S]
+            top = np.maximum.accumulate(top, -1) if causal else top.max(-1, keepdims=True)
+            sc = sc * np.exp(-top)[..., None]
         den = sc.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6
         want = np.einsum("bnts,bsnh->btnh", sc, v) / den
         # float32 sums of T terms: error relative to sum |s v| / den, not to the result

@@ -257,6 +257,9 @@ def _compute(q, k, v, log_a, resets, state: LinearState, bad, name, form, chunk,
     # a future position or in another segment reached earlier rows through 0 * NaN
     q, k, v, bad_q, bad_kv = _hide(q, k, v, bad)
     k, v, bad_kv = (jnp.repeat(x, n // kh, axis=2) if kh != n else x for x in (k, v, bad_kv))
+    if log_a is not None:  # a NaN (or +inf) decay: the rows from it on see it, no others
+        bad_a = jnp.any(jnp.isnan(log_a) | (log_a == jnp.inf), axis=-1)  # [B, T, N]
+        log_a, bad_kv = jnp.where(bad_a[..., None], 0.0, log_a), bad_kv | bad_a
     v = v.astype(jnp.float32)
     s0 = state.kv
     if normalize:  # z_t is the state of a value column of ones
@@ -398,10 +401,12 @@ def _hide(q, k, v, flags):
 
 
 def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_state,
-                         chunk_size, segment_ids, implementation, bad=None):  # fmt: skip
+                         chunk_size, segment_ids, implementation, bad=None,
+                         log_a=None):  # fmt: skip
     """Normalised linear attention of features ``fq [B, T, N, F]``, ``fk [B, T, K, F]``
     (already mapped) and ``value``: the core of :func:`linear_attention` and of the
-    random-feature attentions (:mod:`jattn.functional.lowrank`)."""
+    random-feature attentions (:mod:`jattn.functional.lowrank`). Causal, ``log_a [B, T,
+    N, 1]`` (<= 0) decays the sums (numerator and normaliser alike) before each token."""
     (b, t, n, f), hv = fq.shape, value.shape[-1]
     is_causal = _checks.check_flag("is_causal", is_causal)
     resets = _resets(segment_ids, b, t, name)
@@ -411,7 +416,7 @@ def normalized_attention(name, fq, fk, value, is_causal, initial_state, return_s
             raise ValueError(f"{name}: initial_state and return_state need is_causal=True")
         return _eager.run(_non_causal, (fq, fk, value, segment_ids, bad)).astype(value.dtype)
     state = _initial(initial_state, b, n, f, hv, True, name)
-    out, state = _run(name, fq, fk, value, None, resets, state, form, chunk, True, bad)
+    out, state = _run(name, fq, fk, value, log_a, resets, state, form, chunk, True, bad)
     return _finish(out, state, value.dtype, return_state)
 
 

@@ -87,7 +87,8 @@ def favor_features(x: jax.Array, projection: jax.Array, *, kind: str = "softmax"
     whose inner products estimate ``exp(q . k / sqrt(H))`` without bias (times
     ``exp(-c_q - c_k)``: a stabiliser ``c`` that the attention's normaliser cancels);
     ``stabilizer``: None (no shift), ``"row"`` (each row's max) or ``"all"`` (the max
-    over the last two axes). ``kind="relu"``: ``relu(w . x) / sqrt(M)``.
+    over positions and features, axes -3 and -1 of ``[..., L, heads, M]``).
+    ``kind="relu"``: ``relu(w . x) / sqrt(M)``.
 
     ``x`` and ``projection`` hold real numbers: complex ones are a TypeError (a cast
     would drop their imaginary parts).
@@ -110,13 +111,60 @@ def favor_features(x: jax.Array, projection: jax.Array, *, kind: str = "softmax"
         return jax.nn.relu(x @ projection.T) / math.sqrt(m)
     if kind != "softmax":
         raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
-    x = x * h**-0.25
-    logits = x @ projection.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+    logits = _favor_logits(x, projection)
     if stabilizer == "row":
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     elif stabilizer == "all":
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=(-3, -1), keepdims=True))
     return jnp.exp(logits) / math.sqrt(m)
+
+
+def _favor_logits(x, projection):
+    """``w . x' - |x'|^2 / 2`` with ``x' = x / H^(1/4)``: the logs of the softmax
+    features ``[..., M]`` (times ``sqrt(M)``), float32."""
+    x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
+    return x @ projection.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def _running_max(x, resets):
+    """``[B, T, ...]``: the max of ``x`` over positions ``s <= t`` of t's segment (a
+    reset, ``[B, T]`` bool or None, starts a new one)."""
+    if resets is None:
+        return jax.lax.cummax(x, axis=1)
+    r = jnp.broadcast_to(resets.reshape(resets.shape + (1,) * (x.ndim - 2)), x.shape)
+
+    def combine(a, b):  # (max so far, reset seen) of a prefix, then of the next part
+        return jnp.where(b[1], b[0], jnp.maximum(a[0], b[0])), a[1] | b[1]
+
+    return jax.lax.associative_scan(combine, (x, r), axis=1)[0]
+
+
+def _causal_key_features(key, projection, resets):
+    """Causal FAVOR+ key features ``[B, T, K, M]``, each key's stabilised by the running
+    max of the logits of the keys up to it (in its segment), and the log decays ``[B, T,
+    K, 1]`` that carry the sums from one stabiliser to the next (``m_{t-1} - m_t <= 0``;
+    0 where a segment starts). Row t's sums are then ``sum_s exp(logit_s - m_t)``: a
+    large later key no longer underflows the earlier rows' features to 0, as one max over
+    the sequence did (and the rows before it are the prefix's, exactly)."""
+    logits = _favor_logits(key, projection)
+    m = jax.lax.stop_gradient(_running_max(jnp.max(logits, axis=-1, keepdims=True), resets))
+    prev = jnp.concatenate([m[:, :1], m[:, :-1]], axis=1)
+    log_a = prev - m
+    if resets is not None:
+        log_a = jnp.where(resets[:, :, None, None], 0.0, log_a)
+    return jnp.exp(logits - m) / math.sqrt(projection.shape[0]), log_a
+
+
+def _segment_key_features(key, projection, segment_ids):
+    """Non-causal FAVOR+ key features ``[B, T, K, M]`` stabilised by the max over their
+    own segment (one max over the sequence let a large key in one segment underflow
+    every feature of the others)."""
+    logits = _favor_logits(key, projection)
+    row = jnp.max(logits, axis=-1)  # [B, S, K]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    m = jnp.max(jnp.where(same[..., None], row[:, None], -jnp.inf), axis=2)  # [B, T, K]
+    m = jax.lax.stop_gradient(m)[..., None]
+    return jnp.exp(logits - m) / math.sqrt(projection.shape[0])
 
 
 def performer_attention(
@@ -142,8 +190,10 @@ def performer_attention(
       is_causal, chunk_size, segment_ids, implementation: as
         :func:`jattn.linear_attention` (causal: prefix sums, any of its three forms).
 
-    Queries are stabilised per row and keys by their maximum over the sequence, as the
-    paper's code does: both cancel in the normalised result.
+    Queries are stabilised per row, keys by the maximum over the keys each row sees (the
+    sequence, the segment, or, causal, the keys up to the row: a running maximum whose
+    changes decay the prefix sums, so a large later key cannot underflow the earlier
+    rows to 0): both cancel in the normalised result.
     """
     name = "performer_attention"
     _check_qkv(query, key, value, name)
@@ -158,12 +208,24 @@ def performer_attention(
             f"{list(projection.shape)}"
         )
     is_causal = _checks.check_flag("is_causal", is_causal)
+    b, t, n = query.shape[:3]
+    resets = linear._resets(segment_ids, b, t, name)  # checked before it is read
     query, key, bad = linear.hide_before_features(query, key, is_causal, segment_ids)
     fq = favor_features(query, projection, kind=kind, stabilizer="row")
-    fk = favor_features(key, projection, kind=kind, stabilizer="all")
+    log_a = None
+    if kind != "softmax":
+        fk = favor_features(key, projection, kind=kind)
+    elif is_causal:
+        fk, log_a = _causal_key_features(key, projection, resets)
+        log_a = _repeat_kv(log_a, n)
+    elif segment_ids is not None:
+        fk = _segment_key_features(key, projection, segment_ids)
+    else:
+        fk = favor_features(key, projection, stabilizer="all")
     return linear.normalized_attention(
-        name, fq, fk, value, is_causal, None, False, chunk_size, segment_ids, implementation, bad
-    )
+        name, fq, fk, value, is_causal, None, False, chunk_size, segment_ids, implementation, bad,
+        log_a,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- Linformer

@@ -136,11 +136,15 @@ class LinearAttention(MultiHeadAttention):
         return q, k
 
     def _log_gates(self, x):
+        x, _ = _finite.hide_nonfinite(x)  # its q, k, v mark a bad token; no NaN derivative
         g = jax.nn.log_sigmoid(self.gate(x).astype(jnp.float32)) / 16.0
         return g.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
 
     def _attend(self, x, q, k, v, *, is_causal, state=None, return_state=False, valid=None,
                 implementation=None):  # fmt: skip
+        bad = None
+        if self.kind in ("linear", "performer"):  # features of finite inputs only
+            q, k, bad = lin.hide_before_features(q, k, is_causal, None)
         fq, fk = self._features(q, k)
         if valid is not None:  # padding keys contribute nothing
             fk = jnp.where(valid[:, :, None, None], fk, 0.0)
@@ -150,7 +154,7 @@ class LinearAttention(MultiHeadAttention):
         if self.kind in ("linear", "performer"):
             return lin.normalized_attention(
                 "LinearAttention", fq, fk, v, is_causal, state, return_state, self.chunk_size,
-                None, implementation,
+                None, implementation, bad,
             )  # fmt: skip
         if not is_causal:
             raise ValueError(
