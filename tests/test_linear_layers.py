@@ -137,6 +137,42 @@ def test_padded_keys_reach_nothing(lengths, fill, kind):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(dp))
 
 
+_PERFORMER = LinearAttention(4, 16, num_kv_heads=2, kind="performer", num_features=32,
+                             chunk_size=3, rngs=nnx.Rngs(3))  # fmt: skip
+_PERFORMER_STEP = nnx.jit(lambda layer, x, cache: layer.step(x, cache))
+
+
+@settings(max_examples=8, deadline=None)
+@given(scale=st.sampled_from([1.0, 8.0, 30.0]), prefill=st.integers(1, 8),
+       seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_performer_layer_at_any_input_scale(scale, prefill, seed):
+    """The layer's keys had no stabiliser: inputs of a large scale (keys whose feature
+    logits are far below 0) underflowed every key feature and the layer returned about
+    0. Now it is :func:`jattn.performer_attention` of its projections (stabilised by the
+    max of the keys each row sees), its decoding state carries the running max, and
+    padding keys do not set it: a prefill and single steps equal the causal forward
+    pass, and a padded example equals its unpadded self."""
+    layer = _PERFORMER
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((2, 9, 16)) * scale,
+                    jnp.float32)  # fmt: skip
+    q, k, v = layer.query(x), layer.key(x), layer.value(x)
+    w = layer.projection[...]
+    for causal in (True, False):
+        want = layer.out(jattn.performer_attention(q, k, v, w, is_causal=causal))
+        np.testing.assert_allclose(layer(x, is_causal=causal), want, rtol=1e-5, atol=1e-5 * scale)
+    full = layer(x, is_causal=True)
+    out, cache = _PERFORMER_STEP(layer, x[:, :prefill], layer.init_cache(2))
+    outs = [out]
+    for t in range(prefill, 9):
+        out, cache = _PERFORMER_STEP(layer, x[:, t : t + 1], cache)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5 * scale)
+    valid = jnp.arange(9)[None, :] < jnp.array([9, prefill])[:, None]
+    padded = layer(x.at[1, prefill:].multiply(0.01), mask=jattn.key_padding_mask(valid))
+    np.testing.assert_allclose(padded[1, :prefill], layer(x[1:, :prefill])[0], rtol=1e-5,
+                               atol=1e-5 * scale)  # fmt: skip
+
+
 _CAUSAL = {}
 
 

@@ -139,20 +139,29 @@ def _running_max(x, resets):
     return jax.lax.associative_scan(combine, (x, r), axis=1)[0]
 
 
-def _causal_key_features(key, projection, resets):
+def _causal_key_features(key, projection, resets, start=None):
     """Causal FAVOR+ key features ``[B, T, K, M]``, each key's stabilised by the running
-    max of the logits of the keys up to it (in its segment), and the log decays ``[B, T,
-    K, 1]`` that carry the sums from one stabiliser to the next (``m_{t-1} - m_t <= 0``;
-    0 where a segment starts). Row t's sums are then ``sum_s exp(logit_s - m_t)``: a
-    large later key no longer underflows the earlier rows' features to 0, as one max over
-    the sequence did (and the rows before it are the prefix's, exactly)."""
+    max of the logits of the keys up to it (in its segment), the log decays ``[B, T, K,
+    1]`` that carry the sums from one stabiliser to the next (``m_{t-1} - m_t <= 0``; 0
+    where a segment starts) and the running max ``m [B, T, K, 1]``. Row t's sums are
+    then ``sum_s exp(logit_s - m_t)``: a large later key no longer underflows the earlier
+    rows' features to 0, as one max over the sequence did (and the rows before it are
+    the prefix's, exactly). ``start [B, K]``: the running max of the tokens before (a
+    decoding state's, which the first decay carries on), or None."""
     logits = _favor_logits(key, projection)
-    m = jax.lax.stop_gradient(_running_max(jnp.max(logits, axis=-1, keepdims=True), resets))
-    prev = jnp.concatenate([m[:, :1], m[:, :-1]], axis=1)
-    log_a = prev - m
+    m = _running_max(jnp.max(logits, axis=-1, keepdims=True), resets)
+    first = m[:, :1]
+    if start is not None:  # it reaches the tokens before the first reset
+        first = start[:, None, :, None]
+        carried = jnp.maximum(m, first)
+        if resets is not None:
+            carried = jnp.where((jnp.cumsum(resets, axis=1) == 0)[..., None, None], carried, m)
+        m = carried
+    m = jax.lax.stop_gradient(m)
+    log_a = jax.lax.stop_gradient(jnp.concatenate([first, m[:, :-1]], axis=1)) - m
     if resets is not None:
         log_a = jnp.where(resets[:, :, None, None], 0.0, log_a)
-    return jnp.exp(logits - m) / math.sqrt(projection.shape[0]), log_a
+    return jnp.exp(logits - m) / math.sqrt(projection.shape[0]), log_a, m
 
 
 def _segment_key_features(key, projection, segment_ids):
@@ -216,7 +225,7 @@ def performer_attention(
     if kind != "softmax":
         fk = favor_features(key, projection, kind=kind)
     elif is_causal:
-        fk, log_a = _causal_key_features(key, projection, resets)
+        fk, log_a, _ = _causal_key_features(key, projection, resets)
         log_a = _repeat_kv(log_a, n)
     elif segment_ids is not None:
         fk = _segment_key_features(key, projection, segment_ids)

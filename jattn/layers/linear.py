@@ -9,6 +9,7 @@ state instead of a growing key/value cache (:meth:`LinearAttention.init_cache`,
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,12 +29,15 @@ KINDS = ("linear", "performer", "retention", "gla")
 
 class LinearDecodeState(NamedTuple):
     """A decoding cache: the state after the tokens so far (``kv [B, N, F, Hv]``,
-    ``k_sum [B, N, F]`` or None, as :class:`jattn.LinearState`) and ``index [B]``, the
-    number of tokens seen (their positions, as :class:`jattn.models.KVCache`)."""
+    ``k_sum [B, N, F]`` or None, as :class:`jattn.LinearState`), ``index [B]``, the
+    number of tokens seen (their positions, as :class:`jattn.models.KVCache`), and for
+    kind ``"performer"`` ``key_max [B, K]``, the max of the keys' feature logits so far
+    (the sums are stabilised by it; None for the other kinds)."""
 
     kv: jax.Array
     k_sum: jax.Array | None
     index: jax.Array
+    key_max: jax.Array | None = None
 
 
 def _key_validity(mask, b: int, s: int):
@@ -124,11 +128,28 @@ class LinearAttention(MultiHeadAttention):
             key, self.num_features, self.head_dim
         )
 
+    def _performer_features(self, q, k, is_causal, valid, key_max):
+        """``(fq, fk, log_a, key_max)``: queries stabilised per row; keys by the max of
+        the keys each row sees (causal: the running max, from ``key_max [B, K]`` on, with
+        the log decays ``[B, T, N, 1]`` that carry the sums from one max to the next; else
+        the max over the valid keys), so that no key scale underflows them all to 0."""
+        w = self.projection[...]
+        fq = lowrank.favor_features(q, w, stabilizer="row")
+        if is_causal:
+            fk, log_a, m = lowrank._causal_key_features(k, w, None, key_max)
+            log_a = jnp.repeat(log_a, self.num_heads // self.num_kv_heads, axis=2)
+            return fq, fk, log_a, m[:, -1, :, 0]
+        logits = lowrank._favor_logits(k, w)  # [B, S, K, M]
+        top = jnp.max(logits, axis=-1)  # [B, S, K]
+        if valid is not None:  # padding keys (zeroed inputs) must not set the max
+            top = jnp.where(valid[..., None], top, jnp.finfo(jnp.float32).min)
+        m = jnp.max(top, axis=1, keepdims=True)  # [B, 1, K]
+        if valid is not None:  # an example with no valid key: any finite shift
+            m = jnp.where(jnp.any(valid, axis=1)[:, None, None], m, 0.0)
+        fk = jnp.exp(logits - jax.lax.stop_gradient(m)[..., None]) / math.sqrt(w.shape[0])
+        return fq, fk, None, None
+
     def _features(self, q, k):
-        if self.kind == "performer":
-            w = self.projection[...]
-            return (lowrank.favor_features(q, w, stabilizer="row"),
-                    lowrank.favor_features(k, w, stabilizer=None))  # fmt: skip
         if self.kind == "linear":
             return lin.elu_feature_map(q), lin.elu_feature_map(k)
         if self.kind == "retention":
@@ -141,21 +162,27 @@ class LinearAttention(MultiHeadAttention):
         return g.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
 
     def _attend(self, x, q, k, v, *, is_causal, state=None, return_state=False, valid=None,
-                implementation=None):  # fmt: skip
-        bad = None
+                implementation=None, key_max=None):  # fmt: skip
+        """``out``, or ``(out, LinearState)`` with ``return_state`` (and the new
+        ``key_max`` as a third for kind ``"performer"``)."""
+        bad = log_a = None
         if self.kind in ("linear", "performer"):  # features of finite inputs only
             q, k, bad = lin.hide_before_features(q, k, is_causal, None)
-        fq, fk = self._features(q, k)
+        if self.kind == "performer":
+            fq, fk, log_a, key_max = self._performer_features(q, k, is_causal, valid, key_max)
+        else:
+            fq, fk = self._features(q, k)
         if valid is not None:  # padding keys contribute nothing
             fk = jnp.where(valid[:, :, None, None], fk, 0.0)
             v = jnp.where(valid[:, :, None, None], v, 0.0)
         opts = dict(initial_state=state, return_state=return_state, chunk_size=self.chunk_size,
                     implementation=implementation)  # fmt: skip
         if self.kind in ("linear", "performer"):
-            return lin.normalized_attention(
+            res = lin.normalized_attention(
                 "LinearAttention", fq, fk, v, is_causal, state, return_state, self.chunk_size,
-                None, implementation, bad,
+                None, implementation, bad, log_a,
             )  # fmt: skip
+            return (*res, key_max) if return_state and self.kind == "performer" else res
         if not is_causal:
             raise ValueError(
                 f"LinearAttention(kind={self.kind!r}) is causal only: call it with "
@@ -218,11 +245,13 @@ class LinearAttention(MultiHeadAttention):
         del max_len, dtype
         f = self.num_features if self.kind == "performer" else self.head_dim
         shape = (batch_size, self.num_heads, f, self.v_head_dim)
-        k_sum = None
+        k_sum = key_max = None
         if self.kind in ("linear", "performer"):
             k_sum = jnp.zeros(shape[:3], jnp.float32)
+        if self.kind == "performer":  # no key yet: the smallest float (no inf is made)
+            key_max = jnp.full((batch_size, self.num_kv_heads), jnp.finfo(jnp.float32).min)
         return LinearDecodeState(
-            jnp.zeros(shape, jnp.float32), k_sum, jnp.zeros((batch_size,), jnp.int32)
+            jnp.zeros(shape, jnp.float32), k_sum, jnp.zeros((batch_size,), jnp.int32), key_max
         )
 
     def step(self, x: jax.Array, cache: LinearDecodeState):
@@ -238,10 +267,20 @@ class LinearAttention(MultiHeadAttention):
                 f"x {list(x.shape)} has B={x.shape[0]} sequences, but the cache holds "
                 f"{cache.kv.shape[0]} (init_cache(batch_size={x.shape[0]}))"
             )
+        key_max = cache.key_max
+        if self.kind == "performer":
+            want = (x.shape[0], self.num_kv_heads)
+            if key_max is None or jnp.shape(key_max) != want:
+                got = None if key_max is None else list(jnp.shape(key_max))
+                raise ValueError(
+                    f"a performer's cache.key_max must be [B, K] = {list(want)} (as "
+                    f"init_cache gives it), got {got}"
+                )
         q, k, v = self.query(x), self.key(x), self.value(x)
         form = "recurrent" if x.shape[-2] == 1 else None
         state = lin.LinearState(cache.kv, cache.k_sum)
-        out, state = self._attend(x, q, k, v, is_causal=True, state=state, return_state=True,
-                                  implementation=form)  # fmt: skip
-        new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2])
+        out, state, *rest = self._attend(x, q, k, v, is_causal=True, state=state,
+                                         return_state=True, implementation=form,
+                                         key_max=key_max)  # fmt: skip
+        new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2], *rest)
         return self.out(self._scale_heads(out).astype(v.dtype)), new
