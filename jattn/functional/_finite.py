@@ -7,12 +7,15 @@ does in ``jax.nn.dot_product_attention``). The dense and blocked paths therefore
 
 1. zero every query, key and value vector that holds a NaN or inf (one select on
    ``[..., H]``; gradients there are exactly zero), and
-2. give a NaN logit to every (query, key) pair in which either is such a vector,
-   before the masks: a hidden pair is filled as usual and contributes nothing, a
-   visible one makes its row NaN, as it should.
+2. make NaN the rows that see such a vector (a visible pair in which either is one):
+   the dense paths compute on the cleaned inputs and set those rows at the end
+   (:func:`nan_rows`), the blocked path gives the pairs NaN logits before the masks
+   and its backward pass skips the rows that came out NaN.
 
 So a non-finite input changes exactly the rows that see it, and the rows that do
-not see it are the same as with the vector replaced by anything finite. This runs
+not see it are the same as with the vector replaced by anything finite; their
+gradients too, when the loss leaves the NaN rows out (a causal decoder's padding at
+the end, say): no NaN weight meets those rows' zero cotangent in a backward pass. This runs
 only on calls that can hide something (a mask, bias, lengths, causal mask, window
 or mods): without any, every pair is visible and NaN spreads as it always did.
 
@@ -47,6 +50,9 @@ __all__ = [
     "map_chunks",
     "may_hide",
     "nan_pairs",
+    "nan_rows",
+    "nan_where",
+    "zero_pairs",
     "sum_chunks",
 ]
 
@@ -156,16 +162,52 @@ def hide_qkv(query, key, value):
     return query, key, value, bad_q, bad_k | bad_v
 
 
-def nan_pairs(logits: jax.Array, bad_rows: jax.Array | None, bad_cols: jax.Array | None):
-    """``logits [..., T, S]`` with NaN where ``bad_rows [..., T]`` or ``bad_cols [..., S]``
-    (either may be None)."""
+def nan_pairs(logits: jax.Array, bad_rows: jax.Array | None, bad_cols: jax.Array | None,
+              fill=jnp.nan):  # fmt: skip
+    """``logits [..., T, S]`` with NaN (or ``fill``) where ``bad_rows [..., T]`` or
+    ``bad_cols [..., S]`` (either may be None)."""
     bad = None
     if bad_rows is not None:
         bad = bad_rows[..., :, None]
     if bad_cols is not None:
         cols = bad_cols[..., None, :]
         bad = cols if bad is None else bad | cols
-    return logits if bad is None else jnp.where(bad, jnp.float32(jnp.nan), logits)
+    return logits if bad is None else jnp.where(bad, jnp.float32(fill), logits)
+
+
+def zero_pairs(logits, bad_rows, bad_cols):
+    """:func:`nan_pairs` with 0: the logits of the zeroed vectors' pairs, finite (the
+    rows that see them are made NaN after, :func:`nan_rows`). The select also keeps
+    XLA from fusing a score's scaling into both the softmax's max and its exp, where
+    LLVM may contract ``x * scale - max`` into a fused multiply-add that skips the
+    rounding the max saw (+-512 at logits near 1e10: rows of inf or 0)."""
+    return nan_pairs(logits, bad_rows, bad_cols, 0.0)
+
+
+def nan_rows(visible, bad_rows, bad_cols):
+    """``[..., T]``: the rows that see a non-finite input, a bad key of ``bad_cols
+    [..., S]`` through ``visible [..., T, S]`` (a boolean that broadcasts, or None: every
+    pair) or a bad query of ``bad_rows [..., T]`` that sees any key. The dense paths
+    compute on cleaned inputs and make these rows NaN at the end (:func:`nan_where`):
+    NaN logits would give the softmax's backward NaN weights, which a row's zero
+    cotangent (a loss that leaves the row out) turns into NaN gradients for every key
+    that row sees."""
+    rows = None
+    if bad_cols is not None:
+        cols = bad_cols[..., None, :]
+        rows = jnp.any(cols if visible is None else visible & cols, axis=-1)
+    if bad_rows is not None:
+        sees = bad_rows if visible is None else bad_rows & jnp.any(visible, axis=-1)
+        rows = sees if rows is None else rows | sees
+    return rows
+
+
+def nan_where(rows, x):
+    """``x`` with NaN where ``rows`` (a boolean that broadcasts to it) is True; ``x`` as
+    it is when either is None."""
+    if rows is None or x is None:
+        return x
+    return jnp.where(rows, jnp.asarray(jnp.nan, x.dtype), x)
 
 
 def guarded(run, spec, *inputs):

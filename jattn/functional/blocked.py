@@ -600,6 +600,13 @@ def _backward(geo, res, dout, delta=None, acc=None):
     dout = dout.astype(jnp.float32)
     if delta is None:
         delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
+    if bad is not None:  # rows that saw a non-finite input (NaN m): skipped, as fully
+        # masked ones: their NaN weights would meet a zero cotangent (a loss that leaves
+        # them out) and make NaN the gradients of every key they see
+        nan_row = jnp.isnan(m) | jnp.isnan(log_l)
+        skip = skip | nan_row
+        m, log_l = (jnp.where(nan_row, jnp.float32(0.0), x) for x in (m, log_l))
+        delta = jnp.where(nan_row, jnp.float32(0.0), delta)
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     nk = kb.shape[0]
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)

@@ -52,7 +52,8 @@ def single_head_attention(
         kept ones scaled by ``1 / (1 - dropout_rate)``.
       dropout_rate: the rate that produced ``dropout_keep``.
       nonfinite: optional ``(bad_queries [T], bad_keys [S])`` booleans (either None):
-        their pairs get NaN logits before the mask (:mod:`jattn.functional._finite`).
+        the rows that see them through the mask come out NaN, the others as computed
+        (:mod:`jattn.functional._finite`).
 
     Returns:
       ``(output [T, Hv], weights [T, S] float32, lse [T] float32)``. The weights are
@@ -69,13 +70,18 @@ def single_head_attention(
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    if nonfinite is not None:
-        logits = _finite.nan_pairs(logits, *nonfinite)
+    if nonfinite is not None:  # zeroed vectors' pairs: finite, a select XLA keeps
+        logits = _finite.zero_pairs(logits, *nonfinite)
     weights, lse = masked_softmax_with_lse(logits, mask, fully_masked=fully_masked)
     probs = weights
     if dropout_keep is not None:
         probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
     out = attention_pooling(probs, value)  # float32 probabilities: see weighted_values
+    if nonfinite is not None:  # the rows that see a bad vector: NaN (no NaN weights)
+        rows = _finite.nan_rows(None if mask is None else jnp.broadcast_to(mask, (t, s)),
+                                *nonfinite)  # fmt: skip
+        out = _finite.nan_where(rows[:, None], out)
+        weights, lse = _finite.nan_where(rows[:, None], weights), _finite.nan_where(rows, lse)
     return out, weights, lse
 
 
@@ -433,14 +439,17 @@ def _dense_in_layout(
         if bias is not None:
             logits = logits + _checks.grouped_5d(bias, batch_shape, n, k, t, s).astype(jnp.float32)
         if bad_q is not None:  # [B, T, K, G] -> [B, K, G, T]; [B, S, K] -> [B, K, 1, S]
-            rows, cols = bad_q.transpose(0, 2, 3, 1), bad_kv.transpose(0, 2, 1)[:, :, None]
-            logits = _finite.nan_pairs(logits, rows, cols)
-
+            bad_rows, bad_cols = bad_q.transpose(0, 2, 3, 1), bad_kv.transpose(0, 2, 1)[:, :, None]
+            logits = _finite.zero_pairs(logits, bad_rows, bad_cols)  # as the per-head path
         visible = None if mask is None else _checks.grouped_5d(mask, batch_shape, n, k, t, s)
         mask_mod = mods.spec_mask_mod(spec)  # the shortcuts and mask_mod
         if mask_mod is not None:
             visible = combine_masks(visible, mods.call_mask(mask_mod, *index))
         weights, lse = masked_softmax_with_lse(logits, visible, fully_masked=fully_masked)
+        rows = None
+        if bad_q is not None:  # the rows that see a bad vector: NaN at the end
+            rows = _finite.nan_rows(visible, bad_rows, bad_cols)
+            rows = jnp.broadcast_to(rows, (nb, k, g, t))  # [B, K, G, T]: NaN at the end
         probs = weights
         if dropout_rate > 0.0:
             keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))
@@ -458,6 +467,10 @@ def _dense_in_layout(
         else:  # [B, T*K*G, K, Hv]: each query head's own value head is kept below
             out = _in_layout_output(p, value)
         probe = probe + jnp.sum(out)  # finite when the values are (any head's)
+        if rows is not None:  # out [B, T*K*G, K, Hv], weights [B, K, G, T, S], lse [B, K, G, T]
+            flat = rows.transpose(0, 3, 1, 2).reshape(nb, t * k * g, 1, 1)
+            out, lse = _finite.nan_where(flat, out), _finite.nan_where(rows, lse)
+            weights = _finite.nan_where(rows[..., None], weights)
         # only what the caller asked for leaves the guard's lax.cond (its outputs are kept)
         weights = weights if return_weights else None
         lse = lse if spec.return_residual else None
