@@ -173,6 +173,36 @@ def test_performer_layer_at_any_input_scale(scale, prefill, seed):
                                atol=1e-5 * scale)  # fmt: skip
 
 
+@settings(max_examples=8, deadline=None)
+@given(kind=st.sampled_from(["retention", "gla"]), scale=st.sampled_from([1.0, 30.0]),
+       seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_retention_and_gla_layers_normalise_each_head(kind, scale, seed):
+    """The docs said the layer normalises retention's output per head (as RetNet); it
+    did not, and the unnormalised sums grow with the cube of the inputs' scale: float16
+    gave inf, then NaN, at inputs of scale 30. Now each head's float32 output is
+    RMS-normalised before the output projection: the layer is that of the functional
+    core, and float16 stays finite and close to float32."""
+    layers = {
+        d: LinearAttention(2, 8, kind=kind, chunk_size=3, dtype=d, rngs=nnx.Rngs(1))
+        for d in (jnp.float32, jnp.float16)
+    }
+    layer = layers[jnp.float32]
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((1, 7, 8)) * scale, jnp.float32)
+    q, k, v = (p(x).reshape(1, 7, 2, 4) for p in (layer.query, layer.key, layer.value))
+    if kind == "retention":
+        core = jattn.retention(q * 4**-0.5, k, v, layer.decay)
+    else:
+        core = jattn.gated_linear_attention(q, k, v, layer._log_gates(x))
+    core = np.asarray(core, np.float64)
+    normed = core / np.sqrt((core**2).mean(-1, keepdims=True) + 1e-6)
+    want = layer.out(jnp.asarray(normed, jnp.float32))
+    got = layer(x, is_causal=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    half = layers[jnp.float16](x.astype(jnp.float16), is_causal=True)
+    assert np.isfinite(np.asarray(half, np.float32)).all()
+    np.testing.assert_allclose(np.asarray(half, np.float32), got, rtol=0.05, atol=0.05)
+
+
 _CAUSAL = {}
 
 

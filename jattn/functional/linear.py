@@ -459,7 +459,8 @@ def retention(
 ):
     """Retention (RetNet, Sun et al. 2023): causal, ``S_t = gamma_n S_{t-1} + k_t^T v_t``,
     ``o_t = q_t S_t``, with a decay ``gamma_n`` per head (no softmax, no normaliser:
-    RetNet normalises the output per head afterwards, which the layer does).
+    RetNet normalises the output per head afterwards, which
+    :class:`jattn.layers.LinearAttention` does, an RMS norm over each head's features).
 
     ``query [B, T, N, H]``, ``key [B, T, K, H]``, ``value [B, T, K, Hv]``; ``decay``:
     ``[N]`` in (0, 1], e.g. :func:`retnet_decays`. Other arguments as

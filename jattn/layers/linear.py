@@ -59,6 +59,11 @@ def _key_validity(mask, b: int, s: int):
     return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
 
 
+def _head_rms_norm(out, eps: float = 1e-6):
+    """``out [B, T, N, Hv]`` (float32) over each head's Hv: ``out / rms(out)``."""
+    return out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + eps)
+
+
 def _no_decode(where: str, value) -> str:
     return (
         f"{where} takes no decode={value!r}: it has no Flax autoregressive cache; it "
@@ -79,7 +84,10 @@ class LinearAttention(MultiHeadAttention):
         once from ``rngs`` and kept as a non-trained variable ``projection``;
         :meth:`redraw` draws new ones), ``"retention"`` (RetNet decays per head,
         queries scaled by ``H ** -0.5``) or ``"gla"`` (gates
-        ``log_sigmoid(x W_g + b_g) / 16`` per head and feature, as Yang et al.).
+        ``log_sigmoid(x W_g + b_g) / 16`` per head and feature, as Yang et al.); these
+        two have no normaliser, so each head's output is RMS-normalised (as RetNet's
+        GroupNorm and GLA's RMSNorm, without their affine: the output projection
+        follows).
       chunk_size: block length of the chunked form (default per kind).
     """
 
@@ -188,9 +196,18 @@ class LinearAttention(MultiHeadAttention):
                 f"LinearAttention(kind={self.kind!r}) is causal only: call it with "
                 "is_causal=True (a decoder), or use kind 'linear' or 'performer'"
             )
+        # float32 out of the core, normalised per head (RetNet's GroupNorm, GLA's RMSNorm,
+        # without their affine: the output projection follows), then the value dtype:
+        # unnormalised, the sums grow with T and with the cube of the inputs' scale (in
+        # float16, inf at inputs of scale 30)
+        v32 = v.astype(jnp.float32)
         if self.kind == "retention":
-            return lin.retention(fq, fk, v, self.decay, **opts)
-        return lin.gated_linear_attention(fq, fk, v, self._log_gates(x), **opts)
+            res = lin.retention(fq, fk, v32, self.decay, **opts)
+        else:
+            res = lin.gated_linear_attention(fq, fk, v32, self._log_gates(x), **opts)
+        out, *state = res if return_state else (res,)
+        out = _head_rms_norm(out).astype(v.dtype)
+        return (out, *state) if return_state else out
 
     def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, bias=None,
                  is_causal: bool = False, deterministic: bool = True, rngs=None,
