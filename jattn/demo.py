@@ -6,7 +6,9 @@ prints outputs and attention weights, and times both (medians of interleaved run
 
 from __future__ import annotations
 
+import argparse
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,23 @@ def _median_ms(fn, *args, repeats: int = 7) -> float:
     return 1e3 * float(np.median(times))
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The demo's command line (it takes no options but ``--help``): an unknown flag or
+    argument exits with status 2 and the usage, as argparse does, not a silent run."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jattn.demo",
+        description=(
+            "A tour of jattn's functional core on small random inputs: masked softmax, "
+            "additive attention, grouped causal attention checked and timed against "
+            "jax.nn.dot_product_attention, and the MultiHeadAttention layer."
+        ),
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the tour; ``argv`` (default ``sys.argv[1:]``) is checked first."""
+    parse_args(argv)
     print(f"jattn {jattn.__version__} on {jax.default_backend()} ({jax.devices()[0]})")
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
 

@@ -196,6 +196,17 @@ def _step(layer, x: jax.Array, cache):
     return cached_self_attention(layer, x, cache)
 
 
+def _check_cache(cache, parts, what: str) -> None:
+    """A TypeError unless ``cache`` is the tuple of one cache per part that
+    ``init_cache`` makes (None, or a part's own cache, would fail deep inside)."""
+    if not isinstance(cache, tuple | list) or len(cache) != len(parts):
+        got = f"{len(cache)} caches" if isinstance(cache, tuple | list) else type(cache).__name__
+        raise TypeError(
+            f"cache must be the tuple of {len(parts)} caches (one per {what}) that "
+            f"init_cache(batch_size, max_len) returns, got {got}"
+        )
+
+
 def _with_site_rngs(kwargs: dict) -> dict:
     """A bare dropout key becomes a stream, so the parts draw different masks."""
     if kwargs.get("rngs") is not None:
@@ -328,6 +339,7 @@ class ParallelAttention(nnx.Module):
 
     def step(self, x: jax.Array, cache) -> tuple[jax.Array, tuple]:
         """Causal cached forward of new tokens ``x [B, T, D]`` -> ``(out, cache)``."""
+        _check_cache(cache, self.branches, "branch")
         results = [_step(b, x, c) for b, c in zip(self.branches, cache, strict=True)]
         return self._combine(x, [y for y, _ in results]), tuple(c for _, c in results)
 
@@ -369,6 +381,19 @@ class SeriesAttention(nnx.Module):
             )
         self.layers = nnx.List(list(layers))
         self.residual = residual
+        if layer_types is not None:
+            if isinstance(layer_types, str) or not (
+                isinstance(layer_types, Sequence) and all(isinstance(t, str) for t in layer_types)
+            ):
+                raise TypeError(
+                    f"layer_types must be None or a list of names, one per layer, got "
+                    f"{layer_types!r}"
+                )
+            if len(layer_types) != len(layers):
+                raise ValueError(
+                    f"layer_types has {len(layer_types)} names {tuple(layer_types)}, but there "
+                    f"are {len(layers)} layers: give one name per layer"
+                )
         self.layer_types = None if layer_types is None else tuple(layer_types)
         self.in_features, self.out_features = ins[0], outs[-1]
 
@@ -427,6 +452,7 @@ class SeriesAttention(nnx.Module):
 
     def step(self, x: jax.Array, cache) -> tuple[jax.Array, tuple]:
         """Causal cached forward of new tokens ``x [B, T, D]`` -> ``(out, cache)``."""
+        _check_cache(cache, self.layers, "layer")
         new = []
         for layer, c in zip(self.layers, cache, strict=True):
             y, c = _step(layer, x, c)

@@ -112,7 +112,9 @@ class ConvStem(nnx.Module):
 
     def __init__(self, in_channels: int, features: int, num_layers: int = 1, *,
                  rngs: nnx.Rngs):  # fmt: skip
-        features = check_positive_int("stem_features", features)
+        in_channels = check_positive_int("in_channels", in_channels)
+        features = check_positive_int("features", features)
+        # named as the models' stem_layers option, which is passed on here
         num_layers = check_positive_int("stem_layers", num_layers)
         self.convs = nnx.List([
             nnx.Conv(in_channels if i == 0 else features, features, kernel_size=(3, 3),
@@ -148,7 +150,8 @@ def setup_patches(module: nnx.Module, *, image_size, patch: int, in_channels: in
     stem_layers = check_positive_int("stem_layers", stem_layers)
     if stem_features is None and stem_layers != 1:  # was ignored: no stem without its width
         raise ValueError(f"stem_layers={stem_layers} needs stem_features (the stem's width)")
-    if stem_features is not None:
+    if stem_features is not None:  # checked here, so the error names this model's option
+        stem_features = check_positive_int("stem_features", stem_features)
         module.stem = ConvStem(in_channels, stem_features, stem_layers, rngs=rngs)
         in_channels = module.stem.out_features
     module.patch_embed = PatchEmbedding(patch, in_channels, features, rngs=rngs)
@@ -217,6 +220,11 @@ class ViT(TrainEval, nnx.Module):
             raise ValueError(f"posemb must be one of {_POSEMBS}, got {posemb!r}")
         num_classes = check_positive_int("num_classes", num_classes)
         features = check_positive_int("features", features)
+        if posemb == "sincos" and features % 4:  # else a late error from sincos_2d's dim
+            raise ValueError(
+                f"features={features} must be a multiple of 4 with posemb='sincos' (a sine "
+                "and a cosine per grid axis share D); pick such a width or posemb='learned'"
+            )
         setup_patches(self, image_size=image_size, patch=patch, in_channels=in_channels,
                       features=features, stem_features=stem_features,
                       stem_layers=stem_layers, rngs=rngs)  # fmt: skip

@@ -49,6 +49,12 @@ class DETR(TrainEval, nnx.Module):
                  dropout_rate: float = 0.0, rngs: nnx.Rngs):  # fmt: skip
         from jattn.models.blocks import TransformerEncoder
 
+        features = check_positive_int("features", features)
+        if features % 4:  # else a late error from sincos_2d's dim at the first call
+            raise ValueError(
+                f"DETR: features={features} must be a multiple of 4 (its 2-D sine-cosine "
+                "position embedding gives each grid axis a sine and a cosine)"
+            )
         setup_patches(self, image_size=image_size, patch=patch, in_channels=in_channels,
                       features=features, stem_features=stem_features,
                       stem_layers=stem_layers, rngs=rngs)  # fmt: skip

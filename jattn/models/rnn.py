@@ -26,6 +26,11 @@ def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
+def _has_stream(rngs, name: str) -> bool:
+    """Whether ``rngs[name]`` gives a stream: its own, or the default stream's."""
+    return not isinstance(rngs, nnx.Rngs) or name in rngs or "default" in rngs
+
+
 class GRUCell(nnx.Module):
     """A GRU cell (Cho et al. 2014) with the PyTorch gate layout ``r, z, n``.
 
@@ -71,7 +76,23 @@ class GRUCell(nnx.Module):
         return (1.0 - z) * n + z * h
 
     def __call__(self, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(h [B, H], x [B, F]) -> (h', h')``, the ``nnx.GRUCell`` calling convention."""
+        """``(h [B, H], x [B, F]) -> (h', h')``, the ``nnx.GRUCell`` calling convention.
+
+        Raises a TypeError for complex (or non-numeric) ``h`` or ``x``, a ValueError for
+        widths other than ``hidden`` and ``in_features`` or batch shapes that differ."""
+        h, x = _checks.check_real("h", h), _checks.check_real("x", x)
+        if (
+            h.ndim < 1
+            or x.ndim < 1
+            or h.shape[-1] != self.hidden
+            or x.shape[-1] != self.in_features
+            or h.shape[:-1] != x.shape[:-1]
+        ):
+            raise ValueError(
+                f"h must be [B, H] with H = hidden = {self.hidden} and x [B, F] with F = "
+                f"in_features = {self.in_features} (one batch shape B), got h "
+                f"{_checks.fmt(h.shape)} and x {_checks.fmt(x.shape)}"
+            )
         h = self.step(h, self.project_inputs(x))
         return h, h
 
@@ -139,6 +160,12 @@ class GRUEncoder(TrainEval, nnx.Module):
         num_layers = _checks.check_size("num_layers", num_layers)
         bidirectional = _checks.check_flag("bidirectional", bidirectional)
         dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
+        if dropout_rate > 0 and not _has_stream(rngs, "dropout"):  # else flax's KeyError
+            raise ValueError(
+                f"dropout_rate={dropout_rate} needs a 'dropout' stream in rngs (the masks' "
+                f"keys), but rngs has only {sorted(rngs)}: pass nnx.Rngs(params=0, "
+                "dropout=1) (or nnx.Rngs(0), whose default stream serves both)"
+            )
         self.hidden = hidden
         self.num_layers = num_layers
         self.bidirectional = bidirectional
@@ -186,6 +213,12 @@ class GRUEncoder(TrainEval, nnx.Module):
             raise ValueError(
                 f"x must be [B, S, F] and valid [B, S], got x {_checks.fmt(x.shape)} and "
                 f"valid {_checks.fmt(valid.shape)}"
+            )
+        in_features = self.forward_cells[0].in_features
+        if x.shape[-1] != in_features:
+            raise ValueError(
+                f"x must be [B, S, F] with F = in_features = {in_features}, got "
+                f"{_checks.fmt(x.shape)}"
             )
         b = x.shape[0]
         h0 = jnp.zeros((b, self.hidden), jnp.float32, out_sharding=_sharding.batch_like(x))

@@ -17,7 +17,9 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from jattn.functional import _checks
 
 __all__ = ["batch_sharding", "data_parallel_mesh", "initialize_distributed", "replicated"]
 
@@ -60,11 +62,15 @@ def initialize_distributed(
             f"process_id (or {', '.join(DISTRIBUTED_ENV.values())}); missing: "
             f"{', '.join(missing)}"
         )
+    # all checked before jax.distributed sees them: int() would truncate 2.5 to 2 and
+    # read True as 1, and a bad address fails only inside the coordinator's connect
+    given["coordinator_address"] = _check_address(given["coordinator_address"])
     for key in ("num_processes", "process_id"):
-        try:
-            given[key] = int(given[key])
-        except ValueError:
-            raise ValueError(f"{key} must be an int, got {given[key]!r}") from None
+        given[key] = _check_count(key, given[key])
+    if given["num_processes"] < 1:
+        raise ValueError(
+            f"num_processes must be >= 1 (the processes in the run), got {given['num_processes']}"
+        )
     if not 0 <= given["process_id"] < given["num_processes"]:
         raise ValueError(
             f"process_id={given['process_id']} must be in [0, num_processes="
@@ -74,11 +80,45 @@ def initialize_distributed(
     return True
 
 
+def _check_count(key: str, value) -> int:
+    """``num_processes`` or ``process_id`` as an int: an int (not a bool), or a string
+    of one (``"2"``, as an environment variable or a command line gives it); a float is
+    refused, never truncated."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key} must be an int, got {value!r}") from None
+    if not _checks.is_int(value):
+        raise TypeError(f"{key} must be an int, got {value!r}{_checks.type_note(value)}")
+    return int(value)
+
+
+def _check_address(address) -> str:
+    """``coordinator_address``: a ``"host:port"`` string with a port in [0, 65535]."""
+    if not isinstance(address, str):
+        raise TypeError(
+            f"coordinator_address must be a 'host:port' string (process 0's address), got "
+            f"{address!r}{_checks.type_note(address)}"
+        )
+    host, sep, port = address.rpartition(":")
+    if not (sep and host.strip() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(
+            f"coordinator_address must be 'host:port' (process 0's address, such as "
+            f"'10.0.0.1:1234'), got {address!r}"
+        )
+    return address
+
+
 def data_parallel_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh ``('data',)`` over the first ``num_devices`` local devices (0: all)."""
     devices = jax.local_devices()
-    if not isinstance(num_devices, int) or num_devices < 0:
-        raise ValueError(f"num_devices must be an int >= 0, got {num_devices!r}")
+    # an int, not a bool (True is not 1 device), as jattn.training.sharding.make_mesh
+    if not _checks.is_int(num_devices) or num_devices < 0:
+        raise ValueError(
+            f"num_devices must be an int >= 0, got {num_devices!r}{_checks.type_note(num_devices)}"
+        )
+    num_devices = int(num_devices)
     if num_devices > len(devices):
         raise ValueError(
             f"num_devices={num_devices}, but this process has only {len(devices)} "
@@ -87,11 +127,40 @@ def data_parallel_mesh(num_devices: int = 0) -> Mesh:
     return Mesh(np.asarray(devices[: num_devices or len(devices)]), ("data",))
 
 
+def _check_mesh(mesh, *, axis: str | None = None) -> None:
+    """A TypeError unless ``mesh`` is a ``jax.sharding.Mesh`` (or ``AbstractMesh``); a
+    ValueError unless it has the mesh axis ``axis``."""
+    if not isinstance(mesh, Mesh | AbstractMesh):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh (data_parallel_mesh() or "
+            f"jattn.training.sharding.make_mesh()), got {type(mesh).__name__}"
+        )
+    if axis is not None and axis not in mesh.axis_names:
+        raise ValueError(
+            f"mesh must have a {axis!r} axis (the batch is split over it), got the axes "
+            f"{tuple(mesh.axis_names)}"
+        )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array (the train state)."""
+    _check_mesh(mesh)
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Arrays split along their first (batch) axis over ``'data'``."""
+def batch_sharding(mesh: Mesh, *, batch_size: int | None = None) -> NamedSharding:
+    """Arrays split along their first (batch) axis over ``'data'``.
+
+    With ``batch_size``, a ValueError unless the ``'data'`` axis size divides it (else
+    ``jax.device_put`` with this sharding raises JAX's ``IndivisibleError``)."""
+    _check_mesh(mesh, axis="data")
+    if batch_size is not None:
+        batch_size = _checks.check_size("batch_size", batch_size)
+        n = mesh.shape["data"]
+        if batch_size % n:
+            raise ValueError(
+                f"batch_size={batch_size} does not split over the mesh's 'data' axis of {n} "
+                f"devices (each takes an equal share): use a multiple of {n}, or a mesh of "
+                f"a divisor of {batch_size} devices (data_parallel_mesh(num_devices))"
+            )
     return NamedSharding(mesh, PartitionSpec("data"))

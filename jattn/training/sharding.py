@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jattn.functional import _checks
 from jattn.training.state import make_eval_step, make_train_step
 
 __all__ = [
@@ -90,8 +91,11 @@ RULES = {
 def _devices(num_devices: int) -> list:
     """The first ``num_devices`` devices of all processes (0: all)."""
     devices = jax.devices()
-    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 0:
-        raise ValueError(f"num_devices must be an int >= 0, got {num_devices!r}")
+    if not _checks.is_int(num_devices) or num_devices < 0:  # True is not 1 device
+        raise ValueError(
+            f"num_devices must be an int >= 0, got {num_devices!r}{_checks.type_note(num_devices)}"
+        )
+    num_devices = int(num_devices)
     platform = devices[0].platform
     if jax.process_count() == 1 and num_devices > len(devices):
         raise ValueError(
@@ -163,6 +167,41 @@ def make_mesh(parallelism: str = "data", mesh_shape: Sequence[int] = (), num_dev
     return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(kind,) * len(names))
 
 
+def _check_rules(rules, mesh: Mesh) -> frozenset:
+    """``rules`` as a set of ``(logical name, mesh axis)`` pairs: a sequence of pairs of
+    strings (Flax's ``LogicalRules``, as :data:`RULES` holds them) whose mesh axes are
+    axes of ``mesh`` (or None: never split). A TypeError for anything else (a dict, a
+    string, None), a ValueError naming a mesh axis the mesh lacks: either would
+    otherwise leave the arrays unsplit without a word."""
+    if not hasattr(mesh, "shape") or not hasattr(mesh, "axis_names"):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh (make_mesh()), got {type(mesh).__name__}"
+        )
+    if isinstance(rules, str | bytes | Mapping) or not isinstance(rules, Sequence):
+        raise TypeError(
+            "rules must be a sequence of (logical axis name, mesh axis) pairs such as "
+            f"RULES['data'] = {RULES['data']!r}, got {rules!r} ({type(rules).__name__})"
+        )
+    axes = tuple(mesh.axis_names)
+    for i, rule in enumerate(rules):
+        if (
+            not isinstance(rule, tuple | list)
+            or len(rule) != 2
+            or not isinstance(rule[0], str)
+            or not (rule[1] is None or isinstance(rule[1], str))
+        ):
+            raise TypeError(
+                f"rules[{i}] must be a pair (logical axis name, mesh axis) of strings "
+                f"(the mesh axis may be None), got {rule!r}"
+            )
+        if rule[1] is not None and rule[1] not in axes:
+            raise ValueError(
+                f"rules[{i}] = {tuple(rule)!r} names the mesh axis {rule[1]!r}, but the mesh "
+                f"has the axes {axes}"
+            )
+    return frozenset((name, axis) for name, axis in rules if axis is not None)
+
+
 def mesh_spec(
     names: Sequence[str | None], shape: Sequence[int], rules, mesh: Mesh
 ) -> PartitionSpec:
@@ -171,8 +210,14 @@ def mesh_spec(
     Each mesh axis splits at most one array axis: of those whose names ``rules`` pair
     with it and whose size it divides, the largest (the first on ties). Names without
     a pair, and ``None``, are not split. Trailing unsplit axes are left out of the spec
-    (``P('data')``, not ``P('data', None)``).
+    (``P('data')``, not ``P('data', None)``). ``rules`` must be pairs of strings whose
+    mesh axes the mesh has (a TypeError or ValueError otherwise, never a silent ``P()``).
     """
+    return _mesh_spec(names, shape, _check_rules(rules, mesh), mesh)
+
+
+def _mesh_spec(names, shape, rules: frozenset, mesh: Mesh) -> PartitionSpec:
+    """:func:`mesh_spec` with ``rules`` checked already."""
     if len(names) != len(shape):
         raise ValueError(
             f"{len(names)} axis names {tuple(names)} for an array of shape {list(shape)}"
@@ -204,12 +249,14 @@ def state_shardings(state, mesh: Mesh, rules):
     ``nnx.get_named_sharding`` returns them), so it serves ``jax.device_put`` and
     ``jax.lax.with_sharding_constraint``; it works on abstract and traced states too."""
 
+    checked = _check_rules(rules, mesh)
+
     def one(x):
         if not _is_variable(x):
             return NamedSharding(mesh, PartitionSpec())
         shape = x.get_value().shape
         names = x.get_metadata().get("out_sharding") or (None,) * len(shape)
-        return x.replace(NamedSharding(mesh, mesh_spec(tuple(names), shape, rules, mesh)))
+        return x.replace(NamedSharding(mesh, _mesh_spec(tuple(names), shape, checked, mesh)))
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
@@ -218,10 +265,12 @@ def batch_shardings(batch, mesh: Mesh, rules):
     """``NamedSharding``s for a batch (a pytree of arrays ``[B, L, ...]``, axes named
     ``('batch', 'length')``)."""
 
+    checked = _check_rules(rules, mesh)
+
     def one(x):
         ndim = len(np.shape(x))
         names = ("batch", "length")[:ndim] + (None,) * max(ndim - 2, 0)
-        return NamedSharding(mesh, mesh_spec(names, np.shape(x), rules, mesh))
+        return NamedSharding(mesh, _mesh_spec(names, np.shape(x), checked, mesh))
 
     return jax.tree.map(one, batch)
 
