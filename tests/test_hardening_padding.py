@@ -238,6 +238,115 @@ def test_perceiver_padding_reaches_no_gradient(case):
 
 
 @functools.cache
+def _attention_layer(kind, call):
+    if kind == "mha":
+        layer = layers.MultiHeadAttention(2, 4, rngs=nnx.Rngs(0))
+    else:
+        layer = layers.LinearAttention(2, 4, kind=kind, num_features=8, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def run(layer, xq, x, valid):
+        def loss(layer, xq, x):
+            if call == "cross":  # padded keys and values
+                out = layer(xq, x, mask=key_padding_mask(valid))
+            elif call == "self":  # padded keys and queries; the caller ignores those rows
+                out = layer(x, mask=key_padding_mask(valid))
+            else:  # causal: the padding at the end is seen by padded rows only
+                out = layer(x, is_causal=True)
+            if call != "cross":
+                out = jnp.where(valid[..., None], out, 0.0)
+            return jnp.sum(jnp.sin(out)), out
+
+        grad = nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+        (_, out), grads = grad(layer, xq, x)
+        return out, grads
+
+    return layer, run
+
+
+@SETTINGS
+@given(
+    case=padded_inputs(4, min_len=1),
+    kind=st.sampled_from(["mha", "mha", "linear", "performer"]),
+    call=st.sampled_from(["cross", "self", "causal"]),
+)
+def test_attention_layer_padding_reaches_no_gradient(case, kind, call):
+    """NaN/inf padding reached the weights' gradients (``x^T dy`` is ``NaN * 0`` at a
+    padded position) and, in self-attention, the valid inputs' gradients (a padded
+    query's NaN row met its zero cotangent, 0 * NaN, in every key it sees). Now the
+    layers clean non-finite input vectors before their projections and the core keeps
+    NaN rows out of the backward pass: outputs at the real rows, the real inputs' and
+    every weight's gradients are a clean run's, and 0 at the padding."""
+    x_bad, x_clean, valid = case
+    layer, run = _attention_layer(kind, call)
+    xq = jnp.asarray(np.random.default_rng(1).standard_normal((B, 3, 4)), jnp.float32)
+    valid = jnp.asarray(valid)
+    out, (g_params, g_q, g_x) = run(layer, xq, jnp.asarray(x_bad), valid)
+    ref_out, (ref_params, ref_q, ref_x) = run(layer, xq, jnp.asarray(x_clean), valid)
+    rows = np.ones(out.shape[:2], bool) if call == "cross" else np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref_out)[rows],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    _check_grads(g_x, ref_x, ~np.asarray(valid))
+    _check_grads(g_q, ref_q)
+    _check_param_grads(g_params, ref_params)
+
+
+COMPOSITES = {
+    "parallel concat": lambda r: layers.ParallelAttention(
+        [layers.MultiHeadAttention(2, 4, rngs=r), layers.LinearAttention(2, 4, rngs=r)],
+        combine="concat", rngs=r),
+    "parallel gate": lambda r: layers.ParallelAttention(
+        [layers.MultiHeadAttention(2, 4, rngs=r), layers.MultiHeadAttention(2, 4, rngs=r)],
+        combine="gate", rngs=r),
+    "gated": lambda r: layers.GatedAttention(
+        layers.MultiHeadAttention(2, 4, rngs=r), value_gate=True, rngs=r),
+    "mixture of heads": lambda r: layers.MixtureOfHeads(
+        layers.MultiHeadAttention(4, 4, rngs=r), k=2, rngs=r),
+}  # fmt: skip
+
+
+@functools.cache
+def _composite(name, causal):
+    layer = COMPOSITES[name](nnx.Rngs(0))
+    extra = {"token_mask": True} if name == "mixture of heads" else {}
+
+    @nnx.jit
+    def run(layer, x, valid):
+        def loss(layer, x):
+            opts = {k: valid for k in extra}
+            if causal:
+                out = layer(x, is_causal=True, **opts)
+            else:
+                out = layer(x, mask=key_padding_mask(valid), **opts)
+            out = jnp.where(valid[..., None], out, 0.0)  # the caller ignores padded rows
+            return jnp.sum(jnp.sin(out)), out
+
+        (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+        return out, grads
+
+    return layer, run
+
+
+@SETTINGS
+@given(case=padded_inputs(4, min_len=1), name=st.sampled_from(sorted(COMPOSITES)),
+       causal=st.booleans())  # fmt: skip
+def test_composite_padding_reaches_no_gradient(case, name, causal):
+    """The composites' own per-token maps (a concatenation's projection, gates, the
+    router's weights) met a padded query's NaN row with its zero cotangent (0 * NaN):
+    NaN weight gradients, and NaN input gradients at the padding. Now each such map
+    works by row (a non-finite row cleaned before, NaN after): the real rows' outputs,
+    the inputs' and every weight's gradients are a clean run's, and 0 at the padding."""
+    x_bad, x_clean, valid = case
+    layer, run = _composite(name, causal)
+    valid = jnp.asarray(valid)
+    out, (g_params, g_x) = run(layer, jnp.asarray(x_bad), valid)
+    ref_out, (ref_params, ref_x) = run(layer, jnp.asarray(x_clean), valid)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    _check_grads(g_x, ref_x, ~np.asarray(valid))
+    _check_param_grads(g_params, ref_params)
+
+
+@functools.cache
 def _co_attention():
     co = layers.CoAttention(4, 4, 2, rngs=nnx.Rngs(0))
 

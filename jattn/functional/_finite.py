@@ -52,6 +52,7 @@ __all__ = [
     "nan_pairs",
     "nan_rows",
     "nan_where",
+    "by_row",
     "zero_pairs",
     "sum_chunks",
 ]
@@ -200,6 +201,22 @@ def nan_rows(visible, bad_rows, bad_cols):
         sees = bad_rows if visible is None else bad_rows & jnp.any(visible, axis=-1)
         rows = sees if rows is None else rows | sees
     return rows
+
+
+def by_row(fn, *xs: jax.Array, vector_ndim: int = 1) -> jax.Array:
+    """``fn(*xs)`` for a per-row map (a projection, a gate, a router: row i of the
+    result depends on row i of each ``x`` only, a row being the last ``vector_ndim``
+    axes), with the rows that are not finite in some ``x`` zeroed before and NaN in the
+    result after. The same values, but a NaN or inf row (padding left uninitialised)
+    that the loss leaves out meets its zero cotangent with finite inputs: ``x^T dy``
+    would otherwise make ``NaN * 0`` of the weights' gradients."""
+    axes = tuple(range(-vector_ndim, 0))
+    bad = functools.reduce(
+        jnp.logical_or, [jnp.logical_not(jnp.all(jnp.isfinite(x), axis=axes)) for x in xs]
+    )
+    cut = bad.reshape(bad.shape + (1,) * vector_ndim)
+    y = fn(*(jnp.where(cut, jnp.zeros((), x.dtype), x) for x in xs))
+    return nan_where(bad.reshape(bad.shape + (1,) * (y.ndim - bad.ndim)), y)
 
 
 def nan_where(rows, x):

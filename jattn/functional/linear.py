@@ -429,6 +429,9 @@ def _non_causal(fq, fk, value, segment_ids, flags=None):
         same_b = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
         sees = jnp.einsum("bts,bsk->btk", same_b.astype(jnp.int32), bad_kv.astype(jnp.int32))
         bad = bad_q | (jnp.repeat(sees, n // kh, axis=2) > 0)  # [B, T, N]
+    elif flags is not None:  # a caller that hid padding keys: a bad key reaches every row
+        fq, fk, value, bad_q, bad_kv = _hide(fq, fk, value, flags)
+        bad = bad_q | jnp.repeat(jnp.any(bad_kv, axis=1, keepdims=True), n // kh, axis=2)
     fq = fq.astype(jnp.float32).reshape(fq.shape[:2] + (kh, n // kh, fq.shape[-1]))
     fk, v = fk.astype(jnp.float32), value.astype(jnp.float32)
     if segment_ids is None:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _finite
 from jattn.functional._checks import check_positive_int
 from jattn.layers.axes import names
 from jattn.layers.dropout import per_site_rngs
@@ -310,8 +311,8 @@ class ParallelAttention(nnx.Module):
 
     def _combine(self, x: jax.Array, outs: list[jax.Array]) -> jax.Array:
         """``[..., T, D_out]`` from the branch outputs ``[..., T, D_i]`` and the input x."""
-        if self.combine == "concat":
-            return self.proj(jnp.concatenate(outs, axis=-1))
+        if self.combine == "concat":  # by row: a padded NaN row reaches no weight gradient
+            return _finite.by_row(self.proj, jnp.concatenate(outs, axis=-1))
         if self.combine in ("sum", "mean"):
             total = functools.reduce(operator.add, outs)
             return total if self.combine == "sum" else total / len(outs)
@@ -319,7 +320,7 @@ class ParallelAttention(nnx.Module):
         if isinstance(self.logits, nnx.Param):
             logits = self.logits[...].reshape((1,) * (stacked.ndim - 2) + self.logits.shape)
         else:
-            logits = self.logits(x)  # [..., T, n, D|1]
+            logits = _finite.by_row(self.logits, x)  # [..., T, n, D|1]
         fn = sigmoid_gated_sum if self.combine == "gate" else softmax_weighted_sum
         return fn(stacked, logits)
 

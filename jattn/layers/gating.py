@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.functional import _finite
 from jattn.functional._checks import check_bool_mask, check_flag, check_positive_int, check_real
 from jattn.functional._finite import zero_padding
 from jattn.layers.axes import names
@@ -140,8 +141,9 @@ class _GatedProjection(nnx.Module):
         self.in_features = proj.in_features
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        v = self.proj(x)  # [..., S, K, Hv]
-        return (v * jax.nn.sigmoid(self.gate(x).astype(jnp.float32))).astype(v.dtype)
+        v = _finite.by_row(self.proj, x)  # [..., S, K, Hv]
+        gate = jax.nn.sigmoid(_finite.by_row(self.gate, x).astype(jnp.float32))
+        return (v * gate).astype(v.dtype)
 
 
 def _heads_of(attention, what: str) -> MultiHeadAttention:
@@ -217,9 +219,15 @@ class GatedAttention(nnx.Module):
 
     def _finish(self, x: jax.Array, heads: jax.Array) -> jax.Array:
         if self.gate is not None:
-            gates = jax.nn.sigmoid(self.gate(x).astype(jnp.float32))  # [..., T, N, Hv|1]
-            heads = (heads * gates).astype(heads.dtype)
-        return self.out(heads)
+            gates = _finite.by_row(self.gate, x).astype(jnp.float32)  # [..., T, N, Hv|1]
+            gates = jax.nn.sigmoid(gates)
+
+            # by row, as MixtureOfHeads: a NaN row meets no gate's or weight's gradient
+            def gated(h, g):
+                return self.out((h * g).astype(h.dtype))
+
+            return _finite.by_row(gated, heads, gates, vector_ndim=2)
+        return _finite.by_row(self.out, heads, vector_ndim=2)
 
     def __call__(self, inputs_q: jax.Array, *args, return_weights: bool = False, **kwargs):
         """As ``attention(inputs_q, *args, **kwargs)``, gated: ``[..., T, D_out]``."""
@@ -299,14 +307,19 @@ class MixtureOfHeads(nnx.Module):
             # padded tokens are routed from zeros, so a NaN there reaches no router
             # gradient (the loss's own where is not enough); real tokens as they are
             x = zero_padding(x, token_mask)
-        probs, selected = top_k_routing(self.router(x), self.k)
+        probs, selected = top_k_routing(_finite.by_row(self.router, x), self.k)
         weights = jnp.where(selected, self.num_heads * probs, 0.0)
         return weights, selected, _load_balancing_loss(probs, selected, token_mask)
 
     def _finish(self, x, heads, token_mask=None):
         weights, _, loss = self.route(x, token_mask)
-        mixed = (heads * weights[..., None]).astype(heads.dtype)  # [..., T, N, Hv]
-        return self.out(mixed), loss
+
+        # by row: a padded query's NaN heads meet neither the routing weights' gradient
+        # nor the output projection's (0 * NaN)
+        def mix(h):  # [..., T, N, Hv]
+            return self.out((h * weights[..., None]).astype(h.dtype))
+
+        return _finite.by_row(mix, heads, vector_ndim=2), loss
 
     def __call__(self, inputs_q: jax.Array, *args, return_weights: bool = False,
                  return_aux_loss: bool = False, sow_aux_loss: bool | None = None,

@@ -175,7 +175,9 @@ class LinearAttention(MultiHeadAttention):
         ``key_max`` as a third for kind ``"performer"``)."""
         bad = log_a = None
         if self.kind in ("linear", "performer"):  # features of finite inputs only
-            q, k, bad = lin.hide_before_features(q, k, is_causal, None)
+            # (a padding mask hides keys too: a padded query's NaN row must not reach
+            # the keys' gradients through its zero cotangent)
+            q, k, bad = lin.hide_before_features(q, k, is_causal or valid is not None, None)
         if self.kind == "performer":
             fq, fk, log_a, key_max = self._performer_features(q, k, is_causal, valid, key_max)
         else:
@@ -236,9 +238,9 @@ class LinearAttention(MultiHeadAttention):
         if valid is not None:  # padding keys: zeros in (NaN there reaches no gradient)
             inputs_k = _finite.zero_padding(inputs_k, valid)
             inputs_v = _finite.zero_padding(inputs_v, valid)
-        q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+        q, k, v = self._project(inputs_q, inputs_k, inputs_v)
         out = self._attend(inputs_q, q, k, v, is_causal=is_causal, valid=valid)
-        return self.out(self._scale_heads(out).astype(v.dtype))
+        return self._output(self._scale_heads(out).astype(v.dtype))
 
     def _scale_heads(self, out):
         """``out [B, T, N, Hv]`` scaled per head by a :func:`jattn.diagnostics.head_masked`
@@ -293,11 +295,11 @@ class LinearAttention(MultiHeadAttention):
                     f"a performer's cache.key_max must be [B, K] = {list(want)} (as "
                     f"init_cache gives it), got {got}"
                 )
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = self._project(x, x, x)
         form = "recurrent" if x.shape[-2] == 1 else None
         state = lin.LinearState(cache.kv, cache.k_sum)
         out, state, *rest = self._attend(x, q, k, v, is_causal=True, state=state,
                                          return_state=True, implementation=form,
                                          key_max=key_max)  # fmt: skip
         new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2], *rest)
-        return self.out(self._scale_heads(out).astype(v.dtype)), new
+        return self._output(self._scale_heads(out).astype(v.dtype)), new

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn.functional import _checks, mods
+from jattn.functional import _checks, _finite, mods
 from jattn.functional._checks import check_positive_int
 from jattn.functional.attention import attention, dot_product_attention
 from jattn.functional.masks import causal_mask
@@ -350,9 +350,7 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         deterministic = self._deterministic(deterministic)
         decode = self.decode if decode is None else decode
         _checks.check_flags(decode=decode)
-        query = self.query(inputs_q)  # [..., T, N, H]
-        key = self.key(inputs_k)  # [..., S, K, H]
-        value = self.value(inputs_v)  # [..., S, K, Hv]
+        query, key, value = self._project(inputs_q, inputs_k, inputs_v)
 
         fn = self.attention_fn
         q_offset = None
@@ -392,8 +390,22 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         x, weights = result if want_weights else (result, None)
         if sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)
-        out = self.out(x)
+        out = self._output(x)
         return (out, weights) if return_weights else out
+
+    def _project(self, inputs_q, inputs_k, inputs_v):
+        """``query [..., T, N, H]``, ``key [..., S, K, H]``, ``value [..., S, K, Hv]``: the
+        projections, each by :func:`jattn.functional._finite.by_row` (a non-finite input
+        vector zeroed before, its projection NaN after: the same values, and a NaN
+        input at a hidden position reaches no weight gradient)."""
+        return (_finite.by_row(self.query, inputs_q), _finite.by_row(self.key, inputs_k),
+                _finite.by_row(self.value, inputs_v))  # fmt: skip
+
+    def _output(self, x):
+        """The output projection of the heads ``x [..., T, N, Hv]``, by row as
+        :meth:`_project`'s (a padded query's NaN row, which the caller leaves out of
+        the loss, reaches no weight gradient)."""
+        return _finite.by_row(self.out, x, vector_ndim=2)
 
     def _check_inputs(self, inputs_q, inputs_k, inputs_v, one_batch_axis: bool = False,
                       q_name: str = "inputs_q"):  # fmt: skip
