@@ -340,6 +340,49 @@ def test_a_bad_gate_reaches_only_the_rows_that_see_it(form, pos, split, fill, se
         np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-6 * (1 + np.abs(c).max()))
 
 
+@pytest.mark.parametrize("start", [10, 40])
+def test_blocked_rows_far_past_a_nan_key_are_nan(start):
+    """In one 64-wide tile the blocked path gave 0, not NaN, to the rows 16 or more
+    keys past a NaN key (XLA's vectorised max on CPU does not keep a NaN), and a loss
+    without those rows got NaN gradients. The rows that see a bad key are now flagged
+    apart from the logits: NaN exactly where dense is, and the gradients of a loss
+    without them are dense's."""
+    rng = np.random.default_rng(start)
+    q = jnp.asarray(rng.standard_normal((1, 64, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 64, 2, 8)), jnp.float32).at[:, start:].set(
+        jnp.nan) for _ in range(2))  # fmt: skip
+    keep = jnp.asarray((np.arange(64) < start)[None, :, None, None])
+    fns = {"blocked": functools.partial(blocked_attention, block_sizes=(64, 64)),
+           "dense": attention}  # fmt: skip
+    outs, grads = {}, {}
+    for name, fn in fns.items():
+        outs[name] = np.asarray(fn(q, k, v, is_causal=True))
+
+        def loss(q, k, v, fn=fn):
+            return jnp.sum(jnp.where(keep, fn(q, k, v, is_causal=True), 0.0))
+
+        grads[name] = jax.grad(loss, (0, 1, 2))(q, k, v)
+    rows = np.isnan(outs["blocked"]).any(-1)
+    np.testing.assert_array_equal(rows, np.broadcast_to(~np.asarray(keep)[..., 0], rows.shape))
+    np.testing.assert_allclose(outs["blocked"], outs["dense"], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads["blocked"], grads["dense"], strict=True):
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_single_head_attention_with_no_flags_is_as_without():
+    """``nonfinite=(None, None)`` (either flag may be None) was a TypeError."""
+    from jattn.functional.dense import single_head_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 4)), jnp.float32) for _ in range(3))
+    mask = jnp.tril(jnp.ones((3, 3), bool))
+    want = single_head_attention(q, k, v, None, mask)
+    got = single_head_attention(q, k, v, None, mask, nonfinite=(None, None))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @functools.cache
 def _flax_fn_grads(broadcast_dropout):
     def loss(q, k, v, mask):

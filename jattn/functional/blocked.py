@@ -288,14 +288,14 @@ def _logits(
     Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. ``mods_``:
     ``(mask_mod, score_mod)`` of a call with a block table or a score_mod. With
     ``vjp`` (and a score_mod) the result ``(s,)`` has a second entry, the score_mod's VJP
-    at this tile: ``d logits -> (d scaled logits, d float leaves)``. ``bad``: this
-    tile's ``(rows [B*K, G*bt], keys [B*K, bs])`` with non-finite inputs, whose pairs
-    get NaN logits after the score_mod and bias, before the masks.
+    at this tile: ``d logits -> (d scaled logits, d float leaves)``. ``bad`` is not
+    read: the inputs are cleaned, and the rows that see a bad one are flagged apart
+    (:func:`_sees_bad`) and made NaN at the end.
     """
     mm, sm = (None, None) if mods_ is None else mods_
     s = _dot(qi, kj, ((2,), (2,)))
     if bias is None and mask is None and not structured and sm is None:
-        return (s,) if bad is None else (_finite.nan_pairs(s, *bad),)
+        return (s,)
     s = s.reshape(geo.b, geo.k, geo.g, geo.bt, geo.bs)
     index = _mod_index(geo, i, j)
     if sm is not None and vjp:
@@ -311,13 +311,10 @@ def _logits(
 
 
 def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm, bad):
-    """The ``[B, K, G, bt, bs]`` logits of tile (i, j) with the bias added, the pairs
-    of non-finite inputs made NaN and the masks applied, as ``[B*K, G*bt, bs]``."""
+    """The ``[B, K, G, bt, bs]`` logits of tile (i, j) with the bias added and the
+    masks applied, as ``[B*K, G*bt, bs]``."""
     if bias is not None:
         s = s + _block(bias, geo, i, j).astype(jnp.float32)
-    if bad is not None:
-        rows = bad[0].reshape(geo.b, geo.k, geo.g, geo.bt)
-        s = _finite.nan_pairs(s, rows, bad[1].reshape(geo.b, geo.k, 1, geo.bs))
     if mask is not None:
         s = jnp.where(_block(mask, geo, i, j), s, _FILL)
     if structured:
@@ -337,6 +334,23 @@ def _seen(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool, mm=None):
         visible = visible & vis & real
     seen = jnp.broadcast_to(jnp.any(visible, axis=-1), (geo.b, geo.k, geo.g, geo.bt))
     return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
+
+
+def _sees_bad(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool, mm, bad):
+    """Which rows ``[B*K, G*bt]`` of tile (i, j) see a non-finite input: a bad key of
+    ``bad[1] [B*K, bs]`` through the mask (and the structure), or a bad query of
+    ``bad[0] [B*K, G*bt]`` that sees any key. Flags, not NaN logits: a NaN in a row's
+    max is not kept by XLA's vectorised reductions on CPU (a row 16 or more keys past
+    the NaN one came out 0, not NaN)."""
+    rows = bad[0].reshape(geo.b, geo.k, geo.g, geo.bt)
+    cols = bad[1].reshape(geo.b, geo.k, 1, 1, geo.bs)
+    visible = None if mask is None else _block(mask, geo, i, j)
+    if structured:
+        vis, real = _visible(geo, i, j, q_len, kv_len, mm)
+        visible = vis & real if visible is None else visible & vis & real
+    sees = _finite.nan_rows(visible, rows, cols[..., 0, :])
+    sees = jnp.broadcast_to(sees, (geo.b, geo.k, geo.g, geo.bt))
+    return sees.reshape(geo.b * geo.k, geo.g * geo.bt)
 
 
 def _seen_by_structure(geo: _Geometry, i, q_len, kv_len):
@@ -460,13 +474,13 @@ def _forward(
         i, qi = args
 
         def step(structured, j, carry):
-            m, l, acc, seen = carry
-            bij = None if bad is None else (bad[0][i], bad[1][j])
-            (s,) = _logits(
-                geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_, bad=bij
-            )
+            m, l, acc, seen, *flag = carry
+            (s,) = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_)
             if mask is not None or (geo.table and structured):  # else seen is known
                 seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured, mm)
+            if bad is not None:  # rows that see a non-finite input: NaN at the end
+                bij = (bad[0][i], bad[1][j])
+                flag = [flag[0] | _sees_bad(geo, mask, q_len, kv_len, i, j, structured, mm, bij)]
             # The running max only stabilises exp; the results do not depend on it, so it
             # carries no derivative (as in the dense softmax). Differentiating through
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:
@@ -482,7 +496,7 @@ def _forward(
             if geo.dropout_rate > 0.0:
                 p = jnp.where(_keep(geo, rng, i, j), p * inv_keep, jnp.float32(0.0))
             acc = acc * corr[..., None] + _pv(p, vb[j])
-            return m_new, l, acc, seen
+            return m_new, l, acc, seen, *flag
 
         if geo.table:  # a full block: every row sees all of it, unless the mask hides it
             seen0 = jnp.full((qi.shape[0], rows), (tab.kv_num_full[i] > 0) & (mask is None))
@@ -495,9 +509,9 @@ def _forward(
             jnp.zeros((qi.shape[0], rows), jnp.float32),
             jnp.zeros((qi.shape[0], rows, hv), jnp.float32),
             seen0,
-        )
+        ) + (() if bad is None else (jnp.zeros((qi.shape[0], rows), bool),))
         if geo.table:
-            m, l, acc, seen = _table_tiles(
+            m, l, acc, seen, *flag = _table_tiles(
                 tab.kv_indices[i], tab.kv_num_partial[i], tab.kv_num_full[i], step, init
             )
         else:
@@ -505,7 +519,7 @@ def _forward(
             plain = None
             if _has_structure(geo, q_len, kv_len):
                 plain = _plain_kv_blocks(geo, i, q_len, kv_len)
-            m, l, acc, seen = _tiles(geo, lo, hi, plain, step, init)
+            m, l, acc, seen, *flag = _tiles(geo, lo, hi, plain, step, init)
         fully = ~seen  # no visible key: the fully_masked policy
         empty = m == _LOWEST  # no tile, or only padding and -inf logits: lse 0
         if geo.table:  # a row that visited no block: the lse of the fill, as dense
@@ -517,6 +531,8 @@ def _forward(
         out = jnp.where(dead[..., None], jnp.float32(0.0), acc / l_safe[..., None])
         log_l = jnp.where(dead | empty, jnp.float32(0.0), jnp.log(l_safe))
         m = jnp.where((m == _LOWEST) | dead, jnp.float32(0.0), m)
+        if flag:  # NaN rows (a NaN m: the backward skips them, _backward)
+            out, m = _finite.nan_where(flag[0][..., None], out), _finite.nan_where(flag[0], m)
         return out, fully, fully | dead, m, log_l
 
     nq = qb.shape[0]
@@ -586,6 +602,18 @@ def _flash_bwd(geo, res, cotangents):
     )
 
 
+def skip_nan_rows(skip, m, log_l, delta):
+    """``(skip, m, log_l, delta)`` with the rows that came out NaN (those that saw a
+    non-finite input: NaN ``m`` or ``log_l``) skipped in the backward pass, as fully
+    masked ones, and their saved values zeroed: their NaN weights would meet a zero
+    cotangent (a loss that leaves them out) and make NaN the gradients of every key
+    they see. For calls that hid something; a row NaN for another reason there (a NaN
+    bias, a score_mod's NaN) gets zero gradients too."""
+    nan_row = jnp.isnan(m) | jnp.isnan(log_l)
+    zero = jnp.float32(0.0)
+    return (skip | nan_row, *(jnp.where(nan_row, zero, x) for x in (m, log_l, delta)))
+
+
 def _backward(geo, res, dout, delta=None, acc=None):
     """The float32 gradients ``(dq, dk, dv, dbias or None, d score_mod float leaves)``
     of the blocked layout's inputs from the residuals of :func:`_flash_fwd` (``out``,
@@ -600,13 +628,8 @@ def _backward(geo, res, dout, delta=None, acc=None):
     dout = dout.astype(jnp.float32)
     if delta is None:
         delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # [nq, B*K, G*bt]
-    if bad is not None:  # rows that saw a non-finite input (NaN m): skipped, as fully
-        # masked ones: their NaN weights would meet a zero cotangent (a loss that leaves
-        # them out) and make NaN the gradients of every key they see
-        nan_row = jnp.isnan(m) | jnp.isnan(log_l)
-        skip = skip | nan_row
-        m, log_l = (jnp.where(nan_row, jnp.float32(0.0), x) for x in (m, log_l))
-        delta = jnp.where(nan_row, jnp.float32(0.0), delta)
+    if bad is not None:
+        skip, m, log_l, delta = skip_nan_rows(skip, m, log_l, delta)
     inv_keep = jnp.float32(1.0 / (1.0 - geo.dropout_rate))
     nk = kb.shape[0]
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
@@ -619,11 +642,9 @@ def _backward(geo, res, dout, delta=None, acc=None):
         def step(structured, i, c):
             dk, dv, dq, dbias, dsm = c
             qi, doi = qb[i], dout[i]
-            bij = None if bad is None else (bad[0][i], bad[1][j])
             s, *vjp = _logits(
-                geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True,
-                bad=bij,
-            )  # fmt: skip
+                geo, qi, kj, bias, mask, q_len, kv_len, i, j, structured, (mm, sm), vjp=True
+            )
             # Fully masked rows and rows of -inf logits contribute nothing: exp(fill) = 0
             shifted = (s - m[i][..., None]) - log_l[i][..., None]
             p = jnp.exp(jnp.where(skip[i][..., None], _FILL, shifted))  # [B*K, G*bt, bs]

@@ -788,7 +788,13 @@ def _ring_forward_pair(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets, idx, s
     decay = jnp.where(seen, jnp.exp(big_m - m_new), jnp.float32(0.0))
     w = jnp.where(ok, jnp.exp(jnp.where(ok, m - m_new, 0.0) + log_l), jnp.float32(0.0))
     acc = acc * decay[..., None] + out * w[..., None]
-    return m_new, big_l * decay + w, acc, seen | ok, all_fully & fully
+    big_l = big_l * decay + w
+    # a row that saw a non-finite input (a NaN m, in this pair or before) stays NaN: an
+    # elementwise max need not keep a NaN on CPU
+    nan_row = jnp.isnan(big_m) | (ok & jnp.isnan(m))
+    m_new, big_l = _finite.nan_where(nan_row, m_new), _finite.nan_where(nan_row, big_l)
+    acc = _finite.nan_where(nan_row[..., None], acc)
+    return m_new, big_l, acc, seen | ok, all_fully & fully
 
 
 def _ring_fwd(ring, qb, kb, vb, bad, mleaves, smf, smo, offsets):
@@ -833,6 +839,8 @@ def _ring_bwd(ring, res, cotangents):
     qb, kb, vb, bad, mleaves, smf, smo, offsets, out, fully, skip, m, log_l = res
     dout = cotangents[0]  # the lse is a residual: no gradient (as dense)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    if bad:  # a row NaN from another shard's bad key: skipped in every pair, clean too
+        skip, m, log_l, delta = blocked.skip_nan_rows(skip, m, log_l, delta)
     idx = lax.axis_index(ring.axis)
     bad_q, bad_kv = bad if bad else (None, None)
     zeros = functools.partial(jnp.zeros, dtype=jnp.float32)

@@ -77,9 +77,11 @@ def single_head_attention(
     if dropout_keep is not None:
         probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
     out = attention_pooling(probs, value)  # float32 probabilities: see weighted_values
+    rows = None
     if nonfinite is not None:  # the rows that see a bad vector: NaN (no NaN weights)
         rows = _finite.nan_rows(None if mask is None else jnp.broadcast_to(mask, (t, s)),
                                 *nonfinite)  # fmt: skip
+    if rows is not None:
         out = _finite.nan_where(rows[:, None], out)
         weights, lse = _finite.nan_where(rows[:, None], weights), _finite.nan_where(rows, lse)
     return out, weights, lse

@@ -154,8 +154,10 @@ class LinearAttention(MultiHeadAttention):
         m = jnp.max(top, axis=1, keepdims=True)  # [B, 1, K]
         if valid is not None:  # an example with no valid key: any finite shift
             m = jnp.where(jnp.any(valid, axis=1)[:, None, None], m, 0.0)
-        fk = jnp.exp(logits - jax.lax.stop_gradient(m)[..., None]) / math.sqrt(w.shape[0])
-        return fq, fk, None, None
+        shifted = logits - jax.lax.stop_gradient(m)[..., None]
+        if valid is not None:  # padding: exp of the lowest float, 0 (exp(0 - m) may be inf)
+            shifted = jnp.where(valid[..., None, None], shifted, jnp.finfo(jnp.float32).min)
+        return fq, jnp.exp(shifted) / math.sqrt(w.shape[0]), None, None
 
     def _features(self, q, k):
         if self.kind == "linear":
