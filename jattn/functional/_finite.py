@@ -8,9 +8,11 @@ does in ``jax.nn.dot_product_attention``). The dense and blocked paths therefore
 1. zero every query, key and value vector that holds a NaN or inf (one select on
    ``[..., H]``; gradients there are exactly zero), and
 2. make NaN the rows that see such a vector (a visible pair in which either is one):
-   the dense paths compute on the cleaned inputs and set those rows at the end
-   (:func:`nan_rows`), the blocked path gives the pairs NaN logits before the masks
-   and its backward pass skips the rows that came out NaN.
+   every path computes on the cleaned inputs, flags those rows apart from the logits
+   (:func:`nan_rows`; the blocked path and the ring tile by tile) and sets them at
+   the end, and the blocked backward skips them. Not NaN logits: a NaN weight meets
+   a left-out row's zero cotangent (NaN gradients), and XLA's vectorised max on CPU
+   need not keep a NaN (rows came out 0).
 
 So a non-finite input changes exactly the rows that see it, and the rows that do
 not see it are the same as with the vector replaced by anything finite; their
@@ -21,8 +23,8 @@ or mods): without any, every pair is visible and NaN spreads as it always did.
 
 The dense path always does it (two selects on inputs a fraction of the size of its
 ``[T, S]`` work). The blocked path and the ring clean the inputs as they copy them
-into blocks (a select fused into a copy they make anyway) and put only the NaN pairs'
-select on each tile behind :func:`guarded_by_flags`. The in-layout path (a decoding step: a
+into blocks (a select fused into a copy they make anyway) and put only the rows'
+flags on each tile behind :func:`guarded_by_flags`. The in-layout path (a decoding step: a
 few queries against a long KV cache) cannot afford a read of the cache to decide,
 nor a cleaned copy of it (either costs a step a large part of its attention,
 ``benchmarks/bench_hardening.py``); it runs behind :func:`guarded_by_result`, which
@@ -243,9 +245,9 @@ def guarded(run, spec, *inputs):
 def guarded_by_flags(fn, bad):
     """``fn(bad)`` when a flag in ``bad`` (``(bad rows, bad keys)`` from
     :func:`hide_qkv`, in any layout, or None) is set, else ``fn(None)``, behind a
-    ``lax.cond``: for a call whose inputs are cleaned already, so only the NaN pairs'
-    select (:func:`nan_pairs`, 9-20% of a blocked forward pass) waits on the flags
-    (the blocked path's call and the ring's pairs)."""
+    ``lax.cond``: for a call whose inputs are cleaned already, so only the work on the
+    flags (the rows that see a bad input, :func:`nan_rows`, tile by tile) waits on
+    them (the blocked path's call and the ring's pairs)."""
     if bad is None:
         return fn(None)
     return jax.lax.cond(jnp.any(bad[0]) | jnp.any(bad[1]), lambda: fn(bad), lambda: fn(None))

@@ -864,7 +864,7 @@ def attend(spec: _checks.AttentionSpec, block_sizes: tuple[int, int] | None = No
     bad = None
     if _finite.may_hide(spec):  # hidden non-finite inputs reach nothing (_finite)
         # Cleaned as they are copied into blocks (one fusion each), so the tiles and the
-        # residuals are one set either way; only the NaN pairs' select on each tile waits
+        # residuals are one set either way; only the NaN rows' flags on each tile wait
         # on the flags (_finite.guarded_by_flags). A cond between blocking the raw and the
         # cleaned inputs held both sets of copies and residuals (8-17% more scratch).
         query, key, value, bad_q, bad_kv = _finite.hide_qkv(query, key, value)
