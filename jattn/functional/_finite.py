@@ -51,7 +51,6 @@ __all__ = [
     "hide_qkv",
     "map_chunks",
     "may_hide",
-    "nan_pairs",
     "nan_rows",
     "nan_where",
     "by_row",
@@ -165,26 +164,20 @@ def hide_qkv(query, key, value):
     return query, key, value, bad_q, bad_k | bad_v
 
 
-def nan_pairs(logits: jax.Array, bad_rows: jax.Array | None, bad_cols: jax.Array | None,
-              fill=jnp.nan):  # fmt: skip
-    """``logits [..., T, S]`` with NaN (or ``fill``) where ``bad_rows [..., T]`` or
-    ``bad_cols [..., S]`` (either may be None)."""
+def zero_pairs(logits: jax.Array, bad_rows: jax.Array | None, bad_cols: jax.Array | None):
+    """``logits [..., T, S]`` with 0 where ``bad_rows [..., T]`` or ``bad_cols [..., S]``
+    (either may be None): the logits of the zeroed vectors' pairs, finite (the rows
+    that see them are made NaN after, :func:`nan_rows`). The select also keeps XLA from
+    fusing a score's scaling into both the softmax's max and its exp, where LLVM may
+    contract ``x * scale - max`` into a fused multiply-add that skips the rounding the
+    max saw (+-512 at logits near 1e10: rows of inf or 0)."""
     bad = None
     if bad_rows is not None:
         bad = bad_rows[..., :, None]
     if bad_cols is not None:
         cols = bad_cols[..., None, :]
         bad = cols if bad is None else bad | cols
-    return logits if bad is None else jnp.where(bad, jnp.float32(fill), logits)
-
-
-def zero_pairs(logits, bad_rows, bad_cols):
-    """:func:`nan_pairs` with 0: the logits of the zeroed vectors' pairs, finite (the
-    rows that see them are made NaN after, :func:`nan_rows`). The select also keeps
-    XLA from fusing a score's scaling into both the softmax's max and its exp, where
-    LLVM may contract ``x * scale - max`` into a fused multiply-add that skips the
-    rounding the max saw (+-512 at logits near 1e10: rows of inf or 0)."""
-    return nan_pairs(logits, bad_rows, bad_cols, 0.0)
+    return logits if bad is None else jnp.where(bad, jnp.float32(0.0), logits)
 
 
 def nan_rows(visible, bad_rows, bad_cols):
@@ -205,20 +198,25 @@ def nan_rows(visible, bad_rows, bad_cols):
     return rows
 
 
-def by_row(fn, *xs: jax.Array, vector_ndim: int = 1) -> jax.Array:
+def by_row(fn, *xs: jax.Array, vector_ndim: int = 1):
     """``fn(*xs)`` for a per-row map (a projection, a gate, a router: row i of the
     result depends on row i of each ``x`` only, a row being the last ``vector_ndim``
     axes), with the rows that are not finite in some ``x`` zeroed before and NaN in the
-    result after. The same values, but a NaN or inf row (padding left uninitialised)
-    that the loss leaves out meets its zero cotangent with finite inputs: ``x^T dy``
-    would otherwise make ``NaN * 0`` of the weights' gradients."""
+    result (an array, or a tuple of them: one check for maps that share an input)
+    after. The same values, but a NaN or inf row (padding left uninitialised) that the
+    loss leaves out meets its zero cotangent with finite inputs: ``x^T dy`` would
+    otherwise make ``NaN * 0`` of the weights' gradients."""
     axes = tuple(range(-vector_ndim, 0))
     bad = functools.reduce(
         jnp.logical_or, [jnp.logical_not(jnp.all(jnp.isfinite(x), axis=axes)) for x in xs]
     )
     cut = bad.reshape(bad.shape + (1,) * vector_ndim)
-    y = fn(*(jnp.where(cut, jnp.zeros((), x.dtype), x) for x in xs))
-    return nan_where(bad.reshape(bad.shape + (1,) * (y.ndim - bad.ndim)), y)
+    ys = fn(*(jnp.where(cut, jnp.zeros((), x.dtype), x) for x in xs))
+
+    def mark(y):
+        return nan_where(bad.reshape(bad.shape + (1,) * (y.ndim - bad.ndim)), y)
+
+    return tuple(map(mark, ys)) if isinstance(ys, tuple) else mark(ys)
 
 
 def nan_where(rows, x):

@@ -281,16 +281,15 @@ def _split_score_mod(sm):
 
 def _logits(
     geo: _Geometry, qi, kj, bias, mask, q_len, kv_len, i, j, structured: bool, mods_=None,
-    vjp: bool = False, bad=None,
+    vjp: bool = False,
 ):  # fmt: skip
     """Logits ``[B*K, G*bt, bs]`` of tile (i, j) (the query is scaled already).
 
     Masked entries are filled with :data:`MASK_FILL`, padding keys with ``-inf``. ``mods_``:
     ``(mask_mod, score_mod)`` of a call with a block table or a score_mod. With
     ``vjp`` (and a score_mod) the result ``(s,)`` has a second entry, the score_mod's VJP
-    at this tile: ``d logits -> (d scaled logits, d float leaves)``. ``bad`` is not
-    read: the inputs are cleaned, and the rows that see a bad one are flagged apart
-    (:func:`_sees_bad`) and made NaN at the end.
+    at this tile: ``d logits -> (d scaled logits, d float leaves)``. Non-finite inputs
+    are cleaned before; the rows that see one are flagged apart (:func:`_sees_bad`).
     """
     mm, sm = (None, None) if mods_ is None else mods_
     s = _dot(qi, kj, ((2,), (2,)))
@@ -303,14 +302,14 @@ def _logits(
         s, vjp_fn = jax.vjp(
             lambda r, fl: mods.call_score(_score_mod(geo, fl, smo), r, *index), s, smf
         )
-        s = _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm, bad)
+        s = _finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm)
         return s, vjp_fn
     if sm is not None:
         s = mods.call_score(sm, s, *index)
-    return (_finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm, bad),)
+    return (_finish(geo, s, bias, mask, q_len, kv_len, i, j, structured, mm),)
 
 
-def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm, bad):
+def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool, mm):
     """The ``[B, K, G, bt, bs]`` logits of tile (i, j) with the bias added and the
     masks applied, as ``[B*K, G*bt, bs]``."""
     if bias is not None:
@@ -325,32 +324,38 @@ def _finish(geo: _Geometry, s, bias, mask, q_len, kv_len, i, j, structured: bool
     return s.reshape(geo.b * geo.k, geo.g * geo.bt, geo.bs)
 
 
-def _seen(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool, mm=None):
-    """Which rows ``[B*K, G*bt]`` of tile (i, j) see a real key through the mask (and
-    the structure). Reduced before it is broadcast to the heads."""
-    visible = True if mask is None else _block(mask, geo, i, j)
-    if structured:
-        vis, real = _visible(geo, i, j, q_len, kv_len, mm)
-        visible = visible & vis & real
-    seen = jnp.broadcast_to(jnp.any(visible, axis=-1), (geo.b, geo.k, geo.g, geo.bt))
-    return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
-
-
-def _sees_bad(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool, mm, bad):
-    """Which rows ``[B*K, G*bt]`` of tile (i, j) see a non-finite input: a bad key of
-    ``bad[1] [B*K, bs]`` through the mask (and the structure), or a bad query of
-    ``bad[0] [B*K, G*bt]`` that sees any key. Flags, not NaN logits: a NaN in a row's
-    max is not kept by XLA's vectorised reductions on CPU (a row 16 or more keys past
-    the NaN one came out 0, not NaN)."""
-    rows = bad[0].reshape(geo.b, geo.k, geo.g, geo.bt)
-    cols = bad[1].reshape(geo.b, geo.k, 1, 1, geo.bs)
+def _tile_visible(geo: _Geometry, mask, q_len, kv_len, i, j, structured: bool, mm=None):
+    """The pairs of tile (i, j) that the mask and the structure show, a boolean that
+    broadcasts to ``[B, K, G, bt, bs]``, or None when nothing hides any."""
     visible = None if mask is None else _block(mask, geo, i, j)
     if structured:
         vis, real = _visible(geo, i, j, q_len, kv_len, mm)
         visible = vis & real if visible is None else visible & vis & real
-    sees = _finite.nan_rows(visible, rows, cols[..., 0, :])
-    sees = jnp.broadcast_to(sees, (geo.b, geo.k, geo.g, geo.bt))
-    return sees.reshape(geo.b * geo.k, geo.g * geo.bt)
+    return visible
+
+
+def _tile_rows(geo: _Geometry, rows):
+    """Row flags ``[B|1, K|1, G|1, bt]`` as ``[B*K, G*bt]``."""
+    return jnp.broadcast_to(rows, (geo.b, geo.k, geo.g, geo.bt)).reshape(
+        geo.b * geo.k, geo.g * geo.bt
+    )
+
+
+def _seen(geo: _Geometry, visible):
+    """Which rows ``[B*K, G*bt]`` of a tile see a real key through ``visible`` (of
+    :func:`_tile_visible`, not None). Reduced before it is broadcast to the heads."""
+    return _tile_rows(geo, jnp.any(visible, axis=-1))
+
+
+def _sees_bad(geo: _Geometry, visible, bad):
+    """Which rows ``[B*K, G*bt]`` of a tile see a non-finite input: a bad key of
+    ``bad[1] [B*K, bs]`` through ``visible`` (of :func:`_tile_visible`), or a bad query
+    of ``bad[0] [B*K, G*bt]`` that sees any key. Flags, not NaN logits: a NaN in a row's
+    max is not kept by XLA's vectorised reductions on CPU (a row 16 or more keys past
+    the NaN one came out 0, not NaN)."""
+    rows = bad[0].reshape(geo.b, geo.k, geo.g, geo.bt)
+    cols = bad[1].reshape(geo.b, geo.k, 1, geo.bs)
+    return _tile_rows(geo, _finite.nan_rows(visible, rows, cols))
 
 
 def _seen_by_structure(geo: _Geometry, i, q_len, kv_len):
@@ -372,8 +377,7 @@ def _seen_by_structure(geo: _Geometry, i, q_len, kv_len):
     seen = lo[None, :] <= hi
     if q_len is not None:
         seen = seen & (q[None, :] < q_len[:, None])
-    seen = jnp.broadcast_to(seen[:, None, None, :], (geo.b, geo.k, geo.g, geo.bt))
-    return seen.reshape(geo.b * geo.k, geo.g * geo.bt)
+    return _tile_rows(geo, seen[:, None, None, :])
 
 
 def _cdiv(a, b: int):
@@ -476,11 +480,13 @@ def _forward(
         def step(structured, j, carry):
             m, l, acc, seen, *flag = carry
             (s,) = _logits(geo, qi, kb[j], bias, mask, q_len, kv_len, i, j, structured, mods_)
-            if mask is not None or (geo.table and structured):  # else seen is known
-                seen = seen | _seen(geo, mask, q_len, kv_len, i, j, structured, mm)
+            track = mask is not None or (geo.table and structured)  # else seen is known
+            if track or bad is not None:
+                visible = _tile_visible(geo, mask, q_len, kv_len, i, j, structured, mm)
+            if track:
+                seen = seen | _seen(geo, visible)
             if bad is not None:  # rows that see a non-finite input: NaN at the end
-                bij = (bad[0][i], bad[1][j])
-                flag = [flag[0] | _sees_bad(geo, mask, q_len, kv_len, i, j, structured, mm, bij)]
+                flag = [flag[0] | _sees_bad(geo, visible, (bad[0][i], bad[1][j]))]
             # The running max only stabilises exp; the results do not depend on it, so it
             # carries no derivative (as in the dense softmax). Differentiating through
             # it (e.g. a Hessian-vector product, jax.jvp of jax.grad) also breaks on CPU:

@@ -77,11 +77,11 @@ def single_head_attention(
     if dropout_keep is not None:
         probs = jnp.where(dropout_keep, weights / jnp.float32(1.0 - dropout_rate), 0.0)
     out = attention_pooling(probs, value)  # float32 probabilities: see weighted_values
-    rows = None
-    if nonfinite is not None:  # the rows that see a bad vector: NaN (no NaN weights)
+    rows = None  # the rows that see a bad vector: NaN (no NaN weights)
+    if nonfinite is not None:
         rows = _finite.nan_rows(None if mask is None else jnp.broadcast_to(mask, (t, s)),
                                 *nonfinite)  # fmt: skip
-    if rows is not None:
+    if rows is not None:  # (None when both flags are)
         out = _finite.nan_where(rows[:, None], out)
         weights, lse = _finite.nan_where(rows[:, None], weights), _finite.nan_where(rows, lse)
     return out, weights, lse
@@ -451,7 +451,7 @@ def _dense_in_layout(
         rows = None
         if bad_q is not None:  # the rows that see a bad vector: NaN at the end
             rows = _finite.nan_rows(visible, bad_rows, bad_cols)
-            rows = jnp.broadcast_to(rows, (nb, k, g, t))  # [B, K, G, T]: NaN at the end
+            rows = jnp.broadcast_to(rows, (nb, k, g, t))  # [B, K, G, T]
         probs = weights
         if dropout_rate > 0.0:
             keep = keep_mask(dropout_rng, 1.0 - dropout_rate, (nb, k, g, t, s))

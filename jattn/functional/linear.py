@@ -289,13 +289,20 @@ def _compute(q, k, v, log_a, resets, state: LinearState, bad, name, form, chunk,
 
 def _seen_causally(bad, resets):
     """``[B, T, N]``: whether position t sees a bad position s <= t of its segment."""
-    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # bad positions up to t
+    return segment_cummax(bad.astype(jnp.int32), resets) > 0
+
+
+def segment_cummax(x, resets):
+    """``[B, T, ...]``: the max of ``x`` over positions ``s <= t`` of t's segment (a
+    reset, ``[B, T]`` bool or None, starts a new one)."""
     if resets is None:
-        return count > 0
-    t = bad.shape[1]
-    start = jax.lax.cummax(jnp.where(resets, jnp.arange(t)[None, :], 0), axis=1)  # [B, T]
-    before = jnp.take_along_axis(count, jnp.maximum(start - 1, 0)[..., None], axis=1)
-    return count - jnp.where(start[..., None] > 0, before, 0) > 0
+        return lax.cummax(x, axis=1)
+    r = jnp.broadcast_to(resets.reshape(resets.shape + (1,) * (x.ndim - 2)), x.shape)
+
+    def combine(a, b):  # (max so far, reset seen) of a prefix, then of the next part
+        return jnp.where(b[1], b[0], jnp.maximum(a[0], b[0])), a[1] | b[1]
+
+    return lax.associative_scan(combine, (x, r), axis=1)[0]
 
 
 def _finish(out, state, dtype, return_state):

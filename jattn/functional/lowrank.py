@@ -126,19 +126,6 @@ def _favor_logits(x, projection):
     return x @ projection.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
 
-def _running_max(x, resets):
-    """``[B, T, ...]``: the max of ``x`` over positions ``s <= t`` of t's segment (a
-    reset, ``[B, T]`` bool or None, starts a new one)."""
-    if resets is None:
-        return jax.lax.cummax(x, axis=1)
-    r = jnp.broadcast_to(resets.reshape(resets.shape + (1,) * (x.ndim - 2)), x.shape)
-
-    def combine(a, b):  # (max so far, reset seen) of a prefix, then of the next part
-        return jnp.where(b[1], b[0], jnp.maximum(a[0], b[0])), a[1] | b[1]
-
-    return jax.lax.associative_scan(combine, (x, r), axis=1)[0]
-
-
 def _causal_key_features(key, projection, resets, start=None):
     """Causal FAVOR+ key features ``[B, T, K, M]``, each key's stabilised by the running
     max of the logits of the keys up to it (in its segment), the log decays ``[B, T, K,
@@ -149,7 +136,7 @@ def _causal_key_features(key, projection, resets, start=None):
     the prefix's, exactly). ``start [B, K]``: the running max of the tokens before (a
     decoding state's, which the first decay carries on), or None."""
     logits = _favor_logits(key, projection)
-    m = _running_max(jnp.max(logits, axis=-1, keepdims=True), resets)
+    m = linear.segment_cummax(jnp.max(logits, axis=-1, keepdims=True), resets)
     first = m[:, :1]
     if start is not None:  # it reaches the tokens before the first reset
         first = start[:, None, :, None]
@@ -164,16 +151,25 @@ def _causal_key_features(key, projection, resets, start=None):
     return jnp.exp(logits - m) / math.sqrt(projection.shape[0]), log_a, m
 
 
-def _segment_key_features(key, projection, segment_ids):
-    """Non-causal FAVOR+ key features ``[B, T, K, M]`` stabilised by the max over their
-    own segment (one max over the sequence let a large key in one segment underflow
-    every feature of the others)."""
+def _key_features(key, projection, sees=None):
+    """Non-causal FAVOR+ key features ``[B, S, K, M]``, each stabilised by the max over
+    the keys its rows see: all of them (``sees`` None), the valid ones (``sees [B, S]``:
+    padding keys get features 0), or its segment's (``sees [B, S, S]``, key s with key
+    s'). One max over the sequence let a large key elsewhere underflow every feature."""
     logits = _favor_logits(key, projection)
-    row = jnp.max(logits, axis=-1)  # [B, S, K]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    m = jnp.max(jnp.where(same[..., None], row[:, None], -jnp.inf), axis=2)  # [B, T, K]
-    m = jax.lax.stop_gradient(m)[..., None]
-    return jnp.exp(logits - m) / math.sqrt(projection.shape[0])
+    top = jnp.max(logits, axis=-1)  # [B, S, K]
+    low = jnp.finfo(jnp.float32).min  # an unseen key's: exp gives 0, and no inf is made
+    if sees is None:
+        m = jnp.max(top, axis=1, keepdims=True)
+    elif sees.ndim == 2:  # valid keys; an example with none: any finite shift
+        m = jnp.max(jnp.where(sees[..., None], top, low), axis=1, keepdims=True)
+        m = jnp.where(jnp.any(sees, axis=1)[:, None, None], m, 0.0)
+    else:
+        m = jnp.max(jnp.where(sees[..., None], top[:, None], low), axis=2)  # [B, S, K]
+    shifted = logits - jax.lax.stop_gradient(m)[..., None]
+    if sees is not None and sees.ndim == 2:  # padding: exp(lowest) = 0 (exp(0 - m) = inf)
+        shifted = jnp.where(sees[..., None, None], shifted, low)
+    return jnp.exp(shifted) / math.sqrt(projection.shape[0])
 
 
 def performer_attention(
@@ -227,10 +223,9 @@ def performer_attention(
     elif is_causal:
         fk, log_a, _ = _causal_key_features(key, projection, resets)
         log_a = _repeat_kv(log_a, n)
-    elif segment_ids is not None:
-        fk = _segment_key_features(key, projection, segment_ids)
-    else:
-        fk = favor_features(key, projection, stabilizer="all")
+    else:  # the keys each row sees: all, or its segment's
+        same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None]
+        fk = _key_features(key, projection, same)
     return linear.normalized_attention(
         name, fq, fk, value, is_causal, None, False, chunk_size, segment_ids, implementation, bad,
         log_a,

@@ -141,9 +141,11 @@ class _GatedProjection(nnx.Module):
         self.in_features = proj.in_features
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        v = _finite.by_row(self.proj, x)  # [..., S, K, Hv]
-        gate = jax.nn.sigmoid(_finite.by_row(self.gate, x).astype(jnp.float32))
-        return (v * gate).astype(v.dtype)
+        def gated(x):  # [..., S, K, Hv]
+            v = self.proj(x)
+            return (v * jax.nn.sigmoid(self.gate(x).astype(jnp.float32))).astype(v.dtype)
+
+        return _finite.by_row(gated, x)
 
 
 def _heads_of(attention, what: str) -> MultiHeadAttention:

@@ -9,7 +9,6 @@ state instead of a growing key/value cache (:meth:`LinearAttention.init_cache`,
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -147,17 +146,7 @@ class LinearAttention(MultiHeadAttention):
             fk, log_a, m = lowrank._causal_key_features(k, w, None, key_max)
             log_a = jnp.repeat(log_a, self.num_heads // self.num_kv_heads, axis=2)
             return fq, fk, log_a, m[:, -1, :, 0]
-        logits = lowrank._favor_logits(k, w)  # [B, S, K, M]
-        top = jnp.max(logits, axis=-1)  # [B, S, K]
-        if valid is not None:  # padding keys (zeroed inputs) must not set the max
-            top = jnp.where(valid[..., None], top, jnp.finfo(jnp.float32).min)
-        m = jnp.max(top, axis=1, keepdims=True)  # [B, 1, K]
-        if valid is not None:  # an example with no valid key: any finite shift
-            m = jnp.where(jnp.any(valid, axis=1)[:, None, None], m, 0.0)
-        shifted = logits - jax.lax.stop_gradient(m)[..., None]
-        if valid is not None:  # padding: exp of the lowest float, 0 (exp(0 - m) may be inf)
-            shifted = jnp.where(valid[..., None, None], shifted, jnp.finfo(jnp.float32).min)
-        return fq, jnp.exp(shifted) / math.sqrt(w.shape[0]), None, None
+        return fq, lowrank._key_features(k, w, valid), None, None
 
     def _features(self, q, k):
         if self.kind == "linear":
@@ -173,8 +162,8 @@ class LinearAttention(MultiHeadAttention):
 
     def _attend(self, x, q, k, v, *, is_causal, state=None, return_state=False, valid=None,
                 implementation=None, key_max=None):  # fmt: skip
-        """``out``, or ``(out, LinearState)`` with ``return_state`` (and the new
-        ``key_max`` as a third for kind ``"performer"``)."""
+        """``out``, or ``(out, LinearState, key_max)`` with ``return_state`` (``key_max``
+        the performer's new running max, else None)."""
         bad = log_a = None
         if self.kind in ("linear", "performer"):  # features of finite inputs only
             # (a padding mask hides keys too: a padded query's NaN row must not reach
@@ -194,7 +183,7 @@ class LinearAttention(MultiHeadAttention):
                 "LinearAttention", fq, fk, v, is_causal, state, return_state, self.chunk_size,
                 None, implementation, bad, log_a,
             )  # fmt: skip
-            return (*res, key_max) if return_state and self.kind == "performer" else res
+            return (*res, key_max) if return_state else res
         if not is_causal:
             raise ValueError(
                 f"LinearAttention(kind={self.kind!r}) is causal only: call it with "
@@ -211,7 +200,7 @@ class LinearAttention(MultiHeadAttention):
             res = lin.gated_linear_attention(fq, fk, v32, self._log_gates(x), **opts)
         out, *state = res if return_state else (res,)
         out = _head_rms_norm(out).astype(v.dtype)
-        return (out, *state) if return_state else out
+        return (out, *state, None) if return_state else out
 
     def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, bias=None,
                  is_causal: bool = False, deterministic: bool = True, rngs=None,
@@ -300,8 +289,8 @@ class LinearAttention(MultiHeadAttention):
         q, k, v = self._project(x, x, x)
         form = "recurrent" if x.shape[-2] == 1 else None
         state = lin.LinearState(cache.kv, cache.k_sum)
-        out, state, *rest = self._attend(x, q, k, v, is_causal=True, state=state,
-                                         return_state=True, implementation=form,
-                                         key_max=key_max)  # fmt: skip
-        new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2], *rest)
+        out, state, key_max = self._attend(x, q, k, v, is_causal=True, state=state,
+                                           return_state=True, implementation=form,
+                                           key_max=key_max)  # fmt: skip
+        new = LinearDecodeState(state.kv, state.k_sum, cache.index + x.shape[-2], key_max)
         return self._output(self._scale_heads(out).astype(v.dtype)), new

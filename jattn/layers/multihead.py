@@ -397,9 +397,18 @@ class MultiHeadAttention(TrainEval, nnx.Module):
         """``query [..., T, N, H]``, ``key [..., S, K, H]``, ``value [..., S, K, Hv]``: the
         projections, each by :func:`jattn.functional._finite.by_row` (a non-finite input
         vector zeroed before, its projection NaN after: the same values, and a NaN
-        input at a hidden position reaches no weight gradient)."""
-        return (_finite.by_row(self.query, inputs_q), _finite.by_row(self.key, inputs_k),
-                _finite.by_row(self.value, inputs_v))  # fmt: skip
+        input at a hidden position reaches no weight gradient). Projections of one
+        input (self-attention, keys and values of one memory) share its check."""
+
+        def key_value(x):
+            return self.key(x), self.value(x)
+
+        if inputs_q is inputs_k is inputs_v:
+            return _finite.by_row(lambda x: (self.query(x), *key_value(x)), inputs_q)
+        query = _finite.by_row(self.query, inputs_q)
+        if inputs_k is inputs_v:
+            return (query, *_finite.by_row(key_value, inputs_k))
+        return query, _finite.by_row(self.key, inputs_k), _finite.by_row(self.value, inputs_v)
 
     def _output(self, x):
         """The output projection of the heads ``x [..., T, N, Hv]``, by row as
